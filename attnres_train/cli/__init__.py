@@ -1,0 +1,1 @@
+"""Thin command-line entry points (Hydra mains and argparse tools): exit codes and one-line errors."""

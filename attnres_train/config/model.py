@@ -1,0 +1,227 @@
+"""Model config schema: every architectural knob of the Kimi-Linear MoE + AttnRes model, and its validation.
+
+These dataclasses are the Hydra structured-config schema for the ``model`` group (YAML presets live in
+``configs/model/``). Validation runs in :func:`validate_model_config` (called by ``build_model``) and raises
+one :class:`ConfigError` that names the field, so a bad override fails before any tensor is allocated.
+
+Conventions (see docs/model.md):
+* ``num_layers`` counts *decoder layers* (one token mixer + one FFN each). AttnRes counts each of the two
+  sublayers as a "layer" (L = 2 * num_layers), exactly as the paper does.
+* ``mla_layers`` are 0-based decoder-layer indices that use MLA; every other layer uses KDA.
+  (The HF config's ``full_attn_layers`` is 1-based; the interop layer converts.)
+* Block AttnRes: ``num_blocks`` gives exactly N blocks of ``num_layers // N`` decoder layers, the last block
+  taking the remainder (paper: "the last block contains the remaining layers"); ``block_size`` instead fixes
+  the decoder layers per block and lets the last block be shorter (Kimi-K3 style). Set one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .errors import ConfigError
+
+RESIDUAL_MODES = ("prenorm", "full", "block")
+
+
+@dataclass
+class ResidualConfig:
+    """How sublayer inputs are formed: plain PreNorm residual, Full AttnRes, or Block AttnRes."""
+
+    mode: str = "prenorm"
+    num_blocks: Optional[int] = None
+    block_size: Optional[int] = None
+    # Block/Full mode: batched phase-1 + online-softmax phase-2 (True) or direct softmax per sublayer
+    # (False, the slow reference used by tests).
+    two_phase: bool = True
+    # "torch" reference mixing or "triton" kernels (attnres_kernels); "auto" picks triton on CUDA.
+    impl: str = "torch"
+
+
+@dataclass
+class KDAConfig:
+    """Kimi Delta Attention token mixer (linear attention with a per-channel forget gate)."""
+
+    num_heads: int = 2
+    # null: hidden_size // num_heads (must divide exactly); Kimi Linear uses an explicit 128.
+    head_dim: Optional[int] = 32
+    conv_size: int = 4
+    chunk_size: int = 16
+    # "auto": flash-linear-attention's chunk_kda on CUDA when installed, pure torch otherwise.
+    impl: str = "auto"
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention with NoPE (the "rope" dims exist but are never rotated)."""
+
+    num_heads: int = 2
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-V3 style sigmoid-routed MoE with shared experts and aux-loss-free bias balancing."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    intermediate_size: int = 64
+    num_shared_experts: int = 1
+    # The first ``first_k_dense`` decoder layers use a dense SwiGLU FFN of ``dense_intermediate_size``.
+    first_k_dense: int = 1
+    dense_intermediate_size: int = 512
+    routed_scaling_factor: float = 2.446
+    renormalize: bool = True
+    # False (default): weights from the unbiased sigmoid scores (DeepSeek-V3, vLLM, transformers native).
+    # True: reproduce Moonshot's remote-code quirk where the correction bias leaks into the weights.
+    bias_in_weights: bool = False
+    # Aux-loss-free balancing: b_i += speed * sign(mean_load - load_i) after each optimizer step.
+    bias_update_speed: float = 1.0e-3
+    # "sign" (DeepSeek-V3) or "centered" (Moonlight: subtract the mean of the signs).
+    bias_update_rule: str = "sign"
+    # Sequence-wise balance loss coefficient (DeepSeek-V3 uses 1e-4); 0 disables it.
+    seq_aux_loss_coef: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """The whole model. Defaults are the ``tiny`` test model."""
+
+    name: str = "tiny"
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    mla_layers: List[int] = field(default_factory=lambda: [3])
+    rms_norm_eps: float = 1.0e-5
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    kda: KDAConfig = field(default_factory=KDAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+
+
+def _positive(value, path: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(path, f"must be a positive integer, got {value!r}")
+
+
+def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Check every field; raise one ConfigError naming the first bad field. Returns ``cfg``."""
+    p = prefix
+    for name in ("vocab_size", "hidden_size", "num_layers"):
+        _positive(getattr(cfg, name), f"{p}.{name}")
+    if not cfg.rms_norm_eps >= 0:
+        raise ConfigError(f"{p}.rms_norm_eps", f"must be >= 0, got {cfg.rms_norm_eps!r}")
+    if not cfg.init_std > 0:
+        raise ConfigError(f"{p}.init_std", f"must be > 0, got {cfg.init_std!r}")
+    mla = list(cfg.mla_layers)
+    for i in mla:
+        if not isinstance(i, int) or not 0 <= i < cfg.num_layers:
+            raise ConfigError(f"{p}.mla_layers", f"index {i!r} is outside 0..{cfg.num_layers - 1} (0-based)")
+    if len(set(mla)) != len(mla):
+        raise ConfigError(f"{p}.mla_layers", f"duplicate layer indices in {mla}")
+
+    k = cfg.kda
+    _positive(k.num_heads, f"{p}.kda.num_heads")
+    if k.head_dim is None:
+        if cfg.hidden_size % k.num_heads:
+            raise ConfigError(
+                f"{p}.kda.num_heads",
+                f"hidden_size={cfg.hidden_size} is not divisible by num_heads={k.num_heads} "
+                f"(or set {p}.kda.head_dim explicitly)",
+            )
+        k.head_dim = cfg.hidden_size // k.num_heads
+    for name in ("head_dim", "conv_size", "chunk_size"):
+        _positive(getattr(k, name), f"{p}.kda.{name}")
+    if k.impl not in ("auto", "torch", "fla"):
+        raise ConfigError(f"{p}.kda.impl", f"must be one of auto|torch|fla, got {k.impl!r}")
+
+    m = cfg.mla
+    for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        _positive(getattr(m, name), f"{p}.mla.{name}")
+    if not isinstance(m.qk_rope_head_dim, int) or m.qk_rope_head_dim < 0:
+        raise ConfigError(f"{p}.mla.qk_rope_head_dim", f"must be an integer >= 0, got {m.qk_rope_head_dim!r}")
+    if m.q_lora_rank is not None:
+        raise ConfigError(f"{p}.mla.q_lora_rank", "only full-rank q (null) is supported, as in Kimi Linear")
+
+    e = cfg.moe
+    for name in ("num_experts", "top_k", "intermediate_size", "dense_intermediate_size"):
+        _positive(getattr(e, name), f"{p}.moe.{name}")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"{p}.moe.top_k", f"top_k={e.top_k} exceeds num_experts={e.num_experts}")
+    if not isinstance(e.num_shared_experts, int) or e.num_shared_experts < 0:
+        raise ConfigError(f"{p}.moe.num_shared_experts", f"must be >= 0, got {e.num_shared_experts!r}")
+    if not isinstance(e.first_k_dense, int) or not 0 <= e.first_k_dense <= cfg.num_layers:
+        raise ConfigError(f"{p}.moe.first_k_dense", f"must be in 0..{cfg.num_layers}, got {e.first_k_dense!r}")
+    if e.bias_update_rule not in ("sign", "centered"):
+        raise ConfigError(f"{p}.moe.bias_update_rule", f"must be sign|centered, got {e.bias_update_rule!r}")
+    if e.bias_update_speed < 0:
+        raise ConfigError(f"{p}.moe.bias_update_speed", f"must be >= 0, got {e.bias_update_speed!r}")
+    if e.seq_aux_loss_coef < 0:
+        raise ConfigError(f"{p}.moe.seq_aux_loss_coef", f"must be >= 0, got {e.seq_aux_loss_coef!r}")
+    if not e.routed_scaling_factor > 0:
+        raise ConfigError(f"{p}.moe.routed_scaling_factor", f"must be > 0, got {e.routed_scaling_factor!r}")
+
+    r = cfg.residual
+    if r.mode not in RESIDUAL_MODES:
+        raise ConfigError(f"{p}.residual.mode", f"unknown mode {r.mode!r}; choose one of {'|'.join(RESIDUAL_MODES)}")
+    if r.impl not in ("torch", "auto"):
+        hint = " (the Triton kernels are not available in this version)" if r.impl == "triton" else ""
+        raise ConfigError(f"{p}.residual.impl", f"must be torch|auto, got {r.impl!r}{hint}")
+    if r.mode == "block":
+        if (r.num_blocks is None) == (r.block_size is None):
+            raise ConfigError(f"{p}.residual.num_blocks", "block mode needs exactly one of num_blocks or block_size")
+        if r.num_blocks is not None:
+            _positive(r.num_blocks, f"{p}.residual.num_blocks")
+            if r.num_blocks > cfg.num_layers:
+                raise ConfigError(
+                    f"{p}.residual.num_blocks",
+                    f"num_blocks={r.num_blocks} exceeds num_layers={cfg.num_layers} (blocks hold whole decoder layers)",
+                )
+        else:
+            _positive(r.block_size, f"{p}.residual.block_size")
+            if r.block_size > cfg.num_layers:
+                raise ConfigError(f"{p}.residual.block_size", f"block_size={r.block_size} exceeds num_layers={cfg.num_layers}")
+    return cfg
+
+
+def block_starts(cfg: ModelConfig) -> List[int]:
+    """Sublayer indices (0..2*num_layers-1) at which a new AttnRes block starts.
+
+    Sublayer ``2*i`` is decoder layer i's token mixer, ``2*i+1`` its FFN. Block mode starts blocks only at
+    token mixers (decoder-layer boundaries); full mode starts one at every sublayer; prenorm has none.
+    Block 0 is always the embedding, so the first entry here opens block 1.
+    """
+    r, n = cfg.residual, cfg.num_layers
+    if r.mode == "prenorm":
+        return []
+    if r.mode == "full":
+        return list(range(2 * n))
+    if r.block_size is not None:
+        return [2 * i for i in range(0, n, r.block_size)]
+    size = n // r.num_blocks
+    return [2 * size * b for b in range(r.num_blocks)]
+
+
+def as_model_config(cfg) -> ModelConfig:
+    """Accept a ModelConfig, a plain dict or an OmegaConf DictConfig; return a typed ModelConfig.
+
+    Unknown keys or wrong types raise a ConfigError naming the field.
+    """
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:  # unknown key / bad type
+        key = getattr(exc, "full_key", None) or "model"
+        raise ConfigError(f"model.{key}" if key != "model" else key, str(exc).splitlines()[0]) from None
+    return obj
