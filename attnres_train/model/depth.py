@@ -1,0 +1,134 @@
+"""Depth mixing for Attention Residuals: the depth state, pseudo-query softmax, and the two-phase schedule.
+
+Why this module exists: AttnRes replaces the residual sum by a per-token softmax over earlier *sources*
+(the embedding, completed block sums of sublayer outputs, and the open block's partial sum), keyed by a
+learned, input-independent pseudo-query per sublayer. Because the queries are static parameters, all the
+queries of a block can attend to the completed blocks in one batched call (phase 1); each sublayer then only
+merges in the partial sum with an online-softmax step (phase 2). The result equals the direct softmax over
+all sources exactly (up to float rounding), which ``tests/model/test_depth.py`` proves.
+
+The :class:`DepthState` is the only thing carried from layer to layer (and, later, from pipeline stage to
+stage): ``blocks`` (completed block tensors, index 0 = the embedding) and ``partial`` (the open block's
+partial sum; in PreNorm mode it is simply the hidden state and ``blocks`` is empty). No block bookkeeping is
+hidden in module attributes, so a pipeline stage can receive a state, run its layers and hand it on.
+
+Numerics follow Kimi-K3's ``_apply_attn_res``: keys are parameter-free RMS-normalised sources, the learnable
+key-norm gain γ is folded into the query (wᵀ(γ⊙k̂) = (w⊙γ)ᵀk̂), logits/softmax/weighted sum in fp32 (fp64 stays
+fp64), no temperature, raw (un-normalised) values, result cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
+
+
+@dataclass
+class DepthState:
+    """What flows between decoder layers (and pipeline stages).
+
+    blocks:   completed block representations ``[B,T,d]``; blocks[0] is the token embedding (AttnRes modes).
+    partial:  the open block's partial sum (AttnRes) or the hidden state (PreNorm); None right after a block
+              was closed (e.g. the first sublayer of the network sees only the embedding).
+    aux_loss: running sum of MoE auxiliary losses of the layers run so far (None if none were produced).
+    phase1:   per-sublayer phase-1 statistics precomputed for the current block; a local cache that is never
+              sent between stages (it is recomputed from ``blocks`` when missing).
+    """
+
+    blocks: List[torch.Tensor]
+    partial: Optional[torch.Tensor]
+    aux_loss: Optional[torch.Tensor] = None
+    phase1: Dict[int, Phase1Stats] = field(default_factory=dict)
+
+    def sources(self) -> List[torch.Tensor]:
+        return self.blocks + ([self.partial] if self.partial is not None else [])
+
+    def add_aux(self, aux: Optional[torch.Tensor]) -> "DepthState":
+        if aux is None:
+            return self
+        return replace(self, aux_loss=aux if self.aux_loss is None else self.aux_loss + aux)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Mixing precision: fp32 for low-precision inputs, the input dtype for fp32/fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalized_keys(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Parameter-free RMSNorm of sources in the compute dtype (input already cast)."""
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def mix_direct(sources: List[torch.Tensor], q_d: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference AttnRes read: softmax over all sources at once (used by tests and ``two_phase=False``)."""
+    dtype = sources[0].dtype
+    cdt = compute_dtype(dtype)
+    v_nbtd = torch.stack(sources).to(cdt)
+    logits_nbt = normalized_keys(v_nbtd, eps) @ q_d.to(cdt)
+    a_nbt = torch.softmax(logits_nbt, dim=0)
+    return (a_nbt.unsqueeze(-1) * v_nbtd).sum(0).to(dtype)
+
+
+def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float) -> List[Phase1Stats]:
+    """All S queries of a block against the n completed blocks in one batched call.
+
+    Returns, per query, the *unnormalised* output ``o = Σ_j e^{s_j - m} v_j`` with its max ``m`` and
+    sum-exp ``l`` (fp32), so phase 2 can merge the partial sum exactly.
+    """
+    cdt = compute_dtype(blocks[0].dtype)
+    v_nbtd = torch.stack(blocks).to(cdt)
+    k_nbtd = normalized_keys(v_nbtd, eps)
+    n = v_nbtd.shape[0]
+    logits_nbts = k_nbtd @ q_sd.to(cdt).t()  # [n,B,T,S]
+    m_bts = logits_nbts.amax(0)
+    p_nbts = torch.exp(logits_nbts - m_bts)
+    l_bts = p_nbts.sum(0)
+    out = []
+    for s in range(q_sd.shape[0]):
+        o_btd = p_nbts[0, ..., s, None] * v_nbtd[0]
+        for j in range(1, n):
+            o_btd = o_btd + p_nbts[j, ..., s, None] * v_nbtd[j]
+        out.append((o_btd, m_bts[..., s], l_bts[..., s]))
+    return out
+
+
+def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
+    o_btd, m_bt, l_bt = stats
+    if partial is None:
+        return (o_btd / l_bt.unsqueeze(-1)).to(dtype)
+    cdt = o_btd.dtype
+    p_btd = partial.to(cdt)
+    s2_bt = normalized_keys(p_btd, eps) @ q_d.to(cdt)
+    m_new = torch.maximum(m_bt, s2_bt)
+    a1 = torch.exp(m_bt - m_new)
+    a2 = torch.exp(s2_bt - m_new)
+    h_btd = (a1.unsqueeze(-1) * o_btd + a2.unsqueeze(-1) * p_btd) / (a1 * l_bt + a2).unsqueeze(-1)
+    return h_btd.to(dtype)
+
+
+def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool) -> torch.Tensor:
+    """The input of ``sublayer`` (or of the output head): the AttnRes mix over the state's sources."""
+    if not state.blocks:
+        raise ValueError("AttnRes read needs at least the embedding block in DepthState.blocks")
+    if len(state.blocks) == 1 and state.partial is None:
+        return state.blocks[0]  # softmax over a single source is exactly that source
+    if not two_phase:
+        return mix_direct(state.sources(), q_d, eps)
+    stats = state.phase1.get(sublayer)
+    if stats is None:
+        stats = phase1(state.blocks, q_d.unsqueeze(0), eps)[0]
+    return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype)
+
+
+def depth_weights(state: DepthState, q_d: torch.Tensor, eps: float) -> torch.Tensor:
+    """Softmax weights over the state's sources ``[n, B, T]`` (fp32) — for diagnostics and analysis."""
+    sources = state.sources()
+    cdt = compute_dtype(sources[0].dtype)
+    v_nbtd = torch.stack(sources).to(cdt)
+    return torch.softmax(normalized_keys(v_nbtd, eps) @ q_d.to(cdt), dim=0)

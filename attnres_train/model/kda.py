@@ -1,0 +1,160 @@
+"""Kimi Delta Attention (KDA) token mixer, laid out exactly like the released Kimi-Linear checkpoint.
+
+Why this exists: KDA is the linear-attention mixer of most Kimi-Linear decoder layers (design doc
+kimi_linear.md §3). Parameter names and shapes follow the released checkpoint (Appendix A) so HF conversion is a
+rename-free mapping; the only layout difference is ``A_log``, stored here as ``[H]`` (checkpoint: ``[1,1,H,1]``,
+a reshape in interop).
+
+The core runs through ``fla.ops.kda.chunk_kda`` on CUDA when fla is installed (``impl="auto"`` or ``"fla"``)
+and through the pure-torch chunked form of :mod:`attnres_train.model.kda_ops` otherwise (always on CPU, where
+fla's Triton kernels cannot run). ``forward(x, core="recurrent")`` selects the per-token reference for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .kda_ops import kda_chunked, kda_gate, kda_recurrent, l2norm, short_conv
+from .norms import RMSNorm
+
+CORES = ("chunk", "recurrent", "fla")
+
+
+def _fla_chunk_kda():
+    """Import fla's Triton ``chunk_kda`` lazily (fla imports triton eagerly; never import it at module load)."""
+    try:
+        from fla.ops.kda import chunk_kda
+    except Exception as exc:  # ImportError, or triton failing to initialise
+        raise RuntimeError(
+            "model.kda.impl='fla' needs flash-linear-attention (fla-core) with a working triton; "
+            f"importing fla.ops.kda.chunk_kda failed: {exc!r}"
+        ) from exc
+    return chunk_kda
+
+
+def _fla_available() -> bool:
+    try:
+        _fla_chunk_kda()
+    except RuntimeError:
+        return False
+    return True
+
+
+class KimiDeltaAttention(nn.Module):
+    """KDA layer: short-conv'd q/k/v, per-channel forget gate, delta-rule core, gated head-wise RMSNorm.
+
+    ``forward(x_btd)`` takes the already RMS-normed sublayer input ``[B,T,d]`` and returns ``[B,T,d]``.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        kc = cfg.kda
+        d, H, K = cfg.hidden_size, kc.num_heads, kc.head_dim
+        V = K  # Kimi Linear uses K = V per head
+        self.hidden_size, self.num_heads, self.head_k_dim, self.head_v_dim = d, H, K, V
+        self.conv_size, self.chunk_size, self.impl = kc.conv_size, kc.chunk_size, kc.impl
+        self.q_proj = nn.Linear(d, H * K, bias=False)
+        self.k_proj = nn.Linear(d, H * K, bias=False)
+        self.v_proj = nn.Linear(d, H * V, bias=False)
+        self.q_conv1d = nn.Conv1d(H * K, H * K, kc.conv_size, groups=H * K, bias=False)
+        self.k_conv1d = nn.Conv1d(H * K, H * K, kc.conv_size, groups=H * K, bias=False)
+        self.v_conv1d = nn.Conv1d(H * V, H * V, kc.conv_size, groups=H * V, bias=False)
+        self.f_a_proj = nn.Linear(d, K, bias=False)  # low-rank forget-gate input (rank = head dim)
+        self.f_b_proj = nn.Linear(K, H * K, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))  # no weight decay: grouped by name in train/optim.py
+        self.dt_bias = nn.Parameter(torch.empty(H * K))
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self.g_a_proj = nn.Linear(d, K, bias=False)  # low-rank output gate (checkpoint has no bias)
+        self.g_b_proj = nn.Linear(K, H * V, bias=False)
+        self.o_norm = RMSNorm(V, eps=cfg.rms_norm_eps)  # weight [V] shared across heads
+        self.o_proj = nn.Linear(H * V, d, bias=False)
+        self._init_gate_params()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _init_gate_params(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_floor: float = 1e-4) -> None:
+        """A_log = log(U(1,16)) per head; dt_bias = inverse-softplus(dt), dt ~ logU(dt_min, dt_max) (Mamba)."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        u = torch.rand_like(self.dt_bias)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        """Gate parameters, conv weights (PyTorch default kaiming-uniform) and o_norm (ones).
+
+        Linear weights are left to the model (normal(0, init_std)); ``init_std`` is accepted for the common
+        ``init_weights`` interface.
+        """
+        self._init_gate_params()
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.o_norm.init_weights(init_std)
+
+    # --------------------------------------------------------------- forward
+    def resolve_core(self, device: torch.device) -> str:
+        """Which core ``forward`` uses by default for inputs on ``device`` (from ``cfg.kda.impl``)."""
+        if self.impl == "torch":
+            return "chunk"
+        if self.impl == "fla":
+            if device.type != "cuda":
+                raise RuntimeError(
+                    f"model.kda.impl='fla' needs CUDA tensors (fla's Triton kernels do not run on {device.type}); "
+                    "use impl='auto' or 'torch' on CPU"
+                )
+            return "fla"
+        if self.impl == "auto":
+            return "fla" if device.type == "cuda" and _fla_available() else "chunk"
+        raise ValueError(f"unknown model.kda.impl {self.impl!r}; expected auto|torch|fla")
+
+    def forward(self, x_btd: torch.Tensor, core: Optional[str] = None) -> torch.Tensor:
+        """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla"."""
+        B, T, _ = x_btd.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        core = self.resolve_core(x_btd.device) if core is None else core
+        if core not in CORES:
+            raise ValueError(f"unknown KDA core {core!r}; expected one of {CORES}")
+
+        q_bthk = short_conv(self.q_proj(x_btd), self.q_conv1d.weight, silu=True).view(B, T, H, K)
+        k_bthk = short_conv(self.k_proj(x_btd), self.k_conv1d.weight, silu=True).view(B, T, H, K)
+        v_bthv = short_conv(self.v_proj(x_btd), self.v_conv1d.weight, silu=True).view(B, T, H, V)
+        g_bthk = kda_gate(self.f_b_proj(self.f_a_proj(x_btd)).view(B, T, H, K), self.A_log, self.dt_bias)
+        beta_bth = torch.sigmoid(self.b_proj(x_btd).to(g_bthk.dtype))  # fp32 (fp64 stays fp64)
+
+        if core == "fla":
+            if x_btd.device.type != "cuda":
+                raise RuntimeError("KDA core 'fla' needs CUDA tensors")
+            chunk_kda = _fla_chunk_kda()
+            o_bthv, _ = chunk_kda(
+                q=q_bthk.contiguous(),
+                k=k_bthk.contiguous(),
+                v=v_bthv.contiguous(),
+                g=g_bthk.contiguous(),
+                beta=beta_bth.contiguous(),
+                scale=K**-0.5,
+                initial_state=None,
+                output_final_state=False,
+                use_qk_l2norm_in_kernel=True,
+            )
+        else:
+            q_bthk, k_bthk = l2norm(q_bthk), l2norm(k_bthk)
+            if core == "recurrent":
+                o_bthv, _ = kda_recurrent(q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5)
+            else:
+                o_bthv, _ = kda_chunked(
+                    q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, chunk_size=self.chunk_size
+                )
+
+        gate_bthv = torch.sigmoid(self.g_b_proj(self.g_a_proj(x_btd))).view(B, T, H, V)
+        y_bthv = self.o_norm(o_bthv) * gate_bthv  # norm first, then sigmoid gate (spec §3.2 step 6)
+        return self.o_proj(y_bthv.reshape(B, T, H * V).to(x_btd.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_k_dim}, conv={self.conv_size}, "
+            f"chunk={self.chunk_size}, impl={self.impl}"
+        )

@@ -1,0 +1,172 @@
+"""Pure-PyTorch Kimi Delta Attention (KDA) math: gate, l2norm, short conv, recurrent and chunked cores.
+
+Why this exists: fla's Triton kernels only run on CUDA, yet the model must train and be tested on CPU. This
+module is the CPU reference *and* the CPU training path (design doc kimi_linear.md §4):
+
+* :func:`kda_recurrent` is the ground truth, a per-token loop of the delta rule with a per-channel decay.
+* :func:`kda_chunked` is the chunkwise WY/UT form used for training. All intra-chunk quantities are computed
+  for every chunk at once; only the state hand-off between chunks is a Python loop (one small matmul each).
+
+Conventions: q, k ``[B,T,H,K]`` (already L2-normalised), v ``[B,T,H,V]``, g ``[B,T,H,K]`` log-decay (<= 0),
+beta ``[B,T,H]`` (already sigmoided), state ``[B,H,K,V]``. Cores compute in fp32 (fp64 when any input is
+fp64) and return o in v's dtype; the returned state stays in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """fp64 if any tensor is fp64, else fp32 (gates, beta, inverse and state are never kept in bf16)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kda_gate(raw_bthk: Tensor, A_log_h: Tensor, dt_bias_hk: Optional[Tensor] = None) -> Tensor:
+    """Log-space forget gate ``g = -exp(A_log[h]) * softplus(raw + dt_bias)`` (<= 0), at least fp32.
+
+    ``raw_bthk`` is ``[..., H, K]`` (the output of ``f_b_proj`` reshaped per head); ``A_log_h`` holds H values
+    (any shape with H elements, e.g. the checkpoint's ``[1,1,H,1]``); ``dt_bias_hk`` holds H*K values.
+    """
+    H, K = raw_bthk.shape[-2], raw_bthk.shape[-1]
+    dtype = torch.promote_types(raw_bthk.dtype, torch.float32)
+    x = raw_bthk.to(dtype)
+    if dt_bias_hk is not None:
+        x = x + dt_bias_hk.to(dtype).reshape(H, K)
+    A = A_log_h.to(dtype).reshape(H, 1).exp()
+    return -A * F.softplus(x)  # softplus: beta=1, threshold=20 (torch default, as fla)
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim (eps inside the sqrt, as fla), computed in >= fp32."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool = False) -> Tensor:
+    """Causal depthwise conv over time: ``y_t[c] = sum_j w[c, W-1-j] * x_{t-j}[c]`` with zero left padding.
+
+    Same as ``nn.Conv1d(C, C, W, groups=C, padding=W-1)`` truncated to the first T outputs.
+    """
+    C, W = weight_c1w.shape[0], weight_c1w.shape[-1]
+    x_bct = F.pad(x_btc.transpose(1, 2), (W - 1, 0))
+    y_btc = F.conv1d(x_bct, weight_c1w.to(x_btc.dtype), groups=C).transpose(1, 2)
+    return F.silu(y_btc) if silu else y_btc
+
+
+def kda_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Ground-truth per-token loop (spec §4.1). Returns ``(o [B,T,H,V], state [B,H,K,V] or None)``.
+
+    Per step: ``S <- Diag(exp g_t) S``; ``S <- S + k_t (beta_t (v_t - S^T k_t))^T``; ``o_t = S^T q_t * scale``.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    q_bhtk, k_bhtk, g_bhtk = (x.to(dt).transpose(1, 2) for x in (q, k, g))
+    v_bhtv = v.to(dt).transpose(1, 2)
+    beta_bht = beta.to(dt).transpose(1, 2)
+    S_bhkv = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        k_t = k_bhtk[:, :, t]
+        S_bhkv = S_bhkv * g_bhtk[:, :, t].exp().unsqueeze(-1)
+        pred_bhv = torch.einsum("bhkv,bhk->bhv", S_bhkv, k_t)
+        delta_bhv = beta_bht[:, :, t].unsqueeze(-1) * (v_bhtv[:, :, t] - pred_bhv)
+        S_bhkv = S_bhkv + k_t.unsqueeze(-1) * delta_bhv.unsqueeze(-2)
+        outs.append(torch.einsum("bhkv,bhk->bhv", S_bhkv, q_bhtk[:, :, t] * scale))
+    o_bthv = torch.stack(outs, dim=1) if T > 0 else v.new_zeros(B, 0, H, V, dtype=dt)
+    return o_bthv.to(v.dtype), (S_bhkv if output_final_state else None)
+
+
+def kda_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Chunkwise-parallel KDA (WY/UT form, spec §4.2); same signature/result as :func:`kda_recurrent`.
+
+    Inside a chunk of C tokens (local positions r, i), with chunk-local inclusive cumsum ``G`` of g:
+      ``D[r,i] = exp(G_r - G_i)`` for i <= r only (non-causal pairs are set to -inf *before* exp, so no
+      positive log-decay is ever exponentiated and gradients stay finite for arbitrarily strong gates),
+      ``P[r,i] = sum_c q_r D[r,i] k_i`` (i <= r), ``L[r,i] = beta_r sum_c k_r D[r,i] k_i`` (i < r),
+      ``[W | U] = (I + L)^-1 Diag(beta) [exp(G) * k | v]`` (unit lower-triangular solve).
+    With chunk-start state S: ``o = (exp(G) q - P W) S + P U`` and
+    ``S' = (Diag(exp G_C) - Kd^T W) S + Kd^T U`` where ``Kd_i = exp(G_C - G_i) k_i``.
+    T not a multiple of C is zero-padded (k = v = g = beta = 0 is state-neutral, §4.3.7).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = int(chunk_size)
+    if C <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    scale = K**-0.5 if scale is None else scale
+    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    N = -(-T // C)
+    pad = N * C - T
+
+    def to_chunks(x: Tensor) -> Tensor:  # [B,T,H,D] -> [B,H,N,C,D] in the compute dtype
+        x = x.to(dt)
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    q_c, k_c, g_c = to_chunks(q) * scale, to_chunks(k), to_chunks(g)  # [B,H,N,C,K]
+    v_c = to_chunks(v)  # [B,H,N,C,V]
+    beta_c = to_chunks(beta.unsqueeze(-1)).squeeze(-1)  # [B,H,N,C]
+
+    G = g_c.cumsum(-2)  # [B,H,N,C,K], chunk-local inclusive cumsum, <= 0
+    causal_rr = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # i <= r
+    diff = G.unsqueeze(-2) - G.unsqueeze(-3)  # [B,H,N,C(r),C(i),K] = G_r - G_i
+    diff = torch.where(causal_rr[:, :, None], diff, torch.full_like(diff, float("-inf")))
+    Dk = diff.exp() * k_c.unsqueeze(-3)  # [B,H,N,r,i,K]: D[r,i] * k_i, zero for i > r
+    qk_bhncK2 = torch.stack((q_c, k_c), dim=-1)  # [B,H,N,C(r),K,2]
+    A2 = torch.matmul(Dk, qk_bhncK2)  # [B,H,N,r,i,2]: sum_c {q_r, k_r}[c] D[r,i,c] k_i[c]
+    P = A2[..., 0]  # [B,H,N,C,C], lower triangular incl. diagonal
+    L = (A2[..., 1] * beta_c.unsqueeze(-1)).tril(-1)  # strictly lower
+
+    eG = G.exp()
+    rhs = beta_c.unsqueeze(-1) * torch.cat((eG * k_c, v_c), dim=-1)  # [B,H,N,C,K+V]
+    WU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # diag of L is ignored
+    W, U = WU[..., :K], WU[..., K:]
+
+    q_eff = eG * q_c - P @ W  # [B,H,N,C,K]: maps the chunk-start state to outputs
+    o_intra = P @ U  # [B,H,N,C,V]
+    G_last = G[..., -1:, :]  # [B,H,N,1,K]
+    Kd = (G_last - G).exp() * k_c  # [B,H,N,C,K]
+    Kd_t = Kd.transpose(-1, -2)
+    trans_nkk = torch.diag_embed(G_last.squeeze(-2).exp()) - Kd_t @ W  # [B,H,N,K,K]
+    write_nkv = Kd_t @ U  # [B,H,N,K,V]
+
+    S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    starts = []
+    for n in range(N):  # the only sequential part: state hand-off across chunks
+        starts.append(S)
+        S = trans_nkk[:, :, n] @ S + write_nkv[:, :, n]
+    if N > 0:
+        S_start = torch.stack(starts, dim=2)  # [B,H,N,K,V]
+        o_c = q_eff @ S_start + o_intra  # [B,H,N,C,V]
+    else:
+        o_c = o_intra
+    o_bthv = o_c.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
+    return o_bthv.to(v.dtype), (S if output_final_state else None)

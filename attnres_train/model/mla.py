@@ -1,0 +1,77 @@
+"""Multi-head latent attention with NoPE, as in the released Kimi Linear (spec §5).
+
+Why this shape: Kimi Linear's MLA layers are the only full-attention layers; KDA carries all positional
+information, so the ``qk_rope_head_dim`` slice of the keys is a single key vector shared by every head and is
+never rotated. We keep the released parameter names (``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+``kv_b_proj``, ``o_proj``) so checkpoints map one-to-one, and train with the expanded (per-head K/V) form
+through ``scaled_dot_product_attention``; the latent/absorbed form is an inference-time rewrite.
+
+``kv_a_layernorm`` eps: Moonshot's remote code builds this norm with its class default 1e-6, vLLM passes
+``rms_norm_eps`` (1e-5). transformers' native ``KimiLinearAttention`` (checked in transformers 5.23:
+``KimiLinearRMSNorm(config.kv_lora_rank)`` with default ``eps=1e-6``) agrees with the remote code, and our
+HF parity test compares against transformers, so we use 1e-6 (:data:`KV_A_LAYERNORM_EPS`), *not*
+``cfg.rms_norm_eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.model import ModelConfig
+from .norms import RMSNorm
+
+# Released remote code and transformers' native KimiLinear both use the RMSNorm class default here.
+KV_A_LAYERNORM_EPS = 1e-6
+
+
+class MultiLatentAttention(nn.Module):
+    """Causal NoPE MLA: full-rank q, low-rank (latent) kv, one un-rotated shared ``k_pe`` for all heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.mla
+        if m.q_lora_rank is not None:
+            raise ValueError("only full-rank q (q_lora_rank=None) is supported, as in Kimi Linear")
+        d = cfg.hidden_size
+        self.num_heads = m.num_heads
+        self.nope_dim = m.qk_nope_head_dim
+        self.rope_dim = m.qk_rope_head_dim
+        self.v_dim = m.v_head_dim
+        self.kv_lora_rank = m.kv_lora_rank
+        self.qk_head_dim = self.nope_dim + self.rope_dim
+        self.scale = self.qk_head_dim ** -0.5
+
+        H = self.num_heads
+        self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=KV_A_LAYERNORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, d, bias=False)
+
+    def init_weights(self, init_std: float) -> None:
+        """``kv_a_layernorm`` to ones; the nn.Linear weights are initialised by the model (normal(0, init_std))."""
+        self.kv_a_layernorm.init_weights(init_std)
+
+    def project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q ``[B,H,T,n+p]``, k ``[B,H,T,n+p]`` (k_pe broadcast to all heads) and v ``[B,H,T,v]``."""
+        B, T, _ = x_BTD.shape
+        H = self.num_heads
+        q_BHTQ = self.q_proj(x_BTD).view(B, T, H, self.qk_head_dim).transpose(1, 2)
+
+        c_BTR, k_pe_BTP = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_BTR = self.kv_a_layernorm(c_BTR)  # k_pe is neither normalised nor rotated (NoPE)
+        kv_BTHX = self.kv_b_proj(c_BTR).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe_BTHP = k_pe_BTP.unsqueeze(2).expand(B, T, H, self.rope_dim)
+        k_BHTQ = torch.cat([k_nope_BTHN, k_pe_BTHP], dim=-1).transpose(1, 2)
+        return q_BHTQ, k_BHTQ, v_BTHV.transpose(1, 2)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``x_BTD`` is the already-normed sublayer input; returns ``[B, T, d]``."""
+        B, T, _ = x_BTD.shape
+        q, k, v = self.project_qkv(x_BTD)
+        # SDPA allows v's head dim to differ from q/k's; scale = 1/sqrt(nope + rope) as released.
+        o_BHTV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))

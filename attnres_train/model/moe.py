@@ -1,0 +1,318 @@
+"""DeepSeek-V3 / Moonlight style MoE FFN (spec §6): sigmoid router, aux-loss-free bias, dropless experts.
+
+Why it is split the way it is: ``MoE.forward`` runs ``route -> dispatch -> run_experts -> combine`` as
+separate methods so the expert-parallel engine can swap the token permutation (all-to-all) steps without
+touching the routing math or the expert FFN. ``GroupedExperts`` consumes rows already sorted by expert plus
+per-expert row counts, and takes an ``expert_offset`` so a rank holding experts ``[a, b)`` reuses it.
+
+Routing semantics follow DeepSeek-V3 / vLLM / transformers' native ``KimiLinearTopkRouter`` (checked in
+transformers 5.23): fp32 sigmoid scores; top-k chosen on ``scores + e_score_correction_bias``; weights gathered
+from the *unbiased* scores, renormalised with ``+1e-20`` and multiplied by ``routed_scaling_factor``.
+``moe.bias_in_weights=True`` reproduces Moonshot's remote-code quirk (the in-place bias leaks into the
+weights). Group-limited routing is not implemented: Kimi Linear has ``n_group = topk_group = 1`` (a no-op).
+
+Load balancing: ``tokens_per_expert`` accumulates routed-token counts over training forwards (skipped during
+activation-checkpoint recomputation, so nothing is double counted); the trainer calls ``update_bias`` after
+the optimizer step (the parallel engine first all-reduces the counter over data-parallel ranks).
+The bias and the counters stay fp32 even if the module is cast with ``.to(bfloat16)``: a 1e-3 bias step is
+below bf16 resolution near 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.model import ModelConfig
+from .mlp import SwiGLU
+
+
+class _KeepFP32Buffers(nn.Module):
+    """``.to(dtype)`` / ``.half()`` move the buffers named in ``_fp32_buffers`` but never change their dtype."""
+
+    _fp32_buffers: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {n: self._buffers[n] for n in self._fp32_buffers if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:  # a dtype cast: keep the exact fp32 values, follow only the device
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (e.g. activation-checkpoint recomputation of this forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Router(_KeepFP32Buffers):
+    """Sigmoid top-k router with the aux-loss-free ``e_score_correction_bias`` (selection only, no gradient)."""
+
+    _fp32_buffers = ("e_score_correction_bias",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.num_experts = m.num_experts
+        self.top_k = m.top_k
+        self.renormalize = m.renormalize
+        self.routed_scaling_factor = m.routed_scaling_factor
+        self.bias_in_weights = m.bias_in_weights
+        self.weight = nn.Parameter(torch.empty(m.num_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(m.num_experts, dtype=torch.float32))
+        self.init_weights(cfg.init_std)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=init_std)
+        self.e_score_correction_bias.zero_()
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(topk_idx_TK long, topk_weight_TK fp32, scores_TE fp32)``; scores are unbiased."""
+        # At least fp32 logits regardless of the model dtype or autocast (as transformers and DeepSeek-V3 do);
+        # fp64 models stay fp64 so the fp64 equivalence tests are exact.
+        cdt = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.to(cdt), self.weight.to(cdt))
+        scores_TE = logits_TE.sigmoid()
+        biased_TE = scores_TE + self.e_score_correction_bias.float()  # bias is a buffer: no gradient
+        topk_idx_TK = torch.topk(biased_TE.detach(), self.top_k, dim=-1, sorted=False).indices
+        source_TE = biased_TE if self.bias_in_weights else scores_TE
+        topk_weight_TK = source_TE.gather(1, topk_idx_TK)
+        if self.renormalize:
+            topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx_TK, topk_weight_TK * self.routed_scaling_factor, scores_TE
+
+
+_GROUPED_MM_OK: dict = {}
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` whose backward also accepts non-contiguous (e.g. expanded) output gradients."""
+    out = F.grouped_mm(a, b, offs=offs)
+    if out.requires_grad:
+        out.register_hook(lambda g: g.contiguous())
+    return out
+
+
+def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
+    """Whether ``F.grouped_mm`` works for these operands (probed once per device/dtype/shape, fwd + bwd).
+
+    torch 2.13 runs it on CPU for fp32/bf16 (not fp64) when row strides are 16-byte aligned.
+    """
+    grouped_mm = getattr(F, "grouped_mm", None)
+    if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    d = x.shape[-1]
+    if (d * x.element_size()) % 16 or (ffn_dim * x.element_size()) % 16:
+        return False
+    key = (x.device.type, x.dtype, d, ffn_dim)
+    if key not in _GROUPED_MM_OK:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                a = torch.ones(3, d, device=x.device, dtype=x.dtype, requires_grad=True)
+                b = torch.ones(2, ffn_dim, d, device=x.device, dtype=x.dtype, requires_grad=True)
+                offs = torch.tensor([1, 3], device=x.device, dtype=torch.int32)
+                out = _grouped_mm(a, b.transpose(-2, -1), offs)
+                out.sum().backward()
+            _GROUPED_MM_OK[key] = bool(torch.all(out == d).item())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+class GroupedExperts(nn.Module):
+    """``E`` SwiGLU experts as stacked weights: ``w1``/``w3`` ``[E, ff, d]`` (gate/up), ``w2`` ``[E, d, ff]``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02,
+                 impl: str = "auto"):
+        super().__init__()
+        if impl not in ("auto", "loop", "grouped_mm"):
+            raise ValueError(f"GroupedExperts impl must be auto|loop|grouped_mm, got {impl!r}")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, mean=0.0, std=init_std)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: Union[torch.Tensor, Sequence[int]],
+                expert_offset: int = 0) -> torch.Tensor:
+        """Rows of ``x_ND`` are sorted by expert; ``counts_E[j]`` rows go to expert ``expert_offset + j``.
+
+        ``len(counts_E)`` may be smaller than ``num_experts`` (an expert-parallel rank's local slice).
+        """
+        counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else [int(c) for c in counts_E]
+        n_local = len(counts)
+        if expert_offset < 0 or expert_offset + n_local > self.num_experts:
+            raise ValueError(f"experts [{expert_offset}, {expert_offset + n_local}) outside 0..{self.num_experts}")
+        if sum(counts) != x_ND.shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
+        sl = slice(expert_offset, expert_offset + n_local)
+        w1_EFD, w3_EFD, w2_EDF = self.w1[sl], self.w3[sl], self.w2[sl]
+        use_gmm = self.impl == "grouped_mm" or (
+            self.impl == "auto" and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, self.intermediate_size))
+        if use_gmm:
+            offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+            x_ND = x_ND.contiguous()
+            h_NF = (F.silu(_grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs))
+                    * _grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs))
+            return _grouped_mm(h_NF, w2_EDF.transpose(-2, -1), offs)
+        return self._forward_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
+
+    @staticmethod
+    def _forward_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
+        outs, start = [], 0
+        for j, c in enumerate(counts):
+            if c == 0:
+                continue
+            x = x_ND[start:start + c]
+            h = F.silu(x @ w1_EFD[j].t()) * (x @ w3_EFD[j].t())
+            outs.append(h @ w2_EDF[j].t())
+            start += c
+        if not outs:
+            return x_ND.new_zeros(0, w2_EDF.shape[1])
+        return torch.cat(outs, dim=0)
+
+
+@dataclass
+class DispatchPlan:
+    """What ``combine`` needs to undo ``dispatch``: sorted row r came from flat slot ``order_N[r]`` = t*K + k."""
+
+    order_N: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+class MoE(_KeepFP32Buffers):
+    """Routed experts (dropless) + always-on shared expert. ``forward`` returns ``(y_BTD, aux_loss or None)``."""
+
+    _fp32_buffers = ("tokens_per_expert", "last_tokens_per_expert")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.num_experts = m.num_experts
+        self.top_k = m.top_k
+        self.bias_update_speed = m.bias_update_speed
+        self.bias_update_rule = m.bias_update_rule
+        self.seq_aux_loss_coef = m.seq_aux_loss_coef
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(m.num_experts, cfg.hidden_size, m.intermediate_size, cfg.init_std)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, m.intermediate_size * m.num_shared_experts)
+                               if m.num_shared_experts > 0 else None)
+        # Accumulated over training forwards since the last update_bias (all-reduced by the parallel engine).
+        self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)
+        # Counts of the most recent forward (train or eval), for metrics.
+        self.register_buffer("last_tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def init_weights(self, init_std: float) -> None:
+        """Router and routed experts; the shared expert's nn.Linear weights are initialised by the model."""
+        self.gate.init_weights(init_std)
+        self.experts.init_weights(init_std)
+
+    # ------------------------------------------------------------------ steps
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate(x_TD)
+
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+        """Copy each token once per selected expert, rows grouped by expert (stable: token order kept)."""
+        T, K = topk_idx_TK.shape
+        flat_idx_N = topk_idx_TK.reshape(-1)
+        order_N = torch.argsort(flat_idx_N, stable=True)
+        counts_E = torch.bincount(flat_idx_N, minlength=self.num_experts)
+        x_sorted_ND = x_TD.index_select(0, order_N // K)
+        return x_sorted_ND, counts_E, DispatchPlan(order_N, T, K)
+
+    def run_experts(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.experts(x_sorted_ND, counts_E)
+
+    def combine(self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        """Undo the permutation, weight each expert output (at least fp32), sum over k, cast to ``out_dtype``."""
+        inverse_N = torch.empty_like(plan.order_N)
+        inverse_N[plan.order_N] = torch.arange(plan.order_N.numel(), device=plan.order_N.device)
+        y_TKD = y_sorted_ND.index_select(0, inverse_N).view(plan.num_tokens, plan.top_k, -1)
+        acc = torch.promote_types(y_TKD.dtype, torch.float32)
+        y_TD = (y_TKD.to(acc) * topk_weight_TK.to(acc).unsqueeze(-1)).sum(dim=1)
+        return y_TD.to(out_dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        topk_idx_TK, topk_weight_TK, scores_TE = self.route(x_TD)
+        x_sorted_ND, counts_E, plan = self.dispatch(x_TD, topk_idx_TK)
+        self._record_load(counts_E)
+        y_sorted_ND = self.run_experts(x_sorted_ND, counts_E)
+        y_TD = self.combine(y_sorted_ND, topk_weight_TK, plan, x_TD.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        aux = None
+        if self.seq_aux_loss_coef > 0:
+            aux = self.sequence_aux_loss(topk_idx_TK, scores_TE, B)
+        return y_TD.view(B, T, D), aux
+
+    def sequence_aux_loss(self, topk_idx_TK: torch.Tensor, scores_TE: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (gradient flows through P only).
+
+        Per sequence of S tokens: ``f_i = E/(K S) * #{t: i in TopK_t}``, ``P_i = mean_t s_it / sum_j s_jt``,
+        ``loss = coef * sum_i f_i P_i``.
+        """
+        E, K = self.num_experts, self.top_k
+        s_BSE = scores_TE.view(batch_size, -1, E)
+        S = s_BSE.shape[1]
+        P_BE = (s_BSE / s_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+        idx_BN = topk_idx_TK.view(batch_size, S * K)
+        hits_BE = torch.zeros(batch_size, E, device=idx_BN.device, dtype=P_BE.dtype)
+        hits_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=P_BE.dtype))
+        f_BE = hits_BE * (E / (K * S))
+        return self.seq_aux_loss_coef * (f_BE * P_BE).sum(dim=-1).mean()
+
+    # -------------------------------------------------------- load balancing
+    @torch.no_grad()
+    def _record_load(self, counts_E: torch.Tensor) -> None:
+        if _in_backward():  # activation-checkpoint recompute: this forward was already counted
+            return
+        self.last_tokens_per_expert.copy_(counts_E)
+        if self.training:
+            self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step (after the optimizer step): overloaded experts' bias goes down.
+
+        ``sign``: ``b += speed * sign(mean_load - load)``; ``centered`` (Moonlight): the signs minus their
+        mean. Then the counter is zeroed.
+        """
+        load_E = self.tokens_per_expert
+        if self.bias_update_speed > 0 and load_E.sum() > 0:
+            sign_E = torch.sign(load_E.mean() - load_E)
+            if self.bias_update_rule == "centered":
+                sign_E = sign_E - sign_E.mean()
+            elif self.bias_update_rule != "sign":
+                raise ValueError(f"unknown bias_update_rule {self.bias_update_rule!r}")
+            bias = self.gate.e_score_correction_bias
+            bias.add_((self.bias_update_speed * sign_E).to(bias.dtype))
+        load_E.zero_()
+
+    def load_imbalance(self, counts_E: Optional[torch.Tensor] = None) -> float:
+        """max/mean of ``counts_E`` (default: the accumulated counter); 0.0 when nothing was counted."""
+        c = self.tokens_per_expert if counts_E is None else counts_E
+        mean = float(c.float().mean())
+        return float(c.float().max()) / mean if mean > 0 else 0.0

@@ -1,0 +1,172 @@
+"""The whole causal LM as a cuttable composition: embed → decoder layers → output aggregation + head.
+
+Why cuttable: the pipeline engine (attnres_train.parallel.pipeline) cuts the network between any two decoder
+layers. Everything a stage needs is the explicit :class:`DepthState` returned by :meth:`embed` /
+:meth:`forward_layers`, so ``head(forward_layers(embed(x), 0, k) → forward_layers(·, k, L))`` equals
+``forward(x)``. The model holds no parallel code; ``parallel/`` applies TP/EP/FSDP/PP from outside.
+
+Two-phase scheduling lives in :meth:`forward_layers`: at the first layer of every block (and at the first
+layer of a segment that starts mid-block) the phase-1 statistics of all of that block's sublayers inside the
+segment are computed in one batched call and handed to the layers through ``DepthState.phase1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.model import ModelConfig, block_starts, validate_model_config
+from .depth import DepthState, depth_read, depth_weights, phase1
+from .layers import DecoderLayer, DepthQuery, opening_blocks
+from .moe import MoE
+from .norms import RMSNorm
+
+
+class LMOutput(NamedTuple):
+    loss: torch.Tensor  # mean next-token cross entropy (fp32)
+    aux_loss: Optional[torch.Tensor]  # summed MoE auxiliary losses, None if disabled
+    logits: torch.Tensor
+
+
+class AttnResModel(nn.Module):
+    """Embedding, decoder layers, output AttnRes aggregation and final norm (HF ``model.*`` names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.residual.mode != "prenorm":
+            self.output_attn_res_norm, self.output_attn_res_proj = DepthQuery.make(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class AttnResForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.config = cfg
+        self.mode = cfg.residual.mode
+        self.eps = cfg.rms_norm_eps
+        self.two_phase = cfg.residual.two_phase
+        self._starts = set(block_starts(cfg))
+        self.model = AttnResModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # -- initialisation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; safe after ``to_empty`` from the meta device."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights(std)
+        # AttnRes pseudo-queries must start at zero (paper §5): uniform weights, PreNorm-equivalent function.
+        for name, p in self.named_parameters():
+            if name.endswith("_res_proj.weight"):
+                p.zero_()
+
+    # -- the cuttable forward -----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> DepthState:
+        """Token embedding as the initial depth state (block 0 in AttnRes modes)."""
+        x_btd = self.model.embed_tokens(input_ids)
+        if self.mode == "prenorm":
+            return DepthState(blocks=[], partial=x_btd)
+        return DepthState(blocks=[x_btd], partial=None)
+
+    def forward_layers(self, state: DepthState, start: int = 0, end: Optional[int] = None) -> DepthState:
+        """Run decoder layers ``[start, end)`` on ``state`` and return the new state."""
+        end = len(self.model.layers) if end is None else end
+        batch_phase1 = self.mode == "block" and self.two_phase
+        for i in range(start, end):
+            layer = self.model.layers[i]
+            if batch_phase1 and (i == start or layer.opens_block[0]):
+                state = replace(state, phase1=self._block_phase1(state, layer, end))
+            state = layer(state)
+        return replace(state, phase1={})
+
+    def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int) -> dict:
+        """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
+        blocks = opening_blocks(state, first)
+        subs, queries = [], []
+        for i in range(first.layer_idx, end):
+            layer = self.model.layers[i]
+            if i > first.layer_idx and layer.opens_block[0]:
+                break
+            for k, q in enumerate(layer.queries()):
+                subs.append(2 * i + k)
+                queries.append(q)
+        stats = phase1(blocks, torch.stack(queries), self.eps)
+        return dict(zip(subs, stats))
+
+    def output_query(self) -> torch.Tensor:
+        return DepthQuery.fold(self.model.output_attn_res_norm, self.model.output_attn_res_proj)
+
+    def final_hidden(self, state: DepthState) -> torch.Tensor:
+        """Output aggregation (AttnRes over all blocks) followed by the final norm: ``[B,T,d]``."""
+        if self.mode == "prenorm":
+            return self.model.norm(state.partial)
+        h = depth_read(state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase)
+        return self.model.norm(h)
+
+    def head(self, state: DepthState) -> torch.Tensor:
+        return self.lm_head(self.final_hidden(state))
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """``input_ids [B,T]`` → logits ``[B,T,V]``; with ``labels`` an :class:`LMOutput` with the losses."""
+        state = self.forward_layers(self.embed(input_ids))
+        logits = self.head(state)
+        if labels is None:
+            return logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(loss=ce, aux_loss=state.aux_loss, logits=logits)
+
+    # -- training conveniences (no parallel code) --------------------------------------------------
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Mean next-token cross entropy (fp32) and the summed MoE aux loss (or None)."""
+        out = self.forward(input_ids, labels)
+        return out.loss, out.aux_loss
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Aux-loss-free balancing step for every MoE layer; call after ``optimizer.step()``."""
+        for moe in self.moe_layers():
+            moe.update_bias()
+
+    @torch.no_grad()
+    def depth_attention(self, input_ids: torch.Tensor) -> list:
+        """Per-sublayer AttnRes weights over sources (list of ``[n, B, T]``, last entry = output head)."""
+        if self.mode == "prenorm":
+            return []
+        weights = []
+        state = self.embed(input_ids)
+        for layer in self.model.layers:
+            for k, q in enumerate(layer.queries()):
+                weights.append(depth_weights(layer.prepare(state, k), q, self.eps))
+                state = layer.sublayer(state, k, q)
+        weights.append(depth_weights(state, self.output_query(), self.eps))
+        return weights
+
+
+def build_model(model_cfg, device=None) -> AttnResForCausalLM:
+    """Build the plain single-process model from a ``ModelConfig`` (or a dict/DictConfig of one)."""
+    from ..config.model import as_model_config
+
+    cfg = as_model_config(model_cfg)
+    if device is not None:
+        with torch.device(device):
+            return AttnResForCausalLM(cfg)
+    return AttnResForCausalLM(cfg)

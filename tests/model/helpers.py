@@ -1,0 +1,43 @@
+"""Shared builders for model tests: tiny configs and weight transplanting between residual modes."""
+
+import copy
+
+import torch
+
+from attnres_train.config.model import ModelConfig
+from attnres_train.model import build_model
+
+
+def tiny_cfg(mode="prenorm", num_blocks=None, block_size=None, num_layers=4, **kw) -> ModelConfig:
+    cfg = ModelConfig(num_layers=num_layers, mla_layers=[i for i in range(num_layers) if i % 4 == 3], **kw)
+    cfg.residual.mode = mode
+    cfg.residual.num_blocks = num_blocks
+    cfg.residual.block_size = block_size
+    return cfg
+
+
+def build(cfg, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return build_model(copy.deepcopy(cfg)).to(dtype)
+
+
+def randomize_queries(model, seed=1, scale=0.5):
+    """Non-zero pseudo-queries and gains (zero queries make the softmax uniform and hide routing bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_res_proj" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+            elif "_res_norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def assert_rel_close(a, b, tol, name=""):
+    """Max-abs error relative to the reference tensor's max magnitude (robust for near-zero entries)."""
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max()) / scale
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
