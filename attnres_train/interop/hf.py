@@ -1,0 +1,793 @@
+"""Hugging Face interop: load a native transformers ``KimiLinear`` checkpoint into our model, and export back.
+
+Why this exists: users start from (or compare against) Kimi-Linear checkpoints in the Hugging Face format —
+Moonshot's released ``moonshotai/Kimi-Linear-48B-A3B-*`` or anything written by transformers'
+``KimiLinearForCausalLM.save_pretrained`` — and want a trained PreNorm model back in that format. The mapping,
+the transformers behaviours we match and the known deviations are documented in ``docs/hf_interop.md``.
+
+Three tensor layouts are involved:
+
+* **checkpoint layout** (what is on disk, both in the released checkpoint and in files written by transformers
+  5.x ``save_pretrained``): per-expert ``block_sparse_moe.experts.{j}.w1/w2/w3.weight``, separate
+  ``q_conv1d/k_conv1d/v_conv1d``, ``A_log`` shaped ``[1,1,H,1]``, forget-gate tensors directly under
+  ``self_attn``.
+* **transformers runtime layout** (``KimiLinearForCausalLM.state_dict()``): one concatenated ``conv1d``,
+  ``self_attn.forget_gate.*``, MoE under ``mlp.`` with stacked ``experts.gate_up_proj`` / ``down_proj``.
+* **our layout**: the checkpoint names with stacked experts (``experts.w1/w3 [E,ff,d]``, ``w2 [E,d,ff]``)
+  and ``A_log`` shaped ``[H]``; plus the AttnRes pseudo-query tensors when ``residual.mode != prenorm``.
+
+:func:`state_dict_from_hf` accepts either HF layout; :func:`state_dict_to_hf` writes either (checkpoint layout
+by default). transformers is imported lazily, only where a transformers object is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..config.errors import ConfigError, UserInputError
+from ..config.model import ModelConfig, as_model_config, validate_model_config
+
+HF_MODEL_TYPE = "kimi_linear"
+HF_ARCHITECTURE = "KimiLinearForCausalLM"
+LAYOUTS = ("checkpoint", "transformers")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+ATTNRES_EXPORT_MESSAGE = (
+    "exporting an AttnRes model (residual.mode={mode!r}) to Hugging Face is not supported yet: transformers' "
+    "native KimiLinear has no Attention Residuals, so it needs a trust_remote_code export (a modeling file "
+    "shipped with the checkpoint), which comes in a later issue. Only residual.mode='prenorm' models can be "
+    "exported to the native format today."
+)
+
+
+# ================================================================================================ config
+def _require_transformers():
+    try:
+        import transformers
+        from transformers import KimiLinearConfig, KimiLinearForCausalLM  # noqa: F401
+    except ImportError as exc:
+        raise UserInputError(
+            "Hugging Face interop needs transformers with native KimiLinear support (transformers >= 5); "
+            f"import failed: {exc}"
+        ) from None
+    return transformers
+
+
+def _hf_config_dict(hf_config: Any) -> Dict[str, Any]:
+    """A plain dict of the HF config: a config.json dict as is, a transformers config via ``to_dict()``."""
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise UserInputError(f"expected a KimiLinear config (dict or transformers config), got {type(hf_config).__name__}")
+
+
+def _normalised_hf_config(hf_config: Any):
+    """The transformers ``KimiLinearConfig`` for ``hf_config`` (so we read it exactly as transformers does)."""
+    _require_transformers()
+    from transformers import KimiLinearConfig
+
+    if isinstance(hf_config, KimiLinearConfig):
+        return hf_config
+    raw = _hf_config_dict(hf_config)
+    try:
+        return KimiLinearConfig.from_dict(raw)
+    except Exception as exc:  # strict dataclass validation: wrong field type / value
+        first = str(exc).strip().splitlines()
+        raise UserInputError(f"invalid KimiLinear config: {' '.join(s.strip() for s in first[:2])}") from None
+
+
+def _check_supported(raw: Dict[str, Any]) -> None:
+    """Reject config features that neither our model nor transformers' native KimiLinear implements."""
+    model_type = raw.get("model_type")
+    if model_type != HF_MODEL_TYPE:
+        hint = ""
+        if isinstance(raw.get("text_config"), Mapping):
+            hint = " (a multimodal/Kimi-K3 wrapper config with a text_config is not supported)"
+        raise UserInputError(f"not a KimiLinear config: model_type is {model_type!r}, expected {HF_MODEL_TYPE!r}{hint}")
+    lac = raw.get("linear_attn_config") or {}
+
+    def bad(key: str, why: str) -> None:
+        raise UserInputError(f"unsupported KimiLinear config field {key}: {why}")
+
+    if raw.get("q_lora_rank") is not None:
+        bad("q_lora_rank", f"low-rank q ({raw['q_lora_rank']}) is not supported; Kimi Linear uses full-rank q (null)")
+    if raw.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", f"{raw['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+    if raw.get("attention_bias", False):
+        bad("attention_bias", "biased MLA projections are not supported")
+    if raw.get("moe_router_activation_func", "sigmoid") != "sigmoid":
+        bad("moe_router_activation_func", f"{raw['moe_router_activation_func']!r}; only 'sigmoid' is supported")
+    if raw.get("mla_use_nope", True) is not True:
+        bad("mla_use_nope", "RoPE in MLA is not supported (Kimi Linear's MLA is NoPE)")
+    if raw.get("mla_use_output_gate", False):
+        bad("mla_use_output_gate", "gated MLA (Kimi-K3) is not supported")
+    if raw.get("moe_layer_freq", 1) != 1:
+        bad("moe_layer_freq", f"{raw['moe_layer_freq']}; only 1 (every layer after first_k_dense_replace) is supported")
+    if (raw.get("num_nextn_predict_layers") or 0) > 0:
+        bad("num_nextn_predict_layers", "multi-token-prediction layers are not supported")
+    if raw.get("attn_res_block_size") is not None:
+        bad("attn_res_block_size", "importing Kimi-K3-style AttnRes checkpoints is not supported yet")
+    if raw.get("quantization_config") is not None:
+        bad("quantization_config", "quantized checkpoints are not supported; use a bf16/fp32 checkpoint")
+    if lac.get("gate_lower_bound") is not None:
+        bad("linear_attn_config.gate_lower_bound", "the safe (lower-bounded sigmoid) KDA gate is not supported")
+    if lac.get("use_full_rank_gate", False):
+        bad("linear_attn_config.use_full_rank_gate", "the full-rank KDA gate is not supported")
+
+
+def config_from_hf(hf_config: Any, name: str = "hf") -> ModelConfig:
+    """Our :class:`ModelConfig` for a KimiLinear HF config (a transformers config object or a config.json dict).
+
+    The config is interpreted exactly as transformers does (through ``KimiLinearConfig``): e.g. the layer
+    pattern comes from ``layer_types`` if present, else from the 1-based ``linear_attn_config`` lists, else from
+    transformers' own default. MoE routing keeps transformers' semantics (``bias_in_weights=False``).
+    Unsupported features raise :class:`UserInputError` naming the field.
+    """
+    raw = _hf_config_dict(hf_config)
+    _check_supported(raw)
+    c = _normalised_hf_config(hf_config)
+    n = c.num_hidden_layers
+
+    layer_types = list(c.layer_types)
+    if len(layer_types) != n or any(t not in ("full_attention", "linear_attention") for t in layer_types):
+        raise UserInputError(
+            f"layer_types must list 'full_attention'/'linear_attention' for each of the {n} layers, got {layer_types}"
+        )
+    mla_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+
+    mlp_types = list(c.mlp_layer_types)
+    first_k_dense = sum(1 for t in mlp_types if t == "dense")
+    if len(mlp_types) != n or mlp_types != ["dense"] * first_k_dense + ["sparse"] * (n - first_k_dense):
+        raise UserInputError(
+            f"mlp_layer_types must be 'dense' for the first k layers and 'sparse' after, got {mlp_types}"
+        )
+    n_group, topk_group = c.n_group or 1, c.topk_group or 1
+    if n_group > 1 and topk_group < n_group:
+        raise UserInputError(
+            f"unsupported KimiLinear config field num_expert_group: group-limited routing "
+            f"(num_expert_group={n_group}, topk_group={topk_group}) is not implemented"
+        )
+    if c.num_key_value_heads not in (None, c.num_attention_heads):
+        raise UserInputError(
+            f"unsupported KimiLinear config field num_key_value_heads: MLA expands keys/values per head, so it must "
+            f"equal num_attention_heads ({c.num_attention_heads}), got {c.num_key_value_heads}"
+        )
+
+    cfg_dict = {
+        "name": name,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_layers": n,
+        "mla_layers": mla_layers,
+        "rms_norm_eps": float(c.rms_norm_eps),
+        "tie_word_embeddings": bool(c.tie_word_embeddings),
+        "init_std": float(c.initializer_range),
+        "kda": {
+            "num_heads": c.linear_num_heads,
+            "head_dim": c.linear_head_dim,
+            "conv_size": c.linear_conv_kernel_dim,
+        },
+        "mla": {
+            "num_heads": c.num_attention_heads,
+            "q_lora_rank": None,
+            "kv_lora_rank": c.kv_lora_rank,
+            "qk_nope_head_dim": c.qk_nope_head_dim,
+            "qk_rope_head_dim": c.qk_rope_head_dim,
+            "v_head_dim": c.v_head_dim,
+        },
+        "moe": {
+            "num_experts": c.num_local_experts,
+            "top_k": c.num_experts_per_tok,
+            "intermediate_size": c.moe_intermediate_size,
+            "num_shared_experts": c.n_shared_experts,
+            "first_k_dense": first_k_dense,
+            "dense_intermediate_size": c.intermediate_size,
+            "routed_scaling_factor": float(c.routed_scaling_factor),
+            "renormalize": bool(c.norm_topk_prob),
+            "bias_in_weights": False,
+        },
+    }
+    try:
+        return validate_model_config(as_model_config(cfg_dict))
+    except ConfigError as exc:
+        raise UserInputError(f"the HF config does not give a valid model config: {exc}") from None
+
+
+def config_to_hf(model_cfg: ModelConfig):
+    """A transformers ``KimiLinearConfig`` describing ``model_cfg`` (PreNorm architecture only).
+
+    Both the resolved ``layer_types``/``mlp_layer_types`` and the released checkpoint's 1-based
+    ``linear_attn_config`` lists are written, so transformers, Moonshot's remote code and vLLM all read the same
+    layer pattern. Token ids are left unset (we do not know the tokenizer).
+    """
+    cfg = validate_model_config(as_model_config(model_cfg))
+    if cfg.residual.mode != "prenorm":
+        raise UserInputError(ATTNRES_EXPORT_MESSAGE.format(mode=cfg.residual.mode))
+    if cfg.moe.bias_in_weights:
+        raise UserInputError(
+            "model.moe.bias_in_weights=True cannot be exported: transformers' KimiLinear always weights experts "
+            "by the unbiased sigmoid scores, so the exported model would compute a different function"
+        )
+    _require_transformers()
+    from transformers import KimiLinearConfig
+
+    n, mla = cfg.num_layers, sorted(cfg.mla_layers)
+    k = cfg.moe.first_k_dense
+    return KimiLinearConfig(
+        architectures=[HF_ARCHITECTURE],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.moe.dense_intermediate_size,
+        moe_intermediate_size=cfg.moe.intermediate_size,
+        num_hidden_layers=n,
+        num_attention_heads=cfg.mla.num_heads,
+        num_key_value_heads=cfg.mla.num_heads,
+        n_shared_experts=cfg.moe.num_shared_experts,
+        routed_scaling_factor=cfg.moe.routed_scaling_factor,
+        kv_lora_rank=cfg.mla.kv_lora_rank,
+        q_lora_rank=None,
+        qk_rope_head_dim=cfg.mla.qk_rope_head_dim,
+        v_head_dim=cfg.mla.v_head_dim,
+        qk_nope_head_dim=cfg.mla.qk_nope_head_dim,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=cfg.moe.top_k,
+        norm_topk_prob=cfg.moe.renormalize,
+        hidden_act="silu",
+        initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        num_local_experts=cfg.moe.num_experts,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        layer_types=["full_attention" if i in mla else "linear_attention" for i in range(n)],
+        mlp_layer_types=["dense" if i < k else "sparse" for i in range(n)],
+        linear_attn_config={
+            "full_attn_layers": [i + 1 for i in mla],
+            "kda_layers": [i + 1 for i in range(n) if i not in mla],
+            "head_dim": cfg.kda.head_dim,
+            "num_heads": cfg.kda.num_heads,
+            "short_conv_kernel_size": cfg.kda.conv_size,
+        },
+        # Released-checkpoint fields that transformers ignores but Moonshot's remote code / vLLM read.
+        first_k_dense_replace=k,
+        moe_layer_freq=1,
+        moe_router_activation_func="sigmoid",
+        use_grouped_topk=True,
+        mla_use_nope=True,
+        num_nextn_predict_layers=0,
+    )
+
+
+def apply_overrides(model_cfg: ModelConfig, overrides: Optional[Mapping] = None) -> ModelConfig:
+    """``model_cfg`` with nested (``residual={"mode": "block"}``) or dotted (``{"residual.mode": "block"}``)
+    overrides applied; unknown fields / bad types / invalid values raise :class:`ConfigError` naming the field."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
+    for key, value in (overrides or {}).items():
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        parts = str(key).split(".")
+        patch: Any = value
+        for part in reversed(parts):
+            patch = {part: patch}
+        _deep_merge(base, patch)
+    return validate_model_config(as_model_config(base))
+
+
+def _deep_merge(dst: dict, src: Mapping) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = dict(v) if isinstance(v, Mapping) else v
+
+
+# =========================================================================================== state dicts
+class _Reader:
+    """Takes tensors out of an HF state dict with clear errors; remembers what was used."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]):
+        self.sd = sd
+        self.used: set = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.sd
+
+    def take(self, key: str, shape: Optional[Tuple[int, ...]] = None, numel: Optional[int] = None) -> torch.Tensor:
+        if key not in self.sd:
+            raise UserInputError(f"HF state dict is missing tensor {key!r}")
+        t = self.sd[key]
+        if not isinstance(t, torch.Tensor):
+            raise UserInputError(f"HF state dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise UserInputError(
+                f"HF tensor {key!r} has shape {tuple(t.shape)}, but the config needs {tuple(shape)}"
+            )
+        if numel is not None and t.numel() != numel:
+            raise UserInputError(f"HF tensor {key!r} has shape {tuple(t.shape)}, but the config needs {numel} values")
+        self.used.add(key)
+        return t
+
+    def leftover(self) -> List[str]:
+        return sorted(k for k in self.sd if k not in self.used)
+
+
+def _dims(cfg: ModelConfig) -> Dict[str, int]:
+    return {
+        "d": cfg.hidden_size,
+        "H": cfg.kda.num_heads,
+        "K": cfg.kda.head_dim,
+        "W": cfg.kda.conv_size,
+        "mH": cfg.mla.num_heads,
+        "qk": cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim,
+        "nope": cfg.mla.qk_nope_head_dim,
+        "rope": cfg.mla.qk_rope_head_dim,
+        "v": cfg.mla.v_head_dim,
+        "r": cfg.mla.kv_lora_rank,
+        "E": cfg.moe.num_experts,
+        "ff": cfg.moe.intermediate_size,
+        "sff": cfg.moe.intermediate_size * cfg.moe.num_shared_experts,
+        "dff": cfg.moe.dense_intermediate_size,
+    }
+
+
+def _kda_linear_shapes(x: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
+    d, HK, K, H = x["d"], x["H"] * x["K"], x["K"], x["H"]
+    return {
+        "q_proj": (HK, d), "k_proj": (HK, d), "v_proj": (HK, d),
+        "f_a_proj": (K, d), "f_b_proj": (HK, K), "b_proj": (H, d),
+        "g_a_proj": (K, d), "g_b_proj": (HK, K), "o_proj": (d, HK),
+    }
+
+
+def _mla_shapes(x: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
+    d = x["d"]
+    return {
+        "q_proj.weight": (x["mH"] * x["qk"], d),
+        "kv_a_proj_with_mqa.weight": (x["r"] + x["rope"], d),
+        "kv_a_layernorm.weight": (x["r"],),
+        "kv_b_proj.weight": (x["mH"] * (x["nope"] + x["v"]), x["r"]),
+        "o_proj.weight": (d, x["mH"] * x["v"]),
+    }
+
+
+def _swiglu_shapes(d: int, ff: int) -> Dict[str, Tuple[int, int]]:
+    return {"gate_proj.weight": (ff, d), "up_proj.weight": (ff, d), "down_proj.weight": (d, ff)}
+
+
+def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Convert an HF KimiLinear state dict (checkpoint or transformers runtime layout) to our layout.
+
+    Every tensor is checked against the shapes ``model_cfg`` implies; missing, unexpected or mis-shaped tensors
+    raise :class:`UserInputError` naming the key. When ``model_cfg.residual.mode`` is ``block``/``full`` the
+    AttnRes tensors are added with their initial values (key-norm gains 1, pseudo-queries 0), so the loaded
+    model starts as the uniform-average AttnRes network of the paper.
+    """
+    cfg = validate_model_config(as_model_config(model_cfg))
+    x = _dims(cfg)
+    src = _Reader(sd)
+    out: Dict[str, torch.Tensor] = {}
+    d = x["d"]
+    mla_layers = set(cfg.mla_layers)
+
+    out["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
+    out["model.norm.weight"] = src.take("model.norm.weight", (d,))
+    if src.has("lm_head.weight"):
+        out["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
+        if cfg.tie_word_embeddings and not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
+            raise UserInputError(
+                "config has tie_word_embeddings=true but 'lm_head.weight' differs from 'model.embed_tokens.weight' "
+                "(transformers' KimiLinear never ties them); set tie_word_embeddings=false in config.json to import "
+                "them as separate weights"
+            )
+    elif cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    else:
+        src.take("lm_head.weight")  # raises: missing
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (d,))
+        a = p + "self_attn."
+        if i in mla_layers:
+            for name, shape in _mla_shapes(x).items():
+                out[a + name] = src.take(a + name, shape)
+        else:
+            _kda_from_hf(src, out, a, x)
+        if i < cfg.moe.first_k_dense:
+            # The released checkpoint names the dense FFN ``mlp.*``; transformers 5.x save_pretrained writes
+            # ``block_sparse_moe.*`` (its reverse rename also hits dense layers). Accept both.
+            dense = p + ("mlp." if src.has(f"{p}mlp.gate_proj.weight") else "block_sparse_moe.")
+            for name, shape in _swiglu_shapes(d, x["dff"]).items():
+                out[f"{p}mlp.{name}"] = src.take(dense + name, shape)
+        else:
+            _moe_from_hf(src, out, p, x)
+
+    leftover = src.leftover()
+    if leftover:
+        more = f" (and {len(leftover) - 5} more)" if len(leftover) > 5 else ""
+        raise UserInputError(
+            f"HF state dict has tensors the config does not use: {', '.join(leftover[:5])}{more}; "
+            "does config.json match the weights?"
+        )
+    if cfg.residual.mode != "prenorm":
+        out.update(initial_attnres_tensors(cfg, dtype=out["model.norm.weight"].dtype))
+    return out
+
+
+def _kda_from_hf(src: _Reader, out: dict, a: str, x: Dict[str, int]) -> None:
+    H, K, W = x["H"], x["K"], x["W"]
+    HK = H * K
+    fg = a + "forget_gate."  # transformers runtime layout keeps the forget-gate tensors in a submodule
+    runtime = src.has(a + "conv1d.weight") or src.has(fg + "A_log")
+    for name, shape in _kda_linear_shapes(x).items():
+        key = f"{a}{name}.weight"
+        if name in ("f_a_proj", "f_b_proj") and runtime and not src.has(key):
+            key = f"{fg}{name}.weight"
+        out[f"{a}{name}.weight"] = src.take(key, shape)
+    if src.has(a + "conv1d.weight"):
+        conv = src.take(a + "conv1d.weight", (3 * HK, 1, W))
+        for j, name in enumerate(("q_conv1d", "k_conv1d", "v_conv1d")):
+            out[f"{a}{name}.weight"] = conv[j * HK:(j + 1) * HK]
+    else:
+        for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+            out[f"{a}{name}.weight"] = src.take(f"{a}{name}.weight", (HK, 1, W))
+    gate = fg if runtime and src.has(fg + "A_log") else a
+    out[a + "A_log"] = src.take(gate + "A_log", numel=H).reshape(H)
+    out[a + "dt_bias"] = src.take(gate + "dt_bias", (HK,))
+    out[a + "o_norm.weight"] = src.take(a + "o_norm.weight", (K,))
+
+
+def _moe_from_hf(src: _Reader, out: dict, p: str, x: Dict[str, int]) -> None:
+    E, ff, d = x["E"], x["ff"], x["d"]
+    hf = p + ("block_sparse_moe." if src.has(p + "block_sparse_moe.gate.weight") else "mlp.")
+    o = p + "block_sparse_moe."
+    out[o + "gate.weight"] = src.take(hf + "gate.weight", (E, d))
+    out[o + "gate.e_score_correction_bias"] = src.take(hf + "gate.e_score_correction_bias", (E,))
+    if src.has(hf + "experts.gate_up_proj"):  # transformers runtime layout: [E, 2ff, d] = [gate; up]
+        gate_up = src.take(hf + "experts.gate_up_proj", (E, 2 * ff, d))
+        out[o + "experts.w1"], out[o + "experts.w3"] = gate_up[:, :ff], gate_up[:, ff:]
+        out[o + "experts.w2"] = src.take(hf + "experts.down_proj", (E, d, ff))
+    elif src.has(hf + "experts.w1"):  # already stacked (our layout)
+        out[o + "experts.w1"] = src.take(hf + "experts.w1", (E, ff, d))
+        out[o + "experts.w3"] = src.take(hf + "experts.w3", (E, ff, d))
+        out[o + "experts.w2"] = src.take(hf + "experts.w2", (E, d, ff))
+    else:  # checkpoint layout: one Linear per expert
+        for w, shape in (("w1", (ff, d)), ("w3", (ff, d)), ("w2", (d, ff))):
+            out[f"{o}experts.{w}"] = torch.stack(
+                [src.take(f"{hf}experts.{j}.{w}.weight", shape) for j in range(E)]
+            )
+    if x["sff"] > 0:
+        for name, shape in _swiglu_shapes(d, x["sff"]).items():
+            out[f"{o}shared_experts.{name}"] = src.take(f"{hf}shared_experts.{name}", shape)
+    else:  # transformers always builds a (zero-width) shared expert
+        for name in _swiglu_shapes(d, 0):
+            key = f"{hf}shared_experts.{name}"
+            if src.has(key) and src.sd[key].numel() == 0:
+                src.take(key)
+
+
+def initial_attnres_tensors(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """AttnRes tensors at their initial values: key-norm gains 1, pseudo-queries 0 (Kimi-K3 names)."""
+    d = cfg.hidden_size
+    out: Dict[str, torch.Tensor] = {}
+    prefixes = [f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in ("self_attention_res", "mlp_res")]
+    for pre in prefixes + ["model.output_attn_res"]:
+        out[f"{pre}_norm.weight"] = torch.ones(d, dtype=dtype)
+        out[f"{pre}_proj.weight"] = torch.zeros(1, d, dtype=dtype)
+    return out
+
+
+def state_dict_to_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
+                     layout: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """Convert our state dict to an HF KimiLinear one (PreNorm models only).
+
+    ``layout="checkpoint"`` (default) gives the on-disk layout of the released checkpoint and of transformers'
+    ``save_pretrained`` (per-expert ``w1/w2/w3``); ``layout="transformers"`` gives the names of
+    ``KimiLinearForCausalLM.state_dict()`` (for ``load_state_dict`` on an instantiated transformers model).
+    With tied embeddings ``lm_head.weight`` is still written: transformers' KimiLinear never ties them.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    cfg = validate_model_config(as_model_config(model_cfg))
+    if cfg.residual.mode != "prenorm":
+        raise UserInputError(ATTNRES_EXPORT_MESSAGE.format(mode=cfg.residual.mode))
+    x = _dims(cfg)
+    src = _Reader(sd)
+    out: Dict[str, torch.Tensor] = {}
+    d, H, E = x["d"], x["H"], x["E"]
+    runtime = layout == "transformers"
+
+    out["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
+    out["model.norm.weight"] = src.take("model.norm.weight", (d,))
+    if src.has("lm_head.weight"):
+        out["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
+    elif cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    else:
+        src.take("lm_head.weight")
+    mla_layers = set(cfg.mla_layers)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (d,))
+        a = p + "self_attn."
+        if i in mla_layers:
+            for name, shape in _mla_shapes(x).items():
+                out[a + name] = src.take(a + name, shape)
+        else:
+            fg = a + "forget_gate." if runtime else a
+            for name, shape in _kda_linear_shapes(x).items():
+                dst = fg if name in ("f_a_proj", "f_b_proj") else a
+                out[f"{dst}{name}.weight"] = src.take(f"{a}{name}.weight", shape)
+            convs = [src.take(f"{a}{n}.weight", (H * x["K"], 1, x["W"])) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
+            if runtime:
+                out[a + "conv1d.weight"] = torch.cat(convs, dim=0)
+            else:
+                for n, t in zip(("q_conv1d", "k_conv1d", "v_conv1d"), convs):
+                    out[f"{a}{n}.weight"] = t
+            out[fg + "A_log"] = src.take(a + "A_log", numel=H).reshape(1, 1, H, 1)
+            out[fg + "dt_bias"] = src.take(a + "dt_bias", (H * x["K"],))
+            out[a + "o_norm.weight"] = src.take(a + "o_norm.weight", (x["K"],))
+        if i < cfg.moe.first_k_dense:
+            for name, shape in _swiglu_shapes(d, x["dff"]).items():
+                out[f"{p}mlp.{name}"] = src.take(f"{p}mlp.{name}", shape)
+            continue
+        o = p + "block_sparse_moe."
+        hf = p + ("mlp." if runtime else "block_sparse_moe.")
+        out[hf + "gate.weight"] = src.take(o + "gate.weight", (E, d))
+        out[hf + "gate.e_score_correction_bias"] = src.take(o + "gate.e_score_correction_bias", (E,))
+        w1 = src.take(o + "experts.w1", (E, x["ff"], d))
+        w3 = src.take(o + "experts.w3", (E, x["ff"], d))
+        w2 = src.take(o + "experts.w2", (E, d, x["ff"]))
+        if runtime:
+            out[hf + "experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+            out[hf + "experts.down_proj"] = w2
+        else:
+            for j in range(E):
+                out[f"{hf}experts.{j}.w1.weight"] = w1[j]
+                out[f"{hf}experts.{j}.w3.weight"] = w3[j]
+                out[f"{hf}experts.{j}.w2.weight"] = w2[j]
+        for name, shape in _swiglu_shapes(d, x["sff"]).items():
+            key = f"{o}shared_experts.{name}"
+            out[f"{hf}shared_experts.{name}"] = src.take(key, shape) if x["sff"] > 0 else torch.zeros(shape)
+
+    leftover = src.leftover()
+    if leftover:
+        raise UserInputError(f"state dict has tensors the config does not describe: {', '.join(leftover[:5])}")
+    return out
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, what: str = "checkpoint") -> None:
+    """Raise :class:`UserInputError` unless ``sd`` has exactly the keys and shapes of our model for ``model_cfg``.
+
+    The reference model is built on the meta device, so this costs no memory.
+    """
+    from ..model import build_model
+
+    expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise UserInputError(f"{what} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise UserInputError(f"{what} has unexpected tensor {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise UserInputError(f"{what} tensor {k!r} has shape {tuple(sd[k].shape)}, the config needs {shape}")
+
+
+# ================================================================================================ files
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_hf_path(path: os.PathLike | str) -> Path:
+    """A local directory for ``path``: the directory itself, or a Hub snapshot for a ``org/name`` repo id."""
+    s = os.fspath(path)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise UserInputError(f"{s}: expected a directory holding config.json and *.safetensors, found a file")
+    if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as exc:  # offline, unknown repo, auth...
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserInputError(f"{s}: no such local directory, and downloading it from the Hub failed: {reason}") from None
+    raise UserInputError(f"{s}: no such directory (expected a Hugging Face model directory or a Hub repo id)")
+
+
+def read_hf_config(directory: Path) -> Dict[str, Any]:
+    cfg_file = Path(directory) / "config.json"
+    if not cfg_file.is_file():
+        raise UserInputError(f"{cfg_file}: missing config.json (not a Hugging Face model directory?)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{cfg_file}: cannot read JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{cfg_file}: expected a JSON object")
+    return raw
+
+
+def read_safetensors_dir(directory: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a HF model directory (sharded or not); ``pytorch_model*.bin`` only via weights_only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserInputError(f"{index}: not a valid safetensors index: {exc}") from None
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(f.name for f in directory.glob("*.safetensors"))
+    if not files:
+        return _read_torch_bins(directory)
+    sd: Dict[str, torch.Tensor] = {}
+    for name in files:
+        f = directory / name
+        if not f.is_file():
+            raise UserInputError(f"{f}: weight file listed in {SAFETENSORS_INDEX} is missing")
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
+    return sd
+
+
+def _read_torch_bins(directory: Path) -> Dict[str, torch.Tensor]:
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise UserInputError(f"{directory}: no weights found (expected model.safetensors or sharded *.safetensors)")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in bins:
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as exc:  # pickles with arbitrary objects are refused by weights_only
+            raise UserInputError(f"{f}: cannot read with torch.load(weights_only=True): {exc}") from None
+    return sd
+
+
+def write_safetensors(sd: Mapping[str, torch.Tensor], directory: Path,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+    """Write ``sd`` as ``model.safetensors`` or HF-style shards + index; returns the file names written.
+
+    Stale ``model*.safetensors`` files and index in ``directory`` are removed first so the directory never mixes
+    two checkpoints.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in list(directory.glob("model*.safetensors")) + [directory / SAFETENSORS_INDEX]:
+        if stale.is_file():
+            stale.unlink()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for n, shard in enumerate(shards, start=1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (directory / SAFETENSORS_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+    )
+    return names + [SAFETENSORS_INDEX]
+
+
+# ============================================================================================ public API
+def load_hf_checkpoint(path: os.PathLike | str, **overrides) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """Read an HF KimiLinear directory (or Hub repo id) → (our ModelConfig, our state dict), no model built."""
+    directory = resolve_hf_path(path)
+    raw = read_hf_config(directory)
+    try:
+        base = config_from_hf(raw, name=Path(os.fspath(path).rstrip("/")).name or "hf")
+    except UserInputError as exc:
+        raise UserInputError(f"{directory / 'config.json'}: {exc}") from None
+    cfg = apply_overrides(base, overrides)
+    hf_sd = read_safetensors_dir(directory)
+    try:
+        sd = state_dict_from_hf(hf_sd, cfg)
+    except UserInputError as exc:
+        raise UserInputError(f"{directory}: {exc}") from None
+    return cfg, sd
+
+
+def load_from_hf(path: os.PathLike | str, *, dtype: Optional[torch.dtype] = None, **overrides):
+    """Load a Hugging Face KimiLinear model into our model: returns ``(model, model_cfg)``.
+
+    ``path``: a local directory written by ``save_pretrained`` (``config.json`` + safetensors) or a Hub repo id.
+    ``overrides``: config overrides, nested (``residual={"mode": "block", "num_blocks": 2}``) or dotted
+    (``**{"residual.mode": "block"}``). Switching ``residual.mode`` to ``block``/``full`` loads the baseline
+    weights and leaves the AttnRes pseudo-queries at zero. ``dtype``: parameter dtype of the returned model
+    (default: the model's own default, fp32 master weights, whatever the checkpoint dtype). The model is
+    returned in eval mode.
+    """
+    from ..model import build_model
+
+    cfg, sd = load_hf_checkpoint(path, **overrides)
+    model = build_model(cfg)
+    check_state_dict(sd, cfg, what=f"converted checkpoint from {os.fspath(path)}")
+    model.load_state_dict(sd, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), cfg
+
+
+def save_to_hf(model: torch.nn.Module, model_cfg: ModelConfig, path: os.PathLike | str,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Export a PreNorm model as a native transformers ``KimiLinearForCausalLM`` directory.
+
+    Writes ``config.json`` and safetensors weights in the checkpoint layout (what transformers'
+    ``save_pretrained`` writes, also readable by Moonshot's remote code); ``KimiLinearForCausalLM.from_pretrained``
+    loads it. AttnRes models raise :class:`UserInputError` (their export needs trust_remote_code code; a later
+    issue). Existing weight files in ``path`` are replaced.
+    """
+    return write_hf_directory(model.state_dict(), model_cfg, path, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf_directory(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, path: os.PathLike | str,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write our state dict ``sd`` as an HF KimiLinear directory (``config.json`` + safetensors)."""
+    cfg = validate_model_config(as_model_config(model_cfg))
+    hf_cfg = config_to_hf(cfg)  # raises for AttnRes / bias_in_weights before anything is written
+    hf_sd = state_dict_to_hf(sd, cfg)
+    dtypes = {t.dtype for k, t in hf_sd.items() if t.is_floating_point() and "e_score_correction_bias" not in k}
+    if len(dtypes) == 1:
+        hf_cfg.dtype = str(next(iter(dtypes))).replace("torch.", "")
+    out = Path(os.fspath(path)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(hf_sd, out, max_shard_bytes=max_shard_bytes)
+    hf_cfg.save_pretrained(str(out))
+    return out
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move a fully written ``staging`` directory to ``dst``, replacing ``dst`` (only after success)."""
+    staging, dst = Path(staging), Path(dst)
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, backup)
+        os.replace(staging, dst)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, dst)
