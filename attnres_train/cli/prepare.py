@@ -1,0 +1,175 @@
+"""``attnres-prepare``: tokenize raw text once, ahead of training, into our token shards.
+
+    attnres-prepare INPUT [INPUT ...] --out DIR [--tokenizer byte|DIR|HUB_NAME]
+    attnres-prepare INPUT [INPUT ...] --out DIR --train-bpe VOCAB --tokenizer-out TOKDIR
+
+INPUT is a text/jsonl/parquet/arrow file, a directory, a quoted glob, a Hugging Face hub dataset name, or
+``stdlib``. All inputs are concatenated, in order, into one shard set in DIR; train on it with
+``data.sources=[{path: DIR, kind: memmap}]`` and the same ``data.tokenizer``. Use one run per source to
+blend sources with different weights. ``--train-bpe`` first trains a byte-level BPE tokenizer on the same
+inputs and saves it (Hugging Face format) to TOKDIR.
+
+Why a separate step: for big corpora, tokenizing inside the first training job wastes accelerator time and
+races between ranks; this runs on a CPU box. Errors print one ``error: ...`` line and exit with status 2.
+Outputs are written to hidden staging directories and moved into place only on success, so a failed run
+leaves nothing behind and a non-empty DIR/TOKDIR is never overwritten (unless ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterator, List, Optional
+
+from ..config.data import DATA_KINDS, DataSourceConfig, validate_source
+from ..config.errors import ConfigError, UserInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error: ...`` line (exit 2) like every other user error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="attnres-prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, hub dataset name, or 'stdlib'")
+    p.add_argument("--out", required=True, help="output directory for the token shards (must be new or empty)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default=None, help="'byte' (default), a tokenizer directory, or a hub name")
+    tok.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB", help="train a byte-level BPE of this vocab size")
+    p.add_argument("--tokenizer-out", default=None, metavar="DIR", help="where --train-bpe saves the tokenizer")
+    p.add_argument("--kind", default="auto", choices=[k for k in DATA_KINDS if k not in ("memmap", "megatron")])
+    p.add_argument("--text-field", default="text", help="jsonl/parquet/arrow/hub column with the text")
+    p.add_argument("--text-unit", default="file", choices=["file", "paragraph"], help="text files: document unit")
+    p.add_argument("--split", default="train", help="hub datasets: split to read")
+    p.add_argument("--hf-config", default=None, help="hub datasets: configuration (subset) name")
+    p.add_argument("--max-docs", type=int, default=None, help="per input: stop after this many documents")
+    p.add_argument("--max-bytes", type=int, default=None, help="per input: stop after this many UTF-8 bytes")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 256M)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out / --tokenizer-out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_target(path: str, flag: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserInputError(f"{flag} {path!r} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UserInputError(f"{flag} {path!r} is not empty; refusing to overwrite it (pass --overwrite to replace it)")
+
+
+def _install(staging: str, dest: str) -> None:
+    """Move a finished staging dir onto ``dest``, replacing an existing ``dest`` only at the last moment."""
+    old = None
+    if os.path.isdir(dest):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=os.path.dirname(os.path.abspath(dest)))
+        os.rmdir(old)
+        os.rename(dest, old)
+    os.rename(staging, dest)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _staging(dest: str) -> str:
+    from ..data.shards import make_staging_dir
+
+    dest = os.path.abspath(dest)
+    return make_staging_dir(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-")
+
+
+def run(args) -> str:
+    from ..data.packing import tokenize_to_shards
+    from ..data.shards import DEFAULT_SHARD_TOKENS
+    from ..data.sources import iter_documents, resolve_source
+    from ..data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    for flag, v in (("--max-docs", args.max_docs), ("--max-bytes", args.max_bytes), ("--shard-tokens", args.shard_tokens)):
+        if v is not None and v <= 0:
+            raise UserInputError(f"{flag} must be a positive integer, got {v}")
+    if args.train_bpe is not None and not args.tokenizer_out:
+        raise UserInputError("--train-bpe needs --tokenizer-out DIR (where the trained tokenizer is saved)")
+    if args.tokenizer_out and args.train_bpe is None:
+        raise UserInputError("--tokenizer-out is only used with --train-bpe")
+    _check_target(args.out, "--out", args.overwrite)
+    if args.tokenizer_out:
+        _check_target(args.tokenizer_out, "--tokenizer-out", args.overwrite)
+        if os.path.abspath(args.tokenizer_out) == os.path.abspath(args.out):
+            raise UserInputError("--tokenizer-out and --out must be different directories")
+
+    resolved = []
+    for i, inp in enumerate(args.inputs):
+        src = DataSourceConfig(path=inp, kind=args.kind, text_field=args.text_field, split=args.split,
+                               hf_config=args.hf_config, text_unit=args.text_unit)
+        try:
+            validate_source(src, f"inputs[{i}]")
+        except ConfigError as e:
+            raise UserInputError(f"input {inp!r}: {e.message}") from None
+        rs = resolve_source(src, where=f"input {inp!r}")
+        if rs.kind in ("memmap", "megatron"):
+            raise UserInputError(f"input {inp!r} is already tokenized ({rs.kind}); train on it directly")
+        resolved.append(rs)
+
+    def all_docs() -> Iterator[str]:
+        return itertools.chain.from_iterable(iter_documents(rs, args.max_docs, args.max_bytes) for rs in resolved)
+
+    from tqdm.auto import tqdm
+
+    tok_staging = None
+    if args.train_bpe is not None:
+        tok_staging = _staging(args.tokenizer_out)
+        os.rmdir(tok_staging)  # train_bpe_tokenizer creates it
+        with tqdm(desc="training BPE (reading)", unit=" doc", disable=args.no_progress) as bar:
+
+            def counted() -> Iterator[str]:
+                for d in all_docs():
+                    bar.update(1)
+                    yield d
+
+            tokenizer = train_bpe_tokenizer(counted(), args.train_bpe, tok_staging)
+        tokenizer.name = os.path.abspath(args.tokenizer_out)  # recorded in the shard headers
+    else:
+        tokenizer = load_tokenizer(args.tokenizer or "byte")
+
+    staging = _staging(args.out)
+    try:
+        with tqdm(desc="tokenizing", unit=" doc", disable=args.no_progress) as bar:
+            w = tokenize_to_shards(all_docs(), tokenizer, staging, source=" + ".join(args.inputs),
+                                   shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, progress=bar)
+        if tok_staging is not None:
+            _install(tok_staging, args.tokenizer_out)
+            tok_staging = None
+        _install(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if tok_staging is not None:
+            shutil.rmtree(tok_staging, ignore_errors=True)
+    tok_name = args.tokenizer_out if args.train_bpe is not None else (args.tokenizer or "byte")
+    return (f"wrote {w.num_tokens:,} tokens ({w.num_docs:,} documents, {len(w.finished)} shard(s)) to {args.out}; "
+            f"train with data.sources=[{{path: {args.out}, kind: memmap}}] data.tokenizer={tok_name}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        message = run(args)
+    except (UserInputError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, disk full, ...: still a one-line answer
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""From a ``DataConfig`` to batches: open/tokenize/cache every source, split, blend, and sample by global position.
+
+Why global positions: a batch is a pure function of ``consumed_samples`` (the number of samples the whole
+job has trained on). Rank ``r`` of ``dp_size`` takes global samples
+``g = consumed + r * local_batch + i`` (``i < local_batch = global_batch // dp_size``), and after each step
+``consumed += global_batch``. So the checkpointed state is one integer (plus the seed as a guard): resuming
+on a different number of data-parallel ranks, or with a different global batch size, continues at exactly
+the same token position, and the union of all ranks' batches is the same global batch for any dp degree.
+No ``torch.distributed`` here: ranks are plain ints handed in by the trainer.
+
+Tokenized shards of raw-text sources are cached under ``<cache_dir>/tokenized/<name>-<hash>`` where the hash
+covers the source (paths, sizes, mtimes or hub coordinates), the tokenizer's exact vocabulary and the
+limits; a second run maps them instantly. A lock file serialises ranks that race to build the same entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from attnres_train.config.data import DataConfig, as_data_config, validate_data_config
+from attnres_train.config.errors import ConfigError, UserInputError
+
+from .packing import BlendedDataset, PackedStream, split_documents, stable_salt, tokenize_to_shards
+from .shards import ShardSet, TokenStore, make_staging_dir
+from .sources import ResolvedSource, effective_limits, iter_documents, resolve_source
+from .tokenizer import Tokenizer, load_tokenizer
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class SourceData:
+    name: str
+    kind: str
+    weight: float
+    store: TokenStore
+    train: PackedStream
+    val: PackedStream
+    cache_path: Optional[str] = None
+
+
+def cache_key(rs: ResolvedSource, tokenizer: Tokenizer, max_docs: Optional[int], max_bytes: Optional[int]) -> str:
+    material = {"v": CACHE_VERSION, "source": rs.fingerprint(), "tokenizer": tokenizer.fingerprint,
+                "eos": tokenizer.eos_id, "max_docs": max_docs, "max_bytes": max_bytes}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, atomic rename still protects readers
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def tokenize_cached(rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, max_docs=None, max_bytes=None,
+                    progress: bool = True) -> ShardSet:
+    """Shards for a raw-text source, from the cache or tokenized now (written atomically)."""
+    max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(rs.name.rstrip("/")) or rs.kind)[:40]
+    root = os.path.join(cache_dir, "tokenized")
+    final = os.path.join(root, f"{slug}-{cache_key(rs, tokenizer, max_docs, max_bytes)}")
+    if os.path.isdir(final):
+        return ShardSet(final)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"data.cache_dir: cannot create {root!r} ({e.strerror})") from None
+    with _file_lock(final + ".lock"):
+        if os.path.isdir(final):  # another rank built it while we waited
+            return ShardSet(final)
+        tmp = make_staging_dir(root, ".tmp-")
+        try:
+            from tqdm.auto import tqdm
+
+            with tqdm(desc=f"tokenizing {rs.name}", unit=" doc", disable=not progress, leave=False) as bar:
+                w = tokenize_to_shards(iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar)
+            with open(os.path.join(tmp, "cache_key.json"), "w") as f:
+                json.dump({"source": rs.name, "kind": rs.kind, "tokenizer": tokenizer.name, "max_docs": max_docs,
+                           "max_bytes": max_bytes, "docs": w.num_docs, "tokens": w.num_tokens}, f)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return ShardSet(final)
+
+
+def open_source(src, where: str, cfg: DataConfig, tokenizer: Tokenizer, *, progress: bool = True,
+                model_vocab_size: Optional[int] = None):
+    """(TokenStore, kind, cache path or None) for one configured source."""
+    rs = resolve_source(src, where)
+    cache_path = None
+    if rs.kind == "memmap":
+        store: TokenStore = ShardSet(rs.files[0])
+        if (store.vocab_size, store.eos_id) != (tokenizer.vocab_size, tokenizer.eos_id):
+            raise UserInputError(
+                f"{where}: shards in {rs.name!r} were tokenized with {store.tokenizer!r} (vocab {store.vocab_size}, "
+                f"eos {store.eos_id}) but data.tokenizer is {tokenizer.name!r} (vocab {tokenizer.vocab_size}, eos "
+                f"{tokenizer.eos_id}); set data.tokenizer to the tokenizer used by attnres-prepare"
+            )
+    elif rs.kind == "megatron":
+        from .megatron import MegatronStore
+
+        store = MegatronStore(rs.name, eos_id=tokenizer.eos_id)
+    else:
+        store = tokenize_cached(rs, tokenizer, cfg.cache_dir, cfg.max_docs, cfg.max_bytes, progress)
+        cache_path = store.name
+    store.check_vocab(model_vocab_size)
+    return store, rs.kind, cache_path
+
+
+class ValidationSet:
+    """Held-out documents of every source, cut into samples; iterated in a fixed order (no shuffle)."""
+
+    def __init__(self, streams: List[PackedStream], names: List[str], seq_len: int):
+        self.streams, self.names, self.seq_len = streams, list(names), int(seq_len)
+        self.sizes = np.array([s.num_samples(seq_len) for s in streams], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.offsets[-1])
+
+    def sample(self, v: int) -> np.ndarray:
+        s = int(np.searchsorted(self.offsets, v, side="right")) - 1
+        return self.streams[s].sample(v - int(self.offsets[s]), self.seq_len)
+
+    def batches(self, local_batch_size: int, dp_rank: int = 0, dp_size: int = 1, max_batches: Optional[int] = None,
+                source: Optional[str] = None) -> Iterator[torch.Tensor]:
+        """``[b, seq_len+1]`` LongTensors for this rank. Every rank gets the same number of batches: the last
+        global batch is split evenly, dropping at most ``dp_size - 1`` samples. ``source`` limits to one source."""
+        lo, hi = 0, self.num_samples
+        if source is not None:
+            if source not in self.names:
+                raise UserInputError(f"no validation source named {source!r} (have: {', '.join(self.names)})")
+            i = self.names.index(source)
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        gb, start, count = local_batch_size * dp_size, lo, 0
+        while start < hi and (max_batches is None or count < max_batches):
+            per_rank = min(local_batch_size, (hi - start) // dp_size)
+            if per_rank == 0:
+                break
+            first = start + dp_rank * per_rank
+            yield torch.from_numpy(np.stack([self.sample(v) for v in range(first, first + per_rank)]))
+            start, count = start + min(gb, per_rank * dp_size), count + 1
+
+
+class GlobalBatchSampler:
+    """Deterministic, resumable training batches for one data-parallel rank (see module docstring)."""
+
+    def __init__(self, dataset: BlendedDataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 num_workers: int = 0, consumed_samples: int = 0):
+        for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
+        if dp_rank >= dp_size:
+            raise ConfigError("dp_rank", f"must be < dp_size={dp_size}, got {dp_rank}")
+        if global_batch_size % dp_size:
+            raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the data-parallel size {dp_size}")
+        self.dataset, self.global_batch_size = dataset, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.local_batch_size = global_batch_size // dp_size
+        self.consumed_samples = int(consumed_samples)
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="attnres-data") if num_workers > 0 else None
+        self._depth = max(2, num_workers + 1)
+        self._pending: Dict[int, object] = {}
+
+    def indices_at(self, consumed: int) -> np.ndarray:
+        return consumed + self.dp_rank * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
+
+    def batch_at(self, consumed: int) -> torch.Tensor:
+        """This rank's batch when the job has consumed ``consumed`` samples: LongTensor [local, seq_len+1]."""
+        return torch.from_numpy(self.dataset.get(self.indices_at(consumed)))
+
+    def next_batch(self) -> torch.Tensor:
+        pos, gb = self.consumed_samples, self.global_batch_size
+        if self._pool is None:
+            batch = self.batch_at(pos)
+        else:
+            fut = self._pending.pop(pos, None) or self._pool.submit(self.batch_at, pos)
+            self._pending = {p: f for p, f in self._pending.items() if p > pos}
+            for k in range(1, self._depth + 1):
+                ahead = pos + k * gb
+                if ahead not in self._pending:
+                    self._pending[ahead] = self._pool.submit(self.batch_at, ahead)
+            batch = fut.result()
+        self.consumed_samples = pos + gb
+        return batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield self.next_batch()
+
+    def fingerprint(self) -> dict:
+        d = self.dataset
+        return {"seq_len": d.seq_len, "sources": d.names, "samples": d.sizes.tolist(), "blend": d.schedule.counts.tolist()}
+
+    def state_dict(self) -> dict:
+        d = self.dataset
+        per_source = d.source_epochs(self.consumed_samples)
+        return {"consumed_samples": self.consumed_samples, "seed": d.seed, "epoch": min(per_source),
+                "source_epochs": per_source, "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "consumed_samples" not in state:
+            raise UserInputError("data sampler state has no 'consumed_samples' (not saved by GlobalBatchSampler?)")
+        if state.get("seed", self.dataset.seed) != self.dataset.seed:
+            raise ConfigError("data.seed", f"the checkpoint was trained with seed {state['seed']}, the config says "
+                              f"{self.dataset.seed}; resuming with another seed would change the data order")
+        if state.get("fingerprint", self.fingerprint()) != self.fingerprint():
+            warnings.warn("data changed since the checkpoint (sources, sizes, weights or seq_len); resuming at the "
+                          "same global sample index, but the samples it maps to differ", stacklevel=2)
+        self.consumed_samples = int(state["consumed_samples"])
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+@dataclass
+class DataBundle:
+    """Everything ``build_datasets`` produced."""
+
+    config: DataConfig
+    tokenizer: Tokenizer
+    sources: List[SourceData]
+    train: BlendedDataset
+    val: ValidationSet
+
+    def train_sampler(self, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                      num_workers: Optional[int] = None) -> GlobalBatchSampler:
+        nw = self.config.num_workers if num_workers is None else num_workers
+        return GlobalBatchSampler(self.train, global_batch_size, dp_rank, dp_size, num_workers=nw)
+
+    def describe(self) -> str:
+        lines = [f"tokenizer {self.tokenizer.name} (vocab {self.tokenizer.vocab_size}), seq_len {self.train.seq_len}"]
+        for s, n in zip(self.sources, self.train.sizes):
+            lines.append(f"  {s.kind:8s} {s.name}: weight {s.weight:g}, {s.train.num_tokens:,} train tokens "
+                         f"({n:,} samples), {s.val.num_tokens:,} val tokens")
+        return "\n".join(lines)
+
+
+def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: bool = True) -> DataBundle:
+    """Validate ``cfg`` (DataConfig, DictConfig or dict), open/tokenize every source, split, and build the blend."""
+    cfg = validate_data_config(as_data_config(cfg))
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError("model.vocab_size", f"{model_vocab_size} is smaller than the vocabulary of tokenizer "
+                          f"{tokenizer.name!r} ({tokenizer.vocab_size})")
+    sources: List[SourceData] = []
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources[{i}]"
+        store, kind, cache_path = open_source(src, where, cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size)
+        name = src.hf_name or src.path
+        if any(s.name == name for s in sources):
+            name = f"{name}#{i}"
+        train_ids, val_ids = split_documents(store.num_docs, cfg.val_fraction, cfg.seed, stable_salt(name),
+                                             doc_lengths=store.doc_lengths, min_val_tokens=cfg.seq_len + 1)
+        sources.append(SourceData(name, kind, float(src.weight), store, PackedStream(store, train_ids),
+                                  PackedStream(store, val_ids), cache_path))
+    names = [s.name for s in sources]
+    train = BlendedDataset([s.train for s in sources], [s.weight for s in sources], cfg.seq_len, cfg.seed, names)
+    val = ValidationSet([s.val for s in sources], names, cfg.seq_len)
+    if cfg.val_fraction > 0 and val.num_samples == 0:
+        raise UserInputError(
+            f"data.val_fraction={cfg.val_fraction}: the held-out documents hold fewer than seq_len + 1 = "
+            f"{cfg.seq_len + 1} tokens in every source; raise data.val_fraction or set it to 0"
+        )
+    return DataBundle(cfg, tokenizer, sources, train, val)

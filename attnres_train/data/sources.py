@@ -1,0 +1,325 @@
+"""Raw-text sources: turn one ``DataSourceConfig`` into a deterministic stream of document strings.
+
+Why this is its own module: every way text can arrive (loose files, jsonl, parquet/arrow, the HF hub, the
+built-in stdlib corpus) is reduced here to ``Iterator[str]`` in a fixed order, and every way it can be
+broken is reported here as one ``UserInputError`` naming the file (and line or byte offset). The packer
+downstream can then assume clean documents.
+
+Document rules (also in docs/data.md):
+* text: ``text_unit: file`` → one document per file; ``paragraph`` → one per blank-line-separated block.
+* jsonl (``.jsonl``, ``.ndjson``, ``.json``, ``.jsonl.gz``): one JSON object per line, text in ``text_field``;
+  blank lines are skipped.
+* parquet / arrow: one document per row (``text_field`` column), read with ``datasets.load_dataset``.
+* stdlib: every ``.py`` file of the running interpreter's standard library (no site-packages), sorted by
+  relative path; files that are not UTF-8 are skipped. Capped at ``STDLIB_DEFAULT_MAX_BYTES`` by default.
+* An explicitly named empty file is an error; empty files found inside a directory or glob are skipped.
+  A source that yields no document at all is an error. Empty documents are dropped.
+* Limits: documents are taken in order until ``max_docs`` documents or ``max_bytes`` UTF-8 bytes have been
+  read; the document that crosses ``max_bytes`` is kept whole.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+from attnres_train.config.data import DataSourceConfig
+from attnres_train.config.errors import UserInputError
+
+STDLIB_DEFAULT_MAX_BYTES = 8_000_000
+TEXT_EXTS = (".txt", ".text", ".md", ".rst")
+JSONL_EXTS = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_EXTS = (".parquet",)
+ARROW_EXTS = (".arrow",)
+RAW_KINDS = ("text", "jsonl", "parquet", "arrow", "hf", "stdlib")
+
+
+@dataclass
+class ResolvedSource:
+    """A source with its concrete kind and the files it reads (all sorted)."""
+
+    kind: str
+    name: str  # shown in messages and progress bars
+    cfg: DataSourceConfig
+    where: str  # config path, e.g. data.sources[0]
+    files: List[str] = field(default_factory=list)
+    explicit_files: bool = False  # the user named these files one by one (empty file = error)
+
+    def fingerprint(self) -> dict:
+        """What identifies the *content* for the shard cache key (paths, sizes, mtimes; hub coordinates)."""
+        c = self.cfg
+        fp = {"kind": self.kind, "text_field": c.text_field, "text_unit": c.text_unit}
+        if self.kind == "hf":
+            fp.update(name=self.name, config=c.hf_config, split=c.split, streaming=c.hf_streaming)
+        elif self.kind == "stdlib":
+            fp.update(python=sys.version, root=_stdlib_root())
+        if self.kind != "hf":
+            fp["files"] = [(os.path.abspath(f), *_stat(f)) for f in self.files]
+        return fp
+
+
+def _stat(path: str):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def kind_of_file(path: str) -> Optional[str]:
+    low = path.lower()
+    for kind, exts in (("jsonl", JSONL_EXTS), ("parquet", PARQUET_EXTS), ("arrow", ARROW_EXTS), ("text", TEXT_EXTS)):
+        if low.endswith(exts):
+            return kind
+    return None
+
+
+def _list_dir(path: str) -> List[str]:
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+    return sorted(out)
+
+
+def _is_shard_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        f.endswith(".json") and os.path.exists(os.path.join(path, f[:-5] + ".bin")) for f in os.listdir(path)
+    )
+
+
+def _is_megatron_prefix(path: str) -> Optional[str]:
+    prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+    return prefix if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx") else None
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path:
+        return False
+    return kind_of_file(path) is None and not path.endswith((".bin", ".idx"))
+
+
+def resolve_source(src: DataSourceConfig, where: str = "data.sources[0]") -> ResolvedSource:
+    """Work out the concrete kind and file list of ``src``; raise UserInputError if nothing is there."""
+    kind, path = src.kind, os.path.expanduser(src.path or "")
+    if src.hf_name or kind == "hf":
+        return ResolvedSource("hf", src.hf_name or src.path, src, where)
+    if kind == "stdlib" or (kind == "auto" and path == "stdlib"):
+        return ResolvedSource("stdlib", "stdlib", src, where, files=_stdlib_files())
+    if kind == "megatron" or (kind == "auto" and _is_megatron_prefix(path)):
+        prefix = _is_megatron_prefix(path)
+        if prefix is None:
+            raise UserInputError(f"{where}.path: Megatron dataset {path!r} not found (need both {path}.bin and {path}.idx)")
+        return ResolvedSource("megatron", prefix, src, where, files=[prefix])
+    if kind == "memmap" or (kind == "auto" and _is_shard_dir(path)):
+        if not os.path.exists(path):
+            raise UserInputError(f"{where}.path: token shard directory {path!r} does not exist")
+        return ResolvedSource("memmap", path, src, where, files=[path])
+
+    explicit = False
+    if any(ch in path for ch in "*?["):
+        files = sorted(f for f in globlib.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise UserInputError(f"{where}.path: glob {path!r} matched no files")
+    elif os.path.isdir(path):
+        files = _list_dir(path)
+        if not files:
+            raise UserInputError(f"{where}.path: directory {path!r} contains no files")
+    elif os.path.isfile(path):
+        files, explicit = [path], True
+    elif kind == "auto" and _looks_like_hub_name(src.path):
+        return ResolvedSource("hf", src.path, src, where)
+    else:
+        raise UserInputError(f"{where}.path: data file {path!r} does not exist")
+
+    if kind == "auto":
+        kinds = {kind_of_file(f) for f in files}
+        if explicit and kinds == {None}:
+            kinds = {"text"}  # a single named file with an unknown extension is read as plain text
+        files_known = [f for f in files if kind_of_file(f) is not None] if not explicit else files
+        kinds.discard(None)
+        if not kinds:
+            raise UserInputError(
+                f"{where}.path: no files with a known extension in {path!r} "
+                f"(text: {', '.join(TEXT_EXTS)}; jsonl: {', '.join(JSONL_EXTS)}; .parquet; .arrow); set {where}.kind"
+            )
+        if len(kinds) > 1:
+            raise UserInputError(f"{where}.path: {path!r} mixes file kinds {sorted(kinds)}; use one source per kind")
+        kind, files = kinds.pop(), files_known
+    elif kind not in RAW_KINDS:
+        raise UserInputError(f"{where}.kind: {kind!r} cannot read {path!r}")
+    return ResolvedSource(kind, src.path, src, where, files=files, explicit_files=explicit)
+
+
+def _stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _stdlib_files() -> List[str]:
+    root, out = _stdlib_root(), []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        out.extend(os.path.join(dirpath, f) for f in sorted(files) if f.endswith(".py"))
+    out.sort(key=lambda f: os.path.relpath(f, root))
+    if not out:
+        raise UserInputError(f"stdlib source: no .py files under {root!r} (is the standard library installed?)")
+    return out
+
+
+def _utf8_error(path: str, data: bytes, e: UnicodeDecodeError, base: int = 0, line: Optional[int] = None) -> UserInputError:
+    loc = f"{path}:{line}" if line is not None else path
+    bad = data[e.start : e.start + 1].hex()
+    return UserInputError(
+        f"{loc}: not valid UTF-8 at byte offset {base + e.start} (byte 0x{bad}); re-encode the file as UTF-8"
+    )
+
+
+def _check_nonempty(path: str, explicit: bool) -> bool:
+    if os.path.getsize(path) > 0:
+        return True
+    if explicit:
+        raise UserInputError(f"{path}: file is empty")
+    return False
+
+
+def _text_docs(path: str, unit: str) -> Iterator[str]:
+    if unit == "file":
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            yield data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise _utf8_error(path, data, e) from None
+        return
+    offset, buf = 0, []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, base=offset) from None
+            if offset == 0:
+                line = line.removeprefix("\ufeff")
+            offset += len(raw)
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield "".join(buf).rstrip("\n")
+                buf = []
+    if buf:
+        yield "".join(buf).rstrip("\n")
+
+
+def _jsonl_docs(path: str, text_field: str, where: str) -> Iterator[str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, base=offset, line=lineno) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise UserInputError(
+                    f"{path}:{lineno}: no {text_field!r} field (found: {keys or 'nothing'}); set {where}.text_field"
+                )
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise UserInputError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, expected a string")
+            yield text
+
+
+def _datasets_docs(rs: ResolvedSource, files: List[str]) -> Iterator[str]:
+    """parquet / arrow / hub rows through ``datasets`` (lazy import: it is slow to import)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserInputError(f"{rs.where}: reading {rs.kind} data needs the 'datasets' package (pip install datasets)") from None
+    c = rs.cfg
+    if rs.kind == "hf":
+        what = f"{rs.name!r} (not a local path, so loaded as a Hugging Face hub dataset)"
+    else:
+        what = f"{rs.kind} file {files[0]!r}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
+    try:
+        if rs.kind == "hf":
+            ds = datasets.load_dataset(rs.name, c.hf_config, split=c.split, streaming=c.hf_streaming)
+        else:
+            ds = datasets.load_dataset(rs.kind, data_files=files, split="train", streaming=True)
+        cols = list(ds.features) if ds.features is not None else None
+        if cols is not None and c.text_field not in cols:
+            raise UserInputError(f"{rs.where}: {what} has no column {c.text_field!r} (columns: {', '.join(cols)}); set {rs.where}.text_field")
+        for i, row in enumerate(ds):
+            text = row.get(c.text_field)
+            if not isinstance(text, str):
+                if c.text_field not in row:
+                    raise UserInputError(f"{rs.where}: {what} row {i} has no {c.text_field!r} field; set {rs.where}.text_field")
+                if text is None:
+                    continue
+                raise UserInputError(f"{rs.where}: {what} row {i}: {c.text_field!r} is a {type(text).__name__}, expected a string")
+            yield text
+    except UserInputError:
+        raise
+    except Exception as e:
+        hint = " (is the name or path right, and is the hub reachable?)" if rs.kind == "hf" else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserInputError(f"{rs.where}: could not read {what}{hint}: {type(e).__name__}: {first}") from None
+
+
+def _raw_docs(rs: ResolvedSource) -> Iterator[str]:
+    c = rs.cfg
+    if rs.kind in ("parquet", "arrow", "hf"):
+        files = [f for f in rs.files if _check_nonempty(f, rs.explicit_files)]
+        if files or rs.kind == "hf":
+            yield from _datasets_docs(rs, files)
+        return
+    for path in rs.files:
+        if rs.kind == "stdlib":
+            try:
+                with open(path, "rb") as f:
+                    yield f.read().decode("utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # a handful of stdlib test files are deliberately not UTF-8
+        elif not _check_nonempty(path, rs.explicit_files):
+            continue
+        elif rs.kind == "text":
+            yield from _text_docs(path, c.text_unit)
+        elif rs.kind == "jsonl":
+            yield from _jsonl_docs(path, c.text_field, rs.where)
+        else:
+            raise UserInputError(f"{rs.where}.kind: {rs.kind!r} sources hold tokens, not text")
+
+
+def effective_limits(rs: ResolvedSource, max_docs: Optional[int], max_bytes: Optional[int]):
+    """Per-source overrides win over the global limits; stdlib gets a default byte cap."""
+    docs = rs.cfg.max_docs if rs.cfg.max_docs is not None else max_docs
+    nbytes = rs.cfg.max_bytes if rs.cfg.max_bytes is not None else max_bytes
+    if rs.kind == "stdlib" and nbytes is None:
+        nbytes = STDLIB_DEFAULT_MAX_BYTES
+    return docs, nbytes
+
+
+def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None) -> Iterator[str]:
+    """The documents of ``rs`` in their fixed order, limits applied (see module docstring)."""
+    max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
+    n = nbytes = 0
+    for text in _raw_docs(rs):
+        if not text:
+            continue
+        yield text
+        n += 1
+        nbytes += len(text.encode("utf-8"))
+        if (max_docs is not None and n >= max_docs) or (max_bytes is not None and nbytes >= max_bytes):
+            return
+    if n == 0:
+        raise UserInputError(f"{rs.where}: source {rs.name!r} contains no documents (are all files empty?)")
