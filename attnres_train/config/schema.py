@@ -1,21 +1,34 @@
-"""Top-level Hydra schema: the root config dataclass and its ConfigStore registration.
+"""Top-level Hydra schema: the root config dataclass, its ConfigStore registration and whole-config validation.
 
-``configs/config.yaml`` starts its defaults list with ``base_config`` (registered here), so every YAML
-preset and command-line override is type-checked against these dataclasses before our own validation runs.
+``configs/config.yaml`` starts its defaults list with ``base_config`` (registered here), so every YAML preset
+and command-line override is type-checked against these dataclasses by OmegaConf, and then
+:func:`validate_config` checks values and cross-field rules, raising one ConfigError that names the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from .model import ModelConfig
+from .data import DataConfig, as_data_config, validate_data_config
+from .errors import ConfigError
+from .model import ModelConfig, as_model_config, validate_model_config
+from .run import LoggingConfig, TrainerConfig, validate_logging_config, validate_trainer_config
+from .train import CheckpointConfig, OptimConfig, validate_checkpoint_config, validate_optim_config
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where checkpoints, metrics.jsonl and config.yaml go; null = Hydra's output directory.
+    run_dir: Optional[str] = None
     seed: int = 0
 
 
@@ -24,3 +37,29 @@ def register_configs() -> ConfigStore:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     return cs
+
+
+def as_config(cfg) -> Config:
+    """A typed Config from a Config, dict or DictConfig (unknown keys / bad types → ConfigError)."""
+    if isinstance(cfg, Config):
+        return cfg
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(getattr(exc, "full_key", None) or "config"), str(exc).splitlines()[0]) from None
+
+
+def validate_config(cfg: Config, dp_world_size: int = 1) -> Config:
+    cfg.model = validate_model_config(as_model_config(cfg.model))
+    cfg.data = validate_data_config(as_data_config(cfg.data))
+    validate_trainer_config(cfg.trainer, dp_world_size)
+    validate_optim_config(cfg.optim, cfg.trainer.max_steps)
+    validate_checkpoint_config(cfg.checkpoint)
+    validate_logging_config(cfg.logging)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError("seed", f"must be an integer, got {cfg.seed!r}")
+    return cfg

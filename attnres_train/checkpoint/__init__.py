@@ -1,0 +1,18 @@
+"""Checkpointing: atomic, verified ``torch.distributed.checkpoint`` saves with config, meta, RNG and retention.
+
+See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and docs/training.md
+("Checkpoints").
+"""
+
+from .manager import CheckpointManager, is_complete, read_config_text, step_dir_name, verify_checkpoint
+from .rng import capture_rng, restore_rng
+
+__all__ = [
+    "CheckpointManager",
+    "capture_rng",
+    "is_complete",
+    "read_config_text",
+    "restore_rng",
+    "step_dir_name",
+    "verify_checkpoint",
+]

@@ -1,0 +1,345 @@
+"""Atomic, verifiable, reshardable checkpoints: DCP files + config + meta/manifest + per-rank RNG + a marker.
+
+Layout of one checkpoint (``root_dir/step_00000100/``)::
+
+    .metadata, __<rank>_0.distcp   torch.distributed.checkpoint (DCP) files: reshardable to another layout
+    config.yaml                    the resolved run config (text), for comparing a resumed run's config
+    rng/rank_<r>.pt                each rank's torch/CUDA/numpy/python RNG state (tensors and scalars only)
+    meta.json                      step, tokens_seen, data position, world size, time, manifest (sha256+size
+                                   of every file above)
+    COMMITTED                      written last; holds the sha256 of meta.json
+
+Why this shape:
+* **Atomicity.** Everything is written under ``step_XXXXXXXX.tmp-<nonce>/``; only after every rank finished
+  (barrier) does rank 0 write meta.json, rename the directory to its final name and write ``COMMITTED``.
+  A checkpoint is *complete* iff ``COMMITTED`` exists, so a crash at any point leaves either a ``.tmp-*`` dir
+  or a final dir without a marker: both are ignored by :meth:`CheckpointManager.latest`, reported, and deleted
+  by rank 0 on the next save. The nonce (random, broadcast from rank 0) keeps a retried save from ever
+  writing into a crashed attempt's files.
+* **Verification before loading.** :meth:`CheckpointManager.load` checks the marker's meta.json hash and every
+  manifest entry (exists, size, sha256) before DCP reads a byte, so a truncated or altered file fails with a
+  :class:`UserInputError` naming the file, not a deep unpickling/shape error. Nothing is unpickled beyond
+  plain data (see safe_dcp.py; RNG files use ``torch.load(weights_only=True)``; meta is JSON).
+* **Retention.** Older checkpoints are deleted only after the new one is committed, newest first kept; a
+  deletion removes ``COMMITTED`` first so a half-deleted directory never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..config.errors import UserInputError
+from .rng import capture_rng, restore_rng
+from .safe_dcp import dcp_load, dcp_save, distributed
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "COMMITTED"
+META = "meta.json"
+CONFIG = "config.yaml"
+RNG_DIR = "rng"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_RESERVED_META = ("format_version", "step", "world_size", "time", "manifest")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_manifest(directory: Path) -> Dict[str, Dict[str, object]]:
+    """``{relative posix path: {"sha256", "size"}}`` for every file under ``directory`` but meta / marker."""
+    manifest = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel not in (META, MARKER):
+            manifest[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    return manifest
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint dir is complete iff its ``COMMITTED`` marker (written last) and meta.json exist."""
+    return (path / MARKER).is_file() and (path / META).is_file()
+
+
+def read_config_text(path) -> str:
+    """The resolved config text saved with checkpoint ``path`` (for comparing against a resumed run's)."""
+    f = Path(path) / CONFIG
+    try:
+        return f.read_text(encoding="utf-8")
+    except OSError:
+        raise UserInputError(f"checkpoint {path} has no readable {CONFIG}") from None
+
+
+def _scan(root: Path) -> Tuple[List[Tuple[int, Path]], List[Path]]:
+    """(complete checkpoints sorted by step, stale dirs: ``*.tmp*`` and step dirs without a marker)."""
+    complete, stale = [], []
+    if not root.is_dir():
+        return complete, stale
+    for p in root.iterdir():
+        if not p.is_dir():
+            continue
+        m = _STEP_RE.match(p.name)
+        if m and is_complete(p):
+            complete.append((int(m.group(1)), p))
+        elif m or (p.name.startswith("step_") and ".tmp" in p.name):
+            stale.append(p)
+    complete.sort()
+    return complete, sorted(stale)
+
+
+def _previous_hint(path: Path) -> str:
+    """Sentence naming the newest complete checkpoint older than ``path`` (in the same directory), if any."""
+    m = _STEP_RE.match(path.name)
+    complete, _ = _scan(path.parent)
+    older = [p for s, p in complete if m is None or s < int(m.group(1))]
+    if older:
+        return (
+            f" The previous checkpoint {older[-1]} is still usable: resume from it with checkpoint.resume={older[-1]}."
+        )
+    return f" There is no older complete checkpoint in {path.parent}."
+
+
+def verify_checkpoint(path) -> dict:
+    """Check the marker, meta.json and every manifest entry; return meta. Raises UserInputError naming the file."""
+    path = Path(path)
+    if not is_complete(path):
+        raise UserInputError(f"{path} is not a complete checkpoint (no {MARKER} marker or {META})")
+
+    def bad(file: Path, problem: str) -> UserInputError:
+        return UserInputError(
+            f"checkpoint file {file} {problem}; checkpoint {path} cannot be loaded." + _previous_hint(path)
+        )
+
+    meta_file = path / META
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        expected_meta_sha = marker["meta_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise bad(path / MARKER, "is unreadable or malformed") from None
+    if _sha256(meta_file) != expected_meta_sha:
+        raise bad(meta_file, "was altered or truncated (sha256 differs from the one recorded in COMMITTED)")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    root = path.resolve()
+    for rel, info in meta["manifest"].items():
+        f = path / rel
+        if root not in f.resolve().parents:
+            raise bad(f, "lies outside the checkpoint directory")
+        if not f.is_file():
+            raise bad(f, "is missing")
+        size = f.stat().st_size
+        if size != info["size"]:
+            raise bad(f, f"is truncated or altered ({size} bytes, expected {info['size']})")
+        if _sha256(f) != info["sha256"]:
+            raise bad(f, "was altered (sha256 differs from the manifest)")
+    return meta
+
+
+class CheckpointManager:
+    """Save / find / verify / load / prune checkpoints under ``root_dir`` (one per saved step).
+
+    ``barrier`` synchronises ranks; None means ``torch.distributed.barrier`` when a process group is
+    initialised and ``world_size > 1``, else nothing. With a process group every rank calls :meth:`save`
+    and :meth:`load` (DCP's collectives); rank 0 alone writes meta/config/marker, renames and prunes.
+    The directory must be shared by all ranks (as DCP's file system writer requires).
+    """
+
+    def __init__(
+        self, root_dir, keep_last: int, rank: int = 0, world_size: int = 1, barrier: Optional[Callable[[], None]] = None
+    ):
+        self.root = Path(root_dir)
+        self.keep_last = int(keep_last)
+        self.rank = rank
+        self.world_size = world_size
+        self._barrier_fn = barrier
+
+    # -- discovery ----------------------------------------------------------------------------------------
+    def complete(self) -> List[Path]:
+        """Complete checkpoints, oldest first."""
+        return [p for _, p in _scan(self.root)[0]]
+
+    def stale(self) -> List[Path]:
+        """Leftovers of interrupted saves (``*.tmp-*`` dirs, step dirs without a marker): never loaded."""
+        return _scan(self.root)[1]
+
+    def latest(self) -> Optional[Path]:
+        """Newest complete checkpoint, or None. Stale leftovers are ignored (and reported in the log)."""
+        complete, stale = _scan(self.root)
+        if stale:
+            log.warning(
+                "ignoring %d incomplete checkpoint dir(s) from interrupted saves: %s (removed on the next save)",
+                len(stale),
+                ", ".join(p.name for p in stale),
+            )
+        return complete[-1][1] if complete else None
+
+    def resolve(self, resume) -> Optional[Path]:
+        """``"none"`` (or None/"") → None; ``"auto"`` → :meth:`latest`; else a checkpoint dir, or a dir of them."""
+        if resume is None or str(resume).strip().lower() in ("", "none"):
+            return None
+        if str(resume).strip().lower() == "auto":
+            return self.latest()
+        path = Path(resume).expanduser()
+        if is_complete(path):
+            return path
+        if path.is_dir():
+            complete, _ = _scan(path)
+            if complete:
+                return complete[-1][1]
+        why = "does not exist" if not path.exists() else "is not a complete checkpoint (no COMMITTED marker)"
+        raise UserInputError(f"checkpoint.resume={resume}: {path} {why} and holds no complete checkpoint")
+
+    @staticmethod
+    def read_config_text(path) -> str:
+        """The resolved config text saved with checkpoint ``path`` (same as the module-level function)."""
+        return read_config_text(path)
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self._barrier_fn is not None:
+            self._barrier_fn()
+        elif self.world_size > 1 and distributed():
+            torch.distributed.barrier()
+
+    def _shared_nonce(self) -> str:
+        nonce = secrets.token_hex(4)
+        if self.world_size > 1 and distributed():
+            box = [nonce]
+            torch.distributed.broadcast_object_list(box, src=0)
+            nonce = box[0]
+        return nonce
+
+    def _remove(self, path: Path) -> None:
+        (path / MARKER).unlink(missing_ok=True)  # never leave a half-deleted dir that looks complete
+        shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, state_dict: dict, *, config_text: str, meta: dict) -> Path:
+        """Write checkpoint ``step`` atomically and prune old ones; returns its final directory.
+
+        ``state_dict``: nested dict of tensors (e.g. ``{"model": ..., "optim": ...}`` from DCP's
+        ``get_state_dict``). ``meta``: JSON-serialisable run position (``tokens_seen``, ``data`` ...); the
+        manager adds step, world size, time and the manifest (``step``/``world_size`` given in ``meta`` must
+        agree with them). Every rank must call this.
+        """
+        ours = {"step": int(step), "world_size": self.world_size}
+        for key in _RESERVED_META:
+            if key in meta and (key not in ours or meta[key] != ours[key]):
+                raise ValueError(
+                    f"meta[{key!r}]={meta[key]!r} conflicts with the value the checkpoint manager "
+                    f"records ({ours.get(key, 'computed at save time')!r})"
+                )
+        json.dumps(meta)  # fail before writing anything if meta is not JSON-serialisable
+        final = self.root / step_dir_name(step)
+        nonce = self._shared_nonce()
+        tmp = self.root / f"{final.name}.tmp-{nonce}"
+        already = is_complete(final)
+        self._barrier()  # everyone has looked at `final` before rank 0 touches the directory
+        if already:
+            log.warning("checkpoint %s already exists and is complete; not overwriting it", final)
+            return final
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for p in self.stale():
+                log.warning("removing incomplete checkpoint dir %s left by an interrupted save", p)
+                self._remove(p)
+        self._barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
+        dcp_save(state_dict, tmp)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")
+        self._barrier()  # all ranks' DCP shards and RNG files are on disk
+        if self.rank == 0:
+            _write_durable(tmp / CONFIG, config_text)
+            full_meta = {
+                **meta,
+                **ours,
+                "format_version": FORMAT_VERSION,
+                "time": time.time(),
+                "manifest": build_manifest(tmp),
+            }
+            _write_durable(tmp / META, json.dumps(full_meta, indent=1, sort_keys=True))
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_durable(final / MARKER, json.dumps({"meta_sha256": _sha256(final / META)}))
+            _fsync_dir(final)
+            self._prune()
+        self._barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        complete = self.complete()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:  # never the newest keep_last (>= 1)
+            log.info("removing old checkpoint %s (keep_last=%d)", old, self.keep_last)
+            self._remove(old)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def load(self, path, state_dict: dict, *, restore_rng_state: bool = True) -> dict:
+        """Verify checkpoint ``path``, load it into ``state_dict`` in place and return its meta.
+
+        Restores this rank's RNG state when the checkpoint has a file for it (a resumed run with a different
+        world size keeps its fresh RNG state on ranks the checkpoint did not have).
+        """
+        path = Path(path)
+        meta = verify_checkpoint(path)
+        try:
+            dcp_load(state_dict, path)
+        except CheckpointException as exc:  # a BaseException: wraps every rank's failure (key/shape mismatch)
+            failures = [e for e, _ in exc.failures.values()]
+            for e in failures:
+                if isinstance(e, UserInputError):
+                    raise e from None
+            first = failures[0] if failures else exc
+            why = (str(first).strip().splitlines() or [""])[0][:500]
+            raise UserInputError(
+                f"checkpoint {path} does not match the current model/optimizer state: {type(first).__name__}: {why}"
+            ) from None
+        rng_file = path / RNG_DIR / f"rank_{self.rank}.pt"
+        if restore_rng_state:
+            if rng_file.is_file():
+                restore_rng(torch.load(rng_file, weights_only=True))
+            else:
+                log.warning("checkpoint %s has no RNG state for rank %d; keeping this run's", path, self.rank)
+        return meta

@@ -1,0 +1,119 @@
+"""``torch.distributed.checkpoint`` save/load with no arbitrary unpickling, in one process or a process group.
+
+What torch 2.13's DCP pickles (FileSystemWriter / DefaultSavePlanner):
+* tensors go into ``__<rank>_<i>.distcp`` files via ``torch.save`` and are read back with
+  ``torch.load(weights_only=True)`` already;
+* every non-tensor leaf of the state dict (optimizer ``param_groups`` values: floats, bools, strings, tuples,
+  None, the ``params`` name lists) is a separate ``torch.save`` blob that ``DefaultLoadPlanner.load_bytes``
+  reads with ``torch.load(weights_only=False)``, i.e. full unpickling;
+* ``.metadata`` (written by the coordinator) is a plain ``pickle`` of DCP's metadata dataclasses
+  (``Metadata``, ``TensorStorageMetadata``, ``_StorageInfo``, ``torch.Size``, dtypes, a ``PosixPath``) and
+  ``FileSystemReader.read_metadata`` reads it with ``pickle.load``.
+
+So this module swaps in :class:`SafeLoadPlanner` (``weights_only=True`` for the byte blobs: primitives, lists,
+dicts, tuples and tensors still load) and :class:`SafeFileSystemReader` (a restricted unpickler that only
+resolves DCP's own metadata classes, ``torch.Size``, dtypes/layout and ``pathlib`` paths). A checkpoint that
+needs anything else is refused with a :class:`UserInputError` instead of executing code.
+
+Process groups: DCP works without one. In 2.13 ``save``/``load`` compute ``no_dist = no_dist or not
+dist.is_initialized()`` and then warn "torch.distributed is disabled, unavailable or uninitialized, assuming the
+intent is to save in a single process" whenever ``no_dist`` is true, even when passed explicitly; we pass it
+explicitly and silence exactly that warning. With an initialised group every rank must call :func:`dcp_save` /
+:func:`dcp_load` (they run collectives; rank 0 is the coordinator that writes ``.metadata``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from ..config.errors import UserInputError
+
+_ALLOWED_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any of DCP's metadata dataclasses / enums
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+def distributed() -> bool:
+    """True when a default process group is initialised (DCP then runs its collectives)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED_GLOBALS.get(module, ())
+        if allowed is None or name in allowed:
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose ``.metadata`` is read with an allow-listed unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+            raise UserInputError(f"checkpoint metadata {path} cannot be read safely: {exc}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that loads non-tensor values with ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserInputError(
+                f"checkpoint value {read_item.dest_index.fqn!r} is not plain data: {str(exc).splitlines()[0]}"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+@contextmanager
+def _quiet_single_process():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def dcp_save(state_dict: dict, path: Path) -> None:
+    """Write ``state_dict`` (nested dict of tensors / DTensors / plain values) as a DCP checkpoint at ``path``."""
+    with _quiet_single_process():
+        dcp.save(state_dict, storage_writer=FileSystemWriter(str(path)), no_dist=not distributed())
+
+
+def dcp_load(state_dict: dict, path: Path) -> None:
+    """Load ``path`` into ``state_dict`` in place (resharding to the tensors' current layout)."""
+    with _quiet_single_process():
+        dcp.load(
+            state_dict,
+            storage_reader=SafeFileSystemReader(str(path)),
+            planner=SafeLoadPlanner(),
+            no_dist=not distributed(),
+        )

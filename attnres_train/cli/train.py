@@ -1,0 +1,103 @@
+"""`attnres-train` / `python -m attnres_train`: the Hydra main that composes the config and runs the Trainer.
+
+Bad input (config values, data files, checkpoints, paths) ends with one line ``error: ...`` on stderr and exit
+code 2, without a traceback and without touching existing checkpoints. Works under torchrun (one process per
+rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<job number>``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _fail(message: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _task(dcfg):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..config.errors import ConfigError, UserInputError
+    from ..config.schema import as_config, validate_config
+    from ..train.dist import init_distributed, shutdown_distributed
+    from ..train.trainer import Trainer
+
+    try:
+        cfg = as_config(dcfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        cfg.run_dir = str(run_dir)
+        ctx = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        try:
+            validate_config(cfg, dp_world_size=ctx.world_size)
+            result = Trainer(cfg, run_dir, ctx).fit()
+        finally:
+            shutdown_distributed()
+    except (ConfigError, UserInputError) as exc:
+        _fail(str(exc))
+    except OmegaConfBaseException as exc:
+        _fail(str(exc).splitlines()[0])
+    return result.get("val_loss", result.get("loss"))
+
+
+def run(overrides, ctx=None) -> dict:
+    """Compose the config with Hydra's compose API and train in this process (tests, notebooks).
+
+    ``overrides`` are the same strings as on the command line; set ``run_dir=...``. Errors propagate
+    (ConfigError / UserInputError) instead of exiting.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from ..config.schema import as_config, register_configs, validate_config
+    from ..train.dist import init_distributed
+    from ..train.trainer import Trainer
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        dcfg = compose(config_name="config", overrides=list(overrides))
+    cfg = as_config(dcfg)
+    ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    validate_config(cfg, dp_world_size=ctx.world_size)
+    return Trainer(cfg, Path(cfg.run_dir), ctx).fit()
+
+
+def _precheck_run_dir(argv) -> None:
+    """Hydra creates the output dir before our code runs; catch an unusable ``run_dir=`` override first."""
+    value = None
+    for arg in argv:
+        key, sep, val = arg.lstrip("+").partition("=")
+        if sep and key == "run_dir":
+            value = val
+    if not value or "${" in value:
+        return
+    path = Path(value).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        _fail(f"run_dir {value!r} is not usable: {str(probe)!r} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail(f"run_dir {value!r} is not writable (no write permission on {str(probe)!r})")
+
+
+def main() -> None:
+    import hydra
+
+    from ..config.schema import register_configs
+
+    if not CONFIG_DIR.is_dir():
+        _fail(f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)")
+    _precheck_run_dir(sys.argv[1:])
+    register_configs()
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(_task)()
+
+
+if __name__ == "__main__":
+    main()

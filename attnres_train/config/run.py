@@ -1,0 +1,105 @@
+"""Trainer and logging config schema: the loop's cadence, batch geometry, precision, metrics sinks.
+
+Kept apart from the optimizer/checkpoint schemas (``config/train.py``) and the model/data schemas so each
+group can be swapped with a Hydra override without touching the others. Validation raises one ConfigError
+naming the field (``trainer.global_batch_size``...), before any data is read or model built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    # Stop (with a checkpoint) once this step is reached, without changing the LR schedule, which is
+    # always laid out over max_steps (null = run to max_steps). Useful for staged jobs and resume tests.
+    stop_at: Optional[int] = None
+    # Sequences per optimizer step over all data-parallel ranks; must equal
+    # micro_batch_size * grad_accum * dp_world_size for an integer grad_accum >= 1.
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    log_every: int = 10
+    # Validation every k steps (0 = off) on ``val_batches`` held-out batches.
+    val_every: int = 100
+    val_batches: int = 4
+    # A generated text sample in the logs every k steps (0 = off).
+    sample_every: int = 100
+    sample_prompt: str = "def "
+    sample_tokens: int = 48
+    # 0 = greedy, > 0 = temperature sampling.
+    sample_temperature: float = 0.0
+    # Per-layer AttnRes depth-attention entropy / mean weights every k steps (0 = off).
+    depth_stats_every: int = 50
+    # auto: bf16 autocast where the device supports it well (CUDA with bf16), fp32 otherwise.
+    precision: str = "auto"
+    device: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).
+    peak_flops: float = 0.0
+    # Seconds for collective timeouts (a dead rank makes the others exit instead of hanging).
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class WandbConfig:
+    # online | offline | disabled
+    mode: str = "disabled"
+    project: str = "attnres-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    jsonl: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _pos(v, path):
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(path, f"must be a positive integer, got {v!r}")
+
+
+def _nonneg(v, path):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(path, f"must be an integer >= 0, got {v!r}")
+
+
+def validate_trainer_config(cfg: TrainerConfig, dp_world_size: int = 1) -> int:
+    """Validate and return the gradient-accumulation factor."""
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "val_batches"):
+        _pos(getattr(cfg, name), f"trainer.{name}")
+    if cfg.stop_at is not None:
+        _pos(cfg.stop_at, "trainer.stop_at")
+    for name in ("val_every", "sample_every", "sample_tokens", "depth_stats_every"):
+        _nonneg(getattr(cfg, name), f"trainer.{name}")
+    per_step = cfg.micro_batch_size * dp_world_size
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{cfg.global_batch_size} is not divisible by micro_batch_size ({cfg.micro_batch_size}) x "
+            f"data-parallel ranks ({dp_world_size})",
+        )
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError("trainer.precision", f"must be auto|fp32|bf16, got {cfg.precision!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("trainer.device", f"must be auto|cpu|cuda, got {cfg.device!r}")
+    if cfg.sample_temperature < 0:
+        raise ConfigError("trainer.sample_temperature", f"must be >= 0, got {cfg.sample_temperature!r}")
+    if cfg.peak_flops < 0:
+        raise ConfigError("trainer.peak_flops", f"must be >= 0, got {cfg.peak_flops!r}")
+    _pos(cfg.dist_timeout_s, "trainer.dist_timeout_s")
+    return cfg.global_batch_size // per_step
+
+
+def validate_logging_config(cfg: LoggingConfig) -> None:
+    if cfg.wandb.mode not in ("online", "offline", "disabled"):
+        raise ConfigError("logging.wandb.mode", f"must be online|offline|disabled, got {cfg.wandb.mode!r}")

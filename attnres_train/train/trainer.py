@@ -1,0 +1,174 @@
+"""The Trainer owns the loop: data, cadence (log / validate / sample / checkpoint), resume, and callbacks.
+
+It never needs to know how a step is computed (that is the TrainModule's job) nor how tensors are laid out
+across ranks; it pulls a global-position-keyed batch from the sampler, calls ``train_batch``, and records
+metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
+so a different data-parallel degree continues at the same token), router biases and RNG states.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ..checkpoint import CheckpointManager
+from ..config.errors import ConfigError, UserInputError
+from ..data.loader import build_datasets
+from ..model import build_model
+from ..model.flops import count_params, train_flops_per_token
+from .dist import DistContext
+from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
+from .train_module import TrainModule
+from .wrap import apply_activation_checkpointing, apply_compile
+
+# Config sections that must not change when resuming (the checkpoint's tensors depend on them).
+RESUME_LOCKED = ("model",)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"run_dir {str(run_dir)!r} is not writable: {exc.strerror or exc}") from None
+
+
+def _diff(a, b, prefix=""):
+    """Dotted paths where two plain nested dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        p = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], p)
+        elif a.get(k) != b.get(k):
+            out.append(f"{p}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}")
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path, ctx: DistContext):
+        self.cfg = cfg  # the typed Config object (attnres_train.config.schema.Config)
+        self.run_dir = Path(run_dir)
+        self.ctx = ctx
+        tc = cfg.trainer
+        self.max_steps = tc.max_steps
+        self.step = 0
+        self.tokens_seen = 0
+
+        check_run_dir(self.run_dir)
+        self.config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+        self.data = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=ctx.is_main)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model).to(ctx.device)
+        if tc.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if tc.compile:
+            apply_compile(self.model)
+        self.module = TrainModule(self.model, cfg.optim, tc, ctx, self.max_steps)
+        self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.rank, ctx.world_size)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
+                                      world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging, enabled=ctx.is_main,
+                                    config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)))
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops(ctx.device, tc.peak_flops)
+
+    # -- checkpoint state ------------------------------------------------------------------------
+    def _state(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.module.optimizers)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self) -> Path:
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.sampler.state_dict(),
+                "world_size": self.ctx.world_size}
+        path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta)
+        self.logger.log("event", self.step, event="checkpoint", path=str(path))
+        return path
+
+    def maybe_resume(self) -> Optional[Path]:
+        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return None
+        old = OmegaConf.to_container(OmegaConf.create(self.ckpt.read_config_text(path)))
+        new = OmegaConf.to_container(OmegaConf.structured(self.cfg))
+        for section in RESUME_LOCKED:
+            diffs = _diff(old.get(section, {}), new.get(section, {}), section)
+            if diffs:
+                raise ConfigError(diffs[0].split(":")[0], f"incompatible with the checkpoint {path}: "
+                                  + "; ".join(diffs[:3]) + " (start a new run_dir or restore the setting)")
+        base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in self.module.optimizers]
+        state = self._state()
+        meta = self.ckpt.load(path, state)
+        set_state_dict(self.model, self.module.optimizers, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        for opt, lrs in zip(self.module.optimizers, base_lrs):  # the config's LR wins over the saved one
+            for g, lr in zip(opt.param_groups, lrs):
+                g["base_lr"] = lr
+        self.sampler.load_state_dict(meta["data"])
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.trainer
+        self.maybe_resume()
+        if self.ctx.is_main:  # written only once the config is known to be compatible with the checkpoint
+            (self.run_dir / "config.yaml").write_text(self.config_text)
+            counts = count_params(cfg.model)
+            print(f"run_dir {self.run_dir} | {self.ctx.world_size} rank(s) on {self.ctx.device} | "
+                  f"params total {counts.total:,} active {counts.active:,} | {self.data.describe()}", flush=True)
+        self.model.train()
+        last = {}
+        t_last, tok_last = time.perf_counter(), self.tokens_seen
+        tokens_per_step = tc.global_batch_size * cfg.data.seq_len
+        stop = min(self.max_steps, tc.stop_at or self.max_steps)
+        while self.step < stop:
+            batch = self.sampler.next_batch().to(self.ctx.device)
+            depth_batch = batch[:1, :-1]
+            last = self.module.train_batch(batch, self.step)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            if self.step % tc.log_every == 0 or self.step == stop:
+                dt = time.perf_counter() - t_last
+                tps = (self.tokens_seen - tok_last) / max(dt, 1e-9)
+                per_device = tps / self.ctx.world_size
+                mfu = per_device * self.flops_per_token / self.peak if self.peak > 0 else 0.0
+                self.logger.log("train", self.step, **last, tokens_seen=self.tokens_seen, tokens_per_s=tps,
+                                mfu=mfu, peak_mem_gb=peak_memory_gb(self.ctx.device))
+                t_last, tok_last = time.perf_counter(), self.tokens_seen
+            if tc.depth_stats_every and self.step % tc.depth_stats_every == 0 and self.ctx.is_main:
+                stats = depth_statistics(self.model, depth_batch)
+                if stats:
+                    self.logger.log("depth", self.step, **stats)
+            if tc.val_every and (self.step % tc.val_every == 0 or self.step == stop):
+                val = self.validate()
+                last.update(val)
+            if tc.sample_every and self.step % tc.sample_every == 0 and self.ctx.is_main:
+                text = generate(self.model, self.data.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                                tc.sample_temperature, self.ctx.device, seed=self.step)
+                self.logger.log("sample", self.step, prompt=tc.sample_prompt, text=text)
+            interval = cfg.checkpoint.interval
+            if (interval and self.step % interval == 0) or self.step == stop:
+                self.save()
+        self.sampler.close()
+        self.logger.close()
+        return last
+
+    def validate(self) -> dict:
+        tc = self.cfg.trainer
+        local = max(1, tc.global_batch_size // self.ctx.world_size)
+        batches = self.data.val.batches(min(local, tc.micro_batch_size), self.ctx.rank, self.ctx.world_size,
+                                        max_batches=tc.val_batches)
+        val = self.module.eval_loss(batches)
+        if val:
+            self.logger.log("val", self.step, **val)
+        return val

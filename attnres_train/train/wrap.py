@@ -1,0 +1,32 @@
+"""Optional model transforms applied from outside the model: activation checkpointing and torch.compile.
+
+Applied per decoder layer (the natural recompute / compile unit), in the order torchtitan uses
+(AC, then compile), without touching the model code: the layer's ``forward`` is wrapped in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch.utils.checkpoint import checkpoint
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: the DepthState passes through as is)."""
+    for layer in model.model.layers:
+        if getattr(layer, "_ac_wrapped", False):
+            continue
+        inner = layer.forward
+
+        @functools.wraps(inner)
+        def forward(state, _inner=inner):
+            return checkpoint(_inner, state, use_reentrant=False)
+
+        layer.forward = forward
+        layer._ac_wrapped = True
+
+
+def apply_compile(model) -> None:
+    """torch.compile each decoder layer (dynamic=False: fixed training shapes)."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
