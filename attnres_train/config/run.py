@@ -40,6 +40,8 @@ class TrainerConfig:
     device: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
+    # torch.compile backend: "inductor" (default, generates kernels), "aot_eager" (graph capture only).
+    compile_backend: str = "inductor"
     # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).
     peak_flops: float = 0.0
     # Seconds for collective timeouts (a dead rank makes the others exit instead of hanging).

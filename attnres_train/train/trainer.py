@@ -71,7 +71,7 @@ class Trainer:
         if tc.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if tc.compile:
-            apply_compile(self.model)
+            apply_compile(self.model, tc.compile_backend)
         self.module = TrainModule(self.model, cfg.optim, tc, ctx, self.max_steps)
         self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.rank, ctx.world_size)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,

@@ -26,7 +26,7 @@ def apply_activation_checkpointing(model) -> None:
         layer._ac_wrapped = True
 
 
-def apply_compile(model) -> None:
+def apply_compile(model, backend: str = "inductor") -> None:
     """torch.compile each decoder layer (dynamic=False: fixed training shapes)."""
     for layer in model.model.layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
