@@ -1,0 +1,1 @@
+"""Parallelisms applied to the plain model from outside (EP, TP, FSDP, PP)."""

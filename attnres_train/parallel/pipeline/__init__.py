@@ -1,0 +1,23 @@
+"""Pipeline parallelism with our own schedules: interleaved 1F1B with cross-stage AttnRes block caching.
+
+* :mod:`.layout`    — layer→stage map and the per-hop block sets / message shapes (static, no negotiation).
+* :mod:`.schedules` — GPipe / 1F1B / interleaved 1F1B action lists (data), lowering to sends/receives, the
+  global checker and a timing replay.
+* :mod:`.cache`     — the per-rank block cache keyed by (microbatch, block) and the gradient deposits.
+* :mod:`.stage`     — :class:`PipelineStageModule`, a stage's chunk of the full model (shared parameters).
+* :mod:`.runtime`   — :class:`PipelineRuntime` / :func:`pipeline_step` executing a schedule over c10d P2P.
+
+See docs/pipeline.md.
+"""
+
+from .cache import BlockCache
+from .layout import PipelineLayout, balanced_split
+from .runtime import CommStats, PipelineError, PipelineRuntime, StepResult, pipeline_step
+from .schedules import Action, Kind, Schedule, ScheduleError, check, lower, make_schedule, timeline
+from .stage import PipelineStageModule, build_stages, materialize_stages
+
+__all__ = [
+    "Action", "BlockCache", "CommStats", "Kind", "PipelineError", "PipelineLayout", "PipelineRuntime",
+    "PipelineStageModule", "Schedule", "ScheduleError", "StepResult", "balanced_split", "build_stages", "check",
+    "lower", "make_schedule", "materialize_stages", "pipeline_step", "timeline",
+]

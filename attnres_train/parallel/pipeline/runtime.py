@@ -1,0 +1,457 @@
+"""Executes a lowered schedule on one pipeline rank over c10d point-to-point, with the block cache.
+
+Per hop ``s → s+1`` one packed tensor ``[len(delta[s]) + π(s), B, T, d]`` travels forward (the blocks the
+receiving rank does not hold yet, then the open block's partial sum) and one tensor of the same shape travels
+backward (their gradients). Shapes come from :class:`PipelineLayout` alone; nothing is negotiated on the wire.
+Transport: tagged ``isend``/``irecv`` (gloo matches on (peer, tag); the lowering also keeps every link's
+order identical on both ends, which is what NCCL matches on). A RECV action posts the ``irecv``; the compute
+action that needs the tensor waits on it. Sends are waited at the end of the step. Hops between two stages of
+the same rank (P = 1) go through an in-process mailbox.
+
+Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views ``x[j]`` are the blocks of
+``delta[s-1]`` and the partial), blocks of ``have[s]`` come from the rank's cache as FRESH LEAVES, the stage
+runs, received and produced blocks that a later chunk of this rank reads enter the cache (detached aliases),
+and the outgoing payload is stacked from the boundary state.
+
+Backward (the gradient-routing rules, design note §6.4):
+
+* roots: the outgoing pack with the received gradient (last stage: ``loss/M``), the stage's MoE aux loss
+  scaled by ``1/M``, and every block this stage produced together with the gradient deposits of its readers
+  on this rank (rule P: produced blocks take their deposits before their backward);
+* after the backward, every cached leaf's gradient is deposited for the block's entry stage (rule D);
+* the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R) and goes to
+  stage s-1.
+
+``I``/``W`` split (zero-bubble hook): ``I`` computes the input and cached-leaf gradients with
+``autograd.grad(retain_graph=True)`` (so deposits and the upstream gradient are ready early); ``W`` later runs
+``autograd.backward(..., inputs=stage parameters)``. This is a correctness reference for the cache protocol, not
+an efficient W pass (it re-traverses the graph).
+
+Loss: ``Σ_m loss_m / M`` on the last stage; aux losses are backpropagated on their own stage. Tied embeddings:
+the embedding's gradient (stage 0, rank 0) and the head copy's (stage C-1, rank P-1) are summed over a
+point-to-point exchange. Everything is freed in a ``finally``, also when the step raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ...model.depth import DepthState
+from .cache import BlockCache
+from .layout import PipelineLayout
+from .schedules import Action, Kind, Schedule, check, forward_only, lower, make_schedule
+from .stage import PipelineStageModule
+
+Microbatch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids [B,T], labels [B,T])
+
+
+class PipelineError(RuntimeError):
+    """The pipeline was set up inconsistently (ranks disagree, wrong stages for this rank, bad inputs)."""
+
+
+@dataclass
+class CommStats:
+    """What this rank sent in one step: elements per hop and direction, messages, and timing."""
+
+    fwd_elems: Dict[int, int] = field(default_factory=lambda: defaultdict(int))  # hop s (s→s+1) → elements
+    bwd_elems: Dict[int, int] = field(default_factory=lambda: defaultdict(int))  # hop s (s+1→s) → elements
+    messages: int = 0
+    bytes: int = 0
+    compute_s: float = 0.0  # time inside F/B/I/W actions minus receive waits (this rank's "busy" time)
+    wait_s: float = 0.0  # time blocked waiting for a received tensor
+    step_s: float = 0.0  # wall time of the action loop, send completion included
+
+    def as_dict(self) -> dict:
+        return {"fwd_elems": dict(self.fwd_elems), "bwd_elems": dict(self.bwd_elems), "messages": self.messages,
+                "bytes": self.bytes, "compute_s": self.compute_s, "wait_s": self.wait_s, "step_s": self.step_s}
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # Σ_m loss_m / M (fp64, detached); on every rank if reduce=True, else last rank only
+    aux_loss: Optional[torch.Tensor]  # Σ over stages and microbatches of aux / M (None if no MoE aux loss)
+    stats: CommStats
+
+
+@dataclass
+class _Saved:
+    leaf: Optional[torch.Tensor] = None
+    cached: Dict[int, torch.Tensor] = field(default_factory=dict)
+    roots: List[torch.Tensor] = field(default_factory=list)
+    grads: List[Optional[torch.Tensor]] = field(default_factory=list)
+    pack: Optional[torch.Tensor] = None
+    own: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _resolve_group(group):
+    """Accept ``None`` (the default group), a ProcessGroup, or a 1-D DeviceMesh."""
+    if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
+        if group.ndim != 1:
+            raise PipelineError(f"the pipeline needs a 1-D pp mesh, got a {group.ndim}-D DeviceMesh; "
+                                f"pass mesh['pp']")
+        return group.get_group()
+    return group
+
+
+class PipelineRuntime:
+    """Runs pipeline steps for this rank's stages.
+
+    Args:
+        stages: this rank's :class:`PipelineStageModule` s (any order; must be ``layout.stages_of(rank)``).
+        layout: the shared :class:`PipelineLayout` (``layout.block_cache`` selects cached vs naive hops).
+        schedule: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b``, or a callable ``(P, V, M) -> Schedule``.
+        group: the pipeline process group, a 1-D ``DeviceMesh``, or ``None`` for the default group.
+        comm_dtype: dtype of the packed messages (default: the stages' parameter dtype).
+        split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``schedules.split_backward``).
+        strict: check cache invariants (deposit counts, nothing left over) every step.
+        drop_deposits: NEGATIVE CONTROL for tests only: forget the cached blocks' gradients.
+    """
+
+    def __init__(self, stages: Sequence[PipelineStageModule], layout: PipelineLayout, schedule="interleaved_1f1b",
+                 group=None, *, comm_dtype: Optional[torch.dtype] = None, group_size: Optional[int] = None,
+                 split_iw: bool = False, w_delay: Optional[int] = None, strict: bool = True,
+                 drop_deposits: bool = False):
+        self.group = _resolve_group(group)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.P = dist.get_world_size(self.group) if distributed else 1
+        self.rank = dist.get_rank(self.group) if distributed else 0
+        if self.P != layout.num_ranks:
+            raise PipelineError(f"layout is for {layout.num_ranks} pipeline ranks, the group has {self.P}")
+        self.layout = layout
+        self.stages = {st.stage: st for st in stages}
+        expected = layout.stages_of(self.rank)
+        if sorted(self.stages) != expected:
+            raise PipelineError(f"rank {self.rank} must hold stages {expected}, got {sorted(self.stages)}")
+        self.C = layout.num_stages
+        self.schedule_name = schedule
+        self.group_size = group_size
+        self.split_iw = split_iw
+        self.w_delay = w_delay
+        self.strict = strict
+        self.drop_deposits = drop_deposits
+        params = [p for st in stages for p in st.parameters()]
+        self.device = params[0].device if params else torch.device("cpu")
+        self.comm_dtype = comm_dtype or next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        model = stages[0].full_model
+        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self._schedules: Dict[Tuple[int, bool], Schedule] = {}
+        self._verified: set = set()
+        # per-step state (always cleared in a finally)
+        self._cache: Optional[BlockCache] = None
+        self._saved: Dict[Tuple[int, int], _Saved] = {}
+        self._recvs: Dict[Tuple[str, int, int], Tuple[torch.Tensor, object]] = {}
+        self._outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
+        self._mailbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
+        self._sends: List[Tuple[object, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ schedules
+    def schedule_for(self, M: int, eval_mode: bool = False) -> Schedule:
+        """The lowered, globally checked schedule for ``M`` microbatches (built once, then cached)."""
+        key = (M, eval_mode)
+        if key not in self._schedules:
+            P, V = self.layout.num_ranks, self.layout.virtual_stages
+            if eval_mode:
+                sched = forward_only(P, V, M)
+            elif callable(self.schedule_name):
+                sched = self.schedule_name(P, V, M)
+            else:
+                sched = make_schedule(self.schedule_name, P, V, M, self.group_size, self.split_iw, self.w_delay)
+            lowered = lower(sched)
+            check(lowered, self.layout if not eval_mode else None)
+            self._schedules[key] = lowered
+        return self._schedules[key]
+
+    def _verify_agreement(self, M: int, B: int, T: int) -> None:
+        """Fail fast if ranks disagree on the layout, microbatch geometry or message dtype (once per shape)."""
+        key = (M, B, T)
+        if key in self._verified or self.P == 1:
+            return
+        sched = self.schedule_name if isinstance(self.schedule_name, str) else \
+            getattr(self.schedule_name, "__name__", "custom")
+        text = f"{self.layout.fingerprint()}|{M}|{B}|{T}|{self.comm_dtype}|{sched}|{self.split_iw}|{self.group_size}"
+        h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+        t = torch.tensor([h, -h], dtype=torch.int64, device=self._coll_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        if int(t[0]) != h or int(t[1]) != -h:
+            raise PipelineError(f"pipeline ranks disagree on layout/microbatches/dtype (rank {self.rank}: {text}); "
+                                f"every rank must build the same layout and pass microbatches of the same shape")
+        self._verified.add(key)
+
+    def _coll_device(self):
+        backend = dist.get_backend(self.group)
+        return self.device if backend == "nccl" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ the step
+    def step(self, microbatches: Sequence[Microbatch], eval_mode: bool = False, reduce: bool = True) -> StepResult:
+        """Forward and backward of all microbatches (gradients accumulate into ``.grad``), or, with
+        ``eval_mode``, forward only under ``no_grad``. Every pp rank passes the same microbatch list (middle
+        ranks only read the shapes). Returns the mean loss (reduced over the pp group if ``reduce``)."""
+        M = len(microbatches)
+        if M == 0:
+            raise PipelineError("need at least one microbatch")
+        B, T = microbatches[0][0].shape
+        self._verify_agreement(M, B, T)
+        sched = self.schedule_for(M, eval_mode)
+        self._M, self._B, self._T, self._mbs = M, B, T, microbatches
+        self._stats = CommStats()
+        self._loss = torch.zeros((), dtype=torch.float64)
+        self._aux = torch.zeros((), dtype=torch.float64)
+        self._has_aux = False
+        self._cache = BlockCache(self.layout, self.rank, strict=self.strict)
+        self._cache.drop_deposits = self.drop_deposits
+        t0 = time.perf_counter()
+        try:
+            ctx = torch.no_grad() if eval_mode else torch.enable_grad()
+            with ctx:
+                for action in sched.ranks[self.rank]:
+                    self._run(action)
+            for work, _ in self._sends:
+                work.wait()
+            self._stats.step_s = time.perf_counter() - t0
+            if self.strict:
+                self._assert_clean()
+        finally:
+            self._release()
+        if not eval_mode and self.tied and self.P > 1:
+            self._sum_tied_grads()
+        loss, aux = self._loss, self._aux
+        if reduce and self.P > 1:
+            t = torch.stack([loss, aux, torch.tensor(float(self._has_aux), dtype=torch.float64)])
+            t = t.to(self._coll_device())
+            dist.all_reduce(t, group=self.group)
+            loss, aux, has = t[0].cpu(), t[1].cpu(), bool(t[2] > 0)
+        else:
+            has = self._has_aux
+        return StepResult(loss=loss, aux_loss=aux if has else None, stats=self._stats)
+
+    def _release(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
+        self._cache = None
+        self._saved.clear()
+        self._recvs.clear()
+        self._outbox.clear()
+        self._mailbox.clear()
+        self._sends.clear()
+        self._mbs = None
+
+    def _assert_clean(self) -> None:
+        self._cache.assert_empty()
+        left = [f"saved{k}" for k in self._saved] + [f"recv{k}" for k in self._recvs] + \
+            [f"outbox{k}" for k in self._outbox] + [f"mailbox{k}" for k in self._mailbox]
+        if left:
+            raise PipelineError(f"rank {self.rank}: state left at the end of the step: {left[:8]}")
+
+    # ------------------------------------------------------------------ actions
+    def _tag(self, hop: int, mb: int, backward: bool) -> int:
+        return 1 + 2 * (hop * self._M + mb) + int(backward)
+
+    def _run(self, a: Action) -> None:
+        k = a.kind
+        if k == Kind.RECV_F:
+            self._post_recv("F", a.stage, a.mb, hop=a.stage - 1, src_stage=a.stage - 1)
+        elif k == Kind.RECV_B:
+            self._post_recv("B", a.stage, a.mb, hop=a.stage, src_stage=a.stage + 1)
+        elif k == Kind.SEND_F:
+            self._send("F", a.stage, a.mb, hop=a.stage, dst_stage=a.stage + 1)
+        elif k == Kind.SEND_B:
+            self._send("B", a.stage, a.mb, hop=a.stage - 1, dst_stage=a.stage - 1)
+        else:
+            t0, w0 = time.perf_counter(), self._stats.wait_s
+            if k == Kind.F:
+                self._forward(a.stage, a.mb)
+            elif k in (Kind.B, Kind.I):
+                self._backward(a.stage, a.mb, split=(k == Kind.I))
+            elif k == Kind.W:
+                self._weight(a.stage, a.mb)
+            self._stats.compute_s += time.perf_counter() - t0 - (self._stats.wait_s - w0)
+
+    def _post_recv(self, kind: str, stage: int, mb: int, hop: int, src_stage: int) -> None:
+        shape = self.layout.payload_shape(hop, self._B, self._T)
+        buf = torch.empty(shape, dtype=self.comm_dtype, device=self.device)
+        work = dist.irecv(buf, group=self.group, group_src=self.layout.rank_of(src_stage),
+                          tag=self._tag(hop, mb, kind == "B"))
+        self._recvs[(kind, stage, mb)] = (buf, work)
+
+    def _send(self, kind: str, stage: int, mb: int, hop: int, dst_stage: int) -> None:
+        t = self._outbox.pop((kind, stage, mb))
+        work = dist.isend(t, group=self.group, group_dst=self.layout.rank_of(dst_stage),
+                          tag=self._tag(hop, mb, kind == "B"))
+        self._sends.append((work, t))  # keep the tensor alive until the send completes
+        (self._stats.bwd_elems if kind == "B" else self._stats.fwd_elems)[hop] += t.numel()
+        self._stats.messages += 1
+        self._stats.bytes += t.numel() * t.element_size()
+
+    def _emit(self, kind: str, stage: int, mb: int, t: torch.Tensor) -> None:
+        """Hand a message to the next (F) or previous (B) stage: the outbox for a SEND, the mailbox if local."""
+        peer = stage + 1 if kind == "F" else stage - 1
+        if self.layout.rank_of(peer) == self.rank:
+            self._mailbox[(kind, peer, mb)] = t.detach().clone()
+        else:
+            self._outbox[(kind, stage, mb)] = t.detach().contiguous()
+
+    def _receive(self, kind: str, stage: int, mb: int) -> torch.Tensor:
+        key = (kind, stage, mb)
+        if key in self._mailbox:
+            return self._mailbox.pop(key)
+        try:
+            buf, work = self._recvs.pop(key)
+        except KeyError:
+            raise PipelineError(f"rank {self.rank}: no receive posted for {stage}{kind}{mb} "
+                                f"(schedule and runtime disagree)") from None
+        t0 = time.perf_counter()
+        work.wait()
+        self._stats.wait_s += time.perf_counter() - t0
+        return buf
+
+    # ------------------------------------------------------------------ compute
+    def _forward(self, s: int, m: int) -> None:
+        L, cache, st = self.layout, self._cache, self.stages[s]
+        ids, labels = self._mbs[m]
+        rec = _Saved()
+        grad = torch.is_grad_enabled()
+        if s == 0:
+            out = st(input_ids=ids.to(self.device), labels=labels.to(self.device) if st.is_last else None)
+        else:
+            x = self._receive("F", s, m).requires_grad_(grad)
+            delta_in = L.delta(s - 1)
+            blocks: Dict[int, torch.Tensor] = {b: x[j] for j, b in enumerate(delta_in)}
+            partial = x[len(delta_in)] if L.partial(s - 1) else None
+            for b in L.have(s):
+                rec.cached[b] = blocks[b] = cache.read(m, b)
+            for j, b in enumerate(delta_in):
+                cache.put(m, b, x[j])  # this stage is block b's entry on this rank
+            state = DepthState(blocks=[blocks[b] for b in range(L.count(s - 1))], partial=partial)
+            out = st(state, labels=labels.to(self.device) if st.is_last else None)
+            rec.leaf = x
+        aux_root = None
+        if out.aux_loss is not None:
+            self._has_aux = True
+            self._aux += out.aux_loss.detach().double().cpu() / self._M
+            aux_root = out.aux_loss / self._M
+        if st.is_last:
+            self._loss += out.loss.detach().double().cpu() / self._M
+            root = out.loss / self._M
+            rec.roots, rec.grads = [root if aux_root is None else root + aux_root], [None]
+        else:
+            state = out.state
+            for b in L.commits(s):
+                cache.put(m, b, state.blocks[b])  # produced here: this stage is the entry
+                rec.own[b] = state.blocks[b]
+            parts = [state.blocks[b] for b in L.delta(s)] + ([state.partial] if L.partial(s) else [])
+            if len(parts) != L.payload_len(s):
+                raise PipelineError(f"stage {s}: boundary state does not match the layout")
+            pack = torch.stack([p.to(self.comm_dtype) for p in parts]) if parts else \
+                torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
+            self._emit("F", s, m, pack)
+            rec.pack = pack
+            if aux_root is not None:
+                rec.roots, rec.grads = [aux_root], [None]
+        if s + L.num_ranks >= self.C:
+            cache.evict(m)  # this rank's last chunk has read everything it needs for microbatch m
+        if grad:
+            self._saved[(s, m)] = rec
+
+    def _backward(self, s: int, m: int, split: bool) -> None:
+        L, cache = self.layout, self._cache
+        rec = self._saved[(s, m)] if split else self._saved.pop((s, m))
+        roots, grads = list(rec.roots), list(rec.grads)
+        if rec.pack is not None:
+            g = self._receive("B", s, m)
+            if rec.pack.requires_grad:
+                roots.append(rec.pack)
+                grads.append(g)
+            for b, t in rec.own.items():  # rule P: deposits of later readers of blocks produced here
+                d = cache.take(m, b)
+                if d is not None:
+                    roots.append(t)
+                    grads.append(d.to(t.dtype))
+        inputs = ([rec.leaf] if rec.leaf is not None else []) + list(rec.cached.values())
+        if not roots:  # nothing on this stage depends on parameters or inputs (degenerate empty stage)
+            gin, cached_grads = None, [None] * len(rec.cached)
+            rec.roots, rec.grads = [], []
+        elif split:
+            got = torch.autograd.grad(roots, inputs, grads, retain_graph=True, allow_unused=True) if inputs else []
+            gin = got[0] if rec.leaf is not None else None
+            cached_grads = list(got[1:] if rec.leaf is not None else got)
+            rec.roots, rec.grads = roots, grads  # for W
+        else:
+            torch.autograd.backward(roots, grads)
+            gin = rec.leaf.grad if rec.leaf is not None else None
+            cached_grads = [c.grad for c in rec.cached.values()]
+        for b, cg in zip(rec.cached, cached_grads):  # rule D
+            cache.deposit(m, b, cg)
+        if s > 0:
+            gin = torch.zeros_like(rec.leaf) if gin is None else gin.detach().clone()
+            for j, b in enumerate(L.delta(s - 1)):  # rule R: deposits of blocks received here
+                d = cache.take(m, b)
+                if d is not None:
+                    gin[j] += d.to(gin.dtype)
+            self._emit("B", s, m, gin)
+        if not split:
+            rec.leaf = None
+            rec.cached.clear()
+
+    def _weight(self, s: int, m: int) -> None:
+        rec = self._saved.pop((s, m))
+        params = [p for p in self.stages[s].parameters() if p.requires_grad]
+        if rec.roots and params:
+            torch.autograd.backward(rec.roots, rec.grads, inputs=params)
+
+    # ------------------------------------------------------------------ tied embeddings
+    def _tied_param(self) -> Optional[torch.nn.Parameter]:
+        if 0 in self.stages:
+            return self.stages[0].model.embed_tokens.weight
+        if self.C - 1 in self.stages:
+            return self.stages[self.C - 1].lm_head.weight
+        return None
+
+    def _tied_peer(self) -> Optional[int]:
+        if self.rank == 0:
+            return self.layout.rank_of(self.C - 1)
+        if self.rank == self.layout.rank_of(self.C - 1):
+            return 0
+        return None
+
+    def _sum_tied_grads(self) -> None:
+        """All-reduce (sum) of the embedding gradient between the first and the last pipeline rank."""
+        p, peer = self._tied_param(), self._tied_peer()
+        if p is None or peer is None or peer == self.rank:
+            return
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        other = torch.empty_like(g)
+        tag = 2 * self.C * self._M + 7
+        ops = [dist.P2POp(dist.isend, g.contiguous(), group=self.group, group_peer=peer, tag=tag),
+               dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer, tag=tag)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        p.grad = g + other
+
+    def sync_tied_weights(self) -> None:
+        """Copy the embedding from rank 0 to the last rank's head copy (call once after initialisation)."""
+        if not self.tied or self.P == 1:
+            return
+        p, peer = self._tied_param(), self._tied_peer()
+        if p is None or peer is None or peer == self.rank:
+            return
+        with torch.no_grad():
+            if self.rank == 0:
+                dist.send(p.data.contiguous(), group=self.group, group_dst=peer, tag=3)
+            else:
+                buf = torch.empty_like(p.data)
+                dist.recv(buf, group=self.group, group_src=peer, tag=3)
+                p.data.copy_(buf)
+
+
+def pipeline_step(stages: Sequence[PipelineStageModule], microbatches: Sequence[Microbatch],
+                  layout: PipelineLayout, schedule="interleaved_1f1b", group=None, **kwargs) -> StepResult:
+    """One-off convenience: build a :class:`PipelineRuntime` and run one training step. Keep a runtime around
+    in a training loop (it caches the lowered schedules and the cross-rank layout check)."""
+    return PipelineRuntime(stages, layout, schedule, group, **kwargs).step(microbatches)

@@ -1,0 +1,131 @@
+"""One pipeline stage's chunk of the full model, sharing (never copying) the model's modules.
+
+:class:`PipelineStageModule` registers, by reference, exactly the modules stage ``s`` runs:
+
+* decoder layers ``[start, end)`` under their original names (``model.layers.<i>.*``), so the stage's
+  ``state_dict`` keys are a subset of the full model's and checkpoints stay layout independent;
+* stage 0 also holds ``model.embed_tokens`` (block 0);
+* the last stage also holds the output aggregation (``model.output_attn_res_{norm,proj}``), ``model.norm``
+  and ``lm_head`` (with ``tie_word_embeddings`` that is the embedding matrix itself: one tensor on a rank that
+  holds both ends, a second copy on the last rank otherwise, whose gradient the runtime sums with stage 0's).
+
+Its ``forward`` reuses the plain model's cuttable API (``embed`` → ``forward_layers`` → ``head``) through an
+unregistered reference to the full model, so the numerics are the single-process ones, and hooks installed on
+the layers (FSDP, activation checkpointing) still fire. The other stages' layers may stay on the ``meta``
+device: :func:`materialize_stages` allocates and initialises only this rank's modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ...model.depth import DepthState
+from .layout import PipelineLayout
+
+
+class StageOutput(NamedTuple):
+    state: Optional[DepthState]  # normalised boundary state (None on the last stage)
+    loss: Optional[torch.Tensor]  # mean token cross entropy of the microbatch (last stage only, fp32)
+    aux_loss: Optional[torch.Tensor]  # this stage's MoE auxiliary losses (summed over its layers) or None
+
+
+class PipelineStageModule(nn.Module):
+    """Stage ``stage`` of ``layout`` cut from ``model`` (an :class:`~attnres_train.model.AttnResForCausalLM`)."""
+
+    def __init__(self, model: nn.Module, layout: PipelineLayout, stage: int):
+        super().__init__()
+        if layout.num_layers != model.config.num_layers:
+            raise ValueError(f"layout has {layout.num_layers} layers, the model {model.config.num_layers}")
+        object.__setattr__(self, "_full", model)  # not a submodule: parameters() stays this stage's
+        self.stage = stage
+        self.layout = layout
+        self.start, self.end = layout.layer_range(stage)
+        self.is_first = stage == 0
+        self.is_last = stage == layout.num_stages - 1
+        self.partial_out = bool(layout.partial(stage)) if not self.is_last else False
+        inner = model.model
+        shell = nn.Module()
+        shell.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(self.start, self.end)})
+        if self.is_first:
+            shell.embed_tokens = inner.embed_tokens
+        if self.is_last:
+            shell.norm = inner.norm
+            if hasattr(inner, "output_attn_res_proj"):
+                shell.output_attn_res_norm = inner.output_attn_res_norm
+                shell.output_attn_res_proj = inner.output_attn_res_proj
+        self.model = shell
+        if self.is_last:
+            self.lm_head = model.lm_head
+
+    @property
+    def full_model(self) -> nn.Module:
+        return self._full
+
+    def forward(self, state: Optional[DepthState] = None, input_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> StageOutput:
+        m = self._full
+        if self.is_first:
+            state = m.embed(input_ids)
+        elif state is None:
+            raise ValueError(f"stage {self.stage} needs the depth state received from stage {self.stage - 1}")
+        state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end)
+        if self.is_last:
+            logits = m.head(state)
+            loss = m.lm_loss(logits, labels) if hasattr(m, "lm_loss") else _lm_loss(logits, labels)
+            return StageOutput(None, loss, state.aux_loss)
+        return StageOutput(close_completed_block(state, self.partial_out), None, state.aux_loss)
+
+    def moe_layers(self) -> list:
+        """This stage's MoE modules (their router-bias load counters are per-stage buffers)."""
+        return [mod for mod in self.modules() if hasattr(mod, "update_bias") and hasattr(mod, "tokens_per_expert")]
+
+    def extra_repr(self) -> str:
+        parts = [f"stage={self.stage}", f"layers=[{self.start},{self.end})"]
+        if self.is_first:
+            parts.append("embed")
+        if self.is_last:
+            parts.append("head")
+        return ", ".join(parts)
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fallback for a model without the ``lm_loss`` seam: the same cross entropy as its ``forward``."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def close_completed_block(state: DepthState, partial_open: bool) -> DepthState:
+    """Boundary normal form: if no block is open across the hop, the partial sum *is* the just-completed block.
+
+    The model closes a block lazily (when the next block's first sublayer runs); at a stage boundary we close
+    it eagerly so that ``blocks`` is exactly ``D(s)`` and ``partial`` is present iff ``π(s) = 1``. The next
+    sublayer then sees ``partial=None`` and does not close anything again, so the math is unchanged.
+    """
+    if partial_open or not state.blocks or state.partial is None:
+        return state  # prenorm (no blocks) keeps its hidden state as the partial
+    return replace(state, blocks=state.blocks + [state.partial], partial=None)
+
+
+def build_stages(model: nn.Module, layout: PipelineLayout, rank: int) -> List[PipelineStageModule]:
+    """The V stage modules of pipeline rank ``rank`` (stages ``rank, rank+P, ...``)."""
+    return [PipelineStageModule(model, layout, s) for s in layout.stages_of(rank)]
+
+
+@torch.no_grad()
+def materialize_stages(model: nn.Module, stages: List[PipelineStageModule], device) -> None:
+    """Allocate this rank's stage modules on ``device`` (from ``meta``) and initialise them; other stages'
+    modules stay on ``meta``. Tied embeddings must then be synchronised (runtime ``sync_tied_weights``)."""
+    for st in stages:
+        st.to_empty(device=device)
+        # The model's own init scheme, applied to this stage's modules only (running it over the whole model
+        # would also "initialise" the other stages' meta tensors, which is slow and pointless).
+        view = SimpleNamespace(config=model.config, modules=st.modules, named_parameters=st.named_parameters)
+        type(model).init_weights(view)
+        for mod in st.moe_layers():
+            mod.tokens_per_expert.zero_()
+            mod.last_tokens_per_expert.zero_()
