@@ -159,15 +159,6 @@ def as_data_config(cfg) -> DataConfig:
 
     Unknown keys or wrong types raise a ConfigError naming the field (e.g. ``data.sources.0.weight``).
     """
-    if isinstance(cfg, DataConfig):
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from .structured import as_structured
 
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:  # unknown key / bad type
-        key = getattr(exc, "full_key", None) or ""
-        raise ConfigError(f"data.{key}" if key else "data", str(exc).splitlines()[0]) from None
-    return obj
+    return as_structured(DataConfig, cfg, "data")

@@ -213,15 +213,6 @@ def as_model_config(cfg) -> ModelConfig:
 
     Unknown keys or wrong types raise a ConfigError naming the field.
     """
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from .structured import as_structured
 
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:  # unknown key / bad type
-        key = getattr(exc, "full_key", None) or "model"
-        raise ConfigError(f"model.{key}" if key != "model" else key, str(exc).splitlines()[0]) from None
-    return obj
+    return as_structured(ModelConfig, cfg, "model")

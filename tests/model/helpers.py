@@ -41,3 +41,13 @@ def assert_rel_close(a, b, tol, name=""):
     scale = max(float(b.abs().max()), 1e-30)
     err = float((a - b).abs().max()) / scale
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def set_path(obj, path: str, value):
+    """``set_path(cfg, "moe.top_k", 4)``: set a dotted attribute path on nested dataclasses; returns ``obj``."""
+    target = obj
+    *parents, last = path.split(".")
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, last, value)
+    return obj

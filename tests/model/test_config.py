@@ -6,17 +6,8 @@ from attnres_train.config.errors import ConfigError
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
 
+from .helpers import set_path as _set
 from .helpers import tiny_cfg
-
-
-def _set(cfg, path, value):
-    obj = cfg
-    *parents, last = path.split(".")
-    for p in parents:
-        obj = getattr(obj, p)
-    setattr(obj, last, value)
-    return cfg
-
 
 CASES = [
     ("kda.head_dim", None, "model.kda.num_heads", {"hidden_size": 130, "kda.num_heads": 4}),  # heads don't divide d
