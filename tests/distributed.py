@@ -144,11 +144,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if method == "forkserver" and preload:
         ctx.set_forkserver_preload(list(preload))
     last_err: Optional[BaseException] = None
-    for _attempt in range(3):  # a port taken between free_port() and the rendezvous: retry with a new one
+    # A port taken between free_port() and the rendezvous, or a gloo connection reset while a loaded machine
+    # sets up the process group: infrastructure, not the test's logic; retry on a fresh port.
+    transient = ("address already in use", "connection reset by peer", "connection refused")
+    for _attempt in range(3):
         try:
             return _run_once(ctx, fn, world_size, args, kwargs, timeout, backend, threads)
-        except DistributedTestError as exc:
-            if "address already in use" not in str(exc).lower():
+        except Exception as exc:  # the rendezvous error arrives as whatever type the rank raised
+            if not any(t in str(exc).lower() for t in transient):
                 raise
             last_err = exc
     raise last_err  # type: ignore[misc]
@@ -182,7 +185,7 @@ def _run_once(ctx, fn, world_size, args, kwargs, timeout, backend, threads) -> L
                 elif time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in results]
                     raise TimeoutError(f"distributed test timed out after {timeout:.0f}s; ranks {missing} "
-                                       f"did not finish (finished: {sorted(results)})")
+                                       f"did not finish (finished: {sorted(results)})") from None
                 else:
                     continue
             if status == "error":

@@ -31,8 +31,8 @@ class TrainerConfig:
     sample_every: int = 100
     sample_prompt: str = "def "
     sample_tokens: int = 48
-    # 0 = greedy, > 0 = temperature sampling.
-    sample_temperature: float = 0.0
+    # 0 = greedy (tiny models often repeat one token), > 0 = temperature sampling.
+    sample_temperature: float = 0.7
     # Per-layer AttnRes depth-attention entropy / mean weights every k steps (0 = off).
     depth_stats_every: int = 50
     # auto: bf16 autocast where the device supports it well (CUDA with bf16), fp32 otherwise.

@@ -15,7 +15,9 @@ from hydra.core.config_store import ConfigStore
 from .data import DataConfig, as_data_config, validate_data_config
 from .errors import ConfigError
 from .model import ModelConfig, as_model_config, validate_model_config
+from .parallel import ParallelConfig, resolve_parallel_dims
 from .run import LoggingConfig, TrainerConfig, validate_logging_config, validate_trainer_config
+from .structured import as_structured
 from .train import CheckpointConfig, OptimConfig, validate_checkpoint_config, validate_optim_config
 
 
@@ -27,6 +29,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Parallel layout (docs/parallel.md): dp_replicate x dp_shard x tp (x pp) = world size; ep folded into dp.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Where checkpoints, metrics.jsonl and config.yaml go; null = Hydra's output directory.
     run_dir: Optional[str] = None
     seed: int = 0
@@ -41,22 +45,20 @@ def register_configs() -> ConfigStore:
 
 def as_config(cfg) -> Config:
     """A typed Config from a Config, dict or DictConfig (unknown keys / bad types → ConfigError)."""
-    if isinstance(cfg, Config):
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(str(getattr(exc, "full_key", None) or "config"), str(exc).splitlines()[0]) from None
+    return as_structured(Config, cfg)
 
 
 def validate_config(cfg: Config, dp_world_size: int = 1) -> Config:
+    """Check every group and the cross-group rules; one ConfigError naming the first bad field.
+
+    ``dp_world_size`` is the number of processes (the name predates the parallel engine): the data-parallel
+    degree the batch is split over is derived from it and ``parallel.*`` (``parallel.dp_replicate *
+    parallel.dp_shard``), so e.g. ``trainer.global_batch_size`` must divide over dp, not over tp ranks.
+    """
     cfg.model = validate_model_config(as_model_config(cfg.model))
     cfg.data = validate_data_config(as_data_config(cfg.data))
-    validate_trainer_config(cfg.trainer, dp_world_size)
+    dims = resolve_parallel_dims(cfg.parallel, dp_world_size, model_cfg=cfg.model, seq_len=cfg.data.seq_len)
+    validate_trainer_config(cfg.trainer, dims.dp)
     validate_optim_config(cfg.optim, cfg.trainer.max_steps)
     validate_checkpoint_config(cfg.checkpoint)
     validate_logging_config(cfg.logging)

@@ -113,16 +113,18 @@ class KimiDeltaAttention(nn.Module):
 
     def forward(self, x_btd: torch.Tensor, core: Optional[str] = None) -> torch.Tensor:
         """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla"."""
+        # Head counts come from the tensors (``-1``), not from ``self.num_heads``: the parallel engine may hand
+        # this module a head slice of every per-head weight (tensor parallelism) and the math is per head.
         B, T, _ = x_btd.shape
-        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        K, V = self.head_k_dim, self.head_v_dim
         core = self.resolve_core(x_btd.device) if core is None else core
         if core not in CORES:
             raise ValueError(f"unknown KDA core {core!r}; expected one of {CORES}")
 
-        q_bthk = short_conv(self.q_proj(x_btd), self.q_conv1d.weight, silu=True).view(B, T, H, K)
-        k_bthk = short_conv(self.k_proj(x_btd), self.k_conv1d.weight, silu=True).view(B, T, H, K)
-        v_bthv = short_conv(self.v_proj(x_btd), self.v_conv1d.weight, silu=True).view(B, T, H, V)
-        g_bthk = kda_gate(self.f_b_proj(self.f_a_proj(x_btd)).view(B, T, H, K), self.A_log, self.dt_bias)
+        q_bthk = short_conv(self.q_proj(x_btd), self.q_conv1d.weight, silu=True).view(B, T, -1, K)
+        k_bthk = short_conv(self.k_proj(x_btd), self.k_conv1d.weight, silu=True).view(B, T, -1, K)
+        v_bthv = short_conv(self.v_proj(x_btd), self.v_conv1d.weight, silu=True).view(B, T, -1, V)
+        g_bthk = kda_gate(self.f_b_proj(self.f_a_proj(x_btd)).view(B, T, -1, K), self.A_log, self.dt_bias)
         beta_bth = torch.sigmoid(self.b_proj(x_btd).to(g_bthk.dtype))  # fp32 (fp64 stays fp64)
 
         if core == "fla":
@@ -149,9 +151,9 @@ class KimiDeltaAttention(nn.Module):
                     q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, chunk_size=self.chunk_size
                 )
 
-        gate_bthv = torch.sigmoid(self.g_b_proj(self.g_a_proj(x_btd))).view(B, T, H, V)
+        gate_bthv = torch.sigmoid(self.g_b_proj(self.g_a_proj(x_btd))).view(B, T, -1, V)
         y_bthv = self.o_norm(o_bthv) * gate_bthv  # norm first, then sigmoid gate (spec §3.2 step 6)
-        return self.o_proj(y_bthv.reshape(B, T, H * V).to(x_btd.dtype))
+        return self.o_proj(y_bthv.reshape(B, T, -1).to(x_btd.dtype))
 
     def extra_repr(self) -> str:
         return (

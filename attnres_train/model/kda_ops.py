@@ -93,6 +93,7 @@ def kda_recurrent(
     return o_bthv.to(v.dtype), (S_bhkv if output_final_state else None)
 
 
+@torch.compiler.disable  # eager inside torch.compile: its chunk loop and permuted gradient layouts break AOT
 def kda_chunked(
     q: Tensor,
     k: Tensor,

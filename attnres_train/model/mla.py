@@ -56,15 +56,16 @@ class MultiLatentAttention(nn.Module):
 
     def project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q ``[B,H,T,n+p]``, k ``[B,H,T,n+p]`` (k_pe broadcast to all heads) and v ``[B,H,T,v]``."""
+        # Head counts come from the tensors (``-1``), not from ``self.num_heads``: under tensor parallelism the
+        # parallel engine hands this module a head slice of q_proj / kv_b_proj / o_proj.
         B, T, _ = x_BTD.shape
-        H = self.num_heads
-        q_BHTQ = self.q_proj(x_BTD).view(B, T, H, self.qk_head_dim).transpose(1, 2)
+        q_BHTQ = self.q_proj(x_BTD).view(B, T, -1, self.qk_head_dim).transpose(1, 2)
 
         c_BTR, k_pe_BTP = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_BTR = self.kv_a_layernorm(c_BTR)  # k_pe is neither normalised nor rotated (NoPE)
-        kv_BTHX = self.kv_b_proj(c_BTR).view(B, T, H, self.nope_dim + self.v_dim)
+        kv_BTHX = self.kv_b_proj(c_BTR).view(B, T, -1, self.nope_dim + self.v_dim)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe_BTHP = k_pe_BTP.unsqueeze(2).expand(B, T, H, self.rope_dim)
+        k_pe_BTHP = k_pe_BTP.unsqueeze(2).expand(B, T, kv_BTHX.shape[2], self.rope_dim)
         k_BHTQ = torch.cat([k_nope_BTHN, k_pe_BTHP], dim=-1).transpose(1, 2)
         return q_BHTQ, k_BHTQ, v_BTHV.transpose(1, 2)
 
@@ -74,4 +75,4 @@ class MultiLatentAttention(nn.Module):
         q, k, v = self.project_qkv(x_BTD)
         # SDPA allows v's head dim to differ from q/k's; scale = 1/sqrt(nope + rope) as released.
         o_BHTV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))

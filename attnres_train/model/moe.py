@@ -109,6 +109,8 @@ def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
     grouped_mm = getattr(F, "grouped_mm", None)
     if grouped_mm is None or x.dtype not in (torch.float32, torch.bfloat16):
         return False
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return False  # torch 2.13's CPU meta kernel for grouped_mm accepts bf16 only under torch.compile
     d = x.shape[-1]
     if (d * x.element_size()) % 16 or (ffn_dim * x.element_size()) % 16:
         return False
@@ -162,7 +164,14 @@ class GroupedExperts(nn.Module):
         if sum(counts) != x_ND.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
         sl = slice(expert_offset, expert_offset + n_local)
-        w1_EFD, w3_EFD, w2_EDF = self.w1[sl], self.w3[sl], self.w2[sl]
+        return self.compute(x_ND, counts, self.w1[sl], self.w3[sl], self.w2[sl])
+
+    def compute(self, x_ND: torch.Tensor, counts: Sequence[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                w2_EDF: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of ``len(counts)`` experts given their (plain tensor) weight slices; rows sorted by expert.
+
+        The expert-parallel runner calls this with the local shard of the weights.
+        """
         use_gmm = self.impl == "grouped_mm" or (
             self.impl == "auto" and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, self.intermediate_size))
         if use_gmm:
@@ -239,7 +248,15 @@ class MoE(_KeepFP32Buffers):
         x_sorted_ND = x_TD.index_select(0, order_N // K)
         return x_sorted_ND, counts_E, DispatchPlan(order_N, T, K)
 
+    #: Expert-parallel seam, installed from outside (``attnres_train.parallel.expert``): ``None`` runs every
+    #: expert in this process; otherwise ``expert_runner(experts, x_sorted_ND, counts_E)`` returns the same
+    #: ``[N, D]`` rows by exchanging them with the ranks that own the experts. ``counts_E`` (this process's own
+    #: routing) is recorded in ``tokens_per_expert`` before the runner sees it.
+    expert_runner = None
+
     def run_experts(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.expert_runner is not None:
+            return self.expert_runner(self.experts, x_sorted_ND, counts_E)
         return self.experts(x_sorted_ND, counts_E)
 
     def combine(self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan,

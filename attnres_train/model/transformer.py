@@ -128,8 +128,16 @@ class AttnResForCausalLM(nn.Module):
         logits = self.head(state)
         if labels is None:
             return logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LMOutput(loss=ce, aux_loss=state.aux_loss, logits=logits)
+        return LMOutput(loss=self.lm_loss(logits, labels), aux_loss=state.aux_loss, logits=logits)
+
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy over labels != -100, in fp32 (fp64 logits stay fp64, as the router).
+
+        A seam, not a feature: the tensor-parallel engine replaces it per instance with a vocab-parallel cross
+        entropy when ``lm_head`` produces vocab-sharded logits (``attnres_train.parallel.tensor``).
+        """
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # -- training conveniences (no parallel code) --------------------------------------------------
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor):

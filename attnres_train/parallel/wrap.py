@@ -1,4 +1,4 @@
-"""Optional model transforms applied from outside the model: activation checkpointing and torch.compile.
+"""Activation checkpointing and torch.compile, applied from outside the model by ``parallelize_model``.
 
 Applied per decoder layer (the natural recompute / compile unit), in the order torchtitan uses
 (AC, then compile), without touching the model code: the layer's ``forward`` is wrapped in place.

@@ -1,24 +1,31 @@
-"""The train module: owns the model, its optimizers and one optimizer step over microbatches.
+"""The train module: owns the (parallelized) model, its optimizers and one optimizer step over microbatches.
 
 Why separate from the Trainer (OLMo-core's split): the loop, cadence and callbacks never need to know how a
-step is computed. This class is where data parallelism (DDP here; FSDP/TP/EP/PP in the parallel-engine
-issues) plugs in. One step = split the local batch into microbatches, forward/backward each (gradient sync
-only on the last one), clip, set the LR, optimizer step, then the MoE router-bias update with expert loads
-summed over every data-parallel rank so all replicas apply the same update.
+step is computed. This class is where the parallel engine plugs in: it calls
+``attnres_train.parallel.parallelize_model`` (TP/SP -> EP -> AC -> compile -> FSDP2/HSDP/replicate, from the
+``ParallelContext``) before building the optimizers, so the optimizer sees the final (DTensor) parameters.
+
+One step (:meth:`train_batch`) = :meth:`forward_backward` (split this rank's batch into microbatches; each
+microbatch loss is weighted so the summed gradient is that of the global mean token loss; gradient sync only
+on the last microbatch) then :meth:`optimizer_step` (DTensor-aware clipping over every shard, LR, optimizer
+step, then the MoE router-bias update with expert loads summed over every data-parallel rank so all replicas
+apply the same update).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List
+from typing import Dict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config.run import TrainerConfig
 from ..config.train import OptimConfig
-from .dist import DistContext
-from .optim import build_optimizers, clip_grad_norm_, set_lr
+from ..parallel.data_parallel import finish_grad_sync, grad_sync
+from ..parallel.mesh import ParallelContext, single_process_context
+from ..parallel.parallelize import parallelize_model
+from ..parallel.train_step import clip_grad_norm_, loss_weights, update_router_biases
+from .optim import build_optimizers, set_lr
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -30,17 +37,28 @@ def autocast_dtype(precision: str, device: torch.device):
     return None
 
 
+def as_parallel_context(ctx) -> ParallelContext:
+    """A ParallelContext from a ParallelContext, or a single-process DistContext (tests, notebooks)."""
+    if isinstance(ctx, ParallelContext):
+        return ctx
+    if getattr(ctx, "world_size", 1) != 1:
+        raise TypeError("multi-process runs need a ParallelContext (attnres_train.parallel.build_parallel_context)")
+    return single_process_context(getattr(ctx, "device", torch.device("cpu")))
+
+
 class TrainModule:
-    def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx: DistContext, max_steps: int):
-        self.model = model
-        self.ctx = ctx
+    def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int):
+        """``model``: the plain model, identical on every rank (same seed); parallelized here in place."""
+        self.ctx = as_parallel_context(ctx)
         self.optim_cfg = optim_cfg
         self.trainer_cfg = trainer_cfg
         self.max_steps = max_steps
         self.micro = trainer_cfg.micro_batch_size
-        self.amp_dtype = autocast_dtype(trainer_cfg.precision, ctx.device)
-        # Buffers (router bias, load counters) are kept identical by construction, never broadcast by DDP.
-        self.wrapped = DDP(model, broadcast_buffers=False) if ctx.is_distributed else model
+        self.amp_dtype = autocast_dtype(trainer_cfg.precision, self.ctx.device)
+        if not getattr(model, "_attnres_parallelized", False):
+            parallelize_model(model, self.ctx, trainer_cfg)
+        self.model = model
+        # Buffers (router bias, load counters) are kept identical by construction (same updates), never broadcast.
         self.optimizers = build_optimizers(model, optim_cfg)
 
     def _autocast(self):
@@ -48,55 +66,52 @@ class TrainModule:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
 
-    def train_batch(self, batch_bt1: torch.Tensor, step: int) -> Dict[str, float]:
-        """One optimizer step on this rank's ``[local_batch, seq_len+1]`` token batch."""
+    def forward_backward(self, batch_bt1: torch.Tensor) -> Dict[str, float]:
+        """Forward + backward over this rank's ``[local_batch, seq_len+1]`` batch; gradients left in ``.grad``
+        (synchronised over data-parallel ranks). Returns the global mean loss and aux loss."""
         x_bt, y_bt = batch_bt1[:, :-1], batch_bt1[:, 1:]
         chunks = list(zip(x_bt.split(self.micro), y_bt.split(self.micro)))
         n = len(chunks)
-        lr = set_lr(self.optimizers, step, self.optim_cfg, self.max_steps)
+        weights = loss_weights([y for _, y in chunks], self.ctx)
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
-        for i, (x, y) in enumerate(chunks):
-            sync = contextlib.nullcontext() if (i == n - 1 or not isinstance(self.wrapped, DDP)) else self.wrapped.no_sync()
-            with sync:
+        for i, ((x, y), w) in enumerate(zip(chunks, weights)):
+            with grad_sync(self.model, enabled=(i == n - 1)):
                 with self._autocast():
-                    out = self.wrapped(x, labels=y)
-                total = out.loss / n
+                    out = self.model(x, labels=y)
+                total = out.loss * w
                 if out.aux_loss is not None:
                     total = total + out.aux_loss / n
-                    aux_sum += out.aux_loss.detach().double() / n
+                    aux_sum += out.aux_loss.detach().double().cpu() / n
                 total.backward()
-            loss_sum += out.loss.detach().double() / n
+            loss_sum += out.loss.detach().double().cpu() * w
+        finish_grad_sync(self.model, self.ctx)
+        # loss_sum * ... : the weights already include the dp factor, so the dp mean is the global token mean
+        stats = torch.stack([loss_sum, aux_sum]).to(self.ctx.device)
+        self.ctx.all_reduce_dp_mean_(stats)
+        stats = stats.cpu()
+        return {"loss": float(stats[0]), "aux_loss": float(stats[1])}
+
+    def optimizer_step(self, step: int) -> Dict[str, float]:
+        """Clip (total norm over all shards), set the LR, step, zero grads, then update the router biases."""
+        lr = set_lr(self.optimizers, step, self.optim_cfg, self.max_steps) * self.optim_cfg.lr  # logged: actual LR
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = clip_grad_norm_(params, self.optim_cfg.grad_clip)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        imbalance = self._update_router_biases()
-        stats = torch.stack([loss_sum, aux_sum]).to(self.ctx.device)
-        self.ctx.all_reduce_sum_(stats)
-        stats = (stats / self.ctx.world_size).cpu()
-        return {"loss": float(stats[0]), "aux_loss": float(stats[1]), "grad_norm": float(grad_norm), "lr": lr,
-                **imbalance}
+        imbalance = update_router_biases(self.model, self.ctx)
+        return {"grad_norm": float(grad_norm), "lr": lr, **imbalance}
 
-    @torch.no_grad()
-    def _update_router_biases(self) -> Dict[str, float]:
-        moes = self.model.moe_layers()
-        if not moes:
-            return {}
-        counts = torch.stack([m.tokens_per_expert for m in moes])
-        self.ctx.all_reduce_sum_(counts)
-        ratios: List[float] = []
-        for m, c in zip(moes, counts):
-            m.tokens_per_expert.copy_(c)
-            ratios.append(float(c.max() / c.mean().clamp_min(1e-9)) if c.sum() > 0 else 0.0)
-            m.update_bias()
-        return {"expert_imbalance_mean": sum(ratios) / len(ratios), "expert_imbalance_max": max(ratios)}
+    def train_batch(self, batch_bt1: torch.Tensor, step: int) -> Dict[str, float]:
+        """One optimizer step on this rank's ``[local_batch, seq_len+1]`` token batch."""
+        stats = self.forward_backward(batch_bt1)
+        return {**stats, **self.optimizer_step(step)}
 
     @torch.no_grad()
     def eval_loss(self, batches) -> Dict[str, float]:
-        """Mean token loss over an iterable of ``[b, seq_len+1]`` batches, averaged over ranks."""
+        """Mean token loss over an iterable of ``[b, seq_len+1]`` batches, averaged over data-parallel ranks."""
         was_training = self.model.training
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64)
@@ -104,10 +119,10 @@ class TrainModule:
             batch = batch.to(self.ctx.device)
             with self._autocast():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:])
-            n = batch[:, 1:].numel()
+            n = float((batch[:, 1:] != -100).sum())
             tot += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
         self.model.train(was_training)
-        tot = self.ctx.all_reduce_sum_(tot.to(self.ctx.device)).cpu()
+        tot = self.ctx.all_reduce_dp_sum_(tot.to(self.ctx.device)).cpu()
         if tot[1] == 0:
             return {}
         loss = float(tot[0] / tot[1])

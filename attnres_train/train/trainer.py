@@ -1,8 +1,10 @@
 """The Trainer owns the loop: data, cadence (log / validate / sample / checkpoint), resume, and callbacks.
 
 It never needs to know how a step is computed (that is the TrainModule's job) nor how tensors are laid out
-across ranks; it pulls a global-position-keyed batch from the sampler, calls ``train_batch``, and records
-metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
+across ranks: it builds the validated :class:`~attnres_train.parallel.mesh.ParallelContext` from
+``cfg.parallel`` once, reads this rank's data-parallel slice (``dp_rank`` of ``dp_size``: the tp ranks of a
+replica read the same rows), pulls a global-position-keyed batch from the sampler, calls ``train_batch``, and
+records metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
 so a different data-parallel degree continues at the same token), router biases and RNG states.
 """
 
@@ -21,10 +23,10 @@ from ..config.errors import ConfigError, UserInputError
 from ..data.loader import build_datasets
 from ..model import build_model
 from ..model.flops import count_params, train_flops_per_token
-from .dist import DistContext
+from ..parallel.data_parallel import gathered_parameters
+from ..parallel.mesh import ParallelContext, build_parallel_context
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
 from .train_module import TrainModule
-from .wrap import apply_activation_checkpointing, apply_compile
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
 RESUME_LOCKED = ("model",)
@@ -53,9 +55,14 @@ def _diff(a, b, prefix=""):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, ctx: DistContext):
+    def __init__(self, cfg, run_dir: Path, ctx):
+        """``ctx``: the process-group context (``DistContext`` from ``init_distributed``) or a ready
+        ``ParallelContext``; the parallel layout comes from ``cfg.parallel``."""
         self.cfg = cfg  # the typed Config object (attnres_train.config.schema.Config)
         self.run_dir = Path(run_dir)
+        if not isinstance(ctx, ParallelContext):
+            ctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, ctx.world_size,
+                                         ctx.device.type, rank=ctx.rank, local_rank=ctx.local_rank)
         self.ctx = ctx
         tc = cfg.trainer
         self.max_steps = tc.max_steps
@@ -67,13 +74,15 @@ class Trainer:
 
         self.data = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=ctx.is_main)
         torch.manual_seed(cfg.seed)
+        # The full model on every rank from the same seed (equal initial weights without a broadcast); the
+        # TrainModule parallelizes it (EP -> TP -> AC -> compile -> FSDP) before building the optimizer.
         self.model = build_model(cfg.model).to(ctx.device)
-        if tc.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        if tc.compile:
-            apply_compile(self.model, tc.compile_backend)
         self.module = TrainModule(self.model, cfg.optim, tc, ctx, self.max_steps)
-        self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.rank, ctx.world_size)
+        self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.dp_rank, ctx.dp_size)
+        # Depth statistics / text samples read parameters outside forward or run extra forwards: with any
+        # sharding every rank must take part (collectives); TP's DTensor activations / logits are skipped.
+        self._everyone_evaluates = ctx.is_distributed
+        self._skip_diagnostics = ctx.dims.tp > 1
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
                                       world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None)
         self.logger = MetricsLogger(self.run_dir, cfg.logging, enabled=ctx.is_main,
@@ -88,7 +97,7 @@ class Trainer:
 
     def save(self) -> Path:
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.sampler.state_dict(),
-                "world_size": self.ctx.world_size}
+                "world_size": self.ctx.world_size, "parallel": self.ctx.dims.describe()}
         path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta)
         self.logger.log("event", self.step, event="checkpoint", path=str(path))
         return path
@@ -124,7 +133,7 @@ class Trainer:
         if self.ctx.is_main:  # written only once the config is known to be compatible with the checkpoint
             (self.run_dir / "config.yaml").write_text(self.config_text)
             counts = count_params(cfg.model)
-            print(f"run_dir {self.run_dir} | {self.ctx.world_size} rank(s) on {self.ctx.device} | "
+            print(f"run_dir {self.run_dir} | {self.ctx.describe()} | "
                   f"params total {counts.total:,} active {counts.active:,} | {self.data.describe()}", flush=True)
         self.model.train()
         last = {}
@@ -145,17 +154,17 @@ class Trainer:
                 self.logger.log("train", self.step, **last, tokens_seen=self.tokens_seen, tokens_per_s=tps,
                                 mfu=mfu, peak_mem_gb=peak_memory_gb(self.ctx.device))
                 t_last, tok_last = time.perf_counter(), self.tokens_seen
-            if tc.depth_stats_every and self.step % tc.depth_stats_every == 0 and self.ctx.is_main:
-                stats = depth_statistics(self.model, depth_batch)
-                if stats:
+            if tc.depth_stats_every and self.step % tc.depth_stats_every == 0:
+                stats = self._depth_stats(depth_batch)
+                if stats and self.ctx.is_main:
                     self.logger.log("depth", self.step, **stats)
             if tc.val_every and (self.step % tc.val_every == 0 or self.step == stop):
                 val = self.validate()
                 last.update(val)
-            if tc.sample_every and self.step % tc.sample_every == 0 and self.ctx.is_main:
-                text = generate(self.model, self.data.tokenizer, tc.sample_prompt, tc.sample_tokens,
-                                tc.sample_temperature, self.ctx.device, seed=self.step)
-                self.logger.log("sample", self.step, prompt=tc.sample_prompt, text=text)
+            if tc.sample_every and self.step % tc.sample_every == 0:
+                text = self._sample()
+                if text is not None and self.ctx.is_main:
+                    self.logger.log("sample", self.step, prompt=tc.sample_prompt, text=text)
             interval = cfg.checkpoint.interval
             if (interval and self.step % interval == 0) or self.step == stop:
                 self.save()
@@ -163,10 +172,28 @@ class Trainer:
         self.logger.close()
         return last
 
+    # -- diagnostics that need every rank when the model is sharded ---------------------------------------
+    def _depth_stats(self, depth_batch):
+        if self._skip_diagnostics:
+            return None
+        if not self._everyone_evaluates:
+            return depth_statistics(self.model, depth_batch)
+        with gathered_parameters(self.model):  # queries are read outside forward: unshard FSDP units
+            return depth_statistics(self.model, depth_batch)
+
+    def _sample(self):
+        if self._skip_diagnostics or (not self._everyone_evaluates and not self.ctx.is_main):
+            return None
+        tc = self.cfg.trainer
+        # Every rank runs the same greedy / seeded generation (same prompt, same parameters): identical
+        # token sequences, so the FSDP / EP collectives of every forward match.
+        return generate(self.model, self.data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature,
+                        self.ctx.device, seed=self.step)
+
     def validate(self) -> dict:
         tc = self.cfg.trainer
-        local = max(1, tc.global_batch_size // self.ctx.world_size)
-        batches = self.data.val.batches(min(local, tc.micro_batch_size), self.ctx.rank, self.ctx.world_size,
+        local = max(1, tc.global_batch_size // self.ctx.dp_size)
+        batches = self.data.val.batches(min(local, tc.micro_batch_size), self.ctx.dp_rank, self.ctx.dp_size,
                                         max_batches=tc.val_batches)
         val = self.module.eval_loss(batches)
         if val:

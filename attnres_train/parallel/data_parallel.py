@@ -1,0 +1,198 @@
+"""Data parallelism on top of TP / EP: FSDP2 (ZeRO-3), HSDP, or plain replication, plus no-sync accumulation.
+
+What :func:`apply_data_parallel` does, in place (call after EP / TP / activation checkpointing / compile):
+``fully_shard`` per decoder layer, then the root, on the mesh ``(dp_replicate, dp_shard)`` (1-D ``dp_shard`` when
+``dp_replicate == 1``).
+
+* ``dp_shard > 1 = dp_replicate``: FSDP (ZeRO-3: parameters, gradients and optimizer state sharded).
+* ``dp_shard > 1 < dp_replicate``: HSDP (reduce-scatter over dp_shard, all-reduce over dp_replicate).
+* ``dp_shard == 1 < dp_replicate``: replication with DDP semantics (whole parameters everywhere, gradients
+  all-reduced), as HSDP with a size-1 shard dim and ``reshard_after_forward=False``. Why not
+  ``nn.parallel.DistributedDataParallel``: it does not compose with TP / EP ``DTensor`` parameters. Why not
+  torch's FSDP-based ``replicate``: it cannot put the experts on their own mesh inside a layer unit (no
+  ``shard_placement_fn``), which EP needs (below). One code path for all three keeps one gradient-sync switch.
+
+Units. A decoder layer's unit is all its children but the AttnRes pseudo-query modules (:func:`layer_unit`);
+the root unit holds the embedding, final norm, LM head and every pseudo-query (Block AttnRes reads a whole
+block's queries before its first layer runs). Routed experts under EP (``ep > 1``) stay in their layer's unit
+but on their own mesh ``(edp_replicate, edp_shard)`` (:func:`_expert_placement_fn`). Their local gradient is
+already the SUM over the ``ep`` ranks' losses (the all-to-all backward brings every EP rank's contribution to
+the owner), so after the unit's mean over the ``edp`` replicas it is ``ep`` times the gradient of the dp-mean
+loss: :func:`finish_grad_sync` divides by ``ep`` once after the last backward.
+Parameters become ``DTensor`` shards: build the optimizer afterwards.
+
+Gloo (CPU): torch 2.13's gloo implements ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (checked:
+``tests/parallel/test_equivalence.py`` runs FSDP2 and HSDP on gloo), but not ``ReduceOp.AVG`` or
+``PREMUL_SUM``, which FSDP2 picks for fp32/bf16 gradients. On non-NCCL backends we therefore call
+``set_force_sum_reduction_for_comms(True)``: FSDP2 then reduces with SUM and divides afterwards (fp64 always
+takes that path). NCCL keeps AVG / PREMUL_SUM.
+
+Gradient accumulation: :func:`no_grad_sync` is the one context manager for "accumulate locally, do not
+communicate" (FSDP2 ``set_requires_gradient_sync(False)``; ``DistributedDataParallel.no_sync`` for a model
+wrapped elsewhere; nothing for a plain model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, List
+
+import torch.distributed as dist
+from torch import nn
+
+
+def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _depth_query_module(name: str) -> bool:
+    """AttnRes pseudo-query modules (``*_res_norm`` / ``*_res_proj``): read as parameters, not called."""
+    return name.endswith("_res_norm") or name.endswith("_res_proj")
+
+
+def layer_unit(layer: nn.Module) -> List[nn.Module]:
+    """The modules of one decoder layer's FSDP unit: every child except the AttnRes pseudo-query modules.
+
+    Why not the layer itself: Block AttnRes computes the phase-1 statistics of a whole block from the
+    pseudo-queries of *all* its layers before the first of them runs (``forward_layers``), i.e. outside
+    those layers' forward hooks, so per-layer units would hand it still-sharded queries. The queries
+    (2 x hidden_size values per layer) therefore belong to the root unit, which is unsharded for the whole
+    forward and backward; the layer's unit is the group of its other children (FSDP2's grouped
+    ``fully_shard([...])``: one all-gather / reduce-scatter for all of them, hooks on each).
+    """
+    return [m for name, m in layer.named_children() if not _depth_query_module(name)]
+
+
+def _needs_sum_reduction(mesh) -> bool:
+    """True unless every group of ``mesh`` is NCCL (gloo has no AVG / PREMUL_SUM reductions)."""
+    try:
+        return any(dist.get_backend(mesh.get_group(i)) != "nccl" for i in range(mesh.ndim))
+    except Exception:  # noqa: BLE001 - be conservative
+        return True
+
+
+def _expert_placement_fn(model: nn.Module, pctx) -> Callable:
+    """``shard_placement_fn`` giving the EP-sharded expert weights their own (HSDP) mesh inside a layer unit.
+
+    FSDP2 (torch >= 2.10) groups a unit's parameters by process group, so the experts get their own
+    all-gather / reduce-scatter on ``(edp_replicate, edp_shard)`` while sharing the layer's hooks: experts
+    are not called as a module under EP (the runner reads their weights), so a separate ``fully_shard`` on
+    ``moe.experts`` would never be unsharded / reduced. Shard dim: the expert dim if ``E/ep`` splits evenly
+    over ``edp_shard``, else the first other dim that does (FSDP2 needs even shards off dim 0).
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
+    from torch.distributed.tensor import Shard
+
+    from .expert import expert_parallel_parameters
+
+    expert_ids = {id(p) for _, p in expert_parallel_parameters(model)}
+    # One mesh-info object for all experts (FSDP2 requires it per process group). 1-D when there is no
+    # replica: HSDP over a size-1 replicate dim would still issue (no-op) all-reduces.
+    if pctx.dims.edp_replicate > 1:
+        info = HSDPMeshInfo(mesh=pctx.expert_dp_mesh, shard_mesh_dim=1, replicate_mesh_dim=0)
+    else:
+        info = FSDPMeshInfo(mesh=pctx.mesh("edp_shard"), shard_mesh_dim=0)
+    n = pctx.dims.edp_shard
+
+    def fn(p):
+        if id(p) not in expert_ids:
+            return None  # the layer's mesh
+        local = p.to_local() if hasattr(p, "to_local") else p
+        dim = next((d for d in range(local.ndim) if local.shape[d] % n == 0), 0)
+        return ShardPlacementResult(placement=Shard(dim), mesh_info=info)
+
+    return fn
+
+
+def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None, mp_policy=None) -> nn.Module:
+    """FSDP2 / HSDP / DDP-style replication on ``model`` per ``pctx.dims`` (module docstring). No-op if dp == 1."""
+    dims = pctx.dims
+    if dims.dp == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = mp_policy or MixedPrecisionPolicy()
+    if reshard_after_forward is None and dims.dp_shard == 1:
+        reshard_after_forward = False  # replication: nothing to free, no second all-gather in backward
+    # 2-D (replicate, shard) only when there are replicas: a size-1 replicate dim would add no-op all-reduces.
+    mesh = pctx.fsdp_mesh if dims.dp_replicate > 1 else pctx.dp_shard_mesh
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    expert_fn = _expert_placement_fn(model, pctx) if dims.ep > 1 else None
+    for layer in model.model.layers:
+        fully_shard(layer_unit(layer), shard_placement_fn=expert_fn, **kw)
+    fully_shard(model, **kw)  # root: embedding, final norm, AttnRes pseudo-queries, LM head
+    if _needs_sum_reduction(pctx.dp_mesh):
+        for unit in _fsdp_modules(model):
+            unit.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally inside the block (no reduce-scatter / all-reduce); the next backward
+    outside it synchronises everything accumulated. FSDP2 units, a DDP-wrapped model, or a plain model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    units = _fsdp_modules(model)
+    for u in units:
+        u.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.set_requires_gradient_sync(True, recurse=False)
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """``no_grad_sync(model)`` when ``enabled`` is False, else a null context (one call site in the loop)."""
+    return contextlib.nullcontext() if enabled else no_grad_sync(model)
+
+
+def finish_grad_sync(model: nn.Module, pctx) -> None:
+    """Gradient reductions the FSDP hooks do not express; call once after the last microbatch's backward
+    (linear, so accumulated microbatches are handled at once). A no-op without expert parallelism.
+
+    EP-sharded expert weights: the all-to-all backward already SUMS the ep ranks' contributions on the
+    owner, and FSDP then AVERAGES over the expert's ``edp = dp / ep`` replicas, which leaves ``ep`` times the
+    gradient of the mean loss over all dp ranks: scale by ``1/ep``. (torchtitan folds this into the reduction
+    with ``set_gradient_divide_factor(dp)`` on a separate experts unit; here the experts share their layer's
+    unit, whose public divide factor applies to every parameter group of the unit, so we multiply once
+    instead - exact, and one ``_foreach_mul_`` on the local shards.) With sequence parallelism each tp rank
+    routes only its own sequence shard; the sum of the expert gradients over tp happens inside the graph
+    (``tensor.TokenParallelMoE``), not here.
+    """
+    if pctx.dims.ep == 1:
+        return
+    import torch
+
+    from .expert import expert_parallel_parameters
+
+    grads = []
+    for _, p in expert_parallel_parameters(model):
+        if p.grad is not None:
+            g = p.grad
+            grads.append(g.to_local() if hasattr(g, "to_local") else g)
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / pctx.dims.ep)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: nn.Module) -> Iterator[None]:
+    """Unshard every FSDP unit for code that reads parameters outside ``forward`` (e.g. depth statistics).
+
+    Collective: every data-parallel rank must enter it. TP/EP shards stay sharded (they are model-parallel).
+    """
+    units = _fsdp_modules(model)
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()

@@ -1,0 +1,126 @@
+"""Tensor-parallel autograd primitives on plain local tensors over the tp process group.
+
+Why these exist next to DTensor: the residual stream, the norms, the AttnRes depth mixing and the
+column/row-parallel linears of the FFNs are DTensor code (``attnres_train.parallel.tensor``), but two things
+are simpler and cheaper as explicit collectives on local tensors:
+
+* :func:`vocab_parallel_cross_entropy` - the LM loss on vocab-sharded logits without ever gathering the
+  ``[tokens, vocab]`` matrix. torch's ``loss_parallel()`` computes the same thing on CPU/gloo too (checked with
+  torch 2.13), but it returns a DTensor loss and needs its context manager to be active around
+  ``loss.backward()`` as well, i.e. inside the training loop. Ours returns a plain fp32 scalar, identical on
+  every tp rank, whose backward needs no context, so the train module does not know TP exists.
+* :func:`reduce_grad` - forward identity, backward all-reduce (Megatron's ``copy_to_tensor_model_parallel_
+  region``): a tensor used identically on every rank whose per-rank gradients are partial sums. Used for the
+  expert-parallel experts' weights under SP (each tp rank feeds them its own sequence shard).
+* :func:`all_reduce_replicated` - "the forward value is needed on every rank, each rank owns only its own
+  summand": forward all-reduce, backward identity (Megatron's ``reduce_from_tensor_model_parallel_region``).
+  Used by the sequence-parallel MoE balance loss.
+
+Every collective here is a c10d call that gloo (CPU) and NCCL (GPU) both implement for fp32/fp64/bf16:
+``all_reduce`` with SUM and MAX.
+
+Convention shared with ``tensor.py``: a loss computed from these ops is *replicated* (the same value on every tp
+rank) and every tp rank calls ``backward()`` on it; each rank then back-propagates only its own part of the
+graph (its vocab shard, its sequence shard), which is what makes identity the right backward above.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["vocab_parallel_cross_entropy", "all_reduce_replicated", "reduce_grad"]
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of rows whose logits are split over the vocabulary across ``group``.
+
+    Forward (per row, fp32): global max (all-reduce MAX), then one all-reduce SUM of the stacked
+    ``[target logit, sum exp]``; ``loss = log(sum exp) - (target logit - max)``. Backward is local:
+    ``(softmax - onehot) * grad / n_valid`` on this rank's vocab slice.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, vocab_start: int, ignore_index: int, group):
+        V_local = logits_NV.shape[-1]
+        max_N = logits_NV.amax(dim=-1)
+        dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=group)
+        shifted_NV = logits_NV - max_N.unsqueeze(-1)
+
+        valid_N = target_N != ignore_index
+        local_N = target_N - vocab_start
+        mine_N = valid_N & (local_N >= 0) & (local_N < V_local)
+        idx_N = torch.where(mine_N, local_N, torch.zeros_like(local_N))
+        target_logit_N = shifted_NV.gather(-1, idx_N.unsqueeze(-1)).squeeze(-1) * mine_N.to(shifted_NV.dtype)
+
+        exp_NV = shifted_NV.exp()
+        stats_2N = torch.stack([target_logit_N, exp_NV.sum(dim=-1)])
+        dist.all_reduce(stats_2N, op=dist.ReduceOp.SUM, group=group)
+        target_logit_N, sum_exp_N = stats_2N[0], stats_2N[1]
+
+        loss_N = torch.where(valid_N, sum_exp_N.log() - target_logit_N, torch.zeros_like(sum_exp_N))
+        n_valid = valid_N.sum()
+        ctx.save_for_backward(exp_NV.div_(sum_exp_N.unsqueeze(-1)), idx_N, mine_N, valid_N, n_valid)
+        return loss_N.sum() / n_valid  # 0/0 = nan when every label is ignored, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        softmax_NV, idx_N, mine_N, valid_N, n_valid = ctx.saved_tensors
+        grad_NV = softmax_NV.clone()
+        grad_NV.scatter_add_(-1, idx_N.unsqueeze(-1), -mine_N.to(grad_NV.dtype).unsqueeze(-1))
+        grad_NV.mul_((valid_N.to(grad_NV.dtype) * (grad_out / n_valid)).unsqueeze(-1))
+        return grad_NV, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                                 group: Optional[dist.ProcessGroup] = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy (fp32; fp64 stays fp64) from this rank's vocabulary slice of the logits.
+
+    ``logits`` ``[..., V_local]`` (local tensor) holds vocab ids ``[vocab_start, vocab_start + V_local)``;
+    ``labels`` ``[...]`` are global ids, identical on every rank of ``group``; rows labelled ``ignore_index``
+    are excluded from the mean. Equals ``F.cross_entropy(full_logits.float().flatten(0, -2),
+    labels.flatten(), ignore_index=ignore_index)`` and returns the same plain scalar on every rank.
+    """
+    logits_NV = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+    return _VocabParallelCrossEntropy.apply(logits_NV, labels.reshape(-1), int(vocab_start), ignore_index, group)
+
+
+class _AllReduceReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_reduce_replicated(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum of ``x`` over ``group`` (forward all-reduce); backward passes the gradient through unchanged.
+
+    Correct when whatever is computed from the sum is replicated on every rank and every rank back-propagates
+    it (each rank's own summand then receives exactly ``d loss / d sum``).
+    """
+    return _AllReduceReplicated.apply(x, group)
+
+
+class _ReduceGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def reduce_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Identity whose backward sums the gradient over ``group`` (all-reduce)."""
+    return _ReduceGrad.apply(x, group)

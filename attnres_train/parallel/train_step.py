@@ -1,0 +1,165 @@
+"""What one training step needs from the parallel engine, independent of the loop that calls it.
+
+* :func:`local_batch`: this rank's rows of a global batch (the data-parallel split; tp ranks of one replica
+  get the same rows).
+* :func:`loss_weights`: per-microbatch weights so that the summed backward is the gradient of the mean token
+  loss over the *global* batch: ``w_i = n_i * dp / N`` with ``n_i`` the supervised tokens of microbatch i
+  and ``N`` their sum over all microbatches and dp ranks (one all-reduce). The data-parallel gradient
+  reduction averages over dp, which the ``dp`` factor undoes. Exact with ``ignore_index`` labels too.
+* :func:`clip_grad_norm_`: total gradient norm over every shard of every parameter (FSDP, TP and EP
+  ``DTensor``s on different meshes, plain tensors), then in-place clipping. Same formula as
+  ``torch.nn.utils.clip_grad_norm_`` (so one process and N processes agree to rounding).
+* :func:`reduce_router_loads_` / :func:`update_router_biases`: the MoE ``tokens_per_expert`` counters hold
+  each rank's own routing counts (EP counts before the exchange, so EP needs no reduction of its own: the ep
+  ranks are data-parallel ranks). Summing them over the data-parallel group gives the global counts exactly
+  once, so every replica (and every EP / TP rank) applies the identical bias update. Over tp only with
+  sequence parallelism: then each tp rank routes its own sequence shard (``tensor.TokenParallelMoE``);
+  without SP the tp ranks of a replica route the same tokens and adding them would count each tp times.
+* :func:`full_tensor`, :func:`full_state`, :func:`full_grads`: whole tensors from DTensor shards (FSDP /
+  TP / EP), for tests and export. Collective: every rank must call them in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+IGNORE_INDEX = -100
+
+
+# -- data split / loss normalisation ----------------------------------------------------------------------
+def local_batch(global_batch: torch.Tensor, pctx) -> torch.Tensor:
+    """Rows ``[dp_rank * b, (dp_rank + 1) * b)`` of a ``[B, ...]`` global batch, ``b = B / dp_size``."""
+    dp, r = pctx.dp_size, pctx.dp_rank
+    if global_batch.shape[0] % dp:
+        raise ValueError(f"global batch of {global_batch.shape[0]} rows does not split over {dp} dp ranks")
+    b = global_batch.shape[0] // dp
+    return global_batch[r * b:(r + 1) * b]
+
+
+def loss_weights(labels: Sequence[torch.Tensor], pctx, ignore_index: int = IGNORE_INDEX) -> List[float]:
+    """Weights ``w_i`` for microbatch mean losses so that ``sum_i w_i * loss_i`` (then averaged over dp by the
+    gradient reduction) is the global mean token loss. One all-reduce over dp."""
+    counts = torch.tensor([float((y != ignore_index).sum()) for y in labels], dtype=torch.float64)
+    total = counts.sum().reshape(1).to(pctx.device)
+    pctx.all_reduce_dp_sum_(total)
+    total = float(total.item())
+    if total == 0:
+        return [0.0 for _ in labels]
+    return [float(c) * pctx.dp_size / total for c in counts]
+
+
+# -- gradient norm / clipping -----------------------------------------------------------------------------
+def _mesh_key(t: torch.Tensor):
+    if isinstance(t, DTensor):
+        return (id(t.device_mesh), tuple(t.placements))
+    return None
+
+
+def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Total ``norm_type`` norm of all gradients, over every shard (collective over each DTensor mesh).
+
+    Gradients are grouped by (mesh, placements); each group's norm is one ``DTensor`` reduction
+    (``full_tensor`` of a partial norm), so sharded dims are summed and replicated dims counted once.
+    Returns a plain fp32-or-wider scalar tensor, identical on every rank.
+    """
+    # Insertion order = first appearance in ``params``, identical on every rank (the collectives must match;
+    # never sort by the mesh's id(), which differs between processes).
+    groups: Dict[object, List[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(_mesh_key(p.grad), []).append(p.grad)
+    norm_type = float(norm_type)
+    parts = []
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, norm_type, foreach=None)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        parts.append(n.to(torch.promote_types(n.dtype, torch.float32)))
+    if not parts:
+        return torch.zeros(())
+    if len(parts) == 1:
+        return parts[0]
+    dev = parts[0].device
+    stacked = torch.stack([x.to(dev) for x in parts])
+    if norm_type == float("inf"):
+        return stacked.max()
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """DTensor-aware ``clip_grad_norm_``: returns the total norm before clipping; clips if ``max_norm > 0``.
+
+    Scale factor ``min(1, max_norm / (norm + 1e-6))``, as torch's.
+    """
+    params = [p for p in params if p.grad is not None]
+    total = grad_norm(params, norm_type)
+    if max_norm > 0:
+        coef = float(max_norm) / (float(total) + 1e-6)
+        if coef < 1.0:
+            by_key: Dict[object, List[torch.Tensor]] = defaultdict(list)
+            for p in params:
+                by_key[_mesh_key(p.grad)].append(p.grad)
+            for grads in by_key.values():
+                torch._foreach_mul_(grads, coef)
+    return total
+
+
+# -- router load balancing ----------------------------------------------------------------------------------
+@torch.no_grad()
+def reduce_router_loads_(model: nn.Module, pctx) -> Optional[torch.Tensor]:
+    """Sum every MoE layer's ``tokens_per_expert`` into global counts, in place (one all-reduce over dp, or
+    dp x tp with sequence parallelism).
+
+    Returns the ``[num_moe_layers, E]`` global counts, or None if the model has no MoE layer.
+    """
+    moes = model.moe_layers()
+    if not moes:
+        return None
+    counts = torch.stack([m.tokens_per_expert for m in moes])
+    pctx.all_reduce_router_loads_(counts)
+    for m, c in zip(moes, counts):
+        m.tokens_per_expert.copy_(c)
+    return counts
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, pctx) -> Dict[str, float]:
+    """Global loads (dp all-reduce), then every MoE layer's aux-loss-free bias step. Returns imbalance metrics
+    (max/mean load, averaged and max over layers)."""
+    counts = reduce_router_loads_(model, pctx)
+    if counts is None:
+        return {}
+    ratios: List[float] = []
+    for m, c in zip(model.moe_layers(), counts):
+        ratios.append(float(c.max() / c.mean().clamp_min(1e-9)) if c.sum() > 0 else 0.0)
+        m.update_bias()
+    return {"expert_imbalance_mean": sum(ratios) / len(ratios), "expert_imbalance_max": max(ratios)}
+
+
+# -- whole tensors ----------------------------------------------------------------------------------------
+def full_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The whole tensor behind a DTensor (all-gather over its mesh; collective), or ``t`` itself."""
+    if t is None:
+        return None
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
+
+
+def full_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{name: whole parameter}`` (detached copies), in ``named_parameters`` order. Collective."""
+    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def full_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    """``{name: whole gradient or None}``. Collective (the None pattern must agree across ranks)."""
+    return {n: (None if p.grad is None else full_tensor(p.grad).clone()) for n, p in model.named_parameters()}
