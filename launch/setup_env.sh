@@ -18,8 +18,11 @@ else
   echo "[setup] no NVIDIA GPU: installing the CPU build torch==${TORCH_VERSION}"
   [ -d "$VENV" ] || "$PY" -m venv "$VENV"
   if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_VERSION}' else 1)" 2>/dev/null; then
-    "$VENV/bin/pip" install -q "torch==${TORCH_VERSION}" --only-binary=:all: --no-index 2>/dev/null \
-      || "$VENV/bin/pip" install -q "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+    # The explicit +cpu local version can only resolve to a CPU wheel (a local wheel directory, a configured
+    # mirror, or PyTorch's CPU index as the fallback); a bare torch==X on PyPI would be the CUDA build.
+    "$VENV/bin/pip" install -q "torch==${TORCH_VERSION}+cpu" \
+      || "$VENV/bin/pip" install -q --timeout 20 --retries 1 "torch==${TORCH_VERSION}+cpu" \
+           --extra-index-url https://download.pytorch.org/whl/cpu
   fi
   "$VENV/bin/pip" install -q -e ".[${EXTRAS}]" -c launch/constraints-cpu.txt
 fi
