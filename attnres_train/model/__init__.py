@@ -1,6 +1,6 @@
 """The plain single-process Kimi-Linear MoE model with PreNorm / Full / Block Attention Residuals.
 
-No ``torch.distributed`` import anywhere in this package: parallelism is applied from ``attnres_train.parallel``.
+No distributed (c10d) import anywhere in this package: parallelism is applied from ``attnres_train.parallel``.
 """
 
 from .depth import DepthState
