@@ -22,10 +22,7 @@ by default). transformers is imported lazily, only where a transformers object i
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,12 +31,19 @@ import torch
 
 from ..config.errors import ConfigError, UserInputError
 from ..config.model import ModelConfig, as_model_config, validate_model_config
+from .hf_files import (  # noqa: F401  (re-exported: the CLI and tests use them from here)
+    DEFAULT_MAX_SHARD_BYTES,
+    SAFETENSORS_INDEX,
+    read_hf_config,
+    read_safetensors_dir,
+    replace_directory,
+    resolve_hf_path,
+    write_safetensors,
+)
 
 HF_MODEL_TYPE = "kimi_linear"
 HF_ARCHITECTURE = "KimiLinearForCausalLM"
 LAYOUTS = ("checkpoint", "transformers")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 ATTNRES_EXPORT_MESSAGE = (
     "exporting an AttnRes model (residual.mode={mode!r}) to Hugging Face is not supported yet: transformers' "
@@ -592,127 +596,6 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, wha
 
 
 # ================================================================================================ files
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_hf_path(path: os.PathLike | str) -> Path:
-    """A local directory for ``path``: the directory itself, or a Hub snapshot for a ``org/name`` repo id."""
-    s = os.fspath(path)
-    p = Path(s).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise UserInputError(f"{s}: expected a directory holding config.json and *.safetensors, found a file")
-    if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as exc:  # offline, unknown repo, auth...
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserInputError(f"{s}: no such local directory, and downloading it from the Hub failed: {reason}") from None
-    raise UserInputError(f"{s}: no such directory (expected a Hugging Face model directory or a Hub repo id)")
-
-
-def read_hf_config(directory: Path) -> Dict[str, Any]:
-    cfg_file = Path(directory) / "config.json"
-    if not cfg_file.is_file():
-        raise UserInputError(f"{cfg_file}: missing config.json (not a Hugging Face model directory?)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{cfg_file}: cannot read JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserInputError(f"{cfg_file}: expected a JSON object")
-    return raw
-
-
-def read_safetensors_dir(directory: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a HF model directory (sharded or not); ``pytorch_model*.bin`` only via weights_only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    index = directory / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserInputError(f"{index}: not a valid safetensors index: {exc}") from None
-        files = sorted(set(weight_map.values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(f.name for f in directory.glob("*.safetensors"))
-    if not files:
-        return _read_torch_bins(directory)
-    sd: Dict[str, torch.Tensor] = {}
-    for name in files:
-        f = directory / name
-        if not f.is_file():
-            raise UserInputError(f"{f}: weight file listed in {SAFETENSORS_INDEX} is missing")
-        try:
-            sd.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
-    return sd
-
-
-def _read_torch_bins(directory: Path) -> Dict[str, torch.Tensor]:
-    bins = sorted(directory.glob("pytorch_model*.bin"))
-    if not bins:
-        raise UserInputError(f"{directory}: no weights found (expected model.safetensors or sharded *.safetensors)")
-    sd: Dict[str, torch.Tensor] = {}
-    for f in bins:
-        try:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as exc:  # pickles with arbitrary objects are refused by weights_only
-            raise UserInputError(f"{f}: cannot read with torch.load(weights_only=True): {exc}") from None
-    return sd
-
-
-def write_safetensors(sd: Mapping[str, torch.Tensor], directory: Path,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
-    """Write ``sd`` as ``model.safetensors`` or HF-style shards + index; returns the file names written.
-
-    Stale ``model*.safetensors`` files and index in ``directory`` are removed first so the directory never mixes
-    two checkpoints.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in list(directory.glob("model*.safetensors")) + [directory / SAFETENSORS_INDEX]:
-        if stale.is_file():
-            stale.unlink()
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    shards: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for n, shard in enumerate(shards, start=1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=meta)
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    (directory / SAFETENSORS_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
-    )
-    return names + [SAFETENSORS_INDEX]
-
-
-# ============================================================================================ public API
 def load_hf_checkpoint(path: os.PathLike | str, **overrides) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """Read an HF KimiLinear directory (or Hub repo id) → (our ModelConfig, our state dict), no model built."""
     directory = resolve_hf_path(path)
@@ -779,15 +662,3 @@ def write_hf_directory(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, p
     write_safetensors(hf_sd, out, max_shard_bytes=max_shard_bytes)
     hf_cfg.save_pretrained(str(out))
     return out
-
-
-def replace_directory(staging: Path, dst: Path) -> None:
-    """Move a fully written ``staging`` directory to ``dst``, replacing ``dst`` (only after success)."""
-    staging, dst = Path(staging), Path(dst)
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-        os.replace(staging, dst)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, dst)
