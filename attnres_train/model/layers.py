@@ -27,18 +27,16 @@ from .moe import MoE
 from .norms import RMSNorm
 
 
-class DepthQuery(nn.Module):
-    """Helper namespace for building one sublayer's (norm, proj) pair; returns the folded query."""
+def make_depth_query(d: int, eps: float) -> tuple:
+    """One sublayer's AttnRes parameters: (key-norm gain ``RMSNorm`` = ones, pseudo-query ``Linear(d, 1)`` = 0)."""
+    proj = nn.Linear(d, 1, bias=False)
+    nn.init.zeros_(proj.weight)
+    return RMSNorm(d, eps), proj
 
-    @staticmethod
-    def make(d: int, eps: float) -> tuple:
-        proj = nn.Linear(d, 1, bias=False)
-        nn.init.zeros_(proj.weight)
-        return RMSNorm(d, eps), proj
 
-    @staticmethod
-    def fold(norm: RMSNorm, proj: nn.Linear) -> torch.Tensor:
-        return proj.weight[0] * norm.weight
+def fold_query(norm: RMSNorm, proj: nn.Linear) -> torch.Tensor:
+    """The effective query ``w ⊙ γ`` (the key-norm gain folded into the pseudo-query, as in K3), ``[d]``."""
+    return proj.weight[0] * norm.weight
 
 
 class DecoderLayer(nn.Module):
@@ -62,15 +60,15 @@ class DecoderLayer(nn.Module):
         # Whether sublayer (2i: mixer, 2i+1: FFN) opens a new AttnRes block (closing the open partial sum).
         self.opens_block = (2 * layer_idx in starts, 2 * layer_idx + 1 in starts)
         if self.mode != "prenorm":
-            self.self_attention_res_norm, self.self_attention_res_proj = DepthQuery.make(d, eps)
-            self.mlp_res_norm, self.mlp_res_proj = DepthQuery.make(d, eps)
+            self.self_attention_res_norm, self.self_attention_res_proj = make_depth_query(d, eps)
+            self.mlp_res_norm, self.mlp_res_proj = make_depth_query(d, eps)
 
     # -- AttnRes helpers -------------------------------------------------------------------------
     def queries(self) -> Sequence[torch.Tensor]:
         """Folded pseudo-queries (w ⊙ γ) of the mixer and FFN sublayers, ``[d]`` each."""
         return (
-            DepthQuery.fold(self.self_attention_res_norm, self.self_attention_res_proj),
-            DepthQuery.fold(self.mlp_res_norm, self.mlp_res_proj),
+            fold_query(self.self_attention_res_norm, self.self_attention_res_proj),
+            fold_query(self.mlp_res_norm, self.mlp_res_proj),
         )
 
     def _ffn(self, x: torch.Tensor):
@@ -105,8 +103,3 @@ class DecoderLayer(nn.Module):
             y, aux = self._ffn(self.post_attention_layernorm(h))
         partial = y if state.partial is None else state.partial + y
         return replace(state, partial=partial).add_aux(aux)
-
-
-def opening_blocks(state: DepthState, layer: DecoderLayer) -> list:
-    """The blocks list the layer's mixer sublayer will read from (after closing a block if it opens one)."""
-    return layer.prepare(state, 0).blocks

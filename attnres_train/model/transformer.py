@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config.model import ModelConfig, block_starts, validate_model_config
 from .depth import DepthState, depth_read, depth_weights, phase1
-from .layers import DecoderLayer, DepthQuery, opening_blocks
+from .layers import DecoderLayer, fold_query, make_depth_query
 from .moe import MoE
 from .norms import RMSNorm
 
@@ -41,7 +41,7 @@ class AttnResModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.residual.mode != "prenorm":
-            self.output_attn_res_norm, self.output_attn_res_proj = DepthQuery.make(cfg.hidden_size, cfg.rms_norm_eps)
+            self.output_attn_res_norm, self.output_attn_res_proj = make_depth_query(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class AttnResForCausalLM(nn.Module):
@@ -97,7 +97,7 @@ class AttnResForCausalLM(nn.Module):
 
     def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int) -> dict:
         """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
-        blocks = opening_blocks(state, first)
+        blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
         subs, queries = [], []
         for i in range(first.layer_idx, end):
             layer = self.model.layers[i]
@@ -110,7 +110,7 @@ class AttnResForCausalLM(nn.Module):
         return dict(zip(subs, stats))
 
     def output_query(self) -> torch.Tensor:
-        return DepthQuery.fold(self.model.output_attn_res_norm, self.model.output_attn_res_proj)
+        return fold_query(self.model.output_attn_res_norm, self.model.output_attn_res_proj)
 
     def final_hidden(self, state: DepthState) -> torch.Tensor:
         """Output aggregation (AttnRes over all blocks) followed by the final norm: ``[B,T,d]``."""
