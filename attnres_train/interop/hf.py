@@ -123,6 +123,17 @@ def _swiglu_shapes(d: int, ff: int) -> Dict[str, Tuple[int, int]]:
     return {"gate_proj.weight": (ff, d), "up_proj.weight": (ff, d), "down_proj.weight": (d, ff)}
 
 
+def _copy_norms_and_mla(src: "_Reader", out: dict, p: str, x: Dict[str, int], is_mla: bool) -> None:
+    """Tensors named the same in every layout: a layer's two RMSNorms and, for MLA layers, the whole mixer."""
+    d = x["d"]
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (d,))
+    if is_mla:
+        a = p + "self_attn."
+        for name, shape in _mla_shapes(x).items():
+            out[a + name] = src.take(a + name, shape)
+
+
 def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Convert an HF KimiLinear state dict (checkpoint or transformers runtime layout) to our layout.
 
@@ -155,14 +166,9 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (d,))
-        a = p + "self_attn."
-        if i in mla_layers:
-            for name, shape in _mla_shapes(x).items():
-                out[a + name] = src.take(a + name, shape)
-        else:
-            _kda_from_hf(src, out, a, x)
+        _copy_norms_and_mla(src, out, p, x, i in mla_layers)
+        if i not in mla_layers:
+            _kda_from_hf(src, out, p + "self_attn.", x)
         if i < cfg.moe.first_k_dense:
             # The released checkpoint names the dense FFN ``mlp.*``; transformers 5.x save_pretrained writes
             # ``block_sparse_moe.*`` (its reverse rename also hits dense layers). Accept both.
@@ -278,13 +284,9 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
     mla_layers = set(cfg.mla_layers)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{p}{norm}.weight"] = src.take(f"{p}{norm}.weight", (d,))
         a = p + "self_attn."
-        if i in mla_layers:
-            for name, shape in _mla_shapes(x).items():
-                out[a + name] = src.take(a + name, shape)
-        else:
+        _copy_norms_and_mla(src, out, p, x, i in mla_layers)
+        if i not in mla_layers:
             fg = a + "forget_gate." if runtime else a
             for name, shape in _kda_linear_shapes(x).items():
                 dst = fg if name in ("f_a_proj", "f_b_proj") else a
