@@ -297,15 +297,3 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], step: int, cfg: OptimCon
             else:
                 group["lr"] = base * factor
     return factor
-
-
-# -- gradient clipping -------------------------------------------------------------------------------------
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 grad norm of ``params`` (before clipping); clips in place when ``max_norm > 0``.
-
-    A thin wrapper so the trainer has one call site; later parallel layouts make it DTensor-aware.
-    """
-    params = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])

@@ -109,7 +109,7 @@ def _tp_vs_single(mode: str, sp: bool, steps: int):
     }
     ref_params = dict(ref.named_parameters())
     if mode == "block":  # the train module's clipping and an AdamW step work on the DTensor parameters
-        from attnres_train.train.optim import clip_grad_norm_
+        from attnres_train.parallel.train_step import clip_grad_norm_
 
         norms = [float(_full(clip_grad_norm_(list(m.parameters()), 0.5))) for m in (ref, model)]
         res["grad_norm"] = abs(norms[1] - norms[0]) / norms[0]

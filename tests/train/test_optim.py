@@ -13,10 +13,10 @@ from attnres_train.config.errors import ConfigError
 from attnres_train.config.model import ModelConfig, ResidualConfig
 from attnres_train.config.train import CheckpointConfig, OptimConfig, validate_checkpoint_config, validate_optim_config
 from attnres_train.model import build_model
+from attnres_train.parallel.train_step import clip_grad_norm_
 from attnres_train.train.optim import (
     BatchedMuon,
     build_optimizers,
-    clip_grad_norm_,
     lr_factor,
     param_groups,
     set_lr,
