@@ -10,6 +10,8 @@ so a different data-parallel degree continues at the same token), router biases 
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,9 +37,10 @@ RESUME_LOCKED = ("model",)
 def check_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A private probe name: every rank of a job checks the same run_dir at the same time.
+        fd, probe = tempfile.mkstemp(prefix=".write_test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UserInputError(f"run_dir {str(run_dir)!r} is not writable: {exc.strerror or exc}") from None
 
