@@ -115,9 +115,7 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model_cfg=None, 
         raise ConfigError(f"{p}.sp", f"must be true or false, got {cfg.sp!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(p, f"world size must be a positive integer, got {world_size!r}")
-    if cfg.pp != 1:
-        raise ConfigError(f"{p}.pp", f"pipeline parallelism is not implemented yet (got pp={cfg.pp}); use pp=1")
-    if cfg.vpp != 1:
+    if cfg.vpp != 1 and cfg.pp == 1:
         raise ConfigError(f"{p}.vpp", f"virtual pipeline stages need pipeline parallelism (pp > 1); got vpp={cfg.vpp}")
 
     fixed = cfg.dp_replicate * cfg.tp * cfg.pp

@@ -16,6 +16,7 @@ from .data import DataConfig, as_data_config, validate_data_config
 from .errors import ConfigError
 from .model import ModelConfig, as_model_config, validate_model_config
 from .parallel import ParallelConfig, resolve_parallel_dims
+from .pipeline import PipelineConfig, validate_pipeline_config
 from .run import LoggingConfig, TrainerConfig, validate_logging_config, validate_trainer_config
 from .structured import as_structured
 from .train import CheckpointConfig, OptimConfig, validate_checkpoint_config, validate_optim_config
@@ -31,6 +32,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Parallel layout (docs/parallel.md): dp_replicate x dp_shard x tp (x pp) = world size; ep folded into dp.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # How pipeline stages are cut and scheduled when parallel.pp > 1 (docs/pipeline.md).
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Where checkpoints, metrics.jsonl and config.yaml go; null = Hydra's output directory.
     run_dir: Optional[str] = None
     seed: int = 0
@@ -59,6 +62,8 @@ def validate_config(cfg: Config, dp_world_size: int = 1) -> Config:
     cfg.data = validate_data_config(as_data_config(cfg.data))
     dims = resolve_parallel_dims(cfg.parallel, dp_world_size, model_cfg=cfg.model, seq_len=cfg.data.seq_len)
     validate_trainer_config(cfg.trainer, dims.dp)
+    micro = cfg.trainer.global_batch_size // (dims.dp * cfg.trainer.micro_batch_size)
+    validate_pipeline_config(cfg.pipeline, dims.pp, dims.vpp, cfg.model.num_layers, microbatches=micro)
     validate_optim_config(cfg.optim, cfg.trainer.max_steps)
     validate_checkpoint_config(cfg.checkpoint)
     validate_logging_config(cfg.logging)

@@ -25,6 +25,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 try:
@@ -64,11 +65,13 @@ def _mesh_key(t: torch.Tensor):
     return None
 
 
-def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, reduce_group=None) -> torch.Tensor:
     """Total ``norm_type`` norm of all gradients, over every shard (collective over each DTensor mesh).
 
     Gradients are grouped by (mesh, placements); each group's norm is one ``DTensor`` reduction
     (``full_tensor`` of a partial norm), so sharded dims are summed and replicated dims counted once.
+    ``reduce_group``: a process group whose ranks hold *disjoint* parameters (pipeline stages); their norms
+    are combined (sum of ``norm**p``, or max) with one all-reduce. Every rank of it must call this.
     Returns a plain fp32-or-wider scalar tensor, identical on every rank.
     """
     # Insertion order = first appearance in ``params``, identical on every rank (the collectives must match;
@@ -85,23 +88,35 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.T
             n = n.full_tensor()
         parts.append(n.to(torch.promote_types(n.dtype, torch.float32)))
     if not parts:
-        return torch.zeros(())
-    if len(parts) == 1:
-        return parts[0]
-    dev = parts[0].device
-    stacked = torch.stack([x.to(dev) for x in parts])
-    if norm_type == float("inf"):
-        return stacked.max()
-    return torch.linalg.vector_norm(stacked, norm_type)
+        total = torch.zeros(())
+    elif len(parts) == 1:
+        total = parts[0]
+    else:
+        dev = parts[0].device
+        stacked = torch.stack([x.to(dev) for x in parts])
+        total = stacked.max() if norm_type == float("inf") else torch.linalg.vector_norm(stacked, norm_type)
+    if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(reduce_group) == "nccl" \
+            else torch.device("cpu")
+        t = total.detach().to(dev, torch.float64)
+        if norm_type == float("inf"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=reduce_group)
+            total = t
+        else:
+            t = t.pow(norm_type)
+            dist.all_reduce(t, group=reduce_group)
+            total = t.pow(1.0 / norm_type)
+    return total
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    reduce_group=None) -> torch.Tensor:
     """DTensor-aware ``clip_grad_norm_``: returns the total norm before clipping; clips if ``max_norm > 0``.
 
-    Scale factor ``min(1, max_norm / (norm + 1e-6))``, as torch's.
+    Scale factor ``min(1, max_norm / (norm + 1e-6))``, as torch's. ``reduce_group``: see :func:`grad_norm`.
     """
     params = [p for p in params if p.grad is not None]
-    total = grad_norm(params, norm_type)
+    total = grad_norm(params, norm_type, reduce_group)
     if max_norm > 0:
         coef = float(max_norm) / (float(total) + 1e-6)
         if coef < 1.0:

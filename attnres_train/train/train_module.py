@@ -58,8 +58,16 @@ class TrainModule:
         if not getattr(model, "_attnres_parallelized", False):
             parallelize_model(model, self.ctx, trainer_cfg)
         self.model = model
+        # Seams the pipeline module (``pipeline_module.PipelineTrainModule``) overrides: the module whose
+        # ``moe_layers()`` this rank updates, and the extra group the gradient norm is summed over (pp).
+        self.moe_owner = model
+        self.norm_group = None
         # Buffers (router bias, load counters) are kept identical by construction (same updates), never broadcast.
         self.optimizers = build_optimizers(model, optim_cfg)
+
+    def grad_params(self):
+        """The parameters whose gradients enter the norm / clipping (each logical parameter once)."""
+        return [p for p in self.model.parameters() if p.grad is not None]
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -95,13 +103,12 @@ class TrainModule:
     def optimizer_step(self, step: int) -> Dict[str, float]:
         """Clip (total norm over all shards), set the LR, step, zero grads, then update the router biases."""
         lr = set_lr(self.optimizers, step, self.optim_cfg, self.max_steps) * self.optim_cfg.lr  # logged: actual LR
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = clip_grad_norm_(params, self.optim_cfg.grad_clip)
+        grad_norm = clip_grad_norm_(self.grad_params(), self.optim_cfg.grad_clip, reduce_group=self.norm_group)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        imbalance = update_router_biases(self.model, self.ctx)
+        imbalance = update_router_biases(self.moe_owner, self.ctx)
         return {"grad_norm": float(grad_norm), "lr": lr, **imbalance}
 
     def train_batch(self, batch_bt1: torch.Tensor, step: int) -> Dict[str, float]:
@@ -127,3 +134,13 @@ class TrainModule:
             return {}
         loss = float(tot[0] / tot[1])
         return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp())}
+
+
+def build_train_module(model, cfg, ctx, max_steps: int) -> TrainModule:
+    """The train module for ``cfg`` (a validated root ``Config``): the pipelined one when ``parallel.pp > 1``."""
+    pctx = as_parallel_context(ctx)
+    if pctx.dims.pp > 1:
+        from .pipeline_module import PipelineTrainModule
+
+        return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline)
+    return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps)

@@ -28,7 +28,7 @@ from ..model.flops import count_params, train_flops_per_token
 from ..parallel.data_parallel import gathered_parameters
 from ..parallel.mesh import ParallelContext, build_parallel_context
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
-from .train_module import TrainModule
+from .train_module import build_train_module
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
 RESUME_LOCKED = ("model",)
@@ -80,12 +80,15 @@ class Trainer:
         # The full model on every rank from the same seed (equal initial weights without a broadcast); the
         # TrainModule parallelizes it (EP -> TP -> AC -> compile -> FSDP) before building the optimizer.
         self.model = build_model(cfg.model).to(ctx.device)
-        self.module = TrainModule(self.model, cfg.optim, tc, ctx, self.max_steps)
+        self.module = build_train_module(self.model, cfg, ctx, self.max_steps)
+        # With pipeline parallelism: this rank's stages under the full model's parameter names (checkpoints
+        # stay layout independent); otherwise the parallelized model itself.
+        self.model = self.module.model
         self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.dp_rank, ctx.dp_size)
         # Depth statistics / text samples read parameters outside forward or run extra forwards: with any
         # sharding every rank must take part (collectives); TP's DTensor activations / logits are skipped.
         self._everyone_evaluates = ctx.is_distributed
-        self._skip_diagnostics = ctx.dims.tp > 1
+        self._skip_diagnostics = ctx.dims.tp > 1 or ctx.dims.pp > 1  # (pp: no rank holds the whole model)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
                                       world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None)
         self.logger = MetricsLogger(self.run_dir, cfg.logging, enabled=ctx.is_main,

@@ -27,7 +27,7 @@ BAD = [
     (dict(ep=0), 1, {}, None, "parallel.ep", "positive integer"),
     (dict(tp=True), 2, {}, None, "parallel.tp", "positive integer"),
     (dict(sp="yes"), 1, {}, None, "parallel.sp", "true or false"),
-    (dict(pp=2), 2, {}, None, "parallel.pp", "not implemented yet"),
+    (dict(pp=2, dp_shard=2), 2, {}, None, "parallel.dp_shard", "dp_replicate*dp_shard*tp*pp = 1*2*1*2 = 4"),
     (dict(vpp=2), 1, {}, None, "parallel.vpp", "pp > 1"),
     (dict(dp_shard=2, tp=2), 2, {}, None, "parallel.dp_shard", "does not equal the world size 2"),
     (dict(dp_replicate=2, dp_shard=1), 4, {}, None, "parallel.dp_shard", "does not equal the world size 4"),
