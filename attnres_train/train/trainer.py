@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..checkpoint import CheckpointManager
 from ..config.errors import ConfigError, UserInputError
@@ -27,6 +26,7 @@ from ..model import build_model
 from ..model.flops import count_params, train_flops_per_token
 from ..parallel.data_parallel import gathered_parameters
 from ..parallel.mesh import ParallelContext, build_parallel_context
+from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
 from .train_module import build_train_module
 
@@ -98,7 +98,7 @@ class Trainer:
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _state(self):
-        model_sd, optim_sd = get_state_dict(self.model, self.module.optimizers)
+        model_sd, optim_sd = training_state_dict(self.model, self.module.optimizers)
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self) -> Path:
@@ -122,8 +122,7 @@ class Trainer:
         base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in self.module.optimizers]
         state = self._state()
         meta = self.ckpt.load(path, state)
-        set_state_dict(self.model, self.module.optimizers, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        load_training_state_dict(self.model, self.module.optimizers, state["model"], state["optim"])
         for opt, lrs in zip(self.module.optimizers, base_lrs):  # the config's LR wins over the saved one
             for g, lr in zip(opt.param_groups, lrs):
                 g["base_lr"] = lr

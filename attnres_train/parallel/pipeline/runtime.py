@@ -112,12 +112,16 @@ class PipelineRuntime:
         split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``schedules.split_backward``).
         strict: check cache invariants (deposit counts, nothing left over) every step.
         drop_deposits: NEGATIVE CONTROL for tests only: forget the cached blocks' gradients.
+        seq_shards: the boundary tensors hold ``T / seq_shards`` positions (sequence parallelism: each tp
+            rank sends its own sequence shard to the same tp rank of the next stage).
+        before_last_backward: ``fn(stage)`` called right before the last backward action (B, or W when
+            split) of each stage in a step (FSDP: turn gradient reduction back on for that stage).
     """
 
     def __init__(self, stages: Sequence[PipelineStageModule], layout: PipelineLayout, schedule="interleaved_1f1b",
                  group=None, *, comm_dtype: Optional[torch.dtype] = None, group_size: Optional[int] = None,
                  split_iw: bool = False, w_delay: Optional[int] = None, strict: bool = True,
-                 drop_deposits: bool = False):
+                 drop_deposits: bool = False, seq_shards: int = 1, before_last_backward=None):
         self.group = _resolve_group(group)
         distributed = dist.is_available() and dist.is_initialized()
         self.P = dist.get_world_size(self.group) if distributed else 1
@@ -136,6 +140,8 @@ class PipelineRuntime:
         self.w_delay = w_delay
         self.strict = strict
         self.drop_deposits = drop_deposits
+        self.seq_shards = seq_shards
+        self.before_last_backward = before_last_backward
         params = [p for st in stages for p in st.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self.comm_dtype = comm_dtype or next((p.dtype for p in params if p.is_floating_point()), torch.float32)
@@ -197,9 +203,16 @@ class PipelineRuntime:
         if M == 0:
             raise PipelineError("need at least one microbatch")
         B, T = microbatches[0][0].shape
+        if T % self.seq_shards:
+            raise PipelineError(f"sequence length {T} does not split into {self.seq_shards} sequence shards")
         self._verify_agreement(M, B, T)
         sched = self.schedule_for(M, eval_mode)
-        self._M, self._B, self._T, self._mbs = M, B, T, microbatches
+        self._M, self._B, self._T, self._mbs = M, B, T // self.seq_shards, microbatches
+        grad_kind = Kind.W if self.split_iw else Kind.B
+        self._grad_left = defaultdict(int)
+        for a in sched.ranks[self.rank]:
+            if a.kind == grad_kind:
+                self._grad_left[a.stage] += 1
         self._stats = CommStats()
         self._loss = torch.zeros((), dtype=torch.float64)
         self._aux = torch.zeros((), dtype=torch.float64)
@@ -265,6 +278,10 @@ class PipelineRuntime:
             self._send("B", a.stage, a.mb, hop=a.stage - 1, dst_stage=a.stage - 1)
         else:
             t0, w0 = time.perf_counter(), self._stats.wait_s
+            if k == (Kind.W if self.split_iw else Kind.B):
+                self._grad_left[a.stage] -= 1
+                if self._grad_left[a.stage] == 0 and self.before_last_backward is not None:
+                    self.before_last_backward(a.stage)
             if k == Kind.F:
                 self._forward(a.stage, a.mb)
             elif k in (Kind.B, Kind.I):
@@ -425,14 +442,17 @@ class PipelineRuntime:
         p, peer = self._tied_param(), self._tied_peer()
         if p is None or peer is None or peer == self.rank:
             return
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        other = torch.empty_like(g)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = _local(p.grad)  # FSDP / TP shards: both ends hold the same shard of the same tensor
+        mine = g.detach().clone()
+        other = torch.empty_like(mine)
         tag = 2 * self.C * self._M + 7
-        ops = [dist.P2POp(dist.isend, g.contiguous(), group=self.group, group_peer=peer, tag=tag),
+        ops = [dist.P2POp(dist.isend, mine, group=self.group, group_peer=peer, tag=tag),
                dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer, tag=tag)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
-        p.grad = g + other
+        g.add_(other)
 
     def sync_tied_weights(self) -> None:
         """Copy the embedding from rank 0 to the last rank's head copy (call once after initialisation)."""
@@ -442,12 +462,18 @@ class PipelineRuntime:
         if p is None or peer is None or peer == self.rank:
             return
         with torch.no_grad():
+            local = _local(p.data)
             if self.rank == 0:
-                dist.send(p.data.contiguous(), group=self.group, group_dst=peer, tag=3)
+                dist.send(local.contiguous(), group=self.group, group_dst=peer, tag=3)
             else:
-                buf = torch.empty_like(p.data)
+                buf = torch.empty_like(local)
                 dist.recv(buf, group=self.group, group_src=peer, tag=3)
-                p.data.copy_(buf)
+                local.copy_(buf)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP / TP), or ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def pipeline_step(stages: Sequence[PipelineStageModule], microbatches: Sequence[Microbatch],

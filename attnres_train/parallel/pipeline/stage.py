@@ -61,6 +61,9 @@ class PipelineStageModule(nn.Module):
         self.model = shell
         if self.is_last:
             self.lm_head = model.lm_head
+        # Converts boundary tensors between the wire (plain local tensors) and the model's activation type
+        # (e.g. tensor-parallel DTensors); set by ``parallelize_pipeline``. None = plain tensors throughout.
+        self.activation_adapter = None
 
     @property
     def full_model(self) -> nn.Module:
@@ -68,17 +71,20 @@ class PipelineStageModule(nn.Module):
 
     def forward(self, state: Optional[DepthState] = None, input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> StageOutput:
-        m = self._full
+        m, ad = self._full, self.activation_adapter
         if self.is_first:
             state = m.embed(input_ids)
         elif state is None:
             raise ValueError(f"stage {self.stage} needs the depth state received from stage {self.stage - 1}")
+        elif ad is not None:
+            state = _map_state(state, ad.to_model)
         state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end)
         if self.is_last:
             logits = m.head(state)
             loss = m.lm_loss(logits, labels) if hasattr(m, "lm_loss") else _lm_loss(logits, labels)
             return StageOutput(None, loss, state.aux_loss)
-        return StageOutput(close_completed_block(state, self.partial_out), None, state.aux_loss)
+        state = close_completed_block(state, self.partial_out)
+        return StageOutput(_map_state(state, ad.to_wire) if ad is not None else state, None, state.aux_loss)
 
     def moe_layers(self) -> list:
         """This stage's MoE modules (their router-bias load counters are per-stage buffers)."""
@@ -97,6 +103,11 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fallback for a model without the ``lm_loss`` seam: the same cross entropy as its ``forward``."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _map_state(state: DepthState, fn) -> DepthState:
+    return replace(state, blocks=[fn(b) for b in state.blocks],
+                   partial=None if state.partial is None else fn(state.partial))
 
 
 def close_completed_block(state: DepthState, partial_open: bool) -> DepthState:
