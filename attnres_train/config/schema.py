@@ -64,6 +64,9 @@ def validate_config(cfg: Config, dp_world_size: int = 1) -> Config:
     validate_trainer_config(cfg.trainer, dims.dp)
     micro = cfg.trainer.global_batch_size // (dims.dp * cfg.trainer.micro_batch_size)
     validate_pipeline_config(cfg.pipeline, dims.pp, dims.vpp, cfg.model.num_layers, microbatches=micro)
+    if dims.pp > 1 and dims.dp > 1 and cfg.pipeline.split_backward:
+        raise ConfigError("pipeline.split_backward", f"the I/W backward split does not compose with data "
+                          f"parallelism (FSDP reduces in the input-gradient pass); dp={dims.dp}")
     validate_optim_config(cfg.optim, cfg.trainer.max_steps)
     validate_checkpoint_config(cfg.checkpoint)
     validate_logging_config(cfg.logging)
