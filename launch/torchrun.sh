@@ -1,30 +1,60 @@
 #!/usr/bin/env bash
-# Launch attnres-train with torchrun: one process per GPU (or CPU process), single- or multi-node.
+# Launch attnres-train with torchrun: one process per GPU (or CPU process), on one node or many.
 #
-#   single node, 8 GPUs:   launch/torchrun.sh --nproc 8 -- model=f3 run_dir=runs/f3
-#   CPU (gloo), 2 procs:   launch/torchrun.sh --nproc 2 -- model=tiny trainer.device=cpu
-#   multi-node (run the same command on every node):
-#     launch/torchrun.sh --nnodes 4 --nproc 8 --rdzv host0.example:29500 --job-id f3run -- model=f3 run_dir=/shared/runs/f3
+#   one node, 8 GPUs:       launch/torchrun.sh --nproc 8 -- model=f3 run_dir=runs/f3
+#   CPU (gloo), 2 procs:    launch/torchrun.sh --nproc 2 -- model=tiny trainer.device=cpu
+#   multi-node, c10d rendezvous (the same command on every node; any node's address works as the endpoint):
+#     launch/torchrun.sh --nnodes 4 --nproc 8 --rdzv node0:29500 --job-id f3run -- model=f3 run_dir=/shared/runs/f3
+#   multi-node, static ranks (node 0 is the master; each node passes its own --node-rank):
+#     launch/torchrun.sh --nnodes 4 --node-rank $NODE_RANK --nproc 8 --rdzv node0:29500 -- model=f3 run_dir=...
+#   under slurm: launch/slurm.sbatch runs this once per node (srun, one task per node).
 #
-# Everything after `--` is passed to attnres-train as Hydra overrides.
+# Options (environment defaults in brackets):
+#   --nnodes N [NNODES, 1]           --nproc N [NPROC_PER_NODE, 1]      --node-rank R [NODE_RANK]: static mode
+#   --rdzv HOST:PORT [MASTER_ADDR:MASTER_PORT]   --job-id ID [SLURM_JOB_ID, attnres]   --max-restarts N [0]
+#   --dry-run: print the command instead of running it.
+# Everything after `--` is passed to attnres-train as Hydra overrides. Bad options: one `error:` line, exit 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NNODES=1; NPROC=1; RDZV=""; JOB_ID="attnres"; PY="${PYTHON:-.venv/bin/python}"
+NNODES="${NNODES:-1}"; NPROC="${NPROC_PER_NODE:-1}"; NODE_RANK_ARG="${NODE_RANK:-}"; JOB_ID="${SLURM_JOB_ID:-attnres}"
+RDZV=""; MAX_RESTARTS=0; DRY_RUN=0; PY="${PYTHON:-.venv/bin/python}"
+if [ -n "${MASTER_ADDR:-}" ]; then RDZV="${MASTER_ADDR}:${MASTER_PORT:-29500}"; fi
 [ -x "$PY" ] || PY=python3
+die() { echo "error: $*" >&2; exit 2; }
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+is_int() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nnodes) NNODES="$2"; shift 2 ;;
-    --nproc|--nproc-per-node) NPROC="$2"; shift 2 ;;
-    --rdzv|--rdzv-endpoint) RDZV="$2"; shift 2 ;;
-    --job-id) JOB_ID="$2"; shift 2 ;;
+    --nnodes) need "$@"; NNODES="$2"; shift 2 ;;
+    --nproc|--nproc-per-node) need "$@"; NPROC="$2"; shift 2 ;;
+    --node-rank) need "$@"; NODE_RANK_ARG="$2"; shift 2 ;;
+    --rdzv|--rdzv-endpoint) need "$@"; RDZV="$2"; shift 2 ;;
+    --job-id) need "$@"; JOB_ID="$2"; shift 2 ;;
+    --max-restarts) need "$@"; MAX_RESTARTS="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "error: unknown option $1 (put Hydra overrides after --)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) die "unknown option $1 (put Hydra overrides after --)" ;;
   esac
 done
+for v in NNODES NPROC MAX_RESTARTS; do is_int "${!v}" || die "--$(echo "$v" | tr 'A-Z_' 'a-z-') must be a non-negative integer, got '${!v}'"; done
+[ "$NNODES" -ge 1 ] && [ "$NPROC" -ge 1 ] || die "--nnodes and --nproc must be >= 1"
+
 if [ "$NNODES" = "1" ] && [ -z "$RDZV" ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" -m attnres_train "$@"
+  CMD=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC")
+else
+  [ -n "$RDZV" ] || die "--rdzv HOST:PORT (or MASTER_ADDR) is required with --nnodes $NNODES"
+  case "$RDZV" in *:*) ;; *) RDZV="$RDZV:29500" ;; esac
+  if [ -n "$NODE_RANK_ARG" ]; then  # static: fixed node ranks, node 0 hosts the store
+    is_int "$NODE_RANK_ARG" && [ "$NODE_RANK_ARG" -lt "$NNODES" ] || die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK_ARG'"
+    CMD=("$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK_ARG" --nproc-per-node "$NPROC"
+         --master-addr "${RDZV%:*}" --master-port "${RDZV##*:}")
+  else  # c10d: ranks assigned at rendezvous, restarts allowed
+    CMD=("$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC"
+         --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "$JOB_ID")
+  fi
 fi
-if [ -z "$RDZV" ]; then echo "error: --rdzv HOST:PORT is required with --nnodes > 1" >&2; exit 2; fi
-exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
-  --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "$JOB_ID" -m attnres_train "$@"
+[ "$MAX_RESTARTS" = "0" ] || CMD+=(--max-restarts "$MAX_RESTARTS")
+CMD+=(-m attnres_train "$@")
+if [ "$DRY_RUN" = "1" ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+exec "${CMD[@]}"

@@ -1,15 +1,22 @@
-"""``attnres-convert``: convert between Hugging Face KimiLinear checkpoints and our checkpoint directories.
+"""``attnres-convert``: Hugging Face <-> attnres-train checkpoints, from and to any parallel layout.
 
-    attnres-convert from-hf SRC DST [--residual-mode prenorm|full|block] [--num-blocks N | --block-size S]
-                                    [--dtype float32|bfloat16|float16] [--overwrite]
-    attnres-convert to-hf   SRC DST [--overwrite]
+    attnres-convert from-hf  SRC DST [--residual-mode prenorm|full|block] [--num-blocks N | --block-size S]
+                                     [--dtype float32|bfloat16|float16] [--overwrite]
+    attnres-convert to-hf    SRC DST [--format auto|native|remote] [--dtype ...] [--max-shard-size 5GiB]
+                                     [--no-verify] [--overwrite]
+    attnres-convert init-run SRC RUN_DIR [--residual-mode ...] [--num-blocks N | --block-size S]
+                                     [--preset NAME] [TRAINING_OVERRIDES ...]
 
-``from-hf``: SRC is an HF model directory (``config.json`` + safetensors, e.g. from ``save_pretrained``) or a
-Hub repo id; DST becomes our checkpoint directory: ``model.safetensors`` (our tensor names) and
-``model_config.yaml`` (the resolved ModelConfig). ``--residual-mode block|full`` imports the PreNorm weights
-into an AttnRes model whose pseudo-queries start at zero.
-``to-hf``: SRC is such a directory of ours (PreNorm only); DST becomes a native transformers
-``KimiLinearForCausalLM`` directory.
+``from-hf``: SRC is an HF model directory (native KimiLinear, or our AttnRes export) or a Hub repo id; DST
+becomes our checkpoint directory: ``model.safetensors`` (our tensor names) and ``model_config.yaml``.
+``--residual-mode block|full`` imports PreNorm weights into an AttnRes model whose pseudo-queries start at zero.
+``to-hf``: SRC is such a directory of ours, or a **training checkpoint of any layout** (a ``step_*`` dir, a
+``checkpoints/`` dir or a run dir: the newest complete checkpoint), consolidated in one process, one decoder layer
+at a time. PreNorm models become native transformers ``KimiLinearForCausalLM`` directories; AttnRes models
+(``--format remote``) ship their modeling code and load with ``trust_remote_code=True``.
+``init-run``: SRC (as for from-hf) becomes step 0 of a training run in RUN_DIR: a checkpoint with the weights
+and fresh optimizer state that ``attnres-train`` resumes under any ``parallel.*`` layout; pass the run's
+``optim.*`` overrides. The command to start training is printed.
 
 Errors in the input print one ``error: ...`` line to stderr and exit with status 2, with no traceback. DST is
 written to a staging directory first and moved into place only when complete; a non-empty DST is refused
@@ -56,10 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast floating-point weights (router bias stays fp32); default: keep the source dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
-    p = sub.add_parser("to-hf", help="our checkpoint directory -> native transformers KimiLinear directory")
-    p.add_argument("src", help="our checkpoint directory (model.safetensors + model_config.yaml)")
+    p = sub.add_parser("to-hf", help="our checkpoint directory or a training checkpoint -> HF directory")
+    p.add_argument("src", help="our checkpoint directory (model.safetensors + model_config.yaml), or a training "
+                              "checkpoint of any layout (step_* dir, checkpoints/ dir or run dir)")
     p.add_argument("dst", help="output HF model directory")
+    p.add_argument("--format", choices=("auto", "native", "remote"), default="auto",
+                   help="native: transformers' KimiLinearForCausalLM (PreNorm only); remote: trust_remote_code "
+                        "files shipped with the weights (any residual mode); auto (default): native for PreNorm")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating-point weights (default: keep)")
+    p.add_argument("--max-shard-size", default="5GiB", help="largest safetensors shard, e.g. 5GiB, 500MB (default 5GiB)")
+    p.add_argument("--no-verify", action="store_true", help="training checkpoint: skip the sha256 manifest check")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
+    p = sub.add_parser("init-run", help="HF KimiLinear directory / Hub id -> step 0 of a training run")
+    p.add_argument("src", help="HF model directory (config.json + *.safetensors) or Hub repo id")
+    p.add_argument("run_dir", help="new run directory (gets checkpoints/step_00000000 and configs/model/PRESET.yaml)")
+    p.add_argument("overrides", nargs="*", help="the training run's Hydra overrides (optim.* shape the optimizer state)")
+    p.add_argument("--residual-mode", choices=RESIDUAL_MODES, default=None, help="as for from-hf")
+    p.add_argument("--num-blocks", type=int, default=None, help="block mode: number of AttnRes blocks")
+    p.add_argument("--block-size", type=int, default=None, help="block mode: decoder layers per AttnRes block")
+    p.add_argument("--preset", default="imported", help="name of the model preset written (default imported)")
     return parser
 
 
@@ -83,6 +106,31 @@ def _staging_dir(dst: Path) -> Path:
     return staging
 
 
+def _model_overrides(args) -> dict:
+    overrides = {}
+    if args.residual_mode is not None:
+        overrides["residual.mode"] = args.residual_mode
+    if args.num_blocks is not None:
+        overrides["residual.num_blocks"] = args.num_blocks
+    if args.block_size is not None:
+        overrides["residual.block_size"] = args.block_size
+    return overrides
+
+
+def parse_size(text: str) -> int:
+    """``5GiB`` / ``500MB`` / ``1000000`` -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1, "": 1}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (KeyError, ValueError):
+        raise UserInputError(f"--max-shard-size {text!r}: expected a size such as 5GiB, 500MB or 1000000") from None
+    if value < 1:
+        raise UserInputError(f"--max-shard-size {text!r}: must be positive")
+    return int(value)
+
+
 def from_hf(args) -> str:
     import torch
     from omegaconf import OmegaConf
@@ -92,14 +140,7 @@ def from_hf(args) -> str:
 
     dst = Path(args.dst).expanduser()
     _check_dst(args.src, dst, args.overwrite)
-    overrides = {}
-    if args.residual_mode is not None:
-        overrides["residual.mode"] = args.residual_mode
-    if args.num_blocks is not None:
-        overrides["residual.num_blocks"] = args.num_blocks
-    if args.block_size is not None:
-        overrides["residual.block_size"] = args.block_size
-    cfg, sd = load_hf_checkpoint(args.src, **overrides)
+    cfg, sd = load_hf_checkpoint(args.src, **_model_overrides(args))
     check_state_dict(sd, cfg, what=f"converted checkpoint from {args.src}")
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype)
@@ -151,28 +192,67 @@ def read_checkpoint_weights(model_file: Path) -> dict:
 
 
 def to_hf(args) -> str:
-    from ..interop.hf import ATTNRES_EXPORT_MESSAGE, check_state_dict, replace_directory, write_hf_directory
+    import torch
+
+    from ..interop.export import export_checkpoint, resolve_checkpoint, resolve_format
+    from ..interop.hf import check_state_dict, replace_directory, write_hf_directory
 
     dst = Path(args.dst).expanduser()
-    _check_dst(args.src, dst, args.overwrite)
-    cfg, model_file = read_checkpoint_config(args.src)
-    if cfg.residual.mode != "prenorm":  # before reading (possibly huge) weights
-        raise UserInputError(ATTNRES_EXPORT_MESSAGE.format(mode=cfg.residual.mode))
-    sd = read_checkpoint_weights(model_file)
-    check_state_dict(sd, cfg, what=str(model_file))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    max_shard = parse_size(args.max_shard_size)
+    ours = (Path(args.src).expanduser() / CONFIG_FILE).is_file()
+    if ours:
+        _check_dst(args.src, dst, args.overwrite)
+        cfg, model_file = read_checkpoint_config(args.src)
+        resolve_format(cfg, args.format)  # before reading (possibly huge) weights
+    else:  # a training checkpoint: DST may live in the run dir, just not in the checkpoint itself
+        step_dir = resolve_checkpoint(args.src)
+        _check_dst(str(step_dir), dst, args.overwrite)
     staging = _staging_dir(dst)
     try:
-        write_hf_directory(sd, cfg, staging)
+        if ours:
+            sd = read_checkpoint_weights(model_file)
+            check_state_dict(sd, cfg, what=str(model_file))
+            write_hf_directory(sd, cfg, staging, max_shard_bytes=max_shard, fmt=args.format, dtype=dtype)
+            source = str(args.src)
+        else:
+            _, cfg, step_dir = export_checkpoint(step_dir, staging, args.format, dtype, max_shard,
+                                                 verify=not args.no_verify)
+            source = str(step_dir)
         replace_directory(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return f"wrote {dst} (transformers KimiLinearForCausalLM, {cfg.num_layers} layers)"
+    kind = _describe_format(dst)
+    return f"wrote {dst} from {source} ({kind}, {cfg.num_layers} layers, residual.mode={cfg.residual.mode})"
+
+
+def _describe_format(dst: Path) -> str:
+    import json
+
+    model_type = json.loads((dst / "config.json").read_text()).get("model_type")
+    if model_type == "kimi_linear":
+        return "transformers KimiLinearForCausalLM"
+    return "trust_remote_code format: load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)"
+
+
+def init_run(args) -> str:
+    from ..interop.init_run import continue_command, init_run_from_hf
+
+    path = init_run_from_hf(args.src, args.run_dir, args.overrides, _model_overrides(args), preset=args.preset)
+    return (f"wrote {path} (step 0: imported weights + fresh optimizer state)\nstart training (any parallel "
+            f"layout) with:\n  {continue_command(args.run_dir, args.preset, args.overrides)}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "init-run":  # training overrides may also follow the options
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        message = from_hf(args) if args.command == "from-hf" else to_hf(args)
+        message = {"from-hf": from_hf, "to-hf": to_hf, "init-run": init_run}[args.command](args)
     except (UserInputError, ConfigError, OSError) as exc:  # OSError: permissions, disk full, ...
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always exactly one line
         return 2

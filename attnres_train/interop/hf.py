@@ -4,6 +4,8 @@ Why this exists: users start from (or compare against) Kimi-Linear checkpoints i
 Moonshot's released ``moonshotai/Kimi-Linear-48B-A3B-*`` or anything written by transformers'
 ``KimiLinearForCausalLM.save_pretrained`` — and want a trained PreNorm model back in that format. The mapping,
 the transformers behaviours we match and the known deviations are documented in ``docs/hf_interop.md``.
+AttnRes models use the ``trust_remote_code`` format (``hf_remote.py``); training checkpoints of any parallel
+layout are consolidated group by group (``export.py``, built on :func:`group_to_hf` here).
 
 Three tensor layouts are involved:
 
@@ -262,71 +264,102 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
     ``KimiLinearForCausalLM.state_dict()`` (for ``load_state_dict`` on an instantiated transformers model).
     With tied embeddings ``lm_head.weight`` is still written: transformers' KimiLinear never ties them.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     cfg = validate_model_config(as_model_config(model_cfg))
     if cfg.residual.mode != "prenorm":
         raise UserInputError(ATTNRES_EXPORT_MESSAGE.format(mode=cfg.residual.mode))
+    out: Dict[str, torch.Tensor] = {}
+    for layer, keys in group_keys(sd, cfg.num_layers).items():
+        out.update(group_to_hf({k: sd[k] for k in keys}, cfg, layer, layout))
+    return out
+
+
+def group_keys(keys, num_layers: int) -> Dict[Optional[int], List[str]]:
+    """Our tensor names grouped for streaming conversion: ``None`` (embedding, final norm, head, output
+    AttnRes query) first, then one group per decoder layer. Always has every group, possibly empty."""
+    groups: Dict[Optional[int], List[str]] = {None: []}
+    groups.update({i: [] for i in range(num_layers)})
+    for k in keys:
+        parts = k.split(".")
+        i = int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
+        groups.setdefault(i, []).append(k)
+    return groups
+
+
+def group_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: Optional[int],
+                layout: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """Convert one :func:`group_keys` group (``layer=None``: the non-layer tensors) of a PreNorm state dict.
+
+    ``cfg`` may have any residual mode, but ``sd`` must not hold AttnRes tensors (the remote-code export passes
+    them through itself). Missing, unexpected or mis-shaped tensors raise :class:`UserInputError`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     x = _dims(cfg)
     src = _Reader(sd)
     out: Dict[str, torch.Tensor] = {}
     d, H, E = x["d"], x["H"], x["E"]
     runtime = layout == "transformers"
 
-    out["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
-    out["model.norm.weight"] = src.take("model.norm.weight", (d,))
-    if src.has("lm_head.weight"):
-        out["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
-    elif cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    else:
-        src.take("lm_head.weight")
-    mla_layers = set(cfg.mla_layers)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        _copy_norms_and_mla(src, out, p, x, i in mla_layers)
-        if i not in mla_layers:
-            fg = a + "forget_gate." if runtime else a
-            for name, shape in _kda_linear_shapes(x).items():
-                dst = fg if name in ("f_a_proj", "f_b_proj") else a
-                out[f"{dst}{name}.weight"] = src.take(f"{a}{name}.weight", shape)
-            convs = [src.take(f"{a}{n}.weight", (H * x["K"], 1, x["W"])) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
-            if runtime:
-                out[a + "conv1d.weight"] = torch.cat(convs, dim=0)
-            else:
-                for n, t in zip(("q_conv1d", "k_conv1d", "v_conv1d"), convs):
-                    out[f"{a}{n}.weight"] = t
-            out[fg + "A_log"] = src.take(a + "A_log", numel=H).reshape(1, 1, H, 1)
-            out[fg + "dt_bias"] = src.take(a + "dt_bias", (H * x["K"],))
-            out[a + "o_norm.weight"] = src.take(a + "o_norm.weight", (x["K"],))
-        if i < cfg.moe.first_k_dense:
-            for name, shape in _swiglu_shapes(d, x["dff"]).items():
-                out[f"{p}mlp.{name}"] = src.take(f"{p}mlp.{name}", shape)
-            continue
-        o = p + "block_sparse_moe."
-        hf = p + ("mlp." if runtime else "block_sparse_moe.")
-        out[hf + "gate.weight"] = src.take(o + "gate.weight", (E, d))
-        out[hf + "gate.e_score_correction_bias"] = src.take(o + "gate.e_score_correction_bias", (E,))
-        w1 = src.take(o + "experts.w1", (E, x["ff"], d))
-        w3 = src.take(o + "experts.w3", (E, x["ff"], d))
-        w2 = src.take(o + "experts.w2", (E, d, x["ff"]))
-        if runtime:
-            out[hf + "experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
-            out[hf + "experts.down_proj"] = w2
+    if layer is None:
+        out["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
+        out["model.norm.weight"] = src.take("model.norm.weight", (d,))
+        if src.has("lm_head.weight"):
+            out["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
+        elif cfg.tie_word_embeddings:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
         else:
-            for j in range(E):
-                out[f"{hf}experts.{j}.w1.weight"] = w1[j]
-                out[f"{hf}experts.{j}.w3.weight"] = w3[j]
-                out[f"{hf}experts.{j}.w2.weight"] = w2[j]
-        for name, shape in _swiglu_shapes(d, x["sff"]).items():
-            key = f"{o}shared_experts.{name}"
-            out[f"{hf}shared_experts.{name}"] = src.take(key, shape) if x["sff"] > 0 else torch.zeros(shape)
+            src.take("lm_head.weight")
+        _check_leftover(src)
+        return out
+    i = layer
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    _copy_norms_and_mla(src, out, p, x, i in set(cfg.mla_layers))
+    if i not in set(cfg.mla_layers):
+        fg = a + "forget_gate." if runtime else a
+        for name, shape in _kda_linear_shapes(x).items():
+            dst = fg if name in ("f_a_proj", "f_b_proj") else a
+            out[f"{dst}{name}.weight"] = src.take(f"{a}{name}.weight", shape)
+        convs = [src.take(f"{a}{n}.weight", (H * x["K"], 1, x["W"])) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
+        if runtime:
+            out[a + "conv1d.weight"] = torch.cat(convs, dim=0)
+        else:
+            for n, t in zip(("q_conv1d", "k_conv1d", "v_conv1d"), convs):
+                out[f"{a}{n}.weight"] = t
+        out[fg + "A_log"] = src.take(a + "A_log", numel=H).reshape(1, 1, H, 1)
+        out[fg + "dt_bias"] = src.take(a + "dt_bias", (H * x["K"],))
+        out[a + "o_norm.weight"] = src.take(a + "o_norm.weight", (x["K"],))
+    if i < cfg.moe.first_k_dense:
+        for name, shape in _swiglu_shapes(d, x["dff"]).items():
+            out[f"{p}mlp.{name}"] = src.take(f"{p}mlp.{name}", shape)
+        _check_leftover(src)
+        return out
+    o = p + "block_sparse_moe."
+    hf = p + ("mlp." if runtime else "block_sparse_moe.")
+    out[hf + "gate.weight"] = src.take(o + "gate.weight", (E, d))
+    out[hf + "gate.e_score_correction_bias"] = src.take(o + "gate.e_score_correction_bias", (E,))
+    w1 = src.take(o + "experts.w1", (E, x["ff"], d))
+    w3 = src.take(o + "experts.w3", (E, x["ff"], d))
+    w2 = src.take(o + "experts.w2", (E, d, x["ff"]))
+    if runtime:
+        out[hf + "experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+        out[hf + "experts.down_proj"] = w2
+    else:
+        for j in range(E):
+            out[f"{hf}experts.{j}.w1.weight"] = w1[j]
+            out[f"{hf}experts.{j}.w3.weight"] = w3[j]
+            out[f"{hf}experts.{j}.w2.weight"] = w2[j]
+    for name, shape in _swiglu_shapes(d, x["sff"]).items():
+        key = f"{o}shared_experts.{name}"
+        out[f"{hf}shared_experts.{name}"] = src.take(key, shape) if x["sff"] > 0 else torch.zeros(shape)
+    _check_leftover(src)
+    return out
 
+
+def _check_leftover(src: _Reader) -> None:
     leftover = src.leftover()
     if leftover:
         raise UserInputError(f"state dict has tensors the config does not describe: {', '.join(leftover[:5])}")
-    return out
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, what: str = "checkpoint") -> None:
@@ -350,24 +383,35 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, wha
 
 # ================================================================================================ files
 def load_hf_checkpoint(path: os.PathLike | str, **overrides) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """Read an HF KimiLinear directory (or Hub repo id) → (our ModelConfig, our state dict), no model built."""
+    """Read an HF directory (or Hub repo id) → (our ModelConfig, our state dict), no model built.
+
+    Reads native ``KimiLinear`` checkpoints and our ``trust_remote_code`` AttnRes exports
+    (``model_type: kimi_linear_attnres``, :mod:`attnres_train.interop.hf_remote`).
+    """
+    from .hf_remote import config_from_remote, is_remote_config, state_dict_from_remote
+
     directory = resolve_hf_path(path)
     raw = read_hf_config(directory)
+    remote = is_remote_config(raw)
+    name = Path(os.fspath(path).rstrip("/")).name or "hf"
     try:
-        base = config_from_hf(raw, name=Path(os.fspath(path).rstrip("/")).name or "hf")
+        base = config_from_remote(raw, name=name) if remote else config_from_hf(raw, name=name)
     except UserInputError as exc:
         raise UserInputError(f"{directory / 'config.json'}: {exc}") from None
+    if remote and any(str(k) == "residual" or str(k).startswith("residual.") for k in overrides):
+        raise UserInputError(f"{directory}: an AttnRes export keeps its own residual mode ({base.residual.mode}); "
+                             "residual overrides apply to native KimiLinear checkpoints only")
     cfg = apply_overrides(base, overrides)
     hf_sd = read_safetensors_dir(directory)
     try:
-        sd = state_dict_from_hf(hf_sd, cfg)
+        sd = state_dict_from_remote(hf_sd, cfg) if remote else state_dict_from_hf(hf_sd, cfg)
     except UserInputError as exc:
         raise UserInputError(f"{directory}: {exc}") from None
     return cfg, sd
 
 
 def load_from_hf(path: os.PathLike | str, *, dtype: Optional[torch.dtype] = None, **overrides):
-    """Load a Hugging Face KimiLinear model into our model: returns ``(model, model_cfg)``.
+    """Load a Hugging Face KimiLinear model (or our AttnRes export) into our model: returns ``(model, cfg)``.
 
     ``path``: a local directory written by ``save_pretrained`` (``config.json`` + safetensors) or a Hub repo id.
     ``overrides``: config overrides, nested (``residual={"mode": "block", "num_blocks": 2}``) or dotted
@@ -388,30 +432,26 @@ def load_from_hf(path: os.PathLike | str, *, dtype: Optional[torch.dtype] = None
 
 
 def save_to_hf(model: torch.nn.Module, model_cfg: ModelConfig, path: os.PathLike | str,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Export a PreNorm model as a native transformers ``KimiLinearForCausalLM`` directory.
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fmt: str = "auto",
+               dtype: Optional[torch.dtype] = None) -> Path:
+    """Export a model as a Hugging Face directory.
 
-    Writes ``config.json`` and safetensors weights in the checkpoint layout (what transformers'
-    ``save_pretrained`` writes, also readable by Moonshot's remote code); ``KimiLinearForCausalLM.from_pretrained``
-    loads it. AttnRes models raise :class:`UserInputError` (their export needs trust_remote_code code; a later
-    issue). Existing weight files in ``path`` are replaced.
+    ``fmt="auto"``: a PreNorm model becomes a native transformers ``KimiLinearForCausalLM`` directory
+    (``config.json`` + safetensors in the released checkpoint layout, loadable without remote code); a
+    Block/Full AttnRes model (or ``moe.bias_in_weights``) becomes the ``trust_remote_code`` format (modeling
+    files shipped in the directory). ``fmt="native"`` refuses AttnRes models; ``fmt="remote"`` forces remote code.
+    Existing weight files in ``path`` are replaced.
     """
-    return write_hf_directory(model.state_dict(), model_cfg, path, max_shard_bytes=max_shard_bytes)
+    return write_hf_directory(model.state_dict(), model_cfg, path, max_shard_bytes=max_shard_bytes, fmt=fmt,
+                              dtype=dtype)
 
 
 def write_hf_directory(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, path: os.PathLike | str,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write our state dict ``sd`` as an HF KimiLinear directory (``config.json`` + safetensors)."""
-    cfg = validate_model_config(as_model_config(model_cfg))
-    hf_cfg = config_to_hf(cfg)  # raises for AttnRes / bias_in_weights before anything is written
-    hf_sd = state_dict_to_hf(sd, cfg)
-    dtypes = {t.dtype for k, t in hf_sd.items() if t.is_floating_point() and "e_score_correction_bias" not in k}
-    if len(dtypes) == 1:
-        hf_cfg.dtype = str(next(iter(dtypes))).replace("torch.", "")
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fmt: str = "auto",
+                       dtype: Optional[torch.dtype] = None) -> Path:
+    """Write our state dict ``sd`` as an HF directory (``config.json`` + safetensors; see :func:`save_to_hf`)."""
+    from .export import write_state_dict
+
     out = Path(os.fspath(path)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(hf_sd, out, max_shard_bytes=max_shard_bytes)
-    hf_cfg.save_pretrained(str(out))
+    write_state_dict(sd, model_cfg, out, fmt=fmt, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return out

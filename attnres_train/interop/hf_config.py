@@ -17,10 +17,9 @@ HF_ARCHITECTURE = "KimiLinearForCausalLM"
 LAYOUTS = ("checkpoint", "transformers")
 
 ATTNRES_EXPORT_MESSAGE = (
-    "exporting an AttnRes model (residual.mode={mode!r}) to Hugging Face is not supported yet: transformers' "
-    "native KimiLinear has no Attention Residuals, so it needs a trust_remote_code export (a modeling file "
-    "shipped with the checkpoint), which comes in a later issue. Only residual.mode='prenorm' models can be "
-    "exported to the native format today."
+    "an AttnRes model (residual.mode={mode!r}) cannot be exported in the native transformers KimiLinear format, "
+    "which has no Attention Residuals; use the trust_remote_code format instead (format 'remote' / "
+    "'--format remote', the default 'auto' picks it), which ships its modeling code with the weights"
 )
 
 

@@ -107,38 +107,76 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], directory: Path,
     Stale ``model*.safetensors`` files and index in ``directory`` are removed first so the directory never mixes
     two checkpoints.
     """
-    from safetensors.torch import save_file
+    writer = ShardWriter(directory, max_shard_bytes)
+    for k, v in sd.items():
+        writer.add(k, v)
+    return writer.finish()
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in list(directory.glob("model*.safetensors")) + [directory / SAFETENSORS_INDEX]:
-        if stale.is_file():
-            stale.unlink()
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    shards: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for n, shard in enumerate(shards, start=1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=meta)
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    (directory / SAFETENSORS_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
-    )
-    return names + [SAFETENSORS_INDEX]
+
+class ShardWriter:
+    """Streams tensors into HF-style safetensors shards, holding at most one shard in memory.
+
+    ``add`` buffers tensors (copied to CPU, optionally cast: every floating tensor but the MoE router's
+    ``e_score_correction_bias``, which stays fp32) and writes a shard whenever the next tensor would exceed
+    ``max_shard_bytes``; ``finish`` names the shards ``model-0000i-of-0000N.safetensors`` (or
+    ``model.safetensors`` for one) and writes the index. Used to consolidate checkpoints larger than host memory
+    one decoder layer at a time.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 dtype: "torch.dtype | None" = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.directory.glob("model*.safetensors")) + [self.directory / SAFETENSORS_INDEX]:
+            if stale.is_file():
+                stale.unlink()
+        self.max_shard_bytes, self.dtype = max_shard_bytes, dtype
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: List[List[str]] = []
+        self.total = 0
+        self.dtypes: set = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in keys for keys in self.shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        t = tensor.detach().to("cpu")
+        if self.dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(self.dtype)
+        t = t.contiguous().clone()  # own storage: safetensors refuses tensors that share memory
+        if t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            self.dtypes.add(t.dtype)
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, str(self.directory / f".shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> List[str]:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.directory / ".shard-00000.tmp", self.directory / "model.safetensors")
+            return ["model.safetensors"]
+        names, weight_map = [], {}
+        for i, keys in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / f".shard-{i:05d}.tmp", self.directory / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        (self.directory / SAFETENSORS_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+        )
+        return names + [SAFETENSORS_INDEX]
 
 
 # ============================================================================================ public API

@@ -4,7 +4,8 @@ What is proven here:
 * ``load_from_hf`` of a ``save_pretrained`` directory gives transformers' logits (fp32 1e-4, fp64 1e-10), with a
   non-zero router correction bias so that biased selection / unbiased weighting is exercised;
 * ``save_to_hf`` of our PreNorm model loads in ``KimiLinearForCausalLM.from_pretrained`` with bit-identical
-  tensors and the same logits;
+  tensors and the same logits (AttnRes exports: ``test_hf_remote.py``; training checkpoints:
+  ``test_checkpoint_export.py``);
 * importing into Block / Full AttnRes (zero pseudo-queries) reproduces the PreNorm function;
 * the ``attnres-convert`` round trip, and clear one-line errors for bad input.
 
@@ -292,10 +293,11 @@ def test_attnres_with_zero_queries_matches_prenorm(hf_dir_tiny_eps, ids, overrid
     assert_logits_close(our_logits(model, ids), ref, 1e-10)
 
 
-def test_save_to_hf_refuses_attnres(hf_dir, tmp_path):
+def test_save_to_hf_native_refuses_attnres(hf_dir, tmp_path):
+    """The native format cannot express AttnRes (the default, fmt="auto", writes the remote-code format)."""
     model, cfg = load_from_hf(hf_dir, residual={"mode": "block", "block_size": 2})
     with pytest.raises(UserInputError, match="trust_remote_code"):
-        save_to_hf(model, cfg, tmp_path / "x")
+        save_to_hf(model, cfg, tmp_path / "x", fmt="native")
     assert not (tmp_path / "x").exists()
 
 
@@ -318,16 +320,20 @@ def test_cli_round_trip(hf_model, hf_dir, ids, tmp_path, capsys):
     assert (back / "model.safetensors").stat().st_mtime_ns == before
     assert convert_main(["to-hf", str(ours), str(back), "--overwrite"]) == 0
 
-    # Import straight into Block AttnRes; such a checkpoint cannot go back to native HF (clean error).
+    # Import straight into Block AttnRes; such a checkpoint cannot go back to *native* HF (clean error), the
+    # default format is the trust_remote_code one (tests/interop/test_hf_remote.py).
     block = tmp_path / "block"
     assert convert_main(["from-hf", str(hf_dir), str(block), "--residual-mode", "block", "--num-blocks", "2"]) == 0
     assert "mode: block" in (block / "model_config.yaml").read_text()
     assert load_file(str(block / "model.safetensors"))["model.output_attn_res_proj.weight"].abs().sum() == 0
     capsys.readouterr()
-    assert convert_main(["to-hf", str(block), str(tmp_path / "nope")]) == 2
+    assert convert_main(["to-hf", str(block), str(tmp_path / "nope"), "--format", "native"]) == 2
     err = capsys.readouterr().err
     assert "trust_remote_code" in err and "Traceback" not in err
     assert not (tmp_path / "nope").exists()
+    assert convert_main(["to-hf", str(block), str(tmp_path / "remote")]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    assert json.loads((tmp_path / "remote" / "config.json").read_text())["model_type"] == "kimi_linear_attnres"
 
 
 # -------------------------------------------------------------------------------------- bad inputs

@@ -1,0 +1,105 @@
+"""Import a Hugging Face checkpoint as step 0 of a training run, resumable into any parallel layout.
+
+Why: the trainer starts from weights only through ``checkpoint.resume``, which loads a complete checkpoint
+(model **and** optimizer state, via torch.distributed.checkpoint, resharded to the run's layout). So the import
+writes exactly what a fresh run would save at step 0: the imported weights, the optimizer state of the run's
+optimizer config (zero moments, built by the trainer's own ``build_train_module``), ``step=0``,
+``data.consumed_samples=0`` and the run config, through the trainer's :class:`CheckpointManager`. Resuming
+it under any ``parallel.*`` layout is the trainer's ordinary resume path.
+
+The run's ``model`` section must equal the checkpoint's (the trainer refuses a different model), so the
+imported model config is also written as a Hydra preset ``RUN_DIR/configs/model/<name>.yaml``; start training
+with ``hydra.searchpath=[file://RUN_DIR/configs] model=<name> run_dir=RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..config.errors import UserInputError
+
+PRESET_DIR = Path("configs") / "model"
+
+
+def compose_run_config(overrides: Sequence[str]):
+    """The typed run Config of ``configs/config.yaml`` with Hydra ``overrides`` (as on the command line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..cli.train import CONFIG_DIR
+    from ..config.schema import as_config, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            dcfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as exc:  # hydra's override / missing-config errors
+        raise UserInputError(f"bad training override: {(str(exc).strip().splitlines() or [''])[0]}") from None
+    return as_config(dcfg)
+
+
+def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_overrides: Optional[Dict] = None,
+                     preset: str = "imported") -> Path:
+    """Write ``run_dir/checkpoints/step_00000000`` (+ the model preset) from the HF checkpoint ``src``.
+
+    ``overrides``: the training run's Hydra overrides (at least those that shape the optimizer state:
+    ``optim.*``); ``parallel.*`` / ``pipeline.*`` are ignored here (the checkpoint is layout independent, the
+    layout is chosen when training starts). ``model_overrides``: as for :func:`load_from_hf` (e.g.
+    ``{"residual.mode": "block", "residual.num_blocks": 4}``). Returns the checkpoint directory.
+    """
+    from omegaconf import OmegaConf
+
+    from ..checkpoint import CheckpointManager
+    from ..config.parallel import ParallelConfig
+    from ..config.pipeline import PipelineConfig
+    from ..config.schema import validate_config
+    from ..model import build_model
+    from ..parallel.mesh import single_process_context
+    from ..parallel.state_dict import training_state_dict
+    from ..train.train_module import build_train_module
+    from .hf import check_state_dict, load_hf_checkpoint
+
+    if not preset.replace("_", "").replace("-", "").isalnum():
+        raise UserInputError(f"preset name {preset!r} must be letters, digits, '-' or '_'")
+    run = Path(os.fspath(run_dir)).expanduser().absolute()
+    ckpt_root = run / "checkpoints"
+    if CheckpointManager(ckpt_root, keep_last=0).latest() is not None:
+        raise UserInputError(f"{ckpt_root} already holds a checkpoint; import into a new run_dir")
+    model_cfg, sd = load_hf_checkpoint(src, **(model_overrides or {}))
+    check_state_dict(sd, model_cfg, what=f"converted checkpoint from {src}")
+
+    cfg = compose_run_config([o for o in overrides if not o.lstrip("+~").startswith(("parallel.", "pipeline."))])
+    cfg.model, cfg.run_dir = model_cfg, str(run)
+    cfg.parallel, cfg.pipeline = ParallelConfig(), PipelineConfig()
+    cfg.trainer.compile = cfg.trainer.activation_checkpointing = False  # wrappers only; same state either way
+    validate_config(cfg, dp_world_size=1)
+
+    torch.manual_seed(cfg.seed)  # the RNG state a fresh run has after building its model (saved with step 0)
+    model = build_model(cfg.model)
+    model.load_state_dict(sd, strict=True)
+    del sd
+    module = build_train_module(model, cfg, single_process_context(torch.device("cpu")), cfg.trainer.max_steps)
+    model_sd, optim_sd = training_state_dict(module.model, module.optimizers)  # the trainer's own keys
+    config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    meta = {"tokens_seen": 0, "data": {"consumed_samples": 0}, "parallel": "imported (any layout)",
+            "imported_from": os.fspath(src)}
+    path = CheckpointManager(ckpt_root, keep_last=0).save(0, {"model": model_sd, "optim": optim_sd},
+                                                          config_text=config_text, meta=meta)
+    preset_file = run / PRESET_DIR / f"{preset}.yaml"
+    preset_file.parent.mkdir(parents=True, exist_ok=True)
+    preset_file.write_text(f"# imported from {os.fspath(src)} by attnres-convert init-run\n"
+                           + OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
+    return path
+
+
+def continue_command(run_dir, preset: str = "imported", overrides: List[str] = ()) -> str:
+    """The ``attnres-train`` command line that starts training from an imported run directory."""
+    run = Path(os.fspath(run_dir)).expanduser().absolute()
+    extra = " ".join(o for o in overrides)
+    return (f"attnres-train 'hydra.searchpath=[file://{run / 'configs'}]' model={preset} run_dir={run}"
+            + (f" {extra}" if extra else ""))
