@@ -1,0 +1,196 @@
+"""Diagnostics computed from a checkpoint on a held-out batch: where each layer reads from, how large the
+per-layer outputs and gradients are across depth, and how evenly tokens reach the experts.
+
+Why these: they are the paper's pictures for "what did AttnRes learn" — Fig. 8 (mean depth-attention weight
+of every sublayer over its sources), Fig. 5b/c (output magnitude and gradient magnitude per Transformer
+block) — plus the MoE expert load, which is where a Kimi-Linear run goes wrong first.
+
+Definitions (the paper does not define the Fig. 5 metrics; these are ours, also in docs/analysis.md):
+
+* depth weights: ``model.depth_attention`` — per sublayer (mixer 2i, FFN 2i+1, then the output head) the
+  softmax over its sources ``[n, B, T]``. Source ``j`` is block ``j``: 0 = embedding, ``j ≥ 1`` = block j's
+  sum of sublayer outputs (its partial sum while the block is still open). In Full mode block j is the output
+  of sublayer j−1. :func:`depth_matrix` averages over tokens into a ``[2L+1, max n]`` matrix (NaN = the
+  source does not exist yet for that reader).
+* output magnitude of decoder layer i: RMS over the hidden dim, averaged over tokens, of the stream the layer
+  writes into after the layer — the residual stream ``h`` for PreNorm, the open block's partial sum for
+  AttnRes (it restarts at every block boundary, hence the paper's periodic pattern).
+* gradient norm of decoder layer i: L2 norm of d(LM loss)/d(parameters of layer i) on the batch.
+* expert load: tokens routed to each expert of each MoE layer in the forward of the batch, as a fraction of
+  that layer's routed assignments; imbalance = max / mean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointManager
+from ..config.errors import ConfigError, UserInputError
+from ..config.model import as_model_config, block_starts
+from ..model import build_model
+from ..model.moe import MoE
+from .runs import Run
+
+
+# -- model and data ------------------------------------------------------------------------------------
+def resolve_checkpoint(run: Run, checkpoint: Optional[str] = None) -> Path:
+    """The checkpoint to analyse: ``checkpoint`` (a step dir or a dir of them) or the run's newest complete one."""
+    mgr = CheckpointManager(run.checkpoint_root, keep_last=0)
+    path = mgr.resolve(checkpoint) if checkpoint else mgr.latest()
+    if path is None:
+        raise UserInputError(f"{run.path}: no complete checkpoint under {run.checkpoint_root} (train with "
+                             "checkpoint.interval or let the run finish; --metrics-only plots the logs alone)")
+    return path
+
+
+def load_model(run: Run, checkpoint: Optional[str] = None):
+    """Build the run's model (fp32, CPU, torch kernels) and load its weights: ``(model, checkpoint_path, meta)``."""
+    try:
+        cfg = as_model_config(run.config["model"])
+        # Reference (pure torch) kernels: same math as fla / triton, and they run on a login node's CPU.
+        for section in (cfg.residual, cfg.kda):
+            if hasattr(section, "impl"):
+                section.impl = "torch"
+        model = build_model(cfg)
+    except ConfigError as exc:
+        raise UserInputError(f"{run.path / 'config.yaml'}: {exc}") from None
+    path = resolve_checkpoint(run, checkpoint)
+    state = {"model": model.state_dict()}
+    meta = CheckpointManager(run.checkpoint_root, keep_last=0).load(path, state, restore_rng_state=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, path, meta
+
+
+def heldout_batch(run: Run, batch_size: int) -> tuple:
+    """``([B, T+1] LongTensor, where)`` from the run's validation split (the training data if it has none)."""
+    from ..data.loader import build_datasets
+
+    data_cfg = dict(run.config.get("data") or {})
+    data_cfg["num_workers"] = 0
+    try:
+        data = build_datasets(data_cfg, model_vocab_size=int(run.config["model"]["vocab_size"]), progress=False)
+    except (ConfigError, UserInputError) as exc:
+        raise UserInputError(f"the run's data is needed for a held-out batch and cannot be read: {exc} "
+                             "(--metrics-only plots the logs alone)") from None
+    if data.val.num_samples > 0:
+        return next(data.val.batches(min(batch_size, data.val.num_samples), max_batches=1)), "validation split"
+    sampler = data.train_sampler(batch_size, num_workers=0)
+    try:
+        return sampler.batch_at(0), "training data (the run has no validation split)"
+    finally:
+        sampler.close()
+
+
+# -- labels --------------------------------------------------------------------------------------------
+def reader_labels(model_cfg) -> List[str]:
+    """One label per AttnRes read: ``L0.kda``, ``L0.mlp``, ``L1.kda``, ``L1.moe``, ..., ``out``."""
+    cfg = as_model_config(model_cfg)
+    mla = set(cfg.mla_layers)
+    out = []
+    for i in range(cfg.num_layers):
+        out.append(f"L{i}.{'mla' if i in mla else 'kda'}")
+        out.append(f"L{i}.{'moe' if i >= cfg.moe.first_k_dense else 'mlp'}")
+    return out + ["out"]
+
+
+def source_labels(model_cfg) -> List[str]:
+    """One label per source column: ``emb`` then the blocks (Block) or the sublayer outputs (Full)."""
+    cfg = as_model_config(model_cfg)
+    if cfg.residual.mode == "prenorm":
+        return []
+    if cfg.residual.mode == "full":
+        return ["emb"] + reader_labels(cfg)[:-1]
+    return ["emb"] + [f"b{j}" for j in range(1, len(block_starts(cfg)) + 1)]
+
+
+def layer_block_boundaries(model_cfg) -> List[int]:
+    """Decoder-layer indices at which a Block AttnRes block starts (for marking plots); [] otherwise."""
+    cfg = as_model_config(model_cfg)
+    if cfg.residual.mode != "block":
+        return []
+    return [s // 2 for s in block_starts(cfg)]
+
+
+# -- depth attention -----------------------------------------------------------------------------------
+@torch.no_grad()
+def depth_weights(model, input_ids: torch.Tensor) -> List[torch.Tensor]:
+    """Per read (sublayers, then the output head) the softmax weights over sources, ``[n, B, T]`` fp32."""
+    return [w.float() for w in model.depth_attention(input_ids)]
+
+
+def depth_matrix(weights: List[torch.Tensor]) -> np.ndarray:
+    """Token-averaged weights ``[reads, max sources]``; NaN where a source does not exist for a reader."""
+    if not weights:
+        return np.zeros((0, 0))
+    width = max(w.shape[0] for w in weights)
+    out = np.full((len(weights), width), np.nan)
+    for r, w in enumerate(weights):
+        out[r, : w.shape[0]] = w.mean(dim=(1, 2)).double().numpy()
+    return out
+
+
+def depth_entropy(weights: List[torch.Tensor]) -> List[float]:
+    """Mean entropy (nats) of each read's weights over tokens."""
+    out = []
+    for w in weights:
+        p = w.clamp_min(1e-30)
+        out.append(float(-(p * p.log()).sum(0).mean()))
+    return out
+
+
+# -- magnitudes, gradients, expert load -----------------------------------------------------------------
+def _rms(x: torch.Tensor) -> float:
+    return float(x.float().pow(2).mean(-1).sqrt().mean())
+
+
+def layer_diagnostics(model, batch: torch.Tensor) -> dict:
+    """Forward layer by layer and backward on ``batch`` ``[B, T+1]``; see the module docstring.
+
+    Returns ``loss``, ``output_rms`` / ``grad_norm`` (one per decoder layer), ``expert_load`` (one row of
+    fractions per MoE layer) and ``moe_layers`` (their decoder-layer indices).
+    """
+    ids, labels = batch[:, :-1], batch[:, 1:]
+    model.zero_grad(set_to_none=True)
+    layers = model.model.layers
+    output_rms = []
+    with torch.enable_grad():
+        state = model.embed(ids)
+        for i in range(len(layers)):
+            state = model.forward_layers(state, i, i + 1)
+            output_rms.append(_rms(state.partial.detach()))
+        loads, moe_layers = [], []
+        for i, layer in enumerate(layers):
+            moe = getattr(layer, "block_sparse_moe", None)
+            if isinstance(moe, MoE):
+                c = moe.last_tokens_per_expert.detach().double()
+                loads.append((c / c.sum().clamp_min(1)).tolist())
+                moe_layers.append(i)
+        loss = model.lm_loss(model.head(state), labels)
+        loss.backward()
+    grad_norm = []
+    for layer in layers:
+        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in layer.parameters() if p.grad is not None)
+        grad_norm.append(sq ** 0.5)
+    model.zero_grad(set_to_none=True)
+    return {"loss": float(loss.detach()), "output_rms": output_rms, "grad_norm": grad_norm,
+            "expert_load": loads, "moe_layers": moe_layers}
+
+
+def analyze_checkpoint(model, model_cfg, batch: torch.Tensor) -> dict:
+    """Everything ``attnres-analyze`` computes from a checkpoint, as plain (JSON-able) values."""
+    weights = depth_weights(model, batch[:, :-1])
+    diag = layer_diagnostics(model, batch)
+    mat = depth_matrix(weights)
+    return {
+        **diag,
+        "readers": reader_labels(model_cfg) if weights else [],
+        "sources": source_labels(model_cfg),
+        "depth_weights": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in mat],
+        "depth_entropy": [round(e, 6) for e in depth_entropy(weights)],
+        "block_starts": layer_block_boundaries(model_cfg),
+    }
