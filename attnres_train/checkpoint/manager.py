@@ -5,8 +5,8 @@ Layout of one checkpoint (``root_dir/step_00000100/``)::
     .metadata, __<rank>_0.distcp   torch.distributed.checkpoint (DCP) files: reshardable to another layout
     config.yaml                    the resolved run config (text), for comparing a resumed run's config
     rng/rank_<r>.pt                each rank's torch/CUDA/numpy/python RNG state (tensors and scalars only)
-    meta.json                      step, tokens_seen, data position, world size, time, manifest (sha256+size
-                                   of every file above)
+    meta.json                      step, tokens_seen, data position, parallel layout, world size, time,
+                                   config_sha256, manifest (sha256+size of every file above)
     COMMITTED                      written last; holds the sha256 of meta.json
 
 Why this shape:
@@ -21,7 +21,15 @@ Why this shape:
   :class:`UserInputError` naming the file, not a deep unpickling/shape error. Nothing is unpickled beyond
   plain data (see safe_dcp.py; RNG files use ``torch.load(weights_only=True)``; meta is JSON).
 * **Retention.** Older checkpoints are deleted only after the new one is committed, newest first kept; a
-  deletion removes ``COMMITTED`` first so a half-deleted directory never looks complete.
+  deletion removes ``COMMITTED`` first so a half-deleted directory never looks complete. The checkpoint just
+  committed is never deleted, even when checkpoints with higher step numbers exist (a run resumed from an
+  older checkpoint).
+* **Async saves** (``save(..., blocking=False)``): the state is copied to CPU memory, then DCP writes it from
+  a background thread over a gloo group of its own; each rank writes its RNG file before DCP starts, so when
+  rank 0's DCP save returns (its final step gathers every rank's write results) every file is on disk and a
+  rank-0 thread commits (meta, rename, marker, prune) right away. :meth:`CheckpointManager.wait` (called
+  by the next save, and by the trainer before it exits) joins all of it and raises on every rank if any rank
+  failed; a save that never finished is a ``.tmp-*`` leftover like any interrupted save.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -42,7 +52,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config.errors import UserInputError
 from .rng import capture_rng, restore_rng
-from .safe_dcp import dcp_load, dcp_save, distributed
+from .safe_dcp import dcp_async_save, dcp_load, dcp_save, distributed
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +62,15 @@ META = "meta.json"
 CONFIG = "config.yaml"
 RNG_DIR = "rng"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
-_RESERVED_META = ("format_version", "step", "world_size", "time", "manifest")
+_RESERVED_META = ("format_version", "step", "world_size", "time", "manifest", "config_sha256")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -109,6 +123,11 @@ def read_config_text(path) -> str:
         return f.read_text(encoding="utf-8")
     except OSError:
         raise UserInputError(f"checkpoint {path} has no readable {CONFIG}") from None
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def _scan(root: Path) -> Tuple[List[Tuple[int, Path]], List[Path]]:
@@ -185,13 +204,21 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, root_dir, keep_last: int, rank: int = 0, world_size: int = 1, barrier: Optional[Callable[[], None]] = None
+        self, root_dir, keep_last: int, rank: int = 0, world_size: int = 1, barrier: Optional[Callable[[], None]] = None,
+        *, async_save: bool = False, timeout_s: Optional[float] = None,
     ):
+        """``async_save``: create (collectively: every rank constructs the manager) the gloo group that
+        background saves run DCP's collectives on; ``timeout_s`` is that group's collective timeout."""
         self.root = Path(root_dir)
         self.keep_last = int(keep_last)
         self.rank = rank
         self.world_size = world_size
         self._barrier_fn = barrier
+        self._pending: Optional[_PendingSave] = None
+        self._async_group = None
+        if async_save and world_size > 1 and distributed():
+            timeout = timedelta(seconds=timeout_s) if timeout_s else None
+            self._async_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
 
     # -- discovery ----------------------------------------------------------------------------------------
     def complete(self) -> List[Path]:
@@ -202,10 +229,10 @@ class CheckpointManager:
         """Leftovers of interrupted saves (``*.tmp-*`` dirs, step dirs without a marker): never loaded."""
         return _scan(self.root)[1]
 
-    def latest(self) -> Optional[Path]:
-        """Newest complete checkpoint, or None. Stale leftovers are ignored (and reported in the log)."""
+    def latest(self, report: bool = True) -> Optional[Path]:
+        """Newest complete checkpoint, or None. Stale leftovers are ignored (and, with ``report``, logged)."""
         complete, stale = _scan(self.root)
-        if stale:
+        if stale and report:
             log.warning(
                 "ignoring %d incomplete checkpoint dir(s) from interrupted saves: %s (removed on the next save)",
                 len(stale),
@@ -213,12 +240,12 @@ class CheckpointManager:
             )
         return complete[-1][1] if complete else None
 
-    def resolve(self, resume) -> Optional[Path]:
+    def resolve(self, resume, report: bool = True) -> Optional[Path]:
         """``"none"`` (or None/"") → None; ``"auto"`` → :meth:`latest`; else a checkpoint dir, or a dir of them."""
         if resume is None or str(resume).strip().lower() in ("", "none"):
             return None
         if str(resume).strip().lower() == "auto":
-            return self.latest()
+            return self.latest(report=report)
         path = Path(resume).expanduser()
         if is_complete(path):
             return path
@@ -253,14 +280,19 @@ class CheckpointManager:
         (path / MARKER).unlink(missing_ok=True)  # never leave a half-deleted dir that looks complete
         shutil.rmtree(path, ignore_errors=True)
 
-    def save(self, step: int, state_dict: dict, *, config_text: str, meta: dict) -> Path:
+    def save(self, step: int, state_dict: dict, *, config_text: str, meta: dict, blocking: bool = True) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones; returns its final directory.
 
         ``state_dict``: nested dict of tensors (e.g. ``{"model": ..., "optim": ...}`` from DCP's
         ``get_state_dict``). ``meta``: JSON-serialisable run position (``tokens_seen``, ``data`` ...); the
-        manager adds step, world size, time and the manifest (``step``/``world_size`` given in ``meta`` must
-        agree with them). Every rank must call this.
+        manager adds step, world size, time, the config's sha256 and the manifest (``step``/``world_size``
+        given in ``meta`` must agree with them). Every rank must call this.
+
+        ``blocking=False``: return once the state is copied to CPU memory; the files are written and the
+        checkpoint committed in the background (see the module docstring); :meth:`wait` finishes it. Any
+        earlier background save is waited for first.
         """
+        self.wait()
         ours = {"step": int(step), "world_size": self.world_size}
         for key in _RESERVED_META:
             if key in meta and (key not in ours or meta[key] != ours[key]):
@@ -272,11 +304,7 @@ class CheckpointManager:
         final = self.root / step_dir_name(step)
         nonce = self._shared_nonce()
         tmp = self.root / f"{final.name}.tmp-{nonce}"
-        already = is_complete(final)
-        self._barrier()  # everyone has looked at `final` before rank 0 touches the directory
-        if already:
-            log.warning("checkpoint %s already exists and is complete; not overwriting it", final)
-            return final
+        self._barrier()  # everyone has the nonce before rank 0 touches the directory
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in self.stale():
@@ -284,46 +312,96 @@ class CheckpointManager:
                 self._remove(p)
         self._barrier()
         tmp.mkdir(parents=True, exist_ok=True)
-        dcp_save(state_dict, tmp)
         (tmp / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")
-        self._barrier()  # all ranks' DCP shards and RNG files are on disk
+        torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")  # before DCP: see the module docstring
+        meta = {**meta, **ours, "format_version": FORMAT_VERSION, "config_sha256": sha256_text(config_text)}
+        if blocking:
+            dcp_save(state_dict, tmp)
+            self._barrier()  # all ranks' DCP shards and RNG files are on disk
+            if self.rank == 0:
+                self._commit(tmp, final, config_text, meta)
+            self._barrier()
+            return final
+        pending = _PendingSave(int(step), final, dcp_async_save(state_dict, tmp, self._async_group))
         if self.rank == 0:
-            _write_durable(tmp / CONFIG, config_text)
-            full_meta = {
-                **meta,
-                **ours,
-                "format_version": FORMAT_VERSION,
-                "time": time.time(),
-                "manifest": build_manifest(tmp),
-            }
-            _write_durable(tmp / META, json.dumps(full_meta, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_durable(final / MARKER, json.dumps({"meta_sha256": _sha256(final / META)}))
-            _fsync_dir(final)
-            self._prune()
-        self._barrier()
+            pending.thread = threading.Thread(target=pending.commit_when_written, name=f"commit-{final.name}",
+                                              args=(lambda: self._commit(tmp, final, config_text, meta),))
+            pending.thread.start()
+        self._pending = pending
         return final
 
-    def _prune(self) -> None:
+    def _commit(self, tmp: Path, final: Path, config_text: str, meta: dict) -> None:
+        """Rank 0, once every rank's files are in ``tmp``: config, meta + manifest, rename, marker, prune."""
+        _write_durable(tmp / CONFIG, config_text)
+        full_meta = {**meta, "time": time.time(), "manifest": build_manifest(tmp)}
+        _write_durable(tmp / META, json.dumps(full_meta, indent=1, sort_keys=True))
+        _fsync_dir(tmp)
+        aside = None
+        if final.exists():  # same step from an earlier run (e.g. resumed from an older checkpoint): this run wins
+            log.warning("replacing the existing checkpoint %s with this run's state at the same step", final)
+            aside = self.root / f"{tmp.name}-replaced"  # a .tmp name: a leftover if we crash before removing it
+            (final / MARKER).unlink(missing_ok=True)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _write_durable(final / MARKER, json.dumps({"meta_sha256": _sha256(final / META)}))
+        _fsync_dir(final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        self._prune(keep=final)
+
+    @property
+    def pending(self) -> Optional[Path]:
+        """The directory a background save is writing (not yet known to be committed), or None."""
+        return self._pending.final if self._pending is not None else None
+
+    def wait(self) -> Optional[Path]:
+        """Finish the background save, if any: every rank waits for its writes, rank 0 for the commit.
+
+        Returns the committed checkpoint (None if there was nothing to wait for). Collective when a background
+        save is pending (every rank must call it); raises ``RuntimeError`` on every rank if any rank failed.
+        """
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        err = p.join()
+        failed = bool(err)
+        if self._async_group is not None:
+            flag = torch.tensor([1.0 if err else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._async_group)
+            failed = bool(flag.item() > 0)
+        if failed:
+            where = f"{type(err).__name__}: {err}" if err else "it failed on another rank"
+            raise RuntimeError(f"background checkpoint save of step {p.step} to {p.final} failed ({where}); "
+                               "that checkpoint was not committed") from err
+        if self._async_group is not None:
+            torch.distributed.barrier(group=self._async_group)
+        return p.final
+
+    def _prune(self, keep: Optional[Path] = None) -> None:
+        """Keep ``keep`` (the checkpoint just committed) and the newest ``keep_last - 1`` others by step."""
         if self.keep_last <= 0:
             return
-        complete = self.complete()
-        for old in complete[: max(0, len(complete) - self.keep_last)]:  # never the newest keep_last (>= 1)
+        others = [p for p in self.complete() if p != keep]
+        if keep is not None and others and _step_of(others[-1]) > _step_of(keep):
+            log.warning("%s holds checkpoints with higher steps than the one just saved (%s) from a run that went "
+                        "further; checkpoint.resume=auto picks the highest step", self.root, keep.name)
+        budget = self.keep_last - (1 if keep is not None else 0)
+        for old in others[: max(0, len(others) - budget)]:
             log.info("removing old checkpoint %s (keep_last=%d)", old, self.keep_last)
             self._remove(old)
 
     # -- loading -------------------------------------------------------------------------------------------
-    def load(self, path, state_dict: dict, *, restore_rng_state: bool = True) -> dict:
+    def load(self, path, state_dict: dict, *, restore_rng_state: bool = True, meta: Optional[dict] = None) -> dict:
         """Verify checkpoint ``path``, load it into ``state_dict`` in place and return its meta.
 
+        ``meta``: what :func:`verify_checkpoint` returned for ``path`` just before (skips hashing it again).
         Restores this rank's RNG state when the checkpoint has a file for it (a resumed run with a different
         world size keeps its fresh RNG state on ranks the checkpoint did not have).
         """
         path = Path(path)
-        meta = verify_checkpoint(path)
+        if meta is None:
+            meta = verify_checkpoint(path)
         try:
             dcp_load(state_dict, path)
         except CheckpointException as exc:  # a BaseException: wraps every rank's failure (key/shape mismatch)
@@ -343,3 +421,29 @@ class CheckpointManager:
             else:
                 log.warning("checkpoint %s has no RNG state for rank %d; keeping this run's", path, self.rank)
         return meta
+
+
+class _PendingSave:
+    """One background save: this rank's DCP future and, on rank 0, the thread that commits after it."""
+
+    def __init__(self, step: int, final: Path, future):
+        self.step, self.final, self.future = step, final, future
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def commit_when_written(self, commit: Callable[[], None]) -> None:
+        try:
+            self.future.result()
+            commit()
+        except BaseException as exc:  # reported by join() in the main thread
+            self.error = exc
+
+    def join(self) -> Optional[BaseException]:
+        if self.thread is not None:
+            self.thread.join()
+            return self.error
+        try:
+            self.future.result()
+        except BaseException as exc:
+            return exc
+        return None

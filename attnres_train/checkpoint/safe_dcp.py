@@ -108,6 +108,21 @@ def dcp_save(state_dict: dict, path: Path) -> None:
         dcp.save(state_dict, storage_writer=FileSystemWriter(str(path)), no_dist=not distributed())
 
 
+def dcp_async_save(state_dict: dict, path: Path, process_group=None):
+    """Start writing ``state_dict`` at ``path`` in a background thread; returns a ``Future``.
+
+    The state is first copied to CPU memory (blocking: DCP's ``FileSystemWriter`` is a
+    ``BlockingAsyncStager``), so the caller may change parameters and optimizer state as soon as this returns.
+    ``process_group``: the group DCP's own collectives run on from the background thread; give it a group of
+    its own (gloo) so they never interleave with the training collectives of the main thread.
+    """
+    if not distributed():  # the save runs in another thread, outside any catch_warnings block
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    with _quiet_single_process():
+        return dcp.async_save(state_dict, storage_writer=FileSystemWriter(str(path)),
+                              process_group=process_group, no_dist=not distributed())
+
+
 def dcp_load(state_dict: dict, path: Path) -> None:
     """Load ``path`` into ``state_dict`` in place (resharding to the tensors' current layout)."""
     with _quiet_single_process():

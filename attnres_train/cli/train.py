@@ -1,7 +1,8 @@
 """`attnres-train` / `python -m attnres_train`: the Hydra main that composes the config and runs the Trainer.
 
 Bad input (config values, data files, checkpoints, paths) ends with one line ``error: ...`` on stderr and exit
-code 2, without a traceback and without touching existing checkpoints. Works under torchrun (one process per
+code 2, without a traceback and without touching existing checkpoints; an aborted run (too many NaN/Inf steps,
+a dead or hung peer) ends the same way with exit code 3. Works under torchrun (one process per
 rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<job number>``).
 """
 
@@ -14,11 +15,11 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _task(dcfg):
@@ -28,6 +29,7 @@ def _task(dcfg):
     from ..config.errors import ConfigError, UserInputError
     from ..config.schema import as_config, validate_config
     from ..train.dist import init_distributed, shutdown_distributed
+    from ..train.faults import TrainingAborted
     from ..train.trainer import Trainer
 
     try:
@@ -42,6 +44,8 @@ def _task(dcfg):
             shutdown_distributed()
     except (ConfigError, UserInputError) as exc:
         _fail(str(exc))
+    except TrainingAborted as exc:  # NaN/Inf limit, a dead or hung peer: one line, its own exit code
+        _fail(str(exc), exc.exit_code)
     except OmegaConfBaseException as exc:
         _fail(str(exc).splitlines()[0])
     return result.get("val_loss", result.get("loss"))

@@ -44,8 +44,12 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).
     peak_flops: float = 0.0
-    # Seconds for collective timeouts (a dead rank makes the others exit instead of hanging).
+    # Seconds for collective timeouts, on every process group (a dead or hung rank makes the others exit with
+    # an error naming the step instead of hanging).
     dist_timeout_s: int = 600
+    # A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer step, no router-bias update);
+    # more than this many skipped steps in a row stop the run without saving (0 = stop at the first).
+    max_consecutive_skips: int = 3
 
 
 @dataclass
@@ -81,7 +85,7 @@ def validate_trainer_config(cfg: TrainerConfig, dp_world_size: int = 1) -> int:
         _pos(getattr(cfg, name), f"trainer.{name}")
     if cfg.stop_at is not None:
         _pos(cfg.stop_at, "trainer.stop_at")
-    for name in ("val_every", "sample_every", "sample_tokens", "depth_stats_every"):
+    for name in ("val_every", "sample_every", "sample_tokens", "depth_stats_every", "max_consecutive_skips"):
         _nonneg(getattr(cfg, name), f"trainer.{name}")
     per_step = cfg.micro_batch_size * dp_world_size
     if cfg.global_batch_size % per_step:

@@ -67,7 +67,9 @@ class CheckpointConfig:
     # "auto": newest complete checkpoint in the run's checkpoint dir, if any; "none": start fresh;
     # anything else: a checkpoint directory (or a directory of checkpoints: its newest complete one).
     resume: str = "auto"
-    # Background (async) saving. Not implemented yet: must stay false.
+    # Background saving: the state is copied to CPU memory, training continues while a thread writes the
+    # files; the checkpoint is committed (COMMITTED marker) only after every rank's write finished. A save
+    # waits for the previous one, and the run waits for the last one before it exits.
     async_save: bool = False
 
 
@@ -144,6 +146,6 @@ def validate_checkpoint_config(cfg: CheckpointConfig, prefix: str = "checkpoint"
         raise ConfigError(f"{p}.keep_last", f"must be an integer >= 0 (0 = keep all), got {cfg.keep_last!r}")
     if not isinstance(cfg.resume, str) or not cfg.resume.strip():
         raise ConfigError(f"{p}.resume", f"must be 'auto', 'none' or a checkpoint path, got {cfg.resume!r}")
-    if cfg.async_save:
-        raise ConfigError(f"{p}.async_save", "asynchronous checkpoint saving is not implemented yet; set it to false")
+    if not isinstance(cfg.async_save, bool):
+        raise ConfigError(f"{p}.async_save", f"must be true or false, got {cfg.async_save!r}")
     return cfg

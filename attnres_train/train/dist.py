@@ -2,7 +2,15 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; we initialise one default group (NCCL on CUDA, gloo on CPU,
 same code) with the configured timeout so a dead rank makes the others fail instead of hanging forever.
-The parallel-engine issue replaces this with a DeviceMesh-based context; the trainer only uses the fields.
+The parallel context (``attnres_train.parallel.mesh``) builds its DeviceMesh groups from this one.
+
+Timeouts of the *other* groups: ``init_process_group(timeout=...)`` only sets the default group's timeout.
+``new_group`` / ``split_group`` without an explicit timeout (which is how ``DeviceMesh`` creates its dp / tp
+/ ep groups, where FSDP's all-gathers and reduce-scatters run) fall back to torch's module defaults
+(``default_pg_timeout``: 30 min for gloo; 10 min for NCCL), so a hung rank would stall the others for 30
+minutes despite ``trainer.dist_timeout_s``. :func:`init_distributed` therefore also sets those defaults, so
+every group created afterwards gets the configured timeout (checked by tests/train/test_faults.py with a
+SIGSTOP'd rank).
 """
 
 from __future__ import annotations
@@ -60,6 +68,15 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on (see the module docstring)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
     """Initialise from torchrun's environment if present; a plain single-process context otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,8 +85,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        set_default_group_timeout(timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
     group = dist.group.WORLD if world > 1 else None
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, group=group)
 

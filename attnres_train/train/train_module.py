@@ -10,12 +10,19 @@ microbatch loss is weighted so the summed gradient is that of the global mean to
 on the last microbatch) then :meth:`optimizer_step` (DTensor-aware clipping over every shard, LR, optimizer
 step, then the MoE router-bias update with expert loads summed over every data-parallel rank so all replicas
 apply the same update).
+
+Non-finite steps: when the step's loss or global gradient norm is NaN/Inf on any rank (one MAX all-reduce of a
+flag over the world, so every rank decides the same even where ranks see different values, e.g. pipeline
+stages), :meth:`optimizer_step` skips the step: no optimizer step, no router-bias update (the expert-load
+counters are cleared), gradients zeroed, and ``skipped: True`` in the returned stats. The trainer counts
+consecutive skips (``trainer.max_consecutive_skips``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict
+import math
+from typing import Dict, Optional
 
 import torch
 
@@ -64,6 +71,8 @@ class TrainModule:
         self.norm_group = None
         # Buffers (router bias, load counters) are kept identical by construction (same updates), never broadcast.
         self.optimizers = build_optimizers(model, optim_cfg)
+        # The loss of the step in progress, set by train_batch for optimizer_step's non-finite check.
+        self._step_loss: Optional[float] = None
 
     def grad_params(self):
         """The parameters whose gradients enter the norm / clipping (each logical parameter once)."""
@@ -101,9 +110,20 @@ class TrainModule:
         return {"loss": float(stats[0]), "aux_loss": float(stats[1])}
 
     def optimizer_step(self, step: int) -> Dict[str, float]:
-        """Clip (total norm over all shards), set the LR, step, zero grads, then update the router biases."""
+        """Clip (total norm over all shards), set the LR, step, zero grads, then update the router biases.
+
+        Skips the update (see the module docstring) when the loss given by :meth:`train_batch` or the gradient
+        norm is not finite on some rank; the result then has ``skipped: True``.
+        """
+        loss, self._step_loss = self._step_loss, None
         lr = set_lr(self.optimizers, step, self.optim_cfg, self.max_steps) * self.optim_cfg.lr  # logged: actual LR
         grad_norm = clip_grad_norm_(self.grad_params(), self.optim_cfg.grad_clip, reduce_group=self.norm_group)
+        if self._non_finite(float(grad_norm), loss):
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            for m in self.moe_owner.moe_layers():  # this step's routing counts must not steer the next update
+                m.tokens_per_expert.zero_()
+            return {"grad_norm": float(grad_norm), "lr": lr, "skipped": True}
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -111,9 +131,19 @@ class TrainModule:
         imbalance = update_router_biases(self.moe_owner, self.ctx)
         return {"grad_norm": float(grad_norm), "lr": lr, **imbalance}
 
+    def _non_finite(self, grad_norm: float, loss: Optional[float]) -> bool:
+        """Whether any rank saw a NaN/Inf loss or gradient norm (one scalar MAX all-reduce over the world)."""
+        bad = not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss))
+        if not self.ctx.is_distributed:
+            return bad
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.ctx.device)
+        self.ctx.all_reduce_max_(flag)
+        return bool(flag.item() > 0)
+
     def train_batch(self, batch_bt1: torch.Tensor, step: int) -> Dict[str, float]:
-        """One optimizer step on this rank's ``[local_batch, seq_len+1]`` token batch."""
+        """One optimizer step on this rank's ``[local_batch, seq_len+1]`` token batch (or a skipped one)."""
         stats = self.forward_backward(batch_bt1)
+        self._step_loss = stats.get("loss")
         return {**stats, **self.optimizer_step(step)}
 
     @torch.no_grad()

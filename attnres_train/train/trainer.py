@@ -6,10 +6,15 @@ across ranks: it builds the validated :class:`~attnres_train.parallel.mesh.Paral
 replica read the same rows), pulls a global-position-keyed batch from the sampler, calls ``train_batch``, and
 records metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
 so a different data-parallel degree continues at the same token), router biases and RNG states.
+
+Faults (``faults.py``): SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint and exit
+status 0; non-finite steps are skipped, and more than ``trainer.max_consecutive_skips`` in a row stop the
+run without saving; a failed collective (dead or hung peer) becomes one ``TrainingAborted`` message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -19,7 +24,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointManager
+from ..checkpoint import CheckpointManager, verify_checkpoint
 from ..config.errors import ConfigError, UserInputError
 from ..data.loader import build_datasets
 from ..model import build_model
@@ -27,6 +32,7 @@ from ..model.flops import count_params, train_flops_per_token
 from ..parallel.data_parallel import gathered_parameters
 from ..parallel.mesh import ParallelContext, build_parallel_context
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
+from .faults import StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
 from .train_module import build_train_module
 
@@ -90,28 +96,38 @@ class Trainer:
         self._everyone_evaluates = ctx.is_distributed
         self._skip_diagnostics = ctx.dims.tp > 1 or ctx.dims.pp > 1  # (pp: no rank holds the whole model)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
-                                      world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None)
+                                      world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None,
+                                      async_save=cfg.checkpoint.async_save, timeout_s=tc.dist_timeout_s)
         self.logger = MetricsLogger(self.run_dir, cfg.logging, enabled=ctx.is_main,
                                     config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)))
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(ctx.device, tc.peak_flops)
+        self._activity = "start-up"
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _state(self):
         model_sd, optim_sd = training_state_dict(self.model, self.module.optimizers)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self) -> Path:
+    def save(self, blocking: bool = True) -> Path:
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.sampler.state_dict(),
-                "world_size": self.ctx.world_size, "parallel": self.ctx.dims.describe()}
-        path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta)
-        self.logger.log("event", self.step, event="checkpoint", path=str(path))
+                "world_size": self.ctx.world_size, "parallel": self.ctx.dims.describe(),
+                "layout": dataclasses.asdict(self.ctx.dims)}
+        path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta, blocking=blocking)
+        self.logger.log("event", self.step, event="checkpoint", path=str(path), **({} if blocking else {"async": True}))
         return path
 
     def maybe_resume(self) -> Optional[Path]:
-        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        path = self.ckpt.resolve(self.cfg.checkpoint.resume, report=False)
+        stale = self.ckpt.stale()
+        if stale and self.ctx.is_main:
+            names = ", ".join(p.name for p in stale)
+            print(f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
+                  "(never loaded; removed by the next save)", flush=True)
+            self.logger.log("event", self.step, event="ignored_incomplete_checkpoints", dirs=[p.name for p in stale])
         if path is None:
             return None
+        meta = verify_checkpoint(path)  # every file against the manifest before anything is read from it
         old = OmegaConf.to_container(OmegaConf.create(self.ckpt.read_config_text(path)))
         new = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         for section in RESUME_LOCKED:
@@ -121,19 +137,42 @@ class Trainer:
                                   + "; ".join(diffs[:3]) + " (start a new run_dir or restore the setting)")
         base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in self.module.optimizers]
         state = self._state()
-        meta = self.ckpt.load(path, state)
+        meta = self.ckpt.load(path, state, meta=meta)
         load_training_state_dict(self.model, self.module.optimizers, state["model"], state["optim"])
         for opt, lrs in zip(self.module.optimizers, base_lrs):  # the config's LR wins over the saved one
             for g, lr in zip(opt.param_groups, lrs):
                 g["base_lr"] = lr
         self.sampler.load_state_dict(meta["data"])
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-        self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen)
+        saved_layout = meta.get("parallel", "?")
+        if self.ctx.is_main and saved_layout != self.ctx.dims.describe():
+            print(f"resuming {path.name} saved with {meta.get('world_size')} rank(s) [{saved_layout}] under "
+                  f"{self.ctx.world_size} rank(s) [{self.ctx.dims.describe()}]: model and optimizer state resharded; "
+                  f"data continues at global sample {meta['data'].get('consumed_samples')} "
+                  f"({self.tokens_seen:,} tokens)", flush=True)
+        self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen,
+                        from_layout=saved_layout)
         return path
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``trainer.max_steps`` (or ``stop_at``, or a stop signal); returns the last step's metrics."""
+        with StopSignals(self.ctx.rank) as signals:
+            try:
+                return self._loop(signals)
+            except BaseException as exc:
+                if self.ctx.is_distributed and is_comm_failure(exc):
+                    newest = self.ckpt.latest(report=False)
+                    raise TrainingAborted(comm_failure_message(exc, self.ctx.rank, self._activity,
+                                                               self.cfg.trainer.dist_timeout_s, newest)) from exc
+                raise
+            finally:
+                self.sampler.close()
+                self.logger.close()
+
+    def _loop(self, signals: StopSignals) -> dict:
         cfg, tc = self.cfg, self.cfg.trainer
+        self._activity = "the resume"  # what the ranks were doing, for the message if a collective fails
         self.maybe_resume()
         if self.ctx.is_main:  # written only once the config is known to be compatible with the checkpoint
             (self.run_dir / "config.yaml").write_text(self.config_text)
@@ -145,20 +184,28 @@ class Trainer:
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
         stop = min(self.max_steps, tc.stop_at or self.max_steps)
+        skips = 0  # consecutive skipped (non-finite) steps
         while self.step < stop:
+            self._activity = f"step {self.step + 1}"
             batch = self.sampler.next_batch().to(self.ctx.device)
             depth_batch = batch[:1, :-1]
             last = self.module.train_batch(batch, self.step)
             self.step += 1
             self.tokens_seen += tokens_per_step
-            if self.step % tc.log_every == 0 or self.step == stop:
+            skipped = bool(last.pop("skipped", False))
+            skips = skips + 1 if skipped else 0
+            signal_name = signals.agreed(self.ctx)  # every rank, every step: the same answer everywhere
+            if self.step % tc.log_every == 0 or self.step == stop or skipped or signal_name:
                 dt = time.perf_counter() - t_last
                 tps = (self.tokens_seen - tok_last) / max(dt, 1e-9)
                 per_device = tps / self.ctx.world_size
                 mfu = per_device * self.flops_per_token / self.peak if self.peak > 0 else 0.0
-                self.logger.log("train", self.step, **last, tokens_seen=self.tokens_seen, tokens_per_s=tps,
-                                mfu=mfu, peak_mem_gb=peak_memory_gb(self.ctx.device))
+                self.logger.log("train", self.step, **last, **({"skipped": True} if skipped else {}),
+                                tokens_seen=self.tokens_seen, tokens_per_s=tps, mfu=mfu,
+                                peak_mem_gb=peak_memory_gb(self.ctx.device))
                 t_last, tok_last = time.perf_counter(), self.tokens_seen
+            if skipped:
+                self._on_skipped_step(skips, last)
             if tc.depth_stats_every and self.step % tc.depth_stats_every == 0:
                 stats = self._depth_stats(depth_batch)
                 if stats and self.ctx.is_main:
@@ -171,11 +218,34 @@ class Trainer:
                 if text is not None and self.ctx.is_main:
                     self.logger.log("sample", self.step, prompt=tc.sample_prompt, text=text)
             interval = cfg.checkpoint.interval
-            if (interval and self.step % interval == 0) or self.step == stop:
-                self.save()
-        self.sampler.close()
-        self.logger.close()
+            # no periodic checkpoint on a skipped step: the newest checkpoint always follows a good step
+            if (interval and self.step % interval == 0 and not skipped) or self.step == stop or signal_name:
+                self._activity = f"the checkpoint save after step {self.step}"
+                path = self.save(blocking=not cfg.checkpoint.async_save or bool(signal_name))
+            if signal_name:
+                if self.ctx.is_main:
+                    print(f"[step {self.step:>6}] stopping on {signal_name}: checkpoint {path} saved; exiting with "
+                          "status 0 (a requeued job resumes from it with checkpoint.resume=auto)", flush=True)
+                self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(path))
+                break
+        self._activity = "the wait for the last checkpoint save"
+        self.ckpt.wait()  # the last background save is committed before the run reports success
         return last
+
+    def _on_skipped_step(self, skips: int, stats: dict) -> None:
+        limit = self.cfg.trainer.max_consecutive_skips
+        self.logger.log("event", self.step, event="skipped_step", consecutive=skips, loss=stats.get("loss"),
+                        grad_norm=stats.get("grad_norm"))
+        if skips <= limit:
+            return
+        self.ckpt.wait()
+        good = self.ckpt.latest(report=False)
+        first = self.step - skips + 1
+        where = (f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "
+                 "e.g. with a lower optim.lr or different data." if good else "This run has no checkpoint yet.")
+        raise TrainingAborted(
+            f"step {self.step}: the loss or gradient norm was NaN/Inf on {skips} consecutive steps ({first}..{self.step}), "
+            f"more than trainer.max_consecutive_skips={limit}; stopped without saving. {where}")
 
     # -- diagnostics that need every rank when the model is sharded ---------------------------------------
     def _depth_stats(self, depth_batch):

@@ -15,7 +15,14 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import attnres_train.checkpoint.manager as manager_mod
-from attnres_train.checkpoint import CheckpointManager, capture_rng, read_config_text, restore_rng, step_dir_name
+from attnres_train.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    read_config_text,
+    restore_rng,
+    step_dir_name,
+    verify_checkpoint,
+)
 from attnres_train.checkpoint.safe_dcp import SafeFileSystemReader
 from attnres_train.config.errors import UserInputError
 from attnres_train.config.model import ModelConfig
@@ -152,7 +159,10 @@ def test_retention_keeps_newest(tmp_path, trained):
     keep_all = CheckpointManager(tmp_path, keep_last=0)
     _save(keep_all, 5, model, opts)
     assert len(keep_all.complete()) == 3
-    assert _save(keep_all, 5, model, opts) == tmp_path / "step_00000005"  # existing step is never overwritten
+    old_meta = json.loads((tmp_path / "step_00000005" / "meta.json").read_text())
+    assert _save(keep_all, 5, model, opts, note="again") == tmp_path / "step_00000005"  # this run's state wins
+    new_meta = verify_checkpoint(tmp_path / "step_00000005")
+    assert new_meta["note"] == "again" and "note" not in old_meta and mgr.stale() == []
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +174,14 @@ def two_checkpoints(tmp_path_factory, trained):
     return root
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta", "dcp_metadata", "rng", "marker"])
 def test_corrupted_checkpoint_is_rejected_and_previous_still_loads(tmp_path, trained, two_checkpoints, damage):
     shutil.copytree(two_checkpoints, tmp_path / "ckpt")
     mgr = CheckpointManager(tmp_path / "ckpt", keep_last=3)
     prev, bad = mgr.complete()
-    victim = bad / ("meta.json" if damage == "meta" else "__0_0.distcp")
-    if damage == "truncate":
+    victim = bad / {"meta": "meta.json", "dcp_metadata": ".metadata", "rng": "rng/rank_0.pt",
+                    "marker": "COMMITTED"}.get(damage, "__0_0.distcp")
+    if damage in ("truncate", "dcp_metadata", "rng", "marker"):
         victim.write_bytes(victim.read_bytes()[:-100])
     elif damage == "flip":
         data = bytearray(victim.read_bytes())

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from attnres_train.cli.train import run
-from tests.train.conftest import PY, REPO, corpus, read_metrics, tiny_overrides  # noqa: F401 (fixture)
+from tests.train.conftest import PY, REPO, read_metrics, tiny_overrides
 
 
 def _torchrun(nproc: int, args: list) -> None:
