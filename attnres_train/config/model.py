@@ -16,6 +16,7 @@ Conventions (see docs/model.md):
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -34,8 +35,10 @@ class ResidualConfig:
     # Block/Full mode: batched phase-1 + online-softmax phase-2 (True) or direct softmax per sublayer
     # (False, the slow reference used by tests).
     two_phase: bool = True
-    # "torch" reference mixing or "triton" kernels (attnres_kernels); "auto" picks triton on CUDA.
-    impl: str = "torch"
+    # Depth-mixing implementation: "torch" (the reference), "triton" (attnres_kernels: fused phase 1/2 with
+    # a recomputing backward; CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "auto" (triton for CUDA
+    # tensors when triton imports, torch otherwise). fp64 and two_phase=false always use torch.
+    impl: str = "auto"
 
 
 @dataclass
@@ -170,9 +173,12 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
     r = cfg.residual
     if r.mode not in RESIDUAL_MODES:
         raise ConfigError(f"{p}.residual.mode", f"unknown mode {r.mode!r}; choose one of {'|'.join(RESIDUAL_MODES)}")
-    if r.impl not in ("torch", "auto"):
-        hint = " (the Triton kernels are not available in this version)" if r.impl == "triton" else ""
-        raise ConfigError(f"{p}.residual.impl", f"must be torch|auto, got {r.impl!r}{hint}")
+    if r.impl not in ("auto", "torch", "triton"):
+        raise ConfigError(f"{p}.residual.impl", f"must be one of auto|torch|triton, got {r.impl!r}")
+    if r.impl == "triton" and importlib.util.find_spec("triton") is None:
+        raise ConfigError(f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch")
+    # The device is checked at the first read (the model may be built on CPU or meta and moved to CUDA later):
+    # depth.resolve_impl raises a ConfigError naming this field for CPU tensors outside TRITON_INTERPRET=1.
     if r.mode == "block":
         if (r.num_blocks is None) == (r.block_size is None):
             raise ConfigError(f"{p}.residual.num_blocks", "block mode needs exactly one of num_blocks or block_size")

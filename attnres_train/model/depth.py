@@ -15,6 +15,12 @@ hidden in module attributes, so a pipeline stage can receive a state, run its la
 Numerics follow Kimi-K3's ``_apply_attn_res``: keys are parameter-free RMS-normalised sources, the learnable
 key-norm gain γ is folded into the query (wᵀ(γ⊙k̂) = (w⊙γ)ᵀk̂), logits/softmax/weighted sum in fp32 (fp64 stays
 fp64), no temperature, raw (un-normalised) values, result cast back to the input dtype.
+
+Implementations (``model.residual.impl``, passed as ``impl=`` to :func:`phase1` / :func:`phase2` /
+:func:`depth_read`): the torch code in this module is the reference; ``triton`` runs the same two phases as
+Triton kernels (``attnres_kernels``, fp32 accumulation, saves only source references and per-token scalars
+for backward); ``auto`` picks triton for CUDA tensors when triton imports, torch otherwise. fp64 inputs,
+DTensors (tensor parallelism) and the direct (``two_phase=False``) read always use the torch reference.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from ..config.errors import ConfigError
 
 Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
 
@@ -73,12 +81,51 @@ def mix_direct(sources: List[torch.Tensor], q_d: torch.Tensor, eps: float) -> to
     return (a_nbt.unsqueeze(-1) * v_nbtd).sum(0).to(dtype)
 
 
-def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float) -> List[Phase1Stats]:
+RESIDUAL_IMPLS = ("auto", "torch", "triton")
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """``model.residual.impl`` for a read over tensors like ``x``: "torch" or "triton".
+
+    auto: triton for CUDA tensors when triton imports, torch otherwise. triton: CUDA, or CPU only when the
+    kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests); anything else is a ConfigError naming
+    ``model.residual.impl``. fp64 always uses the torch reference (the kernels accumulate in fp32), and so do
+    DTensors (tensor parallelism: the kernels take plain tensors; name check, model code imports no
+    torch.distributed).
+    """
+    if impl == "torch" or x.dtype == torch.float64 or type(x).__name__ == "DTensor":
+        return "torch"
+    if impl == "auto":
+        if x.device.type != "cuda":
+            return "torch"
+        import attnres_kernels
+
+        return "triton" if attnres_kernels.triton_importable() else "torch"
+    if impl != "triton":
+        raise ConfigError("model.residual.impl", f"must be one of {'|'.join(RESIDUAL_IMPLS)}, got {impl!r}")
+    import attnres_kernels
+
+    if not attnres_kernels.triton_importable():
+        raise ConfigError("model.residual.impl", "'triton' needs the triton package (pip install triton)")
+    if x.device.type == "cuda" or (x.device.type == "cpu" and attnres_kernels.interpreted()):
+        return "triton"
+    raise ConfigError(
+        "model.residual.impl",
+        f"'triton' needs CUDA tensors (got {x.device.type}); on CPU the kernels run only in Triton's "
+        "interpreter (TRITON_INTERPRET=1, for tests); use 'auto' or 'torch'",
+    )
+
+
+def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str = "torch") -> List[Phase1Stats]:
     """All S queries of a block against the n completed blocks in one batched call.
 
     Returns, per query, the *unnormalised* output ``o = Σ_j e^{s_j - m} v_j`` with its max ``m`` and
     sum-exp ``l`` (fp32), so phase 2 can merge the partial sum exactly.
     """
+    if resolve_impl(impl, blocks[0]) == "triton":
+        import attnres_kernels
+
+        return attnres_kernels.phase1(blocks, q_sd, eps)
     cdt = compute_dtype(blocks[0].dtype)
     v_nbtd = torch.stack(blocks).to(cdt)
     k_nbtd = normalized_keys(v_nbtd, eps)
@@ -97,8 +144,12 @@ def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float) -> List[P
 
 
 def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
-           dtype: torch.dtype) -> torch.Tensor:
+           dtype: torch.dtype, impl: str = "torch") -> torch.Tensor:
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
+    if resolve_impl(impl, stats[0] if partial is None else partial) == "triton":
+        import attnres_kernels
+
+        return attnres_kernels.phase2(stats, partial, q_d, eps, dtype)
     o_btd, m_bt, l_bt = stats
     if partial is None:
         return (o_btd / l_bt.unsqueeze(-1)).to(dtype)
@@ -112,7 +163,8 @@ def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tenso
     return h_btd.to(dtype)
 
 
-def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool) -> torch.Tensor:
+def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool,
+               impl: str = "torch") -> torch.Tensor:
     """The input of ``sublayer`` (or of the output head): the AttnRes mix over the state's sources."""
     if not state.blocks:
         raise ValueError("AttnRes read needs at least the embedding block in DepthState.blocks")
@@ -122,8 +174,8 @@ def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, 
         return mix_direct(state.sources(), q_d, eps)
     stats = state.phase1.get(sublayer)
     if stats is None:
-        stats = phase1(state.blocks, q_d.unsqueeze(0), eps)[0]
-    return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype)
+        stats = phase1(state.blocks, q_d.unsqueeze(0), eps, impl)[0]
+    return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype, impl)
 
 
 def depth_weights(state: DepthState, q_d: torch.Tensor, eps: float) -> torch.Tensor:

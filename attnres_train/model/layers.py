@@ -46,6 +46,7 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.mode = cfg.residual.mode
         self.two_phase = cfg.residual.two_phase
+        self.residual_impl = cfg.residual.impl
         self.eps = eps
         self.is_mla = layer_idx in set(cfg.mla_layers)
         self.is_moe = layer_idx >= cfg.moe.first_k_dense
@@ -96,7 +97,7 @@ class DecoderLayer(nn.Module):
     def sublayer(self, state: DepthState, k: int, q_d: torch.Tensor) -> DepthState:
         """Run sublayer ``k`` (0: token mixer, 1: FFN) in AttnRes mode and return the updated state."""
         state = self.prepare(state, k)
-        h = depth_read(state, 2 * self.layer_idx + k, q_d, self.eps, self.two_phase)
+        h = depth_read(state, 2 * self.layer_idx + k, q_d, self.eps, self.two_phase, self.residual_impl)
         if k == 0:
             y, aux = self.self_attn(self.input_layernorm(h)), None
         else:

@@ -25,7 +25,7 @@ CASES = [
     ("moe.bias_update_rule", "random", "model.moe.bias_update_rule", {}),
     ("mla.q_lora_rank", 32, "model.mla.q_lora_rank", {}),
     ("kda.impl", "cuda", "model.kda.impl", {}),
-    ("residual.impl", "triton", "model.residual.impl", {}),
+    ("residual.impl", "cuda", "model.residual.impl", {}),
     ("rms_norm_eps", -1.0, "model.rms_norm_eps", {}),
 ]
 

@@ -63,3 +63,59 @@ def test_bf16_sources_mix_in_fp32():
     assert out.dtype == torch.bfloat16
     ref = mix_direct([b.float() for b in blocks], q, 1e-6)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# -- implementation dispatch (model.residual.impl); the kernels themselves are tested in tests/kernels --------
+
+
+def test_torch_and_auto_on_cpu_use_the_reference():
+    from attnres_train.model.depth import resolve_impl
+
+    x = torch.zeros(2, 3, 8)
+    assert resolve_impl("torch", x) == "torch"
+    assert resolve_impl("auto", x) == "torch"  # auto picks the kernels only for CUDA tensors
+    assert resolve_impl("triton", x.double()) == "torch"  # the kernels accumulate in fp32: fp64 stays torch
+
+    class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor (tensor parallelism)
+        pass
+
+    assert resolve_impl("triton", x.as_subclass(DTensor)) == "torch"
+
+
+def test_triton_on_cpu_outside_the_interpreter_is_a_config_error(monkeypatch):
+    import attnres_kernels
+
+    from attnres_train.config.errors import ConfigError
+    from attnres_train.model.depth import resolve_impl
+
+    monkeypatch.setattr(attnres_kernels, "triton_importable", lambda: True)
+    monkeypatch.setattr(attnres_kernels, "interpreted", lambda: False)
+    blocks = [b.detach().float() for b in _sources(2)]
+    with pytest.raises(ConfigError) as info:
+        depth_read(DepthState(blocks=blocks, partial=None), 0, torch.randn(16), 1e-6, True, impl="triton")
+    assert info.value.field == "model.residual.impl" and "TRITON_INTERPRET=1" in str(info.value)
+    with pytest.raises(ConfigError):
+        resolve_impl("cuda", blocks[0])
+
+
+def test_triton_impl_without_the_package_fails_at_build(monkeypatch):
+    import importlib.util
+
+    from attnres_train.config.errors import ConfigError
+    from attnres_train.config.model import ModelConfig, validate_model_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    cfg = ModelConfig()
+    cfg.residual.impl = "triton"
+    with pytest.raises(ConfigError) as info:
+        validate_model_config(cfg)
+    assert info.value.field == "model.residual.impl"
+    cfg.residual.impl = "auto"
+    validate_model_config(cfg)
+
+
+def test_default_impl_is_auto():
+    from attnres_train.config.model import ModelConfig
+
+    assert ModelConfig().residual.impl == "auto"
