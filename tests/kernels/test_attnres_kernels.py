@@ -92,11 +92,13 @@ def test_kernel_merge_composes_with_torch_phase1(kops):
 
 def test_huge_logits_are_stable(kops):
     blocks, partial, _ = _inputs(4, 1, (1, 5, 32), True, torch.float32, seed=2)
-    q = (torch.randn(1, 32) * 300.0).to(DEVICE).requires_grad_()  # logits ~1e3: a naive exp overflows
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, 32, generator=g) * 300.0).to(DEVICE).requires_grad_()  # logits ~1e3: naive exp overflows
     out = _two_phase(blocks, partial, q, torch.float32, "triton")
     ref = _two_phase(blocks, partial, q, torch.float32, "torch")
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # fp32 logits of magnitude ~1e3 carry rounding of ~6e-5 (one ulp), which the softmax weights inherit
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
     grads = torch.autograd.grad(out.sum(), blocks + [partial, q])
     assert all(torch.isfinite(g).all() for g in grads)
 
