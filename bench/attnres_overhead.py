@@ -1,11 +1,22 @@
-"""Training-step time of Block AttnRes (N=8) and Full AttnRes relative to the PreNorm baseline, on CPU.
+"""Training-step time of Block AttnRes (N=8) and Full AttnRes relative to the PreNorm baseline, and MFU.
 
-Why interleaved: these machines are noisy, so the three variants run round-robin (one step each per round)
-and we report the ratio of medians measured side by side in the same process. Same weights (AttnRes models
-load the baseline's state dict; pseudo-queries are set non-zero so no shortcut applies), same batch.
+Why interleaved: these machines are noisy, so the variants run round-robin (one step each per round, the order
+rotating every round) and we report the ratio of medians measured side by side in the same process. Same
+weights (AttnRes models load the baseline's state dict; pseudo-queries are set non-zero so no shortcut
+applies), same batch. A training step is forward + backward (+ the optimizer step with ``--optimizer adamw``,
+the default: fused AdamW where this torch has it, as the trainer uses).
+
+MFU: useful model FLOPs (``attnres_train.model.flops.train_flops_per_token``: active experts only, causal MLA,
+KDA's chunked formula, AttnRes reads) per second of median step time, divided by the throughput of a plain
+``n x n`` fp32/bf16 matmul (``--probe-n``) measured in every round of the same run, i.e. against what this
+machine's BLAS actually delivers right now, not a datasheet peak. CPU time (``process_time``) medians are
+printed too: on a shared machine they are less disturbed by other processes than wall time.
+
+``--stub-sublayers`` replaces every token mixer and FFN by a scalar multiply, so the step-time differences are
+the depth-mixing cost alone (full training steps differ by 1-2%, below the noise of a shared CPU).
 
 Usage: python bench/attnres_overhead.py [--preset f2] [--vocab 4096] [--batch 2] [--seq 256] [--rounds 8]
-       [--optimizer none|adamw]
+       [--optimizer adamw|none] [--threads N] [--device cuda --dtype bf16] [--stub-sublayers]
 Ends with one ``RESULT`` line per headline figure.
 """
 
@@ -19,16 +30,18 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
+from attnres_train.model.flops import train_flops_per_token
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def make(cfg, mode, base_state=None, num_blocks=None):
     c = copy.deepcopy(cfg)
-    c.residual.mode, c.residual.num_blocks = mode, num_blocks
+    c.residual.mode, c.residual.num_blocks, c.residual.block_size = mode, num_blocks, None
     torch.manual_seed(0)
     m = build_model(c)
     if base_state is not None:
@@ -37,7 +50,29 @@ def make(cfg, mode, base_state=None, num_blocks=None):
             for n, p in m.named_parameters():
                 if n.endswith("_res_proj.weight"):
                     p.normal_(0, 0.05)
-    return m
+    return m, c
+
+
+class _Scale(nn.Module):
+    """Stand-in for a token mixer / FFN (``--stub-sublayers``): one learnable scalar, so only the residual
+    path (embedding, norms, depth mixing, head) costs anything."""
+
+    def __init__(self, returns_aux: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+        self.returns_aux = returns_aux
+
+    def forward(self, x):
+        return (x * self.w, None) if self.returns_aux else x * self.w
+
+
+def stub_sublayers(model):
+    for layer in model.model.layers:
+        layer.self_attn = _Scale(False)
+        if layer.is_moe:
+            layer.block_sparse_moe = _Scale(True)
+        else:
+            layer.mlp = _Scale(False)
 
 
 def _sync(device):
@@ -45,9 +80,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def make_optimizer(model, device):
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
+
+
 def step_time(model, opt, ids, labels):
+    """(wall seconds, process CPU seconds) of one training step."""
     _sync(ids.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss, aux = model.loss(ids, labels)
     if aux is not None:
         loss = loss + aux
@@ -56,7 +99,21 @@ def step_time(model, opt, ids, labels):
         opt.step()
     model.zero_grad(set_to_none=True)
     _sync(ids.device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def matmul_probe(n, device, dtype, reps=3):
+    """FLOP/s of an ``n x n @ n x n`` matmul (best of ``reps``) — the machine's usable matmul throughput now."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def main(argv=None):
@@ -68,50 +125,95 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
-    # The optimizer step costs the same for every variant (AttnRes adds 2d(2L+1) parameters) and, for a
-    # 64-expert MoE on CPU, dwarfs the model's own time; "none" times forward + backward only.
-    ap.add_argument("--optimizer", choices=("none", "adamw"), default="none")
+    ap.add_argument("--optimizer", choices=("none", "adamw"), default="adamw")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--probe-n", type=int, default=1024, help="matmul size of the throughput probe")
+    ap.add_argument("--variants", default="prenorm,block8,full")
+    ap.add_argument("--stub-sublayers", action="store_true",
+                    help="replace every token mixer and FFN by a scalar multiply: isolates the depth-mixing cost "
+                         "(step-time differences are then the AttnRes overhead in ms; MFU is meaningless)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = as_model_config(OmegaConf.load(CONFIGS / f"{args.preset}.yaml"))
     cfg.vocab_size = args.vocab
-    base = make(cfg, "prenorm")
-    variants = {
-        "prenorm": base,
-        "block8": make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers)),
-        "full": make(cfg, "full", base.state_dict()),
+    base, base_cfg = make(cfg, "prenorm")
+    builders = {
+        "prenorm": lambda: (base, base_cfg),
+        "block8": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers)),
+        "full": lambda: make(cfg, "full", base.state_dict()),
     }
+    names = [v for v in args.variants.split(",") if v]
+    if "prenorm" not in names or any(v not in builders for v in names):
+        raise SystemExit(f"--variants must include prenorm and be among {sorted(builders)}")
+    variants = {k: builders[k]() for k in names}
+    if args.stub_sublayers:
+        for m, _ in variants.values():
+            stub_sublayers(m)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    for m in variants.values():
+    for m, _ in variants.values():
         m.to(device=device, dtype=dtype)
-    opts = {k: (torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) if args.optimizer == "adamw" else None)
-            for k, m in variants.items()}
+    opts = {k: (make_optimizer(m, device) if args.optimizer == "adamw" else None) for k, (m, _) in variants.items()}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
-    times = {k: [] for k in variants}
+
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    probe = []
     for r in range(args.warmup + args.rounds):
-        for k, m in variants.items():
-            t = step_time(m, opts[k], x, y)
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always runs first
+        flops = matmul_probe(args.probe_n, device, dtype)
+        for k in order:
+            m, _ = variants[k]
+            w, c = step_time(m, opts[k], x, y)
             if r >= args.warmup:
-                times[k].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+                wall[k].append(w)
+                cpu[k].append(c)
+        if r >= args.warmup:
+            probe.append(flops)
+
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    peak = statistics.median(probe)
+    tokens = args.batch * args.seq
+    opt_desc = "none" if args.optimizer == "none" else (
+        f"adamw(fused={opts['prenorm'].defaults.get('fused')})")
     print(f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} vocab={args.vocab} "
           f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} rounds={args.rounds} "
-          f"optimizer={args.optimizer} device={device} dtype={args.dtype} torch={torch.__version__}")
-    for k, v in med.items():
-        print(f"  {k:8s} median step {v * 1e3:8.1f} ms  (min {min(times[k]) * 1e3:.1f} ms)")
-    # Medians are the headline; the min ratio is printed too because CPU noise here is additive (other
-    # processes), so the fastest of several interleaved steps is the least disturbed measurement.
-    mins = {k: min(v) for k, v in times.items()}
-    print(f"  min-based ratios: block8 {mins['block8'] / mins['prenorm']:.3f} x, full {mins['full'] / mins['prenorm']:.3f} x")
-    print(f"RESULT block_over_prenorm_step_time {med['block8'] / med['prenorm']:.3f} x")
-    print(f"RESULT full_over_prenorm_step_time {med['full'] / med['prenorm']:.3f} x")
+          f"optimizer={opt_desc} device={device} dtype={args.dtype} torch={torch.__version__}")
+    if args.stub_sublayers:
+        print("  sublayers stubbed out (--stub-sublayers): differences below are the depth-mixing cost")
+    print(f"  matmul probe {args.probe_n}^3: median {peak / 1e9:.1f} GFLOP/s (min {min(probe) / 1e9:.1f}, "
+          f"max {max(probe) / 1e9:.1f})")
+    mfu = {}
+    for k in names:
+        f = train_flops_per_token(variants[k][1], args.seq) * tokens
+        mfu[k] = f / med[k] / peak
+        rate = "" if args.stub_sublayers else f"  {f / med[k] / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[k]:5.1f} %"
+        print(f"  {k:8s} median step {med[k] * 1e3:8.1f} ms  (min {min(wall[k]) * 1e3:.1f} ms)  "
+              f"cpu {med_cpu[k] * 1e3:8.1f} ms  {tokens / med[k]:8.1f} tokens/s{rate}")
+    for k in [n for n in names if n != "prenorm"]:
+        print(f"  {k} - prenorm: {(med[k] - med['prenorm']) * 1e3:.1f} ms wall, "
+              f"{(med_cpu[k] - med_cpu['prenorm']) * 1e3:.1f} ms cpu per step")
+        pairs = statistics.median(a / b for a, b in zip(wall[k], wall["prenorm"]))
+        print(f"  {k} / prenorm: wall medians {med[k] / med['prenorm']:.3f} x, median of per-round ratios "
+              f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
+              f"{min(wall[k]) / min(wall['prenorm']):.3f} x")
+    if args.stub_sublayers:
+        for k in [n for n in names if n != "prenorm"]:
+            print(f"RESULT {k}_depth_mixing_cost {(med[k] - med['prenorm']) * 1e3:.1f} ms")
+        return
+    if "block8" in med:
+        print(f"RESULT block_over_prenorm_step_time {med['block8'] / med['prenorm']:.3f} x")
+    if "full" in med:
+        print(f"RESULT full_over_prenorm_step_time {med['full'] / med['prenorm']:.3f} x")
+    print(f"RESULT matmul_probe_gflops {peak / 1e9:.1f} GFLOP/s")
+    for k in names:
+        print(f"RESULT mfu_{k} {100 * mfu[k]:.1f} %")
 
 
 if __name__ == "__main__":

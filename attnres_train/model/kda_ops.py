@@ -5,7 +5,10 @@ module is the CPU reference *and* the CPU training path (design doc kimi_linear.
 
 * :func:`kda_recurrent` is the ground truth, a per-token loop of the delta rule with a per-channel decay.
 * :func:`kda_chunked` is the chunkwise WY/UT form used for training. All intra-chunk quantities are computed
-  for every chunk at once; only the state hand-off between chunks is a Python loop (one small matmul each).
+  for every chunk at once; only the state hand-off between chunks is a Python loop (two small matmuls each).
+
+The decay-weighted intra-chunk products (the expensive, memory-bound part on CPU) live in
+:mod:`attnres_train.model.kda_intra` (sub-chunked, overflow-free, hand-written backward).
 
 Conventions: q, k ``[B,T,H,K]`` (already L2-normalised), v ``[B,T,H,V]``, g ``[B,T,H,K]`` log-decay (<= 0),
 beta ``[B,T,H]`` (already sigmoided), state ``[B,H,K,V]``. Cores compute in fp32 (fp64 when any input is
@@ -18,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .kda_intra import intra_chunk_products, sub_sizes
 
 Tensor = torch.Tensor
 
@@ -108,12 +113,12 @@ def kda_chunked(
     """Chunkwise-parallel KDA (WY/UT form, spec §4.2); same signature/result as :func:`kda_recurrent`.
 
     Inside a chunk of C tokens (local positions r, i), with chunk-local inclusive cumsum ``G`` of g:
-      ``D[r,i] = exp(G_r - G_i)`` for i <= r only (non-causal pairs are set to -inf *before* exp, so no
-      positive log-decay is ever exponentiated and gradients stay finite for arbitrarily strong gates),
+      ``D[r,i] = exp(G_r - G_i)`` for i <= r only (computed by :func:`intra_chunk_products` without ever
+      exponentiating a positive log-decay, so gradients stay finite for arbitrarily strong gates),
       ``P[r,i] = sum_c q_r D[r,i] k_i`` (i <= r), ``L[r,i] = beta_r sum_c k_r D[r,i] k_i`` (i < r),
-      ``[W | U] = (I + L)^-1 Diag(beta) [exp(G) * k | v]`` (unit lower-triangular solve).
-    With chunk-start state S: ``o = (exp(G) q - P W) S + P U`` and
-    ``S' = (Diag(exp G_C) - Kd^T W) S + Kd^T U`` where ``Kd_i = exp(G_C - G_i) k_i``.
+      ``[W | U] = (I + L)^-1 Diag(beta) [exp(G) * k | v]`` (unit lower-triangular inverse, then one matmul).
+    With chunk-start state S: ``V' = U - W S`` (pseudo-values), ``o = (exp(G) q) S + P V'`` and
+    ``S' = Diag(exp G_C) S + Kd^T V'`` where ``Kd_i = exp(G_C - G_i) k_i``.
     T not a multiple of C is zero-padded (k = v = g = beta = 0 is state-neutral, §4.3.7).
     """
     B, T, H, K = q.shape
@@ -134,40 +139,33 @@ def kda_chunked(
 
     q_c, k_c, g_c = to_chunks(q) * scale, to_chunks(k), to_chunks(g)  # [B,H,N,C,K]
     v_c = to_chunks(v)  # [B,H,N,C,V]
-    beta_c = to_chunks(beta.unsqueeze(-1)).squeeze(-1)  # [B,H,N,C]
+    beta_c = to_chunks(beta.unsqueeze(-1))  # [B,H,N,C,1]
 
     G = g_c.cumsum(-2)  # [B,H,N,C,K], chunk-local inclusive cumsum, <= 0
-    causal_rr = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # i <= r
-    diff = G.unsqueeze(-2) - G.unsqueeze(-3)  # [B,H,N,C(r),C(i),K] = G_r - G_i
-    diff = diff.masked_fill(~causal_rr[:, :, None], float("-inf"))  # mask BEFORE exp
-    Dk = diff.exp() * k_c.unsqueeze(-3)  # [B,H,N,r,i,K]: D[r,i] * k_i, zero for i > r
-    # sum_c {q_r, k_r}[c] D[r,i,c] k_i[c] as elementwise products + reductions: a broadcast matmul here
-    # becomes N*C tiny (C x K)@(K x 2) products with expanded copies, ~5x slower on CPU.
-    P = (Dk * q_c.unsqueeze(-2)).sum(-1)  # [B,H,N,C,C], lower triangular incl. diagonal
-    L = ((Dk * k_c.unsqueeze(-2)).sum(-1) * beta_c.unsqueeze(-1)).tril(-1)  # strictly lower
-
+    P, Akk = intra_chunk_products(q_c, k_c, G, sub_sizes(C))  # P: lower incl. diagonal
+    L = (Akk * beta_c).tril(-1)  # strictly lower
+    # (I + L)^-1 first (C right-hand sides), then one matmul: cheaper than solving for the K + V columns.
+    eye = torch.eye(C, dtype=dt, device=q.device).expand_as(L)
+    inv = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)  # diag of L is ignored
     eG = G.exp()
-    rhs = beta_c.unsqueeze(-1) * torch.cat((eG * k_c, v_c), dim=-1)  # [B,H,N,C,K+V]
-    WU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # diag of L is ignored
-    W, U = WU[..., :K], WU[..., K:]
+    W = inv @ (beta_c * eG * k_c)  # [B,H,N,C,K]
+    U = inv @ (beta_c * v_c)  # [B,H,N,C,V]
 
-    q_eff = eG * q_c - P @ W  # [B,H,N,C,K]: maps the chunk-start state to outputs
-    o_intra = P @ U  # [B,H,N,C,V]
     G_last = G[..., -1:, :]  # [B,H,N,1,K]
-    Kd = (G_last - G).exp() * k_c  # [B,H,N,C,K]
-    Kd_t = Kd.transpose(-1, -2)
-    trans_nkk = torch.diag_embed(G_last.squeeze(-2).exp()) - Kd_t @ W  # [B,H,N,K,K]
-    write_nkv = Kd_t @ U  # [B,H,N,K,V]
-
+    Kd_t = ((G_last - G).exp() * k_c).transpose(-1, -2)  # [B,H,N,K,C]
+    decay = G_last.exp().transpose(-1, -2)  # [B,H,N,K,1]
     S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
-    starts = []
-    for n in range(N):  # the only sequential part: state hand-off across chunks
+    starts, pseudo = [], []
+    # The only sequential part: the state hand-off across chunks. unbind (not indexing) keeps the backward
+    # from materialising a full-size zero gradient per chunk.
+    for U_n, W_n, decay_n, Kd_n in zip(U.unbind(2), W.unbind(2), decay.unbind(2), Kd_t.unbind(2)):
         starts.append(S)
-        S = trans_nkk[:, :, n] @ S + write_nkv[:, :, n]
+        v_n = U_n - W_n @ S  # [B,H,C,V]
+        pseudo.append(v_n)
+        S = decay_n * S + Kd_n @ v_n
     if N > 0:
-        S_start = torch.stack(starts, dim=2)  # [B,H,N,K,V]
-        o_c = q_eff @ S_start + o_intra  # [B,H,N,C,V]
+        o_c = (eG * q_c) @ torch.stack(starts, dim=2) + P @ torch.stack(pseudo, dim=2)  # [B,H,N,C,V]
     else:
-        o_c = o_intra
+        o_c = v_c
     o_bthv = o_c.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o_bthv.to(v.dtype), (S if output_final_state else None)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from attnres_train.config.model import KDAConfig, ModelConfig
 from attnres_train.model.kda import KimiDeltaAttention
+from attnres_train.model.kda_intra import intra_chunk_products, sub_sizes
 from attnres_train.model.kda_ops import kda_chunked, kda_gate, kda_recurrent, l2norm, short_conv
 
 F64 = torch.float64
@@ -169,6 +170,44 @@ def test_extreme_gates_finite_and_correct(g_value, dtype):
         got = _grads(lambda *a: kda_chunked(*a[:5], initial_state=a[5], output_final_state=True, chunk_size=16), inputs)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- (iv-b) intra-chunk products
+def naive_intra(q, k, G):
+    """``[M, M, K]`` reference: D[r,i] = exp(G_r - G_i) for i <= r (masked to -inf before exp)."""
+    M = q.shape[-2]
+    causal = torch.ones(M, M, dtype=torch.bool).tril()
+    D = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf")).exp()
+    Dk = D * k.unsqueeze(-3)
+    return (Dk * q.unsqueeze(-2)).sum(-1), (Dk * k.unsqueeze(-2)).sum(-1)
+
+
+@pytest.mark.parametrize("M,sizes,g_scale", [(64, (16, 4), 1.0), (64, (16, 8), 30.0), (16, (4,), 1.0),
+                                             (12, (6, 2), 1.0), (8, (), 1.0), (64, (16,), 2500.0)])
+def test_intra_chunk_products_match_naive(M, sizes, g_scale):
+    gen = torch.Generator().manual_seed(M)
+    q, k = (torch.randn(2, 3, M, 8, generator=gen, dtype=F64) for _ in range(2))
+    G = (F.logsigmoid(torch.randn(2, 3, M, 8, generator=gen, dtype=F64)) * g_scale).cumsum(-2)
+    a = [x.clone().requires_grad_(True) for x in (q, k, G)]
+    b = [x.clone().requires_grad_(True) for x in (q, k, G)]
+    got, ref = intra_chunk_products(*a, sizes), naive_intra(*b)
+    wq, wk = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    ((got[0] * wq).sum() + (got[1] * wk).sum()).backward()
+    ((ref[0] * wq).sum() + (ref[1] * wk).sum()).backward()
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    for name, x, y in zip("qkG", a, b):
+        assert torch.isfinite(x.grad).all(), name
+        torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_intra_chunk_products_gradcheck_and_sizes():
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 12, 4, generator=gen, dtype=F64, requires_grad=True) for _ in range(2))
+    G = F.logsigmoid(torch.randn(1, 1, 12, 4, generator=gen, dtype=F64)).cumsum(-2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: intra_chunk_products(*a, (6, 2)), (q, k, G))
+    assert sub_sizes(64) == (16, 8) and sub_sizes(16) == (8,) and sub_sizes(4) == ()
+    assert sub_sizes(12, (16, 5)) == (4,) and sub_sizes(37) == (1,)  # clipped to divisors
 
 
 # ----------------------------------------------------------------------------- (v) gate / helpers

@@ -196,6 +196,26 @@ def test_grouped_experts_expert_subset():
         ge(x[:5], counts, expert_offset=2)
 
 
+def test_grouped_experts_all_experts_uses_whole_weights():
+    """All experts at offset 0 run on the parameters themselves (no full-range slice); same values and grads."""
+    torch.manual_seed(6)
+    ge = GroupedExperts(3, 16, 8, init_std=0.5).double()
+    counts = [2, 0, 3]
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y = ge(x, counts)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = [ge.w1.grad.clone(), ge.w3.grad.clone(), ge.w2.grad.clone()]
+    ge.zero_grad(set_to_none=True)
+    sl = slice(0, 3)
+    ref = ge.compute(x, counts, ge.w1[sl], ge.w3[sl], ge.w2[sl])
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for a, b in zip(got, (ge.w1.grad, ge.w3.grad, ge.w2.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got[0][1].abs().max() == 0  # the expert without rows gets a zero gradient
+
+
 def test_grouped_mm_matches_loop_fp32():
     torch.manual_seed(4)
     x = torch.randn(11, 16)
