@@ -127,20 +127,25 @@ def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str
 
         return attnres_kernels.phase1(blocks, q_sd, eps)
     cdt = compute_dtype(blocks[0].dtype)
-    v_nbtd = torch.stack(blocks).to(cdt)
-    k_nbtd = normalized_keys(v_nbtd, eps)
-    n = v_nbtd.shape[0]
-    logits_nbts = k_nbtd @ q_sd.to(cdt).t()  # [n,B,T,S]
+    q = q_sd.to(cdt)
+    vs = [b.to(cdt) for b in blocks]  # no stacked / normalised copies of the sources (CPU profile: they cost)
+    logits_nbts = torch.stack([_scaled_logits(v, q, eps) for v in vs])  # [n,B,T,S]
     m_bts = logits_nbts.amax(0)
     p_nbts = torch.exp(logits_nbts - m_bts)
     l_bts = p_nbts.sum(0)
+    p_n = p_nbts.unbind(0)  # not p_nbts[j]: indexing's backward zero-fills the whole [n,B,T,S] tensor per use
     out = []
-    for s in range(q_sd.shape[0]):
-        o_btd = p_nbts[0, ..., s, None] * v_nbtd[0]
-        for j in range(1, n):
-            o_btd = o_btd + p_nbts[j, ..., s, None] * v_nbtd[j]
+    for s in range(q.shape[0]):
+        o_btd = p_n[0][..., s, None] * vs[0]
+        for j in range(1, len(vs)):
+            o_btd = torch.addcmul(o_btd, p_n[j][..., s, None], vs[j])
         out.append((o_btd, m_bts[..., s], l_bts[..., s]))
     return out
+
+
+def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm(v) @ q^T`` without materialising the normalised keys: ``(v @ q^T) * rsqrt(mean(v^2) + eps)``."""
+    return (v @ q_sd.t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
@@ -155,12 +160,12 @@ def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tenso
         return (o_btd / l_bt.unsqueeze(-1)).to(dtype)
     cdt = o_btd.dtype
     p_btd = partial.to(cdt)
-    s2_bt = normalized_keys(p_btd, eps) @ q_d.to(cdt)
+    s2_bt = _scaled_logits(p_btd, q_d.to(cdt)[None], eps)[..., 0]
     m_new = torch.maximum(m_bt, s2_bt)
     a1 = torch.exp(m_bt - m_new)
     a2 = torch.exp(s2_bt - m_new)
-    h_btd = (a1.unsqueeze(-1) * o_btd + a2.unsqueeze(-1) * p_btd) / (a1 * l_bt + a2).unsqueeze(-1)
-    return h_btd.to(dtype)
+    inv = 1.0 / (a1 * l_bt + a2)  # per-token scalars first: two full-size passes instead of four
+    return torch.addcmul(o_btd * (a1 * inv).unsqueeze(-1), p_btd, (a2 * inv).unsqueeze(-1)).to(dtype)
 
 
 def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool,

@@ -119,7 +119,8 @@ def _saved_tensors(fn):
 def test_backward_keeps_no_per_source_fp32_intermediates(kops, has_p):
     """Only references to sources / partial / the output, the queries and per-token scalars are saved.
 
-    The torch reference, by contrast, saves fp32 ``[n, B, T, d]`` stacks (checked too, so the probe works).
+    The torch reference, by contrast, saves fp32 ``[B, T, d]`` copies of every source (checked too, so the probe
+    works).
     """
     n, s, (b, t, d) = 4, 3, (2, 8, 64)
     blocks, partial, q = _inputs(n, s, (b, t, d), has_p, torch.bfloat16)
@@ -138,7 +139,7 @@ def test_backward_keeps_no_per_source_fp32_intermediates(kops, has_p):
         if x.untyped_storage().data_ptr() not in {y.untyped_storage().data_ptr() for y in inputs}:
             assert x.numel() <= max(s * d, 4 * rows, s * rows) or x.dtype == torch.bfloat16, tuple(x.shape)
     _, saved_ref = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "torch"))
-    assert any(shape[0] == n and len(shape) == 4 for shape in big_fp32(saved_ref, inputs))
+    assert len(big_fp32(saved_ref, inputs)) >= n  # the torch path keeps fp32 [B,T,d] copies of every source
 
 
 def test_dispatch_uses_kernels_only_when_asked(kops, monkeypatch):
