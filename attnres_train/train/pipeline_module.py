@@ -45,6 +45,7 @@ class PipelineTrainModule(TrainModule):
         self.moe_owner = self.pipe.chunks
         self.norm_group = self.ctx.mesh("pp").get_group()
         self.optimizers = build_optimizers(self.model, optim_cfg)
+        self._step_loss = None  # TrainModule's non-finite check state (set by train_batch)
 
     def grad_params(self):
         params = [p for p in self.model.parameters() if p.grad is not None]
