@@ -17,7 +17,6 @@ Optimizer step, clipping, LR schedule and router-bias update are inherited uncha
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict
 
 import torch
@@ -27,37 +26,26 @@ from ..config.run import TrainerConfig
 from ..config.train import OptimConfig
 from ..parallel.data_parallel import finish_grad_sync
 from ..parallel.pipeline.parallelize import parallelize_pipeline
-from .optim import build_optimizers
-from .train_module import TrainModule, as_parallel_context, autocast_dtype
+from .train_module import TrainModule
 
 
 class PipelineTrainModule(TrainModule):
     def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int,
                  pipeline_cfg: PipelineConfig):
-        self.ctx = as_parallel_context(ctx)
-        self.optim_cfg = optim_cfg
-        self.trainer_cfg = trainer_cfg
-        self.max_steps = max_steps
-        self.micro = trainer_cfg.micro_batch_size
-        self.amp_dtype = autocast_dtype(trainer_cfg.precision, self.ctx.device)
-        self.pipe = parallelize_pipeline(model, self.ctx, trainer_cfg, pipeline_cfg)
-        self.model = self.pipe.chunks
-        self.moe_owner = self.pipe.chunks
+        self.pipeline_cfg = pipeline_cfg
+        super().__init__(model, optim_cfg, trainer_cfg, ctx, max_steps)
+
+    def _parallelize(self, model):
+        self.pipe = parallelize_pipeline(model, self.ctx, self.trainer_cfg, self.pipeline_cfg)
         self.norm_group = self.ctx.mesh("pp").get_group()
-        self.optimizers = build_optimizers(self.model, optim_cfg)
-        self._step_loss = None  # TrainModule's non-finite check state (set by train_batch)
+        return self.pipe.chunks
 
     def grad_params(self):
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = super().grad_params()
         if self.pipe.holds_tied_copy:
             head = self.model.lm_head.weight
             params = [p for p in params if p is not head]
         return params
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
 
     def _microbatches(self, batch_bt1: torch.Tensor):
         batch_bt1 = batch_bt1.to(self.ctx.device)

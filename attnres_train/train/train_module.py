@@ -62,17 +62,22 @@ class TrainModule:
         self.max_steps = max_steps
         self.micro = trainer_cfg.micro_batch_size
         self.amp_dtype = autocast_dtype(trainer_cfg.precision, self.ctx.device)
-        if not getattr(model, "_attnres_parallelized", False):
-            parallelize_model(model, self.ctx, trainer_cfg)
-        self.model = model
-        # Seams the pipeline module (``pipeline_module.PipelineTrainModule``) overrides: the module whose
-        # ``moe_layers()`` this rank updates, and the extra group the gradient norm is summed over (pp).
-        self.moe_owner = model
+        # Seams the pipeline module (``pipeline_module.PipelineTrainModule``) sets in its ``_parallelize``: the
+        # module the optimizer and checkpoints see, the one whose ``moe_layers()`` this rank updates, and the
+        # extra group the gradient norm is summed over (pp).
         self.norm_group = None
+        self.model = self._parallelize(model)
+        self.moe_owner = self.model
         # Buffers (router bias, load counters) are kept identical by construction (same updates), never broadcast.
-        self.optimizers = build_optimizers(model, optim_cfg)
+        self.optimizers = build_optimizers(self.model, optim_cfg)
         # The loss of the step in progress, set by train_batch for optimizer_step's non-finite check.
         self._step_loss: Optional[float] = None
+
+    def _parallelize(self, model):
+        """Apply the parallel layout to ``model`` in place; returns the module that trains on this rank."""
+        if not getattr(model, "_attnres_parallelized", False):
+            parallelize_model(model, self.ctx, self.trainer_cfg)
+        return model
 
     def grad_params(self):
         """The parameters whose gradients enter the norm / clipping (each logical parameter once)."""

@@ -71,12 +71,13 @@ def global_batch():
     return torch.randint(0, 64, (B, T + 1), generator=torch.Generator().manual_seed(123))
 
 
-def build_reference(mode, nb):
+def build_reference(mode, nb, cfg_fn=None):
+    """The fp64 single-process reference from the same seed (``cfg_fn(mode, nb)``, default :func:`model_cfg`)."""
     from attnres_train.model import build_model
     from tests.model.helpers import randomize_queries
 
     torch.manual_seed(0)
-    model = build_model(model_cfg(mode, nb)).to(torch.float64)
+    model = build_model((cfg_fn or model_cfg)(mode, nb)).to(torch.float64)
     if mode != "prenorm":
         randomize_queries(model)
     model.train()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.parallel.test_equivalence import B, T, global_batch, model_cfg, optim_cfg, rel_err
+from tests.parallel.test_equivalence import B, T, build_reference, global_batch, model_cfg, optim_cfg, rel_err
 
 STEPS = 2
 TOL = 1e-10
@@ -41,18 +41,6 @@ def _cfg(mode, nb):
     return cfg
 
 
-def _reference(mode, nb):
-    from attnres_train.model import build_model
-    from tests.model.helpers import randomize_queries
-
-    torch.manual_seed(0)
-    model = build_model(_cfg(mode, nb)).to(torch.float64)
-    if mode != "prenorm":
-        randomize_queries(model)
-    model.train()
-    return model
-
-
 def _body(parallel_kw, pipeline_kw, mode, nb):
     from attnres_train.config.parallel import ParallelConfig
     from attnres_train.config.pipeline import PipelineConfig
@@ -63,7 +51,7 @@ def _body(parallel_kw, pipeline_kw, mode, nb):
     from attnres_train.train.optim import build_optimizers, set_lr
     from attnres_train.train.train_module import build_train_module
 
-    ref = _reference(mode, nb)
+    ref = build_reference(mode, nb, _cfg)
     ws = dist.get_world_size()
     cfg = Config()
     cfg.model = _cfg(mode, nb)
