@@ -52,6 +52,7 @@ class AttnResForCausalLM(nn.Module):
         self.mode = cfg.residual.mode
         self.eps = cfg.rms_norm_eps
         self.two_phase = cfg.residual.two_phase
+        self.residual_impl = cfg.residual.impl
         self._starts = set(block_starts(cfg))
         self.model = AttnResModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -106,7 +107,7 @@ class AttnResForCausalLM(nn.Module):
             for k, q in enumerate(layer.queries()):
                 subs.append(2 * i + k)
                 queries.append(q)
-        stats = phase1(blocks, torch.stack(queries), self.eps)
+        stats = phase1(blocks, torch.stack(queries), self.eps, self.residual_impl)
         return dict(zip(subs, stats))
 
     def output_query(self) -> torch.Tensor:
@@ -116,7 +117,8 @@ class AttnResForCausalLM(nn.Module):
         """Output aggregation (AttnRes over all blocks) followed by the final norm: ``[B,T,d]``."""
         if self.mode == "prenorm":
             return self.model.norm(state.partial)
-        h = depth_read(state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase)
+        h = depth_read(state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase,
+                       self.residual_impl)
         return self.model.norm(h)
 
     def head(self, state: DepthState) -> torch.Tensor:
