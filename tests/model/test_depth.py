@@ -35,12 +35,13 @@ def test_two_phase_equals_direct_values_and_grads(n_blocks, with_partial):
 def test_two_phase_is_stable_for_huge_logits():
     blocks = _sources(4, dtype=torch.float32)
     partial = _sources(1, dtype=torch.float32, seed=3)[0]
-    q = torch.randn(16) * 200.0  # logits of order 1e3: naive exp overflows fp32
+    q = torch.randn(16, generator=torch.Generator().manual_seed(5)) * 200.0  # logits ~1e3: naive exp overflows fp32
     stats = phase1(blocks, q[None], 1e-6)[0]
     two = phase2(stats, partial, q, 1e-6, torch.float32)
     direct = mix_direct(blocks + [partial], q, 1e-6)
     assert torch.isfinite(two).all()
-    torch.testing.assert_close(two, direct, rtol=1e-5, atol=1e-5)
+    # fp32 logits of magnitude ~1e3 carry ~6e-5 of rounding (one ulp), and the two paths round differently
+    torch.testing.assert_close(two, direct, rtol=2e-4, atol=2e-4)
 
 
 def test_zero_query_gives_uniform_average_and_values_stay_raw():
