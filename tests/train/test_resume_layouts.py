@@ -24,7 +24,9 @@ from attnres_train.cli.train import run
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
 STEPS, SAVE_AT = 6, 3
-REL_TOL = 1e-5  # observed: <= 1.2e-7
+# fp32 runs. Observed <= 1.2e-7 before the KDA sub-chunk rewrite; since then up to 1.5e-5 for the layouts with tp > 1
+# (different fp32 summation orders; the same layouts match one process to 1e-10 in fp64, tests/parallel).
+REL_TOL = 1e-4
 
 LAYOUTS = {
     # name: (world size, parallel overrides)
