@@ -24,7 +24,7 @@ from attnres_train.cli.train import run
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
 STEPS, SAVE_AT = 6, 3
-# fp32 runs. Observed <= 1.2e-7 before the KDA sub-chunk rewrite; since then up to 1.5e-5 for the layouts with tp > 1
+# fp32 runs. Observed <= 1.2e-7 before the KDA / depth-mixing rewrites; since, up to 1.5e-5 for layouts with tp > 1
 # (different fp32 summation orders; the same layouts match one process to 1e-10 in fp64, tests/parallel).
 REL_TOL = 1e-4
 
