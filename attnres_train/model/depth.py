@@ -90,8 +90,8 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     auto: triton for CUDA tensors when triton imports, torch otherwise. triton: CUDA, or CPU only when the
     kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests); anything else is a ConfigError naming
     ``model.residual.impl``. fp64 always uses the torch reference (the kernels accumulate in fp32), and so do
-    DTensors (tensor parallelism: the kernels take plain tensors; name check, model code imports no
-    torch.distributed).
+    DTensors (tensor parallelism: the kernels take plain tensors; checked by type name, so the model package
+    still imports nothing distributed).
     """
     if impl == "torch" or x.dtype == torch.float64 or type(x).__name__ == "DTensor":
         return "torch"
