@@ -39,13 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def ids():

@@ -115,14 +115,6 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> No
     assert err < tol, f"max |logits diff| = {err:.3e} >= {tol:.0e}{hint}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (50x slower on a busy 2-core box), so use one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:

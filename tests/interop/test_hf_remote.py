@@ -59,13 +59,6 @@ def load_remote(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
