@@ -40,6 +40,10 @@ class TrainerConfig:
     device: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
+    # CPU only: keep freed host memory in the process (glibc mallopt) instead of returning it to the OS, so a
+    # step does not page-fault its working set in again every step (f2 preset: 4.6 s -> 3.0 s per step).
+    # The process then keeps its peak heap. No effect on GPU runs or without glibc (train/host_memory.py).
+    keep_host_memory: bool = True
     # torch.compile backend: "inductor" (default, generates kernels), "aot_eager" (graph capture only).
     compile_backend: str = "inductor"
     # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).

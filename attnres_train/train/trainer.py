@@ -33,6 +33,7 @@ from ..parallel.data_parallel import gathered_parameters
 from ..parallel.mesh import ParallelContext, build_parallel_context
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .faults import StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
+from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
 from .train_module import build_train_module
 
@@ -74,6 +75,8 @@ class Trainer:
                                          ctx.device.type, rank=ctx.rank, local_rank=ctx.local_rank)
         self.ctx = ctx
         tc = cfg.trainer
+        if ctx.device.type == "cpu" and tc.keep_host_memory:
+            keep_freed_host_memory()
         self.max_steps = tc.max_steps
         self.step = 0
         self.tokens_seen = 0
