@@ -35,9 +35,11 @@ class ResidualConfig:
     # Block/Full mode: batched phase-1 + online-softmax phase-2 (True) or direct softmax per sublayer
     # (False, the slow reference used by tests).
     two_phase: bool = True
-    # Depth-mixing implementation: "torch" (the reference), "triton" (attnres_kernels: fused phase 1/2 with
-    # a recomputing backward; CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "auto" (triton for CUDA
-    # tensors when triton imports, torch otherwise). fp64 and two_phase=false always use torch.
+    # Depth-mixing implementation: "torch" (hand-differentiated torch ops, the CPU path), "triton"
+    # (attnres_kernels: fused phase 1/2 with a recomputing backward; CUDA, or CPU under TRITON_INTERPRET=1 for
+    # tests), "reference" (plain autograd through the defining formulas, for debugging) or "auto" (triton for
+    # CUDA tensors when triton imports, torch otherwise). fp64 never uses triton; tensor parallelism and
+    # two_phase=false always use the reference.
     impl: str = "auto"
 
 
@@ -173,8 +175,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
     r = cfg.residual
     if r.mode not in RESIDUAL_MODES:
         raise ConfigError(f"{p}.residual.mode", f"unknown mode {r.mode!r}; choose one of {'|'.join(RESIDUAL_MODES)}")
-    if r.impl not in ("auto", "torch", "triton"):
-        raise ConfigError(f"{p}.residual.impl", f"must be one of auto|torch|triton, got {r.impl!r}")
+    if r.impl not in ("auto", "torch", "triton", "reference"):
+        raise ConfigError(f"{p}.residual.impl", f"must be one of auto|torch|triton|reference, got {r.impl!r}")
     if r.impl == "triton" and importlib.util.find_spec("triton") is None:
         raise ConfigError(f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch")
     # The device is checked at the first read (the model may be built on CPU or meta and moved to CUDA later):

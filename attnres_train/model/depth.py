@@ -17,10 +17,12 @@ key-norm gain γ is folded into the query (wᵀ(γ⊙k̂) = (w⊙γ)ᵀk̂), log
 fp64), no temperature, raw (un-normalised) values, result cast back to the input dtype.
 
 Implementations (``model.residual.impl``, passed as ``impl=`` to :func:`phase1` / :func:`phase2` /
-:func:`depth_read`): the torch code in this module is the reference; ``triton`` runs the same two phases as
-Triton kernels (``attnres_kernels``, fp32 accumulation, saves only source references and per-token scalars
-for backward); ``auto`` picks triton for CUDA tensors when triton imports, torch otherwise. fp64 inputs,
-DTensors (tensor parallelism) and the direct (``two_phase=False``) read always use the torch reference.
+:func:`depth_read`): ``reference`` is the autograd-differentiated torch code in this module, the definition
+everything else is tested against; ``torch`` runs the same math as two hand-differentiated autograd functions
+(:mod:`depth_ops`: fewer passes over ``[B,T,d]``, saves only sources and per-token scalars; the CPU training
+path); ``triton`` runs them as Triton kernels (``attnres_kernels``, fp32 accumulation); ``auto`` picks triton
+for CUDA tensors when triton imports, torch otherwise. fp64 inputs never use the kernels; DTensors (tensor
+parallelism) and the direct (``two_phase=False``) read always use the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..config.errors import ConfigError
+from . import depth_ops
 
 Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
 
@@ -81,19 +84,21 @@ def mix_direct(sources: List[torch.Tensor], q_d: torch.Tensor, eps: float) -> to
     return (a_nbt.unsqueeze(-1) * v_nbtd).sum(0).to(dtype)
 
 
-RESIDUAL_IMPLS = ("auto", "torch", "triton")
+RESIDUAL_IMPLS = ("auto", "torch", "triton", "reference")
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """``model.residual.impl`` for a read over tensors like ``x``: "torch" or "triton".
+    """``model.residual.impl`` for a read over tensors like ``x``: "reference", "torch" or "triton".
 
     auto: triton for CUDA tensors when triton imports, torch otherwise. triton: CUDA, or CPU only when the
     kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests); anything else is a ConfigError naming
-    ``model.residual.impl``. fp64 always uses the torch reference (the kernels accumulate in fp32), and so do
-    DTensors (tensor parallelism: the kernels take plain tensors; checked by type name, so the model package
-    still imports nothing distributed).
+    ``model.residual.impl``. fp64 uses torch instead of the kernels (they accumulate in fp32). DTensors (tensor
+    parallelism) always use the reference: its ops are plain DTensor ops (checked by type name, so the model
+    package still imports nothing distributed).
     """
-    if impl == "torch" or x.dtype == torch.float64 or type(x).__name__ == "DTensor":
+    if impl == "reference" or type(x).__name__ == "DTensor":
+        return "reference"
+    if impl == "torch" or x.dtype == torch.float64:
         return "torch"
     if impl == "auto":
         if x.device.type != "cuda":
@@ -116,16 +121,19 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     )
 
 
-def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str = "torch") -> List[Phase1Stats]:
+def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str = "reference") -> List[Phase1Stats]:
     """All S queries of a block against the n completed blocks in one batched call.
 
     Returns, per query, the *unnormalised* output ``o = Σ_j e^{s_j - m} v_j`` with its max ``m`` and
     sum-exp ``l`` (fp32), so phase 2 can merge the partial sum exactly.
     """
-    if resolve_impl(impl, blocks[0]) == "triton":
+    which = resolve_impl(impl, blocks[0])
+    if which == "triton":
         import attnres_kernels
 
         return attnres_kernels.phase1(blocks, q_sd, eps)
+    if which == "torch":
+        return depth_ops.phase1(blocks, q_sd, eps)
     cdt = compute_dtype(blocks[0].dtype)
     q = q_sd.to(cdt)
     vs = [b.to(cdt) for b in blocks]  # no stacked / normalised copies of the sources (CPU profile: they cost)
@@ -149,12 +157,15 @@ def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Ten
 
 
 def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
-           dtype: torch.dtype, impl: str = "torch") -> torch.Tensor:
+           dtype: torch.dtype, impl: str = "reference") -> torch.Tensor:
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
-    if resolve_impl(impl, stats[0] if partial is None else partial) == "triton":
+    which = resolve_impl(impl, stats[0] if partial is None else partial)
+    if which == "triton":
         import attnres_kernels
 
         return attnres_kernels.phase2(stats, partial, q_d, eps, dtype)
+    if which == "torch":
+        return depth_ops.phase2(stats, partial, q_d, eps, dtype)
     o_btd, m_bt, l_bt = stats
     if partial is None:
         return (o_btd / l_bt.unsqueeze(-1)).to(dtype)
@@ -169,7 +180,7 @@ def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tenso
 
 
 def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool,
-               impl: str = "torch") -> torch.Tensor:
+               impl: str = "reference") -> torch.Tensor:
     """The input of ``sublayer`` (or of the output head): the AttnRes mix over the state's sources."""
     if not state.blocks:
         raise ValueError("AttnRes read needs at least the embedding block in DepthState.blocks")

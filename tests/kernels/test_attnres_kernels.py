@@ -53,7 +53,7 @@ def test_kernels_match_reference_outputs_and_grads(kops, n, s, shape, has_p, dty
     sources = blocks + ([partial] if has_p else [])
     inputs = sources + [q]
     out_k = _two_phase(blocks, partial, q, dtype, "triton")
-    out_t = _two_phase(blocks, partial, q, dtype, "torch")
+    out_t = _two_phase(blocks, partial, q, dtype, "reference")
     truth = torch.stack([R.mix_direct([x.double() for x in sources], q[i].double(), EPS) for i in range(s)])
     assert out_k.dtype == dtype and out_k.shape == (s, *shape)
     tol = TOL[dtype]
@@ -81,9 +81,9 @@ def test_phase1_stats_equal_reference(kops):
 def test_kernel_merge_composes_with_torch_phase1(kops):
     """Phase 2 returns dh/dm, so it is exact on stats whose autograd routes m through amax (the reference)."""
     blocks, partial, q = _inputs(3, 2, (2, 4, 40), True, torch.float32, seed=5)
-    stats = R.phase1(blocks, q, EPS, "torch")
+    stats = R.phase1(blocks, q, EPS, "reference")
     mixed = torch.stack([R.phase2(stats[i], partial, q[i], EPS, torch.float32, "triton") for i in range(2)])
-    ref = _two_phase(blocks, partial, q, torch.float32, "torch")
+    ref = _two_phase(blocks, partial, q, torch.float32, "reference")
     torch.testing.assert_close(mixed, ref, rtol=1e-6, atol=1e-6)
     inputs = blocks + [partial, q]
     for a, b in zip(torch.autograd.grad(mixed.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
@@ -138,8 +138,8 @@ def test_backward_keeps_no_per_source_fp32_intermediates(kops, has_p):
     for x in saved:
         if x.untyped_storage().data_ptr() not in {y.untyped_storage().data_ptr() for y in inputs}:
             assert x.numel() <= max(s * d, 4 * rows, s * rows) or x.dtype == torch.bfloat16, tuple(x.shape)
-    _, saved_ref = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "torch"))
-    assert len(big_fp32(saved_ref, inputs)) >= n  # the torch path keeps fp32 [B,T,d] copies of every source
+    _, saved_ref = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "reference"))
+    assert len(big_fp32(saved_ref, inputs)) >= n  # the reference keeps fp32 [B,T,d] copies of every source
 
 
 def test_dispatch_uses_kernels_only_when_asked(kops, monkeypatch):

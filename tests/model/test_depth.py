@@ -11,15 +11,16 @@ def _sources(n, dtype=torch.float64, scale=1.0, seed=0):
     return [(torch.randn(2, 5, 16, generator=g, dtype=dtype) * scale * (j + 1)).requires_grad_() for j in range(n)]
 
 
+@pytest.mark.parametrize("impl", ["reference", "torch"])
 @pytest.mark.parametrize("n_blocks", [1, 2, 5])
 @pytest.mark.parametrize("with_partial", [False, True])
-def test_two_phase_equals_direct_values_and_grads(n_blocks, with_partial):
+def test_two_phase_equals_direct_values_and_grads(n_blocks, with_partial, impl):
     blocks = _sources(n_blocks)
     partial = _sources(1, seed=7)[0] if with_partial else None
     q_sd = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     eps = 1e-6
-    stats = phase1(blocks, q_sd, eps)
-    two = torch.stack([phase2(stats[s], partial, q_sd[s], eps, torch.float64) for s in range(3)])
+    stats = phase1(blocks, q_sd, eps, impl)
+    two = torch.stack([phase2(stats[s], partial, q_sd[s], eps, torch.float64, impl) for s in range(3)])
     srcs = blocks + ([partial] if partial is not None else [])
     direct = torch.stack([mix_direct(srcs, q_sd[s], eps) for s in range(3)])
     torch.testing.assert_close(two, direct, rtol=1e-12, atol=1e-12)
@@ -32,14 +33,16 @@ def test_two_phase_equals_direct_values_and_grads(n_blocks, with_partial):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-def test_two_phase_is_stable_for_huge_logits():
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_two_phase_is_stable_for_huge_logits(impl):
     blocks = _sources(4, dtype=torch.float32)
     partial = _sources(1, dtype=torch.float32, seed=3)[0]
     q = torch.randn(16, generator=torch.Generator().manual_seed(5)) * 200.0  # logits ~1e3: naive exp overflows fp32
-    stats = phase1(blocks, q[None], 1e-6)[0]
-    two = phase2(stats, partial, q, 1e-6, torch.float32)
+    stats = phase1(blocks, q[None], 1e-6, impl)[0]
+    two = phase2(stats, partial, q, 1e-6, torch.float32, impl)
     direct = mix_direct(blocks + [partial], q, 1e-6)
     assert torch.isfinite(two).all()
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(two.sum(), blocks + [partial]))
     # fp32 logits of magnitude ~1e3 carry ~6e-5 of rounding (one ulp), and the two paths round differently
     torch.testing.assert_close(two, direct, rtol=2e-4, atol=2e-4)
 
@@ -69,18 +72,20 @@ def test_bf16_sources_mix_in_fp32():
 # -- implementation dispatch (model.residual.impl); the kernels themselves are tested in tests/kernels --------
 
 
-def test_torch_and_auto_on_cpu_use_the_reference():
+def test_impl_resolution_on_cpu():
     from attnres_train.model.depth import resolve_impl
 
     x = torch.zeros(2, 3, 8)
     assert resolve_impl("torch", x) == "torch"
     assert resolve_impl("auto", x) == "torch"  # auto picks the kernels only for CUDA tensors
     assert resolve_impl("triton", x.double()) == "torch"  # the kernels accumulate in fp32: fp64 stays torch
+    assert resolve_impl("reference", x) == "reference"
 
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor (tensor parallelism)
         pass
 
-    assert resolve_impl("triton", x.as_subclass(DTensor)) == "torch"
+    for impl in ("auto", "torch", "triton"):  # DTensors always take the reference (plain DTensor ops)
+        assert resolve_impl(impl, x.as_subclass(DTensor)) == "reference"
 
 
 def test_triton_on_cpu_outside_the_interpreter_is_a_config_error(monkeypatch):

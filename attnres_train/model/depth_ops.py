@@ -1,0 +1,175 @@
+"""Hand-differentiated AttnRes phase 1 / phase 2 for eager PyTorch (the CPU training path).
+
+Why: autograd through the reference formulation in :mod:`depth` records ~10 ops per (source, query) pair,
+and each of their backwards allocates and re-reads full ``[B,T,d]`` tensors. On CPU the depth mixing is
+memory-bound, so op count and passes over ``[B,T,d]`` are the cost (``bench/attnres_overhead.py
+--stub-sublayers``). These two ``autograd.Function`` s do the same math as the reference with the fewest
+passes we could find using stock torch ops, and save only what the Triton kernels save: references to the
+sources, the output, fp32 queries and per-token fp32 scalars (logits, weights, norms). No fp32 ``[B,T,d]``
+intermediate is kept for backward (fp32 copies of low-precision sources are recomputed there).
+
+Math (per token; r_j = rsqrt(mean(v_j²) + ε), s_js = r_j⟨v_j, q_s⟩, p_js = e^{s_js − m_s}):
+
+* phase 1: o_s = Σ_j p_js v_j, l_s = Σ_j p_js, m_s = max_j s_js (a stabiliser: returned non-differentiable,
+  gradients are taken at fixed m, which is exact because the merged result does not depend on m).
+* backward: ds_js = p_js(⟨do_s, v_j⟩ + dl_s), dq_s = Σ_{tokens, j} ds_js r_j v_j,
+  dv_j = Σ_s p_js do_s + r_j Σ_s ds_js q_s − (r_j²/d)(Σ_s ds_js s_js) v_j.
+* phase 2 (merge with the partial sum p, s2 = r_p⟨p, q⟩, Z = e^{m−m'}l + e^{s2−m'}, m' = max(m, s2)):
+  h = c1·o + c2·p with c1 = e^{m−m'}/Z, c2 = e^{s2−m'}/Z; do = c1·dh, dl = −c1⟨dh, h⟩,
+  ds2 = c2(⟨dh, p⟩ − ⟨dh, h⟩), dm = −ds2 (h is invariant to shifting m and s2 together), dq = Σ ds2 r_p p,
+  dp = c2·dh + ds2·(r_p q − (s2 r_p²/d) p). Without a partial sum h = o/l.
+
+``tests/model/test_depth_ops.py`` checks values and every gradient against the reference (fp64 and fp32).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rsqrt_ms(v_td: Tensor, eps: float) -> Tensor:
+    """rsqrt(mean(v²) + eps) per row in one fused pass (``vector_norm``; ``pow`` + ``mean`` makes a temporary)."""
+    return torch.rsqrt(torch.linalg.vector_norm(v_td, dim=-1).square_().div_(v_td.shape[-1]).add_(eps))
+
+
+class _Phase1(torch.autograd.Function):
+    """(q_sd, *sources) → (o_0, m_0, l_0, o_1, m_1, l_1, ...): all S queries of a block against n sources."""
+
+    @staticmethod
+    def forward(ctx, eps: float, q_sd: Tensor, *vs: Tensor):
+        shape, d = vs[0].shape, vs[0].shape[-1]
+        cdt = _cdt(vs[0].dtype)
+        q = q_sd.to(cdt)
+        v2 = [v.reshape(-1, d).to(cdt) for v in vs]  # [N,d] views (fp32 inputs: no copy)
+        r_nt = torch.stack([_rsqrt_ms(v, eps) for v in v2])
+        s_nts = torch.stack([v @ q.t() for v in v2]).mul_(r_nt.unsqueeze(-1))
+        m_ts = s_nts.amax(0)
+        p_nts = torch.exp(s_nts - m_ts)
+        l_ts = p_nts.sum(0)
+        outs = []
+        for s in range(q.shape[0]):
+            o = v2[0] * p_nts[0, :, s, None]
+            for j in range(1, len(v2)):
+                o.addcmul_(v2[j], p_nts[j, :, s, None])
+            outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
+        ctx.q_dtype = q_sd.dtype
+        ctx.save_for_backward(q, r_nt, s_nts, p_nts, *vs)
+        ctx.mark_non_differentiable(*outs[1::3])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q, r_nt, s_nts, p_nts, *vs = ctx.saved_tensors
+        shape, d = vs[0].shape, vs[0].shape[-1]
+        cdt, S = q.dtype, q.shape[0]
+        do = [g.reshape(-1, d) if g is not None else None for g in grads[0::3]]
+        dl_ts = torch.stack([g.reshape(-1) if g is not None else r_nt.new_zeros(r_nt.shape[1])
+                             for g in grads[2::3]], -1)
+        v2 = [v.reshape(-1, d).to(cdt) for v in vs]
+        # ⟨do_s, v_j⟩ for every (source, query): [n, N, S]
+        dots = torch.zeros_like(p_nts)
+        for s, g in enumerate(do):
+            if g is not None:
+                for j, v in enumerate(v2):
+                    dots[j, :, s] = torch.linalg.vecdot(g, v)
+        ds_nts = p_nts * (dots + dl_ts)
+        dsr_nts = ds_nts * r_nt.unsqueeze(-1)
+        c_nt = (ds_nts * s_nts).sum(-1).mul_(r_nt.square()).div_(d)
+        dq = torch.zeros_like(q)
+        dvs = []
+        for j, v in enumerate(v2):
+            dq.addmm_(dsr_nts[j].t(), v)
+            dv = torch.mm(dsr_nts[j], q)
+            for s, g in enumerate(do):
+                if g is not None:
+                    dv.addcmul_(g, p_nts[j, :, s, None])
+            dv.addcmul_(v, c_nt[j].unsqueeze(-1), value=-1.0)
+            dvs.append(dv.view(shape).to(vs[j].dtype))
+        return (None, dq.to(ctx.q_dtype) if ctx.needs_input_grad[1] else None, *dvs)
+
+
+class _Phase2(torch.autograd.Function):
+    """(o, m, l, partial, q) → h: the online-softmax merge of phase 1 with the open block's partial sum."""
+
+    @staticmethod
+    def forward(ctx, eps: float, dtype: torch.dtype, o_td: Tensor, m_t: Tensor, l_t: Tensor,
+                partial: Tensor, q_d: Tensor):
+        shape, d = partial.shape, partial.shape[-1]
+        cdt = o_td.dtype
+        o = o_td.reshape(-1, d)
+        p = partial.reshape(-1, d).to(cdt)
+        q = q_d.to(cdt)
+        r = _rsqrt_ms(p, eps)
+        s2 = torch.mv(p, q).mul_(r)
+        m, l = m_t.reshape(-1), l_t.reshape(-1)
+        m_new = torch.maximum(m, s2)
+        a1, a2 = torch.exp(m - m_new), torch.exp(s2 - m_new)
+        inv = 1.0 / (a1 * l + a2)
+        c1, c2 = a1 * inv, a2 * inv
+        h = o * c1.unsqueeze(-1)
+        h.addcmul_(p, c2.unsqueeze(-1))
+        ctx.q_dtype = q_d.dtype
+        out = h.view(shape).to(dtype)
+        ctx.save_for_backward(q, r, s2, c1, c2, partial, out)  # the output in its own dtype, as the kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, dh_out: Tensor):
+        q, r, s2, c1, c2, partial, h = ctx.saved_tensors
+        d = partial.shape[-1]
+        cdt = q.dtype
+        dh = dh_out.reshape(-1, d).to(cdt)
+        p = partial.reshape(-1, d).to(cdt)
+        h = h.reshape(-1, d).to(cdt)
+        dh_h = torch.linalg.vecdot(dh, h)
+        ds2 = c2 * (torch.linalg.vecdot(dh, p) - dh_h)
+        do = dh * c1.unsqueeze(-1)
+        dl = -(c1 * dh_h)
+        dsr = ds2 * r
+        dq = torch.mv(p.t(), dsr)
+        dp = dh * c2.unsqueeze(-1)
+        dp.addmm_(dsr.unsqueeze(-1), q.unsqueeze(0))
+        dp.addcmul_(p, (ds2 * s2 * r.square() / d).unsqueeze(-1), value=-1.0)
+        tshape = partial.shape[:-1]
+        return (None, None, do.view(partial.shape), (-ds2).view(tshape), dl.view(tshape),
+                dp.view(partial.shape).to(partial.dtype), dq.to(ctx.q_dtype))
+
+
+class _Normalise(torch.autograd.Function):
+    """h = o / l (phase 2 without a partial sum, i.e. the first sublayer of a block)."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, o_td: Tensor, l_t: Tensor):
+        inv = 1.0 / l_t
+        out = (o_td * inv.unsqueeze(-1)).to(dtype)
+        ctx.save_for_backward(inv, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dh_out: Tensor):
+        inv, out = ctx.saved_tensors
+        h = out.to(inv.dtype)
+        dh = dh_out.to(inv.dtype)
+        return None, dh * inv.unsqueeze(-1), -(inv * torch.linalg.vecdot(dh, h))
+
+
+def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Same contract as :func:`attnres_train.model.depth.phase1` (per query: unnormalised o, max m, sum-exp l)."""
+    flat = _Phase1.apply(eps, q_sd, *blocks)
+    return [tuple(flat[3 * s: 3 * s + 3]) for s in range(q_sd.shape[0])]
+
+
+def phase2(stats, partial: Optional[Tensor], q_d: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Same contract as :func:`attnres_train.model.depth.phase2`."""
+    o, m, l = stats
+    if partial is None:
+        return _Normalise.apply(dtype, o, l)
+    return _Phase2.apply(eps, dtype, o, m, l, partial, q_d)
