@@ -34,14 +34,17 @@ from torch import nn
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
+from attnres_train.train.host_memory import keep_freed_host_memory
 from attnres_train.model.flops import train_flops_per_token
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def make(cfg, mode, base_state=None, num_blocks=None):
+def make(cfg, mode, base_state=None, num_blocks=None, impl=None):
     c = copy.deepcopy(cfg)
     c.residual.mode, c.residual.num_blocks, c.residual.block_size = mode, num_blocks, None
+    if impl is not None:
+        c.residual.impl = impl
     torch.manual_seed(0)
     m = build_model(c)
     if base_state is not None:
@@ -129,11 +132,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--probe-n", type=int, default=1024, help="matmul size of the throughput probe")
-    ap.add_argument("--variants", default="prenorm,block8,full")
+    ap.add_argument("--variants", default="prenorm,block8,full",
+                    help="comma list among prenorm, block8, full, block8_ref, full_ref (the *_ref variants run "
+                         "the autograd reference of the depth mixing, model.residual.impl=reference)")
     ap.add_argument("--stub-sublayers", action="store_true",
                     help="replace every token mixer and FFN by a scalar multiply: isolates the depth-mixing cost "
                          "(step-time differences are then the AttnRes overhead in ms; MFU is meaningless)")
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
+                         "by default the bench keeps freed host memory, as the trainer does on CPU")
     args = ap.parse_args(argv)
+    if not args.return_freed_memory:
+        keep_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -144,6 +154,10 @@ def main(argv=None):
         "prenorm": lambda: (base, base_cfg),
         "block8": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers)),
         "full": lambda: make(cfg, "full", base.state_dict()),
+        # the autograd reference of the depth mixing (model.residual.impl=reference), for before/after
+        "block8_ref": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers),
+                                   impl="reference"),
+        "full_ref": lambda: make(cfg, "full", base.state_dict(), impl="reference"),
     }
     names = [v for v in args.variants.split(",") if v]
     if "prenorm" not in names or any(v not in builders for v in names):

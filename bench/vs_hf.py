@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
+from attnres_train.train.host_memory import keep_freed_host_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -151,7 +152,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
+                         "by default the bench keeps freed host memory, as the trainer does on CPU")
     args = ap.parse_args(argv)
+    if not args.return_freed_memory:
+        keep_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
