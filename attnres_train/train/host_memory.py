@@ -36,12 +36,12 @@ def keep_freed_host_memory() -> bool:
         mallopt = libc.mallopt
         gnu_get_libc_version = libc.gnu_get_libc_version  # only glibc has it
     except (OSError, AttributeError):
-        log.info("host allocator: not glibc, freed memory handling left as is")
+        log.debug("host allocator: not glibc, freed memory handling left as is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     gnu_get_libc_version.restype = ctypes.c_char_p
     ok = bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX)) and bool(mallopt(_M_MMAP_THRESHOLD, _INT_MAX))
     mallopt(_M_TOP_PAD, 64 << 20)  # grow the heap in 64 MiB steps (fewer brk calls); best effort
-    log.info("host allocator: glibc %s keeps freed memory (mallopt %s)", gnu_get_libc_version().decode(),
+    log.debug("host allocator: glibc %s keeps freed memory (mallopt %s)", gnu_get_libc_version().decode(),
              "accepted" if ok else "refused")
     return ok
