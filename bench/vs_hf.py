@@ -41,9 +41,21 @@ from omegaconf import OmegaConf
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
+from attnres_train.model.flops import train_flops_per_token
 from attnres_train.train.host_memory import keep_freed_host_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def matmul_probe(n=1024, reps=3):
+    """FLOP/s of an ``n x n`` fp32 matmul (best of ``reps``): what this machine's BLAS delivers right now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -188,7 +200,9 @@ def main(argv=None):
     kda_times = {k: [] for k in models}
     mem = {k: [] for k in models}
     peak = PeakRSS()
+    probe = []
     for r in range(args.warmup + args.rounds):
+        probe.append(matmul_probe())
         for k in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
             with peak:
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -234,6 +248,16 @@ def main(argv=None):
           f"{share['hf']:.0%} of hf's")
     print(f"  step time outside the KDA mixers: ours {rest['ours']:.2f} s, hf {rest['hf']:.2f} s -> ratio ceiling "
           f"with a zero-cost KDA: {med['hf'] / max(rest['ours'], 1e-9):.1f} x")
+    # Roofline: our model's training FLOPs per step at 100% of the matmul throughput measured in this run. No
+    # implementation of this configuration can step faster, so hf's step over this bounds any ratio.
+    flops = train_flops_per_token(cfg, args.seq) * tokens
+    probe_med = statistics.median(probe)
+    floor_s = flops / probe_med
+    print(f"  roofline: {flops / 1e9:.1f} GFLOP per training step, matmul probe 1024^3 median "
+          f"{probe_med / 1e9:.1f} GFLOP/s -> no step below {floor_s:.3f} s; ours at MFU "
+          f"{floor_s / med['ours']:.0%}; ratio ceiling at 100% MFU: {med['hf'] / floor_s:.1f} x")
+    print(f"RESULT ours_mfu {100 * floor_s / med['ours']:.1f} %")
+    print(f"RESULT ratio_ceiling_at_full_mfu {med['hf'] / floor_s:.1f} x")
     print(f"RESULT ours_tokens_per_s {tps['ours']:.1f} tokens/s")
     print(f"RESULT hf_tokens_per_s {tps['hf']:.1f} tokens/s")
     # Headline: the median of the per-round ratios (each round times both models back to back, so a slow phase
