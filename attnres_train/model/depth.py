@@ -151,6 +151,36 @@ def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str
     return out
 
 
+class SegmentLogits:
+    """Each source's scaled logits against all queries of a forward segment, computed once (``impl=torch``).
+
+    Phase 1 at a block start needs ``r_j⟨v_j, q_s⟩`` of every completed block j for the block's queries; without
+    this cache every block start recomputes them for all earlier blocks (O(N²) passes over ``[B,T,d]`` per
+    step). With it, a source is read once for the logits of all the segment's sublayers, and its backward is one
+    matmul per source. ``forward_layers`` keeps one per call; nothing of it crosses a pipeline stage.
+    """
+
+    def __init__(self, q_qd: torch.Tensor, first_sublayer: int, eps: float):
+        self.q_qd, self.first, self.eps = q_qd, first_sublayer, eps
+        self.sources: List[torch.Tensor] = []
+        self.logits: List[torch.Tensor] = []  # [B·T, Q] per source
+
+    def phase1(self, blocks: List[torch.Tensor], sublayers: List[int]) -> List[Phase1Stats]:
+        """Phase-1 stats of ``sublayers`` (consecutive, inside the segment) over ``blocks``."""
+        known = 0
+        while known < min(len(blocks), len(self.sources)) and blocks[known] is self.sources[known]:
+            known += 1
+        del self.sources[known:], self.logits[known:]  # DepthState.blocks only grows; anything else is recomputed
+        q = self.q_qd.to(compute_dtype(blocks[0].dtype))
+        for v in blocks[known:]:
+            self.sources.append(v)
+            self.logits.append(depth_ops.source_logits(v, q, self.eps))
+        cols = slice(sublayers[0] - self.first, sublayers[-1] - self.first + 1)
+        if sublayers != list(range(sublayers[0], sublayers[-1] + 1)):
+            raise ValueError(f"a block's sublayers are consecutive, got {sublayers}")
+        return depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), blocks)
+
+
 def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm(v) @ q^T`` without materialising the normalised keys: ``(v @ q^T) * rsqrt(mean(v^2) + eps)``."""
     return (v @ q_sd.t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)

@@ -19,6 +19,10 @@ Math (per token; r_j = rsqrt(mean(v_j²) + ε), s_js = r_j⟨v_j, q_s⟩, p_js =
   ds2 = c2(⟨dh, p⟩ − ⟨dh, h⟩), dm = −ds2 (h is invariant to shifting m and s2 together), dq = Σ ds2 r_p p,
   dp = c2·dh + ds2·(r_p q − (s2 r_p²/d) p). Without a partial sum h = o/l.
 
+Two shapes of phase 1: :func:`phase1` is one fused function (single reads: Full AttnRes, the output head);
+block starts inside ``forward_layers`` use :func:`source_logits` once per source for all the segment's queries
+plus :func:`combine` per block (``depth.SegmentLogits``), so the key passes are O(N) per step, not O(N²).
+
 ``tests/model/test_depth_ops.py`` checks values and every gradient against the reference (fp64 and fp32).
 """
 
@@ -96,6 +100,85 @@ class _Phase1(torch.autograd.Function):
         return (None, dq.to(ctx.q_dtype) if ctx.needs_input_grad[1] else None, *dvs)
 
 
+class _SourceLogits(torch.autograd.Function):
+    """(q_qd, v) → s ``[N, Q]``: the scaled logits r⟨v, q⟩ of one source against Q queries.
+
+    Separate from the combine so the model can compute it once per source for all later queries of a segment
+    (``AttnResForCausalLM.forward_layers``) instead of once per block that reads the source.
+    """
+
+    @staticmethod
+    def forward(ctx, eps: float, q_qd: Tensor, v: Tensor):
+        d = v.shape[-1]
+        cdt = _cdt(v.dtype)
+        q = q_qd.to(cdt)
+        v2 = v.reshape(-1, d).to(cdt)
+        r = _rsqrt_ms(v2, eps)
+        s = torch.mm(v2, q.t()).mul_(r.unsqueeze(-1))
+        ctx.q_dtype = q_qd.dtype
+        ctx.save_for_backward(q, r, s, v)
+        return s
+
+    @staticmethod
+    def backward(ctx, ds: Tensor):
+        q, r, s, v = ctx.saved_tensors
+        d = v.shape[-1]
+        v2 = v.reshape(-1, d).to(q.dtype)
+        dsr = ds * r.unsqueeze(-1)
+        dq = torch.mm(dsr.t(), v2).to(ctx.q_dtype) if ctx.needs_input_grad[1] else None
+        c = (ds * s).sum(-1).mul_(r.square()).div_(d)
+        dv = torch.mm(dsr, q)
+        dv.addcmul_(v2, c.unsqueeze(-1), value=-1.0)
+        return None, dq, dv.view(v.shape).to(v.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """(s_nts, *sources) → (o_0, m_0, l_0, o_1, ...): phase 1 of S queries on their precomputed logits."""
+
+    @staticmethod
+    def forward(ctx, s_nts: Tensor, *vs: Tensor):
+        shape, d = vs[0].shape, vs[0].shape[-1]
+        v2 = [v.reshape(-1, d).to(s_nts.dtype) for v in vs]  # [N,d] views (fp32 inputs: no copy)
+        m_ts = s_nts.amax(0)
+        p_nts = torch.exp(s_nts - m_ts)
+        l_ts = p_nts.sum(0)
+        outs = []
+        for s, p_nt in enumerate(p_nts.unbind(-1)):
+            o = v2[0] * p_nt[0, :, None]
+            for j in range(1, len(v2)):
+                o.addcmul_(v2[j], p_nt[j, :, None])
+            outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
+        ctx.save_for_backward(p_nts, *vs)
+        ctx.mark_non_differentiable(*outs[1::3])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        p_nts, *vs = ctx.saved_tensors
+        d = vs[0].shape[-1]
+        cdt = p_nts.dtype
+        do = [(s, g.reshape(-1, d).to(cdt)) for s, g in enumerate(grads[0::3]) if g is not None]
+        dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1])
+                             for g in grads[2::3]], -1)
+        v2 = [v.reshape(-1, d).to(cdt) for v in vs]
+        dots = torch.zeros_like(p_nts)  # ⟨do_s, v_j⟩ for every (source, query): [n, N, S]
+        for s, g in do:
+            for j, v in enumerate(v2):
+                dots[j, :, s] = torch.linalg.vecdot(g, v)
+        ds_nts = dots.add_(dl_ts).mul_(p_nts)
+        dvs = []
+        for j, v in enumerate(v2):
+            if not do:
+                dvs.append(torch.zeros_like(vs[j]))
+                continue
+            (s0, g0), rest = do[0], do[1:]
+            dv = g0 * p_nts[j, :, s0, None]
+            for s, g in rest:
+                dv.addcmul_(g, p_nts[j, :, s, None])
+            dvs.append(dv.view(vs[j].shape).to(vs[j].dtype))
+        return (ds_nts, *dvs)
+
+
 class _Phase2(torch.autograd.Function):
     """(o, m, l, partial, q) → h: the online-softmax merge of phase 1 with the open block's partial sum."""
 
@@ -161,8 +244,23 @@ class _Normalise(torch.autograd.Function):
         return None, dh * inv.unsqueeze(-1), -(inv * torch.linalg.vecdot(dh, h))
 
 
+def source_logits(v: Tensor, q_qd: Tensor, eps: float) -> Tensor:
+    """Scaled logits ``r⟨v, q⟩`` of one source ``[B,T,d]`` against Q queries ``[Q,d]``: ``[B·T, Q]`` (fp32/fp64)."""
+    return _SourceLogits.apply(eps, q_qd, v)
+
+
+def combine(s_nts: Tensor, blocks: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Phase 1 from logits ``[n, B·T, S]`` (a stack of :func:`source_logits` columns) and the n sources."""
+    flat = _Combine.apply(s_nts, *blocks)
+    return [tuple(flat[3 * s: 3 * s + 3]) for s in range(s_nts.shape[-1])]
+
+
 def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
-    """Same contract as :func:`attnres_train.model.depth.phase1` (per query: unnormalised o, max m, sum-exp l)."""
+    """Same contract as :func:`attnres_train.model.depth.phase1` (per query: unnormalised o, max m, sum-exp l).
+
+    One fused function (logits and combine): fewer autograd nodes for single reads (Full AttnRes, the output
+    head). Block starts inside ``forward_layers`` use :func:`source_logits` once per source + :func:`combine`.
+    """
     flat = _Phase1.apply(eps, q_sd, *blocks)
     return [tuple(flat[3 * s: 3 * s + 3]) for s in range(q_sd.shape[0])]
 

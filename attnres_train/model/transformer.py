@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.model import ModelConfig, block_starts, validate_model_config
-from .depth import DepthState, depth_read, depth_weights, phase1
+from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .layers import DecoderLayer, fold_query, make_depth_query
 from .moe import MoE
 from .norms import RMSNorm
@@ -89,14 +89,19 @@ class AttnResForCausalLM(nn.Module):
         """Run decoder layers ``[start, end)`` on ``state`` and return the new state."""
         end = len(self.model.layers) if end is None else end
         batch_phase1 = self.mode == "block" and self.two_phase
+        cache = None
         for i in range(start, end):
             layer = self.model.layers[i]
             if batch_phase1 and (i == start or layer.opens_block[0]):
-                state = replace(state, phase1=self._block_phase1(state, layer, end))
+                if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
+                    queries = [q for j in range(start, end) for q in self.model.layers[j].queries()]
+                    cache = SegmentLogits(torch.stack(queries), 2 * start, self.eps)
+                state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
             state = layer(state)
         return replace(state, phase1={})
 
-    def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int) -> dict:
+    def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int,
+                      cache: Optional[SegmentLogits] = None) -> dict:
         """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
         blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
         subs, queries = [], []
@@ -107,6 +112,8 @@ class AttnResForCausalLM(nn.Module):
             for k, q in enumerate(layer.queries()):
                 subs.append(2 * i + k)
                 queries.append(q)
+        if cache is not None:
+            return dict(zip(subs, cache.phase1(blocks, subs)))
         stats = phase1(blocks, torch.stack(queries), self.eps, self.residual_impl)
         return dict(zip(subs, stats))
 

@@ -135,3 +135,36 @@ def test_fast_path_makes_far_fewer_full_size_passes():
             torch.autograd.grad(out.square().sum(), blocks + [partial, q])
         counts[impl] = mode.count
     assert counts["torch"] * 1.8 <= counts["reference"], counts  # measured: 65 vs 129 (torch 2.13)
+
+
+def test_segment_cache_reads_each_source_once_and_equals_phase1(monkeypatch):
+    """``SegmentLogits`` (what forward_layers uses with impl=torch): logits of a source for all later queries are
+    computed once; stats and gradients equal a per-block phase 1; a changed block list is recomputed."""
+    from attnres_train.model import depth_ops
+
+    calls = []
+    real = depth_ops.source_logits
+    monkeypatch.setattr(depth_ops, "source_logits", lambda v, q, eps: calls.append(v) or real(v, q, eps))
+    g = torch.Generator().manual_seed(0)
+    srcs = [(torch.randn(2, 3, 16, generator=g, dtype=torch.float64) * (j + 1)).requires_grad_() for j in range(4)]
+    q_all = torch.randn(8, 16, generator=g, dtype=torch.float64, requires_grad=True)  # sublayers 2..9
+    cache = R.SegmentLogits(q_all, 2, EPS)
+    got, want, cached_calls = [], [], 0
+    for n, subs in ((1, [2, 3]), (2, [4, 5]), (4, [6, 7, 8])):  # blocks grow; one block has three sublayers
+        calls.clear()
+        got += [o for o, _, l in cache.phase1(srcs[:n], subs)]
+        cached_calls += len(calls)
+        want += [o for o, _, l in depth_ops.phase1(srcs[:n], q_all[subs[0] - 2: subs[-1] - 1], EPS)]
+    assert cached_calls == 4  # once per source (the plain phase 1 made 1 + 2 + 4 calls)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    inputs = srcs + [q_all]
+    ga = torch.autograd.grad(sum((o * o).sum() for o in got), inputs)
+    gb = torch.autograd.grad(sum((o * o).sum() for o in want), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    other = [srcs[0], srcs[2].detach().clone()]  # not the cached list any more: recomputed from the change on
+    calls.clear()
+    (o, _, _), = cache.phase1(other, [9])
+    assert len(calls) == 1 and calls[0] is other[1]
+    torch.testing.assert_close(o, depth_ops.phase1(other, q_all[7:8], EPS)[0][0])
