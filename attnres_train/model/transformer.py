@@ -94,11 +94,20 @@ class AttnResForCausalLM(nn.Module):
             layer = self.model.layers[i]
             if batch_phase1 and (i == start or layer.opens_block[0]):
                 if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
-                    queries = [q for j in range(start, end) for q in self.model.layers[j].queries()]
-                    cache = SegmentLogits(torch.stack(queries), 2 * start, self.eps)
+                    cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
             state = layer(state)
         return replace(state, phase1={})
+
+    def _segment_queries(self, start: int, end: int) -> torch.Tensor:
+        """``[2·num_layers, d]``: the queries of layers ``[start, end)`` at their sublayer rows, zeros elsewhere.
+
+        Always the full model's width, so the logits matmul has the same shape however the model is cut
+        (pipeline stages): same summation order, same fp32 rounding as one process.
+        """
+        own = [q for j in range(start, end) for q in self.model.layers[j].queries()]
+        zero = own[0].new_zeros(own[0].shape)
+        return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (len(self.model.layers) - end)))
 
     def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int,
                       cache: Optional[SegmentLogits] = None) -> dict:
