@@ -44,26 +44,52 @@ def _rsqrt_ms(v_td: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(torch.linalg.vector_norm(v_td, dim=-1).square_().div_(v_td.shape[-1]).add_(eps))
 
 
+def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape) -> Tuple[list, Tensor]:
+    """Phase-1 forward on logits ``[n,N,S]``: the flat outputs (o_s, m_s, l_s per query) and the weights p."""
+    m_ts = s_nts.amax(0)
+    p_nts = torch.exp(s_nts - m_ts)
+    l_ts = p_nts.sum(0)
+    outs = []
+    for s, p_nt in enumerate(p_nts.unbind(-1)):
+        o = v2[0] * p_nt[0, :, None]
+        for j in range(1, len(v2)):
+            o.addcmul_(v2[j], p_nt[j, :, None])
+        outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
+    return outs, p_nts
+
+
+def _logit_grads(grads, p_nts: Tensor, v2: List[Tensor]) -> Tuple[list, Tensor]:
+    """From the (o, m, l) gradients: the non-None ``(s, do_s)`` and ds = p(⟨do_s, v_j⟩ + dl_s) ``[n,N,S]``."""
+    d, cdt = v2[0].shape[-1], p_nts.dtype
+    do = [(s, g.reshape(-1, d).to(cdt)) for s, g in enumerate(grads[0::3]) if g is not None]
+    dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1])
+                         for g in grads[2::3]], -1)
+    dots = torch.zeros_like(p_nts)  # ⟨do_s, v_j⟩ for every (source, query)
+    for s, g in do:
+        for j, v in enumerate(v2):
+            dots[j, :, s] = torch.linalg.vecdot(g, v)
+    return do, dots.add_(dl_ts).mul_(p_nts)
+
+
+def _value_grad(do: list, p_nts_j: Tensor, dv: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``dv + Σ_s p_js do_s`` for one source, accumulated in place (None if nothing to add and no dv)."""
+    for s, g in do:
+        dv = g * p_nts_j[:, s, None] if dv is None else dv.addcmul_(g, p_nts_j[:, s, None])
+    return dv
+
+
 class _Phase1(torch.autograd.Function):
     """(q_sd, *sources) → (o_0, m_0, l_0, o_1, m_1, l_1, ...): all S queries of a block against n sources."""
 
     @staticmethod
     def forward(ctx, eps: float, q_sd: Tensor, *vs: Tensor):
-        shape, d = vs[0].shape, vs[0].shape[-1]
+        d = vs[0].shape[-1]
         cdt = _cdt(vs[0].dtype)
         q = q_sd.to(cdt)
         v2 = [v.reshape(-1, d).to(cdt) for v in vs]  # [N,d] views (fp32 inputs: no copy)
         r_nt = torch.stack([_rsqrt_ms(v, eps) for v in v2])
         s_nts = torch.stack([v @ q.t() for v in v2]).mul_(r_nt.unsqueeze(-1))
-        m_ts = s_nts.amax(0)
-        p_nts = torch.exp(s_nts - m_ts)
-        l_ts = p_nts.sum(0)
-        outs = []
-        for s in range(q.shape[0]):
-            o = v2[0] * p_nts[0, :, s, None]
-            for j in range(1, len(v2)):
-                o.addcmul_(v2[j], p_nts[j, :, s, None])
-            outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
+        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape)
         ctx.q_dtype = q_sd.dtype
         ctx.save_for_backward(q, r_nt, s_nts, p_nts, *vs)
         ctx.mark_non_differentiable(*outs[1::3])
@@ -72,31 +98,18 @@ class _Phase1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         q, r_nt, s_nts, p_nts, *vs = ctx.saved_tensors
-        shape, d = vs[0].shape, vs[0].shape[-1]
-        cdt, S = q.dtype, q.shape[0]
-        do = [g.reshape(-1, d) if g is not None else None for g in grads[0::3]]
-        dl_ts = torch.stack([g.reshape(-1) if g is not None else r_nt.new_zeros(r_nt.shape[1])
-                             for g in grads[2::3]], -1)
-        v2 = [v.reshape(-1, d).to(cdt) for v in vs]
-        # ⟨do_s, v_j⟩ for every (source, query): [n, N, S]
-        dots = torch.zeros_like(p_nts)
-        for s, g in enumerate(do):
-            if g is not None:
-                for j, v in enumerate(v2):
-                    dots[j, :, s] = torch.linalg.vecdot(g, v)
-        ds_nts = p_nts * (dots + dl_ts)
+        d = vs[0].shape[-1]
+        v2 = [v.reshape(-1, d).to(q.dtype) for v in vs]
+        do, ds_nts = _logit_grads(grads, p_nts, v2)
         dsr_nts = ds_nts * r_nt.unsqueeze(-1)
         c_nt = (ds_nts * s_nts).sum(-1).mul_(r_nt.square()).div_(d)
         dq = torch.zeros_like(q)
         dvs = []
         for j, v in enumerate(v2):
             dq.addmm_(dsr_nts[j].t(), v)
-            dv = torch.mm(dsr_nts[j], q)
-            for s, g in enumerate(do):
-                if g is not None:
-                    dv.addcmul_(g, p_nts[j, :, s, None])
+            dv = _value_grad(do, p_nts[j], torch.mm(dsr_nts[j], q))
             dv.addcmul_(v, c_nt[j].unsqueeze(-1), value=-1.0)
-            dvs.append(dv.view(shape).to(vs[j].dtype))
+            dvs.append(dv.view(vs[j].shape).to(vs[j].dtype))
         return (None, dq.to(ctx.q_dtype) if ctx.needs_input_grad[1] else None, *dvs)
 
 
@@ -137,17 +150,9 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_nts: Tensor, *vs: Tensor):
-        shape, d = vs[0].shape, vs[0].shape[-1]
+        d = vs[0].shape[-1]
         v2 = [v.reshape(-1, d).to(s_nts.dtype) for v in vs]  # [N,d] views (fp32 inputs: no copy)
-        m_ts = s_nts.amax(0)
-        p_nts = torch.exp(s_nts - m_ts)
-        l_ts = p_nts.sum(0)
-        outs = []
-        for s, p_nt in enumerate(p_nts.unbind(-1)):
-            o = v2[0] * p_nt[0, :, None]
-            for j in range(1, len(v2)):
-                o.addcmul_(v2[j], p_nt[j, :, None])
-            outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
+        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape)
         ctx.save_for_backward(p_nts, *vs)
         ctx.mark_non_differentiable(*outs[1::3])
         return tuple(outs)
@@ -156,26 +161,12 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, *grads):
         p_nts, *vs = ctx.saved_tensors
         d = vs[0].shape[-1]
-        cdt = p_nts.dtype
-        do = [(s, g.reshape(-1, d).to(cdt)) for s, g in enumerate(grads[0::3]) if g is not None]
-        dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1])
-                             for g in grads[2::3]], -1)
-        v2 = [v.reshape(-1, d).to(cdt) for v in vs]
-        dots = torch.zeros_like(p_nts)  # ⟨do_s, v_j⟩ for every (source, query): [n, N, S]
-        for s, g in do:
-            for j, v in enumerate(v2):
-                dots[j, :, s] = torch.linalg.vecdot(g, v)
-        ds_nts = dots.add_(dl_ts).mul_(p_nts)
+        v2 = [v.reshape(-1, d).to(p_nts.dtype) for v in vs]
+        do, ds_nts = _logit_grads(grads, p_nts, v2)
         dvs = []
-        for j, v in enumerate(v2):
-            if not do:
-                dvs.append(torch.zeros_like(vs[j]))
-                continue
-            (s0, g0), rest = do[0], do[1:]
-            dv = g0 * p_nts[j, :, s0, None]
-            for s, g in rest:
-                dv.addcmul_(g, p_nts[j, :, s, None])
-            dvs.append(dv.view(vs[j].shape).to(vs[j].dtype))
+        for j, v in enumerate(vs):
+            dv = _value_grad(do, p_nts[j])
+            dvs.append(torch.zeros_like(v) if dv is None else dv.view(v.shape).to(v.dtype))
         return (ds_nts, *dvs)
 
 
