@@ -105,6 +105,17 @@ def step_time(model, opt, ids, labels):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def add_host_memory_flag(ap):
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
+                         "by default the bench keeps freed host memory, as the trainer does on CPU")
+
+
+def apply_host_memory_flag(args):
+    if not args.return_freed_memory:
+        keep_freed_host_memory()
+
+
 def matmul_probe(n, device, dtype, reps=3):
     """FLOP/s of an ``n x n @ n x n`` matmul (best of ``reps``) — the machine's usable matmul throughput now."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -138,12 +149,9 @@ def main(argv=None):
     ap.add_argument("--stub-sublayers", action="store_true",
                     help="replace every token mixer and FFN by a scalar multiply: isolates the depth-mixing cost "
                          "(step-time differences are then the AttnRes overhead in ms; MFU is meaningless)")
-    ap.add_argument("--return-freed-memory", action="store_true",
-                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
-                         "by default the bench keeps freed host memory, as the trainer does on CPU")
+    add_host_memory_flag(ap)
     args = ap.parse_args(argv)
-    if not args.return_freed_memory:
-        keep_freed_host_memory()
+    apply_host_memory_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 

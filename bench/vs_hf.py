@@ -42,20 +42,9 @@ from omegaconf import OmegaConf
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
 from attnres_train.model.flops import train_flops_per_token
-from attnres_train.train.host_memory import keep_freed_host_memory
+from attnres_overhead import add_host_memory_flag, apply_host_memory_flag, matmul_probe  # bench/ sibling
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-
-def matmul_probe(n=1024, reps=3):
-    """FLOP/s of an ``n x n`` fp32 matmul (best of ``reps``): what this machine's BLAS delivers right now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -164,12 +153,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--return-freed-memory", action="store_true",
-                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
-                         "by default the bench keeps freed host memory, as the trainer does on CPU")
+    add_host_memory_flag(ap)
     args = ap.parse_args(argv)
-    if not args.return_freed_memory:
-        keep_freed_host_memory()
+    apply_host_memory_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -202,7 +188,7 @@ def main(argv=None):
     peak = PeakRSS()
     probe = []
     for r in range(args.warmup + args.rounds):
-        probe.append(matmul_probe())
+        probe.append(matmul_probe(1024, torch.device("cpu"), torch.float32))
         for k in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
             with peak:
                 t0, c0 = time.perf_counter(), time.process_time()
