@@ -34,8 +34,8 @@ from torch import nn
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
-from attnres_train.train.host_memory import keep_freed_host_memory
 from attnres_train.model.flops import train_flops_per_token
+from attnres_train.train.host_memory import keep_freed_host_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

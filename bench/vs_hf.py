@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attnres_overhead import add_host_memory_flag, apply_host_memory_flag, matmul_probe  # bench/ sibling
 from omegaconf import OmegaConf
 
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
 from attnres_train.model.flops import train_flops_per_token
-from attnres_overhead import add_host_memory_flag, apply_host_memory_flag, matmul_probe  # bench/ sibling
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

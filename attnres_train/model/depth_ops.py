@@ -183,10 +183,10 @@ class _Phase2(torch.autograd.Function):
         q = q_d.to(cdt)
         r = _rsqrt_ms(p, eps)
         s2 = torch.mv(p, q).mul_(r)
-        m, l = m_t.reshape(-1), l_t.reshape(-1)
+        m, sum_exp = m_t.reshape(-1), l_t.reshape(-1)
         m_new = torch.maximum(m, s2)
         a1, a2 = torch.exp(m - m_new), torch.exp(s2 - m_new)
-        inv = 1.0 / (a1 * l + a2)
+        inv = 1.0 / (a1 * sum_exp + a2)
         c1, c2 = a1 * inv, a2 * inv
         h = o * c1.unsqueeze(-1)
         h.addcmul_(p, c2.unsqueeze(-1))
@@ -258,7 +258,7 @@ def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Ten
 
 def phase2(stats, partial: Optional[Tensor], q_d: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """Same contract as :func:`attnres_train.model.depth.phase2`."""
-    o, m, l = stats
+    o, m, sum_exp = stats
     if partial is None:
-        return _Normalise.apply(dtype, o, l)
-    return _Phase2.apply(eps, dtype, o, m, l, partial, q_d)
+        return _Normalise.apply(dtype, o, sum_exp)
+    return _Phase2.apply(eps, dtype, o, m, sum_exp, partial, q_d)

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from attnres_train.model import depth as R
+from tests.model.helpers import DEPTH_EPS as EPS
+from tests.model.helpers import depth_inputs, rel_err, saved_tensors, two_phase
 
 from .conftest import DEVICE
 
-EPS = 1e-6
 # (number of completed blocks, queries S, [B, T, d], with a partial sum)
 SHAPES = [
     (1, 1, (2, 5, 48), True),  # a single source (+ partial): the output head of a 1-block model
@@ -29,21 +30,7 @@ TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2 ** -
 
 
 def _inputs(n, s, shape, has_p, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    blocks = [(torch.randn(*shape, generator=g) * (j + 1)).to(DEVICE, dtype).requires_grad_() for j in range(n)]
-    partial = (torch.randn(*shape, generator=g) * 2).to(DEVICE, dtype).requires_grad_() if has_p else None
-    q = (torch.randn(s, shape[-1], generator=g) * 0.5).to(DEVICE).requires_grad_()
-    return blocks, partial, q
-
-
-def _two_phase(blocks, partial, q, dtype, impl):
-    stats = R.phase1(blocks, q, EPS, impl)
-    return torch.stack([R.phase2(stats[i], partial, q[i], EPS, dtype, impl) for i in range(q.shape[0])])
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+    return depth_inputs(n, s, shape, has_p, dtype, seed, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -52,12 +39,12 @@ def test_kernels_match_reference_outputs_and_grads(kops, n, s, shape, has_p, dty
     blocks, partial, q = _inputs(n, s, shape, has_p, dtype)
     sources = blocks + ([partial] if has_p else [])
     inputs = sources + [q]
-    out_k = _two_phase(blocks, partial, q, dtype, "triton")
-    out_t = _two_phase(blocks, partial, q, dtype, "reference")
+    out_k = two_phase(blocks, partial, q, dtype, "triton")
+    out_t = two_phase(blocks, partial, q, dtype, "reference")
     truth = torch.stack([R.mix_direct([x.double() for x in sources], q[i].double(), EPS) for i in range(s)])
     assert out_k.dtype == dtype and out_k.shape == (s, *shape)
     tol = TOL[dtype]
-    assert _rel(out_k, truth) <= max(tol["out"], 3 * _rel(out_t, truth))
+    assert rel_err(out_k, truth) <= max(tol["out"], 3 * rel_err(out_t, truth))
 
     w = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     g_k = torch.autograd.grad((out_k.float() * w).sum(), inputs)
@@ -65,7 +52,7 @@ def test_kernels_match_reference_outputs_and_grads(kops, n, s, shape, has_p, dty
     g_x = torch.autograd.grad((truth * w.double()).sum(), inputs)
     for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_k, g_t, g_x):
         assert a.dtype == x.dtype and a.shape == x.shape
-        assert _rel(a, x) <= max(tol["grad"], 3 * _rel(b, x)), name
+        assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name
 
 
 def test_phase1_stats_equal_reference(kops):
@@ -83,7 +70,7 @@ def test_kernel_merge_composes_with_torch_phase1(kops):
     blocks, partial, q = _inputs(3, 2, (2, 4, 40), True, torch.float32, seed=5)
     stats = R.phase1(blocks, q, EPS, "reference")
     mixed = torch.stack([R.phase2(stats[i], partial, q[i], EPS, torch.float32, "triton") for i in range(2)])
-    ref = _two_phase(blocks, partial, q, torch.float32, "reference")
+    ref = two_phase(blocks, partial, q, torch.float32, "reference")
     torch.testing.assert_close(mixed, ref, rtol=1e-6, atol=1e-6)
     inputs = blocks + [partial, q]
     for a, b in zip(torch.autograd.grad(mixed.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
@@ -94,8 +81,8 @@ def test_huge_logits_are_stable(kops):
     blocks, partial, _ = _inputs(4, 1, (1, 5, 32), True, torch.float32, seed=2)
     g = torch.Generator().manual_seed(3)
     q = (torch.randn(1, 32, generator=g) * 300.0).to(DEVICE).requires_grad_()  # logits ~1e3: naive exp overflows
-    out = _two_phase(blocks, partial, q, torch.float32, "triton")
-    ref = _two_phase(blocks, partial, q, torch.float32, "torch")
+    out = two_phase(blocks, partial, q, torch.float32, "triton")
+    ref = two_phase(blocks, partial, q, torch.float32, "torch")
     assert torch.isfinite(out).all()
     # fp32 logits of magnitude ~1e3 carry rounding of ~6e-5 (one ulp), which the softmax weights inherit
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
@@ -106,13 +93,6 @@ def test_huge_logits_are_stable(kops):
 def test_mix_is_the_direct_softmax(kops):
     blocks, _, q = _inputs(3, 1, (2, 3, 20), False, torch.float32, seed=4)
     torch.testing.assert_close(kops.mix(blocks, q[0], EPS), R.mix_direct(blocks, q[0], EPS), rtol=1e-6, atol=1e-6)
-
-
-def _saved_tensors(fn):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("has_p", [True, False], ids=["partial", "no-partial"])
@@ -131,14 +111,14 @@ def test_backward_keeps_no_per_source_fp32_intermediates(kops, has_p):
         return [tuple(x.shape) for x in saved
                 if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs]
 
-    out, saved = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "triton"))
+    out, saved = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "triton"))
     inputs = blocks + ([partial] if has_p else [])
     assert big_fp32(saved, inputs + [out]) == []
     # every saved tensor is a source reference, or at most S·d (queries) / 4·B·T and S·B·T fp32 scalars
     for x in saved:
         if x.untyped_storage().data_ptr() not in {y.untyped_storage().data_ptr() for y in inputs}:
             assert x.numel() <= max(s * d, 4 * rows, s * rows) or x.dtype == torch.bfloat16, tuple(x.shape)
-    _, saved_ref = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "reference"))
+    _, saved_ref = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "reference"))
     assert len(big_fp32(saved_ref, inputs)) >= n  # the reference keeps fp32 [B,T,d] copies of every source
 
 

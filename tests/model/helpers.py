@@ -51,3 +51,39 @@ def set_path(obj, path: str, value):
         target = getattr(target, p)
     setattr(target, last, value)
     return obj
+
+
+# -- depth-mixing inputs and probes, shared by tests/model/test_depth_ops.py and tests/kernels -------------------
+DEPTH_EPS = 1e-6
+
+
+def depth_inputs(n, s, shape, has_p, dtype, seed=0, device="cpu"):
+    """n source blocks ``shape``, an optional partial sum, S fp32 queries: leaves requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [(torch.randn(*shape, generator=g) * (j + 1)).to(device, dtype).requires_grad_() for j in range(n)]
+    partial = (torch.randn(*shape, generator=g) * 2).to(device, dtype).requires_grad_() if has_p else None
+    q = (torch.randn(s, shape[-1], generator=g) * 0.5).to(device).requires_grad_()
+    return blocks, partial, q
+
+
+def two_phase(blocks, partial, q, dtype, impl1, impl2=None):
+    """All S reads of one block: phase 1 with ``impl1``, phase 2 with ``impl2`` (default the same), stacked."""
+    from attnres_train.model import depth
+
+    stats = depth.phase1(blocks, q, DEPTH_EPS, impl1)
+    return torch.stack([depth.phase2(stats[i], partial, q[i], DEPTH_EPS, dtype, impl2 or impl1)
+                        for i in range(q.shape[0])])
+
+
+def rel_err(a, b):
+    """max |a - b| relative to max |b|."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+
+
+def saved_tensors(fn):
+    """(fn(), every tensor autograd saved for backward while running it)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved

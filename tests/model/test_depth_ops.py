@@ -13,7 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres_train.model import depth as R
 
-EPS = 1e-6
+from .helpers import DEPTH_EPS as EPS
+from .helpers import depth_inputs, rel_err, saved_tensors, two_phase
+
 SHAPES = [  # (completed blocks n, queries S, [B, T, d], with a partial sum)
     (1, 1, (2, 5, 48), True),
     (1, 2, (1, 6, 32), False),
@@ -24,36 +26,18 @@ IDS = [f"n{n}-S{s}-d{shape[-1]}-{'p' if hp else 'nop'}" for n, s, shape, hp in S
 TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2 ** -8, grad=3e-2)}
 
 
-def _inputs(n, s, shape, has_p, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    blocks = [(torch.randn(*shape, generator=g) * (j + 1)).to(dtype).requires_grad_() for j in range(n)]
-    partial = (torch.randn(*shape, generator=g) * 2).to(dtype).requires_grad_() if has_p else None
-    q = (torch.randn(s, shape[-1], generator=g) * 0.5).requires_grad_()
-    return blocks, partial, q
-
-
-def _two_phase(blocks, partial, q, dtype, impl1, impl2=None):
-    stats = R.phase1(blocks, q, EPS, impl1)
-    return torch.stack([R.phase2(stats[i], partial, q[i], EPS, dtype, impl2 or impl1) for i in range(q.shape[0])])
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,s,shape,has_p", SHAPES, ids=IDS)
 def test_fast_path_matches_truth_as_well_as_the_reference(n, s, shape, has_p, dtype):
-    blocks, partial, q = _inputs(n, s, shape, has_p, dtype)
+    blocks, partial, q = depth_inputs(n, s, shape, has_p, dtype)
     sources = blocks + ([partial] if has_p else [])
     inputs = sources + [q]
-    out_f = _two_phase(blocks, partial, q, dtype, "torch")
-    out_r = _two_phase(blocks, partial, q, dtype, "reference")
+    out_f = two_phase(blocks, partial, q, dtype, "torch")
+    out_r = two_phase(blocks, partial, q, dtype, "reference")
     truth = torch.stack([R.mix_direct([x.double() for x in sources], q[i].double(), EPS) for i in range(s)])
     assert out_f.dtype == dtype and out_f.shape == (s, *shape)
     tol = TOL[dtype]
-    assert _rel(out_f, truth) <= max(tol["out"], 3 * _rel(out_r, truth))
+    assert rel_err(out_f, truth) <= max(tol["out"], 3 * rel_err(out_r, truth))
 
     w = torch.randn(out_f.shape, generator=torch.Generator().manual_seed(1))
     g_f = torch.autograd.grad((out_f.float() * w).sum(), inputs)
@@ -61,27 +45,20 @@ def test_fast_path_matches_truth_as_well_as_the_reference(n, s, shape, has_p, dt
     g_x = torch.autograd.grad((truth * w.double()).sum(), inputs)
     for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_f, g_r, g_x):
         assert a.dtype == x.dtype and a.shape == x.shape
-        assert _rel(a, x) <= max(tol["grad"], 3 * _rel(b, x)), name
+        assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name
 
 
 @pytest.mark.parametrize("impls", [("torch", "reference"), ("reference", "torch")], ids=["fast-p1", "fast-p2"])
 def test_fast_and_reference_phases_compose_exactly(impls):
     """Phase 1's max is a stabiliser: the fast phase 1 drops its gradient and the fast phase 2 returns
     dm = -ds2, so either phase can be paired with the other implementation's without losing exactness."""
-    blocks, partial, q = _inputs(3, 2, (2, 4, 24), True, torch.float64)
-    mixed = _two_phase(blocks, partial, q, torch.float64, *impls)
-    ref = _two_phase(blocks, partial, q, torch.float64, "reference")
+    blocks, partial, q = depth_inputs(3, 2, (2, 4, 24), True, torch.float64)
+    mixed = two_phase(blocks, partial, q, torch.float64, *impls)
+    ref = two_phase(blocks, partial, q, torch.float64, "reference")
     torch.testing.assert_close(mixed, ref, rtol=1e-12, atol=1e-12)
     inputs = blocks + [partial, q]
     for a, b in zip(torch.autograd.grad(mixed.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
-
-
-def _saved_tensors(fn):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("has_p", [True, False], ids=["partial", "no-partial"])
@@ -89,7 +66,7 @@ def test_backward_keeps_only_sources_and_per_token_scalars(has_p):
     """What the issue asks of a recomputing backward: no fp32 ``[B,T,d]`` intermediates are saved (the
     reference saves fp32 copies of every source, checked too so the probe is known to work)."""
     n, s, (b, t, d) = 4, 3, (2, 8, 64)
-    blocks, partial, q = _inputs(n, s, (b, t, d), has_p, torch.bfloat16)
+    blocks, partial, q = depth_inputs(n, s, (b, t, d), has_p, torch.bfloat16)
     rows = b * t
     inputs = blocks + ([partial] if has_p else [])
 
@@ -98,13 +75,13 @@ def test_backward_keeps_only_sources_and_per_token_scalars(has_p):
         return [tuple(x.shape) for x in saved
                 if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs]
 
-    out, saved = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "torch"))
+    out, saved = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "torch"))
     assert big_fp32(saved, inputs) == []
     input_ptrs = {y.untyped_storage().data_ptr() for y in inputs}
     for x in saved:  # sources, bf16 outputs, fp32 queries [S,d], per-token scalars (at most n·S per token)
         if x.untyped_storage().data_ptr() not in input_ptrs:
             assert x.dtype == torch.bfloat16 or x.numel() <= max(s * d, n * s * rows), tuple(x.shape)
-    _, saved_ref = _saved_tensors(lambda: _two_phase(blocks, partial, q, torch.bfloat16, "reference"))
+    _, saved_ref = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "reference"))
     assert len(big_fp32(saved_ref, inputs)) >= n
 
 
@@ -129,9 +106,9 @@ def test_fast_path_makes_far_fewer_full_size_passes():
     """The point of depth_ops on CPU (memory-bound): count full-size ops of one block's reads, fwd + bwd."""
     counts = {}
     for impl in ("reference", "torch"):
-        blocks, partial, q = _inputs(5, 2, (2, 16, 64), True, torch.float32)
+        blocks, partial, q = depth_inputs(5, 2, (2, 16, 64), True, torch.float32)
         with _CountFullSizeOps(2 * 16 * 64) as mode:
-            out = _two_phase(blocks, partial, q, torch.float32, impl)
+            out = two_phase(blocks, partial, q, torch.float32, impl)
             torch.autograd.grad(out.square().sum(), blocks + [partial, q])
         counts[impl] = mode.count
     assert counts["torch"] * 1.8 <= counts["reference"], counts  # measured: 65 vs 129 (torch 2.13)
@@ -152,9 +129,9 @@ def test_segment_cache_reads_each_source_once_and_equals_phase1(monkeypatch):
     got, want, cached_calls = [], [], 0
     for n, subs in ((1, [2, 3]), (2, [4, 5]), (4, [6, 7, 8])):  # blocks grow; one block has three sublayers
         calls.clear()
-        got += [o for o, _, l in cache.phase1(srcs[:n], subs)]
+        got += [o for o, _, _ in cache.phase1(srcs[:n], subs)]
         cached_calls += len(calls)
-        want += [o for o, _, l in depth_ops.phase1(srcs[:n], q_all[subs[0] - 2: subs[-1] - 1], EPS)]
+        want += [o for o, _, _ in depth_ops.phase1(srcs[:n], q_all[subs[0] - 2: subs[-1] - 1], EPS)]
     assert cached_calls == 4  # once per source (the plain phase 1 made 1 + 2 + 4 calls)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
