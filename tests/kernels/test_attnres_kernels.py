@@ -13,7 +13,7 @@ import torch
 
 from attnres_train.model import depth as R
 from tests.model.helpers import DEPTH_EPS as EPS
-from tests.model.helpers import depth_inputs, rel_err, saved_tensors, two_phase
+from tests.model.helpers import check_against_truth, depth_inputs, saved_tensors, two_phase
 
 from .conftest import DEVICE
 
@@ -36,23 +36,7 @@ def _inputs(n, s, shape, has_p, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,s,shape,has_p", SHAPES, ids=IDS)
 def test_kernels_match_reference_outputs_and_grads(kops, n, s, shape, has_p, dtype):
-    blocks, partial, q = _inputs(n, s, shape, has_p, dtype)
-    sources = blocks + ([partial] if has_p else [])
-    inputs = sources + [q]
-    out_k = two_phase(blocks, partial, q, dtype, "triton")
-    out_t = two_phase(blocks, partial, q, dtype, "reference")
-    truth = torch.stack([R.mix_direct([x.double() for x in sources], q[i].double(), EPS) for i in range(s)])
-    assert out_k.dtype == dtype and out_k.shape == (s, *shape)
-    tol = TOL[dtype]
-    assert rel_err(out_k, truth) <= max(tol["out"], 3 * rel_err(out_t, truth))
-
-    w = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    g_k = torch.autograd.grad((out_k.float() * w).sum(), inputs)
-    g_t = torch.autograd.grad((out_t.float() * w).sum(), inputs)
-    g_x = torch.autograd.grad((truth * w.double()).sum(), inputs)
-    for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_k, g_t, g_x):
-        assert a.dtype == x.dtype and a.shape == x.shape
-        assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name
+    check_against_truth("triton", n, s, shape, has_p, dtype, TOL[dtype], DEVICE)
 
 
 def test_phase1_stats_equal_reference(kops):

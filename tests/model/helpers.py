@@ -87,3 +87,27 @@ def saved_tensors(fn):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fn()
     return out, saved
+
+
+def check_against_truth(impl, n, s, shape, has_p, dtype, tol, device="cpu"):
+    """``impl``'s block reads (outputs and every gradient) are as close to the fp64 direct softmax as the
+    autograd reference in the same dtype is (within a factor 3, or ``tol["out"]`` / ``tol["grad"]``)."""
+    from attnres_train.model import depth
+
+    blocks, partial, q = depth_inputs(n, s, shape, has_p, dtype, device=device)
+    sources = blocks + ([partial] if has_p else [])
+    inputs = sources + [q]
+    out_i = two_phase(blocks, partial, q, dtype, impl)
+    out_r = two_phase(blocks, partial, q, dtype, "reference")
+    truth = torch.stack([depth.mix_direct([x.double() for x in sources], q[i].double(), DEPTH_EPS)
+                         for i in range(s)])
+    assert out_i.dtype == dtype and out_i.shape == (s, *shape)
+    assert rel_err(out_i, truth) <= max(tol["out"], 3 * rel_err(out_r, truth))
+
+    w = torch.randn(out_i.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    g_i = torch.autograd.grad((out_i.float() * w).sum(), inputs)
+    g_r = torch.autograd.grad((out_r.float() * w).sum(), inputs)
+    g_x = torch.autograd.grad((truth * w.double()).sum(), inputs)
+    for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_i, g_r, g_x):
+        assert a.dtype == x.dtype and a.shape == x.shape
+        assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from attnres_train.model import depth as R
 
 from .helpers import DEPTH_EPS as EPS
-from .helpers import depth_inputs, rel_err, saved_tensors, two_phase
+from .helpers import check_against_truth, depth_inputs, saved_tensors, two_phase
 
 SHAPES = [  # (completed blocks n, queries S, [B, T, d], with a partial sum)
     (1, 1, (2, 5, 48), True),
@@ -29,23 +29,7 @@ TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2 ** -
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,s,shape,has_p", SHAPES, ids=IDS)
 def test_fast_path_matches_truth_as_well_as_the_reference(n, s, shape, has_p, dtype):
-    blocks, partial, q = depth_inputs(n, s, shape, has_p, dtype)
-    sources = blocks + ([partial] if has_p else [])
-    inputs = sources + [q]
-    out_f = two_phase(blocks, partial, q, dtype, "torch")
-    out_r = two_phase(blocks, partial, q, dtype, "reference")
-    truth = torch.stack([R.mix_direct([x.double() for x in sources], q[i].double(), EPS) for i in range(s)])
-    assert out_f.dtype == dtype and out_f.shape == (s, *shape)
-    tol = TOL[dtype]
-    assert rel_err(out_f, truth) <= max(tol["out"], 3 * rel_err(out_r, truth))
-
-    w = torch.randn(out_f.shape, generator=torch.Generator().manual_seed(1))
-    g_f = torch.autograd.grad((out_f.float() * w).sum(), inputs)
-    g_r = torch.autograd.grad((out_r.float() * w).sum(), inputs)
-    g_x = torch.autograd.grad((truth * w.double()).sum(), inputs)
-    for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_f, g_r, g_x):
-        assert a.dtype == x.dtype and a.shape == x.shape
-        assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name
+    check_against_truth("torch", n, s, shape, has_p, dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("impls", [("torch", "reference"), ("reference", "torch")], ids=["fast-p1", "fast-p2"])
