@@ -113,18 +113,16 @@ class AttnResForCausalLM(nn.Module):
                       cache: Optional[SegmentLogits] = None) -> dict:
         """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
         blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
-        subs, queries = [], []
-        for i in range(first.layer_idx, end):
-            layer = self.model.layers[i]
-            if i > first.layer_idx and layer.opens_block[0]:
+        layers = [first]
+        for layer in self.model.layers[first.layer_idx + 1:end]:
+            if layer.opens_block[0]:
                 break
-            for k, q in enumerate(layer.queries()):
-                subs.append(2 * i + k)
-                queries.append(q)
-        if cache is not None:
+            layers.append(layer)
+        subs = [2 * layer.layer_idx + k for layer in layers for k in (0, 1)]
+        if cache is not None:  # the cache holds the segment's queries already
             return dict(zip(subs, cache.phase1(blocks, subs)))
-        stats = phase1(blocks, torch.stack(queries), self.eps, self.residual_impl)
-        return dict(zip(subs, stats))
+        queries = torch.stack([q for layer in layers for q in layer.queries()])
+        return dict(zip(subs, phase1(blocks, queries, self.eps, self.residual_impl)))
 
     def output_query(self) -> torch.Tensor:
         return fold_query(self.model.output_attn_res_norm, self.model.output_attn_res_proj)
