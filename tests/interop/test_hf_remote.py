@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,35 +25,11 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from attnres_train.config.errors import UserInputError  # noqa: E402
-from attnres_train.config.model import ModelConfig  # noqa: E402
 from attnres_train.interop import load_from_hf, save_to_hf  # noqa: E402
 from attnres_train.interop.hf_remote import REMOTE_DIR, REMOTE_FILES  # noqa: E402
-from attnres_train.model import build_model  # noqa: E402
+from tests.interop.helpers import MODES, random_model  # noqa: E402
 
 VOCAB, T = 1024, 40
-MODES = {
-    "block2": {"mode": "block", "num_blocks": 2},
-    "block_size3": {"mode": "block", "block_size": 3},  # 4 layers: blocks of 3 + 1
-    "full": {"mode": "full"},
-}
-
-
-def random_model(residual: dict, seed: int = 0):
-    cfg = ModelConfig()
-    for k, v in residual.items():
-        setattr(cfg.residual, k, v)
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 1.0)
-        for name, p in model.named_parameters():
-            if name.endswith("_res_proj.weight"):
-                p.normal_(0.0, 0.5)  # non-uniform depth attention
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0.0, 0.1)
-    return model, cfg
 
 
 def load_remote(path, **kw):
@@ -106,6 +83,10 @@ def test_remote_reimport_is_bit_exact(exported):
         load_from_hf(path, **{"residual.mode": "full"})
 
 
+# transformers 5.24 renamed the cache argument/output `past_key_values` -> `cache` (the old name is deprecated)
+CACHE_KW = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
 def test_cached_decoding_and_generate(exported, ids):
     model, _, path = exported
     hf = load_remote(path, dtype=torch.float64)
@@ -113,14 +94,14 @@ def test_cached_decoding_and_generate(exported, ids):
     with torch.no_grad():
         full = hf(x, use_cache=False).logits
         out = hf(x[:, :20], use_cache=True)  # prefill
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], out[CACHE_KW]
         for t in range(20, 25):  # one token at a time (recurrent KDA, cached MLA keys)
-            out = hf(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = hf(x[:, t:t + 1], use_cache=True, **{CACHE_KW: cache})
             steps.append(out.logits)
-            cache = out.past_key_values
-        out = hf(x[:, 25:], past_key_values=cache, use_cache=True)  # a multi-token chunk after the cache
+            cache = out[CACHE_KW]
+        out = hf(x[:, 25:], use_cache=True, **{CACHE_KW: cache})  # a multi-token chunk after the cache
         steps.append(out.logits)
-    assert out.past_key_values is cache and cache.get_seq_length() == T  # updated in place
+    assert out[CACHE_KW] is cache and cache.get_seq_length() == T  # updated in place
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-10
 
     hf32 = load_remote(path)

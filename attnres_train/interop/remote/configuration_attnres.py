@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 class KimiLinearAttnResConfig(PretrainedConfig):
     model_type = "kimi_linear_attnres"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output: 5.23 name, 5.24+ name
 
     def __init__(
         self,

@@ -29,6 +29,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_attnres import KimiLinearAttnResConfig
 
+# transformers 5.24 renamed the decoding cache from ``past_key_values`` to ``cache``, both as the forward argument
+# that ``generate()`` passes and as the output field it reads back (the old names are deprecated until 6.0). Follow
+# whichever name the installed version declares, so one file serves every supported version.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 KV_A_LAYERNORM_EPS = 1e-6  # Kimi-Linear's MLA latent norm uses the class default eps, not rms_norm_eps
 
 
@@ -441,11 +446,15 @@ class KimiLinearAttnResForCausalLM(KimiLinearAttnResPreTrainedModel, GenerationM
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, return_dict=None, past_key_values=None, **kwargs):
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the decoding cache once: as `cache` (transformers >= 5.24) or `past_key_values`")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, AttnResCache):
+            raise TypeError(f"this model decodes with its own AttnResCache, got {type(cache).__name__}")
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training and labels is None
-        cache = past_key_values if isinstance(past_key_values, AttnResCache) else None
         if use_cache and cache is None:
             cache = AttnResCache(self.config.num_hidden_layers)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
@@ -460,4 +469,4 @@ class KimiLinearAttnResForCausalLM(KimiLinearAttnResPreTrainedModel, GenerationM
         if labels is not None:
             shift = logits[:, :-1].to(_cdt(logits.dtype))
             loss = F.cross_entropy(shift.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
