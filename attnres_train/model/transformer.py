@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config.model import ModelConfig, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
+from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
 from .moe import MoE
 from .norms import RMSNorm
@@ -58,24 +59,19 @@ class AttnResForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.init_weights()
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
 
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter; safe after ``to_empty`` from the meta device."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            if module is not self and hasattr(module, "init_weights"):
-                module.init_weights(std)
-        # AttnRes pseudo-queries must start at zero (paper §5): uniform weights, PreNorm-equivalent function.
-        for name, p in self.named_parameters():
-            if name.endswith("_res_proj.weight"):
-                p.zero_()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """(Re)initialise every parameter and buffer from ``seed`` (None: drawn from torch's global RNG).
+
+        Layout independent (``model.init``): each value depends only on (seed, parameter name, row), so a
+        sharded or pipelined build that materialises only its own shards gets exactly these numbers. AttnRes
+        pseudo-queries start at zero (paper §5: uniform depth weights, the PreNorm-equivalent function).
+        """
+        init_model_weights(self, self.config, seed)
 
     # -- the cuttable forward -----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> DepthState:
@@ -185,12 +181,27 @@ class AttnResForCausalLM(nn.Module):
         return weights
 
 
-def build_model(model_cfg, device=None) -> AttnResForCausalLM:
-    """Build the plain single-process model from a ``ModelConfig`` (or a dict/DictConfig of one)."""
+def build_model(model_cfg, device=None, dtype: Optional[torch.dtype] = None,
+                seed: Optional[int] = None) -> AttnResForCausalLM:
+    """Build the plain model from a ``ModelConfig`` (or a dict/DictConfig of one).
+
+    Always constructed on ``meta`` first (no memory, no random draws), then — unless ``device="meta"`` —
+    allocated on ``device`` (default CPU) in ``dtype`` and initialised from ``seed`` (None: drawn from torch's
+    global RNG, so ``torch.manual_seed`` decides). A ``meta`` model is what ``parallelize_model`` /
+    ``parallelize_pipeline`` take at scale: they materialise only this rank's shards with the same values.
+    """
     from ..config.model import as_model_config
 
     cfg = as_model_config(model_cfg)
-    if device is not None:
-        with torch.device(device):
-            return AttnResForCausalLM(cfg)
-    return AttnResForCausalLM(cfg)
+    with torch.device("meta"):
+        model = AttnResForCausalLM(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each owner its own tensor: re-tie
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_weights(seed)
+    return model

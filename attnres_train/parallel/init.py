@@ -1,0 +1,97 @@
+"""Materialise a parallelised meta-device model and initialise only this rank's shards, layout-independently.
+
+Why: at 48B no rank can hold the whole model, so construction is ``build_model(device="meta")`` ->
+``parallelize_model`` (or the pipeline's stage cut) -> :func:`materialize_and_init`. The values come from
+``attnres_train.model.init`` (a counter-based stream per parameter row), and this module supplies which rows and
+columns a rank's shard holds: for every tensor dimension, the DTensor placements that shard it are applied to a
+1-D ``arange`` over that dimension (so the index lists follow torch's own chunking, ``_StridedShard`` included,
+with no collective and no full-size tensor). A shard then draws only its own rows; columns of column-sharded
+layouts (TP row-parallel weights) are sliced after drawing, so the transient is ``local rows x full width``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from ..model.init import InitRule, draw_rows, init_model_weights, write_full
+
+
+def global_indices(t: DTensor, dim: int) -> torch.Tensor:
+    """The global indices along ``dim`` of ``t``'s local shard (1-D int64, CPU), in local order."""
+    mapped = []
+    for pl in t.placements:
+        if isinstance(pl, _StridedShard):
+            mapped.append(_StridedShard(0, split_factor=pl.split_factor) if pl.dim == dim else Replicate())
+        elif isinstance(pl, Shard):
+            mapped.append(Shard(0) if pl.dim == dim else Replicate())
+        elif isinstance(pl, Replicate):
+            mapped.append(Replicate())
+        else:
+            raise ValueError(f"cannot initialise a parameter with placement {pl} (expected Shard/Replicate)")
+    n = t.shape[dim]
+    if all(isinstance(pl, Replicate) for pl in mapped):
+        return torch.arange(n)
+    device = t.device_mesh.device_type
+    proxy = torch.arange(n, device=device)
+    return distribute_tensor(proxy, t.device_mesh, mapped, src_data_rank=None).to_local().cpu()
+
+
+def write_sharded(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None:
+    """Writer for :func:`init_model_weights` that fills a DTensor's local shard (plain tensors: all of it)."""
+    if not isinstance(t, DTensor):
+        write_full(t, rule, seed, name)
+        return
+    local = t.to_local()
+    if local.numel() == 0:
+        return
+    if t.ndim == 0:
+        local.copy_(draw_rows(rule, seed, name, (), [0], local.dtype).reshape(()))
+        return
+    idx: List[torch.Tensor] = [global_indices(t, d) for d in range(t.ndim)]
+    block = draw_rows(rule, seed, name, t.shape, idx[0].tolist(), local.dtype)
+    for d in range(1, t.ndim):
+        if idx[d].numel() != t.shape[d]:
+            block = block.index_select(d, idx[d])
+    local.copy_(block.reshape(local.shape))
+
+
+@torch.no_grad()
+def materialize_and_init(module: nn.Module, device, model_cfg, seed: int, prefix: str = "") -> None:
+    """``to_empty(device)`` then initialise every local shard of ``module`` (named from ``prefix`` in the full
+    model whose config is ``model_cfg``) with the values one process would give it from ``seed``."""
+    to_empty_keeping_ties(module, device)
+    init_model_weights(module, model_cfg, seed, write=write_sharded, prefix=prefix)
+
+
+def to_empty_keeping_ties(module: nn.Module, device) -> None:
+    """``module.to_empty(device)`` that keeps shared parameters shared (tied embeddings): with swapping on,
+    ``nn.Module._apply`` swaps each tensor's contents in place instead of registering a new object per owner
+    (FSDP2 expects exactly that and re-pads its shards afterwards)."""
+    prev = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        module.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(prev)
+
+
+def local_bytes(module: nn.Module, include_buffers: bool = True) -> int:
+    """Bytes of this rank's local parameter (and buffer) storage, each tensor once."""
+    seen, total = set(), 0
+    tensors = list(module.parameters()) + (list(module.buffers()) if include_buffers else [])
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        loc = t.to_local() if isinstance(t, DTensor) else t
+        total += loc.numel() * loc.element_size()
+    return total
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
