@@ -40,6 +40,8 @@ from typing import Callable, Iterator, List
 import torch.distributed as dist
 from torch import nn
 
+from .parts import decoder_layers
+
 
 def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
@@ -120,7 +122,7 @@ def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None, mp_p
     mesh = pctx.fsdp_mesh if dims.dp_replicate > 1 else pctx.dp_shard_mesh
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     expert_fn = _expert_placement_fn(model, pctx) if dims.ep > 1 else None
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer_unit(layer), shard_placement_fn=expert_fn, **kw)
     fully_shard(model, **kw)  # root: embedding, final norm, AttnRes pseudo-queries, LM head
     if _needs_sum_reduction(pctx.dp_mesh):

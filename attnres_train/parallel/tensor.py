@@ -72,6 +72,7 @@ from torch.distributed.tensor.parallel import (
 from ..model.kda import KimiDeltaAttention
 from ..model.mla import MultiLatentAttention
 from ..model.moe import MoE
+from .parts import decoder_layers, embedding, lm_head, model_config, named_decoder_layers
 from .tp_ops import all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy
 
 __all__ = [
@@ -444,12 +445,13 @@ def tensor_parallel_plan(model: nn.Module, sequence_parallel: bool,
     in :func:`apply_tensor_parallel`.
     """
     act = Shard(SEQ_DIM) if sequence_parallel else Replicate()
-    plan: Dict[str, ParallelStyle] = {
-        "model.embed_tokens": VocabParallelEmbedding(act),
-        "lm_head": ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False),
-        "lm_head.__input__": RegionInput(act),  # applied separately (a module can take one plan entry)
-    }
-    for i, layer in enumerate(model.model.layers):
+    plan: Dict[str, ParallelStyle] = {}
+    if embedding(model) is not None:
+        plan["model.embed_tokens"] = VocabParallelEmbedding(act)
+    if lm_head(model) is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)
+        plan["lm_head.__input__"] = RegionInput(act)  # applied separately (a module can take one plan entry)
+    for i, layer in named_decoder_layers(model):
         pre = f"model.layers.{i}"
         mixer = layer.self_attn
         if isinstance(mixer, KimiDeltaAttention):
@@ -490,17 +492,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if any(isinstance(p, DTensor) and p.device_mesh == tp_mesh for p in model.parameters()):
         raise RuntimeError("apply_tensor_parallel was already applied to this model")
     _check_divisible(model, tp_mesh.size())
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    embed, head = embedding(model), lm_head(model)
+    tied = embed is not None and head is not None and head.weight is embed.weight
 
     plan = tensor_parallel_plan(model, sequence_parallel)
-    head_style, head_input = plan.pop("lm_head"), plan.pop("lm_head.__input__")
+    head_style, head_input = plan.pop("lm_head", None), plan.pop("lm_head.__input__", None)
     parallelize_module(model, tp_mesh, plan)
-    if tied:  # one Shard(0) parameter serves as the row-parallel embedding and the column-parallel head
-        model.lm_head.weight = model.model.embed_tokens.weight
-        head_style = _TiedColwiseParallel(input_layouts=head_style.input_layouts[0],
-                                          output_layouts=head_style.output_layouts[0], use_local_output=False)
-    head_style._apply(model.lm_head, tp_mesh)
-    head_input._apply(model.lm_head, tp_mesh)  # prepended: runs before the column-parallel input hook
+    if head is not None:
+        if tied:  # one Shard(0) parameter serves as the row-parallel embedding and the column-parallel head
+            head.weight = embed.weight
+            head_style = _TiedColwiseParallel(input_layouts=head_style.input_layouts[0],
+                                              output_layouts=head_style.output_layouts[0], use_local_output=False)
+        head_style._apply(head, tp_mesh)
+        head_input._apply(head, tp_mesh)  # prepended: runs before the column-parallel input hook
 
     # Everything not covered by the plan (norm gains, AttnRes queries/gains) is replicated; these run on the
     # residual-stream DTensors directly.
@@ -514,9 +518,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             if any(pl.is_replicate() for pl in p.placements):
                 p.register_hook(_reduce_partial_grad)
 
-    model.lm_loss = VocabParallelLMLoss(tp_mesh)
-    if sequence_parallel:
-        model.model.embed_tokens.register_forward_pre_hook(functools.partial(_check_seq_len, tp_mesh.size()))
+    if head is not None:
+        model.lm_loss = VocabParallelLMLoss(tp_mesh)
+    if sequence_parallel and embed is not None:
+        embed.register_forward_pre_hook(functools.partial(_check_seq_len, tp_mesh.size()))
 
 
 class _TiedColwiseParallel(ColwiseParallel):
@@ -528,9 +533,9 @@ class _TiedColwiseParallel(ColwiseParallel):
 
 def _check_divisible(model: nn.Module, tp: int) -> None:
     """Every sharded size must split evenly over tp (checked up front, naming the config field)."""
-    cfg = model.config
+    cfg = model_config(model)
     sizes = [("vocab_size", cfg.vocab_size)]
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         prefix = "mla" if layer.is_mla else "kda"
         sizes.append((f"{prefix}.num_heads", layer.self_attn.num_heads))
         if not layer.is_moe:

@@ -10,10 +10,12 @@ import functools
 
 from torch.utils.checkpoint import checkpoint
 
+from .parts import decoder_layers
+
 
 def apply_activation_checkpointing(model) -> None:
     """Recompute each decoder layer in backward (non-reentrant: the DepthState passes through as is)."""
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         if getattr(layer, "_ac_wrapped", False):
             continue
         inner = layer.forward
@@ -28,5 +30,5 @@ def apply_activation_checkpointing(model) -> None:
 
 def apply_compile(model, backend: str = "inductor") -> None:
     """torch.compile each decoder layer (dynamic=False: fixed training shapes)."""
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         layer.compile(dynamic=False, backend=backend)

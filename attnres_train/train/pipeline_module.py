@@ -31,12 +31,12 @@ from .train_module import TrainModule
 
 class PipelineTrainModule(TrainModule):
     def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int,
-                 pipeline_cfg: PipelineConfig):
+                 pipeline_cfg: PipelineConfig, seed=None):
         self.pipeline_cfg = pipeline_cfg
-        super().__init__(model, optim_cfg, trainer_cfg, ctx, max_steps)
+        super().__init__(model, optim_cfg, trainer_cfg, ctx, max_steps, seed=seed)
 
     def _parallelize(self, model):
-        self.pipe = parallelize_pipeline(model, self.ctx, self.trainer_cfg, self.pipeline_cfg)
+        self.pipe = parallelize_pipeline(model, self.ctx, self.trainer_cfg, self.pipeline_cfg, seed=self.seed)
         self.norm_group = self.ctx.mesh("pp").get_group()
         return self.pipe.chunks
 

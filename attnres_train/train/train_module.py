@@ -29,6 +29,7 @@ import torch
 from ..config.run import TrainerConfig
 from ..config.train import OptimConfig
 from ..parallel.data_parallel import finish_grad_sync, grad_sync
+from ..parallel.init import materialize_and_init, resolve_seed
 from ..parallel.mesh import ParallelContext, single_process_context
 from ..parallel.parallelize import parallelize_model
 from ..parallel.train_step import clip_grad_norm_, loss_weights, update_router_biases
@@ -54,9 +55,13 @@ def as_parallel_context(ctx) -> ParallelContext:
 
 
 class TrainModule:
-    def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int):
-        """``model``: the plain model, identical on every rank (same seed); parallelized here in place."""
+    def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int,
+                 seed: Optional[int] = None):
+        """``model``: the plain model, on ``meta`` (then this rank's shards are materialised and initialised
+        from ``seed`` after parallelising: the values one process would have) or materialised identically on
+        every rank; parallelized here in place."""
         self.ctx = as_parallel_context(ctx)
+        self.seed = seed
         self.optim_cfg = optim_cfg
         self.trainer_cfg = trainer_cfg
         self.max_steps = max_steps
@@ -75,8 +80,11 @@ class TrainModule:
 
     def _parallelize(self, model):
         """Apply the parallel layout to ``model`` in place; returns the module that trains on this rank."""
+        on_meta = all(p.is_meta for p in model.parameters())
         if not getattr(model, "_attnres_parallelized", False):
             parallelize_model(model, self.ctx, self.trainer_cfg)
+        if on_meta:
+            materialize_and_init(model, self.ctx.device, model.config, resolve_seed(self.seed))
         return model
 
     def grad_params(self):
@@ -177,5 +185,5 @@ def build_train_module(model, cfg, ctx, max_steps: int) -> TrainModule:
     if pctx.dims.pp > 1:
         from .pipeline_module import PipelineTrainModule
 
-        return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline)
-    return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps)
+        return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline, seed=cfg.seed)
+    return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, seed=cfg.seed)

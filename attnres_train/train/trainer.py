@@ -86,9 +86,10 @@ class Trainer:
 
         self.data = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=ctx.is_main)
         torch.manual_seed(cfg.seed)
-        # The full model on every rank from the same seed (equal initial weights without a broadcast); the
-        # TrainModule parallelizes it (EP -> TP -> AC -> compile -> FSDP) before building the optimizer.
-        self.model = build_model(cfg.model).to(ctx.device)
+        # Built on ``meta`` (no rank ever holds the whole model): the TrainModule parallelizes it (EP -> TP ->
+        # AC -> compile -> FSDP, per pipeline stage with pp) and materialises only this rank's shards, initialised
+        # from ``seed`` to exactly the values one process would have (attnres_train.model.init).
+        self.model = build_model(cfg.model, device="meta")
         self.module = build_train_module(self.model, cfg, ctx, self.max_steps)
         # With pipeline parallelism: this rank's stages under the full model's parameter names (checkpoints
         # stay layout independent); otherwise the parallelized model itself.

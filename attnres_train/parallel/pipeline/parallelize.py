@@ -10,13 +10,13 @@ What a pipeline rank ends up with (:class:`PipelinedModel`):
 * ``runtime``: the :class:`PipelineRuntime` on the ``pp`` mesh, which keeps FSDP from reducing gradients until
   each stage's last backward of the step (``before_last_backward``).
 
-Construction: the full model is built and initialised on every rank from the same seed (initial weights do
-not depend on the layout), EP and TP are applied to all of it (their collectives run inside the tp / ep groups,
-which never span pipeline stages), then the decoder layers of other ranks' stages are replaced by empty
-placeholders (their memory is freed; indices and ``len(layers)`` stay). The head / embedding of other ranks stay
-referenced by the model object but are not registered in ``chunks``: nothing trains or saves them. Building the
-whole model first costs time and peak host memory on very large models; a meta-device build of only this rank's
-stages is the known next step (docs/pipeline.md, "Limits").
+Construction (one SPMD path): the plain model is built on the ``meta`` device, this rank's stages are cut from
+it, and ``parallelize_model`` — the same function that parallelises an unpipelined model — is applied to each
+stage's modules (EP -> TP/SP -> AC -> compile -> FSDP; each stage is its own FSDP root, as torchtitan does).
+Then only ``chunks`` is materialised and initialised (``parallel.init``: per-parameter counter-based streams keyed
+by the full model's names), so every rank holds exactly the values one process would have, and no rank ever
+holds another stage's tensors. A model that is already materialised (tests) is accepted too: its values are kept
+and the layers of other ranks' stages are moved back to ``meta``.
 
 Tensor parallelism: boundary tensors travel as plain local tensors (``Replicate`` DTensors' local values, or the
 sequence shard under SP, sent tp rank to tp rank); :class:`TensorParallelActivations` converts them at the stage
@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from ...config.errors import ConfigError
+from ..init import materialize_and_init, resolve_seed
+from ..parallelize import parallelize_model
 from .layout import PipelineLayout
 from .runtime import PipelineRuntime, StepResult
 from .stage import PipelineStageModule, build_stages
@@ -54,17 +56,6 @@ class TensorParallelActivations:
 
     def to_wire(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
-
-
-class _DroppedLayer(nn.Module):
-    """Stands in for a decoder layer another pipeline rank owns (keeps indices and ``len(layers)``)."""
-
-    def __init__(self, index: int):
-        super().__init__()
-        self.index = index
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"decoder layer {self.index} lives on another pipeline rank")
 
 
 class PipelineChunks(nn.Module):
@@ -132,36 +123,9 @@ def _fsdp_units(module: nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
-def _apply_fsdp(model: nn.Module, stages: List[PipelineStageModule], pctx) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from ..data_parallel import _expert_placement_fn, _needs_sum_reduction, layer_unit
-
-    dims = pctx.dims
-    mesh = pctx.fsdp_mesh if dims.dp_replicate > 1 else pctx.dp_shard_mesh
-    kw = dict(mesh=mesh, reshard_after_forward=False if dims.dp_shard == 1 else None,
-              mp_policy=MixedPrecisionPolicy())
-    if kw["reshard_after_forward"] is None:
-        kw.pop("reshard_after_forward")
-    expert_fn = _expert_placement_fn(model, pctx) if dims.ep > 1 else None
-    for st in stages:
-        for layer in st.model.layers.values():
-            fully_shard(layer_unit(layer), shard_placement_fn=expert_fn, **kw)
-        fully_shard(st, **kw)  # the stage's root unit: embedding / head / norms / pseudo-queries
-        if _needs_sum_reduction(pctx.dp_mesh):
-            for unit in _fsdp_units(st):
-                unit.set_force_sum_reduction_for_comms(True)
-
-
-class _Layers:
-    """``model.model.layers`` view over the owned layers only (for the per-layer AC / compile wrappers)."""
-
-    def __init__(self, layers):
-        self.model = type("_Inner", (), {"layers": layers})()
-
-
-def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None) -> PipelinedModel:
-    """Cut ``model`` (identical on every rank) into this rank's stages and parallelize them (module docstring)."""
+def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
+    """Cut ``model`` (meta, or materialised identically on every rank) into this rank's stages, parallelise
+them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
     from ...config.pipeline import PipelineConfig, validate_pipeline_config
 
     dims = pctx.dims
@@ -172,44 +136,29 @@ def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=No
                           f"parallelism (FSDP reduces in the input-gradient pass); parallel dp={dims.dp}")
     if getattr(model, "_attnres_parallelized", False):
         raise RuntimeError("parallelize_pipeline was already applied to this model")
+    on_meta = all(p.is_meta for p in model.parameters())
     layout = PipelineLayout.from_model_config(model.config, dims.pp, dims.vpp, layers_per_stage=pcfg.layers_per_stage,
                                               block_cache=pcfg.block_cache, embed_cost=pcfg.embed_cost,
                                               head_cost=pcfg.head_cost)
-    if dims.ep > 1:
-        from ..expert import apply_expert_parallel
-
-        apply_expert_parallel(model, pctx.ep_mesh)
-    if dims.tp > 1:
-        from ..tensor import apply_tensor_parallel
-
-        apply_tensor_parallel(model, pctx.tp_mesh, sequence_parallel=dims.sp)
     pp_mesh = pctx.mesh("pp")
     pp_rank = pp_mesh.get_local_rank()
     stages = build_stages(model, layout, pp_rank)
-    owned = sorted(int(i) for st in stages for i in st.model.layers)
-    layers = model.model.layers
-    for i in range(len(layers)):
-        if i not in owned:
-            layers[i] = _DroppedLayer(i)
+    for st in stages:  # the one SPMD path (EP -> TP/SP -> AC -> compile -> FSDP), per stage: each its FSDP root
+        parallelize_model(st, pctx, train_cfg)
     if dims.tp > 1:
         adapter = TensorParallelActivations(pctx.tp_mesh, dims.sp)
         for st in stages:
             st.activation_adapter = adapter
-    view = _Layers([layers[i] for i in owned])
-    if train_cfg is not None and getattr(train_cfg, "activation_checkpointing", False):
-        from ..wrap import apply_activation_checkpointing
-
-        apply_activation_checkpointing(view)
-    if train_cfg is not None and getattr(train_cfg, "compile", False):
-        from ..wrap import apply_compile
-
-        apply_compile(view, getattr(train_cfg, "compile_backend", "inductor"))
-    if dims.dp > 1:
-        _apply_fsdp(model, stages, pctx)
+    if on_meta:  # only this rank's stages ever get storage, filled with the single-process values
+        materialize_and_init(PipelineChunks(stages), pctx.device, model.config, resolve_seed(seed))
+    else:  # a materialised model (tests, notebooks): free the layers of other ranks' stages
+        owned = {id(m) for st in stages for m in st.model.layers.values()}
+        for layer in model.model.layers:
+            if id(layer) not in owned:
+                layer.to_empty(device="meta")
     comm_dtype = getattr(torch, pcfg.comm_dtype) if pcfg.comm_dtype else None
     runtime = PipelineRuntime(stages, layout, pcfg.schedule, pp_mesh, comm_dtype=comm_dtype,
                               group_size=pcfg.microbatch_group_size, split_iw=pcfg.split_backward,
                               w_delay=pcfg.w_delay, seq_shards=dims.tp if dims.sp else 1)
-    runtime.sync_tied_weights()
     model._attnres_parallelized = True
     return PipelinedModel(model, layout, stages, runtime, pp_rank)

@@ -11,14 +11,13 @@
 
 Its ``forward`` reuses the plain model's cuttable API (``embed`` → ``forward_layers`` → ``head``) through an
 unregistered reference to the full model, so the numerics are the single-process ones, and hooks installed on
-the layers (FSDP, activation checkpointing) still fire. The other stages' layers may stay on the ``meta``
-device: :func:`materialize_stages` allocates and initialises only this rank's modules.
+the layers (FSDP, activation checkpointing) still fire. The other stages' layers stay on the ``meta`` device
+(``parallelize_pipeline`` materialises only this rank's stages).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -69,6 +68,10 @@ class PipelineStageModule(nn.Module):
     def full_model(self) -> nn.Module:
         return self._full
 
+    @property
+    def config(self):
+        return self._full.config
+
     def forward(self, state: Optional[DepthState] = None, input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> StageOutput:
         m, ad = self._full, self.activation_adapter
@@ -81,7 +84,9 @@ class PipelineStageModule(nn.Module):
         state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end)
         if self.is_last:
             logits = m.head(state)
-            loss = m.lm_loss(logits, labels) if hasattr(m, "lm_loss") else _lm_loss(logits, labels)
+            # a tensor-parallel stage carries its own vocab-parallel loss (set by parallelize_model on the stage)
+            loss_fn = self.__dict__.get("lm_loss") or getattr(m, "lm_loss", None) or _lm_loss
+            loss = loss_fn(logits, labels)
             return StageOutput(None, loss, state.aux_loss)
         state = close_completed_block(state, self.partial_out)
         return StageOutput(_map_state(state, ad.to_wire) if ad is not None else state, None, state.aux_loss)
@@ -127,16 +132,11 @@ def build_stages(model: nn.Module, layout: PipelineLayout, rank: int) -> List[Pi
     return [PipelineStageModule(model, layout, s) for s in layout.stages_of(rank)]
 
 
-@torch.no_grad()
-def materialize_stages(model: nn.Module, stages: List[PipelineStageModule], device) -> None:
-    """Allocate this rank's stage modules on ``device`` (from ``meta``) and initialise them; other stages'
-    modules stay on ``meta``. Tied embeddings must then be synchronised (runtime ``sync_tied_weights``)."""
+def materialize_stages(model: nn.Module, stages: List[PipelineStageModule], device, seed=None) -> None:
+    """Allocate this rank's stage modules on ``device`` (from ``meta``) and give them the values one process
+    would have from ``seed`` (None: drawn from torch's global RNG); other stages' modules stay on ``meta``."""
+    from ..init import materialize_and_init, resolve_seed
+
+    seed = resolve_seed(seed)
     for st in stages:
-        st.to_empty(device=device)
-        # The model's own init scheme, applied to this stage's modules only (running it over the whole model
-        # would also "initialise" the other stages' meta tensors, which is slow and pointless).
-        view = SimpleNamespace(config=model.config, modules=st.modules, named_parameters=st.named_parameters)
-        type(model).init_weights(view)
-        for mod in st.moe_layers():
-            mod.tokens_per_expert.zero_()
-            mod.last_tokens_per_expert.zero_()
+        materialize_and_init(st, device, model.config, seed)
