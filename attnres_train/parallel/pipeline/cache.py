@@ -43,9 +43,13 @@ class BlockCache:
         self.drop_deposits = False  # negative control for tests: pretend deposits never arrived
 
     # ------------------------------------------------------------------ values
+    def is_read(self, block: int) -> bool:
+        """True if a later stage of this rank reads ``block`` from the cache (only then is it kept)."""
+        return self._expected.get(block, 0) > 0
+
     def put(self, mb: int, block: int, tensor: torch.Tensor) -> None:
         """Remember block ``block`` of microbatch ``mb`` (detached alias) if a later stage here reads it."""
-        if self._expected.get(block, 0) == 0:
+        if not self.is_read(block):
             return
         key = (mb, block)
         if key in self.values:

@@ -5,8 +5,21 @@ receiving rank does not hold yet, then the open block's partial sum) and one ten
 backward (their gradients). Shapes come from :class:`PipelineLayout` alone; nothing is negotiated on the wire.
 Transport: tagged ``isend``/``irecv`` (gloo matches on (peer, tag); the lowering also keeps every link's
 order identical on both ends, which is what NCCL matches on). A RECV action posts the ``irecv``; the compute
-action that needs the tensor waits on it. Sends are waited at the end of the step. Hops between two stages of
-the same rank (P = 1) go through an in-process mailbox.
+action that needs the tensor waits on it. On CUDA the SEND/RECV actions that sit next to each other in the lowered
+order (the ones posted at the same point) go out as one ``batch_isend_irecv`` (:meth:`PipelineRuntime._flush_batch`,
+``batch_p2p``). Hops between two stages of the same rank (P = 1) go through an in-process mailbox.
+
+Memory (what the runtime itself holds; docs/pipeline.md "Memory"): a send buffer is dropped as soon as its send is
+known to be done: polled with ``is_completed()`` at every action (NCCL), waited once the peer has provably posted
+the matching receive (the schedule says the peer posted it before sending a message we have already received;
+gloo only reports completion from ``wait()``), and at most ``max_pending_sends`` are in flight (the oldest is
+waited beyond that; deadlock-free because the waited send's receive precedes, in the lowered global order, the
+waiting rank's current action). A stage keeps only what its backward needs: the received leaf, the cached leaves,
+the produced blocks a later chunk of this rank reads (rule P), and a 0-dim *anchor* that stands in for the sent
+pack (its backward hands slice j of the received gradient to part j; the pack itself is a detached copy that lives
+only until its send completes). So everything held is bounded by the schedule's in-flight depth, not by M;
+:meth:`PipelineRuntime.held_tensor_stats` counts it and ``held_peak`` / ``held_at_end`` record a step.
+Losses accumulate on the device; the step makes no host sync per microbatch.
 
 Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views ``x[j]`` are the blocks of
 ``delta[s-1]`` and the partial), blocks of ``have[s]`` come from the rank's cache as FRESH LEAVES, the stage
@@ -15,7 +28,7 @@ and the outgoing payload is stacked from the boundary state.
 
 Backward (the gradient-routing rules, design note §6.4):
 
-* roots: the outgoing pack with the received gradient (last stage: ``loss/M``), the stage's MoE aux loss
+* roots: the outgoing pack's anchor with the received gradient (last stage: ``loss/M``), the stage's MoE aux loss
   scaled by ``1/M``, and every block this stage produced together with the gradient deposits of its readers
   on this rank (rule P: produced blocks take their deposits before their backward);
 * after the backward, every cached leaf's gradient is deposited for the block's entry stage (rule D);
@@ -36,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -75,19 +88,85 @@ class CommStats:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # Σ_m loss_m / M (fp64, detached); on every rank if reduce=True, else last rank only
+    # Σ_m loss_m / M (fp64, detached, 0-dim, on the stages' device: no host sync inside the step; the caller
+    # syncs once, e.g. float(loss)); on every rank if reduce=True, else meaningful on the last rank only
+    loss: torch.Tensor
     aux_loss: Optional[torch.Tensor]  # Σ over stages and microbatches of aux / M (None if no MoE aux loss)
     stats: CommStats
 
 
+class _GradSlot:
+    """Where a stage's backward finds the gradient received for its outgoing pack (read by :class:`_Anchor`)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None
+
+
+class _Anchor(torch.autograd.Function):
+    """A 0-dim backward root that stands in for the sent pack ``stack([p.to(comm_dtype) for p in parts])``.
+
+    Holding the pack itself as the root would keep a copy of every sent block alive until the backward. The
+    anchor holds nothing but dtypes; its backward returns slice ``j`` of ``slot.grad`` (the received gradient,
+    set right before the backward) cast to part ``j``'s dtype, which is exactly what Stack + ToCopy backward
+    would have produced. Call backward on it with an implicit gradient of one.
+    """
+
+    @staticmethod
+    def forward(ctx, slot: _GradSlot, *parts: torch.Tensor) -> torch.Tensor:
+        ctx.slot = slot
+        ctx.dtypes = [p.dtype for p in parts]
+        return torch.zeros((), dtype=parts[0].dtype, device=parts[0].device)
+
+    @staticmethod
+    def backward(ctx, _unused):
+        g = ctx.slot.grad
+        if g is None:
+            raise PipelineError("pipeline anchor: backward ran without the received gradient")
+        need = ctx.needs_input_grad[1:]
+        return (None, *[g[j].to(dt) if need[j] else None for j, dt in enumerate(ctx.dtypes)])
+
+
 @dataclass
 class _Saved:
-    leaf: Optional[torch.Tensor] = None
-    cached: Dict[int, torch.Tensor] = field(default_factory=dict)
+    """What one (stage, microbatch) keeps between its forward and its backward (and W when split)."""
+
+    leaf: Optional[torch.Tensor] = None  # the received payload (its .grad is the input gradient)
+    cached: Dict[int, torch.Tensor] = field(default_factory=dict)  # fresh leaves read from the cache
     roots: List[torch.Tensor] = field(default_factory=list)
     grads: List[Optional[torch.Tensor]] = field(default_factory=list)
-    pack: Optional[torch.Tensor] = None
-    own: Dict[int, torch.Tensor] = field(default_factory=dict)
+    anchor: Optional[torch.Tensor] = None  # stands in for the sent pack (None: nothing sent needs a gradient)
+    slot: Optional[_GradSlot] = None  # received output gradient, read by the anchor's backward
+    sends: bool = False  # the stage has an outgoing hop (its backward consumes a received gradient)
+    own: Dict[int, torch.Tensor] = field(default_factory=dict)  # produced blocks a later chunk here reads
+
+    def tensors(self) -> List[torch.Tensor]:
+        out = [t for t in (self.leaf, self.anchor) if t is not None]
+        out += list(self.cached.values()) + list(self.own.values()) + list(self.roots)
+        out += [g for g in self.grads if g is not None]
+        if self.slot is not None and self.slot.grad is not None:
+            out.append(self.slot.grad)
+        return out
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+        return (str(t.device), st.data_ptr(), st.nbytes())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage (DTensor wrappers)
+        return ("id", id(t), t.numel() * t.element_size())
+
+
+def _tally(tensors) -> Dict[str, int]:
+    """``tensors`` (count of tensor objects), ``storages`` and ``bytes`` (distinct storages, counted once)."""
+    seen = {}
+    n = 0
+    for t in tensors:
+        n += 1
+        k = _storage_key(t)
+        seen[k] = k[2]
+    return {"tensors": n, "storages": len(seen), "bytes": sum(seen.values())}
 
 
 def _resolve_group(group):
@@ -110,6 +189,11 @@ class PipelineRuntime:
         group: the pipeline process group, a 1-D ``DeviceMesh``, or ``None`` for the default group.
         comm_dtype: dtype of the packed messages (default: the stages' parameter dtype).
         split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``schedules.split_backward``).
+        max_pending_sends: at most this many sends in flight per rank (default: the rank's in-flight depth, the
+            most chunk-forwards it holds at once in the schedule, at least 2); beyond it the oldest is waited.
+        batch_p2p: post the SEND/RECV actions that are adjacent in the lowered order with one
+            ``batch_isend_irecv`` (default: on when the stages are on CUDA; gloo keeps tagged ``isend``/``irecv``).
+        track_held: record ``held_peak`` (sampled after every action; costs a scan of the held tensors).
         strict: check cache invariants (deposit counts, nothing left over) every step.
         drop_deposits: NEGATIVE CONTROL for tests only: forget the cached blocks' gradients.
         seq_shards: the boundary tensors hold ``T / seq_shards`` positions (sequence parallelism: each tp
@@ -121,7 +205,9 @@ class PipelineRuntime:
     def __init__(self, stages: Sequence[PipelineStageModule], layout: PipelineLayout, schedule="interleaved_1f1b",
                  group=None, *, comm_dtype: Optional[torch.dtype] = None, group_size: Optional[int] = None,
                  split_iw: bool = False, w_delay: Optional[int] = None, strict: bool = True,
-                 drop_deposits: bool = False, seq_shards: int = 1, before_last_backward=None):
+                 drop_deposits: bool = False, seq_shards: int = 1, before_last_backward=None,
+                 max_pending_sends: Optional[int] = None, batch_p2p: Optional[bool] = None,
+                 track_held: bool = False):
         self.group = _resolve_group(group)
         distributed = dist.is_available() and dist.is_initialized()
         self.P = dist.get_world_size(self.group) if distributed else 1
@@ -149,13 +235,23 @@ class PipelineRuntime:
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self._schedules: Dict[Tuple[int, bool], Schedule] = {}
         self._verified: set = set()
+        self._send_plans: Dict[Tuple[int, bool], Tuple[int, Dict[tuple, List[tuple]]]] = {}
+        self._global_has_aux: Dict[Tuple[bool, bool], bool] = {}
+        self.max_pending_sends = max_pending_sends
+        self.batch_p2p = (self.device.type == "cuda") if batch_p2p is None else bool(batch_p2p)
+        self.track_held = track_held
+        self.held_peak: Dict[str, Dict[str, int]] = {}
+        self.held_at_end: Dict[str, Dict[str, int]] = {}
         # per-step state (always cleared in a finally)
         self._cache: Optional[BlockCache] = None
         self._saved: Dict[Tuple[int, int], _Saved] = {}
         self._recvs: Dict[Tuple[str, int, int], Tuple[torch.Tensor, object]] = {}
         self._outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
         self._mailbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
-        self._sends: List[Tuple[object, torch.Tensor]] = []
+        self._sends: "OrderedDict[tuple, Tuple[object, torch.Tensor]]" = OrderedDict()  # oldest first
+        self._safe_after: Dict[tuple, List[tuple]] = {}
+        self._batch: List[Action] = []
+        self._send_cap = 2
 
     # ------------------------------------------------------------------ schedules
     def schedule_for(self, M: int, eval_mode: bool = False) -> Schedule:
@@ -173,6 +269,66 @@ class PipelineRuntime:
             check(lowered, self.layout if not eval_mode else None)
             self._schedules[key] = lowered
         return self._schedules[key]
+
+    def inflight_depth(self, M: int, eval_mode: bool = False) -> int:
+        """The most (stage, microbatch) forwards this rank holds at once in the schedule (forwards run minus
+        last backward passes, B or W), i.e. the schedule's in-flight depth on this rank."""
+        sched = self.schedule_for(M, eval_mode)
+        if eval_mode:
+            return 0
+        done_kind = Kind.W if any(a.kind == Kind.W for a in sched.ranks[self.rank]) else Kind.B
+        depth = peak = 0
+        for a in sched.ranks[self.rank]:
+            depth += (a.kind == Kind.F) - (a.kind == done_kind)
+            peak = max(peak, depth)
+        return peak
+
+    def _send_plan(self, M: int, eval_mode: bool) -> Tuple[int, Dict[tuple, List[tuple]]]:
+        """(send cap, ``recv key -> sends now safe to wait``), from the lowered schedule of every rank.
+
+        A send to rank q is *safe* (its ``wait`` returns without q's further progress) once q has posted the
+        matching receive. q posted it before every action after it in q's list, so once this rank has received
+        a message that q sent later than that receive, the send is safe. Gloo reports completion only through
+        ``wait()``, so this is how its send buffers get released early.
+        """
+        key = (M, eval_mode)
+        if key in self._send_plans:
+            return self._send_plans[key]
+        sched = self.schedule_for(M, eval_mode)
+        L, me = self.layout, self.rank
+        pos = [{(a.stage, a.kind, a.mb): i for i, a in enumerate(acts)} for acts in sched.ranks]
+
+        def to_me(a: Action) -> Optional[tuple]:  # the receive key on this rank of q's send ``a``, if it is to us
+            if a.kind == Kind.SEND_F and L.rank_of(a.stage + 1) == me:
+                return ("F", a.stage + 1, a.mb)
+            if a.kind == Kind.SEND_B and L.rank_of(a.stage - 1) == me:
+                return ("B", a.stage - 1, a.mb)
+            return None
+
+        nxt: Dict[int, List[Optional[tuple]]] = {}  # q -> [first message q sends to us at or after index i]
+        for q, acts in enumerate(sched.ranks):
+            if q == me:
+                continue
+            col: List[Optional[tuple]] = [None] * (len(acts) + 1)
+            for i in range(len(acts) - 1, -1, -1):
+                col[i] = to_me(acts[i]) or col[i + 1]
+            nxt[q] = col
+        safe: Dict[tuple, List[tuple]] = defaultdict(list)
+        for a in sched.ranks[me]:
+            if a.kind == Kind.SEND_F:
+                kind, peer_stage, peer_kind = "F", a.stage + 1, Kind.RECV_F
+            elif a.kind == Kind.SEND_B:
+                kind, peer_stage, peer_kind = "B", a.stage - 1, Kind.RECV_B
+            else:
+                continue
+            q = L.rank_of(peer_stage)
+            j = pos[q].get((peer_stage, peer_kind, a.mb))
+            later = nxt[q][j + 1] if j is not None else None
+            if later is not None:
+                safe[later].append((kind, a.stage, a.mb))
+        cap = self.max_pending_sends or max(2, self.inflight_depth(M, eval_mode))
+        self._send_plans[key] = (cap, dict(safe))
+        return self._send_plans[key]
 
     def _verify_agreement(self, M: int, B: int, T: int) -> None:
         """Fail fast if ranks disagree on the layout, microbatch geometry or message dtype (once per shape)."""
@@ -214,20 +370,27 @@ class PipelineRuntime:
             if a.kind == grad_kind:
                 self._grad_left[a.stage] += 1
         self._stats = CommStats()
-        self._loss = torch.zeros((), dtype=torch.float64)
-        self._aux = torch.zeros((), dtype=torch.float64)
+        # accumulated on the device: no host sync per microbatch (the caller syncs once per step)
+        self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._aux = torch.zeros((), dtype=torch.float64, device=self.device)
         self._has_aux = False
+        self._send_cap, self._safe_after = self._send_plan(M, eval_mode)
+        self._safe_after = {k: list(v) for k, v in self._safe_after.items()}
         self._cache = BlockCache(self.layout, self.rank, strict=self.strict)
         self._cache.drop_deposits = self.drop_deposits
+        self.held_peak, self.held_at_end = {}, {}
         t0 = time.perf_counter()
         try:
             ctx = torch.no_grad() if eval_mode else torch.enable_grad()
             with ctx:
                 for action in sched.ranks[self.rank]:
                     self._run(action)
-            for work, _ in self._sends:
-                work.wait()
+                    if self.track_held:
+                        self._sample_held()
+                self._flush_batch()
+            self._drain_sends()
             self._stats.step_s = time.perf_counter() - t0
+            self.held_at_end = self.held_tensor_stats()
             if self.strict:
                 self._assert_clean()
         finally:
@@ -236,13 +399,50 @@ class PipelineRuntime:
             self._sum_tied_grads()
         loss, aux = self._loss, self._aux
         if reduce and self.P > 1:
-            t = torch.stack([loss, aux, torch.tensor(float(self._has_aux), dtype=torch.float64)])
-            t = t.to(self._coll_device())
+            flag = torch.full((), float(self._has_aux), dtype=torch.float64, device=loss.device)
+            t = torch.stack([loss, aux, flag]).to(self._coll_device())
             dist.all_reduce(t, group=self.group)
-            loss, aux, has = t[0].cpu(), t[1].cpu(), bool(t[2] > 0)
+            loss, aux = t[0].to(self.device), t[1].to(self.device)
+            # whether any rank has an aux loss is a property of the model: sync on it once, not every step
+            key = (eval_mode, self._has_aux)
+            if key not in self._global_has_aux:
+                self._global_has_aux[key] = bool(t[2] > 0)
+            has = self._global_has_aux[key]
         else:
             has = self._has_aux
         return StepResult(loss=loss, aux_loss=aux if has else None, stats=self._stats)
+
+    # ------------------------------------------------------------------ what the runtime holds
+    def held_tensor_stats(self) -> Dict[str, Dict[str, int]]:
+        """Tensors the runtime itself holds right now, by category, each ``{"tensors", "storages", "bytes"}``
+        (bytes of distinct storages; a view and its base count once):
+
+        * ``sends``: buffers of posted sends not yet known complete (plus unsent outbox entries);
+        * ``recvs``: posted receive buffers not yet consumed (plus same-rank mailbox entries);
+        * ``cache``: the block cache's values (aliases of saved tensors) and gradient deposits;
+        * ``saved``: per (stage, microbatch) forward state kept for the backward; ``records`` counts them;
+        * ``total``: all of the above, every storage counted once.
+
+        Autograd's own saved activations are not included (they hang off the saved roots). Between steps
+        everything is 0.
+        """
+        sends = [t for _, t in self._sends.values()] + list(self._outbox.values())
+        recvs = [b for b, _ in self._recvs.values()] + list(self._mailbox.values())
+        cache = []
+        if self._cache is not None:
+            cache = list(self._cache.values.values()) + list(self._cache.deposits.values())
+        saved = [t for rec in self._saved.values() for t in rec.tensors()]
+        out = {"sends": _tally(sends), "recvs": _tally(recvs), "cache": _tally(cache), "saved": _tally(saved),
+               "total": _tally(sends + recvs + cache + saved)}
+        out["saved"]["records"] = len(self._saved)
+        return out
+
+    def _sample_held(self) -> None:
+        now = self.held_tensor_stats()
+        for cat, vals in now.items():
+            peak = self.held_peak.setdefault(cat, {})
+            for k, v in vals.items():
+                peak[k] = max(peak.get(k, 0), v)
 
     def _release(self) -> None:
         if self._cache is not None:
@@ -253,6 +453,8 @@ class PipelineRuntime:
         self._outbox.clear()
         self._mailbox.clear()
         self._sends.clear()
+        self._safe_after = {}
+        self._batch = []
         self._mbs = None
 
     def _assert_clean(self) -> None:
@@ -268,6 +470,11 @@ class PipelineRuntime:
 
     def _run(self, a: Action) -> None:
         k = a.kind
+        self._poll_sends()
+        if self.batch_p2p and k in (Kind.RECV_F, Kind.RECV_B, Kind.SEND_F, Kind.SEND_B):
+            self._batch.append(a)  # posted together at the next compute action (CUDA path)
+            return
+        self._flush_batch()
         if k == Kind.RECV_F:
             self._post_recv("F", a.stage, a.mb, hop=a.stage - 1, src_stage=a.stage - 1)
         elif k == Kind.RECV_B:
@@ -290,21 +497,85 @@ class PipelineRuntime:
                 self._weight(a.stage, a.mb)
             self._stats.compute_s += time.perf_counter() - t0 - (self._stats.wait_s - w0)
 
-    def _post_recv(self, kind: str, stage: int, mb: int, hop: int, src_stage: int) -> None:
+    def _post_recv(self, kind: str, stage: int, mb: int, hop: int, src_stage: int, post=None) -> None:
         shape = self.layout.payload_shape(hop, self._B, self._T)
         buf = torch.empty(shape, dtype=self.comm_dtype, device=self.device)
-        work = dist.irecv(buf, group=self.group, group_src=self.layout.rank_of(src_stage),
-                          tag=self._tag(hop, mb, kind == "B"))
+        peer, tag = self.layout.rank_of(src_stage), self._tag(hop, mb, kind == "B")
+        if post is not None:  # batched (CUDA) path: the work comes back from the batch
+            post(dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer, tag=tag), ("R", (kind, stage, mb)))
+            self._recvs[(kind, stage, mb)] = (buf, None)
+            return
+        work = dist.irecv(buf, group=self.group, group_src=peer, tag=tag)
         self._recvs[(kind, stage, mb)] = (buf, work)
 
-    def _send(self, kind: str, stage: int, mb: int, hop: int, dst_stage: int) -> None:
+    def _send(self, kind: str, stage: int, mb: int, hop: int, dst_stage: int, post=None) -> None:
         t = self._outbox.pop((kind, stage, mb))
-        work = dist.isend(t, group=self.group, group_dst=self.layout.rank_of(dst_stage),
-                          tag=self._tag(hop, mb, kind == "B"))
-        self._sends.append((work, t))  # keep the tensor alive until the send completes
+        peer, tag = self.layout.rank_of(dst_stage), self._tag(hop, mb, kind == "B")
+        key = (kind, stage, mb)
+        if post is not None:
+            post(dist.P2POp(dist.isend, t, group=self.group, group_peer=peer, tag=tag), ("S", key))
+            self._sends[key] = (None, t)
+        else:
+            self._sends[key] = (dist.isend(t, group=self.group, group_dst=peer, tag=tag), t)
         (self._stats.bwd_elems if kind == "B" else self._stats.fwd_elems)[hop] += t.numel()
         self._stats.messages += 1
         self._stats.bytes += t.numel() * t.element_size()
+        if post is None:
+            self._cap_sends()
+
+    # ------------------------------------------------------------------ send buffers: release early, bound
+    def _poll_sends(self) -> None:
+        """Drop the sends that report completion (NCCL; gloo only reports it from ``wait()``)."""
+        done = [k for k, (w, _) in self._sends.items() if w is not None and w.is_completed()]
+        for k in done:
+            del self._sends[k]
+
+    def _finish_send(self, key: tuple) -> None:
+        entry = self._sends.pop(key, None)
+        if entry is not None and entry[0] is not None:
+            entry[0].wait()
+
+    def _cap_sends(self) -> None:
+        """At most ``_send_cap`` sends in flight: wait the oldest beyond it. Deadlock-free: its receive comes
+        before the current action in the lowered global order, so the peer reaches it without us."""
+        while len(self._sends) > self._send_cap:
+            self._finish_send(next(iter(self._sends)))
+
+    def _drain_sends(self) -> None:
+        while self._sends:
+            self._finish_send(next(iter(self._sends)))
+
+    # ------------------------------------------------------------------ batched P2P (CUDA)
+    def _flush_batch(self) -> None:
+        """Post the pending SEND/RECV actions as one ``batch_isend_irecv`` (NCCL: one group; the lowered
+        order keeps the per-link order the same on both ends, which is what NCCL matches on)."""
+        if not self._batch:
+            return
+        actions, self._batch = self._batch, []
+        ops, keys = [], []
+
+        def post(op, key):
+            ops.append(op)
+            keys.append(key)
+
+        for a in actions:
+            if a.kind == Kind.RECV_F:
+                self._post_recv("F", a.stage, a.mb, hop=a.stage - 1, src_stage=a.stage - 1, post=post)
+            elif a.kind == Kind.RECV_B:
+                self._post_recv("B", a.stage, a.mb, hop=a.stage, src_stage=a.stage + 1, post=post)
+            elif a.kind == Kind.SEND_F:
+                self._send("F", a.stage, a.mb, hop=a.stage, dst_stage=a.stage + 1, post=post)
+            else:
+                self._send("B", a.stage, a.mb, hop=a.stage - 1, dst_stage=a.stage - 1, post=post)
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if len(works) != len(ops):  # coalesced (NCCL): one work for the whole group
+            works = [works[0] if works else None] * len(ops)
+        for (side, key), work in zip(keys, works):
+            if side == "R":
+                self._recvs[key] = (self._recvs[key][0], work)
+            else:
+                self._sends[key] = (work, self._sends[key][1])
+        self._cap_sends()
 
     def _emit(self, kind: str, stage: int, mb: int, t: torch.Tensor) -> None:
         """Hand a message to the next (F) or previous (B) stage: the outbox for a SEND, the mailbox if local."""
@@ -326,6 +597,8 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         work.wait()
         self._stats.wait_s += time.perf_counter() - t0
+        for send in self._safe_after.pop(key, ()):  # the peer posted these sends' receives before this message
+            self._finish_send(send)
         return buf
 
     # ------------------------------------------------------------------ compute
@@ -351,24 +624,29 @@ class PipelineRuntime:
         aux_root = None
         if out.aux_loss is not None:
             self._has_aux = True
-            self._aux += out.aux_loss.detach().double().cpu() / self._M
+            self._aux += out.aux_loss.detach().to(self._aux.device, torch.float64) / self._M
             aux_root = out.aux_loss / self._M
         if st.is_last:
-            self._loss += out.loss.detach().double().cpu() / self._M
+            self._loss += out.loss.detach().to(self._loss.device, torch.float64) / self._M
             root = out.loss / self._M
             rec.roots, rec.grads = [root if aux_root is None else root + aux_root], [None]
         else:
             state = out.state
             for b in L.commits(s):
                 cache.put(m, b, state.blocks[b])  # produced here: this stage is the entry
-                rec.own[b] = state.blocks[b]
+                if grad and cache.is_read(b):  # rule P needs it only if a later chunk here reads it
+                    rec.own[b] = state.blocks[b]
             parts = [state.blocks[b] for b in L.delta(s)] + ([state.partial] if L.partial(s) else [])
             if len(parts) != L.payload_len(s):
                 raise PipelineError(f"stage {s}: boundary state does not match the layout")
-            pack = torch.stack([p.to(self.comm_dtype) for p in parts]) if parts else \
-                torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
+            with torch.no_grad():  # a detached copy: it lives only until its send completes
+                pack = torch.stack([p.detach().to(self.comm_dtype) for p in parts]) if parts else \
+                    torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
             self._emit("F", s, m, pack)
-            rec.pack = pack
+            rec.sends = True
+            if grad and any(p.requires_grad for p in parts):
+                rec.slot = _GradSlot()
+                rec.anchor = _Anchor.apply(rec.slot, *parts)
             if aux_root is not None:
                 rec.roots, rec.grads = [aux_root], [None]
         if s + L.num_ranks >= self.C:
@@ -380,16 +658,19 @@ class PipelineRuntime:
         L, cache = self.layout, self._cache
         rec = self._saved[(s, m)] if split else self._saved.pop((s, m))
         roots, grads = list(rec.roots), list(rec.grads)
-        if rec.pack is not None:
+        if rec.sends:
             g = self._receive("B", s, m)
-            if rec.pack.requires_grad:
-                roots.append(rec.pack)
-                grads.append(g)
+            if rec.anchor is not None:
+                rec.slot.grad = g
+                roots.append(rec.anchor)
+                grads.append(None)  # 0-dim root: implicit one; the anchor's backward reads slot.grad
+            rec.anchor = None
             for b, t in rec.own.items():  # rule P: deposits of later readers of blocks produced here
                 d = cache.take(m, b)
                 if d is not None:
                     roots.append(t)
                     grads.append(d.to(t.dtype))
+            rec.own = {}
         inputs = ([rec.leaf] if rec.leaf is not None else []) + list(rec.cached.values())
         if not roots:  # nothing on this stage depends on parameters or inputs (degenerate empty stage)
             gin, cached_grads = None, [None] * len(rec.cached)
@@ -398,11 +679,12 @@ class PipelineRuntime:
             got = torch.autograd.grad(roots, inputs, grads, retain_graph=True, allow_unused=True) if inputs else []
             gin = got[0] if rec.leaf is not None else None
             cached_grads = list(got[1:] if rec.leaf is not None else got)
-            rec.roots, rec.grads = roots, grads  # for W
+            rec.roots, rec.grads = roots, grads  # for W (the anchor's slot keeps the received gradient)
         else:
             torch.autograd.backward(roots, grads)
             gin = rec.leaf.grad if rec.leaf is not None else None
             cached_grads = [c.grad for c in rec.cached.values()]
+            rec.roots, rec.grads, rec.slot = [], [], None
         for b, cg in zip(rec.cached, cached_grads):  # rule D
             cache.deposit(m, b, cg)
         if s > 0:
@@ -412,15 +694,15 @@ class PipelineRuntime:
                 if d is not None:
                     gin[j] += d.to(gin.dtype)
             self._emit("B", s, m, gin)
-        if not split:
-            rec.leaf = None
-            rec.cached.clear()
+        rec.leaf = None  # W (split) needs only the roots, their gradients and the anchor's slot
+        rec.cached = {}
 
     def _weight(self, s: int, m: int) -> None:
         rec = self._saved.pop((s, m))
         params = [p for p in self.stages[s].parameters() if p.requires_grad]
         if rec.roots and params:
             torch.autograd.backward(rec.roots, rec.grads, inputs=params)
+        rec.roots, rec.grads, rec.slot = [], [], None
 
     # ------------------------------------------------------------------ tied embeddings
     def _tied_param(self) -> Optional[torch.nn.Parameter]:
