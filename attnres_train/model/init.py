@@ -67,6 +67,13 @@ def init_rule(module: nn.Module, attr: str, full_name: str, init_std: float) -> 
     raise KeyError(f"no initialisation rule for {full_name} ({type(module).__name__}.{attr})")
 
 
+def resolve_seed(seed: Optional[int]) -> int:
+    """``seed``, or one drawn from torch's global CPU RNG (so ``torch.manual_seed`` decides)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
+    return int(seed)
+
+
 def canonical_name(name: str, tied: bool) -> str:
     """The name a tensor's values are keyed by: a tied head copy (pipeline) draws the embedding's values."""
     return TIED_NAMES.get(name, name) if tied else name
@@ -125,6 +132,9 @@ Writer = Callable[[torch.Tensor, InitRule, int, str], None]
 
 def write_full(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None:
     """The single-process writer: all rows of a plain tensor."""
+    if hasattr(t, "device_mesh"):
+        raise TypeError(f"{name} is sharded (DTensor): initialise a parallelised model with "
+                        "attnres_train.parallel.init.materialize_and_init")
     t.copy_(draw_rows(rule, seed, name, t.shape, range(t.shape[0]) if t.ndim else [0], t.dtype).reshape(t.shape))
 
 
@@ -134,8 +144,7 @@ def init_model_weights(model: nn.Module, model_cfg, seed: Optional[int] = None, 
     """Initialise every parameter and buffer of ``model`` (a whole model or any submodule, named from
     ``prefix``) of a model with config ``model_cfg`` from ``seed`` (None: drawn from torch's global RNG, so
     ``torch.manual_seed`` still decides). Returns the rule used per canonical name."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    seed = resolve_seed(seed)
     rules = {}
     for name, mod, attr, t in named_init_targets(model):
         full = canonical_name(prefix + name, model_cfg.tie_word_embeddings)

@@ -197,7 +197,7 @@ def build_model(model_cfg, device=None, dtype: Optional[torch.dtype] = None,
         model = AttnResForCausalLM(cfg)
     if dtype is not None:
         model.to(dtype)
-    device = torch.device("cpu" if device is None else device)
+    device = torch.get_default_device() if device is None else torch.device(device)
     if device.type == "meta":
         return model
     model.to_empty(device=device)

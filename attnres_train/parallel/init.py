@@ -11,14 +11,14 @@ layouts (TP row-parallel weights) are sliced after drawing, so the transient is 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from ..model.init import InitRule, draw_rows, init_model_weights, write_full
+from ..model.init import InitRule, draw_rows, init_model_weights, resolve_seed, write_full  # noqa: F401
 
 
 def global_indices(t: DTensor, dim: int) -> torch.Tensor:
@@ -92,6 +92,3 @@ def local_bytes(module: nn.Module, include_buffers: bool = True) -> int:
         total += loc.numel() * loc.element_size()
     return total
 
-
-def resolve_seed(seed: Optional[int]) -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)

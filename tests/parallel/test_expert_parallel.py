@@ -117,15 +117,15 @@ def _model_body(cases, ckpt_dir):
                 res["state_dict_keys"] = sorted(sd)
                 res["full_experts"] = {n: full[n] for n in ep_names}
         out[name] = res
-    # meta-device build -> EP -> to_empty -> init_weights gives the single-process init (layout independent)
+    # meta-device build -> EP -> materialise + init this rank's shards gives the single-process init
     from attnres_train.model import build_model
+    from attnres_train.parallel.init import materialize_and_init
 
     with torch.device("meta"):
         meta = build_model(tiny_cfg())
     apply_expert_parallel(meta, mesh)
-    meta.to_empty(device="cpu")
     torch.manual_seed(11)
-    meta.init_weights()
+    materialize_and_init(meta, "cpu", meta.config, seed=None)  # seed drawn from the global RNG, as init_weights
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p.detach()) for n, p in meta.named_parameters()}
     out["meta_init"] = full if rank == 0 else None  # full_tensor() is a collective: every rank calls it
     return out
