@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-delay", type=int, default=None, help="with --split-backward: W this many slots after I")
     p.add_argument("--comms", action="store_true", help="print the lowered action lists (SEND/RECV included)")
     p.add_argument("--csv", action="store_true", help="print the lowered schedule as CSV (torch's layout) only")
+    p.add_argument("--simulate-rank", type=int, default=None, metavar="R",
+                   help="also build rank R of this layout for real in this process (fake process group, CPU): "
+                        "materialise its shards and optimizer state and print the bytes next to the estimates")
+    p.add_argument("--seed", type=int, default=0, help="with --simulate-rank: the initialisation seed")
     return p
 
 
@@ -111,7 +115,35 @@ def render(args) -> str:
             return text
         out += [text, ""]
     out.append(render_estimates(cfg, dims, args, M, layout, sched))
+    if args.simulate_rank is not None:
+        out += ["", render_simulated_rank(args, cfg, pc, dims, M, layout, sched)]
     return "\n".join(out)
+
+
+def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
+    """``--simulate-rank R``: the rank's real construction (``parallel.simulate``) next to its estimate."""
+    from ..config.schema import Config
+    from ..parallel.plan_estimates import TrainShape, estimate_ranks
+    from ..parallel.simulate import render_simulation, simulate_rank
+
+    if not 0 <= args.simulate_rank < dims.world_size:
+        raise UserInputError(f"--simulate-rank {args.simulate_rank} is not a rank of a {dims.world_size}-rank world")
+    root = Config(model=cfg, parallel=pc, seed=args.seed)
+    root.data.seq_len = args.seq_len
+    root.optim.name = args.optimizer
+    root.trainer.activation_checkpointing = args.activation_checkpointing
+    root.trainer.micro_batch_size = args.micro_batch_size
+    root.trainer.global_batch_size = args.micro_batch_size * M * dims.dp
+    root.pipeline.schedule = args.schedule
+    if args.layers_per_stage:
+        root.pipeline.layers_per_stage = [int(x) for x in args.layers_per_stage.split(",")]
+    root.pipeline.block_cache = not args.no_cache
+    sim = simulate_rank(root, args.simulate_rank, dims.world_size)
+    shape = TrainShape(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, microbatches=M,
+                       activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
+                       comm_bytes=DTYPE_BYTES[args.dtype])
+    est = estimate_ranks(cfg, dims, shape, layout, sched)[sim.pp_rank]
+    return render_simulation(sim, est.memory)
 
 
 def render_pipeline(args, cfg, M):
