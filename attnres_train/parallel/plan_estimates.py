@@ -277,8 +277,11 @@ def estimate_ranks(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layo
         est.memory = {"weights": FP32 * local, "grads": FP32 * local, "optimizer": opt_bytes,
                       "fsdp_buffers": fsdp, "activations": acts + recompute, "block_cache": cache}
         if P > 1:
-            sends = sum(layout.payload_len(s) for s in stages if s < C - 1 and layout.rank_of(s + 1) != r)
-            est.memory["pipeline_sends"] = sends * shape.microbatches * tokens * cfg.hidden_size * shape.comm_bytes
+            # The runtime keeps at most max(2, inflight) sends in flight (+1 pack between compute and SEND), each
+            # at most the largest outgoing payload: bounded by the schedule's depth, not by M (docs/pipeline.md).
+            out_hops = [layout.payload_len(s) for s in stages if s < C - 1 and layout.rank_of(s + 1) != r]
+            packs = (max(2, est.inflight) + 1) * max(out_hops, default=0)
+            est.memory["pipeline_sends"] = packs * tokens * cfg.hidden_size * shape.comm_bytes
         out.append(est)
     return out
 
