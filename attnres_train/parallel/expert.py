@@ -224,7 +224,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's routed experts over ``ep_mesh`` (1-D) and route tokens with all-to-all.
 
     In place; call before building the optimizer (the expert ``nn.Parameter`` objects are replaced) and
-    before FSDP. Works on a meta-device model (shards are meta too; ``to_empty`` + ``init_weights`` after).
+    before FSDP. Works on a meta-device model (shards are meta too; ``parallel.init.materialize_and_init`` after).
     Shared experts, the router and everything else are untouched (replicated).
     """
     runner = ExpertParallelRunner(ep_mesh)

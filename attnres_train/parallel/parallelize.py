@@ -17,8 +17,9 @@
 
 The model must not be wrapped yet, and the optimizer must be built afterwards (parameters are replaced).
 ``tensor.py`` / ``expert.py`` are imported only when needed, so a layout without TP / EP never imports them.
-Every rank must build the same full model from the same seed before calling this (equal initial weights
-without a broadcast; see docs/parallel.md, "Initialisation").
+``model`` is a whole model or one pipeline stage (``parallel/parts.py``), normally on the ``meta`` device: the
+caller then materialises this rank's shards with ``parallel.init.materialize_and_init`` (values equal to one
+process's; docs/parallel.md, "Initialisation"). A materialised model must be identical on every rank.
 """
 
 from __future__ import annotations

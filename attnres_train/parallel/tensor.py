@@ -45,8 +45,8 @@ query, which only see this rank's tokens) carry a gradient hook that all-reduces
 tp. FSDP2 replaces parameter objects (and so drops such hooks) but redistributes ``Partial`` TP gradients to
 the parameter placement itself before its reduce-scatter, so the result is the same.
 
-Requirements: the plain model is identical on every tp rank (same seed, or meta device and ``init_weights``
-afterwards - ``distribute_tensor`` takes tp rank 0's values); every tp rank gets the same batch; with SP the
+Requirements: the plain model is on the meta device (then ``parallel.init.materialize_and_init``) or identical
+on every tp rank (``distribute_tensor`` takes tp rank 0's values); every tp rank gets the same batch; with SP the
 sequence length is divisible by the tp degree. Gloo (CPU) and NCCL (GPU) run the same code; torch 2.13's gloo
 has every collective used here (all_gather_into_tensor, reduce_scatter_tensor, all_reduce SUM/MAX, scatter).
 """

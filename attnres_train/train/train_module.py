@@ -103,8 +103,9 @@ class TrainModule:
         chunks = list(zip(x_bt.split(self.micro), y_bt.split(self.micro)))
         n = len(chunks)
         weights = loss_weights([y for _, y in chunks], self.ctx)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        # Accumulated on the device: no host sync per microbatch (one, below, per optimizer step).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for i, ((x, y), w) in enumerate(zip(chunks, weights)):
             with grad_sync(self.model, enabled=(i == n - 1)):
                 with self._autocast():
@@ -112,12 +113,12 @@ class TrainModule:
                 total = out.loss * w
                 if out.aux_loss is not None:
                     total = total + out.aux_loss / n
-                    aux_sum += out.aux_loss.detach().double().cpu() / n
+                    aux_sum += _local_scalar(out.aux_loss).double() / n
                 total.backward()
-            loss_sum += out.loss.detach().double().cpu() * w
+            loss_sum += _local_scalar(out.loss).double() * w
         finish_grad_sync(self.model, self.ctx)
         # loss_sum * ... : the weights already include the dp factor, so the dp mean is the global token mean
-        stats = torch.stack([loss_sum, aux_sum]).to(self.ctx.device)
+        stats = torch.stack([loss_sum, aux_sum])
         self.ctx.all_reduce_dp_mean_(stats)
         stats = stats.cpu()
         return {"loss": float(stats[0]), "aux_loss": float(stats[1])}
@@ -177,6 +178,12 @@ class TrainModule:
             return {}
         loss = float(tot[0] / tot[1])
         return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp())}
+
+
+def _local_scalar(t: torch.Tensor) -> torch.Tensor:
+    """A detached loss as a plain tensor (a tensor-parallel loss may be a replicated DTensor)."""
+    t = t.detach()
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def build_train_module(model, cfg, ctx, max_steps: int) -> TrainModule:
