@@ -24,6 +24,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +97,14 @@ def _worker_pipeline(M: int) -> dict:
 
 
 def _launch(nproc: int, args: list) -> list:
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                              if nproc > 1 else []) + [str(Path(__file__)), *args]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line[len("WORKER "):]) for line in proc.stdout.splitlines() if line.startswith("WORKER ")]
+    """Run a worker on ``nproc`` ranks; each writes its JSON to its own file (stdout lines would interleave)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                                  if nproc > 1 else []) + [str(Path(__file__)), *args, "--out", out]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
 
 
 def main() -> None:
@@ -109,14 +112,13 @@ def main() -> None:
     p.add_argument("--worker", choices=("construct", "pipeline"), help=argparse.SUPPRESS)
     p.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="f1", help="model preset for the construction part (default f1)")
     p.add_argument("--skip-48b", action="store_true", help="skip the simulated 48B rank (~13 GiB, ~2 min)")
     args = p.parse_args()
-    if args.worker == "construct":
-        print("WORKER " + json.dumps(_worker_construct(args.pp, args.preset)), flush=True)
-        return
-    if args.worker == "pipeline":
-        print("WORKER " + json.dumps(_worker_pipeline(args.M)), flush=True)
+    if args.worker:
+        res = _worker_construct(args.pp, args.preset) if args.worker == "construct" else _worker_pipeline(args.M)
+        (Path(args.out) / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(res))
         return
 
     results = []
