@@ -280,7 +280,7 @@ def estimate_ranks(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layo
             # The runtime keeps at most max(2, inflight) sends in flight (+1 pack between compute and SEND), each
             # at most the largest outgoing payload: bounded by the schedule's depth, not by M (docs/pipeline.md).
             out_hops = [layout.payload_len(s) for s in stages if s < C - 1 and layout.rank_of(s + 1) != r]
-            packs = (max(2, est.inflight) + 1) * max(out_hops, default=0)
+            packs = min((max(2, est.inflight) + 1) * max(out_hops, default=0), shape.microbatches * sum(out_hops))
             est.memory["pipeline_sends"] = packs * tokens * cfg.hidden_size * shape.comm_bytes
         out.append(est)
     return out
