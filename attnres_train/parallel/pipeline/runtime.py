@@ -9,17 +9,10 @@ action that needs the tensor waits on it. On CUDA the SEND/RECV actions that sit
 order (the ones posted at the same point) go out as one ``batch_isend_irecv`` (:meth:`PipelineRuntime._flush_batch`,
 ``batch_p2p``). Hops between two stages of the same rank (P = 1) go through an in-process mailbox.
 
-Memory (what the runtime itself holds; docs/pipeline.md "Memory"): a send buffer is dropped as soon as its send is
-known to be done: polled with ``is_completed()`` at every action (NCCL), waited once the peer has provably posted
-the matching receive (the schedule says the peer posted it before sending a message we have already received;
-gloo only reports completion from ``wait()``), and at most ``max_pending_sends`` are in flight (the oldest is
-waited beyond that; deadlock-free because the waited send's receive precedes, in the lowered global order, the
-waiting rank's current action). A stage keeps only what its backward needs: the received leaf, the cached leaves,
-the produced blocks a later chunk of this rank reads (rule P), and a 0-dim *anchor* that stands in for the sent
-pack (its backward hands slice j of the received gradient to part j; the pack itself is a detached copy that lives
-only until its send completes). So everything held is bounded by the schedule's in-flight depth, not by M;
-:meth:`PipelineRuntime.held_tensor_stats` counts it and ``held_peak`` / ``held_at_end`` record a step.
-Losses accumulate on the device; the step makes no host sync per microbatch.
+Memory: send buffers are released as soon as their sends are known complete (at most ``max_pending_sends`` in
+flight), and a stage keeps only what its backward needs (a 0-dim anchor stands in for the sent pack); everything
+held is bounded by the schedule's in-flight depth, not by M (docs/pipeline.md, "Memory"; ``held_tensor_stats``).
+Losses accumulate on the device: no host sync per microbatch.
 
 Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views ``x[j]`` are the blocks of
 ``delta[s-1]`` and the partial), blocks of ``have[s]`` come from the rank's cache as FRESH LEAVES, the stage
@@ -35,10 +28,8 @@ Backward (the gradient-routing rules, design note §6.4):
 * the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R) and goes to
   stage s-1.
 
-``I``/``W`` split (zero-bubble hook): ``I`` computes the input and cached-leaf gradients with
-``autograd.grad(retain_graph=True)`` (so deposits and the upstream gradient are ready early); ``W`` later runs
-``autograd.backward(..., inputs=stage parameters)``. This is a correctness reference for the cache protocol, not
-an efficient W pass (it re-traverses the graph).
+``I``/``W`` split (zero-bubble hook): ``I`` = input and cached-leaf gradients (``autograd.grad``, graph kept),
+``W`` = the weight gradients later; a correctness reference, not an efficient W pass (docs/pipeline.md).
 
 Loss: ``Σ_m loss_m / M`` on the last stage; aux losses are backpropagated on their own stage. Tied embeddings:
 the embedding's gradient (stage 0, rank 0) and the head copy's (stage C-1, rank P-1) are summed over a
@@ -50,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -59,114 +49,12 @@ import torch.distributed as dist
 from ...model.depth import DepthState
 from .cache import BlockCache
 from .layout import PipelineLayout
+from .records import CommStats, PipelineError, StepResult, _Anchor, _GradSlot, _Saved, _tally
 from .schedules import Action, Kind, Schedule, check, forward_only, lower, make_schedule
+from .send_plan import inflight_depth, safe_send_waits
 from .stage import PipelineStageModule
 
 Microbatch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids [B,T], labels [B,T])
-
-
-class PipelineError(RuntimeError):
-    """The pipeline was set up inconsistently (ranks disagree, wrong stages for this rank, bad inputs)."""
-
-
-@dataclass
-class CommStats:
-    """What this rank sent in one step: elements per hop and direction, messages, and timing."""
-
-    fwd_elems: Dict[int, int] = field(default_factory=lambda: defaultdict(int))  # hop s (s→s+1) → elements
-    bwd_elems: Dict[int, int] = field(default_factory=lambda: defaultdict(int))  # hop s (s+1→s) → elements
-    messages: int = 0
-    bytes: int = 0
-    compute_s: float = 0.0  # time inside F/B/I/W actions minus receive waits (this rank's "busy" time)
-    wait_s: float = 0.0  # time blocked waiting for a received tensor
-    step_s: float = 0.0  # wall time of the action loop, send completion included
-
-    def as_dict(self) -> dict:
-        return {"fwd_elems": dict(self.fwd_elems), "bwd_elems": dict(self.bwd_elems), "messages": self.messages,
-                "bytes": self.bytes, "compute_s": self.compute_s, "wait_s": self.wait_s, "step_s": self.step_s}
-
-
-@dataclass
-class StepResult:
-    # Σ_m loss_m / M (fp64, detached, 0-dim, on the stages' device: no host sync inside the step; the caller
-    # syncs once, e.g. float(loss)); on every rank if reduce=True, else meaningful on the last rank only
-    loss: torch.Tensor
-    aux_loss: Optional[torch.Tensor]  # Σ over stages and microbatches of aux / M (None if no MoE aux loss)
-    stats: CommStats
-
-
-class _GradSlot:
-    """Where a stage's backward finds the gradient received for its outgoing pack (read by :class:`_Anchor`)."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self):
-        self.grad: Optional[torch.Tensor] = None
-
-
-class _Anchor(torch.autograd.Function):
-    """A 0-dim backward root that stands in for the sent pack ``stack([p.to(comm_dtype) for p in parts])``.
-
-    Holding the pack itself as the root would keep a copy of every sent block alive until the backward. The
-    anchor holds nothing but dtypes; its backward returns slice ``j`` of ``slot.grad`` (the received gradient,
-    set right before the backward) cast to part ``j``'s dtype, which is exactly what Stack + ToCopy backward
-    would have produced. Call backward on it with an implicit gradient of one.
-    """
-
-    @staticmethod
-    def forward(ctx, slot: _GradSlot, *parts: torch.Tensor) -> torch.Tensor:
-        ctx.slot = slot
-        ctx.dtypes = [p.dtype for p in parts]
-        return torch.zeros((), dtype=parts[0].dtype, device=parts[0].device)
-
-    @staticmethod
-    def backward(ctx, _unused):
-        g = ctx.slot.grad
-        if g is None:
-            raise PipelineError("pipeline anchor: backward ran without the received gradient")
-        need = ctx.needs_input_grad[1:]
-        return (None, *[g[j].to(dt) if need[j] else None for j, dt in enumerate(ctx.dtypes)])
-
-
-@dataclass
-class _Saved:
-    """What one (stage, microbatch) keeps between its forward and its backward (and W when split)."""
-
-    leaf: Optional[torch.Tensor] = None  # the received payload (its .grad is the input gradient)
-    cached: Dict[int, torch.Tensor] = field(default_factory=dict)  # fresh leaves read from the cache
-    roots: List[torch.Tensor] = field(default_factory=list)
-    grads: List[Optional[torch.Tensor]] = field(default_factory=list)
-    anchor: Optional[torch.Tensor] = None  # stands in for the sent pack (None: nothing sent needs a gradient)
-    slot: Optional[_GradSlot] = None  # received output gradient, read by the anchor's backward
-    sends: bool = False  # the stage has an outgoing hop (its backward consumes a received gradient)
-    own: Dict[int, torch.Tensor] = field(default_factory=dict)  # produced blocks a later chunk here reads
-
-    def tensors(self) -> List[torch.Tensor]:
-        out = [t for t in (self.leaf, self.anchor) if t is not None]
-        out += list(self.cached.values()) + list(self.own.values()) + list(self.roots)
-        out += [g for g in self.grads if g is not None]
-        if self.slot is not None and self.slot.grad is not None:
-            out.append(self.slot.grad)
-        return out
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        st = t.untyped_storage()
-        return (str(t.device), st.data_ptr(), st.nbytes())
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage (DTensor wrappers)
-        return ("id", id(t), t.numel() * t.element_size())
-
-
-def _tally(tensors) -> Dict[str, int]:
-    """``tensors`` (count of tensor objects), ``storages`` and ``bytes`` (distinct storages, counted once)."""
-    seen = {}
-    n = 0
-    for t in tensors:
-        n += 1
-        k = _storage_key(t)
-        seen[k] = k[2]
-    return {"tensors": n, "storages": len(seen), "bytes": sum(seen.values())}
 
 
 def _resolve_group(group):
@@ -273,61 +161,14 @@ class PipelineRuntime:
     def inflight_depth(self, M: int, eval_mode: bool = False) -> int:
         """The most (stage, microbatch) forwards this rank holds at once in the schedule (forwards run minus
         last backward passes, B or W), i.e. the schedule's in-flight depth on this rank."""
-        sched = self.schedule_for(M, eval_mode)
-        if eval_mode:
-            return 0
-        done_kind = Kind.W if any(a.kind == Kind.W for a in sched.ranks[self.rank]) else Kind.B
-        depth = peak = 0
-        for a in sched.ranks[self.rank]:
-            depth += (a.kind == Kind.F) - (a.kind == done_kind)
-            peak = max(peak, depth)
-        return peak
+        return 0 if eval_mode else inflight_depth(self.schedule_for(M, eval_mode), self.rank)
 
     def _send_plan(self, M: int, eval_mode: bool) -> Tuple[int, Dict[tuple, List[tuple]]]:
-        """(send cap, ``recv key -> sends now safe to wait``), from the lowered schedule of every rank.
-
-        A send to rank q is *safe* (its ``wait`` returns without q's further progress) once q has posted the
-        matching receive. q posted it before every action after it in q's list, so once this rank has received
-        a message that q sent later than that receive, the send is safe. Gloo reports completion only through
-        ``wait()``, so this is how its send buffers get released early.
-        """
+        """(send cap, ``recv key -> sends now safe to wait``) for this step shape (``send_plan.safe_send_waits``)."""
         key = (M, eval_mode)
-        if key in self._send_plans:
-            return self._send_plans[key]
-        sched = self.schedule_for(M, eval_mode)
-        L, me = self.layout, self.rank
-        pos = [{(a.stage, a.kind, a.mb): i for i, a in enumerate(acts)} for acts in sched.ranks]
-
-        def to_me(a: Action) -> Optional[tuple]:  # the receive key on this rank of q's send ``a``, if it is to us
-            if a.kind == Kind.SEND_F and L.rank_of(a.stage + 1) == me:
-                return ("F", a.stage + 1, a.mb)
-            if a.kind == Kind.SEND_B and L.rank_of(a.stage - 1) == me:
-                return ("B", a.stage - 1, a.mb)
-            return None
-
-        nxt: Dict[int, List[Optional[tuple]]] = {}  # q -> [first message q sends to us at or after index i]
-        for q, acts in enumerate(sched.ranks):
-            if q == me:
-                continue
-            col: List[Optional[tuple]] = [None] * (len(acts) + 1)
-            for i in range(len(acts) - 1, -1, -1):
-                col[i] = to_me(acts[i]) or col[i + 1]
-            nxt[q] = col
-        safe: Dict[tuple, List[tuple]] = defaultdict(list)
-        for a in sched.ranks[me]:
-            if a.kind == Kind.SEND_F:
-                kind, peer_stage, peer_kind = "F", a.stage + 1, Kind.RECV_F
-            elif a.kind == Kind.SEND_B:
-                kind, peer_stage, peer_kind = "B", a.stage - 1, Kind.RECV_B
-            else:
-                continue
-            q = L.rank_of(peer_stage)
-            j = pos[q].get((peer_stage, peer_kind, a.mb))
-            later = nxt[q][j + 1] if j is not None else None
-            if later is not None:
-                safe[later].append((kind, a.stage, a.mb))
-        cap = self.max_pending_sends or max(2, self.inflight_depth(M, eval_mode))
-        self._send_plans[key] = (cap, dict(safe))
+        if key not in self._send_plans:
+            cap = self.max_pending_sends or max(2, self.inflight_depth(M, eval_mode))
+            self._send_plans[key] = (cap, safe_send_waits(self.schedule_for(M, eval_mode), self.layout, self.rank))
         return self._send_plans[key]
 
     def _verify_agreement(self, M: int, B: int, T: int) -> None:
