@@ -40,10 +40,11 @@ if importlib.util.find_spec("attnres_kernels") is None:  # kernels/ is installed
     sys.modules["attnres_kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["attnres_kernels"])
 
+from attnres_overhead import make  # noqa: E402  (bench/ sibling: the same AttnRes variant builder)
 from omegaconf import OmegaConf  # noqa: E402
 
 from attnres_train.config.model import ModelConfig, as_model_config  # noqa: E402
-from attnres_train.model import build_model, depth  # noqa: E402
+from attnres_train.model import depth  # noqa: E402
 from attnres_train.model.flops import train_flops_per_token  # noqa: E402
 from attnres_train.model.kda import KimiDeltaAttention  # noqa: E402
 from attnres_train.train.metrics import peak_flops  # noqa: E402
@@ -213,14 +214,8 @@ def with_residual(cfg, mode):
 def trainee(cfg, device, base_state=None):
     """(model, optimizer) as the trainer has them: fp32 weights on ``device``, fused AdamW where available.
     AttnRes models load ``base_state`` (a PreNorm model's) and get non-zero pseudo-queries."""
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
-    if base_state is not None:
-        model.load_state_dict(base_state, strict=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("_res_proj.weight"):
-                    p.normal_(0, 0.05)
+    r = cfg.residual
+    model = make(cfg, r.mode, base_state, num_blocks=r.num_blocks)[0].to(device).train()  # attnres_overhead's
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     except (RuntimeError, TypeError):
