@@ -239,6 +239,8 @@ def init_run(args) -> str:
     from ..interop.init_run import continue_command, init_run_from_hf
 
     path = init_run_from_hf(args.src, args.run_dir, args.overrides, _model_overrides(args), preset=args.preset)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one report, from rank 0
+        return ""
     return (f"wrote {path} (step 0: imported weights + fresh optimizer state)\nstart training (any parallel "
             f"layout) with:\n  {continue_command(args.run_dir, args.preset, args.overrides)}")
 
@@ -256,7 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UserInputError, ConfigError, OSError) as exc:  # OSError: permissions, disk full, ...
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always exactly one line
         return 2
-    print(message)
+    if message:
+        print(message)
     return 0
 
 

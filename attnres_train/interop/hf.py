@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -144,29 +144,45 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -
     AttnRes tensors are added with their initial values (key-norm gains 1, pseudo-queries 0), so the loaded
     model starts as the uniform-average AttnRes network of the paper.
     """
+    out: Dict[str, torch.Tensor] = {}
+    for part in iter_state_dict_from_hf(sd, model_cfg):
+        out.update(part)
+    return out
+
+
+def iter_state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Iterator[Dict[str, torch.Tensor]]:
+    """:func:`state_dict_from_hf` one part at a time: the embedding / final norm / head (and the initial AttnRes
+    tensors), then one decoder layer per part. With a lazy ``sd`` (``hf_files.LazySafetensors``) only the part
+    being converted is in memory, so a consumer that keeps just its own shards never holds the whole model.
+    The leftover check runs after the last part."""
     cfg = validate_model_config(as_model_config(model_cfg))
     x = _dims(cfg)
     src = _Reader(sd)
-    out: Dict[str, torch.Tensor] = {}
     d = x["d"]
     mla_layers = set(cfg.mla_layers)
 
-    out["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
-    out["model.norm.weight"] = src.take("model.norm.weight", (d,))
+    top: Dict[str, torch.Tensor] = {}
+    top["model.embed_tokens.weight"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
+    top["model.norm.weight"] = src.take("model.norm.weight", (d,))
     if src.has("lm_head.weight"):
-        out["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
-        if cfg.tie_word_embeddings and not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
+        top["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, d))
+        if cfg.tie_word_embeddings and not torch.equal(top["lm_head.weight"], top["model.embed_tokens.weight"]):
             raise UserInputError(
                 "config has tie_word_embeddings=true but 'lm_head.weight' differs from 'model.embed_tokens.weight' "
                 "(transformers' KimiLinear never ties them); set tie_word_embeddings=false in config.json to import "
                 "them as separate weights"
             )
     elif cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        top["lm_head.weight"] = top["model.embed_tokens.weight"]
     else:
         src.take("lm_head.weight")  # raises: missing
+    if cfg.residual.mode != "prenorm":
+        top.update(initial_attnres_tensors(cfg, dtype=top["model.norm.weight"].dtype))
+    yield top
+    del top
 
     for i in range(cfg.num_layers):
+        out: Dict[str, torch.Tensor] = {}
         p = f"model.layers.{i}."
         _copy_norms_and_mla(src, out, p, x, i in mla_layers)
         if i not in mla_layers:
@@ -179,6 +195,7 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -
                 out[f"{p}mlp.{name}"] = src.take(dense + name, shape)
         else:
             _moe_from_hf(src, out, p, x)
+        yield out
 
     leftover = src.leftover()
     if leftover:
@@ -187,9 +204,6 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -
             f"HF state dict has tensors the config does not use: {', '.join(leftover[:5])}{more}; "
             "does config.json match the weights?"
         )
-    if cfg.residual.mode != "prenorm":
-        out.update(initial_attnres_tensors(cfg, dtype=out["model.norm.weight"].dtype))
-    return out
 
 
 def _kda_from_hf(src: _Reader, out: dict, a: str, x: Dict[str, int]) -> None:
@@ -388,7 +402,18 @@ def load_hf_checkpoint(path: os.PathLike | str, **overrides) -> Tuple[ModelConfi
     Reads native ``KimiLinear`` checkpoints and our ``trust_remote_code`` AttnRes exports
     (``model_type: kimi_linear_attnres``, :mod:`attnres_train.interop.hf_remote`).
     """
-    from .hf_remote import config_from_remote, is_remote_config, state_dict_from_remote
+    cfg, parts = iter_hf_checkpoint(path, lazy=False, **overrides)
+    sd: Dict[str, torch.Tensor] = {}
+    for part in parts:
+        sd.update(part)
+    return cfg, sd
+
+
+def iter_hf_checkpoint(path: os.PathLike | str, lazy: bool = True, **overrides):
+    """``(our ModelConfig, iterator of our state-dict parts)``: as :func:`load_hf_checkpoint`, but converted one
+    part at a time (embedding/head, then each decoder layer) from tensors read lazily from the safetensors files,
+    so a consumer that copies what it needs and drops the rest never holds the whole model."""
+    from .hf_remote import config_from_remote, is_remote_config, iter_state_dict_from_remote
 
     directory = resolve_hf_path(path)
     raw = read_hf_config(directory)
@@ -402,12 +427,16 @@ def load_hf_checkpoint(path: os.PathLike | str, **overrides) -> Tuple[ModelConfi
         raise UserInputError(f"{directory}: an AttnRes export keeps its own residual mode ({base.residual.mode}); "
                              "residual overrides apply to native KimiLinear checkpoints only")
     cfg = apply_overrides(base, overrides)
-    hf_sd = read_safetensors_dir(directory)
-    try:
-        sd = state_dict_from_remote(hf_sd, cfg) if remote else state_dict_from_hf(hf_sd, cfg)
-    except UserInputError as exc:
-        raise UserInputError(f"{directory}: {exc}") from None
-    return cfg, sd
+    hf_sd = read_safetensors_dir(directory, lazy=lazy)
+
+    def parts():
+        it = iter_state_dict_from_remote(hf_sd, cfg) if remote else iter_state_dict_from_hf(hf_sd, cfg)
+        try:
+            yield from it
+        except UserInputError as exc:
+            raise UserInputError(f"{directory}: {exc}") from None
+
+    return cfg, parts()
 
 
 def load_from_hf(path: os.PathLike | str, *, dtype: Optional[torch.dtype] = None, **overrides):

@@ -56,12 +56,66 @@ def read_hf_config(directory: Path) -> Dict[str, Any]:
     return raw
 
 
-def read_safetensors_dir(directory: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a HF model directory (sharded or not); ``pytorch_model*.bin`` only via weights_only."""
+def read_safetensors_dir(directory: Path, lazy: bool = False) -> Mapping[str, torch.Tensor]:
+    """All tensors of a HF model directory (sharded or not); ``pytorch_model*.bin`` only via weights_only.
+
+    ``lazy``: a :class:`LazySafetensors` mapping that reads each tensor from its file when it is looked up (and
+    keeps nothing), so a caller that converts and drops one part at a time never holds the whole model.
+    ``.bin`` checkpoints cannot be read lazily and are loaded whole either way.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    files = _safetensors_files(directory)
+    if not files:
+        return _read_torch_bins(directory)
+    if lazy:
+        return LazySafetensors([directory / name for name in files])
+    sd: Dict[str, torch.Tensor] = {}
+    for name in files:
+        f = directory / name
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
+    return sd
+
+
+class LazySafetensors(Mapping):
+    """``name -> tensor`` over safetensors files, each tensor read from disk on lookup (nothing cached)."""
+
+    def __init__(self, files: List[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._where: Dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self._where[key]
+        with safe_open(str(f), framework="pt") as h:
+            return h.get_tensor(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _safetensors_files(directory: Path) -> List[str]:
+    """The safetensors files of ``directory`` (from the index if there is one; each checked to exist)."""
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -73,18 +127,10 @@ def read_safetensors_dir(directory: Path) -> Dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         files = sorted(f.name for f in directory.glob("*.safetensors"))
-    if not files:
-        return _read_torch_bins(directory)
-    sd: Dict[str, torch.Tensor] = {}
     for name in files:
-        f = directory / name
-        if not f.is_file():
-            raise UserInputError(f"{f}: weight file listed in {SAFETENSORS_INDEX} is missing")
-        try:
-            sd.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
-    return sd
+        if not (directory / name).is_file():
+            raise UserInputError(f"{directory / name}: weight file listed in {SAFETENSORS_INDEX} is missing")
+    return files
 
 
 def _read_torch_bins(directory: Path) -> Dict[str, torch.Tensor]:

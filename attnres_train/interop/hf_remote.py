@@ -17,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
 from ..config.errors import UserInputError
 from ..config.model import ModelConfig, ResidualConfig, as_model_config, validate_model_config
-from .hf import group_to_hf, state_dict_from_hf
+from .hf import group_to_hf, iter_state_dict_from_hf
 from .hf_config import apply_overrides, config_from_hf, config_to_hf
 
 REMOTE_MODEL_TYPE = "kimi_linear_attnres"
@@ -101,10 +102,40 @@ def group_to_remote(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: Opt
 
 def state_dict_from_remote(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Our state dict from remote-format tensors (the native part checked as :func:`state_dict_from_hf` does)."""
-    attn = {k: v for k, v in hf_sd.items() if is_attnres_key(k)}
-    out = state_dict_from_hf({k: v for k, v in hf_sd.items() if not is_attnres_key(k)}, prenorm_view(cfg))
-    out.update(attn)
+    out: Dict[str, torch.Tensor] = {}
+    for part in iter_state_dict_from_remote(hf_sd, cfg):
+        out.update(part)
     return out
+
+
+def iter_state_dict_from_remote(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[Dict[str, torch.Tensor]]:
+    """:func:`state_dict_from_remote` one part at a time (the AttnRes tensors first: d values per sublayer),
+    reading a lazy ``hf_sd`` only as each part needs it (see :func:`iter_state_dict_from_hf`)."""
+    yield {k: hf_sd[k] for k in hf_sd.keys() if is_attnres_key(k)}
+    native = KeyFilter(hf_sd, lambda k: not is_attnres_key(k))
+    yield from iter_state_dict_from_hf(native, prenorm_view(cfg))
+
+
+class KeyFilter(Mapping):
+    """A read-only view of the keys of ``base`` that ``keep`` accepts (values are read from ``base`` on access)."""
+
+    def __init__(self, base: Mapping, keep):
+        self.base, self.names = base, [k for k in base.keys() if keep(k)]
+        self._set = set(self.names)
+
+    def __getitem__(self, key):
+        if key not in self._set:
+            raise KeyError(key)
+        return self.base[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._set
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def write_remote_files(directory: Path, model_cfg: ModelConfig, dtype: Optional[torch.dtype] = None) -> None:

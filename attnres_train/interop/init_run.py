@@ -48,9 +48,14 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
     """Write ``run_dir/checkpoints/step_00000000`` (+ the model preset) from the HF checkpoint ``src``.
 
     ``overrides``: the training run's Hydra overrides (at least those that shape the optimizer state:
-    ``optim.*``); ``parallel.*`` / ``pipeline.*`` are ignored here (the checkpoint is layout independent, the
-    layout is chosen when training starts). ``model_overrides``: as for :func:`load_from_hf` (e.g.
+    ``optim.*``). ``model_overrides``: as for :func:`load_from_hf` (e.g.
     ``{"residual.mode": "block", "residual.num_blocks": 4}``). Returns the checkpoint directory.
+
+    No process ever holds the whole model: the model is built on ``meta``, this process's shards are
+    materialised, and the HF tensors are converted one decoder layer at a time, read lazily from the safetensors
+    files, each rank copying only its shards. Run in one process, the import holds the model once (plus the
+    optimizer state it writes); under ``torchrun`` it uses the ``parallel.*`` / ``pipeline.*`` overrides as the
+    layout and every rank writes its own part of the checkpoint (which still resumes under any layout).
     """
     from omegaconf import OmegaConf
 
@@ -59,10 +64,12 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
     from ..config.pipeline import PipelineConfig
     from ..config.schema import validate_config
     from ..model import build_model
-    from ..parallel.mesh import single_process_context
+    from ..parallel.init import load_full_tensors
+    from ..parallel.mesh import build_parallel_context, single_process_context
     from ..parallel.state_dict import training_state_dict
+    from ..train.dist import init_distributed
     from ..train.train_module import build_train_module
-    from .hf import check_state_dict, load_hf_checkpoint
+    from .hf import iter_hf_checkpoint
 
     if not preset.replace("_", "").replace("-", "").isalnum():
         raise UserInputError(f"preset name {preset!r} must be letters, digits, '-' or '_'")
@@ -70,30 +77,43 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
     ckpt_root = run / "checkpoints"
     if CheckpointManager(ckpt_root, keep_last=0).latest() is not None:
         raise UserInputError(f"{ckpt_root} already holds a checkpoint; import into a new run_dir")
-    model_cfg, sd = load_hf_checkpoint(src, **(model_overrides or {}))
-    check_state_dict(sd, model_cfg, what=f"converted checkpoint from {src}")
+    model_cfg, parts = iter_hf_checkpoint(src, **(model_overrides or {}))
 
-    cfg = compose_run_config([o for o in overrides if not o.lstrip("+~").startswith(("parallel.", "pipeline."))])
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:  # one process: the layout is irrelevant (the checkpoint resumes under any layout)
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith(("parallel.", "pipeline."))]
+    cfg = compose_run_config(overrides)
     cfg.model, cfg.run_dir = model_cfg, str(run)
-    cfg.parallel, cfg.pipeline = ParallelConfig(), PipelineConfig()
+    if not distributed:
+        cfg.parallel, cfg.pipeline = ParallelConfig(), PipelineConfig()
     cfg.trainer.compile = cfg.trainer.activation_checkpointing = False  # wrappers only; same state either way
-    validate_config(cfg, dp_world_size=1)
+    if distributed:
+        dctx = init_distributed(cfg.trainer.device)
+        validate_config(cfg, dp_world_size=dctx.world_size)  # (the name predates the engine: the world size)
+        ctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, dctx.world_size, dctx.device.type,
+                                     rank=dctx.rank, local_rank=dctx.local_rank)
+    else:
+        validate_config(cfg, dp_world_size=1)
+        ctx = single_process_context(torch.device("cpu"))
 
     torch.manual_seed(cfg.seed)  # the RNG state a fresh run has after building its model (saved with step 0)
-    model = build_model(cfg.model)
-    model.load_state_dict(sd, strict=True)
-    del sd
-    module = build_train_module(model, cfg, single_process_context(torch.device("cpu")), cfg.trainer.max_steps)
+    module = build_train_module(build_model(cfg.model, device="meta"), cfg, ctx, cfg.trainer.max_steps)
+    try:
+        load_full_tensors(module.model, parts, cfg.model)
+    except KeyError as exc:
+        raise UserInputError(f"converted checkpoint from {src}: {exc.args[0]}") from None
     model_sd, optim_sd = training_state_dict(module.model, module.optimizers)  # the trainer's own keys
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     meta = {"tokens_seen": 0, "data": {"consumed_samples": 0}, "parallel": "imported (any layout)",
             "imported_from": os.fspath(src)}
-    path = CheckpointManager(ckpt_root, keep_last=0).save(0, {"model": model_sd, "optim": optim_sd},
-                                                          config_text=config_text, meta=meta)
-    preset_file = run / PRESET_DIR / f"{preset}.yaml"
-    preset_file.parent.mkdir(parents=True, exist_ok=True)
-    preset_file.write_text(f"# imported from {os.fspath(src)} by attnres-convert init-run\n"
-                           + OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
+    manager = CheckpointManager(ckpt_root, keep_last=0, rank=ctx.rank, world_size=ctx.world_size,
+                                barrier=ctx.barrier if ctx.is_distributed else None)
+    path = manager.save(0, {"model": model_sd, "optim": optim_sd}, config_text=config_text, meta=meta)
+    if ctx.rank == 0:
+        preset_file = run / PRESET_DIR / f"{preset}.yaml"
+        preset_file.parent.mkdir(parents=True, exist_ok=True)
+        preset_file.write_text(f"# imported from {os.fspath(src)} by attnres-convert init-run\n"
+                               + OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
     return path
 
 

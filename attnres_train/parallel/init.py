@@ -18,7 +18,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from ..model.init import InitRule, draw_rows, init_model_weights, resolve_seed, write_full  # noqa: F401
+from ..model.init import (  # noqa: F401  (resolve_seed: re-exported)
+    InitRule,
+    canonical_name,
+    draw_rows,
+    init_model_weights,
+    named_init_targets,
+    resolve_seed,
+    write_full,
+)
 
 
 def global_indices(t: DTensor, dim: int) -> torch.Tensor:
@@ -58,6 +66,47 @@ def write_sharded(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None
         if idx[d].numel() != t.shape[d]:
             block = block.index_select(d, idx[d])
     local.copy_(block.reshape(local.shape))
+
+
+def copy_into_shard(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full tensor ``full`` into ``t`` (a DTensor's local shard, or a plain tensor)."""
+    if tuple(full.shape) != tuple(t.shape):
+        raise ValueError(f"shape {tuple(full.shape)} does not match the parameter's {tuple(t.shape)}")
+    if not isinstance(t, DTensor):
+        t.copy_(full)
+        return
+    local = t.to_local()
+    if local.numel() == 0:
+        return
+    block = full
+    for d in range(t.ndim):
+        idx = global_indices(t, d)
+        if idx.numel() != t.shape[d]:
+            block = block.index_select(d, idx)
+    local.copy_(block.reshape(local.shape))
+
+
+@torch.no_grad()
+def load_full_tensors(module: nn.Module, parts, model_cfg) -> int:
+    """Fill ``module``'s local shards from ``parts``: an iterable of ``{full name: full tensor}`` dicts (e.g. one
+    decoder layer at a time, ``interop.hf.iter_hf_checkpoint``); names this rank does not hold are skipped, so a
+    rank keeps only its shards and one part at a time. Every parameter and persistent buffer must be covered.
+    Returns the number of tensors copied."""
+    targets = {}
+    for name, mod, attr, t in named_init_targets(module):
+        if attr in mod._buffers and attr in mod._non_persistent_buffers_set:
+            continue
+        targets.setdefault(canonical_name(name, model_cfg.tie_word_embeddings), []).append(t)
+    done = set()
+    for part in parts:
+        for name, full in part.items():
+            for t in targets.get(name, ()):
+                copy_into_shard(t, full.to(t.dtype))
+                done.add(name)
+    missing = sorted(set(targets) - done)
+    if missing:
+        raise KeyError(f"no values for {len(missing)} tensors of this rank, e.g. {missing[:3]}")
+    return len(done)
 
 
 @torch.no_grad()
