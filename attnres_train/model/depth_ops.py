@@ -28,6 +28,7 @@ plus :func:`combine` per block (``depth.SegmentLogits``), so the key passes are 
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,20 @@ Tensor = torch.Tensor
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(fn):
+    """Run a forward/backward with autocast disabled: the depth mixing computes in fp32 (fp64 stays fp64) by
+    design, and under bf16 autocast its matmuls would otherwise produce bf16 logits (and mixed dtypes in
+    backward). Inputs keep their dtypes; the functions cast explicitly."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
 
 
 def _rsqrt_ms(v_td: Tensor, eps: float) -> Tensor:
@@ -82,6 +97,7 @@ class _Phase1(torch.autograd.Function):
     """(q_sd, *sources) → (o_0, m_0, l_0, o_1, m_1, l_1, ...): all S queries of a block against n sources."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, eps: float, q_sd: Tensor, *vs: Tensor):
         d = vs[0].shape[-1]
         cdt = _cdt(vs[0].dtype)
@@ -96,6 +112,7 @@ class _Phase1(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, *grads):
         q, r_nt, s_nts, p_nts, *vs = ctx.saved_tensors
         d = vs[0].shape[-1]
@@ -121,6 +138,7 @@ class _SourceLogits(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, eps: float, q_qd: Tensor, v: Tensor):
         d = v.shape[-1]
         cdt = _cdt(v.dtype)
@@ -133,6 +151,7 @@ class _SourceLogits(torch.autograd.Function):
         return s
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, ds: Tensor):
         q, r, s, v = ctx.saved_tensors
         d = v.shape[-1]
@@ -149,6 +168,7 @@ class _Combine(torch.autograd.Function):
     """(s_nts, *sources) → (o_0, m_0, l_0, o_1, ...): phase 1 of S queries on their precomputed logits."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, s_nts: Tensor, *vs: Tensor):
         d = vs[0].shape[-1]
         v2 = [v.reshape(-1, d).to(s_nts.dtype) for v in vs]  # [N,d] views (fp32 inputs: no copy)
@@ -158,6 +178,7 @@ class _Combine(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, *grads):
         p_nts, *vs = ctx.saved_tensors
         d = vs[0].shape[-1]
@@ -174,6 +195,7 @@ class _Phase2(torch.autograd.Function):
     """(o, m, l, partial, q) → h: the online-softmax merge of phase 1 with the open block's partial sum."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, eps: float, dtype: torch.dtype, o_td: Tensor, m_t: Tensor, l_t: Tensor,
                 partial: Tensor, q_d: Tensor):
         shape, d = partial.shape, partial.shape[-1]
@@ -196,6 +218,7 @@ class _Phase2(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dh_out: Tensor):
         q, r, s2, c1, c2, partial, h = ctx.saved_tensors
         d = partial.shape[-1]
@@ -221,6 +244,7 @@ class _Normalise(torch.autograd.Function):
     """h = o / l (phase 2 without a partial sum, i.e. the first sublayer of a block)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, dtype: torch.dtype, o_td: Tensor, l_t: Tensor):
         inv = 1.0 / l_t
         out = (o_td * inv.unsqueeze(-1)).to(dtype)
@@ -228,6 +252,7 @@ class _Normalise(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dh_out: Tensor):
         inv, out = ctx.saved_tensors
         h = out.to(inv.dtype)

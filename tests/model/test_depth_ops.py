@@ -129,3 +129,31 @@ def test_segment_cache_reads_each_source_once_and_equals_phase1(monkeypatch):
     (o, _, _), = cache.phase1(other, [9])
     assert len(calls) == 1 and calls[0] is other[1]
     torch.testing.assert_close(o, depth_ops.phase1(other, q_all[7:8], EPS)[0][0])
+
+
+def test_autocast_does_not_reach_the_depth_mixing():
+    """Under bf16 autocast (the trainer's precision=auto on GPU, here on CPU) the fast path still computes in
+    fp32: every output and gradient equals the same call without autocast, bit for bit, also with mixed source
+    dtypes (fp32 embedding, bf16 block sums) — which used to fail in backward with a bf16/fp32 vecdot."""
+    from attnres_train.model import depth_ops
+
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 6, 32)
+    blocks = [torch.randn(shape, generator=g)] + [torch.randn(shape, generator=g).bfloat16() for _ in range(2)]
+    partial = torch.randn(shape, generator=g).bfloat16()
+    q = torch.randn(3, shape[-1], generator=g)
+    up = torch.randn(shape, generator=g)
+
+    def run(autocast: bool):
+        leaves = [b.clone().requires_grad_() for b in blocks] + [partial.clone().requires_grad_(),
+                                                                 q.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            stats = depth_ops.phase1(leaves[:3], leaves[4], EPS)
+            h = depth_ops.phase2(stats[0], leaves[3], leaves[4][0], EPS, torch.float32)
+            (h.float() * up).sum().backward()
+        return [h.detach()] + [t.grad for t in leaves]
+
+    with_ac, without = run(True), run(False)
+    assert with_ac[0].dtype == torch.float32
+    for a, b in zip(with_ac, without):
+        assert a.dtype == b.dtype and torch.equal(a, b)
