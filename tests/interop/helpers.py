@@ -12,8 +12,8 @@ MODES = {
 }
 
 
-def random_model(residual: dict, seed: int = 0):
-    cfg = ModelConfig()
+def random_model(residual: dict, seed: int = 0, **model_fields):
+    cfg = ModelConfig(**model_fields)
     for k, v in residual.items():
         setattr(cfg.residual, k, v)
     torch.manual_seed(seed)

@@ -15,7 +15,6 @@ import weakref
 
 import torch
 
-from attnres_train.config.model import ModelConfig
 from attnres_train.interop import save_to_hf
 from attnres_train.interop.hf_files import LazySafetensors
 from attnres_train.model import build_model
@@ -23,24 +22,12 @@ from tests.interop.helpers import MODES, random_model
 from tests.train.conftest import PY, REPO
 
 
-def _deep_model(seed=4):
-    """8 decoder layers, so one part (a layer, or embedding + head) is a small fraction of the checkpoint."""
-    cfg = ModelConfig(num_layers=8, mla_layers=[3, 7])
-    cfg.residual.mode, cfg.residual.num_blocks = "block", 4
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_res_proj.weight"):
-                p.normal_(0.0, 0.5)
-    return model, cfg
-
-
 def test_streamed_import_equals_the_export_and_holds_two_parts_at_most(tmp_path, monkeypatch):
     from attnres_train.interop.hf import iter_hf_checkpoint
     from attnres_train.parallel.init import load_full_tensors, materialize_and_init
 
-    model, cfg = _deep_model()
+    # 8 decoder layers, so one part (a layer, or embedding + head) is a small fraction of the checkpoint
+    model, cfg = random_model({"mode": "block", "num_blocks": 4}, seed=4, num_layers=8, mla_layers=[3, 7])
     save_to_hf(model, cfg, tmp_path / "hf")
     alive, peak = [], {"bytes": 0}
     original = LazySafetensors.__getitem__
