@@ -143,7 +143,17 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
                        activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
                        comm_bytes=DTYPE_BYTES[args.dtype])
     est = estimate_ranks(cfg, dims, shape, layout, sched)[sim.pp_rank]
-    return render_simulation(sim, est.memory)
+    out = render_simulation(sim, est.memory)
+    if dims.pp > 1:  # no peer sends anything through a fake group: the runtime's bound, not a measurement
+        from ..parallel.pipeline.schedules import lower
+        from ..parallel.pipeline.send_plan import held_bytes_bound
+
+        seq = args.seq_len // args.tp if args.sp else args.seq_len
+        u = args.micro_batch_size * seq * cfg.hidden_size * DTYPE_BYTES[args.dtype]
+        bound = held_bytes_bound(lower(sched), layout, sim.pp_rank, u)
+        out += (f"\npipeline buffers held by the runtime (its bound for this schedule; not simulated): "
+                f"{bound / 2**30:.3f} GiB; plan's pp_send {est.memory.get('pipeline_sends', 0.0) / 2**30:.3f} GiB")
+    return out
 
 
 def render_pipeline(args, cfg, M):

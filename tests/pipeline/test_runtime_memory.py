@@ -49,6 +49,7 @@ import pytest
 import torch
 
 from attnres_train.parallel.pipeline.schedules import Kind, lower, make_schedule
+from attnres_train.parallel.pipeline.send_plan import held_bytes_bound
 from tests.distributed import run_distributed
 
 MS = (4, 8, 16)
@@ -235,6 +236,8 @@ def _check(P: int, results) -> None:
             assert peak["saved"]["records"] <= d["D"], f"{where}: {peak['saved']['records']} saved records"
             assert peak["sends"]["tensors"] <= K + 1, f"{where}: {peak['sends']} pending sends"
             bound = u * ((K + 1) * pmax + d["Q"] * pmax + d["D"] * (pmax + 2 * nb)) + 64 * d["D"]
+            # what attnres-plan --simulate-rank reports is this same bound
+            assert held_bytes_bound(lower(make_schedule("interleaved_1f1b", P, V, M)), layout, r, u) == bound
             assert 0 < peak["total"]["bytes"] <= bound, f"{where}: peak {peak['total']['bytes']} > bound {bound}"
             # host syncs and the loss
             assert got["syncs"] == 0, f"{where}: host syncs inside runtime.py: {got['sync_sites']}"

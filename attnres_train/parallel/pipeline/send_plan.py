@@ -66,3 +66,27 @@ def safe_send_waits(sched: Schedule, layout: PipelineLayout, me: int) -> Dict[tu
         if later is not None:
             safe[later].append((kind, a.stage, a.mb))
     return dict(safe)
+
+
+def held_bytes_bound(lowered: Schedule, layout: PipelineLayout, rank: int, unit_bytes: int) -> int:
+    """Upper bound on the bytes the runtime holds on ``rank`` at any time in a step (docs/pipeline.md "Memory";
+    checked against the measured ``held_peak`` in tests/pipeline/test_runtime_memory.py): with ``u`` the bytes of
+    one block tensor, ``Pmax`` the largest hop payload (tensors), ``Nb`` the model's block tensors, ``D`` the
+    in-flight depth, ``K = max(2, D)`` the send cap and ``Q`` the most receives posted but not yet consumed::
+
+        u * ((K + 1) * Pmax + Q * Pmax + D * (Pmax + 2 * Nb)) + 64 * D
+
+    Every term is a schedule depth times a payload: nothing grows with the number of microbatches."""
+    D = inflight_depth(lowered, rank)
+    unconsumed, Q = set(), 0
+    for a in lowered.ranks[rank]:
+        if a.kind in (Kind.RECV_F, Kind.RECV_B):
+            unconsumed.add(("F" if a.kind == Kind.RECV_F else "B", a.stage, a.mb))
+        elif a.kind == Kind.F:
+            unconsumed.discard(("F", a.stage, a.mb))
+        elif a.kind in (Kind.B, Kind.I):
+            unconsumed.discard(("B", a.stage, a.mb))
+        Q = max(Q, len(unconsumed))
+    p_max = max((layout.payload_len(s) for s in range(layout.num_stages - 1)), default=0)
+    K = max(2, D)
+    return unit_bytes * ((K + 1) * p_max + Q * p_max + D * (p_max + 2 * layout.num_blocks)) + 64 * D
