@@ -1,23 +1,19 @@
 """Executes a lowered schedule on one pipeline rank over c10d point-to-point, with the block cache.
 
 Per hop ``s → s+1`` one packed tensor ``[len(delta[s]) + π(s), B, T, d]`` travels forward (the blocks the
-receiving rank does not hold yet, then the open block's partial sum) and one tensor of the same shape travels
-backward (their gradients). Shapes come from :class:`PipelineLayout` alone; nothing is negotiated on the wire.
-Transport: tagged ``isend``/``irecv`` (gloo matches on (peer, tag); the lowering also keeps every link's
-order identical on both ends, which is what NCCL matches on). A RECV action posts the ``irecv``; the compute
-action that needs the tensor waits on it. On CUDA the SEND/RECV actions that sit next to each other in the lowered
-order (the ones posted at the same point) go out as one ``batch_isend_irecv`` (:meth:`PipelineRuntime._flush_batch`,
-``batch_p2p``). Hops between two stages of the same rank (P = 1) go through an in-process mailbox.
+receiving rank does not hold yet, then the open partial sum) and one of the same shape backward (their gradients);
+shapes come from :class:`PipelineLayout` alone. Transport: tagged ``isend``/``irecv``, each link in the same order
+on both ends (what NCCL matches on); a RECV action posts the ``irecv``, the compute action that needs it waits. On
+CUDA adjacent SEND/RECV actions go out as one ``batch_isend_irecv``. Same-rank hops (P = 1) use a mailbox.
 
 Memory: send buffers are released as soon as their sends are known complete (at most ``max_pending_sends`` in
 flight), and a stage keeps only what its backward needs (a 0-dim anchor stands in for the sent pack); everything
 held is bounded by the schedule's in-flight depth, not by M (docs/pipeline.md, "Memory"; ``held_tensor_stats``).
 Losses accumulate on the device: no host sync per microbatch.
 
-Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views ``x[j]`` are the blocks of
-``delta[s-1]`` and the partial), blocks of ``have[s]`` come from the rank's cache as FRESH LEAVES, the stage
-runs, received and produced blocks that a later chunk of this rank reads enter the cache (detached aliases),
-and the outgoing payload is stacked from the boundary state.
+Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views: the blocks of
+``delta[s-1]`` and the partial); blocks of ``have[s]`` come from the cache as FRESH LEAVES; received and produced
+blocks a later chunk of this rank reads enter the cache (detached aliases); the outgoing payload is stacked.
 
 Backward (the gradient-routing rules, design note §6.4):
 
@@ -25,15 +21,13 @@ Backward (the gradient-routing rules, design note §6.4):
   scaled by ``1/M``, and every block this stage produced together with the gradient deposits of its readers
   on this rank (rule P: produced blocks take their deposits before their backward);
 * after the backward, every cached leaf's gradient is deposited for the block's entry stage (rule D);
-* the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R) and goes to
-  stage s-1.
+* the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R), goes to s-1.
 
 ``I``/``W`` split (zero-bubble hook): ``I`` = input and cached-leaf gradients (``autograd.grad``, graph kept),
 ``W`` = the weight gradients later; a correctness reference, not an efficient W pass (docs/pipeline.md).
 
-Loss: ``Σ_m loss_m / M`` on the last stage; aux losses are backpropagated on their own stage. Tied embeddings:
-the embedding's gradient (stage 0, rank 0) and the head copy's (stage C-1, rank P-1) are summed over a
-point-to-point exchange. Everything is freed in a ``finally``, also when the step raises.
+Loss: ``Σ_m loss_m / M`` on the last stage; aux losses backpropagate on their own stage. Tied embeddings: the
+embedding's and the head copy's gradients are summed point to point. Everything is freed in a ``finally``.
 """
 
 from __future__ import annotations
