@@ -14,6 +14,7 @@ Document rules (also in docs/data.md):
   relative path; files that are not UTF-8 are skipped. Capped at ``STDLIB_DEFAULT_MAX_BYTES`` by default.
 * An explicitly named empty file is an error; empty files found inside a directory or glob are skipped.
   A source that yields no document at all is an error. Empty documents are dropped.
+* Unpaired UTF-16 surrogates (a JSON string may spell ``"\ud800"``; it is not Unicode) become U+FFFD.
 * Limits: documents are taken in order until ``max_docs`` documents or ``max_bytes`` UTF-8 bytes have been
   read; the document that crosses ``max_bytes`` is kept whole.
 """
@@ -300,6 +301,12 @@ def _raw_docs(rs: ResolvedSource) -> Iterator[str]:
             raise UserInputError(f"{rs.where}.kind: {rs.kind!r} sources hold tokens, not text")
 
 
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with every unpaired UTF-16 surrogate replaced by U+FFFD (as a UTF-8 decoder with
+    ``errors="replace"`` would have read it). JSON may spell them (``"\ud800"``) but no tokenizer can encode them."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def effective_limits(rs: ResolvedSource, max_docs: Optional[int], max_bytes: Optional[int]):
     """Per-source overrides win over the global limits; stdlib gets a default byte cap."""
     docs = rs.cfg.max_docs if rs.cfg.max_docs is not None else max_docs
@@ -316,9 +323,14 @@ def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes
     for text in _raw_docs(rs):
         if not text:
             continue
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates ("\ud800": valid JSON, not Unicode) -> U+FFFD
+            text = replace_lone_surrogates(text)
+            size = len(text.encode("utf-8"))
         yield text
         n += 1
-        nbytes += len(text.encode("utf-8"))
+        nbytes += size
         if (max_docs is not None and n >= max_docs) or (max_bytes is not None and nbytes >= max_bytes):
             return
     if n == 0:

@@ -132,3 +132,17 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert _one_error_line(r.stderr).endswith("does not exist")
+
+
+def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path, capsys):
+    """``"\\ud800"`` is valid JSON but not Unicode: it used to crash attnres-prepare with a UnicodeEncodeError."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "before \\ud800 after"}\n{"text": "pair \\ud83d\\ude00 ok"}\n', encoding="ascii")
+    out = tmp_path / "shards"
+    code, _, err = _run([src, "--out", out], capsys)
+    assert code == 0, err
+    store = ShardSet(str(out))
+    tok = load_tokenizer("byte")
+    assert store.num_docs == 2
+    assert tok.decode(store.document(0)[:-1].tolist()) == "before \ufffd after"
+    assert tok.decode(store.document(1)[:-1].tolist()) == "pair \U0001F600 ok"  # a real pair stays one character
