@@ -283,6 +283,12 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
     train = BlendedDataset([s.train for s in sources], [s.weight for s in sources], cfg.seq_len, cfg.seed, names)
     val = ValidationSet([s.val for s in sources], names, cfg.seq_len)
     if cfg.val_fraction > 0 and val.num_samples == 0:
+        if all(s.store.num_docs < 2 for s in sources):  # the split is per document: nothing can be held out
+            raise UserInputError(
+                f"data.val_fraction={cfg.val_fraction}: validation holds out whole documents, and every source has "
+                f"a single document (e.g. one file with text_unit: file); split the text into several documents "
+                f"(text_unit: paragraph, or several files) or set data.val_fraction=0"
+            )
         raise UserInputError(
             f"data.val_fraction={cfg.val_fraction}: the held-out documents hold fewer than seq_len + 1 = "
             f"{cfg.seq_len + 1} tokens in every source; raise data.val_fraction or set it to 0"

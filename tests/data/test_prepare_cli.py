@@ -146,3 +146,16 @@ def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path, capsys):
     assert store.num_docs == 2
     assert tok.decode(store.document(0)[:-1].tolist()) == "before \ufffd after"
     assert tok.decode(store.document(1)[:-1].tolist()) == "pair \U0001F600 ok"  # a real pair stays one character
+
+
+def test_single_document_source_names_why_no_validation_is_possible(tmp_path):
+    """One big file read as one document cannot give held-out documents; raising val_fraction cannot help."""
+    big = tmp_path / "book.txt"
+    big.write_text("All work and no play makes Jack a dull boy.\n" * 200)
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(big), kind="text", text_unit="file")], seq_len=32,
+                     val_fraction=0.1, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    with pytest.raises(UserInputError, match="single document") as info:
+        build_datasets(cfg, progress=False)
+    assert "text_unit: paragraph" in str(info.value) and "raise data.val_fraction" not in str(info.value)
+    cfg.val_fraction = 0.0
+    assert build_datasets(cfg, progress=False).train_sampler(2).next_batch().shape == (2, 33)
