@@ -40,10 +40,6 @@ class InitRule:
     a: float = 0.0
     b: float = 0.0
 
-    @property
-    def random(self) -> bool:
-        return self.kind not in ("zeros", "ones")
-
 
 def init_rule(module: nn.Module, attr: str, full_name: str, init_std: float) -> InitRule:
     """What the tensor ``module.<attr>`` (called ``full_name`` in the model) starts as."""
@@ -139,15 +135,15 @@ def write_full(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None:
 
 
 @torch.no_grad()
-def init_model_weights(model: nn.Module, model_cfg, seed: Optional[int] = None, write: Writer = write_full,
-                       prefix: str = "") -> Dict[str, InitRule]:
-    """Initialise every parameter and buffer of ``model`` (a whole model or any submodule, named from
-    ``prefix``) of a model with config ``model_cfg`` from ``seed`` (None: drawn from torch's global RNG, so
-    ``torch.manual_seed`` still decides). Returns the rule used per canonical name."""
+def init_model_weights(model: nn.Module, model_cfg, seed: Optional[int] = None,
+                       write: Writer = write_full) -> Dict[str, InitRule]:
+    """Initialise every parameter and buffer of ``model`` (the whole model, or a module that registers parts of
+    it under the full model's names, e.g. pipeline stages) of a model with config ``model_cfg`` from ``seed``
+    (None: drawn from torch's global RNG, so ``torch.manual_seed`` still decides). Returns the rule per name."""
     seed = resolve_seed(seed)
     rules = {}
     for name, mod, attr, t in named_init_targets(model):
-        full = canonical_name(prefix + name, model_cfg.tie_word_embeddings)
+        full = canonical_name(name, model_cfg.tie_word_embeddings)
         rule = init_rule(mod, attr, full, model_cfg.init_std)
         if t.is_meta:
             raise RuntimeError(f"{full} is still on the meta device: materialise it (to_empty) before init")

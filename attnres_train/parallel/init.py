@@ -11,22 +11,14 @@ layouts (TP row-parallel weights) are sliced after drawing, so the transient is 
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from ..model.init import (  # noqa: F401  (resolve_seed: re-exported)
-    InitRule,
-    canonical_name,
-    draw_rows,
-    init_model_weights,
-    named_init_targets,
-    resolve_seed,
-    write_full,
-)
+from ..model.init import InitRule, canonical_name, draw_rows, init_model_weights, named_init_targets, write_full
 
 
 def global_indices(t: DTensor, dim: int) -> torch.Tensor:
@@ -60,12 +52,9 @@ def write_sharded(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None
     if t.ndim == 0:
         local.copy_(draw_rows(rule, seed, name, (), [0], local.dtype).reshape(()))
         return
-    idx: List[torch.Tensor] = [global_indices(t, d) for d in range(t.ndim)]
-    block = draw_rows(rule, seed, name, t.shape, idx[0].tolist(), local.dtype)
-    for d in range(1, t.ndim):
-        if idx[d].numel() != t.shape[d]:
-            block = block.index_select(d, idx[d])
-    local.copy_(block.reshape(local.shape))
+    idx = [global_indices(t, d) for d in range(t.ndim)]
+    rows = draw_rows(rule, seed, name, t.shape, idx[0].tolist(), local.dtype)  # dim 0 already this shard's
+    local.copy_(_select(rows, t, idx, first_dim=1).reshape(local.shape))
 
 
 def copy_into_shard(t: torch.Tensor, full: torch.Tensor) -> None:
@@ -78,12 +67,16 @@ def copy_into_shard(t: torch.Tensor, full: torch.Tensor) -> None:
     local = t.to_local()
     if local.numel() == 0:
         return
-    block = full
-    for d in range(t.ndim):
-        idx = global_indices(t, d)
-        if idx.numel() != t.shape[d]:
-            block = block.index_select(d, idx)
-    local.copy_(block.reshape(local.shape))
+    idx = [global_indices(t, d) for d in range(t.ndim)]
+    local.copy_(_select(full, t, idx, first_dim=0).reshape(local.shape))  # copy_ casts to the shard's dtype
+
+
+def _select(block: torch.Tensor, t: DTensor, idx: List[torch.Tensor], first_dim: int) -> torch.Tensor:
+    """``block`` restricted to the shard's global indices ``idx`` along dims ``first_dim..`` (a full dim is kept)."""
+    for d in range(first_dim, t.ndim):
+        if idx[d].numel() != t.shape[d]:
+            block = block.index_select(d, idx[d])
+    return block
 
 
 @torch.no_grad()
@@ -101,7 +94,7 @@ def load_full_tensors(module: nn.Module, parts, model_cfg) -> int:
     for part in parts:
         for name, full in part.items():
             for t in targets.get(name, ()):
-                copy_into_shard(t, full.to(t.dtype))
+                copy_into_shard(t, full)
                 done.add(name)
     missing = sorted(set(targets) - done)
     if missing:
@@ -110,11 +103,11 @@ def load_full_tensors(module: nn.Module, parts, model_cfg) -> int:
 
 
 @torch.no_grad()
-def materialize_and_init(module: nn.Module, device, model_cfg, seed: int, prefix: str = "") -> None:
-    """``to_empty(device)`` then initialise every local shard of ``module`` (named from ``prefix`` in the full
-    model whose config is ``model_cfg``) with the values one process would give it from ``seed``."""
+def materialize_and_init(module: nn.Module, device, model_cfg, seed: Optional[int]) -> None:
+    """``to_empty(device)`` then initialise every local shard of ``module`` (its names are the full model's, whose
+    config is ``model_cfg``) with the values one process would give it from ``seed`` (None: torch's global RNG)."""
     to_empty_keeping_ties(module, device)
-    init_model_weights(module, model_cfg, seed, write=write_sharded, prefix=prefix)
+    init_model_weights(module, model_cfg, seed, write=write_sharded)
 
 
 def to_empty_keeping_ties(module: nn.Module, device) -> None:

@@ -29,7 +29,7 @@ import torch
 from ..config.run import TrainerConfig
 from ..config.train import OptimConfig
 from ..parallel.data_parallel import finish_grad_sync, grad_sync
-from ..parallel.init import materialize_and_init, resolve_seed
+from ..parallel.init import materialize_and_init
 from ..parallel.mesh import ParallelContext, single_process_context
 from ..parallel.parallelize import parallelize_model
 from ..parallel.train_step import clip_grad_norm_, loss_weights, update_router_biases
@@ -84,7 +84,7 @@ class TrainModule:
         if not getattr(model, "_attnres_parallelized", False):
             parallelize_model(model, self.ctx, self.trainer_cfg)
         if on_meta:
-            materialize_and_init(model, self.ctx.device, model.config, resolve_seed(self.seed))
+            materialize_and_init(model, self.ctx.device, model.config, self.seed)
         return model
 
     def grad_params(self):

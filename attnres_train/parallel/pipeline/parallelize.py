@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ...config.errors import ConfigError
-from ..init import materialize_and_init, resolve_seed
+from ..init import materialize_and_init
 from ..parallelize import parallelize_model
 from .layout import PipelineLayout
 from .runtime import PipelineRuntime, StepResult
@@ -150,7 +150,7 @@ them and materialise them from ``seed`` (None: drawn from torch's global RNG) â€
         for st in stages:
             st.activation_adapter = adapter
     if on_meta:  # only this rank's stages ever get storage, filled with the single-process values
-        materialize_and_init(PipelineChunks(stages), pctx.device, model.config, resolve_seed(seed))
+        materialize_and_init(PipelineChunks(stages), pctx.device, model.config, seed)
     else:  # a materialised model (tests, notebooks): free the layers of other ranks' stages
         owned = {id(m) for st in stages for m in st.model.layers.values()}
         for layer in model.model.layers:

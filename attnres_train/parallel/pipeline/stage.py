@@ -135,7 +135,8 @@ def build_stages(model: nn.Module, layout: PipelineLayout, rank: int) -> List[Pi
 def materialize_stages(model: nn.Module, stages: List[PipelineStageModule], device, seed=None) -> None:
     """Allocate this rank's stage modules on ``device`` (from ``meta``) and give them the values one process
     would have from ``seed`` (None: drawn from torch's global RNG); other stages' modules stay on ``meta``."""
-    from ..init import materialize_and_init, resolve_seed
+    from ...model.init import resolve_seed
+    from ..init import materialize_and_init
 
     seed = resolve_seed(seed)
     for st in stages:
