@@ -3,7 +3,7 @@
 Why: ``parallelize_model`` is the one place parallelism is applied, to the whole model (no pipeline) and to each
 pipeline stage's modules alike. Both expose ``.model.layers`` (a ``ModuleList`` of all layers, or a stage's
 ``ModuleDict`` keyed by the global layer index, so names stay ``model.layers.<i>``), and optionally
-``.model.embed_tokens`` (first stage) and ``.lm_head`` (last stage).
+``.model.embed_tokens`` (first stage) and ``.lm_head`` (last stage); ``.config`` is the full model's.
 """
 
 from __future__ import annotations
@@ -31,9 +31,3 @@ def embedding(part: nn.Module) -> Optional[nn.Module]:
 
 def lm_head(part: nn.Module) -> Optional[nn.Module]:
     return getattr(part, "lm_head", None)
-
-
-def model_config(part: nn.Module):
-    """The ``ModelConfig`` of the model ``part`` belongs to (a stage reads its full model's)."""
-    cfg = getattr(part, "config", None)
-    return cfg if cfg is not None else part.full_model.config

@@ -72,7 +72,7 @@ from torch.distributed.tensor.parallel import (
 from ..model.kda import KimiDeltaAttention
 from ..model.mla import MultiLatentAttention
 from ..model.moe import MoE
-from .parts import decoder_layers, embedding, lm_head, model_config, named_decoder_layers
+from .parts import decoder_layers, embedding, lm_head, named_decoder_layers
 from .tp_ops import all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy
 
 __all__ = [
@@ -533,7 +533,7 @@ class _TiedColwiseParallel(ColwiseParallel):
 
 def _check_divisible(model: nn.Module, tp: int) -> None:
     """Every sharded size must split evenly over tp (checked up front, naming the config field)."""
-    cfg = model_config(model)
+    cfg = model.config  # a stage exposes its full model's
     sizes = [("vocab_size", cfg.vocab_size)]
     for layer in decoder_layers(model):
         prefix = "mla" if layer.is_mla else "kda"
