@@ -48,7 +48,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return loc.numel() * loc.element_size()
 
 
-def simulate_rank(cfg, rank: int, world_size: int, allocate_optimizer: bool = True) -> SimulatedRank:
+def simulate_rank(cfg, rank: int, world_size: int) -> SimulatedRank:
     """Build rank ``rank`` of ``world_size`` for the root ``Config`` ``cfg`` (model, parallel, pipeline, optim,
     trainer, seed) under a fake process group and measure what it holds."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -76,17 +76,16 @@ def simulate_rank(cfg, rank: int, world_size: int, allocate_optimizer: bool = Tr
         for p in params:  # what FSDP leaves in .grad after the reduce-scatter: the local shard's shape
             p.grad = torch.zeros_like(p)
         out.bytes["gradients"] = sum(_tensor_bytes(p.grad) for p in params)
-        if allocate_optimizer:
-            for opt in module.optimizers:
-                opt.step()  # creates the state (moments) for real; zero gradients leave the weights as they were
-            seen, state = set(), 0
-            for opt in module.optimizers:
-                for st in opt.state.values():
-                    for v in st.values():
-                        if isinstance(v, torch.Tensor) and v.numel() > 1 and id(v) not in seen:
-                            seen.add(id(v))
-                            state += _tensor_bytes(v)
-            out.bytes["optimizer"] = state
+        for opt in module.optimizers:
+            opt.step()  # creates the state (moments) for real; the weights it leaves are not used
+        seen, state = set(), 0
+        for opt in module.optimizers:
+            for st in opt.state.values():
+                for v in st.values():
+                    if isinstance(v, torch.Tensor) and v.numel() > 1 and id(v) not in seen:
+                        seen.add(id(v))
+                        state += _tensor_bytes(v)
+        out.bytes["optimizer"] = state
         out.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out.seconds = time.perf_counter() - t0
         return out
