@@ -12,6 +12,9 @@ Conventions (see docs/model.md):
 * Block AttnRes: ``num_blocks`` gives exactly N blocks of ``num_layers // N`` decoder layers, the last block
   taking the remainder (paper: "the last block contains the remaining layers"); ``block_size`` instead fixes
   the decoder layers per block and lets the last block be shorter (Kimi-K3 style). Set one of them.
+* No silent no-ops: an option the chosen mode never reads (``num_blocks`` / ``block_size`` outside block mode,
+  ``two_phase`` / ``impl`` with PreNorm, a kernel ``impl`` with the direct read, MoE options without MoE layers)
+  is a ConfigError naming it, so a sweep over such an option cannot train identical runs.
 """
 
 from __future__ import annotations
@@ -171,6 +174,7 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
         raise ConfigError(f"{p}.moe.seq_aux_loss_coef", f"must be >= 0, got {e.seq_aux_loss_coef!r}")
     if not e.routed_scaling_factor > 0:
         raise ConfigError(f"{p}.moe.routed_scaling_factor", f"must be > 0, got {e.routed_scaling_factor!r}")
+    _reject_moe_no_ops(e, cfg.num_layers, f"{p}.moe")
 
     r = cfg.residual
     if r.mode not in RESIDUAL_MODES:
@@ -181,6 +185,7 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
         raise ConfigError(f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch")
     # The device is checked at the first read (the model may be built on CPU or meta and moved to CUDA later):
     # depth.resolve_impl raises a ConfigError naming this field for CPU tensors outside TRITON_INTERPRET=1.
+    _reject_residual_no_ops(r, f"{p}.residual")
     if r.mode == "block":
         if (r.num_blocks is None) == (r.block_size is None):
             raise ConfigError(f"{p}.residual.num_blocks", "block mode needs exactly one of num_blocks or block_size")
@@ -196,6 +201,41 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
             if r.block_size > cfg.num_layers:
                 raise ConfigError(f"{p}.residual.block_size", f"block_size={r.block_size} exceeds num_layers={cfg.num_layers}")
     return cfg
+
+
+def _reject_residual_no_ops(r: ResidualConfig, p: str) -> None:
+    """A residual option the chosen mode never reads is an error, not a silently ignored setting.
+
+    Without this, ``-m model.residual.num_blocks=1,2,4`` on a PreNorm preset trains three identical baselines.
+    """
+    fix = "set it to null, or pick the mode that uses it"
+    if r.mode != "block":
+        for name in ("num_blocks", "block_size"):
+            if getattr(r, name) is not None:
+                raise ConfigError(f"{p}.{name}", f"{name}={getattr(r, name)!r} has no effect with mode={r.mode!r} "
+                                  f"(only mode=block partitions layers into blocks); {fix}")
+    if r.mode == "prenorm":
+        if r.two_phase is not True:
+            raise ConfigError(f"{p}.two_phase", "two_phase=false has no effect with mode='prenorm' (PreNorm has "
+                              "no depth mixing); leave it at true, or pick mode=full|block")
+        if r.impl != "auto":
+            raise ConfigError(f"{p}.impl", f"impl={r.impl!r} has no effect with mode='prenorm' (PreNorm has no "
+                              "depth mixing); leave it at auto, or pick mode=full|block")
+    elif r.two_phase is not True and r.impl in ("torch", "triton"):
+        raise ConfigError(f"{p}.impl", f"impl={r.impl!r} has no effect with two_phase=false (the direct softmax "
+                          "read always runs the reference); use impl=auto|reference, or two_phase=true")
+
+
+def _reject_moe_no_ops(e: MoEConfig, num_layers: int, p: str) -> None:
+    """Non-default MoE options that nothing reads: no MoE layer at all, or balancing switched off."""
+    if e.first_k_dense == num_layers:  # every FFN is dense
+        for name, default in (("seq_aux_loss_coef", 0.0), ("bias_update_rule", "sign"), ("bias_in_weights", False)):
+            if getattr(e, name) != default:
+                raise ConfigError(f"{p}.{name}", f"{name}={getattr(e, name)!r} has no effect: first_k_dense="
+                                  f"{e.first_k_dense} = num_layers makes every FFN dense (no MoE layer)")
+    if e.bias_update_speed == 0 and e.bias_update_rule != "sign":
+        raise ConfigError(f"{p}.bias_update_rule", f"bias_update_rule={e.bias_update_rule!r} has no effect with "
+                          "bias_update_speed=0 (the router bias is never updated)")
 
 
 def block_starts(cfg: ModelConfig) -> List[int]:

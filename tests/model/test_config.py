@@ -57,3 +57,55 @@ def test_head_dim_null_derives_from_hidden_size():
     cfg.kda.head_dim = None
     model = build_model(cfg)
     assert model.config.kda.head_dim == 128 // 2
+
+
+# -- settings that would have no effect are rejected (issue 14 item 3) -------------------------------------------
+NO_OPS = [
+    ({"residual.num_blocks": 2}, "model.residual.num_blocks"),  # prenorm: the `-m num_blocks=1,2,4` trap
+    ({"residual.block_size": 2}, "model.residual.block_size"),
+    ({"residual.mode": "full", "residual.num_blocks": 2}, "model.residual.num_blocks"),
+    ({"residual.mode": "full", "residual.block_size": 1}, "model.residual.block_size"),
+    ({"residual.two_phase": False}, "model.residual.two_phase"),
+    ({"residual.impl": "torch"}, "model.residual.impl"),
+    ({"residual.impl": "reference"}, "model.residual.impl"),
+    ({"residual.mode": "full", "residual.two_phase": False, "residual.impl": "torch"}, "model.residual.impl"),
+    ({"residual.mode": "block", "residual.num_blocks": 2, "residual.two_phase": False, "residual.impl": "torch"},
+     "model.residual.impl"),
+    ({"moe.first_k_dense": 4, "moe.seq_aux_loss_coef": 1e-4}, "model.moe.seq_aux_loss_coef"),
+    ({"moe.first_k_dense": 4, "moe.bias_in_weights": True}, "model.moe.bias_in_weights"),
+    ({"moe.bias_update_speed": 0.0, "moe.bias_update_rule": "centered"}, "model.moe.bias_update_rule"),
+]
+
+
+@pytest.mark.parametrize("settings,field", NO_OPS, ids=[",".join(f"{k}={v}" for k, v in c[0].items()) for c in NO_OPS])
+def test_settings_without_effect_are_rejected_naming_the_field(settings, field):
+    cfg = tiny_cfg()
+    for k, v in settings.items():
+        _set(cfg, k, v)
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg, device="meta")
+    assert info.value.field == field
+    assert "no effect" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("settings", [
+    {"residual.mode": "block", "residual.num_blocks": 2},
+    {"residual.mode": "block", "residual.block_size": 3},
+    {"residual.mode": "full", "residual.two_phase": False},
+    {"residual.mode": "full", "residual.two_phase": False, "residual.impl": "reference"},
+    {"residual.mode": "block", "residual.num_blocks": 2, "residual.impl": "torch"},
+    {"moe.first_k_dense": 4},  # a dense model with MoE options left at their defaults
+    {"moe.bias_update_speed": 0.0},
+])
+def test_settings_that_are_read_are_accepted(settings):
+    cfg = tiny_cfg()
+    for k, v in settings.items():
+        _set(cfg, k, v)
+    build_model(cfg, device="meta")
+
+
+def test_sweeping_num_blocks_over_a_prenorm_preset_fails_on_the_cli_path():
+    """What `-m model.residual.num_blocks=1,2,4` on `model=tiny` used to do: silently train baselines."""
+    with pytest.raises(ConfigError) as info:
+        build_model({"residual": {"mode": "prenorm", "num_blocks": 2}}, device="meta")
+    assert info.value.field == "model.residual.num_blocks" and "mode='prenorm'" in str(info.value)
