@@ -48,6 +48,7 @@ from attnres_train.parallel import plan_estimates as pe  # noqa: E402
 def preset(name, mode="prenorm", **residual):
     cfg = as_model_config(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
     cfg.residual.mode = mode
+    cfg.residual.num_blocks = cfg.residual.block_size = None  # a preset's block count is an error outside block mode
     for k, v in residual.items():
         setattr(cfg.residual, k, v)
     return cfg
