@@ -4,7 +4,17 @@ position continues at the same global sample (token), and the losses continue th
 Exact vs. within tolerance: the resumed state is the saved state value for value (DCP copies, it does not
 recompute), but a different layout sums in a different order (FSDP reduce-scatter vs. all-reduce, TP partial
 sums, EP's all-to-all, a different number of microbatches per rank), so losses agree to float rounding, not
-bit for bit. RNG: the training step draws no random numbers; each rank's RNG state is restored when the
+bit for bit.
+
+What each loss is compared with: the source layout trains all STEPS uninterrupted, saving every step; the run
+resumed under the target layout from its step-SAVE_AT checkpoint is compared with the source's own later steps
+(same state at SAVE_AT; only the layout's summation order differs over the remaining steps, observed <= 1e-7
+relative; same-layout resume is bit-exact, tests/train/test_kill_resume*). They are not compared tightly with the uninterrupted single-process run:
+two fp32 trajectories that differ by rounding drift apart under Adam (a gradient element near zero flips sign,
+and Adam turns that into a full-size update), by an amount that depends on the CPU's kernels. CI measured
+1.9e-4 relative at step 6 for fsdp2_tp2_sp_ep2 where this box measured 1.1e-5 — same code, different machine.
+The uninterrupted run is kept as a loose sanity bound (DRIFT_TOL); exactness of the layouts themselves is
+proven in fp64 in tests/parallel. RNG: the training step draws no random numbers; each rank's RNG state is restored when the
 checkpoint has a file for that rank index, and ranks beyond the saved world size keep their fresh state.
 
 ``LAYOUT_CASES`` is the list to extend (e.g. pipeline layouts): ``(source layout, target layout)`` names from
@@ -24,9 +34,10 @@ from attnres_train.cli.train import run
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
 STEPS, SAVE_AT = 6, 3
-# fp32 runs. Observed <= 1.2e-7 before the KDA / depth-mixing rewrites; since, up to 1.5e-5 for layouts with tp > 1
-# (different fp32 summation orders; the same layouts match one process to 1e-10 in fp64, tests/parallel).
-REL_TOL = 1e-4
+# fp32 runs. Same state at SAVE_AT, different layout for the remaining steps: observed <= 1e-7 relative.
+REL_TOL = 1e-5
+# Against the uninterrupted run (trajectories drift apart machine-dependently, see above): observed up to 1.9e-4.
+DRIFT_TOL = 5e-3
 
 LAYOUTS = {
     # name: (world size, parallel overrides)
@@ -86,15 +97,15 @@ def layout_root(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source_runs(corpus, layout_root):
-    """{source layout: its run dir}, each trained once to SAVE_AT on first use, saving every step in the
+    """{source layout: its run dir}, each trained once (all STEPS) on first use, saving every step in the
     background (async saves over the multi-rank layouts: DTensor shards staged, committed after every rank)."""
     cache = {}
 
     def get(layout: str):
         if layout not in cache:
             run_dir = layout_root / f"src_{layout}"
-            _train(corpus, run_dir, layout, **{"trainer.stop_at": SAVE_AT, "checkpoint.interval": 1,
-                                               "checkpoint.keep_last": 2, "checkpoint.async_save": "true"})
+            _train(corpus, run_dir, layout, **{"checkpoint.interval": 1,
+                                               "checkpoint.keep_last": STEPS - SAVE_AT + 1, "checkpoint.async_save": "true"})
             cache[layout] = run_dir
         return cache[layout]
 
@@ -107,9 +118,9 @@ def test_resume_under_another_layout_continues_the_loss_curve(source, target, co
     ref = _losses(layout_root / "reference")
     src = source_runs(source)
     first = _losses(src)
-    assert sorted(first) == list(range(1, SAVE_AT + 1))
+    assert sorted(first) == list(range(1, STEPS + 1))
     ckpt = src / "checkpoints" / f"step_{SAVE_AT:08d}"
-    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in (SAVE_AT - 1, SAVE_AT)]
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in range(SAVE_AT, STEPS + 1)]
     meta = verify_checkpoint(ckpt)
     assert meta["world_size"] == LAYOUTS[source][0] and meta["layout"]["world_size"] == LAYOUTS[source][0]
     assert meta["tokens_seen"] == SAVE_AT * 4 * 64 and meta["data"]["consumed_samples"] == SAVE_AT * 4
@@ -121,8 +132,12 @@ def test_resume_under_another_layout_continues_the_loss_curve(source, target, co
     assert "resharded" in out and f"global sample {SAVE_AT * 4}" in out, out[-2000:]
     second = _losses(dst)
     assert sorted(second) == list(range(SAVE_AT + 1, STEPS + 1))
-    d_src, d_dst = _max_rel(first, ref), _max_rel(second, ref)
-    print(f"{source} -> {target}: max relative loss delta vs the uninterrupted single-process run: "
-          f"before the switch {d_src:.2e}, after {d_dst:.2e}")
-    assert d_src <= REL_TOL and d_dst <= REL_TOL, (first, second, ref)
+    same_start = {s: first[s] for s in second}  # the source layout's own steps after SAVE_AT
+    d_layout = _max_rel(second, same_start)
+    d_src, d_dst = _max_rel({s: first[s] for s in range(1, SAVE_AT + 1)}, ref), _max_rel(second, ref)
+    print(f"{source} -> {target}: max relative loss delta after the switch vs the source layout's uninterrupted "
+          f"steps {d_layout:.2e}; vs the uninterrupted single-process run: before the switch {d_src:.2e}, "
+          f"after {d_dst:.2e}")
+    assert d_layout <= REL_TOL, (second, same_start)
+    assert d_src <= DRIFT_TOL and d_dst <= DRIFT_TOL, (first, second, ref)
     assert second[STEPS] < first[1]
