@@ -32,6 +32,9 @@ class DataSourceConfig:
 
     path: str = "stdlib"
     kind: str = "auto"
+    # Optional stable name: shown in logs and seeds this source's split and shuffle. Unset, they are seeded
+    # by the source's content, so the same corpus gives the same order wherever its files are.
+    name: Optional[str] = None
     # Relative blend weight (> 0); weights are normalised over all sources.
     weight: float = 1.0
     # jsonl / parquet / arrow / hf: the column holding the document text.
@@ -103,6 +106,8 @@ def coerce_source(src: Any, path: str) -> DataSourceConfig:
 
 def validate_source(src: Any, path: str) -> DataSourceConfig:
     s = coerce_source(src, path)
+    if s.name is not None and (not isinstance(s.name, str) or not s.name.strip()):
+        raise ConfigError(f"{path}.name", f"must be a non-empty string or null, got {s.name!r}")
     if s.kind not in DATA_KINDS:
         raise ConfigError(f"{path}.kind", f"unknown kind {s.kind!r}; choose one of {'|'.join(DATA_KINDS)}")
     if not s.hf_name and (not isinstance(s.path, str) or not s.path.strip()):

@@ -32,12 +32,16 @@ import torch
 from attnres_train.config.data import DataConfig, as_data_config, validate_data_config
 from attnres_train.config.errors import ConfigError, UserInputError
 
-from .packing import BlendedDataset, PackedStream, split_documents, stable_salt, tokenize_to_shards
+from .packing import BlendedDataset, PackedStream, content_salt, split_streams, stable_salt, tokenize_to_shards
 from .shards import ShardSet, TokenStore, make_staging_dir
 from .sources import ResolvedSource, effective_limits, iter_documents, resolve_source
 from .tokenizer import Tokenizer, load_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shard format v2 (offsets files + set index)
+# Which global-index -> sample mapping a run used: 1 = full permutations per epoch and path-salted sources
+# (before 2026-12); 2 = Feistel shuffles and name/content salts. A checkpoint's data position is only
+# meaningful under the order that produced it, so a mismatch is refused (GlobalBatchSampler.load_state_dict).
+ORDER_VERSION = 2
 
 
 @dataclass
@@ -49,6 +53,7 @@ class SourceData:
     train: PackedStream
     val: PackedStream
     cache_path: Optional[str] = None
+    salt: int = 0
 
 
 def cache_key(rs: ResolvedSource, tokenizer: Tokenizer, max_docs: Optional[int], max_bytes: Optional[int]) -> str:
@@ -212,17 +217,25 @@ class GlobalBatchSampler:
 
     def fingerprint(self) -> dict:
         d = self.dataset
-        return {"seq_len": d.seq_len, "sources": d.names, "samples": d.sizes.tolist(), "blend": d.schedule.counts.tolist()}
+        return {"seq_len": d.seq_len, "salts": d.salts, "samples": d.sizes.tolist(), "blend": d.schedule.counts.tolist()}
 
     def state_dict(self) -> dict:
         d = self.dataset
         per_source = d.source_epochs(self.consumed_samples)
         return {"consumed_samples": self.consumed_samples, "seed": d.seed, "epoch": min(per_source),
-                "source_epochs": per_source, "fingerprint": self.fingerprint()}
+                "source_epochs": per_source, "order_version": ORDER_VERSION, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if "consumed_samples" not in state:
             raise UserInputError("data sampler state has no 'consumed_samples' (not saved by GlobalBatchSampler?)")
+        version = state.get("order_version", 1)
+        if int(state["consumed_samples"]) > 0 and version != ORDER_VERSION:
+            raise UserInputError(
+                f"the checkpoint's data position ({state['consumed_samples']} samples) was taken under sample order "
+                f"version {version}, but this version of attnres-train draws samples in order version "
+                f"{ORDER_VERSION} (docs/data.md, 'Order versions'); resuming would silently train on other samples: "
+                "resume with the attnres-train version that wrote the checkpoint, or start a new run"
+            )
         if state.get("seed", self.dataset.seed) != self.dataset.seed:
             raise ConfigError("data.seed", f"the checkpoint was trained with seed {state['seed']}, the config says "
                               f"{self.dataset.seed}; resuming with another seed would change the data order")
@@ -272,15 +285,17 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}]"
         store, kind, cache_path = open_source(src, where, cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size)
-        name = src.hf_name or src.path
+        name = src.name or src.hf_name or src.path
         if any(s.name == name for s in sources):
+            if src.name:
+                raise ConfigError(f"{where}.name", f"{src.name!r} is already the name of another source")
             name = f"{name}#{i}"
-        train_ids, val_ids = split_documents(store.num_docs, cfg.val_fraction, cfg.seed, stable_salt(name),
-                                             doc_lengths=store.doc_lengths, min_val_tokens=cfg.seq_len + 1)
-        sources.append(SourceData(name, kind, float(src.weight), store, PackedStream(store, train_ids),
-                                  PackedStream(store, val_ids), cache_path))
+        salt = stable_salt(src.name) if src.name else content_salt(store)  # never the path (issue 14)
+        train_s, val_s = split_streams(store, cfg.val_fraction, cfg.seed, salt, min_val_tokens=cfg.seq_len + 1)
+        sources.append(SourceData(name, kind, float(src.weight), store, train_s, val_s, cache_path, salt))
     names = [s.name for s in sources]
-    train = BlendedDataset([s.train for s in sources], [s.weight for s in sources], cfg.seq_len, cfg.seed, names)
+    train = BlendedDataset([s.train for s in sources], [s.weight for s in sources], cfg.seq_len, cfg.seed, names,
+                           salts=[s.salt for s in sources])
     val = ValidationSet([s.val for s in sources], names, cfg.seq_len)
     if cfg.val_fraction > 0 and val.num_samples == 0:
         if all(s.store.num_docs < 2 for s in sources):  # the split is per document: nothing can be held out

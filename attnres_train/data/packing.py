@@ -19,22 +19,30 @@ Why these rules (all deterministic, all O(1) per sample, nothing depends on the 
   Global sample ``g`` lands in slot ``g % P`` of period ``g // P`` and becomes source ``s``'s
   ``j``-th sample, ``j = (g // P) * c_s + (rank of the slot among s's slots)``. Hence over *any* window of
   W samples source s gets ``W * c_s / P`` samples, ±2.
-* **Epoch rule.** Source s's ``j``-th sample is sample ``perm_{s,e}[j % n_s]`` with ``e = j // n_s``, where
-  ``perm_{s,e}`` is a permutation seeded by (seed, source, e). Small sources simply cycle more epochs.
+* **Epoch rule.** Source s's ``j``-th sample is sample ``perm_{s,e}(j % n_s)`` with ``e = j // n_s``, where
+  ``perm_{s,e}`` is the seeded Feistel bijection of :mod:`.shuffle` keyed by (seed, salt_s, s, e), evaluated
+  per index (no permutation array). Small sources simply cycle more epochs.
+* **Salt rule.** A source's salt (split and shuffle) comes from its ``name`` if configured, else from its
+  content (:func:`content_salt`), never from where its files are.
+
+Everything that touches every document (the split) streams the document offsets in chunks, so start-up
+holds O(shards + held-out documents) in memory, never an array with one entry per document.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import zlib
 from collections import OrderedDict
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from attnres_train.config.errors import UserInputError
 
-from .shards import DEFAULT_SHARD_TOKENS, ShardWriter, TokenStore
+from .shards import CHUNK_DOCS, DEFAULT_SHARD_TOKENS, ShardWriter, TokenStore
+from .shuffle import FeistelPermutation
 from .tokenizer import Tokenizer
 
 BLEND_PERIOD = 4096
@@ -43,6 +51,22 @@ BLEND_PERIOD = 4096
 def stable_salt(name: str) -> int:
     """A per-source integer that does not depend on Python's randomized str hash."""
     return zlib.crc32(name.encode("utf-8"))
+
+
+def content_salt(store: TokenStore, probe: int = 4096, samples: int = 64) -> int:
+    """A salt from what a store holds, in O(1) reads: its document and token counts, the first and last
+    ``probe`` tokens, and the lengths of ``samples`` evenly spaced documents. The same corpus anywhere on
+    disk gets the same salt; two sources that agree on all of this need distinct ``name``s to differ."""
+    h = hashlib.sha256(f"{store.num_docs},{store.num_tokens}".encode())
+    n = store.num_docs
+    if n:
+        for i in (0, n - 1):
+            b, st, ln = store.doc_span(i)
+            take = min(ln, probe)
+            h.update(np.asarray(store.read(b, st if i == 0 else st + ln - take, take), dtype=np.int64).tobytes())
+        picks = np.unique(np.linspace(0, n - 1, min(n, samples)).astype(np.int64))
+        h.update(np.array([store.doc_span(int(i))[2] for i in picks], dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest()[:4], "little")
 
 
 def tokenize_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str, *, source: str = "",
@@ -101,6 +125,51 @@ def split_documents(num_docs: int, val_fraction: float, seed: int, salt: int = 0
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 
+def _val_draws(seed: int, salt: int):
+    return np.random.default_rng([seed, salt, 0x5EED])  # chunks of .random() continue one stream
+
+
+def split_streams(store: TokenStore, val_fraction: float, seed: int, salt: int = 0, min_val_tokens: int = 0,
+                  chunk: int = CHUNK_DOCS) -> Tuple["PackedStream", "PackedStream"]:
+    """(train, val) streams of ``store`` under the split rule, as :func:`split_documents` would choose them,
+    built by streaming the document offsets in chunks: memory O(shards + held-out documents), not O(D).
+    The rare top-up case (held-out documents too short for one sample) falls back to the exact array path."""
+    n = store.num_docs
+    if val_fraction <= 0 or n < 2:
+        return PackedStream(store, None), PackedStream.empty(store)
+    count = tokens = 0
+    rng = _val_draws(seed, salt)
+    for _, _, lens in store.iter_doc_chunks(chunk):
+        is_val = rng.random(lens.size) < val_fraction
+        count, tokens = count + int(is_val.sum()), tokens + int(lens[is_val].sum())
+    if count == 0 or count == n or tokens < min_val_tokens:
+        tr, va = split_documents(n, val_fraction, seed, salt, doc_lengths=store.doc_lengths, min_val_tokens=min_val_tokens)
+        return PackedStream(store, tr), PackedStream(store, va)
+    parts = {False: [], True: []}
+    docs = {False: 0, True: 0}
+    rng = _val_draws(seed, salt)
+    for buf, st, lens in store.iter_doc_chunks(chunk):
+        is_val = rng.random(lens.size) < val_fraction
+        for side in (False, True):
+            m = is_val == side
+            docs[side] += int(m.sum())
+            parts[side].append(_segments(buf[m], st[m], lens[m]))
+    return tuple(PackedStream.from_segments(store, *(np.concatenate(c) for c in zip(*parts[side])), docs[side])
+                 for side in (False, True))
+
+
+def _segments(buf: np.ndarray, st: np.ndarray, lens: np.ndarray):
+    """Merge physically adjacent documents (same buffer, contiguous) into (buffer, start, length) segments."""
+    keep = lens > 0
+    buf, st, lens = buf[keep].astype(np.int64), st[keep], lens[keep]
+    if lens.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    brk = np.ones(lens.size, dtype=bool)
+    brk[1:] = (buf[1:] != buf[:-1]) | (st[1:] != st[:-1] + lens[:-1])
+    heads = np.flatnonzero(brk)
+    return buf[heads], st[heads], np.add.reduceat(lens, heads)
+
+
 class PackedStream:
     """The chosen documents of a store, back to back, as one virtual token array.
 
@@ -108,20 +177,34 @@ class PackedStream:
     """
 
     def __init__(self, store: TokenStore, doc_ids: Optional[np.ndarray] = None):
-        self.store = store
-        sel = np.arange(store.num_docs, dtype=np.int64) if doc_ids is None else np.sort(np.asarray(doc_ids, dtype=np.int64))
-        lens = store.doc_lengths[sel]
-        sel, lens = sel[lens > 0], lens[lens > 0]
-        self.num_docs = int(sel.size)
-        if sel.size == 0:
-            self.seg_buf = self.seg_start = self.seg_len = np.zeros(0, dtype=np.int64)
-        else:
-            buf, st = store.doc_buffer[sel], store.doc_starts[sel]
-            brk = np.ones(sel.size, dtype=bool)
-            brk[1:] = (buf[1:] != buf[:-1]) | (st[1:] != st[:-1] + lens[:-1])
-            heads = np.flatnonzero(brk)
-            self.seg_buf, self.seg_start = buf[heads], st[heads]
-            self.seg_len = np.add.reduceat(lens, heads)
+        """All documents (``doc_ids=None``: streamed in chunks) or the given ones (array path)."""
+        if doc_ids is None and store.buffer_segments() is not None:  # whole buffers: O(shards)
+            b, st, ln = store.buffer_segments()
+            self._init(store, *_segments(b, st, ln), num_docs=store.num_docs)
+            return
+        if doc_ids is None:
+            parts = [_segments(*c) for c in store.iter_doc_chunks()]
+            segs = [np.concatenate(p) for p in zip(*parts)] if parts else [np.zeros(0, np.int64)] * 3
+            self._init(store, *segs, num_docs=store.num_docs)
+            return
+        sel = np.sort(np.asarray(doc_ids, dtype=np.int64))
+        self._init(store, *_segments(store.doc_buffer[sel], store.doc_starts[sel], store.doc_lengths[sel]),
+                   num_docs=int(sel.size))
+
+    @classmethod
+    def from_segments(cls, store: TokenStore, buf, start, length, num_docs: int) -> "PackedStream":
+        self = cls.__new__(cls)
+        self._init(store, *_segments(buf, start, length), num_docs=num_docs)
+        return self
+
+    @classmethod
+    def empty(cls, store: TokenStore) -> "PackedStream":
+        z = np.zeros(0, np.int64)
+        return cls.from_segments(store, z, z, z, 0)
+
+    def _init(self, store, buf, start, length, num_docs):
+        self.store, self.num_docs = store, int(num_docs)
+        self.seg_buf, self.seg_start, self.seg_len = buf, start, length
         self.seg_cum = np.concatenate([[0], np.cumsum(self.seg_len)]).astype(np.int64)
         self.num_tokens = int(self.seg_cum[-1])
 
@@ -190,7 +273,7 @@ class BlendedDataset:
     """Training samples of all sources, addressed by global sample index (blend + epoch rules)."""
 
     def __init__(self, streams: List[PackedStream], weights: Sequence[float], seq_len: int, seed: int,
-                 names: Sequence[str], perm_cache: int = 2):
+                 names: Sequence[str], salts: Optional[Sequence[int]] = None, perm_cache: int = 64):
         self.streams, self.seq_len, self.seed, self.names = streams, int(seq_len), int(seed), list(names)
         self.sizes = np.array([s.num_samples(seq_len) for s in streams], dtype=np.int64)
         for name, st, n in zip(self.names, streams, self.sizes):
@@ -200,9 +283,9 @@ class BlendedDataset:
                     f"{seq_len + 1}; add data, lower data.seq_len, or lower data.val_fraction"
                 )
         self.schedule = BlendSchedule(weights)
-        self.salts = [stable_salt(n) for n in self.names]
-        self._perms: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-        self._perm_cache = max(1, perm_cache) * len(streams)
+        self.salts = [int(x) for x in salts] if salts is not None else [stable_salt(n) for n in self.names]
+        self._perms: "OrderedDict[tuple, FeistelPermutation]" = OrderedDict()
+        self._perm_cache = max(1, perm_cache)
         self._lock = threading.Lock()
 
     @property
@@ -210,12 +293,12 @@ class BlendedDataset:
         """Samples in one pass over every source (informational; sources cycle independently)."""
         return int(self.sizes.sum())
 
-    def _perm(self, s: int, epoch: int) -> np.ndarray:
+    def _perm(self, s: int, epoch: int) -> FeistelPermutation:
         key = (s, epoch)
-        with self._lock:  # prefetch threads share the cache
+        with self._lock:  # prefetch threads share the cache (of round keys: a few bytes each)
             p = self._perms.get(key)
             if p is None:
-                p = np.random.default_rng([self.seed, self.salts[s], s, epoch]).permutation(int(self.sizes[s]))
+                p = FeistelPermutation(int(self.sizes[s]), [self.seed, self.salts[s], s, epoch])
                 self._perms[key] = p
                 while len(self._perms) > self._perm_cache:
                     self._perms.popitem(last=False)
@@ -228,7 +311,10 @@ class BlendedDataset:
         s, j = self.schedule.locate(g)
         n = self.sizes[s]
         epoch, pos = np.divmod(j, n)
-        k = np.array([self._perm(int(a), int(e))[int(p)] for a, e, p in zip(s, epoch, pos)], dtype=np.int64)
+        k = np.empty(pos.shape, dtype=np.int64)
+        for a, e in set(zip(s.tolist(), epoch.tolist())):  # one vectorised lookup per (source, epoch)
+            m = (s == a) & (epoch == e)
+            k[m] = self._perm(a, e)(pos[m])
         return s, epoch, k
 
     def get(self, g: Iterable[int]) -> np.ndarray:

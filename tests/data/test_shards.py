@@ -27,10 +27,16 @@ def test_round_trip_across_shards_and_header_fields(tmp_path):
     w = _write(tmp_path / "s", docs)
     # A shard is closed after the document that reaches shard_tokens: docs 0-2 (20 tokens), then doc 3.
     assert len(w.finished) == 2 and w.num_docs == 4 and w.num_tokens == sum(map(len, docs))
-    assert sorted(os.listdir(tmp_path / "s")) == [f"shard_0000{i}.{e}" for i in range(2) for e in ("bin", "json")]
+    assert sorted(os.listdir(tmp_path / "s")) == ["index.json"] + [f"shard_0000{i}.{e}" for i in range(2)
+                                                                   for e in ("bin", "idx", "json")]
     h = json.loads((tmp_path / "s" / "shard_00000.json").read_text())
-    assert h["dtype"] == "uint16" and h["num_tokens"] == 20 and h["doc_offsets"] == [0, 4, 7, 20]
-    assert (h["format"], h["tokenizer"], h["vocab_size"], h["eos_id"], h["num_shards"]) == ("attnres-tokens", "test-tok", 300, 299, 2)
+    assert h["dtype"] == "uint16" and h["num_tokens"] == 20 and h["num_docs"] == 3 and h["version"] == 2
+    assert (h["format"], h["tokenizer"], h["vocab_size"], h["eos_id"]) == ("attnres-tokens", "test-tok", 300, 299)
+    offsets = np.frombuffer((tmp_path / "s" / "shard_00000.idx").read_bytes(), dtype="<i8")
+    assert offsets.tolist() == [0, 4, 7, 20]  # raw little-endian int64 document offsets
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert [e["name"] for e in index["shards"]] == ["shard_00000", "shard_00001"]
+    assert (index["num_docs"], index["num_tokens"], index["format"]) == (4, 22, "attnres-token-set")
     assert os.path.getsize(tmp_path / "s" / "shard_00000.bin") == 20 * 2
     store = ShardSet(str(tmp_path / "s"))
     assert store.num_docs == 4 and [store.document(i).tolist() for i in range(4)] == docs
@@ -41,7 +47,10 @@ def test_round_trip_across_shards_and_header_fields(tmp_path):
 def test_header_records_document_boundaries(tmp_path):
     _write(tmp_path / "s", [[1, 2], [3, 4, 5], [6]], shard_tokens=1000)
     h = json.loads((tmp_path / "s" / "shard_00000.json").read_text())
-    assert h["doc_offsets"] == [0, 2, 5, 6] and h["num_docs"] == 3 and h["max_token_id"] == 6
+    assert np.fromfile(tmp_path / "s" / "shard_00000.idx", dtype="<i8").tolist() == [0, 2, 5, 6]
+    assert h["num_docs"] == 3 and h["max_token_id"] == 6
+    store = ShardSet(str(tmp_path / "s"))
+    assert [store.doc_span(i) for i in range(3)] == [(0, 0, 2), (0, 2, 3), (0, 5, 1)]
 
 
 def test_dtype_follows_vocab_size(tmp_path):
@@ -66,13 +75,19 @@ def test_truncated_shard_names_the_file(tmp_path):
         ShardSet(str(tmp_path / "s"))
 
 
-def test_missing_shard_and_corrupt_header_are_named(tmp_path):
+def test_missing_shard_and_corrupt_index_are_named(tmp_path):
     _write(tmp_path / "s", [[1] * 10, [2] * 10, [3] * 10])
-    os.remove(tmp_path / "s" / "shard_00001.json")
-    with pytest.raises(UserInputError, match="incomplete shard set"):
+    os.remove(tmp_path / "s" / "shard_00001.idx")
+    with pytest.raises(UserInputError, match=r"shard_00001\.idx: shard file is missing"):
         ShardSet(str(tmp_path / "s"))
-    (tmp_path / "s" / "shard_00001.json").write_text("{not json")
-    with pytest.raises(UserInputError, match=r"shard_00001\.json: shard header is not valid JSON"):
+    (tmp_path / "s" / "shard_00001.idx").write_bytes(b"\0" * 8)
+    with pytest.raises(UserInputError, match=r"shard_00001\.idx: shard is truncated: expected 16 bytes"):
+        ShardSet(str(tmp_path / "s"))
+    (tmp_path / "s" / "index.json").write_text("{not json")
+    with pytest.raises(UserInputError, match=r"index\.json: shard set index is not valid JSON"):
+        ShardSet(str(tmp_path / "s"))
+    os.remove(tmp_path / "s" / "index.json")
+    with pytest.raises(UserInputError, match="incomplete shard set .*no index.json"):
         ShardSet(str(tmp_path / "s"))
     with pytest.raises(UserInputError, match="no token shards"):
         os.makedirs(tmp_path / "empty")
