@@ -107,6 +107,9 @@ class ModelConfig:
     rms_norm_eps: float = 1.0e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    # Training loss: fused LM head + cross entropy over chunks of this many tokens (never the whole
+    # [tokens, vocab] logits; docs/performance.md); 0 = unfused (F.linear then F.cross_entropy, logits returned).
+    lm_loss_chunk_tokens: int = 1024
     kda: KDAConfig = field(default_factory=KDAConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -127,6 +130,9 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
         raise ConfigError(f"{p}.rms_norm_eps", f"must be >= 0, got {cfg.rms_norm_eps!r}")
     if not cfg.init_std > 0:
         raise ConfigError(f"{p}.init_std", f"must be > 0, got {cfg.init_std!r}")
+    c = cfg.lm_loss_chunk_tokens
+    if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+        raise ConfigError(f"{p}.lm_loss_chunk_tokens", f"must be an integer >= 0 (0 = unfused), got {c!r}")
     mla = list(cfg.mla_layers)
     for i in mla:
         if not isinstance(i, int) or not 0 <= i < cfg.num_layers:

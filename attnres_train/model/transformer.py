@@ -23,6 +23,7 @@ from ..config.model import ModelConfig, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
+from .lm_loss import fused_linear_cross_entropy
 from .moe import MoE
 from .norms import RMSNorm
 
@@ -30,7 +31,7 @@ from .norms import RMSNorm
 class LMOutput(NamedTuple):
     loss: torch.Tensor  # mean next-token cross entropy (fp32)
     aux_loss: Optional[torch.Tensor]  # summed MoE auxiliary losses, None if disabled
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None with the fused head (model.lm_loss_chunk_tokens > 0): never built
 
 
 class AttnResModel(nn.Module):
@@ -135,12 +136,27 @@ class AttnResForCausalLM(nn.Module):
         return self.lm_head(self.final_hidden(state))
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
-        """``input_ids [B,T]`` → logits ``[B,T,V]``; with ``labels`` an :class:`LMOutput` with the losses."""
+        """``input_ids [B,T]`` → logits ``[B,T,V]``; with ``labels`` an :class:`LMOutput` with the losses
+        (and ``logits=None`` when the fused head computes the loss: ``model.lm_loss_chunk_tokens > 0``)."""
         state = self.forward_layers(self.embed(input_ids))
-        logits = self.head(state)
         if labels is None:
-            return logits
+            return self.head(state)
+        chunk = self.config.lm_loss_chunk_tokens
+        if chunk:
+            loss = self.fused_lm_loss(self.final_hidden(state), self.lm_head.weight, labels, chunk)
+            return LMOutput(loss=loss, aux_loss=state.aux_loss, logits=None)
+        logits = self.head(state)
         return LMOutput(loss=self.lm_loss(logits, labels), aux_loss=state.aux_loss, logits=logits)
+
+    def fused_lm_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      chunk_tokens: int) -> torch.Tensor:
+        """``lm_loss(F.linear(hidden, weight), labels)`` chunked over ``chunk_tokens`` tokens, never building the
+        ``[tokens, vocab]`` logits (:mod:`attnres_train.model.lm_loss`).
+
+        A seam like :meth:`lm_loss`: the tensor-parallel engine replaces it per instance with the vocab-parallel
+        version (each rank its vocab shard of ``weight``).
+        """
+        return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over labels != -100, in fp32 (fp64 logits stay fp64, as the router).

@@ -20,7 +20,8 @@ Pieces, and why each is what it is:
 * Embedding: :class:`VocabParallelEmbedding` (masked lookup in this rank's vocab rows, partial sums
   reduce-scattered into the sequence shards; custom because the stock ``RowwiseParallel`` materialises a
   replicated full-vocab weight gradient on every rank in torch 2.13). LM head: stock ``ColwiseParallel`` with vocab-sharded output; the loss is
-  :func:`~attnres_train.parallel.tp_ops.vocab_parallel_cross_entropy`, installed as ``model.lm_loss``.
+  :func:`~attnres_train.parallel.tp_ops.vocab_parallel_cross_entropy`, installed as ``model.lm_loss`` (and its
+  fused, chunked form from the hidden states as ``model.fused_lm_loss``: :class:`VocabParallelFusedLMLoss`).
 * Dense FFN and the MoE shared expert (``SwiGLU``): stock ``PrepareModuleInput`` + ``ColwiseParallel``
   (gate/up) + ``RowwiseParallel`` (down): column -> row, one gather and one reduce(-scatter).
 * KDA and MLA (:class:`HeadParallel`): custom, because their forwards use parameters directly (conv weights,
@@ -70,10 +71,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..model.kda import KimiDeltaAttention
+from ..model.lm_loss import fused_linear_cross_entropy
 from ..model.mla import MultiLatentAttention
 from ..model.moe import MoE
 from .parts import decoder_layers, embedding, lm_head, named_decoder_layers
-from .tp_ops import all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy
+from .tp_ops import (all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy,
+                     vocab_parallel_fused_cross_entropy)
 
 __all__ = [
     "apply_tensor_parallel",
@@ -436,6 +439,37 @@ class VocabParallelLMLoss:
         return f"VocabParallelLMLoss(tp={self.mesh.size()})"
 
 
+class VocabParallelFusedLMLoss:
+    """``model.fused_lm_loss`` for the column-parallel (vocab-sharded, ``Shard(0)`` weight) LM head.
+
+    The head module's input hooks do not run (the head is not called): the hidden states are brought to the
+    region's replicated full-sequence layout here (:func:`_enter_region`: all-gather under SP) and their local
+    gradient, this rank's vocab partial sum, is reduced on the way back (all-reduce / reduce-scatter).
+    """
+
+    def __init__(self, tp_mesh: DeviceMesh, layout: Placement):
+        self.mesh, self.layout = tp_mesh, layout
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 chunk_tokens: int) -> torch.Tensor:
+        if not isinstance(weight, DTensor):
+            return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)
+        if weight.placements != (Shard(0),):
+            raise ValueError(f"fused LM loss: expected the head weight as Shard(0) on the tp mesh, got "
+                             f"{weight.placements}")
+        h = _enter_region(hidden, self.mesh, self.layout).to_local(grad_placements=[Partial()])
+        w_local = weight.to_local()
+        vocab_start = self.mesh.get_local_rank() * w_local.shape[0]
+        return vocab_parallel_fused_cross_entropy(h, w_local, labels, vocab_start, chunk_tokens,
+                                                  self.mesh.get_group())
+
+    def __deepcopy__(self, memo):  # process groups cannot be copied: a deep-copied model shares the mesh
+        return self
+
+    def __repr__(self) -> str:
+        return f"VocabParallelFusedLMLoss(tp={self.mesh.size()}, {self.layout})"
+
+
 # ------------------------------------------------------------------------------------------------ the plan
 def tensor_parallel_plan(model: nn.Module, sequence_parallel: bool,
                          src_data_rank: Optional[int] = 0) -> Dict[str, ParallelStyle]:
@@ -520,6 +554,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     if head is not None:
         model.lm_loss = VocabParallelLMLoss(tp_mesh)
+        model.fused_lm_loss = VocabParallelFusedLMLoss(tp_mesh, Shard(SEQ_DIM) if sequence_parallel else Replicate())
     if sequence_parallel and embed is not None:
         embed.register_forward_pre_hook(functools.partial(_check_seq_len, tp_mesh.size()))
 

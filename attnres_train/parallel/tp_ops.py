@@ -9,6 +9,9 @@ are simpler and cheaper as explicit collectives on local tensors:
   torch 2.13), but it returns a DTensor loss and needs its context manager to be active around
   ``loss.backward()`` as well, i.e. inside the training loop. Ours returns a plain fp32 scalar, identical on
   every tp rank, whose backward needs no context, so the train module does not know TP exists.
+* :func:`vocab_parallel_fused_cross_entropy` - the same loss straight from the hidden states and this rank's
+  vocab shard of the head weight, chunked over tokens (:mod:`attnres_train.model.lm_loss` with the softmax
+  statistics all-reduced per chunk): not even a ``[tokens, vocab / tp]`` matrix is built.
 * :func:`reduce_grad` - forward identity, backward all-reduce (Megatron's ``copy_to_tensor_model_parallel_
   region``): a tensor used identically on every rank whose per-rank gradients are partial sums. Used for the
   expert-parallel experts' weights under SP (each tp rank feeds them its own sequence shard).
@@ -31,7 +34,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_cross_entropy", "all_reduce_replicated", "reduce_grad"]
+from ..model.lm_loss import fused_linear_cross_entropy
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_fused_cross_entropy", "all_reduce_replicated",
+           "reduce_grad"]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -85,6 +91,27 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     """
     logits_NV = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
     return _VocabParallelCrossEntropy.apply(logits_NV, labels.reshape(-1), int(vocab_start), ignore_index, group)
+
+
+def vocab_parallel_fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                       vocab_start: int, chunk_tokens: int, group: Optional[dist.ProcessGroup] = None,
+                                       ignore_index: int = -100) -> torch.Tensor:
+    """:func:`vocab_parallel_cross_entropy` of ``F.linear(hidden, weight)`` without building the logits.
+
+    ``hidden [..., d]``: the full (replicated) hidden states, identical on every rank of ``group``; ``weight
+    [V_local, d]``: this rank's rows ``[vocab_start, vocab_start + V_local)`` of the head; ``labels [...]``:
+    global ids. Per chunk of ``chunk_tokens`` tokens the row max and ``[target logit, sum exp]`` are all-reduced
+    (2 collectives per chunk). Returns the same plain scalar on every rank; the gradient w.r.t. ``hidden`` is
+    this rank's partial sum (the caller sums it over ``group``), the one w.r.t. ``weight`` is complete.
+    """
+    def reduce_max(t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+    def reduce_sum(t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+    return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, ignore_index, vocab_start,
+                                      reduce_max, reduce_sum)
 
 
 class _AllReduceReplicated(torch.autograd.Function):

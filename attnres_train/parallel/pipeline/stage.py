@@ -83,13 +83,22 @@ class PipelineStageModule(nn.Module):
             state = _map_state(state, ad.to_model)
         state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end)
         if self.is_last:
-            logits = m.head(state)
-            # a tensor-parallel stage carries its own vocab-parallel loss (set by parallelize_model on the stage)
-            loss_fn = self.__dict__.get("lm_loss") or getattr(m, "lm_loss", None) or _lm_loss
-            loss = loss_fn(logits, labels)
-            return StageOutput(None, loss, state.aux_loss)
+            return StageOutput(None, self._loss(state, labels), state.aux_loss)
         state = close_completed_block(state, self.partial_out)
         return StageOutput(_map_state(state, ad.to_wire) if ad is not None else state, None, state.aux_loss)
+
+    def _loss(self, state: DepthState, labels: torch.Tensor) -> torch.Tensor:
+        """The model's LM loss (fused and chunked when ``model.lm_loss_chunk_tokens > 0``, as its ``forward``).
+
+        A tensor-parallel stage carries its own vocab-parallel seams (set by parallelize_model on the stage).
+        """
+        m = self._full
+        chunk = m.config.lm_loss_chunk_tokens
+        if chunk:
+            loss_fn = self.__dict__.get("fused_lm_loss") or m.fused_lm_loss
+            return loss_fn(m.final_hidden(state), self.lm_head.weight, labels, chunk)
+        loss_fn = self.__dict__.get("lm_loss") or getattr(m, "lm_loss", None) or _lm_loss
+        return loss_fn(m.head(state), labels)
 
     def moe_layers(self) -> list:
         """This stage's MoE modules (their router-bias load counters are per-stage buffers)."""

@@ -1,0 +1,145 @@
+"""Fused, chunked LM head + cross entropy: the loss and its gradients without the ``[tokens, vocab]`` logits.
+
+Why: the plain head (``F.linear`` → fp32 logits → ``F.cross_entropy``) materialises the full logits, keeps a
+log-softmax of the same size for backward and streams a gradient of the same size again: at vocab 32768 that
+is 128 KiB per token in fp32 and, on CPU, far more time than the head's GEMMs (issue 17). Here the tokens are
+processed in chunks of ``chunk_tokens`` rows: per chunk the logits are computed (matmul in the input dtype,
+softmax statistics in fp32; fp64 stays fp64), the loss summed, and *in the same pass* the chunk's logit gradient
+``(softmax - onehot) / n_valid`` is turned into its share of the hidden-state gradient and accumulated into the
+head-weight gradient. Only one chunk's logits exist at a time.
+
+Gradients are computed in forward and scaled by ``grad_output`` in backward (Liger-Kernel's choice): three GEMMs
+per chunk, as the plain path; recomputing the logits in backward instead would cost a fourth. What is held from
+forward to backward is ``[tokens, d]`` (the hidden gradient) and ``[vocab, d]`` fp32 (the weight gradient,
+which backward would allocate anyway and which is handed to autograd as is). It is only computed when a
+gradient is needed (grad mode on and an input requiring grad); otherwise this is a loss-only pass.
+
+The softmax statistics go through two hooks, ``reduce_max`` and ``reduce_sum`` (in-place, identity here), so the
+vocab-parallel tensor-parallel head (``attnres_train.parallel.tp_ops``) runs this same code on its vocab shard
+with all-reduces over the tp group; this module contains no parallel code itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
+
+Reduce = Optional[Callable[[torch.Tensor], None]]
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype ``F.linear`` would use: autocast's (fp32 inputs under autocast), else the inputs'."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and hidden.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"fused LM loss: hidden states are {hidden.dtype} but the head weight is {weight.dtype} "
+                        "(F.linear needs one dtype; cast the model or use autocast)")
+    return hidden.dtype
+
+
+@torch.no_grad()
+def chunked_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor, chunk_tokens: int,
+                                 need_grad: bool, vocab_start: int = 0, ignore_index: int = -100,
+                                 reduce_max: Reduce = None, reduce_sum: Reduce = None):
+    """``(loss, grad_h_ND, grad_w_VD)`` of ``mean CE(h @ w.T, target)``, chunked over tokens (grads None unless
+    ``need_grad``).
+
+    ``h_ND`` and ``w_VD`` must already be in the compute dtype. ``w_VD`` holds vocab ids ``[vocab_start,
+    vocab_start + V)``; with ``reduce_*`` hooks the softmax statistics are combined over the other shards
+    (``target_N`` and hence ``n_valid`` are the same everywhere). ``grad_h`` is then this shard's partial sum.
+    No valid target: loss nan (0/0) and zero gradients, as ``F.cross_entropy``.
+    """
+    N, V = h_ND.shape[0], w_VD.shape[0]
+    acc = torch.promote_types(h_ND.dtype, torch.float32)
+    valid_N = target_N != ignore_index
+    n_valid = valid_N.sum()
+    scale = 1.0 / n_valid.clamp_min(1).to(acc)
+    loss_sum = torch.zeros((), dtype=acc, device=h_ND.device)
+    grad_h_ND = torch.empty_like(h_ND) if need_grad else None
+    grad_w_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if need_grad else None
+    for s in range(0, N, chunk_tokens):
+        e = min(s + chunk_tokens, N)
+        h_cD, t_c, v_c = h_ND[s:e], target_N[s:e], valid_N[s:e]
+        z_cV = F.linear(h_cD, w_VD).to(acc)  # this chunk's logits: a fresh buffer, reused in place below
+        max_c = z_cV.amax(dim=-1)
+        if reduce_max is not None:
+            reduce_max(max_c)
+        z_cV.sub_(max_c.unsqueeze(-1))
+        local_c = t_c - vocab_start
+        mine_c = v_c & (local_c >= 0) & (local_c < V)
+        idx_c1 = torch.where(mine_c, local_c, torch.zeros_like(local_c)).unsqueeze(-1)
+        tgt_c = z_cV.gather(-1, idx_c1).squeeze(-1) * mine_c.to(acc)
+        z_cV.exp_()
+        stats_2c = torch.stack([tgt_c, z_cV.sum(dim=-1)])
+        if reduce_sum is not None:
+            reduce_sum(stats_2c)
+        tgt_c, sum_exp_c = stats_2c[0], stats_2c[1]
+        loss_sum += torch.where(v_c, sum_exp_c.log() - tgt_c, torch.zeros_like(tgt_c)).sum()
+        if not need_grad:
+            continue
+        g_cV = z_cV.div_(sum_exp_c.unsqueeze(-1))  # softmax, in place
+        g_cV.scatter_add_(-1, idx_c1, -mine_c.to(acc).unsqueeze(-1))
+        g_cV.mul_((v_c.to(acc) * scale).unsqueeze(-1))
+        g_cV = g_cV.to(h_ND.dtype)
+        torch.mm(g_cV, w_VD, out=grad_h_ND[s:e])
+        if grad_w_VD.dtype == h_ND.dtype:
+            grad_w_VD.addmm_(g_cV.t(), h_cD)
+        else:  # low-precision matmul, fp32 accumulation across chunks
+            grad_w_VD += torch.mm(g_cV.t(), h_cD)
+    return loss_sum / n_valid, grad_h_ND, grad_w_VD
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target_N, chunk_tokens, compute_dtype, vocab_start, ignore_index,
+                reduce_max, reduce_sum):
+        h_ND = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
+        w_VD = weight.to(compute_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grad_h, grad_w = chunked_linear_cross_entropy(
+                h_ND, w_VD, target_N, chunk_tokens, True, vocab_start, ignore_index, reduce_max, reduce_sum)
+        ctx.grads = (grad_h.view(hidden.shape).to(hidden.dtype), grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("fused LM loss: backward ran twice through the same graph (retain_graph is not "
+                               "supported; set model.lm_loss_chunk_tokens=0 for the unfused head)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # hand the buffers over (autograd may then keep grad_w as the .grad without a copy)
+        grad_h.mul_(grad_out.to(grad_h.dtype))
+        grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_tokens: int, ignore_index: int = -100, vocab_start: int = 0,
+                               reduce_max: Reduce = None, reduce_sum: Reduce = None) -> torch.Tensor:
+    """Mean cross entropy of ``F.linear(hidden, weight)`` against ``labels`` without the full logits.
+
+    ``hidden [..., d]``, ``weight [V, d]``, ``labels [...]`` (``ignore_index`` rows excluded). Equals
+    ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten(),
+    ignore_index=ignore_index)`` (fp64 stays fp64; under autocast the matmuls run in autocast's dtype) and
+    returns an fp32 (fp64) scalar. ``vocab_start`` / ``reduce_*``: see :func:`chunked_linear_cross_entropy`.
+    """
+    if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
+    compute = _compute_dtype(hidden, weight)
+    target_N = labels.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, target_N, chunk_tokens, compute, int(vocab_start),
+                                              ignore_index, reduce_max, reduce_sum)
+    h_ND = hidden.reshape(-1, hidden.shape[-1]).to(compute)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return chunked_linear_cross_entropy(h_ND, weight.to(compute), target_N, chunk_tokens, False,
+                                            int(vocab_start), ignore_index, reduce_max, reduce_sum)[0]
