@@ -137,25 +137,34 @@ def split_streams(store: TokenStore, val_fraction: float, seed: int, salt: int =
     n = store.num_docs
     if val_fraction <= 0 or n < 2:
         return PackedStream(store, None), PackedStream.empty(store)
-    count = tokens = 0
     rng = _val_draws(seed, salt)
-    for _, _, lens in store.iter_doc_chunks(chunk):
-        is_val = rng.random(lens.size) < val_fraction
-        count, tokens = count + int(is_val.sum()), tokens + int(lens[is_val].sum())
+    parts = {False: [], True: []}  # (buffer, start, length) segments of each side, per chunk
+    count = tokens = 0
+    for buf, st, lens in store.iter_doc_chunks(chunk):
+        v = np.flatnonzero(rng.random(lens.size) < val_fraction)
+        count, tokens = count + int(v.size), tokens + int(lens[v].sum())
+        parts[True].append((buf[v].astype(np.int64), st[v], lens[v]))
+        parts[False].append(_complement(buf, st, lens, v))
     if count == 0 or count == n or tokens < min_val_tokens:
         tr, va = split_documents(n, val_fraction, seed, salt, doc_lengths=store.doc_lengths, min_val_tokens=min_val_tokens)
         return PackedStream(store, tr), PackedStream(store, va)
-    parts = {False: [], True: []}
-    docs = {False: 0, True: 0}
-    rng = _val_draws(seed, salt)
-    for buf, st, lens in store.iter_doc_chunks(chunk):
-        is_val = rng.random(lens.size) < val_fraction
-        for side in (False, True):
-            m = is_val == side
-            docs[side] += int(m.sum())
-            parts[side].append(_segments(buf[m], st[m], lens[m]))
-    return tuple(PackedStream.from_segments(store, *(np.concatenate(c) for c in zip(*parts[side])), docs[side])
-                 for side in (False, True))
+    return tuple(PackedStream.from_segments(store, *(np.concatenate(c) for c in zip(*parts[side])), docs)
+                 for side, docs in ((False, n - count), (True, count)))
+
+
+def _complement(buf: np.ndarray, st: np.ndarray, lens: np.ndarray, v: np.ndarray):
+    """Segments of the documents of a chunk *not* in ``v`` (sorted). When the chunk's documents lie back to
+    back in one buffer (always, for our shards), each run between two held-out documents is one segment,
+    found in O(len(v)); otherwise documents are merged one by one."""
+    ends = st + lens
+    if buf.size and buf[0] == buf[-1] and np.array_equal(st[1:], ends[:-1]):
+        a = np.concatenate([[0], v + 1])  # run [a_k, b_k) of kept documents
+        b = np.concatenate([v, [lens.size]])
+        a, b = a[a < b], b[a < b]
+        return np.full(a.size, int(buf[0]), dtype=np.int64), st[a], ends[b - 1] - st[a]
+    keep = np.ones(lens.size, dtype=bool)
+    keep[v] = False
+    return _segments(buf[keep], st[keep], lens[keep])
 
 
 def _segments(buf: np.ndarray, st: np.ndarray, lens: np.ndarray):

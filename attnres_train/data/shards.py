@@ -44,7 +44,7 @@ FORMAT, SET_FORMAT = "attnres-tokens", "attnres-token-set"
 VERSION = 2
 INDEX_NAME = "index.json"
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256M tokens (512 MiB as uint16) per shard
-CHUNK_DOCS = 1 << 20  # documents per chunk when streaming offsets (8 MiB of int64)
+CHUNK_DOCS = 1 << 18  # documents per chunk when streaming offsets (2 MiB of int64)
 _REQUIRED = ("format", "version", "dtype", "num_tokens", "num_docs", "vocab_size", "eos_id", "max_token_id")
 
 

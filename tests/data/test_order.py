@@ -12,7 +12,7 @@ from attnres_train.config.data import DataConfig, DataSourceConfig
 from attnres_train.config.errors import ConfigError, UserInputError
 from attnres_train.data.loader import build_datasets
 from attnres_train.data.packing import BlendedDataset, PackedStream, split_streams, tokenize_to_shards
-from attnres_train.data.shards import ShardSet
+from attnres_train.data.shards import ShardSet, TokenStore
 from attnres_train.data.shuffle import FeistelPermutation
 from attnres_train.data.tokenizer import ByteTokenizer
 
@@ -88,6 +88,29 @@ def test_streamed_split_equals_the_split_rule(tmp_path):
         assert train.read(0, train.num_tokens).tolist() == want[False]
         assert val.read(0, val.num_tokens).tolist() == want[True]
         assert train.num_docs + val.num_docs == len(docs) and val.num_docs == int((u < 0.1).sum())
+
+
+class _ScatteredStore(TokenStore):
+    """Documents stored back to front in one array: not contiguous in stream order (like some Megatron sets)."""
+
+    def __init__(self, docs):
+        toks = [list(d.encode()) + [EOS] for d in docs]
+        self.buf = np.array([t for d in reversed(toks) for t in d], dtype=np.int64)
+        self.doc_lengths = np.array([len(t) for t in toks], dtype=np.int64)
+        self.doc_starts = self.buf.size - np.cumsum(self.doc_lengths)
+        self.doc_buffer = np.zeros(len(toks), dtype=np.int32)
+        self.name = "scattered"
+
+    def read(self, buffer, start, length):
+        return self.buf[start : start + length]
+
+
+def test_streamed_split_of_a_store_whose_documents_are_not_back_to_back():
+    docs = _docs(120)
+    u = np.random.default_rng([2, 5, 0x5EED]).random(len(docs))
+    want = [t for d, ui in zip(docs, u) if ui >= 0.2 for t in list(d.encode()) + [EOS]]
+    train, _ = split_streams(_ScatteredStore(docs), 0.2, seed=2, salt=5, chunk=16)
+    assert train.read(0, train.num_tokens).tolist() == want
 
 
 def _cfg(path, cache, **kw):
