@@ -4,12 +4,14 @@ See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and d
 ("Checkpoints").
 """
 
-from .manager import CheckpointManager, is_complete, read_config_text, step_dir_name, verify_checkpoint
+from .manager import (CheckpointManager, check_fresh_start, is_complete, read_config_text, step_dir_name,
+                      verify_checkpoint)
 from .rng import capture_rng, restore_rng
 
 __all__ = [
     "CheckpointManager",
     "capture_rng",
+    "check_fresh_start",
     "is_complete",
     "read_config_text",
     "restore_rng",

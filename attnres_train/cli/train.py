@@ -2,8 +2,10 @@
 
 Bad input (config values, data files, checkpoints, paths) ends with one line ``error: ...`` on stderr and exit
 code 2, without a traceback and without touching existing checkpoints; an aborted run (too many NaN/Inf steps,
-a dead or hung peer) ends the same way with exit code 3. Works under torchrun (one process per
-rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<job number>``).
+a dead or hung peer, a failed checkpoint save) ends the same way with exit code 3. Ctrl-C stops after the
+current step with a checkpoint and exit code 130 (a second Ctrl-C: at once, no save, also 130); SIGTERM /
+SIGUSR1 stop the same way with exit code 0 (preemption: the requeued job resumes). Works under torchrun (one
+process per rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<job number>``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ def _task(dcfg):
     from ..config.errors import ConfigError, UserInputError
     from ..config.schema import as_config, validate_config
     from ..train.dist import init_distributed, shutdown_distributed
-    from ..train.faults import TrainingAborted
+    from ..train.faults import SIGINT_EXIT_CODE, TrainingAborted
     from ..train.trainer import Trainer
 
+    run_dir = Path(".")
     try:
         cfg = as_config(dcfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -39,7 +42,8 @@ def _task(dcfg):
         ctx = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         try:
             validate_config(cfg, dp_world_size=ctx.world_size)
-            result = Trainer(cfg, run_dir, ctx).fit()
+            trainer = Trainer(cfg, run_dir, ctx)
+            result = trainer.fit()
         finally:
             shutdown_distributed()
     except (ConfigError, UserInputError) as exc:
@@ -48,6 +52,12 @@ def _task(dcfg):
         _fail(str(exc), exc.exit_code)
     except OmegaConfBaseException as exc:
         _fail(str(exc).splitlines()[0])
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second Ctrl-C inside it
+        _fail("interrupted (Ctrl-C): stopped at once without saving; the newest complete checkpoint in "
+              f"{run_dir / 'checkpoints'}, if any, is intact (checkpoint.resume=auto continues from it)",
+              SIGINT_EXIT_CODE)
+    if trainer.stop_signal == "SIGINT":  # stopped cleanly with a checkpoint, but the run did not finish
+        sys.exit(SIGINT_EXIT_CODE)
     return result.get("val_loss", result.get("loss"))
 
 

@@ -67,6 +67,11 @@ class CheckpointConfig:
     # "auto": newest complete checkpoint in the run's checkpoint dir, if any; "none": start fresh;
     # anything else: a checkpoint directory (or a directory of checkpoints: its newest complete one).
     resume: str = "auto"
+    # Allow a run to start from step 0 in a run_dir whose checkpoints/ already holds checkpoints (resume=none),
+    # or only uncommitted ones (resume=auto): its saves then replace and prune them. Without it such a start
+    # is refused, since those directories might be the only copy of a run's state. Never discards a
+    # checkpoint that resume=auto would load.
+    overwrite: bool = False
     # Background saving: the state is copied to CPU memory, training continues while a thread writes the
     # files; the checkpoint is committed (COMMITTED marker) only after every rank's write finished. A save
     # waits for the previous one, and the run waits for the last one before it exits.
@@ -146,6 +151,11 @@ def validate_checkpoint_config(cfg: CheckpointConfig, prefix: str = "checkpoint"
         raise ConfigError(f"{p}.keep_last", f"must be an integer >= 0 (0 = keep all), got {cfg.keep_last!r}")
     if not isinstance(cfg.resume, str) or not cfg.resume.strip():
         raise ConfigError(f"{p}.resume", f"must be 'auto', 'none' or a checkpoint path, got {cfg.resume!r}")
+    if not isinstance(cfg.overwrite, bool):
+        raise ConfigError(f"{p}.overwrite", f"must be true or false, got {cfg.overwrite!r}")
+    if cfg.overwrite and isinstance(cfg.resume, str) and cfg.resume.strip().lower() not in RESUME_KEYWORDS:
+        raise ConfigError(f"{p}.overwrite", "has no effect when resuming from an explicit checkpoint path "
+                          f"(checkpoint.resume={cfg.resume}); it only applies with resume=auto or resume=none")
     if not isinstance(cfg.async_save, bool):
         raise ConfigError(f"{p}.async_save", f"must be true or false, got {cfg.async_save!r}")
     return cfg

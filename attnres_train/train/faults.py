@@ -1,10 +1,15 @@
 """Faults the training loop survives or reports: preemption signals, non-finite steps, failed collectives.
 
-* **Preemption** (:class:`StopSignals`): SIGTERM and SIGUSR1 (slurm's usual preemption warning) only set a
-  flag. The trainer asks :meth:`StopSignals.agreed` after every step; it all-reduces the flag (MAX, one
-  scalar) over the whole world, so every rank sees the same answer at the same step even when only one rank
-  got the signal. The trainer then saves a checkpoint (blocking), prints what it did and returns normally,
-  so the process exits 0 and a requeued job continues with ``checkpoint.resume=auto``.
+* **Preemption and Ctrl-C** (:class:`StopSignals`): SIGTERM, SIGUSR1 (slurm's usual preemption warning) and
+  SIGINT (Ctrl-C) only set a flag. The trainer asks :meth:`StopSignals.agreed` after every step; it
+  all-reduces the flag (MAX, one scalar) over the whole world, so every rank sees the same answer at the same
+  step even when only one rank got the signal. The trainer then saves a checkpoint (blocking), prints what it
+  did and returns normally; the command line exits 0 after SIGTERM / SIGUSR1 (a requeued job continues with
+  ``checkpoint.resume=auto``) and :data:`SIGINT_EXIT_CODE` (130, the shell's code for Ctrl-C) after SIGINT,
+  so a script sees that the run did not finish. A second SIGINT raises ``KeyboardInterrupt`` at once (abort
+  without saving), except within :data:`REPEAT_WINDOW_S` of the first: torchrun forwards the terminal's
+  SIGINT to its workers, which already got it from the terminal, and that copy must not count as a second
+  press.
 * **Non-finite steps**: the train module skips an optimizer step whose loss or gradient norm is NaN/Inf
   (decision agreed over the world, see ``TrainModule.optimizer_step``); the trainer counts consecutive skips
   and stops with :class:`TrainingAborted` once there are more than ``trainer.max_consecutive_skips``.
@@ -19,11 +24,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 import torch
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+SIGINT_EXIT_CODE = 130  # 128 + SIGINT: what shells report for a Ctrl-C'd command
+REPEAT_WINDOW_S = 1.0  # a SIGINT this soon after the first is the same press (torchrun's forwarded copy)
 
 # Text of the errors gloo / NCCL / the TCP store raise when a peer is gone or a collective timed out.
 _COMM_FAILURE_MARKERS = ("gloo", "Gloo", "NCCL", "nccl", "Connection reset", "Connection closed", "Connection refused",
@@ -40,28 +48,42 @@ class TrainingAborted(RuntimeError):
 
 
 class StopSignals:
-    """Context manager: SIGTERM / SIGUSR1 set a flag instead of killing the process (main thread only).
+    """Context manager: SIGTERM / SIGUSR1 / SIGINT set a flag instead of killing the process (main thread only).
 
     The previous handlers are restored on exit. A signal that arrives before the first step is honoured
-    after it; one that arrives during a blocking collective is seen when the collective returns.
+    after it; one that arrives during a blocking collective is seen when the collective returns. A second
+    SIGINT (more than ``REPEAT_WINDOW_S`` after the first) raises ``KeyboardInterrupt``: abort now.
     """
 
     def __init__(self, rank: int = 0, names=STOP_SIGNALS):
         self.rank = rank
         self.names = tuple(names)
         self.received: int = 0
+        self._first_sigint: Optional[float] = None
         self._previous = {}
 
+    @staticmethod
+    def _say(msg: str) -> None:
+        # os.write, not print: a handler may interrupt a print on the same stream (reentrant call error)
+        try:
+            os.write(2, msg.encode())
+        except OSError:
+            pass
+
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None:
+                if now - self._first_sigint < REPEAT_WINDOW_S:
+                    return  # the same Ctrl-C, forwarded by a launcher
+                self._say(f"[rank {self.rank}] received SIGINT again: aborting now without saving\n")
+                raise KeyboardInterrupt
+            self._first_sigint = now
         if not self.received:
             self.received = int(signum)
-            # os.write, not print: a handler may interrupt a print on the same stream (reentrant call error)
-            msg = (f"[rank {self.rank}] received {signal.Signals(signum).name}: finishing the current step, then "
-                   "saving a checkpoint and exiting\n")
-            try:
-                os.write(2, msg.encode())
-            except OSError:
-                pass
+            again = " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+            self._say(f"[rank {self.rank}] received {signal.Signals(signum).name}: finishing the current step, then "
+                      f"saving a checkpoint and exiting{again}\n")
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointManager, verify_checkpoint
+from ..checkpoint import CheckpointManager, check_fresh_start, verify_checkpoint
 from ..config.errors import ConfigError, UserInputError
 from ..data.loader import build_datasets
 from ..model import build_model
@@ -32,7 +32,7 @@ from ..model.flops import count_params, train_flops_per_token
 from ..parallel.data_parallel import gathered_parameters
 from ..parallel.mesh import ParallelContext, build_parallel_context
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
-from .faults import StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
+from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
 from .train_module import build_train_module
@@ -82,6 +82,8 @@ class Trainer:
         self.tokens_seen = 0
 
         check_run_dir(self.run_dir)
+        # before anything is written: never start over checkpoints that might be the only copy (checkpoint.overwrite)
+        check_fresh_start(self.run_dir / "checkpoints", cfg.checkpoint.resume, cfg.checkpoint.overwrite)
         self.config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
         self.data = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=ctx.is_main)
@@ -107,6 +109,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(ctx.device, tc.peak_flops)
         self._activity = "start-up"
+        self.stop_signal: Optional[str] = None  # the signal that stopped fit() early (SIGTERM, SIGUSR1, SIGINT)
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _state(self):
@@ -209,7 +212,7 @@ class Trainer:
                                 peak_mem_gb=peak_memory_gb(self.ctx.device))
                 t_last, tok_last = time.perf_counter(), self.tokens_seen
             if skipped:
-                self._on_skipped_step(skips, last)
+                self._on_skipped_step(skips, last, final=self.step == stop and not signal_name)
             if tc.depth_stats_every and self.step % tc.depth_stats_every == 0:
                 stats = self._depth_stats(depth_batch)
                 if stats and self.ctx.is_main:
@@ -227,29 +230,36 @@ class Trainer:
                 self._activity = f"the checkpoint save after step {self.step}"
                 path = self.save(blocking=not cfg.checkpoint.async_save or bool(signal_name))
             if signal_name:
+                self.stop_signal = signal_name
+                code = SIGINT_EXIT_CODE if signal_name == "SIGINT" else 0
                 if self.ctx.is_main:
                     print(f"[step {self.step:>6}] stopping on {signal_name}: checkpoint {path} saved; exiting with "
-                          "status 0 (a requeued job resumes from it with checkpoint.resume=auto)", flush=True)
+                          f"status {code} (resume from it with checkpoint.resume=auto)", flush=True)
                 self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(path))
                 break
         self._activity = "the wait for the last checkpoint save"
         self.ckpt.wait()  # the last background save is committed before the run reports success
         return last
 
-    def _on_skipped_step(self, skips: int, stats: dict) -> None:
+    def _on_skipped_step(self, skips: int, stats: dict, final: bool = False) -> None:
+        """Count a skipped step; stop (TrainingAborted) past the limit, or when the run's last step is skipped
+        (``final``): a run never ends "successfully", with a final checkpoint, inside a NaN/Inf streak (that
+        includes a run that never made a good step, e.g. optim.lr=1e30)."""
         limit = self.cfg.trainer.max_consecutive_skips
         self.logger.log("event", self.step, event="skipped_step", consecutive=skips, loss=stats.get("loss"),
                         grad_norm=stats.get("grad_norm"))
-        if skips <= limit:
+        if skips <= limit and not final:
             return
         self.ckpt.wait()
         good = self.ckpt.latest(report=False)
         first = self.step - skips + 1
         where = (f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "
                  "e.g. with a lower optim.lr or different data." if good else "This run has no checkpoint yet.")
+        why = (f"more than trainer.max_consecutive_skips={limit}" if skips > limit else
+               "including the run's last step, so it has no good final state")
         raise TrainingAborted(
             f"step {self.step}: the loss or gradient norm was NaN/Inf on {skips} consecutive steps ({first}..{self.step}), "
-            f"more than trainer.max_consecutive_skips={limit}; stopped without saving. {where}")
+            f"{why}; stopped without saving. {where}")
 
     # -- diagnostics that need every rank when the model is sharded ---------------------------------------
     def _depth_stats(self, depth_batch):
