@@ -11,8 +11,8 @@ head-weight gradient. Only one chunk's logits exist at a time.
 Gradients are computed in forward and scaled by ``grad_output`` in backward (Liger-Kernel's choice): three GEMMs
 per chunk, as the plain path; recomputing the logits in backward instead would cost a fourth. What is held from
 forward to backward is ``[tokens, d]`` (the hidden gradient) and ``[vocab, d]`` fp32 (the weight gradient,
-which backward would allocate anyway and which is handed to autograd as is). It is only computed when a
-gradient is needed (grad mode on and an input requiring grad); otherwise this is a loss-only pass.
+the size of the gradient that backward allocates anyway). It is only computed when a gradient is needed (grad
+mode on and an input requiring grad); otherwise this is a loss-only pass.
 
 The softmax statistics go through two hooks, ``reduce_max`` and ``reduce_sum`` (in-place, identity here), so the
 vocab-parallel tensor-parallel head (``attnres_train.parallel.tp_ops``) runs this same code on its vocab shard
@@ -110,14 +110,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError("fused LM loss: backward ran twice through the same graph (retain_graph is not "
-                               "supported; set model.lm_loss_chunk_tokens=0 for the unfused head)")
+        # Out of place: the pipeline's zero-bubble schedule runs backward through this node twice (input grads,
+        # then weight grads, retain_graph), so the buffers must survive until the graph is freed.
         grad_h, grad_w = ctx.grads
-        ctx.grads = None  # hand the buffers over (autograd may then keep grad_w as the .grad without a copy)
-        grad_h.mul_(grad_out.to(grad_h.dtype))
-        grad_w.mul_(grad_out.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), *([None] * 7)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -101,6 +101,17 @@ def test_all_labels_ignored_behaves_as_torch():
     assert torch.equal(gh, rh) and torch.equal(gw, rw) and not gh.any() and not gw.any()
 
 
+def test_backward_twice_with_retain_graph():
+    """The zero-bubble pipeline schedule back-propagates through the loss twice (inputs, then weights)."""
+    h, w, y = _inputs()
+    _, rh, rw = _plain(h, w, y)
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, y, 5)
+    (gh,) = torch.autograd.grad(loss, [h], retain_graph=True)
+    (gw,) = torch.autograd.grad(loss, [w])
+    assert _rel(gh, rh) <= TOL and _rel(gw, rw) <= TOL
+
+
 def test_no_grad_pass_is_loss_only():
     h, w, y = _inputs()
     with torch.no_grad():
