@@ -1,6 +1,6 @@
 """``attnres-prepare``: tokenize raw text once, ahead of training, into our token shards.
 
-    attnres-prepare INPUT [INPUT ...] --out DIR [--tokenizer byte|DIR|HUB_NAME]
+    attnres-prepare INPUT [INPUT ...] --out DIR [--tokenizer byte|DIR|HUB_NAME] [--workers N]
     attnres-prepare INPUT [INPUT ...] --out DIR --train-bpe VOCAB --tokenizer-out TOKDIR
 
 INPUT is a text/jsonl/parquet/arrow file, a directory, a quoted glob, a Hugging Face hub dataset name, or
@@ -10,9 +10,12 @@ blend sources with different weights. ``--train-bpe`` first trains a byte-level 
 inputs and saves it (Hugging Face format) to TOKDIR.
 
 Why a separate step: for big corpora, tokenizing inside the first training job wastes accelerator time and
-races between ranks; this runs on a CPU box. Errors print one ``error: ...`` line and exit with status 2.
-Outputs are written to hidden staging directories and moved into place only on success, so a failed run
-leaves nothing behind and a non-empty DIR/TOKDIR is never overwritten (unless ``--overwrite``).
+races between ranks; this runs on a CPU box, on ``--workers`` processes (data/parallel_prepare.py: units of
+files, output identical for any N). Errors print one ``error: ...`` line and exit with status 2.
+Outputs are written to a hidden staging directory (``.DIR.partial``) and moved into place only on success,
+so a non-empty DIR/TOKDIR is never overwritten (unless ``--overwrite``). A run that fails on bad input
+leaves nothing behind; a run that is killed or crashes keeps its finished shards there, and rerunning the
+same command resumes, skipping them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Iterator, List, Optional
 
 from ..config.data import DATA_KINDS, DataSourceConfig, validate_source
@@ -52,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None, help="per input: stop after this many documents")
     p.add_argument("--max-bytes", type=int, default=None, help="per input: stop after this many UTF-8 bytes")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 256M)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (output is the same for any N)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out / --tokenizer-out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -77,19 +82,20 @@ def _install(staging: str, dest: str) -> None:
 
 
 def _staging(dest: str) -> str:
-    from ..data.shards import make_staging_dir
-
+    """The resumable staging directory of ``dest`` (same filesystem, so the final move is a rename)."""
     dest = os.path.abspath(dest)
-    return make_staging_dir(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-")
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.partial")
 
 
 def run(args) -> str:
-    from ..data.packing import tokenize_to_shards
+    from ..data import parallel_prepare as pp
     from ..data.shards import DEFAULT_SHARD_TOKENS
     from ..data.sources import iter_documents, resolve_source
     from ..data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-    for flag, v in (("--max-docs", args.max_docs), ("--max-bytes", args.max_bytes), ("--shard-tokens", args.shard_tokens)):
+    t_start = time.perf_counter()
+    for flag, v in (("--max-docs", args.max_docs), ("--max-bytes", args.max_bytes), ("--shard-tokens", args.shard_tokens),
+                    ("--workers", args.workers)):
         if v is not None and v <= 0:
             raise UserInputError(f"{flag} must be a positive integer, got {v}")
     if args.train_bpe is not None and not args.tokenizer_out:
@@ -115,43 +121,56 @@ def run(args) -> str:
             raise UserInputError(f"input {inp!r} is already tokenized ({rs.kind}); train on it directly")
         resolved.append(rs)
 
-    def all_docs() -> Iterator[str]:
-        return itertools.chain.from_iterable(iter_documents(rs, args.max_docs, args.max_bytes) for rs in resolved)
-
     from tqdm.auto import tqdm
-
-    tok_staging = None
-    if args.train_bpe is not None:
-        tok_staging = _staging(args.tokenizer_out)
-        os.rmdir(tok_staging)  # train_bpe_tokenizer creates it
-        with tqdm(desc="training BPE (reading)", unit=" doc", disable=args.no_progress) as bar:
-
-            def counted() -> Iterator[str]:
-                for d in all_docs():
-                    bar.update(1)
-                    yield d
-
-            tokenizer = train_bpe_tokenizer(counted(), args.train_bpe, tok_staging)
-        tokenizer.name = os.path.abspath(args.tokenizer_out)  # recorded in the shard headers
-    else:
-        tokenizer = load_tokenizer(args.tokenizer or "byte")
 
     staging = _staging(args.out)
     try:
-        with tqdm(desc="tokenizing", unit=" doc", disable=args.no_progress) as bar:
-            w = tokenize_to_shards(all_docs(), tokenizer, staging, source=" + ".join(args.inputs),
-                                   shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, progress=bar)
-        if tok_staging is not None:
-            _install(tok_staging, args.tokenizer_out)
-            tok_staging = None
+        units = pp.plan_units(resolved, args.max_docs, args.max_bytes)
+        settings = {"tokenizer": args.tokenizer or "byte", "train_bpe": args.train_bpe, "max_docs": args.max_docs,
+                    "max_bytes": args.max_bytes, "shard_tokens": args.shard_tokens, "tokenizer_out": args.tokenizer_out}
+        if args.train_bpe is None:
+            tokenizer = load_tokenizer(args.tokenizer or "byte")
+            settings["tokenizer_fingerprint"] = tokenizer.fingerprint
+        done = pp.resume_state(staging, pp.plan_key(resolved, units, settings))
+        tok_spec, tok_name = args.tokenizer or "byte", args.tokenizer or "byte"
+        if args.train_bpe is not None:
+            tok_spec, tok_name = os.path.join(staging, "tokenizer"), os.path.abspath(args.tokenizer_out)
+            if not os.path.isdir(tok_spec):  # trained and saved atomically by an earlier run of this plan
+                docs = itertools.chain.from_iterable(iter_documents(rs, args.max_docs, args.max_bytes) for rs in resolved)
+                with tqdm(desc="training BPE (reading)", unit=" doc", disable=args.no_progress) as bar:
+                    train_bpe_tokenizer((bar.update(1) or d for d in docs), args.train_bpe, tok_spec)
+        label = " + ".join(args.inputs)
+        jobs = [{"unit": u, "source": resolved[u.input], "tokenizer": tok_spec, "tokenizer_name": tok_name,
+                 "staging": staging, "shard_tokens": args.shard_tokens or DEFAULT_SHARD_TOKENS, "max_docs": args.max_docs,
+                 "max_bytes": args.max_bytes, "source_label": label} for u in units if u.index not in done]
+        manifests = list(done.values())
+        with tqdm(desc="tokenizing", total=sum(u.nbytes for u in units) or None, unit="B", unit_scale=True,
+                  disable=args.no_progress, initial=sum(u.nbytes for u in units if u.index in done)) as bar:
+
+            def on_done(m):
+                manifests.append(m)
+                bar.update(units[m["unit"]].nbytes)
+
+            pp.execute(jobs, args.workers, on_done)
+        index = pp.finish(staging, manifests, resolved)
+        if args.train_bpe is not None:
+            _install(tok_spec, args.tokenizer_out)
         _install(staging, args.out)
-    finally:
+    except UserInputError:  # bad input: nothing worth resuming
         shutil.rmtree(staging, ignore_errors=True)
-        if tok_staging is not None:
-            shutil.rmtree(tok_staging, ignore_errors=True)
-    tok_name = args.tokenizer_out if args.train_bpe is not None else (args.tokenizer or "byte")
-    return (f"wrote {w.num_tokens:,} tokens ({w.num_docs:,} documents, {len(w.finished)} shard(s)) to {args.out}; "
-            f"train with data.sources=[{{path: {args.out}, kind: memmap}}] data.tokenizer={tok_name}")
+        raise
+    seconds = time.perf_counter() - t_start
+    text_bytes = sum(m["bytes"] for m in manifests)
+    fresh = sum(m["bytes"] for m in manifests if m["unit"] not in done)
+    resumed = f", {len(done)} of {len(units)} units resumed from an earlier run" if done else ""
+    return (f"wrote {index['num_tokens']:,} tokens ({index['num_docs']:,} documents, {len(index['shards'])} shard(s)) "
+            f"to {args.out}; train with data.sources=[{{path: {args.out}, kind: memmap}}] data.tokenizer={tok_name_for(args)}\n"
+            f"throughput: {fresh / 1e6:.1f} MB of text in {seconds:.1f} s = {fresh / 1e6 / max(seconds, 1e-9):.2f} MB/s "
+            f"with {args.workers} worker(s), {len(units)} unit(s){resumed}; {text_bytes / 1e6:.1f} MB in total")
+
+
+def tok_name_for(args) -> str:
+    return args.tokenizer_out if args.train_bpe is not None else (args.tokenizer or "byte")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -165,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
+        print(f"error: interrupted; finished shards are kept in {_staging(args.out)}: rerun the same command to "
+              "resume", file=sys.stderr)
         return 130
     print(message)
     return 0

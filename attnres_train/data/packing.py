@@ -71,10 +71,11 @@ def content_salt(store: TokenStore, probe: int = 4096, samples: int = 64) -> int
 
 def tokenize_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str, *, source: str = "",
                        shard_tokens: int = DEFAULT_SHARD_TOKENS, progress=None, batch_chars: int = 1 << 20,
-                       prefix: str = "shard") -> ShardWriter:
+                       prefix: str = "shard", write_index: bool = True) -> ShardWriter:
     """Tokenize ``docs`` in batches, append EOS to each, write shards into ``out_dir``. Returns the writer."""
     writer = ShardWriter(out_dir, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
-                         eos_id=tokenizer.eos_id, source=source, shard_tokens=shard_tokens, prefix=prefix)
+                         eos_id=tokenizer.eos_id, source=source, shard_tokens=shard_tokens, prefix=prefix,
+                         write_index=write_index)
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
     batch: List[str] = []
     size = 0

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, List, Optional
 
 from attnres_train.config.data import DataSourceConfig
@@ -316,11 +316,9 @@ def effective_limits(rs: ResolvedSource, max_docs: Optional[int], max_bytes: Opt
     return docs, nbytes
 
 
-def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None) -> Iterator[str]:
-    """The documents of ``rs`` in their fixed order, limits applied (see module docstring)."""
-    max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
-    n = nbytes = 0
-    for text in _raw_docs(rs):
+def clean_documents(texts: Iterator[str]) -> Iterator[tuple]:
+    """(text, UTF-8 byte size) of the non-empty documents of ``texts``, lone surrogates replaced."""
+    for text in texts:
         if not text:
             continue
         try:
@@ -328,6 +326,19 @@ def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes
         except UnicodeEncodeError:  # lone surrogates ("\ud800": valid JSON, not Unicode) -> U+FFFD
             text = replace_lone_surrogates(text)
             size = len(text.encode("utf-8"))
+        yield text, size
+
+
+def file_documents(rs: ResolvedSource, path: str) -> Iterator[tuple]:
+    """(text, size) of the documents of one file of a file-based source (text, jsonl, stdlib), no limits."""
+    return clean_documents(_raw_docs(replace(rs, files=[path])))
+
+
+def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None) -> Iterator[str]:
+    """The documents of ``rs`` in their fixed order, limits applied (see module docstring)."""
+    max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
+    n = nbytes = 0
+    for text, size in clean_documents(_raw_docs(rs)):
         yield text
         n += 1
         nbytes += size
