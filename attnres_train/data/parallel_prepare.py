@@ -112,7 +112,6 @@ def run_unit(job: dict) -> dict:
 
     spec = job["tokenizer"]
     if spec not in _TOKENIZER:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
         _TOKENIZER.clear()
         _TOKENIZER[spec] = load_tokenizer(spec)
     tok = _TOKENIZER[spec]
@@ -165,7 +164,7 @@ def execute(jobs: List[dict], workers: int, on_done: Callable[[dict], None]) -> 
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_one_thread) as pool:
         futures = [pool.submit(run_unit, job) for job in jobs]
         pending = set(futures)
         try:
@@ -177,6 +176,10 @@ def execute(jobs: List[dict], workers: int, on_done: Callable[[dict], None]) -> 
             for f in pending:
                 f.cancel()
             raise
+
+
+def _one_thread() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no Rayon pool per worker
 
 
 def finish(staging: str, manifests: List[dict], resolved: List[ResolvedSource]) -> dict:
