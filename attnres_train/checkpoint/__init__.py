@@ -4,12 +4,13 @@ See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and d
 ("Checkpoints").
 """
 
-from .manager import (CheckpointManager, check_fresh_start, is_complete, read_config_text, step_dir_name,
+from .manager import (CheckpointManager, CheckpointSaveError, check_fresh_start, is_complete, read_config_text, step_dir_name,
                       verify_checkpoint)
 from .rng import capture_rng, restore_rng
 
 __all__ = [
     "CheckpointManager",
+    "CheckpointSaveError",
     "capture_rng",
     "check_fresh_start",
     "is_complete",

@@ -65,6 +65,38 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _RESERVED_META = ("format_version", "step", "world_size", "time", "manifest", "config_sha256")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save could not be written (not enough free space, an I/O error). The partial directory was removed;
+    the committed checkpoints are untouched. The message says so and names the newest one."""
+
+
+def _root_error(exc: BaseException) -> BaseException:
+    """The first rank's underlying error of DCP's CheckpointException (a BaseException wrapping every rank's)."""
+    if isinstance(exc, CheckpointException):
+        failures = [e for e, _ in exc.failures.values()]
+        if failures:
+            return failures[0]
+    return exc
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Total size of a complete checkpoint's files, from its manifest (no directory walk)."""
+    meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
+    return sum(int(info["size"]) for info in meta["manifest"].values())
+
+
+def _state_bytes(state_dict) -> int:
+    """This rank's tensor bytes in a nested state dict (DTensors: the local shard)."""
+    if isinstance(state_dict, dict):
+        return sum(_state_bytes(v) for v in state_dict.values())
+    if isinstance(state_dict, (list, tuple)):
+        return sum(_state_bytes(v) for v in state_dict)
+    if torch.is_tensor(state_dict):
+        local = getattr(state_dict, "_local_tensor", state_dict)
+        return local.numel() * local.element_size()
+    return 0
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -313,6 +345,48 @@ class CheckpointManager:
         (path / MARKER).unlink(missing_ok=True)  # never leave a half-deleted dir that looks complete
         shutil.rmtree(path, ignore_errors=True)
 
+    def _from_rank0(self, value: str) -> str:
+        if self.world_size > 1 and distributed():
+            box = [value]
+            torch.distributed.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _space_problem(self, state_dict: dict) -> str:
+        """Rank 0, before a save: "" if the file system has room for one more checkpoint, else why not.
+
+        The need is the size of the newest complete checkpoint (the older ones are deleted only after the new
+        one is committed); before the first one, this rank's tensor bytes times the world size (an estimate).
+        """
+        newest = self.latest(report=False)
+        if newest is not None:
+            need, what = checkpoint_bytes(newest), f"the last checkpoint {newest.name}'s size"
+        else:
+            need, what = _state_bytes(state_dict) * self.world_size, "the estimated size of the state"
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return ""
+        return (f"only {free / 2**20:,.1f} MiB free on the file system of {self.root}, {what} is "
+                f"{need / 2**20:,.1f} MiB (No space left on device)")
+
+    def _intact_hint(self) -> str:
+        newest = self.latest(report=False)
+        where = (f"The newest complete checkpoint {newest} is intact: free space (checkpoint.keep_last bounds how many "
+                 "are kept) and resume from it with checkpoint.resume=auto." if newest is not None else
+                 "This run has no complete checkpoint yet.")
+        return where
+
+    def _failed(self, step: int, tmp: Path, final: Path, exc: BaseException) -> CheckpointSaveError:
+        """A save failed on this rank: rank 0 removes what it wrote; returns the error to raise."""
+        err = _root_error(exc)
+        if self.rank == 0:
+            self._remove(tmp)
+            if final.is_dir() and not is_complete(final):  # renamed, but the marker could not be written
+                self._remove(final)
+        why = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+        return CheckpointSaveError(f"checkpoint save of step {step} to {final} failed ({why}); the partial directory "
+                                   "was removed. " + self._intact_hint())
+
     def save(self, step: int, state_dict: dict, *, config_text: str, meta: dict, blocking: bool = True) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones; returns its final directory.
 
@@ -338,24 +412,34 @@ class CheckpointManager:
         nonce = self._shared_nonce()
         tmp = self.root / f"{final.name}.tmp-{nonce}"
         self._barrier()  # everyone has the nonce before rank 0 touches the directory
+        problem = ""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in self.stale():
                 log.warning("removing incomplete checkpoint dir %s left by an interrupted save", p)
                 self._remove(p)
+            problem = self._space_problem(state_dict)
+        problem = self._from_rank0(problem)  # every rank stops alike (a collective on the way out would hang)
+        if problem:
+            raise CheckpointSaveError(f"checkpoint save of step {step} refused: {problem}; nothing was written. "
+                                      + self._intact_hint())
         self._barrier()
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")  # before DCP: see the module docstring
         meta = {**meta, **ours, "format_version": FORMAT_VERSION, "config_sha256": sha256_text(config_text)}
-        if blocking:
-            dcp_save(state_dict, tmp)
-            self._barrier()  # all ranks' DCP shards and RNG files are on disk
-            if self.rank == 0:
-                self._commit(tmp, final, config_text, meta)
-            self._barrier()
-            return final
-        pending = _PendingSave(int(step), final, dcp_async_save(state_dict, tmp, self._async_group))
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / RNG_DIR).mkdir(exist_ok=True)
+            torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")  # before DCP: see the docstring
+            if blocking:
+                dcp_save(state_dict, tmp)
+                self._barrier()  # all ranks' DCP shards and RNG files are on disk
+                if self.rank == 0:
+                    self._commit(tmp, final, config_text, meta)
+                self._barrier()
+                return final
+            future = dcp_async_save(state_dict, tmp, self._async_group)
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+            raise self._failed(int(step), tmp, final, exc) from None
+        pending = _PendingSave(int(step), final, future, tmp)
         if self.rank == 0:
             pending.thread = threading.Thread(target=pending.commit_when_written, name=f"commit-{final.name}",
                                               args=(lambda: self._commit(tmp, final, config_text, meta),))
@@ -392,7 +476,8 @@ class CheckpointManager:
         """Finish the background save, if any: every rank waits for its writes, rank 0 for the commit.
 
         Returns the committed checkpoint (None if there was nothing to wait for). Collective when a background
-        save is pending (every rank must call it); raises ``RuntimeError`` on every rank if any rank failed.
+        save is pending (every rank must call it); raises :class:`CheckpointSaveError` on every rank if any rank
+        failed (rank 0 removes the partial directory).
         """
         p, self._pending = self._pending, None
         if p is None:
@@ -404,9 +489,12 @@ class CheckpointManager:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._async_group)
             failed = bool(flag.item() > 0)
         if failed:
-            where = f"{type(err).__name__}: {err}" if err else "it failed on another rank"
-            raise RuntimeError(f"background checkpoint save of step {p.step} to {p.final} failed ({where}); "
-                               "that checkpoint was not committed") from err
+            if err is not None:
+                raise self._failed(p.step, p.tmp, p.final, err) from None
+            if self.rank == 0:
+                self._remove(p.tmp)
+            raise CheckpointSaveError(f"background checkpoint save of step {p.step} to {p.final} failed on another "
+                                      "rank; that checkpoint was not committed. " + self._intact_hint())
         if self._async_group is not None:
             torch.distributed.barrier(group=self._async_group)
         return p.final
@@ -459,8 +547,8 @@ class CheckpointManager:
 class _PendingSave:
     """One background save: this rank's DCP future and, on rank 0, the thread that commits after it."""
 
-    def __init__(self, step: int, final: Path, future):
-        self.step, self.final, self.future = step, final, future
+    def __init__(self, step: int, final: Path, future, tmp: Path):
+        self.step, self.final, self.future, self.tmp = step, final, future, tmp
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointManager, check_fresh_start, verify_checkpoint
+from ..checkpoint import CheckpointManager, CheckpointSaveError, check_fresh_start, verify_checkpoint
 from ..config.errors import ConfigError, UserInputError
 from ..data.loader import build_datasets
 from ..model import build_model
@@ -120,7 +120,11 @@ class Trainer:
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.sampler.state_dict(),
                 "world_size": self.ctx.world_size, "parallel": self.ctx.dims.describe(),
                 "layout": dataclasses.asdict(self.ctx.dims)}
-        path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta, blocking=blocking)
+        try:
+            path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta,
+                                  blocking=blocking)
+        except CheckpointSaveError as exc:  # disk full, I/O error: partial dir removed, older checkpoints intact
+            raise TrainingAborted(f"step {self.step}: {exc}") from None
         self.logger.log("event", self.step, event="checkpoint", path=str(path), **({} if blocking else {"async": True}))
         return path
 
@@ -160,6 +164,12 @@ class Trainer:
         self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen,
                         from_layout=saved_layout)
         return path
+
+    def _wait_for_saves(self) -> None:
+        try:
+            self.ckpt.wait()
+        except CheckpointSaveError as exc:  # a background save failed
+            raise TrainingAborted(f"step {self.step}: {exc}") from None
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -238,7 +248,7 @@ class Trainer:
                 self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(path))
                 break
         self._activity = "the wait for the last checkpoint save"
-        self.ckpt.wait()  # the last background save is committed before the run reports success
+        self._wait_for_saves()  # the last background save is committed before the run reports success
         return last
 
     def _on_skipped_step(self, skips: int, stats: dict, final: bool = False) -> None:
@@ -250,7 +260,7 @@ class Trainer:
                         grad_norm=stats.get("grad_norm"))
         if skips <= limit and not final:
             return
-        self.ckpt.wait()
+        self._wait_for_saves()
         good = self.ckpt.latest(report=False)
         first = self.step - skips + 1
         where = (f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "

@@ -134,8 +134,11 @@ def test_crash_mid_save_leaves_no_complete_checkpoint(tmp_path, trained, monkeyp
         with pytest.raises(RuntimeError, match="simulated crash"):
             _save(mgr, 2, model, opts)
     assert not (tmp_path / step_dir_name(2)).exists()
-    [stale] = mgr.stale()
-    assert stale.name.startswith("step_00000002.tmp-") and (stale / ".metadata").is_file()
+    assert mgr.stale() == []  # an error (not a kill) removes its partial directory
+    stale = tmp_path / "step_00000002.tmp-0badcafe"  # what a kill at that point leaves
+    shutil.copytree(first, stale)
+    (stale / "COMMITTED").unlink()
+    assert mgr.stale() == [stale]
     assert mgr.latest() == first
     with pytest.raises(UserInputError, match="tmp"):
         mgr.resolve(str(stale))
