@@ -93,12 +93,45 @@ class Router(_KeepFP32Buffers):
 _GROUPED_MM_OK: dict = {}
 
 
+def expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the routed experts (and the expert-parallel all-to-all) run in for input ``x``.
+
+    Under autocast an fp32 input is cast to the autocast dtype (bf16): ``F.grouped_mm`` has no autocast rule,
+    so without this cast the experts, most of the model's FLOPs, would run in fp32 and expert parallelism
+    would ship fp32 rows. fp64 stays fp64 (autocast never casts it); outside autocast ``x.dtype``.
+    """
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``F.grouped_mm`` whose backward also accepts non-contiguous (e.g. expanded) output gradients."""
     out = F.grouped_mm(a, b, offs=offs)
     if out.requires_grad:
         out.register_hook(lambda g: g.contiguous())
     return out
+
+
+@torch.compiler.disable  # runs a backward: never traced (the result is cached before any compiled call needs it)
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, d: int, ffn_dim: int) -> bool:
+    """Run ``F.grouped_mm`` forward + backward on known operands; True if it works and gives the right values.
+
+    Operands of ones: every output is ``d`` and every ``a`` gradient ``ffn_dim``, compared with a relative
+    tolerance (bf16 cannot represent every integer above 256 exactly, so ``==`` would wrongly reject it).
+    """
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            a = torch.ones(3, d, device=device, dtype=dtype, requires_grad=True)
+            b = torch.ones(2, ffn_dim, d, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
+            out = _grouped_mm(a, b.transpose(-2, -1), offs)
+            out.sum().backward()
+        rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        return (out.shape == (3, ffn_dim) and torch.allclose(out.float(), torch.full_like(out.float(), d), rtol=rtol)
+                and torch.allclose(a.grad.float(), torch.full_like(a.grad.float(), ffn_dim), rtol=rtol))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
@@ -116,17 +149,28 @@ def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
         return False
     key = (x.device.type, x.dtype, d, ffn_dim)
     if key not in _GROUPED_MM_OK:
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                a = torch.ones(3, d, device=x.device, dtype=x.dtype, requires_grad=True)
-                b = torch.ones(2, ffn_dim, d, device=x.device, dtype=x.dtype, requires_grad=True)
-                offs = torch.tensor([1, 3], device=x.device, dtype=torch.int32)
-                out = _grouped_mm(a, b.transpose(-2, -1), offs)
-                out.sum().backward()
-            _GROUPED_MM_OK[key] = bool(torch.all(out == d).item())
-        except (RuntimeError, NotImplementedError, TypeError):
-            _GROUPED_MM_OK[key] = False
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(x.device, x.dtype, d, ffn_dim)
     return _GROUPED_MM_OK[key]
+
+
+@torch.compiler.disable  # host-side counts: traced, every step's counts would be new constants (recompiles)
+def _experts_loop(x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]], w1_EFD: torch.Tensor,
+                  w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU per expert over its rows (the fallback where ``F.grouped_mm`` is unusable: fp64, CPU compile)."""
+    counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+    if sum(counts) != x_ND.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
+    outs, start = [], 0
+    for j, c in enumerate(counts):
+        if c == 0:
+            continue
+        x = x_ND[start:start + c]
+        h = F.silu(x @ w1_EFD[j].t()) * (x @ w3_EFD[j].t())
+        outs.append(h @ w2_EDF[j].t())
+        start += c
+    if not outs:
+        return x_ND.new_zeros(0, w2_EDF.shape[1])
+    return torch.cat(outs, dim=0)
 
 
 class GroupedExperts(nn.Module):
@@ -155,13 +199,15 @@ class GroupedExperts(nn.Module):
                 expert_offset: int = 0) -> torch.Tensor:
         """Rows of ``x_ND`` are sorted by expert; ``counts_E[j]`` rows go to expert ``expert_offset + j``.
 
-        ``len(counts_E)`` may be smaller than ``num_experts`` (an expert-parallel rank's local slice).
+        ``len(counts_E)`` may be smaller than ``num_experts`` (an expert-parallel rank's local slice). A tensor
+        ``counts_E`` stays on the device (grouped GEMM offsets are computed there: no host sync, nothing for
+        torch.compile to specialise on); a host list is checked against the row count here.
         """
-        counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else [int(c) for c in counts_E]
-        n_local = len(counts)
+        counts = counts_E if isinstance(counts_E, torch.Tensor) else [int(c) for c in counts_E]
+        n_local = counts.numel() if isinstance(counts, torch.Tensor) else len(counts)
         if expert_offset < 0 or expert_offset + n_local > self.num_experts:
             raise ValueError(f"experts [{expert_offset}, {expert_offset + n_local}) outside 0..{self.num_experts}")
-        if sum(counts) != x_ND.shape[0]:
+        if not isinstance(counts, torch.Tensor) and sum(counts) != x_ND.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
         if expert_offset == 0 and n_local == self.num_experts:
             # The whole parameter, not a full-range slice: a slice's backward zero-fills and copies every
@@ -170,35 +216,27 @@ class GroupedExperts(nn.Module):
         sl = slice(expert_offset, expert_offset + n_local)
         return self.compute(x_ND, counts, self.w1[sl], self.w3[sl], self.w2[sl])
 
-    def compute(self, x_ND: torch.Tensor, counts: Sequence[int], w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                w2_EDF: torch.Tensor) -> torch.Tensor:
+    def compute(self, x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]], w1_EFD: torch.Tensor,
+                w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
         """SwiGLU of ``len(counts)`` experts given their (plain tensor) weight slices; rows sorted by expert.
 
-        The expert-parallel runner calls this with the local shard of the weights.
+        Runs in :func:`expert_dtype` (bf16 under bf16 autocast: rows and weights are cast here, since
+        ``F.grouped_mm`` has no autocast rule); returns rows in that dtype. The expert-parallel runner calls
+        this with the local shard of the weights.
         """
+        dt = expert_dtype(x_ND)
+        x_ND = x_ND.to(dt)
+        w1_EFD, w3_EFD, w2_EDF = (w.to(dt) for w in (w1_EFD, w3_EFD, w2_EDF))
         use_gmm = self.impl == "grouped_mm" or (
             self.impl == "auto" and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, self.intermediate_size))
         if use_gmm:
-            offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+            counts_E = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts)
+            offs = counts_E.to(x_ND.device).cumsum(0).to(torch.int32)
             x_ND = x_ND.contiguous()
             h_NF = (F.silu(_grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs))
                     * _grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs))
             return _grouped_mm(h_NF, w2_EDF.transpose(-2, -1), offs)
-        return self._forward_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
-
-    @staticmethod
-    def _forward_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
-        outs, start = [], 0
-        for j, c in enumerate(counts):
-            if c == 0:
-                continue
-            x = x_ND[start:start + c]
-            h = F.silu(x @ w1_EFD[j].t()) * (x @ w3_EFD[j].t())
-            outs.append(h @ w2_EDF[j].t())
-            start += c
-        if not outs:
-            return x_ND.new_zeros(0, w2_EDF.shape[1])
-        return torch.cat(outs, dim=0)
+        return _experts_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
 @dataclass
@@ -248,7 +286,8 @@ class MoE(_KeepFP32Buffers):
         T, K = topk_idx_TK.shape
         flat_idx_N = topk_idx_TK.reshape(-1)
         order_N = torch.argsort(flat_idx_N, stable=True)
-        counts_E = torch.bincount(flat_idx_N, minlength=self.num_experts)
+        # Static-shape count (bincount's output length depends on the data: a graph break under compile).
+        counts_E = flat_idx_N.new_zeros(self.num_experts).scatter_add_(0, flat_idx_N, torch.ones_like(flat_idx_N))
         x_sorted_ND = x_TD.index_select(0, order_N // K)
         return x_sorted_ND, counts_E, DispatchPlan(order_N, T, K)
 
@@ -277,8 +316,10 @@ class MoE(_KeepFP32Buffers):
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        topk_idx_TK, topk_weight_TK, scores_TE = self.route(x_TD)
-        x_sorted_ND, counts_E, plan = self.dispatch(x_TD, topk_idx_TK)
+        topk_idx_TK, topk_weight_TK, scores_TE = self.route(x_TD)  # fp32 router whatever the compute dtype
+        # Rows are permuted (and sent to other ranks under expert parallelism) in the experts' compute dtype:
+        # bf16 under bf16 autocast, half the bytes of the fp32 residual-stream input.
+        x_sorted_ND, counts_E, plan = self.dispatch(x_TD.to(expert_dtype(x_TD)), topk_idx_TK)
         self._record_load(counts_E)
         y_sorted_ND = self.run_experts(x_sorted_ND, counts_E)
         y_TD = self.combine(y_sorted_ND, topk_weight_TK, plan, x_TD.dtype)

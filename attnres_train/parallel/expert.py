@@ -133,7 +133,12 @@ class ExpertParallelRunner:
         local_counts = [sum(host[1][s][j] for s in range(ep)) for j in range(L)]
         return in_splits, out_splits, local_counts, recv_E.view(ep, L)
 
+    # Never traced: the split sizes are host ints that change every step (a traced exchange would recompile
+    # per step) and the collectives need them anyway; the layer around it stays compiled.
+    @torch.compiler.disable
     def __call__(self, experts: GroupedExperts, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``x_sorted_ND`` arrives in the experts' compute dtype (``moe.expert_dtype``: bf16 under bf16 autocast),
+        so both all-to-alls carry bf16 rows; the result comes back in that dtype."""
         ep = self.ep_size
         L = counts_E.numel() // ep
         in_splits, out_splits, local_counts, recv_RL = self.exchange_counts(counts_E)
