@@ -186,7 +186,7 @@ def test_failing_step_frees_everything_and_the_next_step_is_clean():
     layer.forward = boom
     with pytest.raises(RuntimeError, match="injected"):
         rt.step(mbs)
-    assert rt._cache is None and not rt._saved and not rt._mailbox and not rt._outbox and not rt._recvs
+    assert rt._cache is None and not rt._saved and rt._tx.is_empty()
     layer.forward = orig
     model.zero_grad(set_to_none=True)
     res = rt.step(mbs)

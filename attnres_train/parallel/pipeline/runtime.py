@@ -2,9 +2,8 @@
 
 Per hop ``s → s+1`` one packed tensor ``[len(delta[s]) + π(s), B, T, d]`` travels forward (the blocks the
 receiving rank does not hold yet, then the open partial sum) and one of the same shape backward (their gradients);
-shapes come from :class:`PipelineLayout` alone. Transport: tagged ``isend``/``irecv``, each link in the same order
-on both ends (what NCCL matches on); a RECV action posts the ``irecv``, the compute action that needs it waits. On
-CUDA adjacent SEND/RECV actions go out as one ``batch_isend_irecv``. Same-rank hops (P = 1) use a mailbox.
+shapes come from :class:`PipelineLayout` alone. How messages travel (tagged ``isend``/``irecv``, the mailbox for
+same-rank hops, batched P2P on CUDA, when send buffers are released) is :class:`~.transport.StageTransport`'s job.
 
 Memory: send buffers are released as soon as their sends are known complete (at most ``max_pending_sends`` in
 flight), and a stage keeps only what its backward needs (a 0-dim anchor stands in for the sent pack); everything
@@ -34,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,18 +46,9 @@ from .records import CommStats, PipelineError, StepResult, _Anchor, _GradSlot, _
 from .schedules import Action, Kind, Schedule, check, forward_only, lower, make_schedule
 from .send_plan import inflight_depth, safe_send_waits
 from .stage import PipelineStageModule
+from .transport import StageTransport, resolve_group
 
 Microbatch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids [B,T], labels [B,T])
-
-
-def _resolve_group(group):
-    """Accept ``None`` (the default group), a ProcessGroup, or a 1-D DeviceMesh."""
-    if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
-        if group.ndim != 1:
-            raise PipelineError(f"the pipeline needs a 1-D pp mesh, got a {group.ndim}-D DeviceMesh; "
-                                f"pass mesh['pp']")
-        return group.get_group()
-    return group
 
 
 class PipelineRuntime:
@@ -90,7 +80,7 @@ class PipelineRuntime:
                  drop_deposits: bool = False, seq_shards: int = 1, before_last_backward=None,
                  max_pending_sends: Optional[int] = None, batch_p2p: Optional[bool] = None,
                  track_held: bool = False):
-        self.group = _resolve_group(group)
+        self.group = resolve_group(group)
         distributed = dist.is_available() and dist.is_initialized()
         self.P = dist.get_world_size(self.group) if distributed else 1
         self.rank = dist.get_rank(self.group) if distributed else 0
@@ -127,13 +117,7 @@ class PipelineRuntime:
         # per-step state (always cleared in a finally)
         self._cache: Optional[BlockCache] = None
         self._saved: Dict[Tuple[int, int], _Saved] = {}
-        self._recvs: Dict[Tuple[str, int, int], Tuple[torch.Tensor, object]] = {}
-        self._outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
-        self._mailbox: Dict[Tuple[str, int, int], torch.Tensor] = {}
-        self._sends: "OrderedDict[tuple, Tuple[object, torch.Tensor]]" = OrderedDict()  # oldest first
-        self._safe_after: Dict[tuple, List[tuple]] = {}
-        self._batch: List[Action] = []
-        self._send_cap = 2
+        self._tx = StageTransport(layout, self.rank, self.group, self.device, self.comm_dtype, self.batch_p2p)
 
     # ------------------------------------------------------------------ schedules
     def schedule_for(self, M: int, eval_mode: bool = False) -> Schedule:
@@ -209,8 +193,8 @@ class PipelineRuntime:
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._aux = torch.zeros((), dtype=torch.float64, device=self.device)
         self._has_aux = False
-        self._send_cap, self._safe_after = self._send_plan(M, eval_mode)
-        self._safe_after = {k: list(v) for k, v in self._safe_after.items()}
+        send_cap, safe_after = self._send_plan(M, eval_mode)
+        self._tx.begin(M, B, T // self.seq_shards, send_cap, safe_after, self._stats)
         self._cache = BlockCache(self.layout, self.rank, strict=self.strict)
         self._cache.drop_deposits = self.drop_deposits
         self.held_peak, self.held_at_end = {}, {}
@@ -222,8 +206,8 @@ class PipelineRuntime:
                     self._run(action)
                     if self.track_held:
                         self._sample_held()
-                self._flush_batch()
-            self._drain_sends()
+                self._tx.flush_batch()
+            self._tx.drain_sends()
             self._stats.step_s = time.perf_counter() - t0
             self.held_at_end = self.held_tensor_stats()
             if self.strict:
@@ -261,8 +245,7 @@ class PipelineRuntime:
         Autograd's own saved activations are not included (they hang off the saved roots). Between steps
         everything is 0.
         """
-        sends = [t for _, t in self._sends.values()] + list(self._outbox.values())
-        recvs = [b for b, _ in self._recvs.values()] + list(self._mailbox.values())
+        sends, recvs = self._tx.held()
         cache = []
         if self._cache is not None:
             cache = list(self._cache.values.values()) + list(self._cache.deposits.values())
@@ -284,41 +267,23 @@ class PipelineRuntime:
             self._cache.clear()
         self._cache = None
         self._saved.clear()
-        self._recvs.clear()
-        self._outbox.clear()
-        self._mailbox.clear()
-        self._sends.clear()
-        self._safe_after = {}
-        self._batch = []
+        self._tx.release()
         self._mbs = None
 
     def _assert_clean(self) -> None:
         self._cache.assert_empty()
-        left = [f"saved{k}" for k in self._saved] + [f"recv{k}" for k in self._recvs] + \
-            [f"outbox{k}" for k in self._outbox] + [f"mailbox{k}" for k in self._mailbox]
+        left = [f"saved{k}" for k in self._saved] + self._tx.leftovers()
         if left:
             raise PipelineError(f"rank {self.rank}: state left at the end of the step: {left[:8]}")
 
     # ------------------------------------------------------------------ actions
-    def _tag(self, hop: int, mb: int, backward: bool) -> int:
-        return 1 + 2 * (hop * self._M + mb) + int(backward)
-
     def _run(self, a: Action) -> None:
         k = a.kind
-        self._poll_sends()
-        if self.batch_p2p and k in (Kind.RECV_F, Kind.RECV_B, Kind.SEND_F, Kind.SEND_B):
-            self._batch.append(a)  # posted together at the next compute action (CUDA path)
-            return
-        self._flush_batch()
-        if k == Kind.RECV_F:
-            self._post_recv("F", a.stage, a.mb, hop=a.stage - 1, src_stage=a.stage - 1)
-        elif k == Kind.RECV_B:
-            self._post_recv("B", a.stage, a.mb, hop=a.stage, src_stage=a.stage + 1)
-        elif k == Kind.SEND_F:
-            self._send("F", a.stage, a.mb, hop=a.stage, dst_stage=a.stage + 1)
-        elif k == Kind.SEND_B:
-            self._send("B", a.stage, a.mb, hop=a.stage - 1, dst_stage=a.stage - 1)
+        self._tx.poll_sends()
+        if k in (Kind.RECV_F, Kind.RECV_B, Kind.SEND_F, Kind.SEND_B):
+            self._tx.run(a)
         else:
+            self._tx.flush_batch()  # the CUDA path posts the queued SEND/RECV actions before compute
             t0, w0 = time.perf_counter(), self._stats.wait_s
             if k == (Kind.W if self.split_iw else Kind.B):
                 self._grad_left[a.stage] -= 1
@@ -332,110 +297,6 @@ class PipelineRuntime:
                 self._weight(a.stage, a.mb)
             self._stats.compute_s += time.perf_counter() - t0 - (self._stats.wait_s - w0)
 
-    def _post_recv(self, kind: str, stage: int, mb: int, hop: int, src_stage: int, post=None) -> None:
-        shape = self.layout.payload_shape(hop, self._B, self._T)
-        buf = torch.empty(shape, dtype=self.comm_dtype, device=self.device)
-        peer, tag = self.layout.rank_of(src_stage), self._tag(hop, mb, kind == "B")
-        if post is not None:  # batched (CUDA) path: the work comes back from the batch
-            post(dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer, tag=tag), ("R", (kind, stage, mb)))
-            self._recvs[(kind, stage, mb)] = (buf, None)
-            return
-        work = dist.irecv(buf, group=self.group, group_src=peer, tag=tag)
-        self._recvs[(kind, stage, mb)] = (buf, work)
-
-    def _send(self, kind: str, stage: int, mb: int, hop: int, dst_stage: int, post=None) -> None:
-        t = self._outbox.pop((kind, stage, mb))
-        peer, tag = self.layout.rank_of(dst_stage), self._tag(hop, mb, kind == "B")
-        key = (kind, stage, mb)
-        if post is not None:
-            post(dist.P2POp(dist.isend, t, group=self.group, group_peer=peer, tag=tag), ("S", key))
-            self._sends[key] = (None, t)
-        else:
-            self._sends[key] = (dist.isend(t, group=self.group, group_dst=peer, tag=tag), t)
-        (self._stats.bwd_elems if kind == "B" else self._stats.fwd_elems)[hop] += t.numel()
-        self._stats.messages += 1
-        self._stats.bytes += t.numel() * t.element_size()
-        if post is None:
-            self._cap_sends()
-
-    # ------------------------------------------------------------------ send buffers: release early, bound
-    def _poll_sends(self) -> None:
-        """Drop the sends that report completion (NCCL; gloo only reports it from ``wait()``)."""
-        done = [k for k, (w, _) in self._sends.items() if w is not None and w.is_completed()]
-        for k in done:
-            del self._sends[k]
-
-    def _finish_send(self, key: tuple) -> None:
-        entry = self._sends.pop(key, None)
-        if entry is not None and entry[0] is not None:
-            entry[0].wait()
-
-    def _cap_sends(self) -> None:
-        """At most ``_send_cap`` sends in flight: wait the oldest beyond it. Deadlock-free: its receive comes
-        before the current action in the lowered global order, so the peer reaches it without us."""
-        while len(self._sends) > self._send_cap:
-            self._finish_send(next(iter(self._sends)))
-
-    def _drain_sends(self) -> None:
-        while self._sends:
-            self._finish_send(next(iter(self._sends)))
-
-    # ------------------------------------------------------------------ batched P2P (CUDA)
-    def _flush_batch(self) -> None:
-        """Post the pending SEND/RECV actions as one ``batch_isend_irecv`` (NCCL: one group; the lowered
-        order keeps the per-link order the same on both ends, which is what NCCL matches on)."""
-        if not self._batch:
-            return
-        actions, self._batch = self._batch, []
-        ops, keys = [], []
-
-        def post(op, key):
-            ops.append(op)
-            keys.append(key)
-
-        for a in actions:
-            if a.kind == Kind.RECV_F:
-                self._post_recv("F", a.stage, a.mb, hop=a.stage - 1, src_stage=a.stage - 1, post=post)
-            elif a.kind == Kind.RECV_B:
-                self._post_recv("B", a.stage, a.mb, hop=a.stage, src_stage=a.stage + 1, post=post)
-            elif a.kind == Kind.SEND_F:
-                self._send("F", a.stage, a.mb, hop=a.stage, dst_stage=a.stage + 1, post=post)
-            else:
-                self._send("B", a.stage, a.mb, hop=a.stage - 1, dst_stage=a.stage - 1, post=post)
-        works = dist.batch_isend_irecv(ops) if ops else []
-        if len(works) != len(ops):  # coalesced (NCCL): one work for the whole group
-            works = [works[0] if works else None] * len(ops)
-        for (side, key), work in zip(keys, works):
-            if side == "R":
-                self._recvs[key] = (self._recvs[key][0], work)
-            else:
-                self._sends[key] = (work, self._sends[key][1])
-        self._cap_sends()
-
-    def _emit(self, kind: str, stage: int, mb: int, t: torch.Tensor) -> None:
-        """Hand a message to the next (F) or previous (B) stage: the outbox for a SEND, the mailbox if local."""
-        peer = stage + 1 if kind == "F" else stage - 1
-        if self.layout.rank_of(peer) == self.rank:
-            self._mailbox[(kind, peer, mb)] = t.detach().clone()
-        else:
-            self._outbox[(kind, stage, mb)] = t.detach().contiguous()
-
-    def _receive(self, kind: str, stage: int, mb: int) -> torch.Tensor:
-        key = (kind, stage, mb)
-        if key in self._mailbox:
-            return self._mailbox.pop(key)
-        try:
-            buf, work = self._recvs.pop(key)
-        except KeyError:
-            raise PipelineError(f"rank {self.rank}: no receive posted for {stage}{kind}{mb} "
-                                f"(schedule and runtime disagree)") from None
-        t0 = time.perf_counter()
-        work.wait()
-        self._stats.wait_s += time.perf_counter() - t0
-        for send in self._safe_after.pop(key, ()):  # the peer posted these sends' receives before this message
-            self._finish_send(send)
-        return buf
-
     # ------------------------------------------------------------------ compute
     def _forward(self, s: int, m: int) -> None:
         L, cache, st = self.layout, self._cache, self.stages[s]
@@ -445,7 +306,7 @@ class PipelineRuntime:
         if s == 0:
             out = st(input_ids=ids.to(self.device), labels=labels.to(self.device) if st.is_last else None)
         else:
-            x = self._receive("F", s, m).requires_grad_(grad)
+            x = self._tx.receive("F", s, m).requires_grad_(grad)
             delta_in = L.delta(s - 1)
             blocks: Dict[int, torch.Tensor] = {b: x[j] for j, b in enumerate(delta_in)}
             partial = x[len(delta_in)] if L.partial(s - 1) else None
@@ -477,7 +338,7 @@ class PipelineRuntime:
             with torch.no_grad():  # a detached copy: it lives only until its send completes
                 pack = torch.stack([p.detach().to(self.comm_dtype) for p in parts]) if parts else \
                     torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
-            self._emit("F", s, m, pack)
+            self._tx.emit("F", s, m, pack)
             rec.sends = True
             if grad and any(p.requires_grad for p in parts):
                 rec.slot = _GradSlot()
@@ -494,7 +355,7 @@ class PipelineRuntime:
         rec = self._saved[(s, m)] if split else self._saved.pop((s, m))
         roots, grads = list(rec.roots), list(rec.grads)
         if rec.sends:
-            g = self._receive("B", s, m)
+            g = self._tx.receive("B", s, m)
             if rec.anchor is not None:
                 rec.slot.grad = g
                 roots.append(rec.anchor)
@@ -528,7 +389,7 @@ class PipelineRuntime:
                 d = cache.take(m, b)
                 if d is not None:
                     gin[j] += d.to(gin.dtype)
-            self._emit("B", s, m, gin)
+            self._tx.emit("B", s, m, gin)
         rec.leaf = None  # W (split) needs only the roots, their gradients and the anchor's slot
         rec.cached = {}
 
