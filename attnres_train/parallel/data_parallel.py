@@ -27,16 +27,27 @@ Gloo (CPU): torch 2.13's gloo implements ``reduce_scatter_tensor`` / ``all_gathe
 ``set_force_sum_reduction_for_comms(True)``: FSDP2 then reduces with SUM and divides afterwards (fp64 always
 takes that path). NCCL keeps AVG / PREMUL_SUM.
 
-Gradient accumulation: :func:`no_grad_sync` is the one context manager for "accumulate locally, do not
-communicate" (FSDP2 ``set_requires_gradient_sync(False)``; ``DistributedDataParallel.no_sync`` for a model
-wrapped elsewhere; nothing for a plain model).
+Mixed precision (``param_dtype``, from the run's precision by :func:`fsdp_param_dtype`): with bf16 training the
+layer units all-gather bf16 compute copies of their parameters (half the bytes; autocast then has nothing left
+to re-cast per use) and reduce-scatter gradients in fp32 into the fp32 sharded master gradients; the root unit
+(embedding, final norm, LM head, AttnRes pseudo-queries) keeps fp32 parameters. docs/performance.md,
+"Precision and memory policy", has the reasons.
+
+Gradient accumulation: :func:`no_grad_sync` is the one context manager for "accumulate locally" (the trainer
+enters it for every microbatch but the last). It skips a communication only where skipping is free: a
+parameter group whose gradients are sharded (shard dim > 1) still reduce-scatters every microbatch, since
+accumulating locally would hold the full unsharded gradient of the whole model between microbatches (the
+ZeRO-3 saving lost exactly when accumulation is used); only HSDP's all-reduce over replicas waits for the
+last microbatch. Replicated groups (shard dim 1: full gradients anyway) skip all communication, and a
+``DistributedDataParallel`` model uses ``no_sync``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -108,47 +119,95 @@ def _expert_placement_fn(model: nn.Module, pctx) -> Callable:
     return fn
 
 
-def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None, mp_policy=None) -> nn.Module:
-    """FSDP2 / HSDP / DDP-style replication on ``model`` per ``pctx.dims`` (module docstring). No-op if dp == 1."""
+def fsdp_param_dtype(train_cfg, device) -> Optional[torch.dtype]:
+    """The FSDP2 compute dtype of layer parameters for a run: bf16 when it trains under bf16 autocast, else None.
+
+    ``train_cfg``: anything with a ``precision`` attribute (``TrainerConfig``); None means fp32.
+    """
+    if train_cfg is None:
+        return None
+    from ..train.train_module import autocast_dtype  # the trainer's own rule: one place decides the precision
+
+    return autocast_dtype(getattr(train_cfg, "precision", "fp32"), device)
+
+
+def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None,
+                        param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """FSDP2 / HSDP / DDP-style replication on ``model`` per ``pctx.dims`` (module docstring). No-op if dp == 1.
+
+    ``param_dtype`` (bf16 for bf16 training, :func:`fsdp_param_dtype`): layer units gather parameters in it and
+    reduce gradients in fp32; the root unit keeps fp32 parameters. None: fp32 everywhere.
+    """
     dims = pctx.dims
     if dims.dp == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = mp_policy or MixedPrecisionPolicy()
+    if param_dtype is None or param_dtype == torch.float32:
+        layer_mp = root_mp = MixedPrecisionPolicy()
+    else:
+        # cast_forward_inputs=False: the model decides its own activation dtypes (fp32 residual stream and
+        # norms, autocast for the matmuls); FSDP only supplies the low-precision weights.
+        layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+        root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     if reshard_after_forward is None and dims.dp_shard == 1:
         reshard_after_forward = False  # replication: nothing to free, no second all-gather in backward
     # 2-D (replicate, shard) only when there are replicas: a size-1 replicate dim would add no-op all-reduces.
     mesh = pctx.fsdp_mesh if dims.dp_replicate > 1 else pctx.dp_shard_mesh
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     expert_fn = _expert_placement_fn(model, pctx) if dims.ep > 1 else None
     for layer in decoder_layers(model):
-        fully_shard(layer_unit(layer), shard_placement_fn=expert_fn, **kw)
-    fully_shard(model, **kw)  # root: embedding, final norm, AttnRes pseudo-queries, LM head
+        fully_shard(layer_unit(layer), shard_placement_fn=expert_fn, mp_policy=layer_mp, **kw)
+    fully_shard(model, mp_policy=root_mp, **kw)  # root: embedding, final norm, AttnRes pseudo-queries, LM head
     if _needs_sum_reduction(pctx.dp_mesh):
         for unit in _fsdp_modules(model):
             unit.set_force_sum_reduction_for_comms(True)
     return model
 
 
+def _param_groups(model: nn.Module):
+    """Every FSDP2 parameter group (one per unit and process group: EP experts have their own)."""
+    seen, out = set(), []
+    for unit in _fsdp_modules(model):
+        state = unit._get_fsdp_state()
+        if id(state) in seen:
+            continue
+        seen.add(id(state))
+        out.extend(state._fsdp_param_groups)
+    return out
+
+
+def _is_sharded(group) -> bool:
+    return getattr(group.mesh_info, "shard_mesh_size", 1) > 1
+
+
 @contextlib.contextmanager
 def no_grad_sync(model: nn.Module) -> Iterator[None]:
-    """Accumulate gradients locally inside the block (no reduce-scatter / all-reduce); the next backward
-    outside it synchronises everything accumulated. FSDP2 units, a DDP-wrapped model, or a plain model."""
+    """Accumulate gradients locally inside the block where that is free (module docstring); the next backward
+    outside it synchronises everything accumulated. FSDP2 units, a DDP-wrapped model, or a plain model.
+
+    Sharded FSDP2 groups keep reduce-scattering every microbatch (their gradients stay sharded); only the
+    all-reduce over HSDP replicas is deferred. Replicated groups skip all gradient communication.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
         return
-    units = _fsdp_modules(model)
-    for u in units:
-        u.set_requires_gradient_sync(False, recurse=False)
+    # FSDP2's public switches act on whole units; a layer unit can hold both a sharded group and a
+    # replicated one (EP experts on their own mesh), so set the two flags per parameter group.
+    groups = _param_groups(model)
+    for g in groups:
+        g.reduce_grads = _is_sharded(g)
+        g.all_reduce_grads = False
     try:
         yield
     finally:
-        for u in units:
-            u.set_requires_gradient_sync(True, recurse=False)
+        for g in groups:
+            g.reduce_grads = True
+            g.all_reduce_grads = True
 
 
 def grad_sync(model: nn.Module, enabled: bool):
@@ -171,8 +230,6 @@ def finish_grad_sync(model: nn.Module, pctx) -> None:
     """
     if pctx.dims.ep == 1:
         return
-    import torch
-
     from .expert import expert_parallel_parameters
 
     grads = []

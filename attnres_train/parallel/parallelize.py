@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .data_parallel import apply_data_parallel
+from .data_parallel import apply_data_parallel, fsdp_param_dtype
 from .mesh import ParallelContext
 
 
@@ -56,6 +56,6 @@ def parallelize_model(model: nn.Module, pctx: ParallelContext, train_cfg=None) -
 
         apply_compile(model, getattr(train_cfg, "compile_backend", "inductor"))
     if dims.dp > 1:
-        apply_data_parallel(model, pctx)
+        apply_data_parallel(model, pctx, param_dtype=fsdp_param_dtype(train_cfg, pctx.device))
     model._attnres_parallelized = True
     return model

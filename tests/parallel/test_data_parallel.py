@@ -1,5 +1,5 @@
-"""FSDP2 specifics on gloo: fp32 gradients (SUM-then-divide: gloo has no AVG) and communication only on the
-last microbatch (no-sync accumulation), counted by intercepting the collectives."""
+"""FSDP2 specifics on gloo: fp32 gradients (SUM-then-divide: gloo has no AVG) and a reduce-scatter on every
+microbatch with dp_shard > 1 (accumulation keeps gradients sharded), counted by intercepting the collectives."""
 
 import copy
 
@@ -52,9 +52,10 @@ def _body():
             "micro": B // 2}
 
 
-def test_fsdp2_fp32_on_gloo_and_sync_only_on_last_microbatch():
+def test_fsdp2_fp32_on_gloo_and_reduce_scatter_every_microbatch():
     for r in run_distributed(_body, 2, timeout=90):
         assert r["err"] < 1e-5, r  # fp32: gloo SUM + divide gives the reference gradient
         assert r["micro"] == 2
-        # one reduce-scatter per FSDP unit (3 layers + root) for the whole step, not one per microbatch
-        assert r["units"] == 4 and r["reduce_scatters"] == r["units"], r
+        # dp_shard > 1: one reduce-scatter per FSDP unit (3 layers + root) per microbatch, so gradients stay
+        # sharded between microbatches (tests/parallel/test_fsdp_grad_accum.py measures the memory)
+        assert r["units"] == 4 and r["reduce_scatters"] == r["units"] * r["micro"], r
