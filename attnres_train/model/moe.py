@@ -347,6 +347,7 @@ class MoE(_KeepFP32Buffers):
         return self.seq_aux_loss_coef * (f_BE * P_BE).sum(dim=-1).mean()
 
     # -------------------------------------------------------- load balancing
+    @torch.compiler.disable  # eager: whether autograd is recomputing cannot be decided when a graph is traced
     @torch.no_grad()
     def _record_load(self, counts_E: torch.Tensor) -> None:
         if _in_backward():  # activation-checkpoint recompute: this forward was already counted

@@ -11,6 +11,8 @@ minutes, too slow for CI (docs/kernels.md has the timings). Two levels:
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -52,3 +54,53 @@ def test_attnres_model_is_one_graph():
     cfg.mla_layers = list(range(cfg.num_layers))  # no KDA (its chunked core runs eagerly)
     cfg.moe.first_k_dense = cfg.num_layers  # no MoE (data-dependent dispatch)
     _compare(cfg, fullgraph=True)
+
+
+def _deep_cfg(num_layers=12):
+    """A 12-layer (f3's depth) tiny model: KDA, MLA every 4th layer, dense layer 0 then MoE, 4 AttnRes blocks."""
+    from attnres_train.config.model import KDAConfig, MLAConfig, MoEConfig
+
+    cfg = tiny_cfg("block", num_blocks=4, num_layers=num_layers, vocab_size=64, hidden_size=32)
+    cfg.kda = KDAConfig(num_heads=2, head_dim=16, chunk_size=8)
+    cfg.mla = MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cfg.moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1,
+                        dense_intermediate_size=32)
+    return cfg
+
+
+def test_trainer_compile_stays_compiled_over_depth_and_steps():
+    """``trainer.compile`` (``parallelize_model`` -> ``wrap.apply_compile``) on 12 layers: no recompile-limit hit
+    (dynamo would otherwise run the layers past the 8th eagerly), no compilation after the first step, and
+    fewer frame compilations than layers (compiled once per layer kind, not once per layer)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from attnres_train.parallel.mesh import single_process_context
+    from attnres_train.parallel.parallelize import parallelize_model
+
+    cfg = _deep_cfg()
+    eager = build(cfg, dtype=torch.float32)
+    randomize_queries(eager)
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    parallelize_model(model, single_process_context(), SimpleNamespace(compile=True, compile_backend="aot_eager"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    frames = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for step in range(5):
+            ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)  # new tokens: new expert counts
+            if step == 0:
+                ref = _step(eager, ids)
+            loss = _step(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            frames.append(counters["frames"]["total"])
+            if step == 0:
+                torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert 0 < frames[0] < cfg.num_layers, frames  # per kind (KDA, MLA, FFN, MoE, norm), not per layer
+    assert frames == [frames[0]] * 5, frames  # nothing compiled after the first step
+    assert counters["frames"]["ok"] == frames[0], dict(counters["frames"])
