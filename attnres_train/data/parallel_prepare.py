@@ -4,8 +4,9 @@ finished shards, resumable after a crash, merged by one index at the end.
 Why: one Python process tokenizes ~2 MB/s of text with a BPE, so a 1 TB corpus takes days and a crash at
 99% used to lose everything. Here:
 
-* **Units.** The inputs are cut, in stream order, into units of whole files of about
-  ``clamp(total bytes / 64, 1 MiB, 256 MiB)`` (parquet / arrow / hub inputs are one unit each). The cut
+* **Units.** The inputs are cut, in stream order, into units of about ``clamp(total bytes / 64, 1 MiB,
+  256 MiB)``: runs of whole files, and byte ranges of bigger jsonl / paragraph-text files (a range owns the
+  documents that start in it; sources.py). Parquet / arrow / hub inputs and gzip files are not cut. The cut
   depends only on the inputs, never on ``--workers``, so the output is byte-identical for any N, and the
   token stream equals the single-process one (documents in input order).
 * **Limits** (``--max-docs``/``--max-bytes``, and the stdlib source's default cap) are resolved before any
@@ -30,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from attnres_train.config.errors import UserInputError
 
 from .shards import DEFAULT_SHARD_TOKENS, write_json_atomic, write_set_index
-from .sources import ResolvedSource, effective_limits, file_documents, iter_documents
+from .sources import ResolvedSource, effective_limits, file_documents, iter_documents, splittable
 
 MIN_UNIT_BYTES, MAX_UNIT_BYTES, TARGET_UNITS = 1 << 20, 256 << 20, 64
 FILE_KINDS = ("text", "jsonl", "stdlib")
@@ -38,26 +39,39 @@ FILE_KINDS = ("text", "jsonl", "stdlib")
 
 @dataclass
 class Unit:
-    """Consecutive documents of one input: ``files`` (with an optional document cap on the last one), or the
-    whole input (``files is None``: parquet / arrow / hub, read with the input's limits)."""
+    """Consecutive documents of one input: ``files``, pieces ``[path, start byte, end byte or None]`` (with an
+    optional document cap on the last one), or the whole input (``files is None``: parquet / arrow / hub,
+    read with the input's limits)."""
 
     index: int
     input: int
-    files: Optional[List[str]]
+    files: Optional[List[list]]
     last_cap: Optional[int] = None
     nbytes: int = 0  # on-disk bytes (for progress)
 
 
-def _prefix_files(rs: ResolvedSource, max_docs, max_bytes) -> Tuple[List[str], Optional[int]]:
-    """Which files of a limited input are read, and how many documents of the last (None = all)."""
+def _prefix(rs: ResolvedSource, pieces: List[list], max_docs, max_bytes) -> Tuple[List[list], Optional[int]]:
+    """Which pieces of a limited input are read, and how many documents of the last (None = all)."""
     n = nbytes = 0
-    for k, path in enumerate(rs.files):
+    for k, (path, a, b) in enumerate(pieces):
         taken = 0
-        for _, size in file_documents(rs, path):
+        for _, size in file_documents(rs, path, a, b):
             n, nbytes, taken = n + 1, nbytes + size, taken + 1
             if (max_docs is not None and n >= max_docs) or (max_bytes is not None and nbytes >= max_bytes):
-                return rs.files[: k + 1], taken
-    return list(rs.files), None
+                return pieces[: k + 1], taken
+    return pieces, None
+
+
+def _pieces(rs: ResolvedSource, sizes: Dict[str, int], target: int) -> List[list]:
+    """The files of ``rs``, big splittable ones cut into byte ranges of ``target`` bytes."""
+    out = []
+    for f in rs.files:
+        if sizes[f] > target and splittable(rs, f):
+            cuts = list(range(0, sizes[f], target))
+            out += [[f, a, a + target if a + target < sizes[f] else None] for a in cuts]
+        else:
+            out.append([f, 0, None])
+    return out
 
 
 def plan_units(resolved: List[ResolvedSource], max_docs=None, max_bytes=None) -> List[Unit]:
@@ -70,14 +84,18 @@ def plan_units(resolved: List[ResolvedSource], max_docs=None, max_bytes=None) ->
             units.append(Unit(len(units), i, None))
             continue
         docs, nbytes = effective_limits(rs, max_docs, max_bytes)
-        files, cap = (_prefix_files(rs, docs, nbytes) if docs is not None or nbytes is not None
-                      else (list(rs.files), None))
-        group: List[str] = []
-        for k, f in enumerate(files):
-            group.append(f)
-            last = k == len(files) - 1
-            if last or sum(sizes[g] for g in group) >= target:
-                units.append(Unit(len(units), i, group, cap if last else None, sum(sizes[g] for g in group)))
+        pieces = _pieces(rs, sizes, target)
+        if docs is not None or nbytes is not None:
+            pieces, cap = _prefix(rs, pieces, docs, nbytes)
+        else:
+            cap = None
+        group: List[list] = []
+        for k, piece in enumerate(pieces):
+            group.append(piece)
+            last = k == len(pieces) - 1
+            size = sum((b if b is not None else sizes[f]) - a for f, a, b in group)
+            if last or size >= target:
+                units.append(Unit(len(units), i, group, cap if last else None, size))
                 group = []
     return units
 
@@ -94,9 +112,9 @@ def unit_documents(rs: ResolvedSource, u: Unit, max_docs=None, max_bytes=None) -
         for text in iter_documents(rs, max_docs, max_bytes):
             yield text, len(text.encode("utf-8"))
         return
-    for k, path in enumerate(u.files):
+    for k, (path, a, b) in enumerate(u.files):
         cap = u.last_cap if k == len(u.files) - 1 else None
-        for j, doc in enumerate(file_documents(rs, path)):
+        for j, doc in enumerate(file_documents(rs, path, a, b)):
             if cap is not None and j >= cap:
                 break
             yield doc

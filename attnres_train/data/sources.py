@@ -28,7 +28,7 @@ import os
 import sys
 import sysconfig
 from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from attnres_train.config.data import DataSourceConfig
 from attnres_train.config.errors import UserInputError
@@ -186,7 +186,52 @@ def _check_nonempty(path: str, explicit: bool) -> bool:
     return False
 
 
-def _text_docs(path: str, unit: str) -> Iterator[str]:
+def _lines(path: str, start: int = 0) -> Iterator[Tuple[int, bytes]]:
+    """(byte offset, raw line) of ``path`` from the first line that starts at or after ``start`` to the end
+    (a line that began before ``start`` belongs to the byte range before)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()
+        pos = f.tell()
+        for raw in f:
+            yield pos, raw
+            pos += len(raw)
+
+
+def _decode_line(path: str, raw: bytes, pos: int, lineno: Optional[int] = None) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, raw, e, base=pos, line=lineno) from None
+    return line.removeprefix("\ufeff") if pos == 0 else line
+
+
+def _line_before_is_blank(path: str, pos: int) -> bool:
+    """Whether the line that ends at byte ``pos`` (a line start) is blank; true at the start of the file."""
+    if pos == 0:
+        return True
+    with open(path, "rb") as f:
+        tail, hi = b"", pos - 1  # byte pos-1 is the line's newline
+        while hi > 0:
+            lo = max(0, hi - (1 << 16))
+            f.seek(lo)
+            block = f.read(hi - lo)
+            k = block.rfind(b"\n")
+            tail = (block[k + 1 :] if k >= 0 else block) + tail
+            if k >= 0:
+                lo = lo + k + 1
+                break
+            hi = lo
+        line = tail.decode("utf-8", "replace")
+        return not (line.removeprefix("\ufeff") if lo == 0 else line).strip()
+
+
+def _text_docs(path: str, unit: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
+    """Documents of a text file; with a byte range (paragraph unit only), the paragraphs whose first line
+    starts in ``[start, end)``: the last one is read past ``end``, one begun before ``start`` is skipped."""
     if unit == "file":
         with open(path, "rb") as f:
             data = f.read()
@@ -195,50 +240,49 @@ def _text_docs(path: str, unit: str) -> Iterator[str]:
         except UnicodeDecodeError as e:
             raise _utf8_error(path, data, e) from None
         return
-    offset, buf = 0, []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(path, raw, e, base=offset) from None
-            if offset == 0:
-                line = line.removeprefix("\ufeff")
-            offset += len(raw)
-            if line.strip():
-                buf.append(line)
-            elif buf:
+    buf: List[str] = []
+    skipping = None
+    for pos, raw in _lines(path, start):
+        if skipping is None:  # the first line of the range continues a paragraph of the range before?
+            skipping = start > 0 and not _line_before_is_blank(path, pos)
+        line = _decode_line(path, raw, pos)
+        if not line.strip():
+            if buf:
                 yield "".join(buf).rstrip("\n")
                 buf = []
+            skipping = False
+        elif not skipping:
+            if not buf and end is not None and pos >= end:
+                return  # this paragraph starts in the next range
+            buf.append(line)
     if buf:
         yield "".join(buf).rstrip("\n")
 
 
-def _jsonl_docs(path: str, text_field: str, where: str) -> Iterator[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    offset = 0
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(path, raw, e, base=offset, line=lineno) from None
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserInputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                raise UserInputError(
-                    f"{path}:{lineno}: no {text_field!r} field (found: {keys or 'nothing'}); set {where}.text_field"
-                )
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise UserInputError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, expected a string")
-            yield text
+def _jsonl_docs(path: str, text_field: str, where: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
+    """One document per line; with a byte range, the lines that start in ``[start, end)`` (located by byte
+    offset in messages, as their line number is unknown without reading the file up to them)."""
+    for lineno, (pos, raw) in enumerate(_lines(path, start), 1):
+        if end is not None and pos >= end:
+            return
+        at = f"{path}:{lineno}" if start == 0 else f"{path} (line at byte {pos})"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _utf8_error(path, raw, e, base=pos, line=lineno if start == 0 else None) from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{at}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise UserInputError(f"{at}: no {text_field!r} field (found: {keys or 'nothing'}); set {where}.text_field")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise UserInputError(f"{at}: field {text_field!r} is a {type(text).__name__}, expected a string")
+        yield text
 
 
 def _datasets_docs(rs: ResolvedSource, files: List[str]) -> Iterator[str]:
@@ -329,9 +373,21 @@ def clean_documents(texts: Iterator[str]) -> Iterator[tuple]:
         yield text, size
 
 
-def file_documents(rs: ResolvedSource, path: str) -> Iterator[tuple]:
-    """(text, size) of the documents of one file of a file-based source (text, jsonl, stdlib), no limits."""
-    return clean_documents(_raw_docs(replace(rs, files=[path])))
+def splittable(rs: ResolvedSource, path: str) -> bool:
+    """Whether :func:`file_documents` can read ``path`` by byte ranges (jsonl, paragraph text; not gzip)."""
+    return not path.endswith(".gz") and (rs.kind == "jsonl" or (rs.kind == "text" and rs.cfg.text_unit == "paragraph"))
+
+
+def file_documents(rs: ResolvedSource, path: str, start: int = 0, end: Optional[int] = None) -> Iterator[tuple]:
+    """(text, size) of the documents of one file of a file-based source (text, jsonl, stdlib), no limits;
+    with a byte range (``splittable`` files), those that start in it: the ranges of a file partition it."""
+    if start == 0 and end is None:
+        return clean_documents(_raw_docs(replace(rs, files=[path])))
+    if not splittable(rs, path):
+        raise ValueError(f"{path}: cannot be read by byte ranges")
+    if rs.kind == "jsonl":
+        return clean_documents(_jsonl_docs(path, rs.cfg.text_field, rs.where, start, end))
+    return clean_documents(_text_docs(path, "paragraph", start, end))
 
 
 def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None) -> Iterator[str]:

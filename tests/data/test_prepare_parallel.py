@@ -135,6 +135,11 @@ def test_units_follow_the_inputs_not_the_worker_count(tmp_path):
 
     rs = resolve_source(DataSourceConfig(path=str(tmp_path / "c")))
     units = pp.plan_units([rs])
-    files = [f for u in units for f in u.files]
-    assert files == rs.files and len(units) > 4  # every file once, in order
+    pieces = [p for u in units for p in u.files]
+    paths = [p[0] for p in pieces]
+    assert list(dict.fromkeys(paths)) == rs.files and len(units) > 4  # every file, in order
+    for f in rs.files:  # a file's byte ranges tile it: [0, a) [a, b) ... [z, end of file)
+        rngs = [(a, b) for p, a, b in pieces if p == f]
+        assert rngs[0][0] == 0 and rngs[-1][1] is None
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(rngs[:-1], rngs[1:]))
     assert all(np.diff([u.index for u in units]) == 1)
