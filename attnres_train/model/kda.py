@@ -7,21 +7,32 @@ a reshape in interop).
 
 The core runs through ``fla.ops.kda.chunk_kda`` on CUDA when fla is installed (``impl="auto"`` or ``"fla"``)
 and through the pure-torch chunked form of :mod:`attnres_train.model.kda_ops` otherwise (always on CPU, where
-fla's Triton kernels cannot run). ``forward(x, core="recurrent")`` selects the per-token reference for tests.
+fla's Triton kernels cannot run). Never silently: ``impl=fla`` without a usable fla is a ConfigError,
+``impl=auto`` on CUDA without fla warns once, and ``model.kda.chunk_size`` is passed to fla (which supports
+32 / 64 only; anything else is a ConfigError naming the field). The fla call is fenced from torch.compile. ``forward(x, core="recurrent")`` selects the per-token reference for tests.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..config.errors import ConfigError
 from .kda_ops import kda_chunked, kda_gate, kda_recurrent, l2norm, short_conv
 from .norms import RMSNorm
 
 CORES = ("chunk", "recurrent", "fla")
+
+
+#: Chunk sizes fla's Triton ``chunk_kda`` supports.
+FLA_CHUNK_SIZES = (32, 64)
+FLA_DEFAULT_CHUNK = 64
+_warned_fallback = False
 
 
 def _fla_chunk_kda():
@@ -36,12 +47,78 @@ def _fla_chunk_kda():
     return chunk_kda
 
 
-def _fla_available() -> bool:
+def _fla_import_error() -> Optional[str]:
+    """None if fla's ``chunk_kda`` imports, else why not."""
     try:
         _fla_chunk_kda()
-    except RuntimeError:
-        return False
-    return True
+    except RuntimeError as exc:
+        return str(exc.__cause__ or exc)
+    return None
+
+
+def fla_chunk_kwargs(chunk_kda, chunk_size: int) -> dict:
+    """The ``chunk_size`` argument for fla's ``chunk_kda``, validated (``model.kda.chunk_size`` must take effect).
+
+    fla supports 32 and 64 only; a version whose ``chunk_kda`` has no ``chunk_size`` parameter always uses 64.
+    """
+    if chunk_size not in FLA_CHUNK_SIZES:
+        raise ConfigError("model.kda.chunk_size", f"fla's chunk_kda (the CUDA KDA kernel) supports "
+                          f"{' or '.join(map(str, FLA_CHUNK_SIZES))}, got {chunk_size}; set one of them, or "
+                          "model.kda.impl=torch for the (much slower) torch chunked form")
+    try:
+        params = inspect.signature(chunk_kda).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "chunk_size" in params:
+        return {"chunk_size": chunk_size}
+    if chunk_size != FLA_DEFAULT_CHUNK:
+        raise ConfigError("model.kda.chunk_size", f"the installed fla's chunk_kda has no chunk_size argument "
+                          f"(it always uses {FLA_DEFAULT_CHUNK}), got {chunk_size}; set {FLA_DEFAULT_CHUNK} "
+                          "or upgrade fla")
+    return {}
+
+
+@torch.compiler.disable  # fla's Triton autograd functions are not for dynamo to trace: a graph break instead
+def _run_fla(chunk_size: int, **kw):
+    chunk_kda = _fla_chunk_kda()
+    return chunk_kda(**kw, **fla_chunk_kwargs(chunk_kda, chunk_size))
+
+
+_CORE_CACHE: dict = {}
+
+
+@torch.compiler.disable  # imports and inspects fla: run once per (impl, device type, chunk size), never traced
+def _resolve_core(impl: str, device_type: str, chunk_size: int) -> str:
+    device = torch.device(device_type)
+    if impl == "torch":
+        return "chunk"
+    if impl == "fla":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"model.kda.impl='fla' needs CUDA tensors (fla's Triton kernels do not run on {device.type}); "
+                "use impl='auto' or 'torch' on CPU"
+            )
+        err = _fla_import_error()
+        if err is not None:
+            raise ConfigError("model.kda.impl", f"'fla' was requested but fla's chunk_kda is unavailable ({err}); "
+                              "install fla-core with a working triton, or set impl=auto|torch")
+        fla_chunk_kwargs(_fla_chunk_kda(), chunk_size)  # model.kda.chunk_size must take effect
+        return "fla"
+    if impl == "auto":
+        if device.type != "cuda":
+            return "chunk"
+        err = _fla_import_error()
+        if err is None:
+            fla_chunk_kwargs(_fla_chunk_kda(), chunk_size)
+            return "fla"
+        global _warned_fallback
+        if not _warned_fallback:  # once per process, whatever the chunk size
+            _warned_fallback = True
+            warnings.warn(f"model.kda.impl=auto on CUDA: fla's chunk_kda is unavailable ({err}); KDA falls back "
+                          "to the torch chunked form, many times slower. Install fla-core, or set "
+                          "model.kda.impl=torch to silence this.", RuntimeWarning, stacklevel=2)
+        return "chunk"
+    raise ValueError(f"unknown model.kda.impl {impl!r}; expected auto|torch|fla")
 
 
 class KimiDeltaAttention(nn.Module):
@@ -97,19 +174,13 @@ class KimiDeltaAttention(nn.Module):
 
     # --------------------------------------------------------------- forward
     def resolve_core(self, device: torch.device) -> str:
-        """Which core ``forward`` uses by default for inputs on ``device`` (from ``cfg.kda.impl``)."""
-        if self.impl == "torch":
-            return "chunk"
-        if self.impl == "fla":
-            if device.type != "cuda":
-                raise RuntimeError(
-                    f"model.kda.impl='fla' needs CUDA tensors (fla's Triton kernels do not run on {device.type}); "
-                    "use impl='auto' or 'torch' on CPU"
-                )
-            return "fla"
-        if self.impl == "auto":
-            return "fla" if device.type == "cuda" and _fla_available() else "chunk"
-        raise ValueError(f"unknown model.kda.impl {self.impl!r}; expected auto|torch|fla")
+        """Which core ``forward`` uses by default for inputs on ``device`` (from ``cfg.kda.impl``), decided once per
+        process for each (impl, device type, chunk size)."""
+        key = (self.impl, device.type, self.chunk_size)
+        core = _CORE_CACHE.get(key)
+        if core is None:
+            core = _CORE_CACHE[key] = _resolve_core(*key)
+        return core
 
     def forward(self, x_btd: torch.Tensor, core: Optional[str] = None) -> torch.Tensor:
         """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla"."""
@@ -130,8 +201,8 @@ class KimiDeltaAttention(nn.Module):
         if core == "fla":
             if x_btd.device.type != "cuda":
                 raise RuntimeError("KDA core 'fla' needs CUDA tensors")
-            chunk_kda = _fla_chunk_kda()
-            o_bthv, _ = chunk_kda(
+            o_bthv, _ = _run_fla(
+                self.chunk_size,
                 q=q_bthk.contiguous(),
                 k=k_bthk.contiguous(),
                 v=v_bthv.contiguous(),
