@@ -6,7 +6,9 @@ minutes, too slow for CI (docs/kernels.md has the timings). Two levels:
   remain where the layers need them (``kda_chunked`` runs eagerly under ``torch.compiler.disable``, the MoE
   dispatch has data-dependent shapes and host-side expert counts);
 * with those two layer kinds swapped out (MLA-only token mixers, dense FFNs) the model — embedding, two-phase
-  AttnRes depth mixing over the ``DepthState``, output aggregation, head, loss — is one graph (``fullgraph=True``).
+  AttnRes depth mixing over the ``DepthState``, output aggregation, head, loss — is one graph (``fullgraph=True``);
+* the trainer's path (``trainer.compile``: ``parallelize_model`` -> ``wrap.apply_compile``, sublayer modules) on
+  12 layers stays compiled: no recompile-limit hit, nothing compiled after the first of 5 steps.
 """
 
 from __future__ import annotations

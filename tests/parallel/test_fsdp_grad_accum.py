@@ -14,6 +14,7 @@ import copy
 import gc
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -142,6 +143,7 @@ def _bf16_body():
     return {"seen": seen, "grads": grads, "masters": masters, "loss": stats["loss"]}
 
 
+@pytest.mark.slow  # ~20 s on the 2-core box (two more ranks); the accumulation test above is the fast one
 def test_fsdp2_bf16_mixed_precision_policy():
     res = run_distributed(_bf16_body, 2, timeout=120)
     ref = build_reference("block", 2).float()
