@@ -10,13 +10,16 @@ from typing import List, Optional
 
 from .errors import ConfigError
 
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
+ZERO_BUBBLE = {"zb_h1": 1, "zb_v": 2}  # zero-bubble schedules and the parallel.vpp they need
 COMM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
 class PipelineConfig:
-    # gpipe | 1f1b (vpp = 1) | interleaved_1f1b (Megatron order; with vpp = 1 it is plain 1F1B).
+    # gpipe | 1f1b (vpp = 1) | interleaved_1f1b (Megatron order; with vpp = 1 it is plain 1F1B) |
+    # zb_h1 (zero bubble, vpp = 1) | zb_v (zero bubble, vpp = 2, V-shape placement: rank r holds stages r and
+    # 2*pp-1-r). The zero-bubble ones split every backward into I + W themselves (docs/pipeline.md).
     schedule: str = "interleaved_1f1b"
     # Megatron's microbatch_group_size_per_vp_stage G (null = pp). Interleaving needs pp <= G <= microbatches
     # and microbatches % G == 0 or >= pp; with the default that is "microbatches is a multiple of pp".
@@ -49,6 +52,14 @@ def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num
     if cfg.schedule == "1f1b" and vpp != 1:
         raise ConfigError(f"{p}.schedule", f"1f1b runs one chunk per rank but parallel.vpp={vpp}; "
                           f"use interleaved_1f1b")
+    if cfg.schedule in ZERO_BUBBLE:
+        if vpp != ZERO_BUBBLE[cfg.schedule]:
+            raise ConfigError("parallel.vpp", f"pipeline.schedule={cfg.schedule} runs {ZERO_BUBBLE[cfg.schedule]} "
+                              f"chunk(s) per rank, got parallel.vpp={vpp}")
+        for name in ("split_backward", "w_delay", "microbatch_group_size"):
+            if getattr(cfg, name) not in (None, False):
+                raise ConfigError(f"{p}.{name}", f"has no effect with pipeline.schedule={cfg.schedule} (the "
+                                  f"zero-bubble order fixes the I/W split and the microbatch order); unset it")
     if cfg.microbatch_group_size is not None and (not isinstance(cfg.microbatch_group_size, int)
                                                   or cfg.microbatch_group_size < pp):
         raise ConfigError(f"{p}.microbatch_group_size", f"must be null or an integer >= parallel.pp={pp}, "

@@ -4,14 +4,19 @@ Everything here is a pure function of ``(P, V, layers per stage, block partition
 so every rank computes the same tables and no shape is ever negotiated on the wire
 (docs/pipeline.md; derivation in the design note ``pipeline_cache.md`` §6.1).
 
-Notation (C = P·V stages; stage ``s`` lives on rank ``s mod P``, local chunk ``s // P``, the "loop" mapping):
+Notation (C = P·V stages; local chunk ``v = s // P``, position ``i = s mod P``). Which rank runs a stage is the
+layout's ``placement``: ``"loop"`` (Megatron/torch: rank ``i``, every chunk walks the ranks 0..P-1) or ``"v"``
+(V-shape, as ZB-V/DualPipeV: even chunks walk 0..P-1, odd chunks come back P-1..0, so rank r holds stages r and
+2P-1-r, and rank P-1 runs the turn P-1 → P locally). :func:`placement_rank` is the one definition.
 
 * ``commits[s]``  blocks completed inside stage ``s`` (block 0 = the embedding, committed by stage 0).
 * ``c(s)``        number of blocks that exist after stage ``s``; completed blocks are always the prefix
                   ``0 .. c(s)-1`` because blocks are contiguous in depth.
 * ``π(s)``        1 if a block is open across the hop ``s → s+1`` (its partial sum must travel too).
-* ``have[s]``     blocks already on rank(s) when stage ``s`` starts: ``D[s-P]`` (what its previous chunk
-                  saw or produced); empty without the cache.
+* ``have[s]``     blocks already on rank(s) when stage ``s`` starts: ``D[prev(s)]``, where ``prev(s)`` is the
+                  latest earlier stage on the same rank (``s-P`` for loop, ``2P-1-s`` for the V's second leg):
+                  everything that chunk received, read or produced; empty without the cache. Blocks are a
+                  prefix, so this is exactly "what the rank has already seen", whatever the placement.
 * ``delta[s]``    blocks carried by the hop ``s → s+1``: ``D[s] \\ have[s+1]`` (all of ``D[s]`` without the
                   cache). The packed message is ``[len(delta[s]) + π(s), B, T, d]``; its gradient has the
                   same shape and travels the same hop backwards.
@@ -34,6 +39,18 @@ from typing import List, Optional, Sequence, Tuple
 
 from ...config.errors import ConfigError
 from ...config.model import ModelConfig, block_starts
+
+PLACEMENTS = ("loop", "v")
+
+
+def placement_rank(stage: int, num_ranks: int, placement: str) -> int:
+    """The rank that runs ``stage``: loop = ``s mod P``; v = ``s mod P`` on even chunks, ``P-1 - s mod P`` on odd."""
+    v, i = divmod(stage, num_ranks)
+    if placement == "loop":
+        return i
+    if placement == "v":
+        return i if v % 2 == 0 else num_ranks - 1 - i
+    raise ConfigError("pipeline.schedule", f"unknown stage placement {placement!r}; one of {'|'.join(PLACEMENTS)}")
 
 
 def tie_order(num_stages: int) -> List[int]:
@@ -83,13 +100,16 @@ class PipelineLayout:
     starts: Tuple[int, ...]
     hidden_size: int
     block_cache: bool = True
+    placement: str = "loop"
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, num_ranks: int, virtual_stages: int = 1,
                           layers_per_stage: Optional[Sequence[int]] = None, block_cache: bool = True,
-                          embed_cost: float = 0.0, head_cost: float = 0.0) -> "PipelineLayout":
-        """Layout for ``cfg`` on ``num_ranks`` ranks × ``virtual_stages`` chunks.
+                          embed_cost: float = 0.0, head_cost: float = 0.0,
+                          placement: str = "loop") -> "PipelineLayout":
+        """Layout for ``cfg`` on ``num_ranks`` ranks × ``virtual_stages`` chunks, stages placed by ``placement``
+        (``"loop"`` or ``"v"``; the schedule decides, see ``schedules.schedule_placement``).
 
         ``layers_per_stage`` (length P·V, summing to ``cfg.num_layers``; zeros allowed) overrides the automatic
         :func:`balanced_split`.
@@ -118,12 +138,15 @@ class PipelineLayout:
                                   f"sums to {sum(split)} but the model has {L} decoder layers")
         layout = cls(num_ranks=num_ranks, virtual_stages=virtual_stages, layers_per_stage=tuple(split),
                      mode=cfg.residual.mode, starts=tuple(block_starts(cfg)), hidden_size=cfg.hidden_size,
-                     block_cache=block_cache)
+                     block_cache=block_cache, placement=placement)
         layout.validate()
         return layout
 
     def validate(self) -> None:
         """Reject layouts whose hops would carry nothing (a real pipeline needs a message per hop)."""
+        if self.placement not in PLACEMENTS:
+            raise ConfigError("pipeline.schedule", f"unknown stage placement {self.placement!r}; "
+                              f"one of {'|'.join(PLACEMENTS)}")
         for s in range(self.num_stages - 1):
             if self.rank_of(s) != self.rank_of(s + 1) and self.payload_len(s) == 0:
                 raise ConfigError("pipeline.layers_per_stage",
@@ -132,7 +155,7 @@ class PipelineLayout:
 
     def with_cache(self, block_cache: bool) -> "PipelineLayout":
         return PipelineLayout(self.num_ranks, self.virtual_stages, self.layers_per_stage, self.mode, self.starts,
-                              self.hidden_size, block_cache)
+                              self.hidden_size, block_cache, self.placement)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -153,13 +176,20 @@ class PipelineLayout:
         return len(self.starts) + 1 if self.has_blocks else 0
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.num_ranks
+        return placement_rank(stage, self.num_ranks, self.placement)
 
     def chunk_of(self, stage: int) -> int:
+        """Local chunk index of ``stage`` on its rank (its position in :meth:`stages_of`)."""
         return stage // self.num_ranks
 
     def stages_of(self, rank: int) -> List[int]:
-        return [v * self.num_ranks + rank for v in range(self.virtual_stages)]
+        """The stages ``rank`` runs, in increasing order (chunk 0 first)."""
+        return [s for s in range(self.num_stages) if self.rank_of(s) == rank]
+
+    def prev_on_rank(self, stage: int) -> Optional[int]:
+        """The latest stage before ``stage`` on the same rank (None for a rank's first chunk)."""
+        earlier = [t for t in self.stages_of(self.rank_of(stage)) if t < stage]
+        return earlier[-1] if earlier else None
 
     def layer_range(self, stage: int) -> Tuple[int, int]:
         start = sum(self.layers_per_stage[:stage])
@@ -192,10 +222,11 @@ class PipelineLayout:
         return tuple(range(self.count(stage - 1), self.count(stage)))
 
     def have(self, stage: int) -> Tuple[int, ...]:
-        """Blocks stage ``s`` reads from its rank's cache (``D[s-P]``; empty without the cache)."""
-        if not self.block_cache or stage < self.num_ranks:
+        """Blocks stage ``s`` reads from its rank's cache (``D[prev(s)]``; empty without the cache)."""
+        prev = self.prev_on_rank(stage) if self.block_cache else None
+        if prev is None:
             return ()
-        return tuple(range(self.count(stage - self.num_ranks)))
+        return tuple(range(self.count(prev)))
 
     def delta(self, stage: int) -> Tuple[int, ...]:
         """Block ids carried by the hop ``stage → stage+1`` (in this order in the packed message)."""
@@ -243,7 +274,7 @@ class PipelineLayout:
     def fingerprint(self) -> str:
         """Stable hash of everything that decides message shapes; ranks compare it at start-up."""
         key = repr((self.num_ranks, self.virtual_stages, self.layers_per_stage, self.mode, self.starts,
-                    self.hidden_size, self.block_cache))
+                    self.hidden_size, self.block_cache) + ((self.placement,) if self.placement != "loop" else ()))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def table(self) -> List[dict]:
@@ -263,6 +294,7 @@ class PipelineLayout:
     def describe(self) -> str:
         lines = [f"PipelineLayout P={self.num_ranks} V={self.virtual_stages} C={self.num_stages} "
                  f"layers={self.num_layers} mode={self.mode} block_cache={self.block_cache} "
+                 f"placement={self.placement} "
                  f"fingerprint={self.fingerprint()}",
                  "stage rank chunk layers   commits      cached(read)  hop->next: blocks + partial = payload"]
         for r in self.table():

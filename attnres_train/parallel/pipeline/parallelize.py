@@ -37,6 +37,7 @@ from ..init import materialize_and_init
 from ..parallelize import parallelize_model
 from .layout import PipelineLayout
 from .runtime import PipelineRuntime, StepResult
+from .schedules import schedule_placement
 from .stage import PipelineStageModule, build_stages
 
 
@@ -134,12 +135,17 @@ them and materialise them from ``seed`` (None: drawn from torch's global RNG) â€
     if pcfg.split_backward and dims.dp > 1:
         raise ConfigError("pipeline.split_backward", "the I/W backward split does not compose with data "
                           f"parallelism (FSDP reduces in the input-gradient pass); parallel dp={dims.dp}")
+    if pcfg.schedule in ("zb_h1", "zb_v") and dims.dp > 1:
+        raise ConfigError("pipeline.schedule", f"{pcfg.schedule} splits the backward into I/W, which does not "
+                          f"compose with data parallelism yet (FSDP reduces in the input-gradient pass); "
+                          f"parallel dp={dims.dp}")
     if getattr(model, "_attnres_parallelized", False):
         raise RuntimeError("parallelize_pipeline was already applied to this model")
     on_meta = all(p.is_meta for p in model.parameters())
     layout = PipelineLayout.from_model_config(model.config, dims.pp, dims.vpp, layers_per_stage=pcfg.layers_per_stage,
                                               block_cache=pcfg.block_cache, embed_cost=pcfg.embed_cost,
-                                              head_cost=pcfg.head_cost)
+                                              head_cost=pcfg.head_cost,
+                                              placement=schedule_placement(pcfg.schedule))
     pp_mesh = pctx.mesh("pp")
     pp_rank = pp_mesh.get_local_rank()
     stages = build_stages(model, layout, pp_rank)

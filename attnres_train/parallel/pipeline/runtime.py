@@ -57,7 +57,8 @@ class PipelineRuntime:
     Args:
         stages: this rank's :class:`PipelineStageModule` s (any order; must be ``layout.stages_of(rank)``).
         layout: the shared :class:`PipelineLayout` (``layout.block_cache`` selects cached vs naive hops).
-        schedule: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b``, or a callable ``(P, V, M) -> Schedule``.
+        schedule: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``zb_v`` (needs ``layout.placement ==
+            "v"``), or a callable ``(P, V, M) -> Schedule`` (its ``placement`` must equal the layout's).
         group: the pipeline process group, a 1-D ``DeviceMesh``, or ``None`` for the default group.
         comm_dtype: dtype of the packed messages (default: the stages' parameter dtype).
         split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``schedules.split_backward``).
@@ -92,6 +93,8 @@ class PipelineRuntime:
         if sorted(self.stages) != expected:
             raise PipelineError(f"rank {self.rank} must hold stages {expected}, got {sorted(self.stages)}")
         self.C = layout.num_stages
+        self._last_stage = expected[-1]  # this rank's last chunk: after its forward, nothing here reads the cache
+        self._split = False
         self.schedule_name = schedule
         self.group_size = group_size
         self.split_iw = split_iw
@@ -126,11 +129,15 @@ class PipelineRuntime:
         if key not in self._schedules:
             P, V = self.layout.num_ranks, self.layout.virtual_stages
             if eval_mode:
-                sched = forward_only(P, V, M)
+                sched = forward_only(P, V, M, self.layout.placement)
             elif callable(self.schedule_name):
                 sched = self.schedule_name(P, V, M)
             else:
                 sched = make_schedule(self.schedule_name, P, V, M, self.group_size, self.split_iw, self.w_delay)
+            if sched.placement != self.layout.placement:
+                raise PipelineError(f"schedule {sched.name} places stages by {sched.placement!r} but the layout by "
+                                    f"{self.layout.placement!r}; build the layout with "
+                                    f"placement=schedules.schedule_placement(schedule)")
             lowered = lower(sched)
             check(lowered, self.layout if not eval_mode else None)
             self._schedules[key] = lowered
@@ -183,7 +190,8 @@ class PipelineRuntime:
         self._verify_agreement(M, B, T)
         sched = self.schedule_for(M, eval_mode)
         self._M, self._B, self._T, self._mbs = M, B, T // self.seq_shards, microbatches
-        grad_kind = Kind.W if self.split_iw else Kind.B
+        self._split = any(a.kind == Kind.W for acts in sched.ranks for a in acts)  # split_iw or a zero-bubble order
+        grad_kind = Kind.W if self._split else Kind.B
         self._grad_left = defaultdict(int)
         for a in sched.ranks[self.rank]:
             if a.kind == grad_kind:
@@ -285,7 +293,7 @@ class PipelineRuntime:
         else:
             self._tx.flush_batch()  # the CUDA path posts the queued SEND/RECV actions before compute
             t0, w0 = time.perf_counter(), self._stats.wait_s
-            if k == (Kind.W if self.split_iw else Kind.B):
+            if k == (Kind.W if self._split else Kind.B):
                 self._grad_left[a.stage] -= 1
                 if self._grad_left[a.stage] == 0 and self.before_last_backward is not None:
                     self.before_last_backward(a.stage)
@@ -345,7 +353,7 @@ class PipelineRuntime:
                 rec.anchor = _Anchor.apply(rec.slot, *parts)
             if aux_root is not None:
                 rec.roots, rec.grads = [aux_root], [None]
-        if s + L.num_ranks >= self.C:
+        if s == self._last_stage:
             cache.evict(m)  # this rank's last chunk has read everything it needs for microbatch m
         if grad:
             self._saved[(s, m)] = rec

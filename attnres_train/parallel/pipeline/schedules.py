@@ -5,8 +5,9 @@ strings follow ``torch.distributed.pipelining``'s IR (``"<stage><kind><microbatc
 index): ``2F0`` (stage 2 forward of microbatch 0), ``3B1`` (full backward), ``3I1``/``3W1`` (the zero-bubble
 split into input- and weight-gradient passes), ``2SEND_F0`` (stage 2 sends its output of microbatch 0 to
 stage 3), ``3RECV_F0`` (stage 3 receives its input), ``3SEND_B0`` (stage 3 sends the input gradient to stage
-2), ``2RECV_B0`` (stage 2 receives its output gradient). Stage ``s`` lives on rank ``s mod P`` (the "loop"
-mapping of Megatron and torch).
+2), ``2RECV_B0`` (stage 2 receives its output gradient). Which rank runs stage ``s`` is the schedule's
+``placement`` (:func:`.layout.placement_rank`): ``"loop"`` (rank ``s mod P``, Megatron and torch) for every
+schedule except ZB-V, whose ``"v"`` placement puts stages r and 2P-1-r on rank r.
 
 Generators (compute-only lists; :func:`lower` adds the communication):
 
@@ -18,6 +19,8 @@ Generators (compute-only lists; :func:`lower` adds the communication):
   1F1B pairs, then the remaining backwards. **Microbatch rule**: ``P ≤ G ≤ M`` and ``M mod G`` is 0 or ≥ P;
   with the default G = P that means *M must be a multiple of P*. For M a multiple of P the compute order is
   exactly that of ``torch.distributed.pipelining.ScheduleInterleaved1F1B`` (tests cross-check it).
+* ``zb_h1`` / ``zb_v``: the zero-bubble schedules of arXiv 2401.10241, already split into I/W
+  (:mod:`.zero_bubble`; ZB-V uses the V placement).
 * :func:`split_backward`: turns every ``B`` into ``I`` (input gradients, on the critical path) plus a ``W``
   (weight gradients) ``w_delay`` compute slots later (or at the end) — the hook for zero-bubble variants.
 
@@ -40,6 +43,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .layout import placement_rank
 
 
 class ScheduleError(ValueError):
@@ -104,17 +109,19 @@ class Schedule:
     ranks: List[List[Action]]
     lowered: bool = False
     meta: Dict = field(default_factory=dict)
+    placement: str = "loop"  # which rank runs a stage (layout.placement_rank); must equal the layout's
 
     @property
     def virtual_stages(self) -> int:
         return self.num_stages // self.num_ranks
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.num_ranks
+        return placement_rank(stage, self.num_ranks, self.placement)
 
     def compute_only(self) -> "Schedule":
         return Schedule(self.name, self.num_ranks, self.num_stages, self.num_microbatches,
-                        [[a for a in acts if a.is_compute] for acts in self.ranks], False, dict(self.meta))
+                        [[a for a in acts if a.is_compute] for acts in self.ranks], False, dict(self.meta),
+                        self.placement)
 
     def format(self, compute_only: bool = False) -> str:
         head = (f"schedule {self.name}: P={self.num_ranks} V={self.virtual_stages} M={self.num_microbatches}"
@@ -134,10 +141,11 @@ class Schedule:
         return buf.getvalue()
 
     @classmethod
-    def from_csv(cls, text: str, num_stages: int, num_microbatches: int, name: str = "csv") -> "Schedule":
+    def from_csv(cls, text: str, num_stages: int, num_microbatches: int, name: str = "csv",
+                 placement: str = "loop") -> "Schedule":
         rows = [[Action.parse(c) for c in row if c.strip()] for row in csv.reader(io.StringIO(text)) if row]
         lowered = any(not a.is_compute for row in rows for a in row)
-        return cls(name, len(rows), num_stages, num_microbatches, rows, lowered)
+        return cls(name, len(rows), num_stages, num_microbatches, rows, lowered, placement=placement)
 
 
 # ---------------------------------------------------------------------------- generators
@@ -152,11 +160,12 @@ def gpipe(P: int, V: int, M: int) -> Schedule:
     return Schedule("gpipe", P, P * V, M, ranks)
 
 
-def forward_only(P: int, V: int, M: int) -> Schedule:
-    """Evaluation: the forward half of :func:`gpipe` (no backward, nothing saved)."""
+def forward_only(P: int, V: int, M: int, placement: str = "loop") -> Schedule:
+    """Evaluation: the forward half of :func:`gpipe` (no backward, nothing saved), for either placement."""
     _check_counts(P, V, M)
-    ranks = [[F(v * P + r, m) for v in range(V) for m in range(M)] for r in range(P)]
-    return Schedule("forward_only", P, P * V, M, ranks)
+    ranks = [[F(s, m) for s in range(P * V) if placement_rank(s, P, placement) == r for m in range(M)]
+             for r in range(P)]
+    return Schedule("forward_only", P, P * V, M, ranks, placement=placement)
 
 
 def one_f_one_b(P: int, M: int) -> Schedule:
@@ -244,15 +253,31 @@ def split_backward(schedule: Schedule, w_delay: Optional[int] = None) -> Schedul
         out += [w for _, w in pending]
         ranks.append(out)
     return Schedule(schedule.name + "+iw", schedule.num_ranks, schedule.num_stages, schedule.num_microbatches, ranks,
-                    meta={**schedule.meta, "w_delay": w_delay})
+                    meta={**schedule.meta, "w_delay": w_delay}, placement=schedule.placement)
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
+SCHEDULE_PLACEMENT = {"zb_v": "v"}  # everything else: loop
+SCHEDULE_CHUNKS = {"1f1b": 1, "zb_h1": 1, "zb_v": 2}  # schedules that fix V (parallel.vpp)
+
+
+def schedule_placement(name) -> str:
+    """The stage placement a schedule needs (the layout must be built with it)."""
+    return SCHEDULE_PLACEMENT.get(name, "loop") if isinstance(name, str) else getattr(name, "placement", "loop")
 
 
 def make_schedule(name: str, P: int, V: int, M: int, group_size: Optional[int] = None,
                   split_iw: bool = False, w_delay: Optional[int] = None) -> Schedule:
-    """Compute-only schedule by name (``gpipe``, ``1f1b`` (V = 1), ``interleaved_1f1b``)."""
+    """Compute-only schedule by name (``gpipe``, ``1f1b`` (V = 1), ``interleaved_1f1b``, ``zb_h1`` (V = 1),
+    ``zb_v`` (V = 2, V placement)); the zero-bubble ones are split into I/W already (``split_iw`` is refused)."""
+    if name in ("zb_h1", "zb_v") and V != SCHEDULE_CHUNKS[name]:
+        raise ScheduleError(f"{name} runs {SCHEDULE_CHUNKS[name]} chunk(s) per rank (virtual_stages), got V={V}")
+    if name in ("zb_h1", "zb_v"):
+        if split_iw:
+            raise ScheduleError(f"{name} already splits every backward into I and W; split_backward has no effect")
+        from .zero_bubble import zb_h1, zb_v  # zero_bubble builds on this module
+
+        return zb_h1(P, M) if name == "zb_h1" else zb_v(P, M)
     if name == "gpipe":
         sched = gpipe(P, V, M)
     elif name == "1f1b":
@@ -308,7 +333,7 @@ def _validate_compute(sched: Schedule) -> None:
                 raise ScheduleError(f"rank {r} action #{i} {a}: stage must be in [0,{C}) and microbatch in [0,{M})")
             if sched.rank_of(a.stage) != r:
                 raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} belongs to rank "
-                                    f"{sched.rank_of(a.stage)} (stage s runs on rank s mod P)")
+                                    f"{sched.rank_of(a.stage)} ({sched.placement} placement)")
             key = (a.stage, a.kind.value, a.mb)
             if key in seen:
                 raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} runs {a.kind.value} of microbatch "
@@ -384,7 +409,7 @@ def lower(sched: Schedule) -> Schedule:
                                              f" (rank {sched.rank_of(d.stage)})" for d in missing))
             raise ScheduleError(f"schedule {sched.name} deadlocks (no rank can run its next action):\n  "
                                 + "\n  ".join(waits))
-    return Schedule(sched.name, P, C, sched.num_microbatches, out, True, dict(sched.meta))
+    return Schedule(sched.name, P, C, sched.num_microbatches, out, True, dict(sched.meta), sched.placement)
 
 
 # ---------------------------------------------------------------------------- global checker
