@@ -2,6 +2,8 @@
 
 * :mod:`.runs`  — read a run directory (config.yaml, metrics.jsonl, checkpoints) into one summary per run:
   residual variant, model size, tokens seen, training compute, final validation loss.
+* :mod:`.matching` — fair comparisons: every run of a size read at the same token count, seeds aggregated,
+  deltas paired by seed; refuses (one line naming the runs) what cannot be compared that way.
 * :mod:`.fit`   — power-law fits ``L = A·C^(−α)`` and the compute advantage of one variant over another.
 * :mod:`.depth` — diagnostics computed from a checkpoint on a held-out batch: depth-attention weights per
   sublayer over sources, per-layer output magnitude and gradient norm, expert load.

@@ -51,10 +51,11 @@ def load_model(run: Run, checkpoint: Optional[str] = None):
     """Build the run's model (fp32, CPU, torch kernels) and load its weights: ``(model, checkpoint_path, meta)``."""
     try:
         cfg = as_model_config(run.config["model"])
-        # Reference (pure torch) kernels: same math as fla / triton, and they run on a login node's CPU.
-        for section in (cfg.residual, cfg.kda):
-            if hasattr(section, "impl"):
-                section.impl = "torch"
+        # Reference (pure torch) kernels: same math as fla / triton, and they run on a login node's CPU. The
+        # residual impl only where the run's config reads it (PreNorm, or the direct read, has no kernel to pick).
+        cfg.kda.impl = "torch"
+        if cfg.residual.mode != "prenorm" and cfg.residual.two_phase:
+            cfg.residual.impl = "torch"
         model = build_model(cfg)
     except ConfigError as exc:
         raise UserInputError(f"{run.path / 'config.yaml'}: {exc}") from None

@@ -52,16 +52,25 @@ class PowerLaw:
         return f"{self.A:.4g}·C^(−{self.alpha:.4g})"
 
 
-def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> PowerLaw:
-    """Least-squares fit of ``log L = log A − α·log C``; needs ≥ 2 distinct positive compute values."""
+MIN_FIT_POINTS = 3
+
+
+def fit_power_law(compute: Sequence[float], loss: Sequence[float], min_points: int = MIN_FIT_POINTS) -> PowerLaw:
+    """Least-squares fit of ``log L = log A − α·log C``; needs ≥ ``min_points`` distinct positive compute values.
+
+    The default is 3: a line through 2 points always fits them exactly (R² = 1), which says nothing about
+    whether the loss follows a power law, and the extrapolated advantage then rests on two noisy numbers.
+    """
     c = np.asarray(compute, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
     if c.shape != y.shape or c.ndim != 1:
         raise ValueError(f"compute and loss must be 1-D and of equal length, got {c.shape} and {y.shape}")
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(y))) or np.any(c <= 0) or np.any(y <= 0):
         raise ValueError("compute and loss must be finite and positive")
-    if len(np.unique(c)) < 2:
-        raise ValueError(f"a power-law fit needs at least 2 distinct compute values, got {len(np.unique(c))}")
+    if len(np.unique(c)) < max(2, min_points):
+        raise ValueError(f"a power-law fit needs at least {max(2, min_points)} distinct compute values (sizes), got "
+                         f"{len(np.unique(c))}" + (" (a line through 2 points always has R² = 1)" if len(np.unique(c)) == 2
+                                                    else ""))
     x, ly = np.log(c), np.log(y)
     xm, ym = x.mean(), ly.mean()
     slope = float(((x - xm) * (ly - ym)).sum() / ((x - xm) ** 2).sum())

@@ -75,23 +75,30 @@ def plot_layer_profile(output_rms: Sequence[float], grad_norm: Sequence[float], 
     return _save(fig, path)
 
 
-def plot_loss_curves(curves: Dict[str, dict], path: Path, title: str = "loss") -> Path:
-    """``curves[name] = {"train": (steps, losses), "val": (steps, losses)}``; one colour per name."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot_loss_curves(curves: Dict[str, dict], path: Path, title: str = "loss", xlabel: str = "step",
+                     marks: Optional[Dict[str, float]] = None) -> Path:
+    """``curves[name] = {"train": (xs, losses), "val": (xs, losses)}``; one colour and one legend entry per name.
+
+    ``marks``: labelled vertical lines (e.g. the token count runs are compared at).
+    """
+    fig, ax = plt.subplots(figsize=(7, 4) if len(curves) <= 6 else (9, 4.5))
     for k, (name, c) in enumerate(curves.items()):
-        color = f"C{k % 10}"
+        color, ls = f"C{k % 10}", ("-", "--", ":")[k // 10 % 3]  # > 10 curves: a new line style per ten
         ts, tl = c.get("train", ([], []))
         vs, vl = c.get("val", ([], []))
         if len(ts):
-            ax.plot(ts, tl, color=color, alpha=0.45 if len(vs) else 1.0, lw=1, label=f"{name} train")
+            ax.plot(ts, tl, color=color, ls=ls, alpha=0.45 if len(vs) else 1.0, lw=1, label=f"{name} train")
         if len(vs):
-            ax.plot(vs, vl, color=color, marker="o", ms=3, lw=1.5, label=f"{name} val")
+            ax.plot(vs, vl, color=color, ls=ls, marker="o", ms=3, lw=1.5, label=f"{name} val")
+    for name, x in (marks or {}).items():
+        ax.axvline(x, color="grey", ls="--", lw=0.8, label=name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6 if len(curves) > 6 else 7, loc="center left" if len(curves) > 6 else "best",
+                  bbox_to_anchor=(1.01, 0.5) if len(curves) > 6 else None)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
@@ -162,27 +169,34 @@ def plot_scaling(points: Dict[str, List[tuple]], fits: Dict[str, PowerLaw], path
     for fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         fmt(FormatStrFormatter("%.3g"))
     ax.set_xlabel("training compute (PFLOP/s-days)")
-    ax.set_ylabel("final validation loss")
+    ax.set_ylabel("loss at the compared tokens (seed mean)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     ax.set_title(title or "L = A·C^(−α) per variant", fontsize=9)
     return _save(fig, path)
 
 
-def plot_final_loss(labels: Sequence[str], losses: Sequence[float], path: Path, title: str = "") -> Path:
-    """Bar chart of final loss per run (the block-count sweep at a glance; Fig. 6 analogue)."""
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(labels) + 2), 3.8))
-    y = np.asarray(losses, dtype=float)
-    ax.bar(range(len(labels)), np.nan_to_num(y, nan=0.0), color=[f"C{i % 10}" for i in range(len(labels))])
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-    finite = y[np.isfinite(y)]
-    if finite.size:
-        span = max(float(finite.max() - finite.min()), 1e-3)
-        ax.set_ylim(float(finite.min()) - span, float(finite.max()) + 0.5 * span)
-        for i, v in enumerate(y):
-            if np.isfinite(v):
-                ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=7)
-    ax.set_ylabel("final loss")
+def plot_loss_bars(labels: Sequence[str], means: Sequence[float], sds: Sequence[Optional[float]],
+                   points: Sequence[Sequence[float]], path: Path, title: str = "", ylabel: str = "loss") -> Path:
+    """One labelled bar per (size, variant): mean over seeds, ± SD error bar, each seed as a dot, n under it."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(labels) + 2), 4.0))
+    y = np.asarray(means, dtype=float)
+    err = np.asarray([s if s is not None else 0.0 for s in sds], dtype=float)
+    x = np.arange(len(labels))
+    ax.bar(x, y, color=[f"C{i % 10}" for i in range(len(labels))], alpha=0.7)
+    ax.errorbar(x, y, yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
+    for i, pts in enumerate(points):
+        ax.scatter([i] * len(pts), pts, color="black", s=10, zorder=3)
+    ax.set_xticks(x, [f"{lab}\n(n={len(p)})" for lab, p in zip(labels, points)], rotation=30, ha="right", fontsize=7)
+    allv = np.asarray([v for p in points for v in p], dtype=float)
+    allv = allv[np.isfinite(allv)]
+    if allv.size:
+        span = max(float(allv.max() - allv.min()), 1e-3)
+        ax.set_ylim(float(allv.min()) - span, float(allv.max()) + 0.5 * span)
+        for i, (m, s) in enumerate(zip(y, sds)):
+            ax.text(i, float(allv.max()) + 0.15 * span, f"{m:.4f}" + (f"\n±{s:.4f}" if s is not None else ""),
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -1,16 +1,22 @@
-"""``attnres-compare RUN_DIR...``: one table of final validation loss per run, power-law fits per variant, and
-the compute advantage of each variant over a reference (the paper reports 1.25× for Block AttnRes over the
-PreNorm baseline at 5.6 PFLOP/s-days).
+"""``attnres-compare RUN_DIR...``: validation loss per run at matched tokens, seeds aggregated with deltas paired
+by seed, power-law fits per variant over ≥ 3 sizes, and the compute advantage of each variant over a reference
+(the paper reports 1.25× for Block AttnRes over the PreNorm baseline at 5.6 PFLOP/s-days).
 
     attnres-compare runs/block_sweep                           # -> runs/block_sweep/compare/
     attnres-compare runs/scaling --reference baseline --budget 5.6
     attnres-compare runs/a runs/b runs/sweep --out results/ --variant "block N=8"
+    attnres-compare runs/no_val --loss train                   # runs that never validated: train loss, flagged
 
-Writes ``comparison.md`` (also printed), ``comparison.csv`` (one row per run), ``fits.csv`` (one row per
-variant), ``scaling_fits.png`` (loss against compute with the fits), ``final_loss.png`` and
-``loss_curves.png``. Compute per run = ``train_flops_per_token × tokens_seen`` from the run's config.yaml and
-metrics.jsonl; a variant needs runs at ≥ 2 different compute budgets (sizes) to be fitted. Bad input prints
-one ``error: ...`` line and exits with status 2.
+Why it refuses rather than guesses: a loss difference means something only between runs read at the same
+point of training on held-out data. So every run of one model size is read at the same token count (see
+:mod:`attnres_train.analysis.matching`); runs without validation losses, runs with no common validation point,
+two runs of the same variant/size/seed, and fits through fewer than 3 sizes are refused or reported as not
+fitted, never silently replaced by something weaker. Bad input prints one ``error: ...`` line and exits 2;
+nothing is written before the input has been checked.
+
+Writes ``comparison.md`` (also printed), ``comparison.csv`` (one row per run), ``aggregate.csv`` (one row per
+size and variant), ``fits.csv`` (one row per variant), ``scaling_fits.png``, ``loss_bars.png`` and
+``loss_curves.png``. Compute = ``train_flops_per_token × tokens`` from each run's config.yaml.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..config.errors import ConfigError, UserInputError
 
-RUN_COLUMNS = ("run", "variant", "model", "num_layers", "hidden_size", "active_params", "steps", "tokens", "flops",
-               "pflops_days", "final_loss", "loss_source", "seed", "delta_vs_reference")
+RUN_COLUMNS = ("run", "label", "variant", "model", "num_layers", "hidden_size", "active_params", "seed", "steps",
+               "tokens", "compared_tokens", "compared_flops", "pflops_days", "loss", "loss_source", "loss_batches",
+               "delta_vs_reference")
+AGG_COLUMNS = ("model", "num_layers", "hidden_size", "variant", "compared_tokens", "seeds", "n", "loss_mean",
+               "loss_sd", "delta_mean", "delta_sd", "pairs")
 FIT_COLUMNS = ("variant", "A", "alpha", "r2", "points", "budget_pflops_days", "loss_at_budget", "reference",
                "compute_advantage")
 
@@ -37,15 +47,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-compare", description="Compare runs: final loss table, scaling-law fits, compute advantage.")
+    p = _Parser(prog="attnres-compare", description="Compare runs at matched tokens: loss table, seeds, fits.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep directories of runs")
     p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/compare, or the runs' common "
                    "parent/compare)")
-    p.add_argument("--reference", default="baseline", help="variant the advantage is measured against (default baseline)")
+    p.add_argument("--reference", default="baseline", help="variant deltas and the advantage are measured against "
+                   "(default baseline)")
     p.add_argument("--variant", action="append", default=None,
                    help="variant(s) to report an advantage for (default: every fitted variant); repeatable")
     p.add_argument("--budget", type=float, default=None,
-                   help="compute budget in PFLOP/s-days for the advantage (default: the largest run's compute)")
+                   help="compute budget in PFLOP/s-days for the advantage (default: the largest compared compute)")
+    p.add_argument("--loss", choices=("val", "train"), default="val",
+                   help="val (default): validation loss, refused for runs that never validated; train: training "
+                   "loss averaged over the last --train-window of tokens, flagged as not held out")
+    p.add_argument("--train-window", type=float, default=0.1,
+                   help="with --loss train: fraction of the matched tokens whose logged train losses are averaged")
     return p
 
 
@@ -56,14 +72,15 @@ def default_out(args_runs: List[str], runs: List[Path]) -> Path:
     return Path(os.path.commonpath(parents)) / "compare"
 
 
-def fit_variants(summaries, reference: str, budget: Optional[float], variants: Optional[List[str]]):
-    """Per variant: the fit (or the reason there is none) and the advantage over ``reference`` at ``budget``."""
-    from ..analysis.fit import compute_advantage, fit_power_law
+def fit_variants(aggs, reference: str, budget: Optional[float], variants: Optional[List[str]]):
+    """Per variant: a fit over its sizes' seed means (or why there is none) and the advantage at ``budget``."""
+    from ..analysis.fit import compute_advantage, fit_power_law, pflops_days
 
     points: Dict[str, list] = {}
-    for s in summaries:
-        if math.isfinite(s.final_loss) and s.final_loss > 0 and s.flops > 0:
-            points.setdefault(s.variant, []).append((s.pflops_days, s.final_loss))
+    for a in aggs:
+        flops = statistics.fmean(a.flops)
+        if math.isfinite(a.mean) and a.mean > 0 and flops > 0:
+            points.setdefault(a.variant, []).append((pflops_days(flops), a.mean))
     fits, notes = {}, {}
     for v, pts in points.items():
         try:
@@ -99,69 +116,78 @@ def _order(label: str):
 
 
 def _fmt(v, kind: str = "g") -> str:
-    if v == "" or v is None:
-        return "—"
-    if isinstance(v, float) and not math.isfinite(v):
+    if v == "" or v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
     if kind == "loss":
         return f"{v:.4f}"
+    if kind == "delta":
+        return f"{v:+.4f}"
     if kind == "int":
         return f"{int(v):,}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _size_key(s) -> tuple:
-    return (s.model, s.num_layers, s.hidden_size, s.seed)
+def _pm(mean, sd, kind="loss") -> str:
+    return _fmt(mean, kind) + ("" if sd is None else f" ± {sd:.4f}")
 
 
-def deltas(summaries, reference: str) -> List[Optional[float]]:
-    """Final loss minus the ``reference`` run's of the same model size and seed (None without one)."""
-    ref = {}
-    for s in summaries:
-        if s.variant == reference and math.isfinite(s.final_loss):
-            ref.setdefault(_size_key(s), s.final_loss)
-    out = []
-    for s in summaries:
-        r = ref.get(_size_key(s))
-        out.append(None if r is None or not math.isfinite(s.final_loss) else s.final_loss - r)
-    return out
+def markdown(rows, aggs, matched, fit_rows, notes, reference: str, budget, source: str, window: float) -> str:
+    from ..analysis.matching import size_name
 
-
-def markdown(summaries, fit_rows, notes, reference: str, budget) -> str:
-    seeds = len({s.seed for s in summaries}) > 1
-    seed_head, seed_rule = (" seed |", " ---: |") if seeds else ("", "")
-    lines = ["# Run comparison", "",
-             f"| run | variant | model | layers | d | active params |{seed_head} steps | tokens | FLOPs | PF-days | "
-             f"final loss | Δ vs {reference} |",
-             f"| --- | --- | --- | ---: | ---: | ---: |{seed_rule} ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s, d in zip(summaries, deltas(summaries, reference)):
-        loss = _fmt(s.final_loss, "loss") + (" (train)" if s.loss_source == "train" else "")
-        delta = "—" if d is None else f"{d:+.4f}"
-        seed = f" {s.seed} |" if seeds else ""
-        lines.append(f"| {s.run} | {s.variant} | {s.model} | {s.num_layers} | {s.hidden_size} | "
-                     f"{_fmt(s.active_params, 'int')} |{seed} {s.steps} | {_fmt(s.tokens, 'int')} | {s.flops:.3e} | "
-                     f"{s.pflops_days:.3g} | {loss} | {delta} |")
-    lines += ["", "final loss = last validation loss ((train) = the run never validated: last train loss); "
-              f"Δ = final loss minus the {reference} run's of the same model and seed; "
-              "FLOPs = train_flops_per_token × tokens; PF-days = PFLOP/s-days; active params exclude embeddings.",
-              "", "## Power-law fits L = A·C^(−α) (C in PFLOP/s-days)", ""]
+    if source == "val":
+        basis = ("Losses are **validation** losses, read per model size at the matched token count: the largest "
+                 "one at which every run of that size logged a validation loss.")
+    else:
+        basis = (f"⚠ Losses are **training** losses (not held out): per model size, the mean of the train batches "
+                 f"logged in the last {window:.0%} of tokens before the matched count (the shortest run's length).")
+    lines = ["# Run comparison", "", basis, "", "| model size | compared at (tokens) | runs |", "| --- | ---: | ---: |"]
+    for key, tokens in matched.items():
+        lines.append(f"| {size_name(key)} | {tokens:,} | {sum(1 for r in rows if _key(r) == key)} |")
+    lines += ["", "## Runs", "",
+              f"| run | variant | model | layers | d | seed | active params | trained tokens | compared at | PF-days | "
+              f"loss | Δ vs {reference} (same seed) |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        s = r.summary
+        loss = _fmt(r.loss, "loss") + ("" if source == "val" else f" (train, {r.batches} batches)")
+        lines.append(f"| {s.run} | {s.variant} | {s.model} | {s.num_layers} | {s.hidden_size} | {s.seed} | "
+                     f"{_fmt(s.active_params, 'int')} | {_fmt(s.tokens, 'int')} | {_fmt(r.tokens, 'int')} | "
+                     f"{r.pflops_days:.3g} | {loss} | {_fmt(r.delta, 'delta')} |")
+    lines += ["", "## Per variant (seeds aggregated)", "",
+              f"| model size | variant | seeds | loss (mean ± SD) | Δ vs {reference} (paired by seed, mean ± SD) | pairs |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
+    for a in aggs:
+        delta = ("(reference)" if a.variant == reference else
+                 _pm(a.delta_mean, a.delta_sd, "delta") if a.deltas else "—")
+        lines.append(f"| {size_name(a.size)} | {a.variant} | {', '.join(map(str, a.seeds))} | {_pm(a.mean, a.sd)} | "
+                     f"{delta} | {len(a.deltas)} |")
+    lines += ["", "SD = sample standard deviation over seeds (— with one seed). Δ = a run's loss minus the "
+              f"{reference} run's of the same size and seed; its mean ± SD is over those pairs. PF-days = "
+              "PFLOP/s-days of training up to the compared tokens; active params exclude embeddings.",
+              "", "## Power-law fits L = A·C^(−α) (C in PFLOP/s-days, one point per size: the seed mean)", ""]
     fitted = [r for r in fit_rows if r["A"] != ""]
-    if not fitted:
-        lines.append("No variant has runs at two or more compute budgets, so there is nothing to fit "
-                     "(a block sweep trains one size; `experiment=scaling` trains several).")
-        return "\n".join(lines) + "\n"
-    lines += [f"Compute advantage over `{reference}` at {_fmt(budget)} PF-days.", "",
-              "| variant | A | α | R² (log) | points | loss at budget | compute advantage |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in fit_rows:
-        adv = "—" if r["compute_advantage"] == "" else f"{r['compute_advantage']:.3f}×"
-        lines.append(f"| {r['variant']} | {_fmt(r['A'])} | {_fmt(r['alpha'])} | {_fmt(r['r2'])} | {r['points']} | "
-                     f"{_fmt(r['loss_at_budget'], 'loss') if r['loss_at_budget'] != '' else '—'} | {adv} |")
+    if fitted:
+        lines += [f"Compute advantage over `{reference}` at {_fmt(budget)} PF-days.", "",
+                  "| variant | A | α | R² (log) | sizes | loss at budget | compute advantage |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in fitted:
+            adv = "—" if r["compute_advantage"] == "" else f"{r['compute_advantage']:.3f}×"
+            lines.append(f"| {r['variant']} | {_fmt(r['A'])} | {_fmt(r['alpha'])} | {_fmt(r['r2'])} | {r['points']} | "
+                         f"{_fmt(r['loss_at_budget'], 'loss')} | {adv} |")
+        lines += ["", "compute advantage = compute the reference needs to reach the variant's fitted loss at the "
+                  "budget, divided by the budget (> 1: the variant is ahead)."]
+    else:
+        lines.append("Nothing fitted: a fit needs runs at 3 or more model sizes (a block sweep trains one size; "
+                     "`experiment=scaling` trains three).")
     if notes:
-        lines += [""] + [f"- {v}: {why}" for v, why in sorted(notes.items())]
-    lines += ["", "compute advantage = compute the reference needs to reach the variant's fitted loss at the budget, "
-              "divided by the budget (> 1: the variant is ahead)."]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _key(r):
+    from ..analysis.matching import size_key
+
+    return size_key(r.summary)
 
 
 def _write_csv(path: Path, columns, rows) -> None:
@@ -169,11 +195,12 @@ def _write_csv(path: Path, columns, rows) -> None:
         w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in columns})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
 def compare(args) -> str:
     from ..analysis import plots as P
+    from ..analysis.matching import aggregate, loss_curve, match, pair_deltas, size_name
     from ..analysis.runs import find_runs, load_run, summarize, variant_order
 
     if args.budget is not None and not args.budget > 0:
@@ -189,33 +216,43 @@ def compare(args) -> str:
     for v in args.variant or []:
         if v not in known:
             raise UserInputError(f"--variant {v!r}: no run has that variant (have: {', '.join(sorted(known))})")
-    points, fits, fit_rows, notes, budget = fit_variants(summaries, args.reference, args.budget, args.variant)
-    if args.reference not in fits:
-        notes.setdefault(args.reference, "no fit for the reference variant, so no compute advantage" if
-                         args.reference in known else f"no run has the reference variant {args.reference!r}")
+    rows, notes, matched = match(loaded, summaries, args.loss, args.train_window)
+    if args.reference not in known:
+        notes.append(f"no run has the reference variant {args.reference!r}, so there are no deltas and no advantage")
+    notes += pair_deltas(rows, args.reference)
+    aggs = aggregate(rows, variant_order)
+    points, fits, fit_rows, fit_notes, budget = fit_variants(aggs, args.reference, args.budget, args.variant)
+    if len(matched) > 1:  # with one size, "Nothing fitted" in the table says it all
+        notes += [f"{v}: {why}" for v, why in sorted(fit_notes.items(), key=lambda kv: _order(kv[0]))]
+    if fits and args.reference in known and args.reference not in fits:
+        notes.append(f"no fit for the reference variant {args.reference!r}, so no compute advantage")
     out = Path(args.out) if args.out else default_out(args.runs, run_dirs)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(summaries, fit_rows, notes, args.reference, budget)
+    text = markdown(rows, aggs, matched, fit_rows, notes, args.reference, budget, args.loss, args.train_window)
     (out / "comparison.md").write_text(text, encoding="utf-8")
-    rows = [dict(s.as_row(), delta_vs_reference="" if d is None else d)
-            for s, d in zip(summaries, deltas(summaries, args.reference))]
-    _write_csv(out / "comparison.csv", RUN_COLUMNS, rows)
+    _write_csv(out / "comparison.csv", RUN_COLUMNS, [
+        dict(r.summary.as_row(), label=r.label, compared_tokens=r.tokens, compared_flops=r.flops,
+             pflops_days=r.pflops_days, loss=r.loss, loss_source=r.source, loss_batches=r.batches,
+             delta_vs_reference=r.delta) for r in rows])
+    _write_csv(out / "aggregate.csv", AGG_COLUMNS, [
+        dict(model=a.size[0], num_layers=a.size[1], hidden_size=a.size[2], variant=a.variant, compared_tokens=a.tokens,
+             seeds=" ".join(map(str, a.seeds)), n=len(a.seeds), loss_mean=a.mean, loss_sd=a.sd,
+             delta_mean=a.delta_mean, delta_sd=a.delta_sd, pairs=len(a.deltas)) for a in aggs])
     _write_csv(out / "fits.csv", FIT_COLUMNS, fit_rows)
+    what = "validation loss" if args.loss == "val" else "TRAINING loss (not held out)"
     P.plot_scaling(points, fits, out / "scaling_fits.png", budget=budget,
-                   title=f"final loss vs compute ({len(summaries)} runs)")
-    many_models = len({_size_key(x)[:3] for x in summaries}) > 1
-    many_seeds = len({x.seed for x in summaries}) > 1
-    labels = [s.variant + (f"\n{s.model} {s.num_layers}L d{s.hidden_size}" if many_models else "")
-              + (f" seed {s.seed}" if many_seeds else "") for s in summaries]
-    P.plot_final_loss(labels, [s.final_loss for s in summaries], out / "final_loss.png", "final loss per run")
+                   title=f"{what} at matched tokens vs compute (seed means, {len(rows)} runs)")
+    P.plot_loss_bars([f"{a.variant}\n{size_name(a.size)}" for a in aggs], [a.mean for a in aggs], [a.sd for a in aggs],
+                     [a.losses for a in aggs], out / "loss_bars.png",
+                     f"{what} at matched tokens\nbar: mean ± SD over seeds; dots: single seeds", ylabel=what)
     curves = {}
-    for s, run in zip(summaries, loaded):
-        val = [(r["step"], r["val_loss"]) for r in run.kind("val") if isinstance(r.get("val_loss"), (int, float))]
-        train = [(r["step"], r["loss"]) for r in run.kind("train") if isinstance(r.get("loss"), (int, float))]
-        pts = {"val": tuple(map(list, zip(*val)))} if val else {"train": tuple(map(list, zip(*train))) if train else ([], [])}
-        curves[f"{s.variant} ({Path(s.run).name})"] = pts
-    P.plot_loss_curves(curves, out / "loss_curves.png", "validation loss per run (train loss if never validated)")
-    return text + f"\nwrote {out}/comparison.md, comparison.csv, fits.csv, scaling_fits.png, final_loss.png, loss_curves.png"
+    for r, run in zip(rows, loaded):
+        pts = loss_curve(run, args.loss)
+        curves[r.label] = {args.loss: tuple(map(list, zip(*pts))) if pts else ([], [])}
+    marks = {f"compared at {t:,} tokens ({size_name(k)})": t for k, t in matched.items()}
+    P.plot_loss_curves(curves, out / "loss_curves.png", f"{what} per run", xlabel="tokens", marks=marks)
+    return text + (f"\nwrote {out}/comparison.md, comparison.csv, aggregate.csv, fits.csv, scaling_fits.png, "
+                   "loss_bars.png, loss_curves.png")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

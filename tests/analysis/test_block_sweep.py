@@ -57,10 +57,11 @@ def test_tiny_block_sweep_analyze_and_compare(tmp_path, capsys):
     assert [r["run"] for r in rows] == [str(p) for p in runs]
     assert [r["variant"] for r in rows] == VARIANTS
     for r in rows:
-        assert r["loss_source"] == "val" and np.isfinite(float(r["final_loss"])) and int(r["tokens"]) == 2 * 2 * 16
-        assert float(r["flops"]) > 0
+        assert r["loss_source"] == "val" and np.isfinite(float(r["loss"])) and int(r["tokens"]) == 2 * 2 * 16
+        assert int(r["compared_tokens"]) == 2 * 2 * 16
+        assert float(r["compared_flops"]) > 0
     assert float(rows[0]["delta_vs_reference"]) == 0.0
-    for name in ("scaling_fits.png", "final_loss.png", "loss_curves.png"):
+    for name in ("scaling_fits.png", "loss_bars.png", "loss_curves.png"):
         assert (sweep / "compare" / name).stat().st_size > 1000
     md = (sweep / "compare" / "comparison.md").read_text()
     assert all(f"| {p} | {v} |" in md for p, v in zip(runs, VARIANTS)) and md in printed

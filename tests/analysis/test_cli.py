@@ -53,6 +53,7 @@ def test_compare_recovers_the_laws_and_the_advantage(scaling_runs, tmp_path, cap
     assert len(rows) == 6 and {r["run"].rsplit("/", 1)[1] for r in rows} == {str(i) for i in range(6)}
     assert [r["variant"] for r in rows] == ["baseline", "block N=2"] * 3
     assert all(r["loss_source"] == "val" for r in rows)
+    assert all(r["compared_tokens"] == r["tokens"] for r in rows)  # same length per size: read at the end
     assert [float(r["delta_vs_reference"]) for r in rows[::2]] == [0.0, 0.0, 0.0]
     with open(out / "fits.csv") as f:
         fits = {r["variant"]: r for r in csv.DictReader(f)}
@@ -63,7 +64,7 @@ def test_compare_recovers_the_laws_and_the_advantage(scaling_runs, tmp_path, cap
     expected = compute_advantage(PowerLaw(*LAWS["baseline"]), PowerLaw(*LAWS["block N=2"]), 1e-6)
     assert float(fits["block N=2"]["compute_advantage"]) == pytest.approx(expected, rel=1e-6)
     assert float(fits["baseline"]["compute_advantage"]) == pytest.approx(1.0)
-    for name in ("scaling_fits.png", "final_loss.png", "loss_curves.png"):
+    for name in ("scaling_fits.png", "loss_bars.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "comparison.md").read_text().count("\n| ") >= 6 + 2
 

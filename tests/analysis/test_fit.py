@@ -55,7 +55,12 @@ def test_compute_advantage_reproduces_the_papers_1_25x():
 
 def test_fit_rejects_unfittable_input():
     with pytest.raises(ValueError, match="2 distinct"):
-        fit_power_law([1.0, 1.0], [2.0, 2.1])
+        fit_power_law([1.0, 1.0], [2.0, 2.1], min_points=2)
+    with pytest.raises(ValueError, match="at least 3 distinct.*R² = 1"):
+        fit_power_law([1.0, 2.0], [2.0, 1.9])  # two sizes: an exact line, not evidence of a power law
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        fit_power_law([1.0, 2.0, 2.0], [2.0, 1.9, 1.91])
+    assert fit_power_law([1.0, 2.0], [2.0, 1.9], min_points=2).r2 == 1.0
     with pytest.raises(ValueError, match="positive"):
         fit_power_law([1.0, -2.0], [2.0, 1.9])
     with pytest.raises(ValueError, match="positive"):
