@@ -7,6 +7,7 @@ naming the field (``trainer.global_batch_size``...), before any data is read or 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -44,6 +45,9 @@ class TrainerConfig:
     # step does not page-fault its working set in again every step (f2 preset: 4.6 s -> 3.0 s per step).
     # The process then keeps its peak heap. No effect on GPU runs or without glibc (train/host_memory.py).
     keep_host_memory: bool = True
+    # CPU threads per process (torch.set_num_threads). null = OMP_NUM_THREADS if set, else the cores this process
+    # may use divided by the processes on this node (train/threads.py). More than the available cores is an error.
+    num_threads: Optional[int] = None
     # torch.compile backend: "inductor" (default, generates kernels), "aot_eager" (graph capture only).
     compile_backend: str = "inductor"
     # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).
@@ -107,7 +111,21 @@ def validate_trainer_config(cfg: TrainerConfig, dp_world_size: int = 1) -> int:
     if cfg.peak_flops < 0:
         raise ConfigError("trainer.peak_flops", f"must be >= 0, got {cfg.peak_flops!r}")
     _pos(cfg.dist_timeout_s, "trainer.dist_timeout_s")
+    if cfg.num_threads is not None:
+        _pos(cfg.num_threads, "trainer.num_threads")
+        cores = _available_cores()
+        if cfg.num_threads > cores:
+            raise ConfigError("trainer.num_threads", f"{cfg.num_threads} threads, but this process may run on only "
+                              f"{cores} core(s); use at most {cores}, or null for the automatic choice")
     return cfg.global_batch_size // per_step
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (same rule as attnres_train.train.threads.available_cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def validate_logging_config(cfg: LoggingConfig) -> None:

@@ -1,12 +1,17 @@
-"""Metrics: throughput/MFU bookkeeping, AttnRes depth statistics, and the console / jsonl / W&B sinks.
+"""Metrics: throughput/MFU bookkeeping, AttnRes depth statistics, and the console / train.log / jsonl / W&B sinks.
 
 Only rank 0 writes. Every record is one flat-ish JSON object with a ``step`` and a ``kind`` (train, val,
 sample, depth, event), so ``RUN_DIR/metrics.jsonl`` can be loaded line by line by the analysis tools.
+
+The console gets one readable line per record (``[step 3/12] loss 4.0204 | ... | ETA 0:00:04``: fixed
+formats, never a raw 16-digit float) and the trainer's messages; the same lines go to ``RUN_DIR/train.log``
+(with a time stamp) through :mod:`logging`, so a run's log survives the terminal.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -98,16 +103,94 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: fl
     return tokenizer.decode(x[0, len(ids):].tolist())
 
 
+RUN_LOGGER = "attnres_train.run"  # the console + RUN_DIR/train.log logger (rank 0; does not propagate)
+
+
+class _NotRecords(logging.Filter):
+    """With ``logging.console=false`` the console keeps the trainer's messages but not the per-record lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "metrics_record", False)
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc); now, where that cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):  # pragma: no cover - not Linux
+        return time.time()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _count(n: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _value(v) -> str:
+    """Compact text for a logged value: floats with 4 significant digits (scientific when tiny or huge)."""
+    if isinstance(v, bool) or not isinstance(v, float):
+        return str(v)
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+# (key, label, format) of the train line, in order; a key absent from the record is left out
+_TRAIN_FIELDS = (
+    ("loss", "loss", lambda v: f"{v:.4f}"),
+    ("lr", "lr", lambda v: f"{v:.2e}"),
+    ("grad_norm", "grad", _value),
+    ("s_per_step", None, lambda v: f"{v:.3g} s/step"),
+    ("tokens_per_s", None, lambda v: f"{v:,.0f} tok/s"),
+    ("tokens_seen", "tokens", _count),
+    ("elapsed_s", "elapsed", _duration),
+    ("eta_s", "ETA", _duration),
+    ("mfu", "mfu", lambda v: f"{100 * v:.2f}%"),
+    ("peak_mem_gb", "mem", lambda v: f"{v:.2f} GB"),
+    ("expert_imbalance_max", "imbalance", lambda v: f"{v:.2f}"),
+)
+
+
 class MetricsLogger:
-    """Fan-out of records to the console, RUN_DIR/metrics.jsonl and Weights & Biases (rank 0 only)."""
+    """Fan-out of records to the console, RUN_DIR/train.log, RUN_DIR/metrics.jsonl and W&B (rank 0 only).
+
+    ``total_steps``: the N of ``step k/N`` (the trainer sets it to the step the run stops at).
+    """
 
     def __init__(self, run_dir: Path, logging_cfg, enabled: bool, config_dict: Optional[dict] = None):
         self.enabled = enabled
         self.console = logging_cfg.console
+        self.total_steps: Optional[int] = None
         self._jsonl = None
         self._wandb = None
+        self._log: Optional[logging.Logger] = None
         if not enabled:
             return
+        self._log = logging.getLogger(RUN_LOGGER)
+        self._drop_handlers()
+        self._log.setLevel(logging.INFO)
+        self._log.propagate = False  # Hydra's root handler would print every line twice
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        if not self.console:
+            out.addFilter(_NotRecords())
+        to_file = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self._log.addHandler(out)
+        self._log.addHandler(to_file)
         if logging_cfg.jsonl:
             self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         wb = logging_cfg.wandb
@@ -118,15 +201,26 @@ class MetricsLogger:
             self._wandb = wandb.init(project=wb.project, entity=wb.entity, name=wb.name, tags=list(wb.tags),
                                      mode=wb.mode, config=config_dict, dir=str(run_dir), resume="allow")
 
-    def log(self, kind: str, step: int, **values) -> None:
+    def _drop_handlers(self) -> None:
+        for h in list(self._log.handlers):
+            self._log.removeHandler(h)
+            h.close()
+
+    def info(self, message: str) -> None:
+        """A trainer message (header, resume, stop): console and train.log, whatever ``logging.console`` says."""
+        if self._log is not None:
+            self._log.info(message)
+
+    def log(self, kind: str, step: int, echo: bool = True, **values) -> None:
+        """One record to every sink; ``echo=False``: not to the console / train.log (jsonl and W&B only)."""
         if not self.enabled:
             return
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(rec) + "\n")
             self._jsonl.flush()
-        if self.console:
-            print(self._format(rec), file=sys.stdout, flush=True)
+        if echo:
+            self._log.info(self._format(rec, self.total_steps), extra={"metrics_record": True})
         if self._wandb is not None:
             flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             if kind == "depth":
@@ -137,19 +231,28 @@ class MetricsLogger:
             self._wandb.log(flat, step=step)
 
     @staticmethod
-    def _format(rec: dict) -> str:
+    def step_label(step: int, total: Optional[int] = None) -> str:
+        return f"[step {step:>{len(str(total))}}/{total}]" if total else f"[step {step:>6}]"
+
+    @staticmethod
+    def _format(rec: dict, total: Optional[int] = None) -> str:
         kind, step = rec["kind"], rec["step"]
+        head = MetricsLogger.step_label(step, total)
         if kind == "train":
-            keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb", "expert_imbalance_max")
-            parts = [f"{k}={rec[k]:.4g}" for k in keys if k in rec]
-            return f"[step {step:>6}] " + " ".join(parts)
+            parts = [(f"{label} " if label else "") + fmt(rec[key]) for key, label, fmt in _TRAIN_FIELDS
+                     if isinstance(rec.get(key), (int, float))]
+            return f"{head} " + " | ".join(parts) + (" | skipped (non-finite)" if rec.get("skipped") else "")
+        if kind == "val":
+            return f"{head} " + " | ".join(f"{k} {_value(float(v))}" for k, v in rec.items()
+                                           if k not in ("kind", "step", "time"))
         if kind == "depth":
             ent: List[float] = rec.get("depth_entropy", [])
-            return f"[step {step:>6}] depth entropy per sublayer: " + " ".join(f"{e:.2f}" for e in ent)
+            return f"{head} depth entropy per sublayer: " + " ".join(f"{e:.2f}" for e in ent)
         if kind == "sample":
-            return f"[step {step:>6}] sample: {rec.get('text', '')!r}"
-        body = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("kind", "step", "time"))
-        return f"[step {step:>6}] {kind}: {body}"
+            return f"{head} sample: {rec.get('text', '')!r}"
+        body = " ".join(f"{k}={_value(v)}" for k, v in rec.items() if k not in ("kind", "step", "time", "event"))
+        name = f"{kind} {rec['event']}" if kind == "event" and "event" in rec else kind
+        return f"{head} {name}" + (f": {body}" if body else "")
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -158,3 +261,6 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._log is not None:
+            self._drop_handlers()
+            self._log = None

@@ -7,9 +7,13 @@ replica read the same rows), pulls a global-position-keyed batch from the sample
 records metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
 so a different data-parallel degree continues at the same token), router biases and RNG states.
 
-Faults (``faults.py``): SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint and exit
-status 0; non-finite steps are skipped, and more than ``trainer.max_consecutive_skips`` in a row stop the
-run without saving; a failed collective (dead or hung peer) becomes one ``TrainingAborted`` message.
+Faults (``faults.py``): SIGTERM / SIGUSR1 / SIGINT stop the run after the current step with a checkpoint
+(the command line then exits 0, or 130 after Ctrl-C); non-finite steps are skipped, and more than
+``trainer.max_consecutive_skips`` in a row, or a skipped last step, stop the run without saving; a failed
+collective (dead or hung peer) or checkpoint save (disk full) becomes one ``TrainingAborted`` message.
+
+Console lines and ``RUN_DIR/train.log`` come from ``MetricsLogger`` (rank 0); the header names the thread
+count (``threads.py``) and the start-up time per phase.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from ..parallel.mesh import ParallelContext, build_parallel_context
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .host_memory import keep_freed_host_memory
-from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb
+from .threads import apply_num_threads
+from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb, process_start_time
 from .train_module import build_train_module
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
@@ -68,6 +73,7 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path, ctx):
         """``ctx``: the process-group context (``DistContext`` from ``init_distributed``) or a ready
         ``ParallelContext``; the parallel layout comes from ``cfg.parallel``."""
+        t_init = time.perf_counter()
         self.cfg = cfg  # the typed Config object (attnres_train.config.schema.Config)
         self.run_dir = Path(run_dir)
         if not isinstance(ctx, ParallelContext):
@@ -77,6 +83,7 @@ class Trainer:
         tc = cfg.trainer
         if ctx.device.type == "cpu" and tc.keep_host_memory:
             keep_freed_host_memory()
+        self.num_threads, self._threads_from = apply_num_threads(tc.num_threads)
         self.max_steps = tc.max_steps
         self.step = 0
         self.tokens_seen = 0
@@ -86,7 +93,9 @@ class Trainer:
         check_fresh_start(self.run_dir / "checkpoints", cfg.checkpoint.resume, cfg.checkpoint.overwrite)
         self.config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
+        t_data = time.perf_counter()
         self.data = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=ctx.is_main)
+        t_model = time.perf_counter()
         torch.manual_seed(cfg.seed)
         # Built on ``meta`` (no rank ever holds the whole model): the TrainModule parallelizes it (EP -> TP ->
         # AC -> compile -> FSDP, per pipeline stage with pp) and materialises only this rank's shards, initialised
@@ -96,6 +105,9 @@ class Trainer:
         # With pipeline parallelism: this rank's stages under the full model's parameter names (checkpoints
         # stay layout independent); otherwise the parallelized model itself.
         self.model = self.module.model
+        # wall-clock start of the process (imports, Hydra) and the trainer's phases, for the header
+        self._startup = {"process": process_start_time(), "before": t_init, "data": t_model - t_data,
+                         "model": time.perf_counter() - t_model}
         self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.dp_rank, ctx.dp_size)
         # Depth statistics / text samples read parameters outside forward or run extra forwards: with any
         # sharding every rank must take part (collectives); TP's DTensor activations / logits are skipped.
@@ -133,8 +145,8 @@ class Trainer:
         stale = self.ckpt.stale()
         if stale and self.ctx.is_main:
             names = ", ".join(p.name for p in stale)
-            print(f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
-                  "(never loaded; removed by the next save)", flush=True)
+            self.logger.info(f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
+                             "(never loaded; removed by the next save)")
             self.logger.log("event", self.step, event="ignored_incomplete_checkpoints", dirs=[p.name for p in stale])
         if path is None:
             return None
@@ -157,13 +169,27 @@ class Trainer:
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         saved_layout = meta.get("parallel", "?")
         if self.ctx.is_main and saved_layout != self.ctx.dims.describe():
-            print(f"resuming {path.name} saved with {meta.get('world_size')} rank(s) [{saved_layout}] under "
-                  f"{self.ctx.world_size} rank(s) [{self.ctx.dims.describe()}]: model and optimizer state resharded; "
-                  f"data continues at global sample {meta['data'].get('consumed_samples')} "
-                  f"({self.tokens_seen:,} tokens)", flush=True)
+            self.logger.info(
+                f"resuming {path.name} saved with {meta.get('world_size')} rank(s) [{saved_layout}] under "
+                f"{self.ctx.world_size} rank(s) [{self.ctx.dims.describe()}]: model and optimizer state resharded; "
+                f"data continues at global sample {meta['data'].get('consumed_samples')} ({self.tokens_seen:,} tokens)")
         self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen,
                         from_layout=saved_layout)
         return path
+
+    def _header(self, resume_s: float) -> None:
+        """The run's first lines (rank 0): where, what, how many threads, how long start-up took."""
+        counts = count_params(self.cfg.model)
+        up = self._startup
+        total = time.time() - up["process"]
+        imports = max(0.0, total - (time.perf_counter() - up["before"]))
+        self.logger.info(f"run_dir {self.run_dir} | {self.ctx.describe()} | params total {counts.total:,} active "
+                         f"{counts.active:,} | {self.data.describe()}")
+        self.logger.info(f"threads {torch.get_num_threads()} per process ({self._threads_from}) | start-up "
+                         f"{total:.1f} s (imports and config {imports:.1f} s, data {up['data']:.1f} s, model "
+                         f"{up['model']:.1f} s, resume {resume_s:.1f} s)")
+        self.logger.log("event", self.step, echo=False, event="start", num_threads=torch.get_num_threads(),
+                        threads_from=self._threads_from, startup_s=round(total, 3))
 
     def _wait_for_saves(self) -> None:
         try:
@@ -190,17 +216,18 @@ class Trainer:
     def _loop(self, signals: StopSignals) -> dict:
         cfg, tc = self.cfg, self.cfg.trainer
         self._activity = "the resume"  # what the ranks were doing, for the message if a collective fails
+        t_resume = time.perf_counter()
         self.maybe_resume()
+        stop = min(self.max_steps, tc.stop_at or self.max_steps)
+        self.logger.total_steps = stop
         if self.ctx.is_main:  # written only once the config is known to be compatible with the checkpoint
             (self.run_dir / "config.yaml").write_text(self.config_text)
-            counts = count_params(cfg.model)
-            print(f"run_dir {self.run_dir} | {self.ctx.describe()} | "
-                  f"params total {counts.total:,} active {counts.active:,} | {self.data.describe()}", flush=True)
+            self._header(time.perf_counter() - t_resume)
         self.model.train()
         last = {}
-        t_last, tok_last = time.perf_counter(), self.tokens_seen
+        t_loop = t_last = time.perf_counter()
+        step_loop, step_last, tok_last = self.step, self.step, self.tokens_seen
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
-        stop = min(self.max_steps, tc.stop_at or self.max_steps)
         skips = 0  # consecutive skipped (non-finite) steps
         while self.step < stop:
             self._activity = f"step {self.step + 1}"
@@ -213,14 +240,20 @@ class Trainer:
             skips = skips + 1 if skipped else 0
             signal_name = signals.agreed(self.ctx)  # every rank, every step: the same answer everywhere
             if self.step % tc.log_every == 0 or self.step == stop or skipped or signal_name:
-                dt = time.perf_counter() - t_last
+                now = time.perf_counter()
+                dt = now - t_last
                 tps = (self.tokens_seen - tok_last) / max(dt, 1e-9)
                 per_device = tps / self.ctx.world_size
                 mfu = per_device * self.flops_per_token / self.peak if self.peak > 0 else 0.0
+                # s/step over the steps since the last line; the ETA from this launch's average (which includes
+                # validation, samples and saves)
+                s_per_step = dt / max(self.step - step_last, 1)
+                eta = (stop - self.step) * (now - t_loop) / max(self.step - step_loop, 1)
                 self.logger.log("train", self.step, **last, **({"skipped": True} if skipped else {}),
                                 tokens_seen=self.tokens_seen, tokens_per_s=tps, mfu=mfu,
-                                peak_mem_gb=peak_memory_gb(self.ctx.device))
-                t_last, tok_last = time.perf_counter(), self.tokens_seen
+                                peak_mem_gb=peak_memory_gb(self.ctx.device), s_per_step=s_per_step,
+                                elapsed_s=time.time() - self._startup["process"], eta_s=eta)
+                t_last, step_last, tok_last = time.perf_counter(), self.step, self.tokens_seen
             if skipped:
                 self._on_skipped_step(skips, last, final=self.step == stop and not signal_name)
             if tc.depth_stats_every and self.step % tc.depth_stats_every == 0:
@@ -242,9 +275,9 @@ class Trainer:
             if signal_name:
                 self.stop_signal = signal_name
                 code = SIGINT_EXIT_CODE if signal_name == "SIGINT" else 0
-                if self.ctx.is_main:
-                    print(f"[step {self.step:>6}] stopping on {signal_name}: checkpoint {path} saved; exiting with "
-                          f"status {code} (resume from it with checkpoint.resume=auto)", flush=True)
+                self.logger.info(f"{self.logger.step_label(self.step, stop)} stopping on {signal_name}: checkpoint "
+                                 f"{path} saved; exiting with status {code} (resume from it with "
+                                 "checkpoint.resume=auto)")
                 self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(path))
                 break
         self._activity = "the wait for the last checkpoint save"
