@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from attnres_train.parallel.pipeline import PipelineLayout, PipelineRuntime, build_stages
+from attnres_train.parallel.pipeline.schedules import schedule_placement
 from tests.model.helpers import build, randomize_queries, tiny_cfg
 
 VOCAB, HIDDEN, BATCH, SEQ = 64, 16, 2, 8
@@ -97,7 +98,7 @@ class Case:
 
     def layout(self):
         return PipelineLayout.from_model_config(self.cfg(), self.P, self.V, layers_per_stage=self.layers,
-                                                block_cache=self.cache)
+                                                block_cache=self.cache, placement=schedule_placement(self.schedule))
 
     def ref_key(self):
         return (self.mode, self.L, self.block_size, self.num_blocks, self.tie, self.dtype, self.M)
