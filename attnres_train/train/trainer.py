@@ -38,8 +38,8 @@ from ..parallel.mesh import ParallelContext, build_parallel_context
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .host_memory import keep_freed_host_memory
-from .threads import apply_num_threads
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb, process_start_time
+from .threads import apply_num_threads
 from .train_module import build_train_module
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
