@@ -5,13 +5,13 @@ See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and d
 """
 
 from .manager import (
-                      CheckpointManager,
-                      CheckpointSaveError,
-                      check_fresh_start,
-                      is_complete,
-                      read_config_text,
-                      step_dir_name,
-                      verify_checkpoint,
+    CheckpointManager,
+    CheckpointSaveError,
+    check_fresh_start,
+    is_complete,
+    read_config_text,
+    step_dir_name,
+    verify_checkpoint,
 )
 from .rng import capture_rng, restore_rng
 
