@@ -11,6 +11,7 @@ and pulls in its own stack, which the rest of the data layer must not depend on.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Optional
@@ -19,7 +20,9 @@ import numpy as np
 
 from attnres_train.config.errors import UserInputError
 
-from .shards import TokenStore
+from .shards import TokenStore, write_json_atomic
+
+RANGE_SUFFIX = ".attnres-range.json"  # the cached (min, max) token id of a Megatron dataset
 
 INSTALL_HINT = "pip install 'attnres-train[megatron]'  (or: pip install megatron-core)"
 
@@ -87,7 +90,12 @@ class MegatronStore(TokenStore):
         return self.ds.bin_reader.read(dtype=self.ds.index.dtype, count=int(length), offset=int(start) * self.itemsize)
 
     def token_range(self, chunk: int = 1 << 24) -> tuple:
-        """(min, max) token id over the whole ``.bin`` (one sequential pass, cached)."""
+        """(min, max) token id over the whole ``.bin``: one sequential pass, then cached in memory and in
+        ``PREFIX.attnres-range.json`` next to the data (keyed by the sizes and mtimes of ``.bin``/``.idx``),
+        so later starts on any rank read one small file instead of the corpus. If that directory is not
+        writable the pass is repeated at each start."""
+        if self._range is None:
+            self._range = self._cached_range()
         if self._range is None:
             lo, hi = None, None
             total = int(self.doc_starts[-1] + self.doc_lengths[-1])
@@ -97,7 +105,28 @@ class MegatronStore(TokenStore):
                     lo = int(a.min()) if lo is None else min(lo, int(a.min()))
                     hi = int(a.max()) if hi is None else max(hi, int(a.max()))
             self._range = (lo or 0, hi if hi is not None else -1)
+            try:
+                write_json_atomic(self.name + RANGE_SUFFIX, {**self._stamp(), "min": self._range[0], "max": self._range[1]})
+            except OSError:
+                pass  # read-only data directory: correct, only slower (documented)
         return self._range
+
+    def _stamp(self) -> dict:
+        out = {}
+        for ext in (".bin", ".idx"):
+            st = os.stat(self.name + ext)
+            out[ext[1:]] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    def _cached_range(self) -> Optional[tuple]:
+        try:
+            with open(self.name + RANGE_SUFFIX) as f:
+                c = json.load(f)
+            if {k: c.get(k) for k in ("bin", "idx")} == self._stamp():
+                return int(c["min"]), int(c["max"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
 
     def max_token_id(self) -> int:
         lo, hi = self.token_range()

@@ -93,3 +93,22 @@ def test_missing_megatron_core_tells_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.indexed_dataset", None)  # import now fails
     with pytest.raises(UserInputError, match=r"pip install 'attnres-train\[megatron\]'"):
         mg.import_indexed_dataset()
+
+
+@needs_mcore
+def test_vocab_check_scans_once_and_is_cached_next_to_the_data(tmp_path, monkeypatch):
+    docs = _docs()
+    prefix = str(tmp_path / "cached")
+    _write(prefix, docs)
+    want = max(int(d.max()) for d in docs)
+    assert mg.MegatronStore(prefix).max_token_id() == want  # first start: one pass over the .bin
+    real_read = mg.MegatronStore.read
+
+    def no_scan(self, buffer, start, length):
+        raise AssertionError("scanned the .bin again")
+
+    monkeypatch.setattr(mg.MegatronStore, "read", no_scan)
+    assert mg.MegatronStore(prefix).max_token_id() == want  # later starts: the cached range
+    _write(prefix, docs[:5] + [np.array([300, EOS])])  # the data changed: the stamp no longer matches
+    monkeypatch.setattr(mg.MegatronStore, "read", real_read)
+    assert mg.MegatronStore(prefix).max_token_id() == 300
