@@ -71,24 +71,24 @@ def block_of_sublayer(mode, num_layers, num_blocks=None, block_size=None):
     return [per_layer[i // 2] for i in range(2 * num_layers)]
 
 
-def sources_before(l, outputs, blocks, emb):
-    """[embedding] + one sum per block over the outputs of sublayers j < l in it (blocks in order)."""
+def sources_before(sub, outputs, blocks, emb):
+    """[embedding] + one sum per block over the outputs of sublayers j < sub in it (blocks in order)."""
     sums = {}
-    for j in range(l):
+    for j in range(sub):
         sums[blocks[j]] = outputs[j] if blocks[j] not in sums else sums[blocks[j]] + outputs[j]
     return [emb] + [sums[b] for b in sorted(sums)]
 
 
-def query_names(l):
-    """State-dict prefixes of sublayer l's pseudo-query / key gain, and of the sublayer's own pre-norm."""
-    i, ffn = divmod(l, 2)
+def query_names(sub):
+    """State-dict prefixes of sublayer sub's pseudo-query / key gain, and of the sublayer's own pre-norm."""
+    i, ffn = divmod(sub, 2)
     res = f"model.layers.{i}.{'mlp' if ffn else 'self_attention'}_res"
     return res, f"model.layers.{i}.{'post_attention_layernorm' if ffn else 'input_layernorm'}.weight"
 
 
-def read_of(sd, l, num_layers, sources, eps):
-    """The AttnRes input of sublayer l (l = 2·num_layers: the output head), from raw parameters."""
-    res = "model.output_attn_res" if l == 2 * num_layers else query_names(l)[0]
+def read_of(sd, sub, num_layers, sources, eps):
+    """The AttnRes input of sublayer sub (sub = 2·num_layers: the output head), from raw parameters."""
+    res = "model.output_attn_res" if sub == 2 * num_layers else query_names(sub)[0]
     return attnres_read(sources, sd[f"{res}_proj.weight"][0], sd[f"{res}_norm.weight"], eps)
 
 
@@ -138,14 +138,14 @@ def ids(seed=3):
 
 
 def reference_logits(sd, tokens, blocks, subs, eps):
-    """The whole network from raw parameters with the stand-in sublayers ``subs[l] = (A, scale)``."""
+    """The whole network from raw parameters with the stand-in sublayers ``subs[sub] = (A, scale)``."""
     emb = sd["model.embed_tokens.weight"][tokens]
     outputs, weights = [], []
-    for l in range(2 * LAYERS):
-        h, alpha = read_of(sd, l, LAYERS, sources_before(l, outputs, blocks, emb), eps)
+    for sub in range(2 * LAYERS):
+        h, alpha = read_of(sd, sub, LAYERS, sources_before(sub, outputs, blocks, emb), eps)
         weights.append(alpha)
-        x = rms_norm(h, sd[query_names(l)[1]], eps)
-        a, scale = subs[l]
+        x = rms_norm(h, sd[query_names(sub)[1]], eps)
+        a, scale = subs[sub]
         outputs.append(scale * torch.tanh(x @ a))
     h, alpha = read_of(sd, 2 * LAYERS, LAYERS, sources_before(2 * LAYERS, outputs, blocks, emb), eps)
     weights.append(alpha)
@@ -191,11 +191,11 @@ def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mo
     model = random_model(make_cfg(mode, nb, bs), seed=7)
     inputs, outputs, hooks = {}, {}, []
 
-    def keep_input(l):
-        return lambda mod, args: inputs.__setitem__(l, args[0].detach())
+    def keep_input(sub):
+        return lambda mod, args: inputs.__setitem__(sub, args[0].detach())
 
-    def keep_output(l):
-        return lambda mod, args, out: outputs.__setitem__(l, (out[0] if isinstance(out, tuple) else out).detach())
+    def keep_output(sub):
+        return lambda mod, args, out: outputs.__setitem__(sub, (out[0] if isinstance(out, tuple) else out).detach())
 
     for i, layer in enumerate(model.model.layers):
         ffn = layer.block_sparse_moe if hasattr(layer, "block_sparse_moe") else layer.mlp
@@ -215,9 +215,9 @@ def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mo
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     emb = sd["model.embed_tokens.weight"][tokens]
     blocks = block_of_sublayer(mode, LAYERS, nb, bs)
-    recorded = [outputs[l] for l in range(2 * LAYERS)]
-    for l in range(2 * LAYERS + 1):
-        want, _ = read_of(sd, l, LAYERS, sources_before(l, recorded, blocks, emb), EPS)
-        torch.testing.assert_close(inputs[l], want, rtol=1e-9, atol=1e-9, msg=lambda m: f"sublayer {l}: {m}")
+    recorded = [outputs[sub] for sub in range(2 * LAYERS)]
+    for sub in range(2 * LAYERS + 1):
+        want, _ = read_of(sd, sub, LAYERS, sources_before(sub, recorded, blocks, emb), EPS)
+        torch.testing.assert_close(inputs[sub], want, rtol=1e-9, atol=1e-9, msg=lambda m, sub=sub: f"sublayer {sub}: {m}")
     want_logits = rms_norm(inputs[2 * LAYERS], sd["model.norm.weight"], EPS) @ sd["lm_head.weight"].t()
     torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)
