@@ -106,3 +106,37 @@ def test_trainer_compile_stays_compiled_over_depth_and_steps():
     assert 0 < frames[0] < cfg.num_layers, frames  # per kind (KDA, MLA, FFN, MoE, norm), not per layer
     assert frames == [frames[0]] * 5, frames  # nothing compiled after the first step
     assert counters["frames"]["ok"] == frames[0], dict(counters["frames"])
+
+
+def test_grouped_gemm_moe_compiles_once_under_bf16_autocast():
+    """The MoE's grouped-GEMM path (the CUDA one; on CPU only reachable by forcing ``impl``) compiles with
+    device-side expert offsets: new routing every step, no recompilation, the same bf16 result as eager."""
+    from torch._dynamo.utils import counters
+
+    from attnres_train.config.model import ModelConfig, MoEConfig
+    from attnres_train.model.moe import MoE
+
+    cfg = ModelConfig(hidden_size=32, moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=64))
+    torch.manual_seed(0)
+    eager = MoE(cfg)
+    eager.experts.impl = "grouped_mm"
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile(dynamic=False, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    frames = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for _ in range(4):
+            x = torch.randn(2, 16, 32, generator=g)
+            outs = []
+            for m in (eager, compiled):
+                m.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y, _ = m(x)
+                y.float().square().sum().backward()
+                outs.append((y.detach().float(), m.experts.w1.grad.clone()))
+            frames.append(counters["frames"]["total"])
+            torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)  # same ops, same bf16 rounding
+            torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-7)
+    assert frames[0] > 0 and frames == [frames[0]] * 4, frames
