@@ -21,7 +21,7 @@ whole network to the logits; (2) the real KDA / MLA / MoE sublayers, observed wi
 recomputes every sublayer's input (and the head's) from the recorded sublayer outputs. Queries and every gain
 are random and non-zero. Planted bugs, each made once by hand and reverted: (a) the FFN reading the mixer's
 pseudo-query (``queries()``), (b) γ dropped from ``fold_query``, (c) no key norm (``depth_ops._rsqrt_ms`` → 1 and
-the reference path's key normalisation removed) each fail all 10 cases here (logits off by 0.2–0.6) while
+the reference path's key normalisation removed) each failed every case here (logits off by 0.2–0.6) while
 ``test_model.py`` passes (a) and (b); a ceil instead of floor block size for ``num_blocks`` fails the 4 N=2/N=3
 cases.
 """
@@ -160,6 +160,8 @@ CASES = [  # (mode, num_blocks, block_size, two_phase, impl)
     ("block", None, 2, True, "auto"),  # [0,1] [2,3] [4]
     ("block", None, 2, True, "reference"),
     ("block", 2, None, False, "auto"),
+    ("block", 1, None, True, "auto"),  # one block: the paper's "embedding isolated as b_0" special case
+    ("block", None, 1, True, "auto"),  # a block per decoder layer (not Full: two sublayers per block)
 ]
 IDS = [f"{m}-N{n}-S{s}-{'2phase' if tp else 'direct'}-{i}" for m, n, s, tp, i in CASES]
 
