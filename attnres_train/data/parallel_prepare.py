@@ -179,7 +179,7 @@ def execute(jobs: List[dict], workers: int, on_done: Callable[[dict], None]) -> 
             on_done(run_unit(job))
         return
     import multiprocessing as mp
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_one_thread) as pool:
@@ -187,7 +187,7 @@ def execute(jobs: List[dict], workers: int, on_done: Callable[[dict], None]) -> 
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     on_done(f.result())  # re-raises a worker's error (e.g. bad UTF-8) here
         except BaseException:
