@@ -211,6 +211,13 @@ class MetricsLogger:
         if self._log is not None:
             self._log.info(message)
 
+    def to_file(self, message: str) -> None:
+        """A line for train.log only (the command line prints it on stderr itself)."""
+        if self._log is not None:
+            for h in self._log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.handle(self._log.makeRecord(self._log.name, logging.ERROR, "", 0, message, None, None))
+
     def log(self, kind: str, step: int, echo: bool = True, **values) -> None:
         """One record to every sink; ``echo=False``: not to the console / train.log (jsonl and W&B only)."""
         if not self.enabled:

@@ -206,12 +206,22 @@ class Trainer:
             except BaseException as exc:
                 if self.ctx.is_distributed and is_comm_failure(exc):
                     newest = self.ckpt.latest(report=False)
-                    raise TrainingAborted(comm_failure_message(exc, self.ctx.rank, self._activity,
-                                                               self.cfg.trainer.dist_timeout_s, newest)) from exc
+                    exc = TrainingAborted(comm_failure_message(exc, self.ctx.rank, self._activity,
+                                                               self.cfg.trainer.dist_timeout_s, newest))
+                    self._log_end(exc)
+                    raise exc from None
+                self._log_end(exc)
                 raise
             finally:
                 self.sampler.close()
                 self.logger.close()
+
+    def _log_end(self, exc: BaseException) -> None:
+        """train.log gets the line the command line prints on stderr for a run that ends in an error."""
+        if isinstance(exc, (TrainingAborted, UserInputError, ConfigError)):
+            self.logger.to_file(f"error: {exc}")
+        elif isinstance(exc, KeyboardInterrupt):
+            self.logger.to_file("error: interrupted (Ctrl-C): stopped at once without saving")
 
     def _loop(self, signals: StopSignals) -> dict:
         cfg, tc = self.cfg, self.cfg.trainer

@@ -97,5 +97,6 @@ def test_enospc_while_writing_removes_the_partial_directory_and_keeps_the_previo
     assert "partial directory was removed" in msg and f"{prev} is intact" in msg, msg
     assert "\n" not in msg and "Traceback" not in msg
     assert _ckpt_dirs(run_dir) == ["step_00000002"]  # no step_00000003.tmp-*
+    assert (run_dir / "train.log").read_text().splitlines()[-1].endswith(f"error: {msg}")  # the log says why
     assert snapshot and _hashes(prev) == snapshot
     verify_checkpoint(prev)
