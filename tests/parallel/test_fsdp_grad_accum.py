@@ -154,3 +154,43 @@ def test_fsdp2_bf16_mixed_precision_policy():
         assert r["seen"] == {"mixer": torch.bfloat16, "experts": torch.bfloat16, "embed": torch.float32}, r
         assert r["grads"] == {torch.float32} and r["masters"] == {torch.float32}, r
         assert 0 < abs(r["loss"] - ref_loss) / ref_loss < 2e-2, (r["loss"], ref_loss)
+
+
+def _hsdp_body():
+    from attnres_train.config.parallel import ParallelConfig
+    from attnres_train.config.run import TrainerConfig
+    from attnres_train.config.train import OptimConfig
+    from attnres_train.parallel.mesh import build_parallel_context
+    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.train.train_module import TrainModule
+    from tests.parallel.test_data_parallel import _Collectives
+
+    pctx = build_parallel_context(ParallelConfig(dp_replicate=2, dp_shard=2), model_cfg("block", 2), seq_len=T,
+                                  world_size=dist.get_world_size())
+    ref = build_reference("block", 2)
+    par = copy.deepcopy(ref).float()
+    module = TrainModule(par, OptimConfig(), TrainerConfig(micro_batch_size=1, global_batch_size=8), pctx, 10)
+    ids = _batch()
+    counter = _Collectives()
+    with counter:
+        module.forward_backward(local_batch(ids, pctx))  # 2 microbatches on this rank
+    g = full_grads(par)
+    o = ref(ids[:, :-1], labels=ids[:, 1:])
+    (o.loss + o.aux_loss).backward()
+    err = max(rel_err(g[n], p.grad) for n, p in ref.named_parameters() if p.grad is not None)
+    names = counter.names
+    return {"err": err, "rs": names.count("_reduce_scatter_base_") + names.count("reduce_scatter_tensor_coalesced_"),
+            "ar": names.count("allreduce_") + names.count("all_reduce_"), "names": sorted(set(names))}
+
+
+@pytest.mark.slow  # 4 ranks on the 2-core box
+def test_hsdp_accumulation_reduce_scatters_every_microbatch_all_reduces_once():
+    """HSDP 2x2, 2 microbatches per rank: reduce-scatter per microbatch (sharded gradients), the replica all-reduce
+    deferred to the last one, and the gradient still that of the global batch."""
+    for r in run_distributed(_hsdp_body, 4, timeout=240):
+        assert r["err"] < 1e-5, r
+        units = 4  # 3 decoder layers + root
+        assert r["rs"] == 2 * units, r
+        # the replica all-reduces of the gradients (one per unit, last microbatch only), plus the trainer's few
+        # scalar all-reduces (loss weights, loss statistics) which do not depend on the number of units
+        assert units <= r["ar"] < 2 * units, r
