@@ -165,6 +165,9 @@ def resume_state(staging: str, key: str) -> Dict[int, dict]:
                     with open(os.path.join(staging, name)) as f:
                         m = json.load(f)
                     done[int(m["unit"])] = m
+            for name in os.listdir(staging):  # leftovers of the units that were cut short: redone from scratch
+                if name.startswith("u") and int(name[1:7]) not in done:
+                    os.remove(os.path.join(staging, name))
             return done
         shutil.rmtree(staging)
     os.makedirs(staging)

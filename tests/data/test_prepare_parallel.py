@@ -100,10 +100,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
         "u000000.done.json", "u000001.done.json"]
     first = json.loads((staging / "u000000.done.json").read_text())["shards"][0]
     assert ShardSet(str(staging / f"{first}.bin")).num_docs > 0  # a finished shard is a complete file
+    (staging / "u000002_00000.bin.tmp").write_bytes(b"\0" * 10)  # as if unit 2 had been cut short mid-shard
+    (staging / "u000002_00000.json.tmp-99999").write_text("{")  # a header write of the killed process
     code, stdout, err = _prepare(*args[:-1], "--workers", 2, capsys=capsys)
     assert code == 0, err
     assert "2 of " in stdout and "units resumed" in stdout
     assert _stream(out) == _expected(texts) and not staging.exists()
+    assert not [f for f in os.listdir(out) if "tmp" in f]
 
 
 def test_a_changed_input_restarts_instead_of_resuming(tmp_path, capsys):
