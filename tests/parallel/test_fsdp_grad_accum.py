@@ -64,14 +64,6 @@ def _accum_body():
     ids = _batch()
     loc = local_batch(ids, pctx)  # MICRO rows: one sequence per microbatch
 
-    def accumulate(mark):
-        for i in range(MICRO):
-            with grad_sync(model, enabled=(i == MICRO - 1)):
-                out = model(loc[i:i + 1, :-1], labels=loc[i:i + 1, 1:])
-                ((out.loss + out.aux_loss) / MICRO).backward()
-                del out
-            mark(i)
-
     def accumulate(after_micro):
         for i in range(MICRO):
             with grad_sync(model, enabled=(i == MICRO - 1)):
