@@ -16,6 +16,11 @@ activation-checkpoint recomputation, so nothing is double counted); the trainer 
 the optimizer step (the parallel engine first all-reduces the counter over data-parallel ranks).
 The bias and the counters stay fp32 even if the module is cast with ``.to(bfloat16)``: a 1e-3 bias step is
 below bf16 resolution near 0.5.
+
+Precision (docs/performance.md, "Precision and memory policy"): the router computes in fp32 whatever the
+autocast state; the permuted rows and the routed experts run in :func:`expert_dtype` (bf16 under bf16 autocast,
+cast here because ``F.grouped_mm`` has no autocast rule); ``combine`` weights and sums in fp32. Expert counts
+stay on the device (grouped-GEMM offsets), so torch.compile has nothing per-step to specialise on.
 """
 
 from __future__ import annotations
