@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpp", type=int, default=1, help="model chunks per rank V (default 1)")
     p.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step per dp rank M (gradient accumulation; default 2*pp, 1 without pp)")
-    p.add_argument("--schedule", default="interleaved_1f1b", help="gpipe | 1f1b | interleaved_1f1b")
+    p.add_argument("--schedule", default="interleaved_1f1b", help="gpipe | 1f1b | interleaved_1f1b | zb_h1 | zb_v")
     p.add_argument("--group-size", type=int, default=None, help="Megatron microbatch group size G (default pp)")
     p.add_argument("--layers-per-stage", default=None, help="comma-separated decoder layers per stage")
     p.add_argument("--embed-cost", type=float, default=0.0, help="automatic split: embedding cost in layers")
@@ -158,7 +158,7 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
 
 def render_pipeline(args, cfg, M):
     from ..parallel.pipeline.layout import PipelineLayout
-    from ..parallel.pipeline.schedules import check, ideal_bubble, lower, make_schedule, timeline
+    from ..parallel.pipeline.schedules import check, ideal_bubble, lower, make_schedule, schedule_placement, timeline
 
     split = None
     if args.layers_per_stage:
@@ -169,7 +169,7 @@ def render_pipeline(args, cfg, M):
                               f"{args.layers_per_stage!r}") from None
     layout = PipelineLayout.from_model_config(cfg, args.pp, args.vpp, layers_per_stage=split,
                                               block_cache=not args.no_cache, embed_cost=args.embed_cost,
-                                              head_cost=args.head_cost)
+                                              head_cost=args.head_cost, placement=schedule_placement(args.schedule))
     sched = make_schedule(args.schedule, args.pp, args.vpp, M, args.group_size, args.split_backward, args.w_delay)
     lowered = lower(sched)
     report = check(lowered, layout)
@@ -256,7 +256,8 @@ def render_estimates(cfg, dims, args, M, layout, sched) -> str:
     for r in ranks:
         m = r.memory
         lay = _ranges(r.layers)
-        lay += ("E" if r.pp_rank == 0 else "") + ("H" if r.pp_rank == len(ranks) - 1 else "")
+        head_rank = layout.rank_of(layout.num_stages - 1) if layout else len(ranks) - 1  # V placement: rank 0
+        lay += ("E" if r.pp_rank == 0 else "") + ("H" if r.pp_rank == head_rank else "")
         out.append(f"{r.pp_rank:>3} {lay:>13} {_count(r.local_params):>12} {_gib(m['weights']):>8} {_gib(m['grads']):>7} "
                    f"{_gib(m['optimizer']):>7} {_gib(m['fsdp_buffers']):>8} {_gib(m['activations']):>7} "
                    f"{r.inflight:>8} {_gib(m['block_cache']):>9} {r.blocks_cached:>6} "

@@ -16,8 +16,15 @@ import pytest
 from attnres_train.config.errors import ConfigError
 from attnres_train.config.pipeline import PipelineConfig, validate_pipeline_config
 from attnres_train.parallel.pipeline import PipelineLayout
-from attnres_train.parallel.pipeline.schedules import (Kind, ScheduleError, check, lower, make_schedule,
-                                                       one_f_one_b, timeline)
+from attnres_train.parallel.pipeline.schedules import (
+    Kind,
+    ScheduleError,
+    check,
+    lower,
+    make_schedule,
+    one_f_one_b,
+    timeline,
+)
 from attnres_train.parallel.pipeline.zero_bubble import zb_h1, zb_v
 from tests.model.helpers import tiny_cfg
 
@@ -28,7 +35,7 @@ from tests.model.helpers import tiny_cfg
 def test_zero_bubble_orders_lower_and_check(P, M):
     for sched in (zb_h1(P, M), zb_v(P, M)):
         check(lower(sched))
-        for r, acts in enumerate(sched.ranks):
+        for acts in sched.ranks:
             assert all(a.kind in (Kind.F, Kind.I, Kind.W) for a in acts), sched.name
     layout = PipelineLayout.from_model_config(tiny_cfg("block", block_size=1, num_layers=4 * P), P, 2,
                                               placement="v")
