@@ -79,6 +79,10 @@ def _root_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
 def checkpoint_bytes(path: Path) -> int:
     """Total size of a complete checkpoint's files, from its manifest (no directory walk)."""
     meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
@@ -366,8 +370,8 @@ class CheckpointManager:
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return ""
-        return (f"only {free / 2**20:,.1f} MiB free on the file system of {self.root}, {what} is "
-                f"{need / 2**20:,.1f} MiB (No space left on device)")
+        return (f"only {_mib(free)} free on the file system of {self.root}, {what} is {_mib(need)} "
+                "(No space left on device)")
 
     def _intact_hint(self) -> str:
         newest = self.latest(report=False)
