@@ -4,16 +4,10 @@ See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and d
 ("Checkpoints").
 """
 
-from .manager import (
-    CheckpointManager,
-    CheckpointSaveError,
-    check_fresh_start,
-    is_complete,
-    read_config_text,
-    step_dir_name,
-    verify_checkpoint,
-)
+from .manager import CheckpointManager, is_complete, read_config_text, step_dir_name, verify_checkpoint
 from .rng import capture_rng, restore_rng
+from .space import CheckpointSaveError
+from .start_guard import check_fresh_start
 
 __all__ = [
     "CheckpointManager",

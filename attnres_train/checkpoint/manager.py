@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..config.errors import UserInputError
 from .rng import capture_rng, restore_rng
 from .safe_dcp import dcp_async_save, dcp_load, dcp_save, distributed
+from .space import CheckpointSaveError, checkpoint_bytes, mib, root_error, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,42 +64,6 @@ CONFIG = "config.yaml"
 RNG_DIR = "rng"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _RESERVED_META = ("format_version", "step", "world_size", "time", "manifest", "config_sha256")
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save could not be written (not enough free space, an I/O error). The partial directory was removed;
-    the committed checkpoints are untouched. The message says so and names the newest one."""
-
-
-def _root_error(exc: BaseException) -> BaseException:
-    """The first rank's underlying error of DCP's CheckpointException (a BaseException wrapping every rank's)."""
-    if isinstance(exc, CheckpointException):
-        failures = [e for e, _ in exc.failures.values()]
-        if failures:
-            return failures[0]
-    return exc
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """Total size of a complete checkpoint's files, from its manifest (no directory walk)."""
-    meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
-    return sum(int(info["size"]) for info in meta["manifest"].values())
-
-
-def _state_bytes(state_dict) -> int:
-    """This rank's tensor bytes in a nested state dict (DTensors: the local shard)."""
-    if isinstance(state_dict, dict):
-        return sum(_state_bytes(v) for v in state_dict.values())
-    if isinstance(state_dict, (list, tuple)):
-        return sum(_state_bytes(v) for v in state_dict)
-    if torch.is_tensor(state_dict):
-        local = getattr(state_dict, "_local_tensor", state_dict)
-        return local.numel() * local.element_size()
-    return 0
 
 
 def step_dir_name(step: int) -> str:
@@ -230,39 +195,6 @@ def verify_checkpoint(path) -> dict:
     return meta
 
 
-def check_fresh_start(root, resume, overwrite: bool) -> None:
-    """Refuse (UserInputError) a start that would delete what might be the only copy of a run's state.
-
-    * ``resume=auto`` with no committed checkpoint but an uncommitted one that holds a ``meta.json`` (its files
-      were all written and hashed; only the marker is missing): it would start from step 0 and its first save
-      would delete them.
-    * ``resume=none`` on a directory with committed checkpoints or such uncommitted ones: its saves would
-      replace (same step) and prune (``keep_last``) them.
-
-    ``overwrite`` (``checkpoint.overwrite``) allows both. ``.tmp-*`` directories without a ``meta.json`` are
-    unfinished writes no tool can load: they never block a start. Nothing is written or deleted here.
-    """
-    if overwrite:
-        return
-    root = Path(root)
-    complete, stale = _scan(root)
-    written = [p for p in stale if (p / META).is_file()]
-    mode = str(resume).strip().lower() if resume is not None else "none"
-    if mode == "auto" and not complete and written:
-        names = ", ".join(p.name for p in written)
-        raise UserInputError(
-            f"checkpoint.resume=auto: {root} holds no committed checkpoint, only {len(written)} uncommitted one(s) "
-            f"with a complete manifest ({names}; no {MARKER} marker). They might be the only copy of this run's "
-            "state, so the run does not start from step 0 over them. Move them out of the way, use another "
-            "run_dir, or pass checkpoint.overwrite=true to start fresh (its first save deletes them)")
-    if mode in ("", "none") and (complete or written):
-        names = ", ".join(p.name for p in ([p for _, p in complete] + written)[-3:])
-        raise UserInputError(
-            f"checkpoint.resume=none: {root} already holds checkpoints ({names}) that a fresh run would replace "
-            "or delete. Continue them with checkpoint.resume=auto, use another run_dir, or pass "
-            "checkpoint.overwrite=true to start from step 0 anyway")
-
-
 class CheckpointManager:
     """Save / find / verify / load / prune checkpoints under ``root_dir`` (one per saved step).
 
@@ -364,13 +296,13 @@ class CheckpointManager:
         """
         newest = self.latest(report=False)
         if newest is not None:
-            need, what = checkpoint_bytes(newest), f"the last checkpoint {newest.name}'s size"
+            need, what = checkpoint_bytes(newest / META), f"the last checkpoint {newest.name}'s size"
         else:
-            need, what = _state_bytes(state_dict) * self.world_size, "the estimated size of the state"
+            need, what = state_bytes(state_dict) * self.world_size, "the estimated size of the state"
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return ""
-        return (f"only {_mib(free)} free on the file system of {self.root}, {what} is {_mib(need)} "
+        return (f"only {mib(free)} free on the file system of {self.root}, {what} is {mib(need)} "
                 "(No space left on device)")
 
     def _intact_hint(self) -> str:
@@ -382,7 +314,7 @@ class CheckpointManager:
 
     def _failed(self, step: int, tmp: Path, final: Path, exc: BaseException) -> CheckpointSaveError:
         """A save failed on this rank: rank 0 removes what it wrote; returns the error to raise."""
-        err = _root_error(exc)
+        err = root_error(exc)
         if self.rank == 0:
             self._remove(tmp)
             if final.is_dir() and not is_complete(final):  # renamed, but the marker could not be written
