@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 from ..config.data import DATA_KINDS, DataSourceConfig, validate_source
 from ..config.errors import ConfigError, UserInputError

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from attnres_train.config.errors import UserInputError
 
-from .shards import DEFAULT_SHARD_TOKENS, write_json_atomic, write_set_index
+from .shards import write_json_atomic, write_set_index
 from .sources import ResolvedSource, effective_limits, file_documents, iter_documents, splittable
 
 MIN_UNIT_BYTES, MAX_UNIT_BYTES, TARGET_UNITS = 1 << 20, 256 << 20, 64
@@ -165,8 +165,10 @@ def resume_state(staging: str, key: str) -> Dict[int, dict]:
                     with open(os.path.join(staging, name)) as f:
                         m = json.load(f)
                     done[int(m["unit"])] = m
-            for name in os.listdir(staging):  # leftovers of the units that were cut short: redone from scratch
-                if name.startswith("u") and int(name[1:7]) not in done:
+            for name in os.listdir(staging):  # leftovers of units (or a BPE training) cut short: redone from scratch
+                if name.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+                elif name.startswith("u") and int(name[1:7]) not in done:
                     os.remove(os.path.join(staging, name))
             return done
         shutil.rmtree(staging)
@@ -216,4 +218,3 @@ def finish(staging: str, manifests: List[dict], resolved: List[ResolvedSource]) 
     return index
 
 
-__all__ = ["Unit", "plan_units", "plan_key", "run_unit", "resume_state", "execute", "finish", "DEFAULT_SHARD_TOKENS"]
