@@ -374,7 +374,10 @@ class CheckpointManager:
                 return final
             future = dcp_async_save(state_dict, tmp, self._async_group)
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-            raise self._failed(int(step), tmp, final, exc) from None
+            error = self._failed(int(step), tmp, final, exc)
+            if isinstance(root_error(exc), KeyboardInterrupt):  # a second Ctrl-C inside DCP: still an interrupt
+                raise KeyboardInterrupt from None
+            raise error from None
         pending = _PendingSave(int(step), final, future, tmp)
         if self.rank == 0:
             pending.thread = threading.Thread(target=pending.commit_when_written, name=f"commit-{final.name}",

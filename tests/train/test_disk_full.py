@@ -16,6 +16,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 from torch.distributed.checkpoint import filesystem
 
 from attnres_train.checkpoint import CheckpointManager, verify_checkpoint
@@ -100,3 +101,20 @@ def test_enospc_while_writing_removes_the_partial_directory_and_keeps_the_previo
     assert (run_dir / "train.log").read_text().splitlines()[-1].endswith(f"error: {msg}")  # the log says why
     assert snapshot and _hashes(prev) == snapshot
     verify_checkpoint(prev)
+
+
+def test_an_interrupt_inside_a_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """A second Ctrl-C while DCP writes (which wraps errors in its CheckpointException) must still abort as an
+    interrupt (exit 130), not be reported as a failed save; the partial directory goes all the same."""
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    state = {"w": torch.arange(10.0)}
+    first = mgr.save(1, state, config_text="x: 1\n", meta={})
+
+    def write_data(self, planner, file_queue):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filesystem._FileSystemWriter, "_write_data", write_data)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, state, config_text="x: 1\n", meta={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
+    verify_checkpoint(first)
