@@ -84,6 +84,15 @@ def _run_fla(chunk_size: int, **kw):
     return chunk_kda(**kw, **fla_chunk_kwargs(chunk_kda, chunk_size))
 
 
+def _fla_doc_error() -> None:
+    """Document masking through fla is fenced: fla's varlen ``chunk_kda(cu_seqlens=...)`` (batch flattened to 1)
+    is the intended CUDA path, but it has not been checked against the torch forms on a GPU here, so it is an
+    error rather than a guess."""
+    raise ConfigError("model.kda.impl", "document masking (data.document_masking=true) is implemented for the "
+                      "torch KDA cores only; fla's cu_seqlens (varlen) path is not wired yet. Set "
+                      "model.kda.impl=torch, or turn document masking off")
+
+
 _CORE_CACHE: dict = {}
 
 
@@ -182,8 +191,13 @@ class KimiDeltaAttention(nn.Module):
             core = _CORE_CACHE[key] = _resolve_core(*key)
         return core
 
-    def forward(self, x_btd: torch.Tensor, core: Optional[str] = None) -> torch.Tensor:
-        """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla"."""
+    def forward(self, x_btd: torch.Tensor, core: Optional[str] = None,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla".
+
+        ``doc_ids`` (``[B,T]``, :mod:`attnres_train.model.doc_mask`): document masking, the short convolutions
+        and the recurrent state restart at every document start (torch cores only, see :func:`_fla_doc_error`).
+        """
         # Head counts come from the tensors (``-1``), not from ``self.num_heads``: the parallel engine may hand
         # this module a head slice of every per-head weight (tensor parallelism) and the math is per head.
         B, T, _ = x_btd.shape
@@ -191,10 +205,12 @@ class KimiDeltaAttention(nn.Module):
         core = self.resolve_core(x_btd.device) if core is None else core
         if core not in CORES:
             raise ValueError(f"unknown KDA core {core!r}; expected one of {CORES}")
+        if doc_ids is not None and core == "fla":
+            _fla_doc_error()
 
-        q_bthk = short_conv(self.q_proj(x_btd), self.q_conv1d.weight, silu=True).view(B, T, -1, K)
-        k_bthk = short_conv(self.k_proj(x_btd), self.k_conv1d.weight, silu=True).view(B, T, -1, K)
-        v_bthv = short_conv(self.v_proj(x_btd), self.v_conv1d.weight, silu=True).view(B, T, -1, V)
+        q_bthk = short_conv(self.q_proj(x_btd), self.q_conv1d.weight, True, doc_ids).view(B, T, -1, K)
+        k_bthk = short_conv(self.k_proj(x_btd), self.k_conv1d.weight, True, doc_ids).view(B, T, -1, K)
+        v_bthv = short_conv(self.v_proj(x_btd), self.v_conv1d.weight, True, doc_ids).view(B, T, -1, V)
         g_bthk = kda_gate(self.f_b_proj(self.f_a_proj(x_btd)).view(B, T, -1, K), self.A_log, self.dt_bias)
         beta_bth = torch.sigmoid(self.b_proj(x_btd).to(g_bthk.dtype))  # fp32 (fp64 stays fp64)
 
@@ -216,10 +232,10 @@ class KimiDeltaAttention(nn.Module):
         else:
             q_bthk, k_bthk = l2norm(q_bthk), l2norm(k_bthk)
             if core == "recurrent":
-                o_bthv, _ = kda_recurrent(q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5)
+                o_bthv, _ = kda_recurrent(q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, doc_ids=doc_ids)
             else:
                 o_bthv, _ = kda_chunked(
-                    q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, chunk_size=self.chunk_size
+                    q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, chunk_size=self.chunk_size, doc_ids=doc_ids
                 )
 
         gate_bthv = torch.sigmoid(self.g_b_proj(self.g_a_proj(x_btd))).view(B, T, -1, V)

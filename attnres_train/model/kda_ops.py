@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .doc_mask import document_starts
 from .kda_intra import intra_chunk_products, sub_sizes
 
 Tensor = torch.Tensor
@@ -53,14 +54,32 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool = False) -> Tensor:
+def short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool = False, doc_ids: Optional[Tensor] = None) -> Tensor:
     """Causal depthwise conv over time: ``y_t[c] = sum_j w[c, W-1-j] * x_{t-j}[c]`` with zero left padding.
 
-    Same as ``nn.Conv1d(C, C, W, groups=C, padding=W-1)`` truncated to the first T outputs.
+    Same as ``nn.Conv1d(C, C, W, groups=C, padding=W-1)`` truncated to the first T outputs. With ``doc_ids``
+    (``[B,T]``, :mod:`attnres_train.model.doc_mask`) a tap ``x_{t-j}`` counts only if it is in ``t``'s document.
     """
     C, W = weight_c1w.shape[0], weight_c1w.shape[-1]
+    if doc_ids is not None:
+        return _doc_short_conv(x_btc, weight_c1w, silu, doc_ids)
     x_bct = F.pad(x_btc.transpose(1, 2), (W - 1, 0))
     y_btc = F.conv1d(x_bct, weight_c1w.to(x_btc.dtype), groups=C).transpose(1, 2)
+    return F.silu(y_btc) if silu else y_btc
+
+
+def _doc_short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool, doc_ids_bt: Tensor) -> Tensor:
+    """:func:`short_conv` with the taps that reach into an earlier document dropped (one shifted term per tap)."""
+    T, W = x_btc.shape[1], weight_c1w.shape[-1]
+    w_cw = weight_c1w.to(x_btc.dtype).reshape(weight_c1w.shape[0], W)
+    x_pad = F.pad(x_btc, (0, 0, W - 1, 0))
+    d_pad = F.pad(doc_ids_bt, (W - 1, 0), value=-1)  # the zero padding belongs to no document
+    y_btc = None
+    for j in range(W):  # tap j reads x_{t-j}
+        lo = W - 1 - j
+        same_bt1 = (d_pad[:, lo:lo + T] == doc_ids_bt).unsqueeze(-1)
+        term = torch.where(same_bt1, x_pad[:, lo:lo + T], 0.0) * w_cw[:, W - 1 - j]
+        y_btc = term if y_btc is None else y_btc + term
     return F.silu(y_btc) if silu else y_btc
 
 
@@ -73,10 +92,12 @@ def kda_recurrent(
     scale: Optional[float] = None,
     initial_state: Optional[Tensor] = None,
     output_final_state: bool = False,
+    doc_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Ground-truth per-token loop (spec §4.1). Returns ``(o [B,T,H,V], state [B,H,K,V] or None)``.
 
     Per step: ``S <- Diag(exp g_t) S``; ``S <- S + k_t (beta_t (v_t - S^T k_t))^T``; ``o_t = S^T q_t * scale``.
+    ``doc_ids`` (``[B,T]``): ``S <- 0`` instead of the decay at every document start (documents kept apart).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -87,9 +108,12 @@ def kda_recurrent(
     beta_bht = beta.to(dt).transpose(1, 2)
     S_bhkv = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
     outs = []
+    starts_bt = None if doc_ids is None else document_starts(doc_ids)
     for t in range(T):
         k_t = k_bhtk[:, :, t]
         S_bhkv = S_bhkv * g_bhtk[:, :, t].exp().unsqueeze(-1)
+        if starts_bt is not None:
+            S_bhkv = torch.where(starts_bt[:, t, None, None, None], 0.0, S_bhkv)
         pred_bhv = torch.einsum("bhkv,bhk->bhv", S_bhkv, k_t)
         delta_bhv = beta_bht[:, :, t].unsqueeze(-1) * (v_bhtv[:, :, t] - pred_bhv)
         S_bhkv = S_bhkv + k_t.unsqueeze(-1) * delta_bhv.unsqueeze(-2)
@@ -109,6 +133,7 @@ def kda_chunked(
     initial_state: Optional[Tensor] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    doc_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Chunkwise-parallel KDA (WY/UT form, spec §4.2); same signature/result as :func:`kda_recurrent`.
 
@@ -120,6 +145,12 @@ def kda_chunked(
     With chunk-start state S: ``V' = U - W S`` (pseudo-values), ``o = (exp(G) q) S + P V'`` and
     ``S' = Diag(exp G_C) S + Kd^T V'`` where ``Kd_i = exp(G_C - G_i) k_i``.
     T not a multiple of C is zero-padded (k = v = g = beta = 0 is state-neutral, §4.3.7).
+
+    ``doc_ids`` (``[B,T]``): the state restarts at each document start. Exactly as if the log-decay there were
+    ``-inf``, but with 0/1 masks applied by ``where`` to finite values (no ``exp(-inf)`` or ``inf - inf`` can
+    reach a gradient): P and the k-k products keep same-document pairs only, ``exp(G)`` (the path from the
+    chunk-start state) is kept only up to the first start inside the chunk, and the hand-off keeps ``Kd_i`` only
+    for the chunk's last document and ``exp(G_C)`` only if no document starts inside the chunk.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -143,17 +174,25 @@ def kda_chunked(
 
     G = g_c.cumsum(-2)  # [B,H,N,C,K], chunk-local inclusive cumsum, <= 0
     P, Akk = intra_chunk_products(q_c, k_c, G, sub_sizes(C))  # P: lower incl. diagonal
+    eG = G.exp()
+    if doc_ids is not None:
+        same, carry, to_end = _chunk_doc_masks(doc_ids, N, C)
+        P, Akk = torch.where(same, P, 0.0), torch.where(same, Akk, 0.0)
+        eG = torch.where(carry, eG, 0.0)  # q/k rows that still see the chunk-start state
     L = (Akk * beta_c).tril(-1)  # strictly lower
     # (I + L)^-1 first (C right-hand sides), then one matmul: cheaper than solving for the K + V columns.
     eye = torch.eye(C, dtype=dt, device=q.device).expand_as(L)
     inv = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)  # diag of L is ignored
-    eG = G.exp()
     W = inv @ (beta_c * eG * k_c)  # [B,H,N,C,K]
     U = inv @ (beta_c * v_c)  # [B,H,N,C,V]
 
     G_last = G[..., -1:, :]  # [B,H,N,1,K]
-    Kd_t = ((G_last - G).exp() * k_c).transpose(-1, -2)  # [B,H,N,K,C]
+    Kd = (G_last - G).exp() * k_c
     decay = G_last.exp().transpose(-1, -2)  # [B,H,N,K,1]
+    if doc_ids is not None:
+        Kd = torch.where(to_end, Kd, 0.0)  # only the chunk's last document reaches the next chunk
+        decay = torch.where(carry[..., -1:, :], decay, 0.0)  # a start inside the chunk clears the old state
+    Kd_t = Kd.transpose(-1, -2)  # [B,H,N,K,C]
     S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
     starts, pseudo = [], []
     # The only sequential part: the state hand-off across chunks. unbind (not indexing) keeps the backward
@@ -169,3 +208,19 @@ def kda_chunked(
         o_c = v_c
     o_bthv = o_c.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o_bthv.to(v.dtype), (S if output_final_state else None)
+
+
+def _chunk_doc_masks(doc_ids_bt: Tensor, N: int, C: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Masks of :func:`kda_chunked` for ``N`` chunks of ``C``: (same ``[B,1,N,C,C]``, carry ``[B,1,N,C,1]``,
+    to_end ``[B,1,N,C,1]``). Padding positions continue the last document (they are state-neutral anyway)."""
+    B, T = doc_ids_bt.shape
+    d = doc_ids_bt
+    if N * C > T:
+        d = torch.cat([d, d[:, -1:].expand(B, N * C - T)], dim=1)
+    d_bnc = d.reshape(B, N, C)
+    # Document of the position just before each chunk (chunk 0: position 0's, i.e. the initial state carries on).
+    before_bn = torch.cat([d[:, :1], d_bnc[:, :-1, -1]], dim=1)
+    same = (d_bnc[..., :, None] == d_bnc[..., None, :]).unsqueeze(1)
+    carry = (d_bnc == before_bn[..., None]).unsqueeze(1).unsqueeze(-1)
+    to_end = (d_bnc == d_bnc[..., -1:]).unsqueeze(1).unsqueeze(-1)
+    return same, carry, to_end

@@ -13,7 +13,7 @@ folded into the query as in K3.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -77,15 +77,24 @@ class DecoderLayer(nn.Module):
             return self.block_sparse_moe(x)
         return self.mlp(x), None
 
-    def forward(self, state: DepthState) -> DepthState:
+    def mix(self, x_btd: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The token mixer; ``doc_ids`` (document masking) is passed only when set, so the default call is the
+        plain ``self_attn(x)`` that parallel wrappers see."""
+        return self.self_attn(x_btd) if doc_ids is None else self.self_attn(x_btd, doc_ids=doc_ids)
+
+    def forward(self, state: DepthState, doc_ids: Optional[torch.Tensor] = None) -> DepthState:
+        """``doc_ids``: ``[B,T]`` document ids (:mod:`attnres_train.model.doc_mask`) or None (no masking).
+
+        Only the token mixer uses them: the FFN and the AttnRes depth mixing act per position.
+        """
         if self.mode == "prenorm":
             h = state.partial
-            h = h + self.self_attn(self.input_layernorm(h))
+            h = h + self.mix(self.input_layernorm(h), doc_ids)
             y, aux = self._ffn(self.post_attention_layernorm(h))
             return replace(state, partial=h + y).add_aux(aux)
 
         q_attn, q_mlp = self.queries()
-        state = self.sublayer(state, 0, q_attn)
+        state = self.sublayer(state, 0, q_attn, doc_ids)
         return self.sublayer(state, 1, q_mlp)
 
     def prepare(self, state: DepthState, k: int) -> DepthState:
@@ -94,12 +103,13 @@ class DecoderLayer(nn.Module):
             return replace(state, blocks=state.blocks + [state.partial], partial=None)
         return state
 
-    def sublayer(self, state: DepthState, k: int, q_d: torch.Tensor) -> DepthState:
+    def sublayer(self, state: DepthState, k: int, q_d: torch.Tensor,
+                 doc_ids: Optional[torch.Tensor] = None) -> DepthState:
         """Run sublayer ``k`` (0: token mixer, 1: FFN) in AttnRes mode and return the updated state."""
         state = self.prepare(state, k)
         h = depth_read(state, 2 * self.layer_idx + k, q_d, self.eps, self.two_phase, self.residual_impl)
         if k == 0:
-            y, aux = self.self_attn(self.input_layernorm(h)), None
+            y, aux = self.mix(self.input_layernorm(h), doc_ids), None
         else:
             y, aux = self._ffn(self.post_attention_layernorm(h))
         partial = y if state.partial is None else state.partial + y

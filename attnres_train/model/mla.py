@@ -15,11 +15,14 @@ HF parity test compares against transformers, so we use 1e-6 (:data:`KV_A_LAYERN
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config.model import ModelConfig
+from .doc_mask import causal_document_mask
 from .norms import RMSNorm
 
 # Released remote code and transformers' native KimiLinear both use the RMSNorm class default here.
@@ -69,10 +72,28 @@ class MultiLatentAttention(nn.Module):
         k_BHTQ = torch.cat([k_nope_BTHN, k_pe_BTHP], dim=-1).transpose(1, 2)
         return q_BHTQ, k_BHTQ, v_BTHV.transpose(1, 2)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """``x_BTD`` is the already-normed sublayer input; returns ``[B, T, d]``."""
+    def forward(self, x_BTD: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x_BTD`` is the already-normed sublayer input; returns ``[B, T, d]``.
+
+        ``doc_ids`` (``[B,T]``, :mod:`attnres_train.model.doc_mask`): attend within the same document only.
+        """
         B, T, _ = x_BTD.shape
         q, k, v = self.project_qkv(x_BTD)
         # SDPA allows v's head dim to differ from q/k's; scale = 1/sqrt(nope + rope) as released.
-        o_BHTV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if doc_ids is None:
+            o_BHTV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o_BHTV = document_attention(q, k, v, doc_ids, self.scale)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
+
+
+def document_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, doc_ids_BT: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """Causal attention within documents: SDPA with a dense ``[B,1,T,T]`` boolean block-diagonal mask.
+
+    The seam for faster kernels: on CUDA a varlen flash-attention or a flex-attention block mask would skip the
+    masked blocks instead of computing them; this dense-mask form runs on every device (O(T^2) mask memory per
+    sample) and is the exact reference the document-masking tests check.
+    """
+    mask_B1TT = causal_document_mask(doc_ids_BT)
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, attn_mask=mask_B1TT, scale=scale)

@@ -82,8 +82,12 @@ class AttnResForCausalLM(nn.Module):
             return DepthState(blocks=[], partial=x_btd)
         return DepthState(blocks=[x_btd], partial=None)
 
-    def forward_layers(self, state: DepthState, start: int = 0, end: Optional[int] = None) -> DepthState:
-        """Run decoder layers ``[start, end)`` on ``state`` and return the new state."""
+    def forward_layers(self, state: DepthState, start: int = 0, end: Optional[int] = None,
+                       doc_ids: Optional[torch.Tensor] = None) -> DepthState:
+        """Run decoder layers ``[start, end)`` on ``state`` and return the new state.
+
+        ``doc_ids``: ``[B,T]`` document ids for document masking (:mod:`attnres_train.model.doc_mask`), or None.
+        """
         end = len(self.model.layers) if end is None else end
         batch_phase1 = self.mode == "block" and self.two_phase
         cache = None
@@ -93,7 +97,7 @@ class AttnResForCausalLM(nn.Module):
                 if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
                     cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
-            state = layer(state)
+            state = layer(state) if doc_ids is None else layer(state, doc_ids=doc_ids)
         return replace(state, phase1={})
 
     def _segment_queries(self, start: int, end: int) -> torch.Tensor:
@@ -135,10 +139,14 @@ class AttnResForCausalLM(nn.Module):
     def head(self, state: DepthState) -> torch.Tensor:
         return self.lm_head(self.final_hidden(state))
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None):
         """``input_ids [B,T]`` → logits ``[B,T,V]``; with ``labels`` an :class:`LMOutput` with the losses
-        (and ``logits=None`` when the fused head computes the loss: ``model.lm_loss_chunk_tokens > 0``)."""
-        state = self.forward_layers(self.embed(input_ids))
+        (and ``logits=None`` when the fused head computes the loss: ``model.lm_loss_chunk_tokens > 0``).
+
+        ``doc_ids [B,T]`` turns document masking on (``document_ids(input_ids, eos_id)`` in
+        :mod:`attnres_train.model.doc_mask`): every document is computed as if it were alone."""
+        state = self.forward_layers(self.embed(input_ids), doc_ids=doc_ids)
         if labels is None:
             return self.head(state)
         chunk = self.config.lm_loss_chunk_tokens
