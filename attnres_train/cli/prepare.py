@@ -2,6 +2,7 @@
 
     attnres-prepare INPUT [INPUT ...] --out DIR [--tokenizer byte|DIR|HUB_NAME] [--workers N]
     attnres-prepare INPUT [INPUT ...] --out DIR --train-bpe VOCAB --tokenizer-out TOKDIR
+    attnres-prepare --merge SET [SET ...] --out DIR
 
 INPUT is a text/jsonl/parquet/arrow file, a directory, a quoted glob, a Hugging Face hub dataset name, or
 ``stdlib``. All inputs are concatenated, in order, into one shard set in DIR; train on it with
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=None, help="per input: stop after this many UTF-8 bytes")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 256M)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (output is the same for any N)")
+    p.add_argument("--merge", action="store_true", help="the INPUTs are finished shard sets: combine them, in order")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out / --tokenizer-out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -108,6 +110,8 @@ def run(args) -> str:
         if os.path.abspath(args.tokenizer_out) == os.path.abspath(args.out):
             raise UserInputError("--tokenizer-out and --out must be different directories")
 
+    if args.merge:
+        return _merge(args)
     resolved = []
     for i, inp in enumerate(args.inputs):
         src = DataSourceConfig(path=inp, kind=args.kind, text_field=args.text_field, split=args.split,
@@ -170,6 +174,25 @@ def run(args) -> str:
             f"throughput: tokenized {fresh / 1e6:.1f} MB of text in {t_tok:.1f} s = {fresh / 1e6 / max(t_tok, 1e-9):.2f} MB/s "
             f"with {args.workers} worker(s), {len(units)} unit(s){resumed}; {text_bytes / 1e6:.1f} MB in total, "
             f"{seconds:.1f} s in all")
+
+
+def _merge(args) -> str:
+    from ..data import parallel_prepare as pp
+
+    defaults = build_parser().parse_args(["x", "--out", "y"])
+    for opt in ("tokenizer", "train_bpe", "kind", "text_field", "text_unit", "split", "hf_config", "max_docs",
+                "max_bytes", "shard_tokens", "workers"):
+        if getattr(args, opt) != getattr(defaults, opt):
+            raise UserInputError(f"--{opt.replace('_', '-')} has no effect with --merge (the sets are already tokenized)")
+    staging = _staging(args.out)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        index = pp.merge_sets(list(args.inputs), staging)
+        _install(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return (f"merged {len(args.inputs)} shard sets into {args.out}: {index['num_tokens']:,} tokens, "
+            f"{index['num_docs']:,} documents, {len(index['shards'])} shard(s)")
 
 
 def tok_name_for(args) -> str:

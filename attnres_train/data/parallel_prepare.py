@@ -218,3 +218,29 @@ def finish(staging: str, manifests: List[dict], resolved: List[ResolvedSource]) 
     return index
 
 
+def merge_sets(sets: List[str], staging: str) -> dict:
+    """Combine finished shard sets (e.g. prepared on several machines) into one, in the given order: their
+    shards are hard-linked (copied across filesystems) into ``staging`` as ``mNNN_NAME`` and one index is
+    written. The sets must agree on tokenizer, vocab size and EOS id."""
+    from .shards import ShardSet
+
+    os.makedirs(staging)
+    names, first = [], None
+    for k, path in enumerate(sets):
+        ss = ShardSet(path)
+        meta = (ss.tokenizer, ss.vocab_size, ss.eos_id)
+        first = first or (path, meta)
+        if meta != first[1]:
+            raise UserInputError(f"{path}: tokenizer/vocab/eos {meta} differ from {first[0]} {first[1]}; "
+                                 "only sets prepared with the same tokenizer can be merged")
+        for e in ss.headers:
+            new = f"m{k:03d}_{e['name']}"
+            for ext in (".bin", ".idx", ".json"):
+                src, dst = os.path.join(ss.dir, e["name"] + ext), os.path.join(staging, new + ext)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            names.append(new)
+    return write_set_index(staging, names)
+

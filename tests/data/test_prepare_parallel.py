@@ -146,3 +146,24 @@ def test_units_follow_the_inputs_not_the_worker_count(tmp_path):
         assert rngs[0][0] == 0 and rngs[-1][1] is None
         assert all(prev[1] == nxt[0] for prev, nxt in zip(rngs[:-1], rngs[1:]))
     assert all(np.diff([u.index for u in units]) == 1)
+
+
+def test_merge_combines_sets_in_order_and_refuses_other_tokenizers(tmp_path, capsys):
+    from attnres_train.data.packing import tokenize_to_shards
+    from attnres_train.data.shards import ShardWriter
+    from attnres_train.data.tokenizer import ByteTokenizer
+
+    tokenize_to_shards(["alpha", "beta"], ByteTokenizer(), str(tmp_path / "a"), shard_tokens=4)
+    tokenize_to_shards(["gamma"], ByteTokenizer(), str(tmp_path / "b"))
+    code, out, err = _prepare("--merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m", capsys=capsys)
+    assert code == 0 and "merged 2 shard sets" in out, err
+    assert _stream(tmp_path / "m") == _expected(["alpha", "beta", "gamma"])
+    assert ShardSet(str(tmp_path / "m")).num_docs == 3
+    w = ShardWriter(str(tmp_path / "c"), tokenizer="other", vocab_size=300, eos_id=299)
+    w.add(np.array([1, 299]))
+    w.close()
+    code, _, err = _prepare("--merge", tmp_path / "a", tmp_path / "c", "--out", tmp_path / "m2", capsys=capsys)
+    assert code == 2 and "differ from" in err and not (tmp_path / "m2").exists()
+    code, _, err = _prepare("--merge", tmp_path / "a", "--out", tmp_path / "m3", "--workers", 2, capsys=capsys)
+    assert code == 2 and "--workers has no effect with --merge" in err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
