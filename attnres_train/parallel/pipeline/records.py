@@ -89,6 +89,7 @@ class _Saved:
     slot: Optional[_GradSlot] = None  # received output gradient, read by the anchor's backward
     sends: bool = False  # the stage has an outgoing hop (its backward consumes a received gradient)
     own: Dict[int, torch.Tensor] = field(default_factory=dict)  # produced blocks a later chunk here reads
+    pending: Optional[object] = None  # iw_split.PendingW: what I kept for W (split backward only)
 
     def tensors(self) -> List[torch.Tensor]:
         out = [t for t in (self.leaf, self.anchor) if t is not None]
@@ -96,7 +97,7 @@ class _Saved:
         out += [g for g in self.grads if g is not None]
         if self.slot is not None and self.slot.grad is not None:
             out.append(self.slot.grad)
-        return out
+        return out + (self.pending.held() if self.pending is not None else [])
 
 
 def _storage_key(t: torch.Tensor):

@@ -22,8 +22,8 @@ Backward (the gradient-routing rules, design note §6.4):
 * after the backward, every cached leaf's gradient is deposited for the block's entry stage (rule D);
 * the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R), goes to s-1.
 
-``I``/``W`` split (zero-bubble hook): ``I`` = input and cached-leaf gradients (``autograd.grad``, graph kept),
-``W`` = the weight gradients later; a correctness reference, not an efficient W pass (docs/pipeline.md).
+``I``/``W`` split (split_backward, ZB-H1, ZB-V): ``I`` = input and cached-leaf gradients only, ``W`` = the weight
+branches only, from the intermediate gradients ``I`` kept (``iw_split``; docs/pipeline.md).
 
 Loss: ``Σ_m loss_m / M`` on the last stage; aux losses backpropagate on their own stage. Tied embeddings: the
 embedding's and the head copy's gradients are summed point to point. Everything is freed in a ``finally``.
@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ...model.depth import DepthState
 from .cache import BlockCache
+from .iw_split import backward_input, backward_weight
 from .layout import PipelineLayout
 from .records import CommStats, PipelineError, StepResult, _Anchor, _GradSlot, _Saved, _tally
 from .schedules import Action, Kind, Schedule, check, forward_only, lower, make_schedule
@@ -248,6 +249,7 @@ class PipelineRuntime:
         * ``recvs``: posted receive buffers not yet consumed (plus same-rank mailbox entries);
         * ``cache``: the block cache's values (aliases of saved tensors) and gradient deposits;
         * ``saved``: per (stage, microbatch) forward state kept for the backward; ``records`` counts them;
+        * ``pending_w``: of ``saved``, what ``I`` passes keep for their ``W`` (the intermediate gradients);
         * ``total``: all of the above, every storage counted once.
 
         Autograd's own saved activations are not included (they hang off the saved roots). Between steps
@@ -258,8 +260,9 @@ class PipelineRuntime:
         if self._cache is not None:
             cache = list(self._cache.values.values()) + list(self._cache.deposits.values())
         saved = [t for rec in self._saved.values() for t in rec.tensors()]
+        pending = [t for rec in self._saved.values() if rec.pending is not None for t in rec.pending.held()]
         out = {"sends": _tally(sends), "recvs": _tally(recvs), "cache": _tally(cache), "saved": _tally(saved),
-               "total": _tally(sends + recvs + cache + saved)}
+               "pending_w": _tally(pending), "total": _tally(sends + recvs + cache + saved)}
         out["saved"]["records"] = len(self._saved)
         return out
 
@@ -379,11 +382,12 @@ class PipelineRuntime:
         if not roots:  # nothing on this stage depends on parameters or inputs (degenerate empty stage)
             gin, cached_grads = None, [None] * len(rec.cached)
             rec.roots, rec.grads = [], []
-        elif split:
-            got = torch.autograd.grad(roots, inputs, grads, retain_graph=True, allow_unused=True) if inputs else []
+        elif split:  # I: input side only; W later runs only the weight branches (iw_split)
+            params = [p for p in self.stages[s].parameters() if p.requires_grad]
+            got, rec.pending = backward_input(roots, grads, inputs, params)
             gin = got[0] if rec.leaf is not None else None
             cached_grads = list(got[1:] if rec.leaf is not None else got)
-            rec.roots, rec.grads = roots, grads  # for W (the anchor's slot keeps the received gradient)
+            rec.roots, rec.grads = [], []  # PendingW keeps them only for unsplittable weights
         else:
             torch.autograd.backward(roots, grads)
             gin = rec.leaf.grad if rec.leaf is not None else None
@@ -403,10 +407,9 @@ class PipelineRuntime:
 
     def _weight(self, s: int, m: int) -> None:
         rec = self._saved.pop((s, m))
-        params = [p for p in self.stages[s].parameters() if p.requires_grad]
-        if rec.roots and params:
-            torch.autograd.backward(rec.roots, rec.grads, inputs=params)
-        rec.roots, rec.grads, rec.slot = [], [], None
+        if rec.pending is not None:
+            backward_weight(rec.pending)
+        rec.pending, rec.roots, rec.grads, rec.slot = None, [], [], None
 
     # ------------------------------------------------------------------ tied embeddings
     def _tied_param(self) -> Optional[torch.nn.Parameter]:
