@@ -32,8 +32,11 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 try:  # private torch helpers (graph walks); without them the split falls back to the re-traversing W
-    from torch.distributed.pipelining._backward import (_get_grad_fn_or_grad_acc, construct_reverse_graph,
-                                                        reverse_closure)
+    from torch.distributed.pipelining._backward import (
+        _get_grad_fn_or_grad_acc,
+        construct_reverse_graph,
+        reverse_closure,
+    )
 except ImportError:  # pragma: no cover - older/newer torch
     construct_reverse_graph = None
 
