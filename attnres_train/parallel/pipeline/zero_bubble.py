@@ -16,8 +16,10 @@ different stage placement; the generic machinery (:func:`.schedules.lower`, :fun
   ``P-r`` (chunk-1 F, I, W); steady ``F0 I0 W0 F1 I1 W1``; cool-down as torch. With F = I = W it is bubble-free
   in the steady state and holds at most 2P chunk activations (1F1B's bytes: a chunk is half a stage).
 
-Simulated with unit costs F = I = W = 1 (1F1B's backward B = I + W = 2) at P = 4, M = 8 (docs/pipeline.md):
-1F1B 0.2727, ZB-H1 0.1111 (0.407× the fraction, 1/3 of the idle time per rank), ZB-V 0.0 .. see the tests.
+Simulated with unit costs F = I = W = 1 per full stage (1F1B's backward B = I + W = 2; a ZB-V chunk costs half)
+at P = 4, M = 8 (docs/pipeline.md, asserted in tests/pipeline/test_zero_bubble.py): bubble fraction 1F1B 3/11 =
+0.2727, ZB-H1 1/9 = 0.1111 (idle per rank 3 = 1/3 of 1F1B's 9), ZB-V 1/17 = 0.0588 (idle 1.5 = 1/6 of 1F1B's:
+the lower bound of any schedule, since rank P-1 cannot start before P-1 chunk forwards have run upstream).
 """
 
 from __future__ import annotations
