@@ -45,6 +45,9 @@ class DataSourceConfig:
     hf_name: Optional[str] = None
     # hf: dataset configuration (subset) name, e.g. "wikitext-103-raw-v1"; passed as ``name=``.
     hf_config: Optional[str] = None
+    # hf: a dataset revision (branch, tag or commit sha) passed as ``revision=``. It is part of the cache key,
+    # so pin it to be sure a changed hub dataset never reuses a stale tokenized cache.
+    hf_revision: Optional[str] = None
     # hf: stream rows instead of downloading the whole dataset first (best with max_docs/max_bytes).
     hf_streaming: bool = True
     # text: "file" = one document per file; "paragraph" = one per blank-line-separated paragraph.
@@ -76,6 +79,9 @@ class DataConfig:
     max_bytes: Optional[int] = None
     # Background threads that assemble upcoming batches (0 = assemble synchronously in next_batch()).
     num_workers: int = 1
+    # Document masking: MLA attends only within a document and KDA restarts its state at every document start
+    # (boundaries from the tokens: a document ends at its EOS), so each document trains as if alone. docs/data.md.
+    document_masking: bool = False
 
 
 def _is_int(v: Any) -> bool:
@@ -112,6 +118,8 @@ def validate_source(src: Any, path: str) -> DataSourceConfig:
         raise ConfigError(f"{path}.kind", f"unknown kind {s.kind!r}; choose one of {'|'.join(DATA_KINDS)}")
     if not s.hf_name and (not isinstance(s.path, str) or not s.path.strip()):
         raise ConfigError(f"{path}.path", "must be a non-empty path, glob, hub name or 'stdlib'")
+    if s.hf_revision is not None and (not isinstance(s.hf_revision, str) or not s.hf_revision.strip()):
+        raise ConfigError(f"{path}.hf_revision", f"must be a non-empty branch, tag or commit, got {s.hf_revision!r}")
     if s.hf_name is not None and s.kind not in ("auto", "hf"):
         raise ConfigError(f"{path}.hf_name", f"only used with kind hf (or auto), but kind is {s.kind!r}")
     w = s.weight
@@ -156,6 +164,8 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data") -> DataConfig:
     _optional_positive(cfg.max_bytes, f"{p}.max_bytes")
     if not _is_int(cfg.num_workers) or cfg.num_workers < 0:
         raise ConfigError(f"{p}.num_workers", f"must be an integer >= 0, got {cfg.num_workers!r}")
+    if not isinstance(cfg.document_masking, bool):
+        raise ConfigError(f"{p}.document_masking", f"must be true or false, got {cfg.document_masking!r}")
     return cfg
 
 

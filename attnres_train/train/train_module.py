@@ -26,8 +26,10 @@ from typing import Dict, Optional
 
 import torch
 
+from ..config.errors import ConfigError
 from ..config.run import TrainerConfig
 from ..config.train import OptimConfig
+from ..model.doc_mask import document_ids
 from ..parallel.data_parallel import finish_grad_sync, grad_sync
 from ..parallel.init import materialize_and_init
 from ..parallel.mesh import ParallelContext, single_process_context
@@ -56,11 +58,13 @@ def as_parallel_context(ctx) -> ParallelContext:
 
 class TrainModule:
     def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, doc_eos_id: Optional[int] = None):
         """``model``: the plain model, on ``meta`` (then this rank's shards are materialised and initialised
         from ``seed`` after parallelising: the values one process would have) or materialised identically on
-        every rank; parallelized here in place."""
+        every rank; parallelized here in place. ``doc_eos_id``: document masking on (``data.document_masking``),
+        documents end at this token id; None: off."""
         self.ctx = as_parallel_context(ctx)
+        self.doc_eos_id = doc_eos_id
         self.seed = seed
         self.optim_cfg = optim_cfg
         self.trainer_cfg = trainer_cfg
@@ -87,6 +91,12 @@ class TrainModule:
             materialize_and_init(model, self.ctx.device, model.config, self.seed)
         return model
 
+    def _doc_kwargs(self, x_bt: torch.Tensor) -> dict:
+        """``{"doc_ids": ...}`` with document masking on (attnres_train.model.doc_mask), else nothing."""
+        if self.doc_eos_id is None:
+            return {}
+        return {"doc_ids": document_ids(x_bt, self.doc_eos_id)}
+
     def grad_params(self):
         """The parameters whose gradients enter the norm / clipping (each logical parameter once)."""
         return [p for p in self.model.parameters() if p.grad is not None]
@@ -109,7 +119,7 @@ class TrainModule:
         for i, ((x, y), w) in enumerate(zip(chunks, weights)):
             with grad_sync(self.model, enabled=(i == n - 1)):
                 with self._autocast():
-                    out = self.model(x, labels=y)
+                    out = self.model(x, labels=y, **self._doc_kwargs(x))
                 total = out.loss * w
                 if out.aux_loss is not None:
                     total = total + out.aux_loss / n
@@ -169,7 +179,7 @@ class TrainModule:
         for batch in batches:
             batch = batch.to(self.ctx.device)
             with self._autocast():
-                out = self.model(batch[:, :-1], labels=batch[:, 1:])
+                out = self.model(batch[:, :-1], labels=batch[:, 1:], **self._doc_kwargs(batch[:, :-1]))
             n = float((batch[:, 1:] != -100).sum())
             tot += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
         self.model.train(was_training)
@@ -186,11 +196,29 @@ def _local_scalar(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def build_train_module(model, cfg, ctx, max_steps: int) -> TrainModule:
-    """The train module for ``cfg`` (a validated root ``Config``): the pipelined one when ``parallel.pp > 1``."""
+def build_train_module(model, cfg, ctx, max_steps: int, doc_eos_id: Optional[int] = None) -> TrainModule:
+    """The train module for ``cfg`` (a validated root ``Config``): the pipelined one when ``parallel.pp > 1``.
+
+    ``doc_eos_id``: the tokenizer's EOS id when ``data.document_masking`` is on (None: off).
+    """
     pctx = as_parallel_context(ctx)
+    if doc_eos_id is not None and (pctx.dims.pp > 1 or pctx.dims.tp > 1):
+        raise ConfigError("data.document_masking", "document masking is not wired through pipeline or tensor "
+                          f"parallelism yet (parallel.pp={pctx.dims.pp}, parallel.tp={pctx.dims.tp}); use "
+                          "data/FSDP parallelism only, or turn it off")
     if pctx.dims.pp > 1:
         from .pipeline_module import PipelineTrainModule
 
         return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline, seed=cfg.seed)
-    return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, seed=cfg.seed)
+    return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, seed=cfg.seed, doc_eos_id=doc_eos_id)
+
+
+def document_masking_eos(data_cfg, tokenizer) -> Optional[int]:
+    """The EOS id documents end at when ``data.document_masking`` is on, else None."""
+    if not data_cfg.document_masking:
+        return None
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        raise ConfigError("data.document_masking", f"needs a tokenizer with an EOS token (documents end at "
+                          f"their EOS); {getattr(tokenizer, 'name', tokenizer)!r} has none")
+    return int(eos)

@@ -40,7 +40,7 @@ from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure
 from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb, process_start_time
 from .threads import apply_num_threads
-from .train_module import build_train_module
+from .train_module import build_train_module, document_masking_eos
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
 RESUME_LOCKED = ("model",)
@@ -101,7 +101,8 @@ class Trainer:
         # AC -> compile -> FSDP, per pipeline stage with pp) and materialises only this rank's shards, initialised
         # from ``seed`` to exactly the values one process would have (attnres_train.model.init).
         self.model = build_model(cfg.model, device="meta")
-        self.module = build_train_module(self.model, cfg, ctx, self.max_steps)
+        self.module = build_train_module(self.model, cfg, ctx, self.max_steps,
+                                         doc_eos_id=document_masking_eos(cfg.data, self.data.tokenizer))
         # With pipeline parallelism: this rank's stages under the full model's parameter names (checkpoints
         # stay layout independent); otherwise the parallelized model itself.
         self.model = self.module.model

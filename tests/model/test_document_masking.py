@@ -185,3 +185,34 @@ def test_fla_core_with_document_masking_is_an_error():
     layer = KimiDeltaAttention(cfg).double()
     with pytest.raises(ConfigError, match="model.kda.impl"):
         layer(torch.zeros(1, 4, 32, dtype=F64), core="fla", doc_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_train_module_passes_document_ids():
+    """data.document_masking reaches the model through the train module (loss of a packed batch)."""
+    from types import SimpleNamespace
+
+    from attnres_train.config.data import DataConfig, validate_data_config
+    from attnres_train.config.run import TrainerConfig
+    from attnres_train.config.train import OptimConfig
+    from attnres_train.train.train_module import TrainModule, document_masking_eos
+
+    assert document_masking_eos(DataConfig(), SimpleNamespace(eos_id=EOS)) is None
+    on = validate_data_config(DataConfig(document_masking=True))
+    assert document_masking_eos(on, SimpleNamespace(eos_id=EOS)) == EOS
+    with pytest.raises(ConfigError, match="data.document_masking"):
+        document_masking_eos(on, SimpleNamespace(eos_id=None, name="no-eos"))
+    with pytest.raises(ConfigError, match="data.document_masking"):
+        validate_data_config(DataConfig(document_masking="yes"))
+
+    ids, rows = packed_batch()
+    batch = torch.cat([ids, torch.full((2, 1), 7)], dim=1)  # [B, T+1]: inputs and shifted targets
+    model = tiny_model()
+    tcfg = TrainerConfig(micro_batch_size=2, global_batch_size=2)
+    module = TrainModule(model, OptimConfig(), tcfg, SimpleNamespace(world_size=1), 10, doc_eos_id=EOS)
+    got = module.forward_backward(batch)["loss"]
+    # Expected: mean CE of the per-document forward passes (each document alone), targets as in the batch.
+    with torch.no_grad():
+        logits = torch.cat([torch.cat([model(d[None])[0] for d in docs]) for docs in rows]).view(2, T, -1)
+        want = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+        plain = model(ids, labels=batch[:, 1:]).loss.item()
+    assert abs(got - want) < 1e-10 and abs(plain - want) > 1e-4
