@@ -204,3 +204,15 @@ def test_v_placement_tables():
     # the turn 3 -> 4 stays on rank 3: everything is cached, nothing but the partial would travel
     assert lay.delta(3) == () and lay.payload_len(3) == lay.partial(3) == 0
     assert lay.fingerprint() != lay.__class__(**{**lay.__dict__, "placement": "loop"}).fingerprint()
+
+
+def test_plan_cli_uses_the_v_placement(capsys):
+    from attnres_train.cli.plan import main
+
+    assert main(["--pp", "2", "--vpp", "2", "--num-layers", "8", "--mode", "block", "--block-size", "1",
+                 "--microbatches", "4", "--schedule", "zb_v"]) == 0
+    out = capsys.readouterr().out
+    assert "placement=v" in out
+    assert "rank 0: 0F0 0F1 0F2 3F0 3I0 3W0" in out  # rank 0 runs stages 0 and 3 (= 2P-1-0)
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line[:4] in ("  0 ", "  1 ")}
+    assert rows["0"] == "0-1,6-7EH" and rows["1"] == "2-5", rows  # both ends of the model on rank 0
