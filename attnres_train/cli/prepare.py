@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-unit", default="file", choices=["file", "paragraph"], help="text files: document unit")
     p.add_argument("--split", default="train", help="hub datasets: split to read")
     p.add_argument("--hf-config", default=None, help="hub datasets: configuration (subset) name")
+    p.add_argument("--hf-revision", default=None, help="hub datasets: branch, tag or commit to read")
     p.add_argument("--max-docs", type=int, default=None, help="per input: stop after this many documents")
     p.add_argument("--max-bytes", type=int, default=None, help="per input: stop after this many UTF-8 bytes")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 256M)")
@@ -115,7 +116,7 @@ def run(args) -> str:
     resolved = []
     for i, inp in enumerate(args.inputs):
         src = DataSourceConfig(path=inp, kind=args.kind, text_field=args.text_field, split=args.split,
-                               hf_config=args.hf_config, text_unit=args.text_unit)
+                               hf_config=args.hf_config, text_unit=args.text_unit, hf_revision=args.hf_revision)
         try:
             validate_source(src, f"inputs[{i}]")
         except ConfigError as e:
@@ -180,7 +181,7 @@ def _merge(args) -> str:
     from ..data import parallel_prepare as pp
 
     defaults = build_parser().parse_args(["x", "--out", "y"])
-    for opt in ("tokenizer", "train_bpe", "kind", "text_field", "text_unit", "split", "hf_config", "max_docs",
+    for opt in ("tokenizer", "train_bpe", "kind", "text_field", "text_unit", "split", "hf_config", "hf_revision", "max_docs",
                 "max_bytes", "shard_tokens", "workers"):
         if getattr(args, opt) != getattr(defaults, opt):
             raise UserInputError(f"--{opt.replace('_', '-')} has no effect with --merge (the sets are already tokenized)")

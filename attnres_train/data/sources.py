@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, List, Optional, Tuple
 
 from attnres_train.config.data import DataSourceConfig
-from attnres_train.config.errors import UserInputError
+from attnres_train.config.errors import ConfigError, UserInputError
 
 STDLIB_DEFAULT_MAX_BYTES = 8_000_000
 TEXT_EXTS = (".txt", ".text", ".md", ".rst")
@@ -57,7 +57,7 @@ class ResolvedSource:
         c = self.cfg
         fp = {"kind": self.kind, "text_field": c.text_field, "text_unit": c.text_unit}
         if self.kind == "hf":
-            fp.update(name=self.name, config=c.hf_config, split=c.split, streaming=c.hf_streaming)
+            fp.update(name=self.name, config=c.hf_config, split=c.split, streaming=c.hf_streaming, revision=c.hf_revision)
         elif self.kind == "stdlib":
             fp.update(python=sys.version, root=_stdlib_root())
         if self.kind != "hf":
@@ -105,6 +105,13 @@ def _looks_like_hub_name(path: str) -> bool:
 
 def resolve_source(src: DataSourceConfig, where: str = "data.sources[0]") -> ResolvedSource:
     """Work out the concrete kind and file list of ``src``; raise UserInputError if nothing is there."""
+    rs = _resolve(src, where)
+    if src.hf_revision is not None and rs.kind != "hf":
+        raise ConfigError(f"{where}.hf_revision", f"only used with hub datasets, but {rs.name!r} is a local {rs.kind} source")
+    return rs
+
+
+def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
     kind, path = src.kind, os.path.expanduser(src.path or "")
     if src.hf_name or kind == "hf":
         return ResolvedSource("hf", src.hf_name or src.path, src, where)
@@ -298,7 +305,8 @@ def _datasets_docs(rs: ResolvedSource, files: List[str]) -> Iterator[str]:
         what = f"{rs.kind} file {files[0]!r}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
     try:
         if rs.kind == "hf":
-            ds = datasets.load_dataset(rs.name, c.hf_config, split=c.split, streaming=c.hf_streaming)
+            ds = datasets.load_dataset(rs.name, c.hf_config, split=c.split, streaming=c.hf_streaming,
+                                       revision=c.hf_revision)
         else:
             ds = datasets.load_dataset(rs.kind, data_files=files, split="train", streaming=True)
         cols = list(ds.features) if ds.features is not None else None

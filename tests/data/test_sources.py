@@ -151,3 +151,33 @@ def test_unknown_tokenizer_path_is_an_error(tmp_path):
     not_a_tok.mkdir()
     with pytest.raises(UserInputError, match="could not load a tokenizer"):
         load_tokenizer(str(not_a_tok))
+
+
+def test_hub_revision_is_passed_to_datasets_and_keys_the_cache(tmp_path, monkeypatch):
+    import datasets
+
+    from attnres_train.config.errors import ConfigError
+    from attnres_train.data.loader import cache_key
+    from attnres_train.data.sources import iter_documents
+    from attnres_train.data.tokenizer import ByteTokenizer
+
+    seen = []
+
+    class _Rows(list):
+        features = {"text": None}
+
+    def fake_load_dataset(name, config=None, **kw):
+        seen.append((name, kw.get("revision")))
+        return _Rows([{"text": "hub row"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    keys = []
+    for rev in ("v1.0", "0123abc", None):
+        rs = resolve_source(DataSourceConfig(path="org/corpus", kind="hf", hf_revision=rev))
+        assert list(iter_documents(rs)) == ["hub row"]
+        keys.append(cache_key(rs, ByteTokenizer(), None, None))
+    assert seen == [("org/corpus", "v1.0"), ("org/corpus", "0123abc"), ("org/corpus", None)]
+    assert len(set(keys)) == 3  # another revision never reuses a tokenized cache
+    (tmp_path / "a.txt").write_text("local")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].hf_revision: only used with hub datasets"):
+        resolve_source(DataSourceConfig(path=str(tmp_path / "a.txt"), hf_revision="main"), "data.sources[0]")
