@@ -191,8 +191,9 @@ class AttnResForCausalLM(nn.Module):
             moe.update_bias()
 
     @torch.no_grad()
-    def depth_attention(self, input_ids: torch.Tensor) -> list:
-        """Per-sublayer AttnRes weights over sources (list of ``[n, B, T]``, last entry = output head)."""
+    def depth_attention(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> list:
+        """Per-sublayer AttnRes weights over sources (list of ``[n, B, T]``, last entry = output head);
+        ``doc_ids``: document masking, as in :meth:`forward`."""
         if self.mode == "prenorm":
             return []
         weights = []
@@ -200,7 +201,7 @@ class AttnResForCausalLM(nn.Module):
         for layer in self.model.layers:
             for k, q in enumerate(layer.queries()):
                 weights.append(depth_weights(layer.prepare(state, k), q, self.eps))
-                state = layer.sublayer(state, k, q)
+                state = layer.sublayer(state, k, q, doc_ids)
         weights.append(depth_weights(state, self.output_query(), self.eps))
         return weights
 

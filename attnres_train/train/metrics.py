@@ -69,9 +69,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def depth_statistics(model, input_ids: torch.Tensor) -> Optional[Dict[str, list]]:
-    """Per-sublayer entropy (nats) and mean weight per source of the AttnRes depth attention."""
-    weights = model.depth_attention(input_ids)
+def depth_statistics(model, input_ids: torch.Tensor, **doc_kwargs) -> Optional[Dict[str, list]]:
+    """Per-sublayer entropy (nats) and mean weight per source of the AttnRes depth attention.
+
+    ``doc_kwargs``: ``doc_ids=...`` when training with document masking (the same forward as training)."""
+    weights = model.depth_attention(input_ids, **doc_kwargs)
     if not weights:
         return None
     entropy, mean_w = [], []

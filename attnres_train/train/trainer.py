@@ -319,10 +319,11 @@ class Trainer:
     def _depth_stats(self, depth_batch):
         if self._skip_diagnostics:
             return None
+        doc = self.module._doc_kwargs(depth_batch)  # document masking: the same forward as training
         if not self._everyone_evaluates:
-            return depth_statistics(self.model, depth_batch)
+            return depth_statistics(self.model, depth_batch, **doc)
         with gathered_parameters(self.model):  # queries are read outside forward: unshard FSDP units
-            return depth_statistics(self.model, depth_batch)
+            return depth_statistics(self.model, depth_batch, **doc)
 
     def _sample(self):
         if self._skip_diagnostics or (not self._everyone_evaluates and not self.ctx.is_main):

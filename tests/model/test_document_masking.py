@@ -216,3 +216,16 @@ def test_train_module_passes_document_ids():
         want = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
         plain = model(ids, labels=batch[:, 1:]).loss.item()
     assert abs(got - want) < 1e-10 and abs(plain - want) > 1e-4
+
+
+def test_depth_statistics_use_the_masked_forward():
+    """The AttnRes depth weights (trainer diagnostics) of a packed sample equal each document's own."""
+    model = tiny_model()
+    ids, rows = packed_batch(seed=4)
+    packed = model.depth_attention(ids[:1], doc_ids=document_ids(ids[:1], EOS))
+    s = 0
+    for doc in rows[0]:
+        alone = model.depth_attention(doc[None])
+        for w_packed, w_alone in zip(packed, alone, strict=True):
+            torch.testing.assert_close(w_packed[:, 0, s:s + len(doc)], w_alone[:, 0], rtol=0, atol=1e-10)
+        s += len(doc)
