@@ -28,8 +28,8 @@ def apply_activation_checkpointing(model) -> None:
         inner = layer.forward
 
         @functools.wraps(inner)
-        def forward(state, _inner=inner):
-            return checkpoint(_inner, state, use_reentrant=False)
+        def forward(state, _inner=inner, **kwargs):  # kwargs: doc_ids (document masking)
+            return checkpoint(_inner, state, use_reentrant=False, **kwargs)
 
         layer.forward = forward
         layer._ac_wrapped = True

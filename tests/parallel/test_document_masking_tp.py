@@ -28,7 +28,7 @@ def packed_ids():
     return ids
 
 
-def _tp_body(parallel_kw):
+def _tp_body(parallel_kw, ac):
     from attnres_train.config.parallel import ParallelConfig
     from attnres_train.config.run import TrainerConfig
     from attnres_train.config.train import OptimConfig
@@ -40,7 +40,8 @@ def _tp_body(parallel_kw):
 
     ws = dist.get_world_size()
     pctx = build_parallel_context(ParallelConfig(**parallel_kw), model_cfg("block", 2), seq_len=T, world_size=ws)
-    tcfg = TrainerConfig(micro_batch_size=B // pctx.dp_size, global_batch_size=B, precision="fp32")
+    tcfg = TrainerConfig(micro_batch_size=B // pctx.dp_size, global_batch_size=B, precision="fp32",
+                         activation_checkpointing=ac)
     ids = packed_ids()
     x, y = ids[:, :-1], ids[:, 1:]
     ref = build_reference("block", 2)
@@ -52,17 +53,20 @@ def _tp_body(parallel_kw):
     stats = module.forward_backward(local_batch(ids, pctx))
     par_g = full_grads(par)
     plain = float(ref(x, labels=y).loss)
+    assert all(getattr(layer, "_ac_wrapped", False) == ac for layer in par.model.layers)
     return {"loss": abs(stats["loss"] - float(o.loss)) / float(o.loss), "plain_gap": abs(plain - float(o.loss)),
             "grad": max(rel_err(par_g[n], ref_g[n]) for n in ref_g)}
 
 
-LAYOUTS = {"tp2": dict(dp_shard=1, tp=2), "tp2_sp": dict(dp_shard=1, tp=2, sp=True), "fsdp2": dict(dp_shard=2)}
+# name -> (parallel config, activation checkpointing: the wrapper must pass doc_ids through)
+LAYOUTS = {"tp2": (dict(dp_shard=1, tp=2), False), "tp2_sp": (dict(dp_shard=1, tp=2, sp=True), False),
+           "fsdp2_ac": (dict(dp_shard=2), True)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_document_masking_under_tensor_parallelism(layout):
-    results = run_distributed(_tp_body, 2, LAYOUTS[layout], timeout=180)
+    results = run_distributed(_tp_body, 2, *LAYOUTS[layout], timeout=180)
     for rank, r in enumerate(results):
         assert r["loss"] <= TOL and r["grad"] <= TOL, f"rank {rank}: {r}"
         assert r["plain_gap"] > 1e-4, "masking made no difference: the check would be vacuous"
