@@ -14,10 +14,12 @@
 #   --rdzv HOST:PORT [MASTER_ADDR:MASTER_PORT]   --job-id ID [SLURM_JOB_ID, attnres]   --max-restarts N [0]
 #   --dry-run: print the command instead of running it.
 # Everything after `--` is passed to attnres-train as Hydra overrides. Bad options: one `error:` line, exit 2.
+# Paths: the run starts in the caller's directory (a relative run_dir or data path means what the caller meant);
+# the repository is found from this script's location and put on PYTHONPATH.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 NNODES="${NNODES:-1}"; NPROC="${NPROC_PER_NODE:-1}"; NODE_RANK_ARG="${NODE_RANK:-}"; JOB_ID="${SLURM_JOB_ID:-attnres}"
-RDZV=""; MAX_RESTARTS=0; DRY_RUN=0; PY="${PYTHON:-.venv/bin/python}"
+RDZV=""; MAX_RESTARTS=0; DRY_RUN=0; PY="${PYTHON:-$REPO/.venv/bin/python}"
 if [ -n "${MASTER_ADDR:-}" ]; then RDZV="${MASTER_ADDR}:${MASTER_PORT:-29500}"; fi
 [ -x "$PY" ] || PY=python3
 die() { echo "error: $*" >&2; exit 2; }
@@ -57,4 +59,15 @@ fi
 [ "$MAX_RESTARTS" = "0" ] || CMD+=(--max-restarts "$MAX_RESTARTS")
 CMD+=(-m attnres_train "$@")
 if [ "$DRY_RUN" = "1" ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# SIGUSR1 = "save and exit 0" (slurm's --signal=USR1@N, scancel -s USR1): slurm delivers it to every process of
+# the job step, so the workers get it themselves. torchrun's agent must not act on it: listed in
+# TORCHELASTIC_SIGNALS_TO_HANDLE it turns it into a shutdown and then dies of it (the job step fails with exit
+# 138 although every worker saved and exited 0); not listed, the default action kills the agent. So the agent
+# ignores it (an ignored signal is inherited; the trainer installs its own SIGUSR1 handler in each worker).
+if [ -n "${TORCHELASTIC_SIGNALS_TO_HANDLE:-}" ]; then
+  TORCHELASTIC_SIGNALS_TO_HANDLE="$(echo "$TORCHELASTIC_SIGNALS_TO_HANDLE" | tr ',' '\n' | grep -vx 'SIGUSR1' | paste -sd, -)"
+  export TORCHELASTIC_SIGNALS_TO_HANDLE
+fi
+trap '' USR1
 exec "${CMD[@]}"

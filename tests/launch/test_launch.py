@@ -84,8 +84,8 @@ def test_sbatch_dry_run_builds_srun_and_torchrun(tmp_path):
     assert proc.returncode == 2 and "not inside a slurm allocation" in proc.stderr
 
 
-@pytest.mark.parametrize("preset,tasks", [("slurm", 8), ("slurm_1gpu", 1)])
-def test_hydra_launcher_presets_compose(preset, tasks, monkeypatch):
+@pytest.mark.parametrize("preset,tasks,gpus", [("slurm", 8, 8), ("slurm_1gpu", 1, 1), ("slurm_cpu", 1, 0)])
+def test_hydra_launcher_presets_compose(preset, tasks, gpus, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
@@ -100,7 +100,12 @@ def test_hydra_launcher_presets_compose(preset, tasks, monkeypatch):
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == launcher.gpus_per_node == tasks
+    from hydra.experimental.callback import Callback
+    from hydra.utils import get_class
+
+    watcher = cfg.hydra.callbacks.slurm_pending._target_  # reports jobs slurm will never start
+    assert issubclass(get_class(watcher), Callback)
+    assert launcher.tasks_per_node == tasks and launcher.gpus_per_node == gpus
     assert launcher.submitit_folder == "/shared/sweep/.submitit/%j"
     assert any("MASTER_ADDR=$(scontrol show hostnames" in line for line in launcher.setup)
     assert dict(cfg.hydra.job.env_set) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
