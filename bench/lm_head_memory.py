@@ -74,7 +74,7 @@ def _head_inputs(a):
     return h, w, y
 
 
-def _head_step(variant: str, chunk: int, h, w, y):
+def _head_step(variant: str, chunk: int, h, w, y) -> float:
     import torch.nn.functional as F
 
     from attnres_train.model.lm_loss import fused_linear_cross_entropy
@@ -85,7 +85,7 @@ def _head_step(variant: str, chunk: int, h, w, y):
     else:  # what the model's unfused path does: F.linear, fp32 logits, F.cross_entropy
         loss = F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def worker_head_memory(a) -> dict:
@@ -94,6 +94,7 @@ def worker_head_memory(a) -> dict:
     libc.mallopt(-1, 64 << 10)  # M_TRIM_THRESHOLD
     h, w, y = _head_inputs(a)
     loss = _head_step(a.variant, a.chunk, h, w, y)  # warm-up: lazy library state, thread pools
+    h.grad = w.grad = None  # freed before the measurement, not inside it
     peak = _peak_of(lambda: _head_step(a.variant, a.chunk, h, w, y))
     return {"peak_bytes": peak, "loss": loss}
 
@@ -141,9 +142,10 @@ def worker_model_memory(a) -> dict:
         model.zero_grad(set_to_none=True)
         loss, aux = model.loss(ids[:, :-1], ids[:, 1:])
         (loss + aux if aux is not None else loss).backward()
-        return float(loss)
+        return float(loss.detach())
 
     loss = step()
+    model.zero_grad(set_to_none=True)  # freed before the measurement, not inside it
     return {"peak_bytes": _peak_of(step), "loss": loss}
 
 
