@@ -31,9 +31,11 @@ from .train_module import TrainModule
 
 class PipelineTrainModule(TrainModule):
     def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx, max_steps: int,
-                 pipeline_cfg: PipelineConfig, seed=None):
+                 pipeline_cfg: PipelineConfig, seed=None, doc_eos_id=None):
         self.pipeline_cfg = pipeline_cfg
-        super().__init__(model, optim_cfg, trainer_cfg, ctx, max_steps, seed=seed)
+        super().__init__(model, optim_cfg, trainer_cfg, ctx, max_steps, seed=seed, doc_eos_id=doc_eos_id)
+        for st in self.pipe.stages:  # document masking: every stage derives the ids itself
+            st.doc_eos_id = doc_eos_id
 
     def _parallelize(self, model):
         self.pipe = parallelize_pipeline(model, self.ctx, self.trainer_cfg, self.pipeline_cfg, seed=self.seed)

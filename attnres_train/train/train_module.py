@@ -202,14 +202,11 @@ def build_train_module(model, cfg, ctx, max_steps: int, doc_eos_id: Optional[int
     ``doc_eos_id``: the tokenizer's EOS id when ``data.document_masking`` is on (None: off).
     """
     pctx = as_parallel_context(ctx)
-    if doc_eos_id is not None and pctx.dims.pp > 1:
-        raise ConfigError("data.document_masking", "document masking is not wired through pipeline parallelism "
-                          f"yet (parallel.pp={pctx.dims.pp}): the later stages never see the tokens; use "
-                          "data/FSDP/tensor parallelism, or turn it off")
     if pctx.dims.pp > 1:
         from .pipeline_module import PipelineTrainModule
 
-        return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline, seed=cfg.seed)
+        return PipelineTrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, cfg.pipeline, seed=cfg.seed,
+                                   doc_eos_id=doc_eos_id)
     return TrainModule(model, cfg.optim, cfg.trainer, pctx, max_steps, seed=cfg.seed, doc_eos_id=doc_eos_id)
 
 

@@ -326,7 +326,8 @@ class PipelineRuntime:
             for j, b in enumerate(delta_in):
                 cache.put(m, b, x[j])  # this stage is block b's entry on this rank
             state = DepthState(blocks=[blocks[b] for b in range(L.count(s - 1))], partial=partial)
-            out = st(state, labels=labels.to(self.device) if st.is_last else None)
+            out = st(state, input_ids=ids.to(self.device),  # the ids: document masking on later stages
+                     labels=labels.to(self.device) if st.is_last else None)
             rec.leaf = x
         aux_root = None
         if out.aux_loss is not None:

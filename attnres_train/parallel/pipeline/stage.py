@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...model.depth import DepthState
+from ...model.doc_mask import document_ids
 from .layout import PipelineLayout
 
 
@@ -63,6 +64,9 @@ class PipelineStageModule(nn.Module):
         # Converts boundary tensors between the wire (plain local tensors) and the model's activation type
         # (e.g. tensor-parallel DTensors); set by ``parallelize_pipeline``. None = plain tensors throughout.
         self.activation_adapter = None
+        # Document masking (``data.document_masking``): the EOS id documents end at, set by the train module.
+        # Every stage derives the document ids from the microbatch's tokens (the runtime hands them to all).
+        self.doc_eos_id = None
 
     @property
     def full_model(self) -> nn.Module:
@@ -81,7 +85,12 @@ class PipelineStageModule(nn.Module):
             raise ValueError(f"stage {self.stage} needs the depth state received from stage {self.stage - 1}")
         elif ad is not None:
             state = _map_state(state, ad.to_model)
-        state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end)
+        doc_ids = None
+        if self.doc_eos_id is not None:
+            if input_ids is None:
+                raise ValueError(f"stage {self.stage}: document masking needs the microbatch's input_ids")
+            doc_ids = document_ids(input_ids, self.doc_eos_id)
+        state = m.forward_layers(replace(state, aux_loss=None), self.start, self.end, doc_ids=doc_ids)
         if self.is_last:
             return StageOutput(None, self._loss(state, labels), state.aux_loss)
         state = close_completed_block(state, self.partial_out)
