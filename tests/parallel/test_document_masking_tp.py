@@ -1,4 +1,4 @@
-"""Document masking under tensor parallelism (with and without SP) and FSDP equals the single-process model.
+"""Document masking under tensor parallelism (± SP), FSDP + activation checkpointing and pipeline parallelism
 
 Why separate from test_equivalence: the document ids are a keyword argument of the token mixers that the TP
 wrappers pass through untouched (only the activation is redistributed), and with SP the mixers see the whole
