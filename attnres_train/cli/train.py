@@ -51,7 +51,9 @@ def _task(dcfg):
     except TrainingAborted as exc:  # NaN/Inf limit, a dead or hung peer: one line, its own exit code
         _fail(str(exc), exc.exit_code)
     except OmegaConfBaseException as exc:
-        _fail(str(exc).splitlines()[0])
+        from .preflight import hydra_error_message
+
+        _fail(hydra_error_message(exc) or str(exc).splitlines()[0])
     except KeyboardInterrupt:  # Ctrl-C before the loop, or a second Ctrl-C inside it
         _fail("interrupted (Ctrl-C): stopped at once without saving; the newest complete checkpoint in "
               f"{run_dir / 'checkpoints'}, if any, is intact (checkpoint.resume=auto continues from it)",
@@ -82,35 +84,28 @@ def run(overrides, ctx=None) -> dict:
     return Trainer(cfg, Path(cfg.run_dir), ctx).fit()
 
 
-def _precheck_run_dir(argv) -> None:
-    """Hydra creates the output dir before our code runs; catch an unusable ``run_dir=`` override first."""
-    value = None
-    for arg in argv:
-        key, sep, val = arg.lstrip("+").partition("=")
-        if sep and key == "run_dir":
-            value = val
-    if not value or "${" in value:
-        return
-    path = Path(value).expanduser().absolute()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        _fail(f"run_dir {value!r} is not usable: {str(probe)!r} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        _fail(f"run_dir {value!r} is not writable (no write permission on {str(probe)!r})")
-
-
 def main() -> None:
     import hydra
 
     from ..config.schema import register_configs
+    from .preflight import Refused, hydra_error_message
 
     if not CONFIG_DIR.is_dir():
         _fail(f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)")
-    _precheck_run_dir(sys.argv[1:])
     register_configs()
-    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(_task)()
+    # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which case it
+    # raises them; we set it to catch them and print one `error:` line (exit 2). A user who set it wants the trace.
+    user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(_task)()
+    except Refused as exc:  # the config or run_dir, checked before Hydra creates run_dir (cli/preflight.py)
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - reworded when it is a config/Hydra error, re-raised otherwise
+        message = None if user_wants_trace else hydra_error_message(exc)
+        if message is None:
+            raise
+        _fail(message)
 
 
 if __name__ == "__main__":

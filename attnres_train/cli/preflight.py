@@ -1,0 +1,168 @@
+"""Check the composed config and the run directory before Hydra writes anything; reword Hydra's own errors.
+
+Hydra creates the job's output directory (our ``run_dir``) before the task function runs, and reports its own
+failures (an unknown key, a wrong type, an unknown group option, an override it cannot parse) in several lines
+ending with a hint about ``HYDRA_FULL_ERROR``, with exit code 1. The training CLI promises one ``error:`` line
+and exit code 2 for every bad input, with nothing written. So:
+
+* :class:`PreflightCallback` (registered in ``configs/config.yaml`` under ``hydra.callbacks``) runs on
+  ``on_run_start`` / ``on_multirun_start``, i.e. after composition and before ``run_dir`` is created: it
+  refuses an empty ``run_dir``, validates the whole config (``validate_config``; no torch import, so this takes
+  a second, not the 15 s of start-up), then checks that ``run_dir`` can be created and written.
+* :func:`hydra_error_message` turns Hydra's and OmegaConf's exceptions into one line that names the key or
+  option and says what to do; ``attnres_train.cli.train.main`` prints it as ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from hydra.experimental.callback import Callback
+
+from ..config.errors import ConfigError, UserInputError
+
+OVERRIDE_SYNTAX_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+class Refused(BaseException):
+    """Raised by the callback. A BaseException: Hydra turns a callback's Exception into a warning and goes on."""
+
+
+class PreflightCallback(Callback):
+    """Hydra callback: refuse a bad config or an unusable run_dir before Hydra creates the directory."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            preflight(config, config.hydra.run.dir)
+        except (ConfigError, UserInputError) as exc:
+            raise Refused(str(exc)) from None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        # The swept values are not in this config (Hydra applies them per job), so only the sweep directory is
+        # checked here; each job's config is validated in the task, after Hydra made its sub-directory.
+        try:
+            check_run_dir_value(config.hydra.sweep.dir)
+        except (ConfigError, UserInputError) as exc:
+            raise Refused(str(exc)) from None
+
+
+def preflight(config, run_dir) -> None:
+    """The composed config (with its ``hydra`` node) is valid and ``run_dir`` is usable, or an error is raised."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ..config.schema import as_config, validate_config
+
+    if run_dir is None or not str(run_dir).strip():
+        raise ConfigError("run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run), or leave it out for "
+                          "runs/<date>_<time>")
+    from omegaconf.errors import InterpolationResolutionError
+
+    job = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+    with open_dict(job):
+        job.pop("hydra", None)
+    try:
+        job = OmegaConf.create(OmegaConf.to_container(job, resolve=True))
+    except InterpolationResolutionError:  # e.g. ${hydra:runtime.output_dir}: only set once the job starts
+        job = None
+    if job is not None:  # (otherwise the task validates it, as before)
+        validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    check_run_dir_value(run_dir)
+
+
+def check_run_dir_value(run_dir) -> None:
+    """``run_dir`` exists as a writable directory or can be created; a failed creation leaves nothing behind."""
+    value = str(run_dir)
+    if not value.strip():
+        raise ConfigError("run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run)")
+    path = Path(value).expanduser().absolute()
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserInputError(f"run_dir {value!r} is not usable: {str(probe)!r} exists and is not a directory; "
+                             "choose another run_dir")
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        fd, name = tempfile.mkstemp(prefix=".write_test-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        for d in missing:  # deepest first: remove only what this check created
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise UserInputError(f"run_dir {value!r} is not usable: cannot create or write {str(exc.filename or path)!r} "
+                             f"({exc.strerror or exc}); choose a writable directory") from None
+
+
+def hydra_error_message(exc: BaseException) -> Optional[str]:
+    """One line for a Hydra / OmegaConf / config error, naming the key or option; None for anything else."""
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(exc, (ConfigError, UserInputError, Refused)):
+        return _one_line(str(exc))
+    if isinstance(exc, OverrideParseException):
+        first = exc.message.splitlines()[0] if exc.message else "syntax error"
+        return _one_line(f"cannot parse the override {exc.override!r}: {first}; quote values that contain spaces "
+                         f"or special characters (key='a b'), lists are key=[a,b]; syntax: {OVERRIDE_SYNTAX_URL}")
+    if isinstance(exc, MissingConfigException):
+        return _missing_option(exc)
+    cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        owner = getattr(cause, "object_type", None)
+        if dataclasses.is_dataclass(owner):
+            from ..config.structured import unknown_key_message
+
+            return _one_line(f"{cause.full_key}: {unknown_key_message(owner, cause.full_key)}")
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return _one_line(f"{cause.full_key}: {_first(str(cause))}; {_expected(cause)}")
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        return _one_line(f"{key + ': ' if key else ''}{_first(str(cause))}")
+    if isinstance(exc, HydraException):
+        text = str(exc).split("Config search path")[0]
+        if cause is not None and cause is not exc:
+            text += f" ({_first(str(cause))})"
+        return _one_line(text)
+    return None
+
+
+def _missing_option(exc) -> str:
+    missing = exc.missing_cfg_file or ""
+    group, _, option = missing.rpartition("/")
+    if not group:
+        return _one_line(f"config {missing!r} not found; {str(exc).split('Config search path')[0]}")
+    options = ", ".join(exc.options or []) or "none"
+    return _one_line(f"{group}={option}: no such option in group {group!r} (configs/{group}/); choose one of: "
+                     f"{options}")
+
+
+def _expected(cause) -> str:
+    """'expected int' with the field's default, read from the dataclass that owns the key."""
+    owner = getattr(cause, "object_type", None)
+    name = str(cause.full_key).rpartition(".")[2]
+    if dataclasses.is_dataclass(owner):
+        for f in dataclasses.fields(owner):
+            if f.name == name:
+                tname = getattr(f.type, "__name__", None) or str(f.type)
+                default = f.default if f.default is not dataclasses.MISSING else None
+                return f"{cause.full_key} takes a value of type {tname} (default: {default!r})"
+    return "see docs/training.md for the field's type"
+
+
+def _first(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
