@@ -51,13 +51,17 @@ def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], torch
 
 def write_hf(load_group: LoadGroup, model_cfg: ModelConfig, out_dir, fmt: str = "auto",
              dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             keys: Optional[Iterable[str]] = None) -> str:
+             keys: Optional[Iterable[str]] = None, tokenizer: Optional[str] = None,
+             step_dir: Optional[Path] = None, config_text: Optional[str] = None) -> str:
     """Write an HF directory, converting group by group; returns the format used (``native``/``remote``).
 
     ``load_group(keys)`` returns our tensors for those names (e.g. a slice of a state dict, or a DCP read);
     ``keys`` defaults to the full model's names. ``dtype`` casts floating weights (the router's correction bias
-    stays fp32).
+    stays fp32). ``tokenizer`` (a ``data.tokenizer`` value), ``step_dir`` and ``config_text`` (the training
+    checkpoint and its run config) go into the tokenizer files, generation config and model card
+    (:mod:`attnres_train.interop.hf_card`).
     """
+    from .hf_card import write_hf_extras
     from .hf_remote import group_to_remote, write_remote_files
 
     cfg = validate_model_config(as_model_config(model_cfg))
@@ -82,14 +86,16 @@ def write_hf(load_group: LoadGroup, model_cfg: ModelConfig, out_dir, fmt: str = 
         hf_cfg.save_pretrained(str(out))
     else:
         write_remote_files(out, cfg, weights_dtype)
+    write_hf_extras(out, cfg, fmt, tokenizer=tokenizer, step_dir=step_dir, config_text=config_text)
     return fmt
 
 
 def write_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir, fmt: str = "auto",
-                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     tokenizer: Optional[str] = None) -> str:
     """:func:`write_hf` for an in-memory state dict of ours (all of its keys are converted and checked)."""
     return write_hf(lambda keys: {k: sd[k] for k in keys}, model_cfg, out_dir, fmt, dtype, max_shard_bytes,
-                    keys=list(sd))
+                    keys=list(sd), tokenizer=tokenizer)
 
 
 # ============================================================================================ checkpoints
@@ -166,20 +172,41 @@ class CheckpointReader:
 
 
 def export_checkpoint(src, dst, fmt: str = "auto", dtype: Optional[torch.dtype] = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True
-                      ) -> Tuple[str, ModelConfig, Path]:
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True,
+                      tokenizer: Optional[str] = None) -> Tuple[str, ModelConfig, Path]:
     """Consolidate a training checkpoint of any layout into an HF directory ``dst``.
 
     Returns ``(format, model config, checkpoint dir used)``. ``verify`` checks every file against the
-    checkpoint's manifest first (sha256; slow for very large checkpoints).
+    checkpoint's manifest first (sha256; slow for very large checkpoints). ``tokenizer`` defaults to the
+    run's ``data.tokenizer``.
     """
-    from ..checkpoint import verify_checkpoint
+    from ..checkpoint import read_config_text, verify_checkpoint
 
     step_dir = resolve_checkpoint(src)
     if verify:
         verify_checkpoint(step_dir)
     cfg = checkpoint_model_config(step_dir)
     resolve_format(cfg, fmt)  # fail before reading tensors
+    config_text = read_config_text(step_dir)
+    if tokenizer is None:
+        tokenizer = checkpoint_tokenizer(config_text)
     reader = CheckpointReader(step_dir, cfg)
-    used = write_hf(reader.load, cfg, dst, fmt, dtype, max_shard_bytes, keys=reader.keys())
+    used = write_hf(reader.load, cfg, dst, fmt, dtype, max_shard_bytes, keys=reader.keys(), tokenizer=tokenizer,
+                    step_dir=step_dir, config_text=config_text)
     return used, cfg, step_dir
+
+
+def checkpoint_tokenizer(config_text: str) -> Optional[str]:
+    """``data.tokenizer`` of a checkpoint's run config (``byte`` when the config has a data section without
+    it, the schema default); None when the config has no data section (e.g. written by ``init-run``)."""
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(config_text))
+    except Exception:  # noqa: BLE001 - checkpoint_model_config has already parsed it; be lenient here
+        return None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(data, dict):
+        return None
+    tok = data.get("tokenizer", "byte")
+    return tok if isinstance(tok, str) and tok.strip() else None
