@@ -166,6 +166,29 @@ _TRAIN_FIELDS = (
 )
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of ``run_dir``: read from RUN_DIR/wandb_run_id, or made and stored there on the first start.
+
+    Why: without an id every launch (each resume after a preemption) created a new W&B run. With it, a resumed
+    run logs into the same W&B run (``resume="allow"``), online or offline (``wandb sync`` then merges).
+    """
+    import secrets
+
+    f = Path(run_dir) / WANDB_ID_FILE
+    if f.is_file():
+        run_id = f.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], like wandb's own ids
+    tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, f)
+    return run_id
+
+
 class MetricsLogger:
     """Fan-out of records to the console, RUN_DIR/train.log, RUN_DIR/metrics.jsonl and W&B (rank 0 only).
 
@@ -178,6 +201,7 @@ class MetricsLogger:
         self.total_steps: Optional[int] = None
         self._jsonl = None
         self._wandb = None
+        self.wandb_run_id: Optional[str] = None
         self._log: Optional[logging.Logger] = None
         if not enabled:
             return
@@ -200,8 +224,10 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
+            self.wandb_run_id = wandb_run_id(run_dir)
             self._wandb = wandb.init(project=wb.project, entity=wb.entity, name=wb.name, tags=list(wb.tags),
-                                     mode=wb.mode, config=config_dict, dir=str(run_dir), resume="allow")
+                                     mode=wb.mode, config=config_dict, dir=str(run_dir), id=self.wandb_run_id,
+                                     resume="allow")
 
     def _drop_handlers(self) -> None:
         for h in list(self._log.handlers):
