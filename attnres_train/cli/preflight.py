@@ -90,7 +90,7 @@ def check_run_dir_value(run_dir) -> None:
                              "choose another run_dir")
     try:
         for d in reversed(missing):
-            d.mkdir()
+            d.mkdir(exist_ok=True)  # exist_ok: the other ranks of a job run this check at the same moment
         fd, name = tempfile.mkstemp(prefix=".write_test-", dir=path)
         os.close(fd)
         os.unlink(name)

@@ -134,3 +134,29 @@ def test_plus_key_refused_by_the_typed_config_too():
         as_config(dcfg)
     assert info.value.field in ("trainer.foo", "model.moe.topk")
     assert "unknown key" in info.value.message
+
+
+def test_run_dir_check_is_safe_for_ranks_starting_together(tmp_path):
+    """Every rank of a torchrun job runs the check on the same new run_dir at the same moment."""
+    import threading
+
+    from attnres_train.cli.preflight import check_run_dir_value
+
+    errors = []
+    for trial in range(20):
+        start = threading.Barrier(8)
+
+        def rank(target=tmp_path / f"t{trial}" / "a" / "run", start=start):
+            start.wait()
+            try:
+                check_run_dir_value(target)
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=rank) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list((tmp_path / f"t{trial}" / "a" / "run").iterdir()) == []  # no probe files left
+    assert errors == []
