@@ -71,13 +71,21 @@ def run(overrides, ctx=None) -> dict:
     """
     from hydra import compose, initialize_config_dir
 
+    from ..config.errors import UserInputError
     from ..config.schema import as_config, register_configs, validate_config
     from ..train.dist import init_distributed
     from ..train.trainer import Trainer
+    from .preflight import hydra_error_message
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        dcfg = compose(config_name="config", overrides=list(overrides))
+        try:
+            dcfg = compose(config_name="config", overrides=list(overrides))
+        except Exception as exc:  # noqa: BLE001 - Hydra's composition errors as the one-line UserInputError
+            message = hydra_error_message(exc)
+            if message is None:
+                raise
+            raise UserInputError(message) from None
     cfg = as_config(dcfg)
     ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     validate_config(cfg, dp_world_size=ctx.world_size)

@@ -160,3 +160,12 @@ def test_run_dir_check_is_safe_for_ranks_starting_together(tmp_path):
             t.join()
         assert list((tmp_path / f"t{trial}" / "a" / "run").iterdir()) == []  # no probe files left
     assert errors == []
+
+
+def test_compose_api_raises_the_same_one_line_error(tmp_path):
+    from attnres_train.cli.train import run
+    from attnres_train.config.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"^model=nope: no such option in group 'model'.*tiny"):
+        run(["model=nope", f"run_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
