@@ -75,8 +75,7 @@ from ..model.lm_loss import fused_linear_cross_entropy
 from ..model.mla import MultiLatentAttention
 from ..model.moe import MoE
 from .parts import decoder_layers, embedding, lm_head, named_decoder_layers
-from .tp_ops import (all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy,
-                     vocab_parallel_fused_cross_entropy)
+from .tp_ops import all_reduce_replicated, reduce_grad, vocab_parallel_cross_entropy, vocab_parallel_fused_cross_entropy
 
 __all__ = [
     "apply_tensor_parallel",
