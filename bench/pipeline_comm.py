@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from attnres_train.config.model import ModelConfig  # noqa: E402
 from attnres_train.parallel.pipeline.layout import PipelineLayout, paper_volume  # noqa: E402
-from attnres_train.parallel.pipeline.schedules import ideal_bubble, make_schedule, timeline  # noqa: E402
+from attnres_train.parallel.pipeline.schedules import make_schedule  # noqa: E402
+from attnres_train.parallel.pipeline.timing import ideal_bubble, timeline  # noqa: E402
 
 D_48B, T_BENCH, B_BENCH, BF16 = 2304, 4096, 1, 2  # bytes per step for the 48B model's width, bf16 messages
 

@@ -3,7 +3,7 @@ and (``--measure``) the idle fraction measured with synthetic, calibrated busy-w
 
 Why: issue 13 asks whether the zero-bubble schedules (ZB-H1, ZB-V) keep what the simulator promises while the
 AttnRes block cache keeps the hop volume minimal on their placement. Everything except ``--measure`` is exact
-arithmetic on the schedule and layout tables (``schedules.timeline``, ``PipelineLayout.bytes_per_step``).
+arithmetic on the schedule and layout tables (``timing.timeline``, ``PipelineLayout.bytes_per_step``).
 
 Costs: one full stage (L/P layers) costs F = I = W = 1 (1F1B's unsplit B = 2); a chunk of a V-chunk schedule
 costs 1/V of that. Held activations are counted in full-stage units (a chunk's forward holds 1/V), pending W
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from attnres_train.config.model import ModelConfig
 from attnres_train.parallel.pipeline.layout import PipelineLayout
-from attnres_train.parallel.pipeline.schedules import Kind, lower, make_schedule, schedule_placement, timeline
+from attnres_train.parallel.pipeline.schedules import Kind, lower, make_schedule, schedule_placement
+from attnres_train.parallel.pipeline.timing import timeline
 
 SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2)]
 

@@ -158,7 +158,8 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
 
 def render_pipeline(args, cfg, M):
     from ..parallel.pipeline.layout import PipelineLayout
-    from ..parallel.pipeline.schedules import check, ideal_bubble, lower, make_schedule, schedule_placement, timeline
+    from ..parallel.pipeline.schedules import check, lower, make_schedule, schedule_placement
+    from ..parallel.pipeline.timing import ideal_bubble, timeline
 
     split = None
     if args.layers_per_stage:

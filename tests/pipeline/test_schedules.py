@@ -13,14 +13,13 @@ from attnres_train.parallel.pipeline.schedules import (
     ScheduleError,
     check,
     gpipe,
-    ideal_bubble,
     interleaved_1f1b,
     lower,
     make_schedule,
     one_f_one_b,
     split_backward,
-    timeline,
 )
+from attnres_train.parallel.pipeline.timing import ideal_bubble, timeline
 from tests.model.helpers import tiny_cfg
 
 

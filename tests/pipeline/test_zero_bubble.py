@@ -23,8 +23,8 @@ from attnres_train.parallel.pipeline.schedules import (
     lower,
     make_schedule,
     one_f_one_b,
-    timeline,
 )
+from attnres_train.parallel.pipeline.timing import timeline
 from attnres_train.parallel.pipeline.zero_bubble import zb_h1, zb_v
 from tests.model.helpers import tiny_cfg
 

@@ -13,8 +13,9 @@ See docs/pipeline.md.
 from .cache import BlockCache
 from .layout import PipelineLayout, balanced_split
 from .runtime import CommStats, PipelineError, PipelineRuntime, StepResult, pipeline_step
-from .schedules import Action, Kind, Schedule, ScheduleError, check, lower, make_schedule, timeline
+from .schedules import Action, Kind, Schedule, ScheduleError, check, lower, make_schedule
 from .stage import PipelineStageModule, build_stages, materialize_stages
+from .timing import timeline
 
 __all__ = [
     "Action", "BlockCache", "CommStats", "Kind", "PipelineError", "PipelineLayout", "PipelineRuntime",

@@ -31,7 +31,7 @@ link carries its messages in the same order on both ends (what NCCL needs; gloo 
 :class:`ScheduleError` with a precise message for: a stage on the wrong rank, a missing/duplicate forward or
 backward, backward before forward, a send before its compute, a receive that does not match the next message on
 its link (order), a deadlock (every unfinished rank waits on a receive), or a message nobody receives.
-:func:`timeline` replays the compute order with per-action costs to measure the bubble.
+:func:`.timing.timeline` replays the compute order with per-action costs to measure the bubble.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import re
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .layout import placement_rank
 
@@ -540,73 +540,6 @@ def _check_deposit_order(sched: Schedule, layout, grad_time: Dict[Tuple[int, int
                     if grad_time[(reader, m)] > grad_time[(e, m)]:
                         raise ScheduleError(f"rank {r}: stage {reader} deposits the gradient of block {b} "
                                             f"(microbatch {m}) after its entry stage {e} ran its backward")
-
-
-# ---------------------------------------------------------------------------- timing
-@dataclass
-class Timeline:
-    makespan: float
-    busy: List[float]
-    start: Dict[Action, float]
-
-    @property
-    def bubble_fraction(self) -> float:
-        """Idle share of ``P × makespan`` (1 − Σ busy / (P · makespan))."""
-        return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
-
-
-def timeline(sched: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_i: Optional[float] = None,
-             t_w: Optional[float] = None, latency: float = 0.0,
-             stage_cost: Optional[Sequence[float]] = None) -> Timeline:
-    """Replay the compute order with costs (F, B, I, W; scaled per stage by ``stage_cost``): each action starts
-    when its rank is free and its inputs have arrived (``latency`` per cross-rank hop)."""
-    s = sched.compute_only()
-    _validate_compute(s)
-    t_i = t_b / 2 if t_i is None else t_i
-    t_w = t_b - t_i if t_w is None else t_w
-    cost = {Kind.F: t_f, Kind.B: t_b, Kind.I: t_i, Kind.W: t_w}
-    P, C = s.num_ranks, s.num_stages
-    finish: Dict[Tuple[int, str, int], float] = {}
-    start: Dict[Action, float] = {}
-    free = [0.0] * P
-    busy = [0.0] * P
-    ptr = [0] * P
-    total = sum(len(a) for a in s.ranks)
-    n = 0
-    while n < total:
-        progressed = False
-        for r in range(P):
-            while ptr[r] < len(s.ranks[r]):
-                a = s.ranks[r][ptr[r]]
-                ready = free[r]
-                ok = True
-                for d in _deps(a, C):
-                    key = (d.stage, "G", d.mb) if d.kind == Kind.B else (d.stage, d.kind.value, d.mb)
-                    if key not in finish:
-                        ok = False
-                        break
-                    hop = latency if s.rank_of(d.stage) != r else 0.0
-                    ready = max(ready, finish[key] + hop)
-                if not ok:
-                    break
-                c = cost[a.kind] * (stage_cost[a.stage] if stage_cost is not None else 1.0)
-                start[a] = ready
-                free[r] = ready + c
-                busy[r] += c
-                finish[(a.stage, a.kind.value, a.mb)] = free[r]
-                if a.kind in (Kind.B, Kind.I):
-                    finish[(a.stage, "G", a.mb)] = free[r]
-                ptr[r] += 1
-                n += 1
-                progressed = True
-        if not progressed:
-            raise ScheduleError(f"schedule {s.name} deadlocks in the timing replay")
-    return Timeline(makespan=max(free), busy=busy, start=start)
-
-
-def ideal_bubble(P: int, V: int, M: int) -> float:
-    """Megatron's interleaved bubble fraction ``(P−1)/(V·M+P−1)`` (equal F/B cost per chunk)."""
-    return (P - 1) / (V * M + P - 1)
 
 
 def iter_actions(sched: Schedule, rank: int, kinds: Iterable[Kind] = COMPUTE) -> List[Action]:

@@ -3,7 +3,7 @@
 Why a module of its own: these orders exist only with the backward split into ``I`` (gradients of the stage
 inputs and of the cached blocks: the critical path) and ``W`` (weight gradients: free to move), and ZB-V needs a
 different stage placement; the generic machinery (:func:`.schedules.lower`, :func:`.schedules.check`,
-:func:`.schedules.timeline`) is reused unchanged. Both generators are hand-written orders, the same orders as
+:func:`.timing.timeline`) is reused unchanged. Both generators are hand-written orders, the same orders as
 ``torch.distributed.pipelining``'s ``ScheduleInterleavedZeroBubble`` (with one chunk: ZB-H1) and
 ``ScheduleZBVZeroBubble`` (tests cross-check them against torch where it is installed):
 
