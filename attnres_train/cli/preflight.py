@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 from hydra.experimental.callback import Callback
 
 from ..config.errors import ConfigError, UserInputError
+from ..train.run_dir import check_run_dir
 
 OVERRIDE_SYNTAX_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -46,7 +45,7 @@ class PreflightCallback(Callback):
         # The swept values are not in this config (Hydra applies them per job), so only the sweep directory is
         # checked here; each job's config is validated in the task, after Hydra made its sub-directory.
         try:
-            check_run_dir_value(config.hydra.sweep.dir)
+            check_run_dir(config.hydra.sweep.dir)
         except (ConfigError, UserInputError) as exc:
             raise Refused(str(exc)) from None
 
@@ -71,37 +70,7 @@ def preflight(config, run_dir) -> None:
         job = None
     if job is not None:  # (otherwise the task validates it, as before)
         validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
-    check_run_dir_value(run_dir)
-
-
-def check_run_dir_value(run_dir) -> None:
-    """``run_dir`` exists as a writable directory or can be created; a failed creation leaves nothing behind."""
-    value = str(run_dir)
-    if not value.strip():
-        raise ConfigError("run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run)")
-    path = Path(value).expanduser().absolute()
-    missing = []
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserInputError(f"run_dir {value!r} is not usable: {str(probe)!r} exists and is not a directory; "
-                             "choose another run_dir")
-    try:
-        for d in reversed(missing):
-            d.mkdir(exist_ok=True)  # exist_ok: the other ranks of a job run this check at the same moment
-        fd, name = tempfile.mkstemp(prefix=".write_test-", dir=path)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        for d in missing:  # deepest first: remove only what this check created
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        raise UserInputError(f"run_dir {value!r} is not usable: cannot create or write {str(exc.filename or path)!r} "
-                             f"({exc.strerror or exc}); choose a writable directory") from None
+    check_run_dir(run_dir)
 
 
 def hydra_error_message(exc: BaseException) -> Optional[str]:

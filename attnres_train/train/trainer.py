@@ -19,8 +19,6 @@ count (``threads.py``) and the start-up time per phase.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,22 +37,12 @@ from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .host_memory import keep_freed_host_memory
 from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb, process_start_time
+from .run_dir import check_run_dir
 from .threads import apply_num_threads
 from .train_module import build_train_module, document_masking_eos
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
 RESUME_LOCKED = ("model",)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # A private probe name: every rank of a job checks the same run_dir at the same time.
-        fd, probe = tempfile.mkstemp(prefix=".write_test-", dir=run_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserInputError(f"run_dir {str(run_dir)!r} is not writable: {exc.strerror or exc}") from None
 
 
 def _diff(a, b, prefix=""):

@@ -140,7 +140,7 @@ def test_run_dir_check_is_safe_for_ranks_starting_together(tmp_path):
     """Every rank of a torchrun job runs the check on the same new run_dir at the same moment."""
     import threading
 
-    from attnres_train.cli.preflight import check_run_dir_value
+    from attnres_train.train.run_dir import check_run_dir
 
     errors = []
     for trial in range(20):
@@ -149,7 +149,7 @@ def test_run_dir_check_is_safe_for_ranks_starting_together(tmp_path):
         def rank(target=tmp_path / f"t{trial}" / "a" / "run", start=start):
             start.wait()
             try:
-                check_run_dir_value(target)
+                check_run_dir(target)
             except Exception as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
 
