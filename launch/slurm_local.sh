@@ -50,7 +50,7 @@ start_munge() {
 
 write_conf() {
   local cpus mem
-  cpus="$(nproc)"
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # GNU nproc honours OMP_NUM_THREADS: not the node's CPUs
   mem="$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   cat >"$CONF.new" <<EOF
