@@ -27,9 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "token_cross_entropy", "fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
+
+IGNORE_INDEX = -100
+"""The label that marks a position excluded from the LM loss (``F.cross_entropy``'s default): the one place it
+is defined; data, model and parallel code import it."""
 
 Reduce = Optional[Callable[[torch.Tensor], None]]
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of ``logits [..., V]`` against ``labels [...]`` over labels != :data:`IGNORE_INDEX`,
+    in fp32 (fp64 logits stay fp64); nan (0/0) when every label is ignored, as ``F.cross_entropy``."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -45,7 +56,7 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def chunked_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor, chunk_tokens: int,
-                                 need_grad: bool, vocab_start: int = 0, ignore_index: int = -100,
+                                 need_grad: bool, vocab_start: int = 0, ignore_index: int = IGNORE_INDEX,
                                  reduce_max: Reduce = None, reduce_sum: Reduce = None):
     """``(loss, grad_h_ND, grad_w_VD)`` of ``mean CE(h @ w.T, target)``, chunked over tokens (grads None unless
     ``need_grad``).
@@ -117,7 +128,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk_tokens: int, ignore_index: int = -100, vocab_start: int = 0,
+                               chunk_tokens: int, ignore_index: int = IGNORE_INDEX, vocab_start: int = 0,
                                reduce_max: Reduce = None, reduce_sum: Reduce = None) -> torch.Tensor:
     """Mean cross entropy of ``F.linear(hidden, weight)`` against ``labels`` without the full logits.
 

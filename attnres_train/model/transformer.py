@@ -16,14 +16,13 @@ from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config.model import ModelConfig, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
-from .lm_loss import fused_linear_cross_entropy
+from .lm_loss import fused_linear_cross_entropy, token_cross_entropy
 from .moe import MoE
 from .norms import RMSNorm
 
@@ -167,13 +166,12 @@ class AttnResForCausalLM(nn.Module):
         return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over labels != -100, in fp32 (fp64 logits stay fp64, as the router).
+        """Mean next-token cross entropy over labels != IGNORE_INDEX, in fp32 (fp64 logits stay fp64, as the router).
 
         A seam, not a feature: the tensor-parallel engine replaces it per instance with a vocab-parallel cross
         entropy when ``lm_head`` produces vocab-sharded logits (``attnres_train.parallel.tensor``).
         """
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return token_cross_entropy(logits, labels)
 
     # -- training conveniences (no parallel code) --------------------------------------------------
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor):

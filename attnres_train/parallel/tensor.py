@@ -71,7 +71,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..model.kda import KimiDeltaAttention
-from ..model.lm_loss import fused_linear_cross_entropy
+from ..model.lm_loss import fused_linear_cross_entropy, token_cross_entropy
 from ..model.mla import MultiLatentAttention
 from ..model.moe import MoE
 from .parts import decoder_layers, embedding, lm_head, named_decoder_layers
@@ -428,8 +428,7 @@ class VocabParallelLMLoss:
             local = logits.to_local()
             vocab_start = self.mesh.get_local_rank() * local.shape[-1]
             return vocab_parallel_cross_entropy(local, labels, vocab_start, self.mesh.get_group())
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # full (local) logits
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return token_cross_entropy(logits, labels)  # full (local) logits
 
     def __deepcopy__(self, memo):  # process groups cannot be copied: a deep-copied model shares the mesh
         return self

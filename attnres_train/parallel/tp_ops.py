@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..model.lm_loss import fused_linear_cross_entropy
+from ..model.lm_loss import IGNORE_INDEX, fused_linear_cross_entropy
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_fused_cross_entropy", "all_reduce_replicated",
            "reduce_grad"]
@@ -81,7 +81,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                 group: Optional[dist.ProcessGroup] = None, ignore_index: int = -100) -> torch.Tensor:
+                                 group: Optional[dist.ProcessGroup] = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean next-token cross entropy (fp32; fp64 stays fp64) from this rank's vocabulary slice of the logits.
 
     ``logits`` ``[..., V_local]`` (local tensor) holds vocab ids ``[vocab_start, vocab_start + V_local)``;
@@ -95,7 +95,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
 
 def vocab_parallel_fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                        vocab_start: int, chunk_tokens: int, group: Optional[dist.ProcessGroup] = None,
-                                       ignore_index: int = -100) -> torch.Tensor:
+                                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """:func:`vocab_parallel_cross_entropy` of ``F.linear(hidden, weight)`` without building the logits.
 
     ``hidden [..., d]``: the full (replicated) hidden states, identical on every rank of ``group``; ``weight
