@@ -16,7 +16,6 @@ router bias.
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ STEPS = 3
 TOL = 1e-10
 MODES = (("prenorm", None), ("full", None), ("block", 2))
 
-# name -> (world size, parallel config, needs); "ac" adds activation checkpointing (FSDP hooks inside the
+# name -> (world size, parallel config, tags); "ac" adds activation checkpointing (FSDP hooks inside the
 # recomputed layer; EP's all-to-all replayed in backward)
 LAYOUTS = {
     "dp2": (2, dict(dp_replicate=2, dp_shard=1), ()),
@@ -167,17 +166,9 @@ def _layout_body(parallel_kw, ac=False):
     return out
 
 
-def _missing(needs):
-    mods = {"tensor": "attnres_train.parallel.tensor", "expert": "attnres_train.parallel.expert"}
-    return [mods[n] for n in needs if n in mods and importlib.util.find_spec(mods[n]) is None]
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout):
     world, kw, needs = LAYOUTS[layout]
-    missing = _missing(needs)
-    if missing:
-        pytest.skip(f"{layout} needs {', '.join(missing)}, which does not exist yet")
     results = run_distributed(_layout_body, world, kw, ac="ac" in needs, timeout=120)
     for rank, out in enumerate(results):
         for mode, _ in MODES:
