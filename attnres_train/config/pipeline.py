@@ -10,8 +10,11 @@ from typing import List, Optional
 
 from .errors import ConfigError
 
+# The one list of schedule names: the generators' registry (parallel/pipeline/generators.py GENERATORS) asserts
+# it covers exactly these names.
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
 ZERO_BUBBLE = {"zb_h1": 1, "zb_v": 2}  # zero-bubble schedules and the parallel.vpp they need
+SCHEDULE_CHUNKS = {"1f1b": 1, **ZERO_BUBBLE}  # schedules that fix V (parallel.vpp)
 COMM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -92,3 +95,16 @@ def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num
                               f"parallel.pp={pp} (Megatron's rule with group size G={G}: pp <= G <= microbatches "
                               f"and microbatches % G == 0 or >= pp)")
     return cfg
+
+
+def check_pipeline_dp(cfg: PipelineConfig, dp: int) -> None:
+    """The one rule for pipeline x data parallelism: a backward split into I/W (``split_backward`` or a
+    zero-bubble schedule) does not compose with dp > 1 (FSDP reduces in the input-gradient pass)."""
+    if dp <= 1:
+        return
+    if cfg.split_backward:
+        raise ConfigError("pipeline.split_backward", f"the I/W backward split does not compose with data "
+                          f"parallelism (FSDP reduces in the input-gradient pass); dp={dp}")
+    if cfg.schedule in ZERO_BUBBLE:
+        raise ConfigError("pipeline.schedule", f"{cfg.schedule} splits the backward into I/W, which does not "
+                          f"compose with data parallelism yet (FSDP reduces in the input-gradient pass); dp={dp}")

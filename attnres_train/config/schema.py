@@ -16,7 +16,7 @@ from .data import DataConfig, as_data_config, validate_data_config
 from .errors import ConfigError
 from .model import ModelConfig, as_model_config, validate_model_config
 from .parallel import ParallelConfig, resolve_parallel_dims
-from .pipeline import PipelineConfig, validate_pipeline_config
+from .pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
 from .run import LoggingConfig, TrainerConfig, validate_logging_config, validate_trainer_config
 from .structured import as_structured
 from .train import CheckpointConfig, OptimConfig, validate_checkpoint_config, validate_optim_config
@@ -64,9 +64,8 @@ def validate_config(cfg: Config, dp_world_size: int = 1) -> Config:
     validate_trainer_config(cfg.trainer, dims.dp)
     micro = cfg.trainer.global_batch_size // (dims.dp * cfg.trainer.micro_batch_size)
     validate_pipeline_config(cfg.pipeline, dims.pp, dims.vpp, cfg.model.num_layers, microbatches=micro)
-    if dims.pp > 1 and dims.dp > 1 and cfg.pipeline.split_backward:
-        raise ConfigError("pipeline.split_backward", f"the I/W backward split does not compose with data "
-                          f"parallelism (FSDP reduces in the input-gradient pass); dp={dims.dp}")
+    if dims.pp > 1:
+        check_pipeline_dp(cfg.pipeline, dims.dp)
     validate_optim_config(cfg.optim, cfg.trainer.max_steps)
     validate_checkpoint_config(cfg.checkpoint)
     validate_logging_config(cfg.logging)

@@ -37,6 +37,11 @@ def test_split_backward_with_data_parallel_is_rejected():
     _check(dict(pp=2, dp_shard=2), {}, dict(split_backward=True), "pipeline.split_backward", "dp=2", world=4)
 
 
+def test_zero_bubble_with_data_parallel_is_rejected_up_front():
+    # the same rule parallelize_pipeline applies, now also at config validation (config.pipeline.check_pipeline_dp)
+    _check(dict(pp=2, dp_shard=2), {}, dict(schedule="zb_h1"), "pipeline.schedule", "dp=2", world=4)
+
+
 def _check(parallel, trainer, pipeline, field, fragment, world):
     cfg = _cfg(**parallel)
     cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size = 8, 2

@@ -32,7 +32,6 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ...config.errors import ConfigError
 from ..init import materialize_and_init
 from ..parallelize import parallelize_model
 from .layout import PipelineLayout
@@ -127,18 +126,12 @@ def _fsdp_units(module: nn.Module) -> list:
 def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
     """Cut ``model`` (meta, or materialised identically on every rank) into this rank's stages, parallelise
 them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
-    from ...config.pipeline import PipelineConfig, validate_pipeline_config
+    from ...config.pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
 
     dims = pctx.dims
     pcfg = pipeline_cfg or PipelineConfig()
     validate_pipeline_config(pcfg, dims.pp, dims.vpp, model.config.num_layers)
-    if pcfg.split_backward and dims.dp > 1:
-        raise ConfigError("pipeline.split_backward", "the I/W backward split does not compose with data "
-                          f"parallelism (FSDP reduces in the input-gradient pass); parallel dp={dims.dp}")
-    if pcfg.schedule in ("zb_h1", "zb_v") and dims.dp > 1:
-        raise ConfigError("pipeline.schedule", f"{pcfg.schedule} splits the backward into I/W, which does not "
-                          f"compose with data parallelism yet (FSDP reduces in the input-gradient pass); "
-                          f"parallel dp={dims.dp}")
+    check_pipeline_dp(pcfg, dims.dp)
     if getattr(model, "_attnres_parallelized", False):
         raise RuntimeError("parallelize_pipeline was already applied to this model")
     on_meta = all(p.is_meta for p in model.parameters())
