@@ -121,10 +121,10 @@ def render(args) -> str:
 
 
 def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
-    """``--simulate-rank R``: the rank's real construction (``parallel.simulate``) next to its estimate."""
+    """``--simulate-rank R``: the rank's real construction (``train.simulate``) next to its estimate."""
     from ..config.schema import Config
     from ..parallel.plan_estimates import TrainShape, estimate_ranks
-    from ..parallel.simulate import render_simulation, simulate_rank
+    from ..train.simulate import render_simulation, simulate_rank
 
     if not 0 <= args.simulate_rank < dims.world_size:
         raise UserInputError(f"--simulate-rank {args.simulate_rank} is not a rank of a {dims.world_size}-rank world")

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .mesh import autocast_dtype
 from .parts import decoder_layers
 
 
@@ -126,8 +127,6 @@ def fsdp_param_dtype(train_cfg, device) -> Optional[torch.dtype]:
     """
     if train_cfg is None:
         return None
-    from ..train.train_module import autocast_dtype  # the trainer's own rule: one place decides the precision
-
     return autocast_dtype(getattr(train_cfg, "precision", "fp32"), device)
 
 

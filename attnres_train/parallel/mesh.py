@@ -172,6 +172,16 @@ class ParallelContext:
         return f"{self.world_size} rank(s) on {self.device}: {self.dims.describe()}"
 
 
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The run's compute dtype from ``trainer.precision``: bf16 when 'bf16', or 'auto' on a CUDA device that
+    supports it; None (fp32) otherwise. The one rule for autocast and FSDP's ``param_dtype``."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def _device(device_type: str, local_rank: int) -> torch.device:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)

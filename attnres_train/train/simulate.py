@@ -1,16 +1,9 @@
 """Dry run of ONE rank of a huge layout in one CPU process: build, parallelise, materialise, count bytes.
 
-Why: the question "does rank R of the 48B preset on 1,024 GPUs fit?" should be answered by the code that will
-run, not only by ``attnres-plan``'s formulas. A fake process group (torch's ``fake`` backend: collectives return
-at once) stands in for the other 1,023 ranks, so this process goes through exactly the rank's construction
-path — ``build_model(device="meta")`` -> ``TrainModule`` / ``PipelineTrainModule`` (EP -> TP/SP -> AC ->
-FSDP per stage, then materialise and initialise this rank's shards) — and reports the bytes it really holds:
-parameters (local shards, allocated and initialised on the CPU), gradients (allocated like the local shards,
-as FSDP keeps them) and optimizer state (the real optimizer, after one step on zero gradients), next to
-``attnres-plan``'s estimates. It also records the largest single tensor this rank ever materialised, which
-must be far below the whole model. Values are not trained: there is no forward (a 48B stage on a CPU is hours).
-Pipeline buffers are not simulated (no peer sends anything through a fake group): they are reported from the
-runtime's bound (``docs/pipeline.md``, "Memory").
+Why: "does rank R of the 48B preset on 1,024 GPUs fit?" is answered by the code that will run (the trainer's
+own ``build_train_module`` under torch's ``fake`` process group), not only by ``attnres-plan``'s formulas.
+Lives in train/ because it builds the train module. Details and an example: docs/launch.md, "Dry run of one
+rank".
 """
 
 from __future__ import annotations
@@ -24,7 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .init import local_bytes
+from ..model import build_model
+from ..parallel.init import local_bytes
+from ..parallel.mesh import build_parallel_context
+from .train_module import build_train_module
 
 
 @dataclass
@@ -51,11 +47,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def simulate_rank(cfg, rank: int, world_size: int) -> SimulatedRank:
     """Build rank ``rank`` of ``world_size`` for the root ``Config`` ``cfg`` (model, parallel, pipeline, optim,
     trainer, seed) under a fake process group and measure what it holds."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from ..model import build_model
-    from ..train.train_module import build_train_module
-    from .mesh import build_parallel_context
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # torch-internal: only when simulating
 
     if dist.is_initialized():
         raise RuntimeError("simulate_rank needs a process without a process group (it installs a fake one)")

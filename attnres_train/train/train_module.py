@@ -32,19 +32,10 @@ from ..config.train import OptimConfig
 from ..model.doc_mask import document_ids
 from ..parallel.data_parallel import finish_grad_sync, grad_sync
 from ..parallel.init import materialize_and_init
-from ..parallel.mesh import ParallelContext, single_process_context
+from ..parallel.mesh import ParallelContext, autocast_dtype, single_process_context
 from ..parallel.parallelize import parallelize_model
 from ..parallel.train_step import clip_grad_norm_, loss_weights, update_router_biases
 from .optim import build_optimizers, set_lr
-
-
-def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast on CUDA devices that support it (auto), always when 'bf16'; fp32 (None) otherwise."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def as_parallel_context(ctx) -> ParallelContext:
