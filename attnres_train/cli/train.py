@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from ..config.paths import CONFIG_DIR
 
 
 def _fail(message: str, code: int = 2) -> None:
