@@ -1,39 +1,35 @@
 """``attnres-convert``: Hugging Face <-> attnres-train checkpoints, from and to any parallel layout.
 
-    attnres-convert from-hf  SRC DST [--residual-mode prenorm|full|block] [--num-blocks N | --block-size S]
-                                     [--dtype float32|bfloat16|float16] [--overwrite]
-    attnres-convert to-hf    SRC DST [--format auto|native|remote] [--dtype ...] [--max-shard-size 5GiB]
-                                     [--no-verify] [--overwrite]
-    attnres-convert init-run SRC RUN_DIR [--residual-mode ...] [--num-blocks N | --block-size S]
-                                     [--preset NAME] [TRAINING_OVERRIDES ...]
+    attnres-convert from-hf  SRC DST [--residual-mode ...] [--dtype ...] [--overwrite]
+    attnres-convert to-hf    SRC DST [--format auto|native|remote] [--dtype ...] [--no-verify] [--overwrite]
+    attnres-convert init-run SRC RUN_DIR [--residual-mode ...] [--preset NAME] [TRAINING_OVERRIDES ...]
 
-``from-hf``: SRC is an HF model directory (native KimiLinear, or our AttnRes export) or a Hub repo id; DST
-becomes our checkpoint directory: ``model.safetensors`` (our tensor names) and ``model_config.yaml``.
-``--residual-mode block|full`` imports PreNorm weights into an AttnRes model whose pseudo-queries start at zero.
-``to-hf``: SRC is such a directory of ours, or a **training checkpoint of any layout** (a ``step_*`` dir, a
-``checkpoints/`` dir or a run dir: the newest complete checkpoint), consolidated in one process, one decoder layer
-at a time. PreNorm models become native transformers ``KimiLinearForCausalLM`` directories; AttnRes models
-(``--format remote``) ship their modeling code and load with ``trust_remote_code=True``.
-``init-run``: SRC (as for from-hf) becomes step 0 of a training run in RUN_DIR: a checkpoint with the weights
-and fresh optimizer state that ``attnres-train`` resumes under any ``parallel.*`` layout; pass the run's
-``optim.*`` overrides. The command to start training is printed.
-
-Errors in the input print one ``error: ...`` line to stderr and exit with status 2, with no traceback. DST is
-written to a staging directory first and moved into place only when complete; a non-empty DST is refused
-unless ``--overwrite`` is given.
+Input errors print one ``error: ...`` line and exit 2; DST is written to a staging directory and moved into
+place only when complete. Usage, examples and what each command writes: docs/hf_interop.md "Command line".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from ..config.errors import ConfigError, UserInputError
-from ..config.model import RESIDUAL_MODES
+from ..config.model import RESIDUAL_MODES, as_model_config, validate_model_config
+from ..interop.export import export_checkpoint, resolve_checkpoint, resolve_format
+from ..interop.hf import load_hf_checkpoint, write_hf_directory
+from ..interop.hf_files import replace_directory
+from ..interop.hf_mapping import check_state_dict
+from .init_run import continue_command, init_run_from_hf
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -132,12 +128,6 @@ def parse_size(text: str) -> int:
 
 
 def from_hf(args) -> str:
-    import torch
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
-    from ..interop.hf import check_state_dict, load_hf_checkpoint, replace_directory
-
     dst = Path(args.dst).expanduser()
     _check_dst(args.src, dst, args.overwrite)
     cfg, sd = load_hf_checkpoint(args.src, **_model_overrides(args))
@@ -159,10 +149,6 @@ def from_hf(args) -> str:
 
 def read_checkpoint_config(src: str):
     """(ModelConfig, path of model.safetensors) of one of our checkpoint directories, with clear errors."""
-    from omegaconf import OmegaConf
-
-    from ..config.model import as_model_config, validate_model_config
-
     d = Path(src).expanduser()
     if not d.is_dir():
         raise UserInputError(f"{src}: no such directory (expected {MODEL_FILE} + {CONFIG_FILE})")
@@ -182,9 +168,6 @@ def read_checkpoint_config(src: str):
 
 
 def read_checkpoint_weights(model_file: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(model_file))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -192,11 +175,6 @@ def read_checkpoint_weights(model_file: Path) -> dict:
 
 
 def to_hf(args) -> str:
-    import torch
-
-    from ..interop.export import export_checkpoint, resolve_checkpoint, resolve_format
-    from ..interop.hf import check_state_dict, replace_directory, write_hf_directory
-
     dst = Path(args.dst).expanduser()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     max_shard = parse_size(args.max_shard_size)
@@ -227,8 +205,6 @@ def to_hf(args) -> str:
 
 
 def _describe_format(dst: Path) -> str:
-    import json
-
     model_type = json.loads((dst / "config.json").read_text()).get("model_type")
     if model_type == "kimi_linear":
         return "transformers KimiLinearForCausalLM"
@@ -236,8 +212,6 @@ def _describe_format(dst: Path) -> str:
 
 
 def init_run(args) -> str:
-    from ..interop.init_run import continue_command, init_run_from_hf
-
     path = init_run_from_hf(args.src, args.run_dir, args.overrides, _model_overrides(args), preset=args.preset)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one report, from rank 0
         return ""

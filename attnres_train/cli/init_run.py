@@ -1,15 +1,8 @@
-"""Import a Hugging Face checkpoint as step 0 of a training run, resumable into any parallel layout.
+"""``attnres-convert init-run``: a Hugging Face checkpoint becomes step 0 of a training run (any layout).
 
-Why: the trainer starts from weights only through ``checkpoint.resume``, which loads a complete checkpoint
-(model **and** optimizer state, via torch.distributed.checkpoint, resharded to the run's layout). So the import
-writes exactly what a fresh run would save at step 0: the imported weights, the optimizer state of the run's
-optimizer config (zero moments, built by the trainer's own ``build_train_module``), ``step=0``,
-``data.consumed_samples=0`` and the run config, through the trainer's :class:`CheckpointManager`. Resuming
-it under any ``parallel.*`` layout is the trainer's ordinary resume path.
-
-The run's ``model`` section must equal the checkpoint's (the trainer refuses a different model), so the
-imported model config is also written as a Hydra preset ``RUN_DIR/configs/model/<name>.yaml``; start training
-with ``hydra.searchpath=[file://RUN_DIR/configs] model=<name> run_dir=RUN_DIR``.
+Why here: it writes what a fresh run saves at step 0 (weights, the run's zero optimizer state, ``step=0``, the
+run config) with the trainer's own train module and :class:`CheckpointManager`, so it sits above train/ and
+interop/. The run then resumes through the ordinary resume path; details in docs/hf_interop.md "Command line".
 """
 
 from __future__ import annotations
@@ -19,20 +12,29 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from ..checkpoint import CheckpointManager
 from ..config.errors import UserInputError
+from ..config.parallel import ParallelConfig
+from ..config.paths import CONFIG_DIR
+from ..config.pipeline import PipelineConfig
+from ..config.schema import as_config, register_configs, validate_config
+from ..interop.hf import iter_hf_checkpoint
+from ..model import build_model
+from ..parallel.init import load_full_tensors
+from ..parallel.mesh import build_parallel_context, single_process_context
+from ..parallel.state_dict import training_state_dict
+from ..train.dist import init_distributed
+from ..train.train_module import build_train_module
 
 PRESET_DIR = Path("configs") / "model"
 
 
 def compose_run_config(overrides: Sequence[str]):
     """The typed run Config of ``configs/config.yaml`` with Hydra ``overrides`` (as on the command line)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..cli.train import CONFIG_DIR
-    from ..config.schema import as_config, register_configs
-
     register_configs()
     GlobalHydra.instance().clear()
     try:
@@ -57,20 +59,6 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
     optimizer state it writes); under ``torchrun`` it uses the ``parallel.*`` / ``pipeline.*`` overrides as the
     layout and every rank writes its own part of the checkpoint (which still resumes under any layout).
     """
-    from omegaconf import OmegaConf
-
-    from ..checkpoint import CheckpointManager
-    from ..config.parallel import ParallelConfig
-    from ..config.pipeline import PipelineConfig
-    from ..config.schema import validate_config
-    from ..model import build_model
-    from ..parallel.init import load_full_tensors
-    from ..parallel.mesh import build_parallel_context, single_process_context
-    from ..parallel.state_dict import training_state_dict
-    from ..train.dist import init_distributed
-    from ..train.train_module import build_train_module
-    from .hf import iter_hf_checkpoint
-
     if not preset.replace("_", "").replace("-", "").isalnum():
         raise UserInputError(f"preset name {preset!r} must be letters, digits, '-' or '_'")
     run = Path(os.fspath(run_dir)).expanduser().absolute()

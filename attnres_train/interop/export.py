@@ -1,15 +1,10 @@
 """Export to Hugging Face, streaming: our state dict or a training checkpoint of any layout -> safetensors.
 
-Why streaming: a training checkpoint (``checkpoints/step_*/``, torch.distributed.checkpoint files written by
-every rank of an FSDP/HSDP/TP/EP/PP run) stores full-model parameter names, each tensor split into its ranks'
-chunks. DCP can read any subset of tensors into plain full-size CPU tensors in one process, without a process
-group, so we consolidate **one decoder layer at a time** (plus one group for the embedding/head): peak host
-memory is one layer's fp32 weights plus one output shard, not the model (the 48B preset's largest layer is
-~1.2B parameters). The optimizer state in the checkpoint is never read.
-
-Formats: ``native`` = transformers' own ``KimiLinearForCausalLM`` (PreNorm models), ``remote`` = the
-``trust_remote_code`` format of :mod:`attnres_train.interop.hf_remote` (any residual mode), ``auto`` =
-native for PreNorm, remote otherwise.
+Why streaming: torch.distributed.checkpoint reads any subset of tensors of a checkpoint of any layout into
+full-size CPU tensors in one process, so we consolidate one decoder layer at a time: peak host memory is one
+layer plus one output shard, not the model. Formats: ``native`` (transformers' ``KimiLinearForCausalLM``,
+PreNorm), ``remote`` (:mod:`.hf_remote`, any residual mode), ``auto``. The file API layer of interop/
+(docs/hf_interop.md "Code layers", "Command line").
 """
 
 from __future__ import annotations
@@ -19,12 +14,18 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
+from ..checkpoint import CheckpointManager, is_complete, read_config_text, verify_checkpoint
+from ..checkpoint.safe_dcp import SafeFileSystemReader, dcp_load
 from ..config.errors import ConfigError, UserInputError
 from ..config.model import ModelConfig, as_model_config, validate_model_config
-from .hf import ATTNRES_EXPORT_MESSAGE, group_keys, group_to_hf
+from ..model import build_model
+from .hf_card import write_hf_extras
 from .hf_config import config_to_hf
 from .hf_files import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+from .hf_mapping import ATTNRES_EXPORT_MESSAGE, group_keys, group_to_hf
+from .hf_remote import group_to_remote, write_remote_files
 
 FORMATS = ("auto", "native", "remote")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,8 +45,6 @@ def resolve_format(cfg: ModelConfig, fmt: str = "auto") -> str:
 
 def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Our state-dict names -> (shape, dtype) for ``cfg`` (built on the meta device: no memory)."""
-    from ..model import build_model
-
     return {k: (tuple(v.shape), v.dtype) for k, v in build_model(cfg, device="meta").state_dict().items()}
 
 
@@ -61,9 +60,6 @@ def write_hf(load_group: LoadGroup, model_cfg: ModelConfig, out_dir, fmt: str = 
     checkpoint and its run config) go into the tokenizer files, generation config and model card
     (:mod:`attnres_train.interop.hf_card`).
     """
-    from .hf_card import write_hf_extras
-    from .hf_remote import group_to_remote, write_remote_files
-
     cfg = validate_model_config(as_model_config(model_cfg))
     fmt = resolve_format(cfg, fmt)
     hf_cfg = config_to_hf(cfg) if fmt == "native" else None  # raises (e.g. bias_in_weights) before writing
@@ -102,8 +98,6 @@ def write_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out
 def resolve_checkpoint(path) -> Path:
     """A complete training checkpoint for ``path``: a ``step_*`` dir, a ``checkpoints`` dir or a run dir
     (the newest complete checkpoint in them)."""
-    from ..checkpoint import CheckpointManager, is_complete
-
     p = Path(os.fspath(path)).expanduser()
     if is_complete(p):
         return p
@@ -118,10 +112,6 @@ def resolve_checkpoint(path) -> Path:
 
 def checkpoint_model_config(step_dir: Path) -> ModelConfig:
     """The ``model`` section of the run config saved with a checkpoint."""
-    from omegaconf import OmegaConf
-
-    from ..checkpoint import read_config_text
-
     try:
         raw = OmegaConf.create(read_config_text(step_dir))
         return validate_model_config(as_model_config(raw["model"]))
@@ -136,8 +126,6 @@ class CheckpointReader:
     """Reads full-size model tensors out of a DCP checkpoint (any layout), in one process, a subset at a time."""
 
     def __init__(self, step_dir: Path, cfg: ModelConfig):
-        from ..checkpoint.safe_dcp import SafeFileSystemReader
-
         self.step_dir, self.cfg = Path(step_dir), cfg
         md = SafeFileSystemReader(str(self.step_dir)).read_metadata().state_dict_metadata
         self.dtypes: Dict[str, torch.dtype] = {}
@@ -160,8 +148,6 @@ class CheckpointReader:
         return list(self.shapes)
 
     def load(self, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
-        from ..checkpoint.safe_dcp import dcp_load
-
         sd = {k: torch.empty(self.shapes[k], dtype=self.dtypes[k]) for k in keys if k in self.shapes}
         if sd:
             dcp_load({"model": sd}, self.step_dir)
@@ -180,8 +166,6 @@ def export_checkpoint(src, dst, fmt: str = "auto", dtype: Optional[torch.dtype] 
     checkpoint's manifest first (sha256; slow for very large checkpoints). ``tokenizer`` defaults to the
     run's ``data.tokenizer``.
     """
-    from ..checkpoint import read_config_text, verify_checkpoint
-
     step_dir = resolve_checkpoint(src)
     if verify:
         verify_checkpoint(step_dir)
@@ -199,8 +183,6 @@ def export_checkpoint(src, dst, fmt: str = "auto", dtype: Optional[torch.dtype] 
 def checkpoint_tokenizer(config_text: str) -> Optional[str]:
     """``data.tokenizer`` of a checkpoint's run config (``byte`` when the config has a data section without
     it, the schema default); None when the config has no data section (e.g. written by ``init-run``)."""
-    from omegaconf import OmegaConf
-
     try:
         raw = OmegaConf.to_container(OmegaConf.create(config_text))
     except Exception:  # noqa: BLE001 - checkpoint_model_config has already parsed it; be lenient here

@@ -1,19 +1,9 @@
 """What makes an exported directory a normal Hugging Face model: tokenizer, generation config, model card, modes.
 
-Why: weights and config.json alone load, but ``AutoTokenizer.from_pretrained(dir)`` then fails (after an
-interactive trust prompt), ``generate()`` never stops (no ``eos_token_id``), the weights are written 0600 by
-safetensors while everything else is 0644, and nothing says what the model is or how it was trained. So every
-export gets, next to the weights:
-
-* the run's tokenizer (``data.tokenizer``): the built-in byte tokenizer as a plain ``tokenizers`` byte-level
-  model (ids 0..255 = the UTF-8 bytes, 256 ``<|endoftext|>``, 257 ``<|pad|>``: the ids training used), a
-  tokenizer directory / hub tokenizer re-saved with ``save_pretrained``; both load with ``AutoTokenizer`` and
-  no remote code;
-* ``generation_config.json`` and config.json with ``eos/bos/pad_token_id`` (no BOS in the tokenizer: the EOS,
-  which is what precedes every document in training; no PAD: the EOS);
-* ``README.md``: front matter for the Hub, how to load it, the model and training summary (step, tokens,
-  layout, last losses from ``metrics.jsonl``) and the run's config;
-* file modes ``0666 & ~umask`` (0644 under the usual umask) for every file.
+Why: weights and config.json alone load, but ``AutoTokenizer`` then fails, ``generate()`` never stops (no
+``eos_token_id``), safetensors writes 0600 files and nothing says how the model was trained. What each export
+gets is in docs/hf_interop.md "What an export directory holds". A format module of interop/ ("Code layers").
+transformers and tokenizers are imported where used: importing transformers takes seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +16,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..config.errors import UserInputError
 from ..config.model import ModelConfig
+from ..data.tokenizer import load_tokenizer
+from ..model.flops import count_params
 
 BYTE_EOS, BYTE_PAD = "<|endoftext|>", "<|pad|>"
 
@@ -57,8 +49,6 @@ def byte_tokenizer_fast():
 
 def write_tokenizer(spec: str, out: Path, model_vocab: int) -> Dict[str, Any]:
     """Save the tokenizer ``spec`` (``data.tokenizer``) into ``out``; returns its special ids and description."""
-    from ..data.tokenizer import load_tokenizer
-
     if spec.strip() == "byte":
         hf = byte_tokenizer_fast()
         what = "The byte tokenizer (UTF-8 bytes 0..255, <|endoftext|> 256, <|pad|> 257)"
@@ -125,8 +115,6 @@ def run_summary(step_dir: Path) -> Dict[str, Any]:
 
 def write_model_card(out: Path, cfg: ModelConfig, fmt: str, tokenizer: Optional[Dict[str, Any]],
                      summary: Optional[Dict[str, Any]], config_text: Optional[str]) -> None:
-    from ..model.flops import count_params
-
     counts = count_params(cfg)
     remote = fmt == "remote"
     trust = ", trust_remote_code=True" if remote else ""

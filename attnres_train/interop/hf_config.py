@@ -1,7 +1,7 @@
 """Hugging Face config mapping: transformers ``KimiLinearConfig`` <-> our ``ModelConfig``, plus overrides.
 
-Split out of ``hf.py`` (which keeps the tensor-name mapping and the public load/save API). transformers is
-imported lazily, only where a transformers object is needed.
+A format module of interop/ (docs/hf_interop.md "Code layers", "Config mapping"). transformers is imported
+lazily, only where a transformers object is needed: importing it takes seconds.
 """
 
 from __future__ import annotations
@@ -9,18 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
+from omegaconf import OmegaConf
+
 from ..config.errors import ConfigError, UserInputError
 from ..config.model import ModelConfig, as_model_config, validate_model_config
+from .hf_mapping import ATTNRES_EXPORT_MESSAGE
 
 HF_MODEL_TYPE = "kimi_linear"
 HF_ARCHITECTURE = "KimiLinearForCausalLM"
-LAYOUTS = ("checkpoint", "transformers")
-
-ATTNRES_EXPORT_MESSAGE = (
-    "an AttnRes model (residual.mode={mode!r}) cannot be exported in the native transformers KimiLinear format, "
-    "which has no Attention Residuals; use the trust_remote_code format instead (format 'remote' / "
-    "'--format remote', the default 'auto' picks it), which ships its modeling code with the weights"
-)
 
 
 # ================================================================================================ config
@@ -247,8 +243,6 @@ def config_to_hf(model_cfg: ModelConfig):
 def apply_overrides(model_cfg: ModelConfig, overrides: Optional[Mapping] = None) -> ModelConfig:
     """``model_cfg`` with nested (``residual={"mode": "block"}``) or dotted (``{"residual.mode": "block"}``)
     overrides applied; unknown fields / bad types / invalid values raise :class:`ConfigError` naming the field."""
-    from omegaconf import OmegaConf
-
     base = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
     for key, value in (overrides or {}).items():
         if OmegaConf.is_config(value):

@@ -1,6 +1,7 @@
 """File-level Hugging Face I/O: locate a checkpoint (local directory or hub id), read its config and
 (sharded) safetensors or weights-only torch bins, write sharded safetensors, and swap a finished directory
-into place. Split out of ``hf.py`` so the tensor-name mapping there stays readable; no model knowledge here.
+into place. A format module of interop/ (docs/hf_interop.md "Code layers"); no model knowledge here.
+huggingface_hub is imported only for a Hub download (a transformers dependency, slow to import).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from ..config.errors import UserInputError
 
@@ -63,9 +66,6 @@ def read_safetensors_dir(directory: Path, lazy: bool = False) -> Mapping[str, to
     keeps nothing), so a caller that converts and drops one part at a time never holds the whole model.
     ``.bin`` checkpoints cannot be read lazily and are loaded whole either way.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     files = _safetensors_files(directory)
     if not files:
@@ -86,8 +86,6 @@ class LazySafetensors(Mapping):
     """``name -> tensor`` over safetensors files, each tensor read from disk on lookup (nothing cached)."""
 
     def __init__(self, files: List[Path]):
-        from safetensors import SafetensorError, safe_open
-
         self._where: Dict[str, Path] = {}
         for f in files:
             try:
@@ -98,8 +96,6 @@ class LazySafetensors(Mapping):
                 raise UserInputError(f"{f}: cannot read safetensors file: {exc}") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         f = self._where[key]
         with safe_open(str(f), framework="pt") as h:
             return h.get_tensor(key)
@@ -200,8 +196,6 @@ class ShardWriter:
         self.total += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.pending, str(self.directory / f".shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
@@ -223,9 +217,6 @@ class ShardWriter:
             json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2, sort_keys=True)
         )
         return names + [SAFETENSORS_INDEX]
-
-
-# ============================================================================================ public API
 
 
 def replace_directory(staging: Path, dst: Path) -> None:

@@ -1,15 +1,9 @@
 """The ``trust_remote_code`` Hugging Face format for AttnRes models: config.json, tensor names, shipped code.
 
 Why: native transformers' ``KimiLinearForCausalLM`` has no Attention Residuals, so a Block/Full AttnRes model
-is exported with its own modeling code (``interop/remote/*.py``, copied next to the weights; config.json's
-``auto_map`` points at it). The format is a superset of the native one, so tools that read Kimi-Linear
-checkpoints recognise everything but the AttnRes parts:
-
-* config.json = the native KimiLinear config (same fields as :func:`config_to_hf` writes) with
-  ``model_type: kimi_linear_attnres``, ``architectures``, ``auto_map`` and the ``attnres_*`` fields;
-* weights = the released checkpoint layout (per-expert ``w1/w2/w3``) plus the AttnRes tensors under their
-  Kimi-K3 names (``model.layers.i.{self_attention,mlp}_res_{norm,proj}.weight``,
-  ``model.output_attn_res_{norm,proj}.weight``), exactly our names.
+ships its own modeling code (``interop/remote/*.py``, copied next to the weights). The format is the native
+one plus ``attnres_*`` config fields and the AttnRes tensors under their Kimi-K3 names. A format module of
+interop/ (docs/hf_interop.md "Code layers", "The trust_remote_code format").
 """
 
 from __future__ import annotations
@@ -25,8 +19,8 @@ import torch
 
 from ..config.errors import UserInputError
 from ..config.model import ModelConfig, ResidualConfig, as_model_config, validate_model_config
-from .hf import group_to_hf, iter_state_dict_from_hf
 from .hf_config import apply_overrides, config_from_hf, config_to_hf
+from .hf_mapping import group_to_hf, iter_state_dict_from_hf
 
 REMOTE_MODEL_TYPE = "kimi_linear_attnres"
 REMOTE_ARCHITECTURE = "KimiLinearAttnResForCausalLM"

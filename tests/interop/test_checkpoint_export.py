@@ -181,8 +181,8 @@ def _train_and_gather(overrides):
     """On every rank: train via the real Trainer, then gather the trained parameters/buffers to full tensors."""
     import torch.distributed as dist
 
+    from attnres_train.cli.init_run import compose_run_config
     from attnres_train.config.schema import validate_config
-    from attnres_train.interop.init_run import compose_run_config
     from attnres_train.parallel.train_step import full_tensor
     from attnres_train.train.dist import init_distributed
     from attnres_train.train.trainer import Trainer
