@@ -17,8 +17,10 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(PYTHON) -m attnres_train $(ARGS)
 
-# Whole suite (CI runs exactly this).
-test: $(STAMP)
+LINT_PATHS := attnres_train kernels tests bench
+
+# Lint, format check, then the whole suite (CI runs exactly this).
+test: lint
 	$(PYTHON) -m pytest -q -ra
 
 # Quick subset for iteration: skips tests marked slow.
@@ -26,7 +28,8 @@ test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow" -x
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check attnres_train kernels tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 bench: $(STAMP)
 	$(PYTHON) bench/attnres_overhead.py
