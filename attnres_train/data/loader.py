@@ -28,10 +28,12 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from attnres_train.config.data import DataConfig, as_data_config, validate_data_config
 from attnres_train.config.errors import ConfigError, UserInputError
 
+from .megatron import MegatronStore
 from .packing import BlendedDataset, PackedStream, content_salt, split_streams, stable_salt, tokenize_to_shards
 from .shards import ShardSet, TokenStore, make_staging_dir
 from .sources import ResolvedSource, effective_limits, iter_documents, resolve_source
@@ -95,8 +97,6 @@ def tokenize_cached(rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, ma
             return ShardSet(final)
         tmp = make_staging_dir(root, ".tmp-")
         try:
-            from tqdm.auto import tqdm
-
             with tqdm(desc=f"tokenizing {rs.name}", unit=" doc", disable=not progress, leave=False) as bar:
                 w = tokenize_to_shards(iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar)
             with open(os.path.join(tmp, "cache_key.json"), "w") as f:
@@ -123,8 +123,6 @@ def open_source(src, where: str, cfg: DataConfig, tokenizer: Tokenizer, *, progr
                 f"{tokenizer.eos_id}); set data.tokenizer to the tokenizer used by attnres-prepare"
             )
     elif rs.kind == "megatron":
-        from .megatron import MegatronStore
-
         store = MegatronStore(rs.name, eos_id=tokenizer.eos_id)
     else:
         store = tokenize_cached(rs, tokenizer, cfg.cache_dir, cfg.max_docs, cfg.max_bytes, progress)

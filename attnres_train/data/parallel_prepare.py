@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from attnres_train.config.errors import UserInputError
 
-from .shards import write_json_atomic, write_set_index
+from .packing import tokenize_to_shards
+from .shards import ShardSet, write_json_atomic, write_set_index
 from .sources import ResolvedSource, effective_limits, file_documents, iter_documents, splittable
+from .tokenizer import load_tokenizer
 
 MIN_UNIT_BYTES, MAX_UNIT_BYTES, TARGET_UNITS = 1 << 20, 256 << 20, 64
 FILE_KINDS = ("text", "jsonl", "stdlib")
@@ -125,9 +129,6 @@ _TOKENIZER = {}
 
 def run_unit(job: dict) -> dict:
     """Tokenize one unit into finished shards plus its manifest (runs in a worker process)."""
-    from .packing import tokenize_to_shards
-    from .tokenizer import load_tokenizer
-
     spec = job["tokenizer"]
     if spec not in _TOKENIZER:
         _TOKENIZER.clear()
@@ -183,8 +184,6 @@ def execute(jobs: List[dict], workers: int, on_done: Callable[[dict], None]) -> 
         for job in jobs:
             on_done(run_unit(job))
         return
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_one_thread) as pool:
@@ -222,8 +221,6 @@ def merge_sets(sets: List[str], staging: str) -> dict:
     """Combine finished shard sets (e.g. prepared on several machines) into one, in the given order: their
     shards are hard-linked (copied across filesystems) into ``staging`` as ``mNNN_NAME`` and one index is
     written. The sets must agree on tokenizer, vocab size and EOS id."""
-    from .shards import ShardSet
-
     os.makedirs(staging)
     names, first = [], None
     for k, path in enumerate(sets):

@@ -20,6 +20,8 @@ import numpy as np
 
 from attnres_train.config.errors import UserInputError
 
+from .shards import make_staging_dir
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
@@ -221,7 +223,6 @@ def train_bpe_tokenizer(
     if errors:
         raise errors[0]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=EOS_TOKEN)
-    from .shards import make_staging_dir
 
     tmp = make_staging_dir(os.path.dirname(os.path.abspath(out_dir)), ".tmp-tokenizer-")
     try:
