@@ -1,8 +1,8 @@
 """Pipeline parallelism with our own schedules: interleaved 1F1B with cross-stage AttnRes block caching.
 
 * :mod:`.layout`    — layer→stage map and the per-hop block sets / message shapes (static, no negotiation).
-* :mod:`.schedules` — GPipe / 1F1B / interleaved 1F1B action lists (data), lowering to sends/receives, the
-  global checker and a timing replay.
+* :mod:`.schedules` — the schedule API: action lists as data (:mod:`.actions`), generators (:mod:`.generators`,
+  :mod:`.zero_bubble`), one event simulator (:mod:`.simulator`) behind lowering, the checker and :mod:`.timing`.
 * :mod:`.cache`     — the per-rank block cache keyed by (microbatch, block) and the gradient deposits.
 * :mod:`.stage`     — :class:`PipelineStageModule`, a stage's chunk of the full model (shared parameters).
 * :mod:`.runtime`   — :class:`PipelineRuntime` / :func:`pipeline_step` executing a schedule over c10d P2P.

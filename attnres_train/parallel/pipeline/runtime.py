@@ -40,11 +40,14 @@ import torch
 import torch.distributed as dist
 
 from ...model.depth import DepthState
+from .actions import Action, Kind, Schedule
 from .cache import BlockCache
+from .checker import check
+from .generators import forward_only, make_schedule
 from .iw_split import backward_input, backward_weight
 from .layout import PipelineLayout
+from .lowering import lower
 from .records import CommStats, PipelineError, StepResult, _Anchor, _GradSlot, _Saved, _tally
-from .schedules import Action, Kind, Schedule, check, forward_only, lower, make_schedule
 from .send_plan import inflight_depth, safe_send_waits
 from .stage import PipelineStageModule
 from .transport import StageTransport, resolve_group
@@ -62,7 +65,7 @@ class PipelineRuntime:
             "v"``), or a callable ``(P, V, M) -> Schedule`` (its ``placement`` must equal the layout's).
         group: the pipeline process group, a 1-D ``DeviceMesh``, or ``None`` for the default group.
         comm_dtype: dtype of the packed messages (default: the stages' parameter dtype).
-        split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``schedules.split_backward``).
+        split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``generators.split_backward``).
         max_pending_sends: at most this many sends in flight per rank (default: the rank's in-flight depth, the
             most chunk-forwards it holds at once in the schedule, at least 2); beyond it the oldest is waited.
         batch_p2p: post the SEND/RECV actions that are adjacent in the lowered order with one

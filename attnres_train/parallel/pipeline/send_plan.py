@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from .actions import Action, Kind, Schedule
 from .layout import PipelineLayout
-from .schedules import Action, Kind, Schedule
 
 
 def inflight_depth(sched: Schedule, rank: int) -> int:

@@ -1,8 +1,8 @@
 """Timing replay of a schedule: when each compute action runs given per-action costs, and the bubble.
 
-Why a module of its own: ``schedules.py`` holds the action IR, the generators, lowering and the checker; this is
-the simulator the benches, ``attnres-plan`` and the schedule tests time schedules with (F, B, I, W costs, scaled
-per stage, optional per-hop latency). It reuses the checker's dependency rule (``schedules._deps``).
+Why a module of its own: the benches, ``attnres-plan`` and the schedule tests time schedules with (F, B, I, W
+costs, scaled per stage, optional per-hop latency); the walk is the shared event simulator's
+(:class:`.simulator.Simulator`), only the clock is added here (docs/pipeline.md, "Schedules as data").
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .schedules import Action, Kind, Schedule, ScheduleError, _deps, _validate_compute
+from .actions import Action, Kind, Schedule, ScheduleError
+from .checker import validate_compute
+from .simulator import Simulator, Stuck, dep_key, deps, done_keys
 
 
 @dataclass
@@ -31,46 +33,29 @@ def timeline(sched: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_i: Optional[
     """Replay the compute order with costs (F, B, I, W; scaled per stage by ``stage_cost``): each action starts
     when its rank is free and its inputs have arrived (``latency`` per cross-rank hop)."""
     s = sched.compute_only()
-    _validate_compute(s)
+    validate_compute(s)
     t_i = t_b / 2 if t_i is None else t_i
     t_w = t_b - t_i if t_w is None else t_w
     cost = {Kind.F: t_f, Kind.B: t_b, Kind.I: t_i, Kind.W: t_w}
-    P, C = s.num_ranks, s.num_stages
     finish: Dict[Tuple[int, str, int], float] = {}
     start: Dict[Action, float] = {}
-    free = [0.0] * P
-    busy = [0.0] * P
-    ptr = [0] * P
-    total = sum(len(a) for a in s.ranks)
-    n = 0
-    while n < total:
-        progressed = False
-        for r in range(P):
-            while ptr[r] < len(s.ranks[r]):
-                a = s.ranks[r][ptr[r]]
-                ready = free[r]
-                ok = True
-                for d in _deps(a, C):
-                    key = (d.stage, "G", d.mb) if d.kind == Kind.B else (d.stage, d.kind.value, d.mb)
-                    if key not in finish:
-                        ok = False
-                        break
-                    hop = latency if s.rank_of(d.stage) != r else 0.0
-                    ready = max(ready, finish[key] + hop)
-                if not ok:
-                    break
-                c = cost[a.kind] * (stage_cost[a.stage] if stage_cost is not None else 1.0)
-                start[a] = ready
-                free[r] = ready + c
-                busy[r] += c
-                finish[(a.stage, a.kind.value, a.mb)] = free[r]
-                if a.kind in (Kind.B, Kind.I):
-                    finish[(a.stage, "G", a.mb)] = free[r]
-                ptr[r] += 1
-                n += 1
-                progressed = True
-        if not progressed:
-            raise ScheduleError(f"schedule {s.name} deadlocks in the timing replay")
+    free = [0.0] * s.num_ranks
+    busy = [0.0] * s.num_ranks
+    try:
+        for ev in Simulator(s, greedy=True).events():
+            a, r = ev.action, ev.rank
+            if not a.is_compute:
+                continue  # the hop's cost is the latency charged below
+            ready = max([free[r]] + [finish[dep_key(d)] + (latency if s.rank_of(d.stage) != r else 0.0)
+                                     for d in deps(a, s.num_stages)])
+            c = cost[a.kind] * (stage_cost[a.stage] if stage_cost is not None else 1.0)
+            start[a] = ready
+            free[r] = ready + c
+            busy[r] += c
+            for key in done_keys(a):
+                finish[key] = free[r]
+    except Stuck:
+        raise ScheduleError(f"schedule {s.name} deadlocks in the timing replay") from None
     return Timeline(makespan=max(free), busy=busy, start=start)
 
 

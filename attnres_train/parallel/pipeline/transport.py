@@ -24,9 +24,9 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
+from .actions import Action, Kind
 from .layout import PipelineLayout
 from .records import CommStats, PipelineError
-from .schedules import Action, Kind
 
 MsgKey = Tuple[str, int, int]  # ("F" | "B", stage, microbatch)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .schedules import Action, Kind, Schedule, ScheduleError, _check_counts
+from .actions import Action, Kind, Schedule, ScheduleError, check_counts
 
 
 def _a(stage: int, kind: Kind, mb: int) -> Action:
@@ -35,7 +35,7 @@ def _a(stage: int, kind: Kind, mb: int) -> Action:
 
 def zb_h1(P: int, M: int) -> Schedule:
     """ZB-H1 (torch's ZB1P with one local stage): see the module docstring."""
-    _check_counts(P, 1, M)
+    check_counts(P, 1, M)
     ranks: List[List[Action]] = []
     for r in range(P):
         warm = min(P - 1 - r, M)
@@ -57,7 +57,7 @@ def zb_h1(P: int, M: int) -> Schedule:
 
 def zb_v(P: int, M: int) -> Schedule:
     """ZB-V (torch's ``ScheduleZBVZeroBubble`` order) in the V placement: see the module docstring."""
-    _check_counts(P, 2, M)
+    check_counts(P, 2, M)
     C = 2 * P
     n = max(2 * P - 1, M)  # as torch: generate for enough microbatches to fill the V, then drop the extra ones
     ranks: List[List[Action]] = []
