@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
 from .errors import ConfigError
+from .structured import as_structured
 
 DATA_KINDS = ("auto", "hf", "text", "jsonl", "parquet", "arrow", "memmap", "megatron", "stdlib")
 TEXT_UNITS = ("file", "paragraph")
@@ -174,6 +175,4 @@ def as_data_config(cfg) -> DataConfig:
 
     Unknown keys or wrong types raise a ConfigError naming the field (e.g. ``data.sources.0.weight``).
     """
-    from .structured import as_structured
-
     return as_structured(DataConfig, cfg, "data")

@@ -1,20 +1,10 @@
 """Model config schema: every architectural knob of the Kimi-Linear MoE + AttnRes model, and its validation.
 
-These dataclasses are the Hydra structured-config schema for the ``model`` group (YAML presets live in
-``configs/model/``). Validation runs in :func:`validate_model_config` (called by ``build_model``) and raises
-one :class:`ConfigError` that names the field, so a bad override fails before any tensor is allocated.
-
-Conventions (see docs/model.md):
-* ``num_layers`` counts *decoder layers* (one token mixer + one FFN each). AttnRes counts each of the two
-  sublayers as a "layer" (L = 2 * num_layers), exactly as the paper does.
-* ``mla_layers`` are 0-based decoder-layer indices that use MLA; every other layer uses KDA.
-  (The HF config's ``full_attn_layers`` is 1-based; the interop layer converts.)
-* Block AttnRes: ``num_blocks`` gives exactly N blocks of ``num_layers // N`` decoder layers, the last block
-  taking the remainder (paper: "the last block contains the remaining layers"); ``block_size`` instead fixes
-  the decoder layers per block and lets the last block be shorter (Kimi-K3 style). Set one of them.
-* No silent no-ops: an option the chosen mode never reads (``num_blocks`` / ``block_size`` outside block mode,
-  ``two_phase`` / ``impl`` with PreNorm, a kernel ``impl`` with the direct read, MoE options without MoE layers)
-  is a ConfigError naming it, so a sweep over such an option cannot train identical runs.
+These dataclasses are the Hydra structured-config schema for the ``model`` group (presets in
+``configs/model/``). :func:`validate_model_config` (called by ``build_model``) raises one :class:`ConfigError`
+naming the field, and refuses options the chosen mode never reads (no silent no-ops). The choice lists
+(``RESIDUAL_MODES``, ``RESIDUAL_IMPLS``, ``KDA_IMPLS``) live here and the model code uses them. Conventions
+(decoder layers vs sublayers, 0-based ``mla_layers``, block rules) and the rejected combinations: docs/model.md.
 """
 
 from __future__ import annotations
@@ -24,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .errors import ConfigError
+from .structured import as_structured
 
 RESIDUAL_MODES = ("prenorm", "full", "block")
+RESIDUAL_IMPLS = ("auto", "torch", "triton", "reference")  # model.residual.impl (model/depth.py resolves it)
+KDA_IMPLS = ("auto", "torch", "fla")  # model.kda.impl (model/kda.py resolves it)
 
 
 @dataclass
@@ -152,8 +145,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
         k.head_dim = cfg.hidden_size // k.num_heads
     for name in ("head_dim", "conv_size", "chunk_size"):
         _positive(getattr(k, name), f"{p}.kda.{name}")
-    if k.impl not in ("auto", "torch", "fla"):
-        raise ConfigError(f"{p}.kda.impl", f"must be one of auto|torch|fla, got {k.impl!r}")
+    if k.impl not in KDA_IMPLS:
+        raise ConfigError(f"{p}.kda.impl", f"must be one of {'|'.join(KDA_IMPLS)}, got {k.impl!r}")
 
     m = cfg.mla
     for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
@@ -185,8 +178,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
     r = cfg.residual
     if r.mode not in RESIDUAL_MODES:
         raise ConfigError(f"{p}.residual.mode", f"unknown mode {r.mode!r}; choose one of {'|'.join(RESIDUAL_MODES)}")
-    if r.impl not in ("auto", "torch", "triton", "reference"):
-        raise ConfigError(f"{p}.residual.impl", f"must be one of auto|torch|triton|reference, got {r.impl!r}")
+    if r.impl not in RESIDUAL_IMPLS:
+        raise ConfigError(f"{p}.residual.impl", f"must be one of {'|'.join(RESIDUAL_IMPLS)}, got {r.impl!r}")
     if r.impl == "triton" and importlib.util.find_spec("triton") is None:
         raise ConfigError(f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch")
     # The device is checked at the first read (the model may be built on CPU or meta and moved to CUDA later):
@@ -267,6 +260,4 @@ def as_model_config(cfg) -> ModelConfig:
 
     Unknown keys or wrong types raise a ConfigError naming the field.
     """
-    from .structured import as_structured
-
     return as_structured(ModelConfig, cfg, "model")

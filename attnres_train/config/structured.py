@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from .errors import ConfigError
 
 
@@ -19,9 +22,6 @@ def as_structured(schema: type, cfg, prefix: str = ""):
     if isinstance(cfg, schema):
         obj = cfg
     else:
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-
         try:
             obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
         except OmegaConfBaseException as exc:  # unknown key / bad type

@@ -1,28 +1,11 @@
 """Depth mixing for Attention Residuals: the depth state, pseudo-query softmax, and the two-phase schedule.
 
-Why this module exists: AttnRes replaces the residual sum by a per-token softmax over earlier *sources*
-(the embedding, completed block sums of sublayer outputs, and the open block's partial sum), keyed by a
-learned, input-independent pseudo-query per sublayer. Because the queries are static parameters, all the
-queries of a block can attend to the completed blocks in one batched call (phase 1); each sublayer then only
-merges in the partial sum with an online-softmax step (phase 2). The result equals the direct softmax over
-all sources exactly (up to float rounding), which ``tests/model/test_depth.py`` proves.
-
-The :class:`DepthState` is the only thing carried from layer to layer (and, later, from pipeline stage to
-stage): ``blocks`` (completed block tensors, index 0 = the embedding) and ``partial`` (the open block's
-partial sum; in PreNorm mode it is simply the hidden state and ``blocks`` is empty). No block bookkeeping is
-hidden in module attributes, so a pipeline stage can receive a state, run its layers and hand it on.
-
-Numerics follow Kimi-K3's ``_apply_attn_res``: keys are parameter-free RMS-normalised sources, the learnable
-key-norm gain γ is folded into the query (wᵀ(γ⊙k̂) = (w⊙γ)ᵀk̂), logits/softmax/weighted sum in fp32 (fp64 stays
-fp64), no temperature, raw (un-normalised) values, result cast back to the input dtype.
-
-Implementations (``model.residual.impl``, passed as ``impl=`` to :func:`phase1` / :func:`phase2` /
-:func:`depth_read`): ``reference`` is the autograd-differentiated torch code in this module, the definition
-everything else is tested against; ``torch`` runs the same math as two hand-differentiated autograd functions
-(:mod:`depth_ops`: fewer passes over ``[B,T,d]``, saves only sources and per-token scalars; the CPU training
-path); ``triton`` runs them as Triton kernels (``attnres_kernels``, fp32 accumulation); ``auto`` picks triton
-for CUDA tensors when triton imports, torch otherwise. fp64 inputs never use the kernels; DTensors (tensor
-parallelism) and the direct (``two_phase=False``) read always use the reference.
+Why: AttnRes replaces the residual sum by a per-token softmax over earlier sources keyed by static per-sublayer
+pseudo-queries, so all queries of a block attend to the completed blocks in one batched call (phase 1) and each
+sublayer merges its open partial sum online (phase 2), equal to the direct softmax up to rounding
+(tests/model/test_depth.py). :class:`DepthState` is the only thing carried between layers and pipeline stages.
+Numerics, the implementations (``model.residual.impl``: reference | torch | triton | auto) and their rule:
+docs/model.md "Residual modes", docs/kernels.md "Selecting the implementation".
 """
 
 from __future__ import annotations
@@ -30,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
+import attnres_kernels  # import-light (no triton): the kernels themselves load on first use
 import torch
 
 from ..config.errors import ConfigError
+from ..config.model import RESIDUAL_IMPLS
 from . import depth_ops
 
 Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
@@ -84,9 +69,6 @@ def mix_direct(sources: List[torch.Tensor], q_d: torch.Tensor, eps: float) -> to
     return (a_nbt.unsqueeze(-1) * v_nbtd).sum(0).to(dtype)
 
 
-RESIDUAL_IMPLS = ("auto", "torch", "triton", "reference")
-
-
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
     """``model.residual.impl`` for a read over tensors like ``x``: "reference", "torch" or "triton".
 
@@ -103,13 +85,9 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl == "auto":
         if x.device.type != "cuda":
             return "torch"
-        import attnres_kernels
-
         return "triton" if attnres_kernels.triton_importable() else "torch"
     if impl != "triton":
         raise ConfigError("model.residual.impl", f"must be one of {'|'.join(RESIDUAL_IMPLS)}, got {impl!r}")
-    import attnres_kernels
-
     if not attnres_kernels.triton_importable():
         raise ConfigError("model.residual.impl", "'triton' needs the triton package (pip install triton)")
     if x.device.type == "cuda" or (x.device.type == "cpu" and attnres_kernels.interpreted()):
@@ -129,8 +107,6 @@ def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str
     """
     which = resolve_impl(impl, blocks[0])
     if which == "triton":
-        import attnres_kernels
-
         return attnres_kernels.phase1(blocks, q_sd, eps)
     if which == "torch":
         return depth_ops.phase1(blocks, q_sd, eps)
@@ -191,8 +167,6 @@ def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tenso
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
     which = resolve_impl(impl, stats[0] if partial is None else partial)
     if which == "triton":
-        import attnres_kernels
-
         return attnres_kernels.phase2(stats, partial, q_d, eps, dtype)
     if which == "torch":
         return depth_ops.phase2(stats, partial, q_d, eps, dtype)
