@@ -31,6 +31,7 @@ import torch
 from ..checkpoint import CheckpointManager
 from ..config.errors import ConfigError, UserInputError
 from ..config.model import as_model_config, block_starts
+from ..data.loader import build_datasets
 from ..model import build_model
 from ..model.moe import MoE
 from .runs import Run
@@ -69,8 +70,6 @@ def load_model(run: Run, checkpoint: Optional[str] = None):
 
 def heldout_batch(run: Run, batch_size: int) -> tuple:
     """``([B, T+1] LongTensor, where)`` from the run's validation split (the training data if it has none)."""
-    from ..data.loader import build_datasets
-
     data_cfg = dict(run.config.get("data") or {})
     data_cfg["num_workers"] = 0
     try:

@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..analysis import depth as D
+from ..analysis.depth import reader_labels
+from ..analysis.runs import find_runs, load_run, summarize
 from ..config.errors import ConfigError, UserInputError
 
 
@@ -57,9 +60,7 @@ def _imbalance(run) -> dict:
 
 def analyze_run(run_dir: Path, out: Optional[Path], checkpoint: Optional[str], batch_size: int,
                 metrics_only: bool) -> List[Path]:
-    from ..analysis import depth as D
-    from ..analysis import plots as P
-    from ..analysis.runs import load_run, summarize
+    from ..analysis import plots as P  # matplotlib is optional (the dev extra): needed only to draw
 
     run = load_run(run_dir)
     summary = summarize(run, name=str(run_dir))
@@ -85,8 +86,6 @@ def analyze_run(run_dir: Path, out: Optional[Path], checkpoint: Optional[str], b
                                         out / "expert_load.png", title + ": expert load"))
     depth_recs = [r for r in run.kind("depth") if r.get("depth_entropy")]
     if depth_recs:
-        from ..analysis.depth import reader_labels
-
         width = min(len(r["depth_entropy"]) for r in depth_recs)
         files.append(P.plot_depth_entropy([r["step"] for r in depth_recs],
                                           [r["depth_entropy"][:width] for r in depth_recs],
@@ -101,8 +100,6 @@ def analyze_run(run_dir: Path, out: Optional[Path], checkpoint: Optional[str], b
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..analysis.runs import find_runs
-
         if args.batch_size < 1:
             raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
         runs = find_runs(args.runs)

@@ -30,6 +30,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..analysis.fit import compute_advantage, fit_power_law, pflops_days
+from ..analysis.matching import aggregate, loss_curve, match, pair_deltas, size_key, size_name
+from ..analysis.runs import find_runs, load_run, summarize, variant_order
 from ..config.errors import ConfigError, UserInputError
 
 RUN_COLUMNS = ("run", "label", "variant", "model", "num_layers", "hidden_size", "active_params", "seed", "steps",
@@ -74,8 +77,6 @@ def default_out(args_runs: List[str], runs: List[Path]) -> Path:
 
 def fit_variants(aggs, reference: str, budget: Optional[float], variants: Optional[List[str]]):
     """Per variant: a fit over its sizes' seed means (or why there is none) and the advantage at ``budget``."""
-    from ..analysis.fit import compute_advantage, fit_power_law, pflops_days
-
     points: Dict[str, list] = {}
     for a in aggs:
         flops = statistics.fmean(a.flops)
@@ -110,8 +111,6 @@ def fit_variants(aggs, reference: str, budget: Optional[float], variants: Option
 
 
 def _order(label: str):
-    from ..analysis.runs import variant_order
-
     return variant_order(label)
 
 
@@ -132,8 +131,6 @@ def _pm(mean, sd, kind="loss") -> str:
 
 
 def markdown(rows, aggs, matched, fit_rows, notes, reference: str, budget, source: str, window: float) -> str:
-    from ..analysis.matching import size_name
-
     if source == "val":
         basis = ("Losses are **validation** losses, read per model size at the matched token count: the largest "
                  "one at which every run of that size logged a validation loss.")
@@ -185,8 +182,6 @@ def markdown(rows, aggs, matched, fit_rows, notes, reference: str, budget, sourc
 
 
 def _key(r):
-    from ..analysis.matching import size_key
-
     return size_key(r.summary)
 
 
@@ -199,9 +194,7 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 
 def compare(args) -> str:
-    from ..analysis import plots as P
-    from ..analysis.matching import aggregate, loss_curve, match, pair_deltas, size_name
-    from ..analysis.runs import find_runs, load_run, summarize, variant_order
+    from ..analysis import plots as P  # matplotlib is optional (the dev extra): needed only to draw
 
     if args.budget is not None and not args.budget > 0:
         raise UserInputError(f"--budget must be a positive number of PFLOP/s-days, got {args.budget}")

@@ -21,9 +21,19 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..config.errors import ConfigError, UserInputError
+from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+from ..config.errors import ConfigError, UserInputError
+from ..config.model import as_model_config, validate_model_config
+from ..config.parallel import ParallelConfig, resolve_parallel_dims
+from ..config.paths import MODEL_PRESET_DIR
+from ..config.schema import Config
+from ..parallel.pipeline.layout import PipelineLayout
+from ..parallel.pipeline.schedules import ScheduleError, check, lower, make_schedule, schedule_placement
+from ..parallel.pipeline.send_plan import held_bytes_bound
+from ..parallel.pipeline.timing import ideal_bubble, timeline
+from ..parallel.plan_estimates import TrainShape, estimate_comm, estimate_ranks, summary
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
@@ -73,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model_config(name: str, args):
-    from omegaconf import OmegaConf
-
-    from ..config.model import as_model_config, validate_model_config
-
     path = Path(name)
     if not path.suffix:
-        path = CONFIG_DIR / f"{name}.yaml"
+        path = MODEL_PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UserInputError(f"model config {name!r} not found (looked for {path})")
     cfg = as_model_config(OmegaConf.load(path))
@@ -97,8 +103,6 @@ def load_model_config(name: str, args):
 
 
 def render(args) -> str:
-    from ..config.parallel import ParallelConfig, resolve_parallel_dims
-
     cfg = load_model_config(args.model, args)
     pc = ParallelConfig(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp, sp=args.sp,
                         pp=args.pp, vpp=args.vpp, ep=args.ep)
@@ -122,9 +126,7 @@ def render(args) -> str:
 
 def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
     """``--simulate-rank R``: the rank's real construction (``train.simulate``) next to its estimate."""
-    from ..config.schema import Config
-    from ..parallel.plan_estimates import TrainShape, estimate_ranks
-    from ..train.simulate import render_simulation, simulate_rank
+    from ..train.simulate import render_simulation, simulate_rank  # builds the rank's modules: only this flag
 
     if not 0 <= args.simulate_rank < dims.world_size:
         raise UserInputError(f"--simulate-rank {args.simulate_rank} is not a rank of a {dims.world_size}-rank world")
@@ -145,9 +147,6 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
     est = estimate_ranks(cfg, dims, shape, layout, sched)[sim.pp_rank]
     out = render_simulation(sim, est.memory)
     if dims.pp > 1:  # no peer sends anything through a fake group: the runtime's bound, not a measurement
-        from ..parallel.pipeline.schedules import lower
-        from ..parallel.pipeline.send_plan import held_bytes_bound
-
         seq = args.seq_len // args.tp if args.sp else args.seq_len
         u = args.micro_batch_size * seq * cfg.hidden_size * DTYPE_BYTES[args.dtype]
         bound = held_bytes_bound(lower(sched), layout, sim.pp_rank, u)
@@ -157,10 +156,6 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
 
 
 def render_pipeline(args, cfg, M):
-    from ..parallel.pipeline.layout import PipelineLayout
-    from ..parallel.pipeline.schedules import check, lower, make_schedule, schedule_placement
-    from ..parallel.pipeline.timing import ideal_bubble, timeline
-
     split = None
     if args.layers_per_stage:
         try:
@@ -230,8 +225,6 @@ def _ranges(layers) -> str:
 
 def render_estimates(cfg, dims, args, M, layout, sched) -> str:
     """Mesh, parameters, per-rank memory and per-group traffic (``parallel.plan_estimates``)."""
-    from ..parallel.plan_estimates import TrainShape, estimate_comm, estimate_ranks, summary
-
     shape = TrainShape(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, microbatches=M,
                        activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
                        comm_bytes=DTYPE_BYTES[args.dtype])
@@ -277,8 +270,6 @@ def render_estimates(cfg, dims, args, M, layout, sched) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..parallel.pipeline.schedules import ScheduleError
-
     args = build_parser().parse_args(argv)
     try:
         print(render(args))

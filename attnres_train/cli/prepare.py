@@ -30,8 +30,14 @@ import tempfile
 import time
 from typing import List, Optional
 
+from tqdm.auto import tqdm
+
 from ..config.data import DATA_KINDS, DataSourceConfig, validate_source
 from ..config.errors import ConfigError, UserInputError
+from ..data import parallel_prepare as pp
+from ..data.shards import DEFAULT_SHARD_TOKENS
+from ..data.sources import iter_documents, resolve_source
+from ..data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,11 +97,6 @@ def _staging(dest: str) -> str:
 
 
 def run(args) -> str:
-    from ..data import parallel_prepare as pp
-    from ..data.shards import DEFAULT_SHARD_TOKENS
-    from ..data.sources import iter_documents, resolve_source
-    from ..data.tokenizer import load_tokenizer, train_bpe_tokenizer
-
     t_start = time.perf_counter()
     for flag, v in (("--max-docs", args.max_docs), ("--max-bytes", args.max_bytes), ("--shard-tokens", args.shard_tokens),
                     ("--workers", args.workers)):
@@ -125,8 +126,6 @@ def run(args) -> str:
         if rs.kind in ("memmap", "megatron"):
             raise UserInputError(f"input {inp!r} is already tokenized ({rs.kind}); train on it directly")
         resolved.append(rs)
-
-    from tqdm.auto import tqdm
 
     staging = _staging(args.out)
     try:
@@ -178,8 +177,6 @@ def run(args) -> str:
 
 
 def _merge(args) -> str:
-    from ..data import parallel_prepare as pp
-
     defaults = build_parser().parse_args(["x", "--out", "y"])
     for opt in ("tokenizer", "train_bpe", "kind", "text_field", "text_unit", "split", "hf_config", "hf_revision", "max_docs",
                 "max_bytes", "shard_tokens", "workers"):

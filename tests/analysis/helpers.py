@@ -42,7 +42,7 @@ def train_records(steps, losses, tokens_per_step, val=None):
 
 def experiment_override(name: str) -> str:
     """``experiment=<name>`` once configs/config.yaml lists ``experiment`` in its defaults, else ``+experiment=``."""
-    from attnres_train.cli.train import CONFIG_DIR
+    from attnres_train.config.paths import CONFIG_DIR
 
     defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
     listed = any(isinstance(d, dict) and any(str(k).replace("optional ", "").split("@")[0].strip() == "experiment"

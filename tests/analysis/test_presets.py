@@ -10,7 +10,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from attnres_train.analysis.runs import variant_label
-from attnres_train.cli.train import CONFIG_DIR
+from attnres_train.config.paths import CONFIG_DIR
 from attnres_train.config.schema import as_config, register_configs, validate_config
 from attnres_train.model.flops import count_params
 

@@ -37,16 +37,16 @@ import dataclasses  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from attnres_train.cli.plan import CONFIG_DIR  # noqa: E402
 from attnres_train.config.model import as_model_config  # noqa: E402
 from attnres_train.config.parallel import ParallelConfig, resolve_parallel_dims  # noqa: E402
+from attnres_train.config.paths import MODEL_PRESET_DIR  # noqa: E402
 from attnres_train.model import build_model  # noqa: E402
 from attnres_train.model.flops import count_params  # noqa: E402
 from attnres_train.parallel import plan_estimates as pe  # noqa: E402
 
 
 def preset(name, mode="prenorm", **residual):
-    cfg = as_model_config(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
+    cfg = as_model_config(OmegaConf.load(MODEL_PRESET_DIR / f"{name}.yaml"))
     cfg.residual.mode = mode
     cfg.residual.num_blocks = cfg.residual.block_size = None  # a preset's block count is an error outside block mode
     for k, v in residual.items():
