@@ -13,6 +13,7 @@ import torch
 from attnres_train.parallel.pipeline import PipelineLayout, PipelineRuntime, build_stages
 from attnres_train.parallel.pipeline.schedules import schedule_placement
 from tests.model.helpers import build, randomize_queries, tiny_cfg
+from tests.pipeline.controls import DropDepositsRuntime
 
 VOCAB, HIDDEN, BATCH, SEQ = 64, 16, 2, 8
 
@@ -88,7 +89,7 @@ class Case:
     layers: Optional[List[int]] = None
     split_iw: bool = False
     w_delay: Optional[int] = None
-    drop_deposits: bool = False
+    drop_deposits: bool = False  # negative control (tests/pipeline/controls.py)
     steps: int = 1
     eval_too: bool = False
     extra: dict = field(default_factory=dict)
@@ -110,8 +111,8 @@ def run_case(case: Case, rank: int, group=None) -> dict:
     model = make_model(cfg, case.dtype)
     layout = case.layout()
     stages = build_stages(model, layout, rank)
-    rt = PipelineRuntime(stages, layout, case.schedule, group, split_iw=case.split_iw, w_delay=case.w_delay,
-                         drop_deposits=case.drop_deposits)
+    runtime_cls = DropDepositsRuntime if case.drop_deposits else PipelineRuntime  # negative control: tests/ only
+    rt = runtime_cls(stages, layout, case.schedule, group, split_iw=case.split_iw, w_delay=case.w_delay)
     mbs = make_microbatches(case.M)
     names = param_names(model)
     per_step = []

@@ -40,7 +40,6 @@ class BlockCache:
         self.deposits: Dict[Key, torch.Tensor] = {}
         self.ndep: Counter = Counter()
         self._expected = {b: len(layout.readers(rank, b)) for b in range(layout.num_blocks)}
-        self.drop_deposits = False  # negative control for tests: pretend deposits never arrived
 
     # ------------------------------------------------------------------ values
     def is_read(self, block: int) -> bool:
@@ -89,8 +88,7 @@ class BlockCache:
         if self.strict and got != expected:
             raise BlockCacheError(f"rank {self.rank}: block {block} of microbatch {mb} has {got} gradient "
                                   f"deposit(s) at its entry stage's backward, expected {expected} (one per reader)")
-        grad = self.deposits.pop(key, None)
-        return None if self.drop_deposits else grad
+        return self.deposits.pop(key, None)
 
     # ------------------------------------------------------------------ lifetime
     def assert_empty(self) -> None:

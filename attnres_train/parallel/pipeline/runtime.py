@@ -72,17 +72,18 @@ class PipelineRuntime:
             ``batch_isend_irecv`` (default: on when the stages are on CUDA; gloo keeps tagged ``isend``/``irecv``).
         track_held: record ``held_peak`` (sampled after every action; costs a scan of the held tensors).
         strict: check cache invariants (deposit counts, nothing left over) every step.
-        drop_deposits: NEGATIVE CONTROL for tests only: forget the cached blocks' gradients.
         seq_shards: the boundary tensors hold ``T / seq_shards`` positions (sequence parallelism: each tp
             rank sends its own sequence shard to the same tp rank of the next stage).
         before_last_backward: ``fn(stage)`` called right before the last backward action (B, or W when
             split) of each stage in a step (FSDP: turn gradient reduction back on for that stage).
     """
 
+    cache_class = BlockCache  # the per-step block cache (a subclass can alter it, e.g. the tests' negative control)
+
     def __init__(self, stages: Sequence[PipelineStageModule], layout: PipelineLayout, schedule="interleaved_1f1b",
                  group=None, *, comm_dtype: Optional[torch.dtype] = None, group_size: Optional[int] = None,
                  split_iw: bool = False, w_delay: Optional[int] = None, strict: bool = True,
-                 drop_deposits: bool = False, seq_shards: int = 1, before_last_backward=None,
+                 seq_shards: int = 1, before_last_backward=None,
                  max_pending_sends: Optional[int] = None, batch_p2p: Optional[bool] = None,
                  track_held: bool = False):
         self.group = resolve_group(group)
@@ -104,7 +105,6 @@ class PipelineRuntime:
         self.split_iw = split_iw
         self.w_delay = w_delay
         self.strict = strict
-        self.drop_deposits = drop_deposits
         self.seq_shards = seq_shards
         self.before_last_backward = before_last_backward
         params = [p for st in stages for p in st.parameters()]
@@ -207,8 +207,7 @@ class PipelineRuntime:
         self._has_aux = False
         send_cap, safe_after = self._send_plan(M, eval_mode)
         self._tx.begin(M, B, T // self.seq_shards, send_cap, safe_after, self._stats)
-        self._cache = BlockCache(self.layout, self.rank, strict=self.strict)
-        self._cache.drop_deposits = self.drop_deposits
+        self._cache = self.cache_class(self.layout, self.rank, strict=self.strict)
         self.held_peak, self.held_at_end = {}, {}
         t0 = time.perf_counter()
         try:
