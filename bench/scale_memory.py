@@ -86,7 +86,7 @@ def _worker_pipeline(M: int) -> dict:
     cfg.parallel = ParallelConfig(pp=2, vpp=2, dp_shard=1)
     pctx = build_parallel_context(cfg.parallel, cfg.model, T, 2)
     module = build_train_module(build_model(cfg.model, device="meta"), cfg, pctx, max_steps=2)
-    runtime = module.pipe.runtime
+    runtime = module.engine.pipe.runtime
     runtime.track_held = True
     batch = torch.randint(0, 256, (M, T + 1), generator=torch.Generator().manual_seed(M))
     module.forward_backward(batch)

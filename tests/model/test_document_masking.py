@@ -194,6 +194,7 @@ def test_train_module_passes_document_ids():
     from attnres_train.config.data import DataConfig, validate_data_config
     from attnres_train.config.run import TrainerConfig
     from attnres_train.config.train import OptimConfig
+    from attnres_train.parallel.mesh import single_process_context
     from attnres_train.train.train_module import TrainModule, document_masking_eos
 
     assert document_masking_eos(DataConfig(), SimpleNamespace(eos_id=EOS)) is None
@@ -208,7 +209,7 @@ def test_train_module_passes_document_ids():
     batch = torch.cat([ids, torch.full((2, 1), 7)], dim=1)  # [B, T+1]: inputs and shifted targets
     model = tiny_model()
     tcfg = TrainerConfig(micro_batch_size=2, global_batch_size=2)
-    module = TrainModule(model, OptimConfig(), tcfg, SimpleNamespace(world_size=1), 10, doc_eos_id=EOS)
+    module = TrainModule(model, OptimConfig(), tcfg, single_process_context(), 10, doc_eos_id=EOS)
     got = module.forward_backward(batch)["loss"]
     # Expected: mean CE of the per-document forward passes (each document alone), targets as in the batch.
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Meta-device construction: every layout starts from bit-identical fp64 parameters, and no rank holds it all.
 
 Each layout builds the model on ``meta`` and goes through the real training path (``TrainModule`` /
-``PipelineTrainModule``: parallelise, then materialise and initialise only this rank's shards). Every rank
+``TrainModule``: parallelise, then materialise and initialise only this rank's shards). Every rank
 returns the full tensors of what it holds (DTensors gathered with ``full_tensor``), keyed by full parameter name;
 the union over ranks must equal, bit for bit, the single-process model built from the same seed — every
 parameter, compared by name — and the pipeline ranks must hold only their own stages.
@@ -57,7 +57,6 @@ def _layout_body(parallel_kw, pipelined, tie):
     from attnres_train.config.train import OptimConfig
     from attnres_train.model import build_model
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.train.pipeline_module import PipelineTrainModule
     from attnres_train.train.train_module import TrainModule
 
     cfg = model_cfg(tie)
@@ -65,10 +64,7 @@ def _layout_body(parallel_kw, pipelined, tie):
     pctx = build_parallel_context(ParallelConfig(**parallel_kw), cfg, seq_len=8, world_size=ws)
     model = build_model(cfg, device="meta", dtype=torch.float64)
     tcfg = TrainerConfig(micro_batch_size=1, global_batch_size=max(2, pctx.dp_size), precision="fp32")
-    if pipelined:
-        module = PipelineTrainModule(model, OptimConfig(), tcfg, pctx, 1, PipelineConfig(), seed=SEED)
-    else:
-        module = TrainModule(model, OptimConfig(), tcfg, pctx, 1, seed=SEED)
+    module = TrainModule(model, OptimConfig(), tcfg, pctx, 1, seed=SEED, pipeline_cfg=PipelineConfig())
     held = {n: _full(p) for n, p in module.model.named_parameters()}
     held.update({n: _full(b) for n, b in module.model.named_buffers() if "correction_bias" in n})
     meta_left = sum(1 for p in model.parameters() if p.is_meta)  # other stages' tensors never got storage

@@ -1,6 +1,6 @@
 """Pipeline parallelism through the real training path equals the single-process model.
 
-``build_parallel_context`` -> ``build_train_module`` (``PipelineTrainModule``: ``parallelize_pipeline`` = EP ->
+``build_parallel_context`` -> ``build_train_module`` (``TrainModule`` with the pipeline step engine: ``parallelize_pipeline`` = EP ->
 TP/SP -> stage cut -> FSDP2 per stage -> the cached interleaved runtime on the pp mesh) -> ``forward_backward``
 -> ``optimizer_step`` (grad norm summed over pp, clipping, AdamW, router-bias update), for 2 steps, fp64.
 Compared against the plain model on the whole global batch: loss, aux loss, grad norm, every gradient this
@@ -102,7 +102,7 @@ def _body(parallel_kw, pipeline_kw, mode, nb):
     ref_p = dict(ref.named_parameters())
     res["params"] = max((rel_err(p, ref_p[n]), n) for n, p in full_state(chunks).items())
     res["all_names"] = sorted(ref_g)
-    res["pp_rank"] = module.pipe.pp_rank
+    res["pp_rank"] = module.engine.pipe.pp_rank
     return res
 
 

@@ -33,6 +33,7 @@ from attnres_train.config.model import ModelConfig
 from attnres_train.config.run import TrainerConfig
 from attnres_train.config.train import OptimConfig
 from attnres_train.model import build_model
+from attnres_train.parallel.mesh import single_process_context
 from attnres_train.train.faults import StopSignals, TrainingAborted, is_comm_failure
 from attnres_train.train.train_module import TrainModule
 
@@ -97,7 +98,7 @@ def _tiny_module():
     cfg = ModelConfig()
     model = build_model(cfg)
     tc = TrainerConfig(global_batch_size=2, micro_batch_size=2, max_steps=10)
-    module = TrainModule(model, OptimConfig(lr=1e-3, warmup_steps=0), tc, None, max_steps=10)
+    module = TrainModule(model, OptimConfig(lr=1e-3, warmup_steps=0), tc, single_process_context(), max_steps=10)
     batch = torch.randint(0, cfg.vocab_size, (2, 33))
     return module, batch
 
