@@ -25,9 +25,8 @@ from ..config.schema import as_config, register_configs, validate_config
 from ..interop.hf import iter_hf_checkpoint
 from ..model import build_model
 from ..parallel.init import load_full_tensors
-from ..parallel.mesh import build_parallel_context, single_process_context
+from ..parallel.mesh import build_parallel_context, init_process_group, single_process_context
 from ..parallel.state_dict import training_state_dict
-from ..train.dist import init_distributed
 from ..train.train_module import build_train_module
 
 PRESET_DIR = Path("configs") / "model"
@@ -76,10 +75,9 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
         cfg.parallel, cfg.pipeline = ParallelConfig(), PipelineConfig()
     cfg.trainer.compile = cfg.trainer.activation_checkpointing = False  # wrappers only; same state either way
     if distributed:
-        dctx = init_distributed(cfg.trainer.device)
-        validate_config(cfg, dp_world_size=dctx.world_size)  # (the name predates the engine: the world size)
-        ctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, dctx.world_size, dctx.device.type,
-                                     rank=dctx.rank, local_rank=dctx.local_rank)
+        world, device = init_process_group(cfg.trainer.device)
+        validate_config(cfg, dp_world_size=world)  # (the name predates the engine: the world size)
+        ctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, world, device.type)
     else:
         validate_config(cfg, dp_world_size=1)
         ctx = single_process_context(torch.device("cpu"))

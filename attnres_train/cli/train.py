@@ -29,8 +29,8 @@ def _task(dcfg):
     from omegaconf.errors import OmegaConfBaseException
 
     from ..config.errors import ConfigError, UserInputError
-    from ..config.schema import as_config, validate_config
-    from ..train.dist import init_distributed, shutdown_distributed
+    from ..config.schema import as_config
+    from ..parallel.mesh import shutdown_process_group
     from ..train.faults import SIGINT_EXIT_CODE, TrainingAborted
     from ..train.trainer import Trainer
 
@@ -39,13 +39,11 @@ def _task(dcfg):
         cfg = as_config(dcfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         cfg.run_dir = str(run_dir)
-        ctx = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         try:
-            validate_config(cfg, dp_world_size=ctx.world_size)
-            trainer = Trainer(cfg, run_dir, ctx)
+            trainer = Trainer(cfg, run_dir, parallel_context(cfg))
             result = trainer.fit()
         finally:
-            shutdown_distributed()
+            shutdown_process_group()
     except (ConfigError, UserInputError) as exc:
         _fail(str(exc))
     except TrainingAborted as exc:  # NaN/Inf limit, a dead or hung peer: one line, its own exit code
@@ -63,6 +61,17 @@ def _task(dcfg):
     return result.get("val_loss", result.get("loss"))
 
 
+def parallel_context(cfg):
+    """The run's one ParallelContext: the process group from torchrun's environment (if world > 1), the config
+    validated for that world size, then every mesh (``parallel.mesh.build_parallel_context``)."""
+    from ..config.schema import validate_config
+    from ..parallel.mesh import build_parallel_context, init_process_group
+
+    world, device = init_process_group(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    validate_config(cfg, dp_world_size=world)
+    return build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, world, device.type)
+
+
 def run(overrides, ctx=None) -> dict:
     """Compose the config with Hydra's compose API and train in this process (tests, notebooks).
 
@@ -73,7 +82,6 @@ def run(overrides, ctx=None) -> dict:
 
     from ..config.errors import UserInputError
     from ..config.schema import as_config, register_configs, validate_config
-    from ..train.dist import init_distributed
     from ..train.trainer import Trainer
     from .preflight import hydra_error_message
 
@@ -87,8 +95,10 @@ def run(overrides, ctx=None) -> dict:
                 raise
             raise UserInputError(message) from None
     cfg = as_config(dcfg)
-    ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-    validate_config(cfg, dp_world_size=ctx.world_size)
+    if ctx is None:
+        ctx = parallel_context(cfg)
+    else:
+        validate_config(cfg, dp_world_size=ctx.world_size)
     return Trainer(cfg, Path(cfg.run_dir), ctx).fit()
 
 

@@ -12,19 +12,22 @@ the same root (FSDP2 requires that to compose with TP / EP DTensors):
   ``edp_replicate`` their replicate dimension. The same rank has the same data-parallel index in both.
 
 All dims are created even when of size 1 (so code never has to ask whether ``mesh["tp"]`` exists). Nothing
-here is global: the context is passed to ``parallelize_model``, the train module and the trainer. On a single
-process (world size 1) no process group is needed and every helper is a no-op.
+here is global: the command line builds it once (:func:`init_process_group` from torchrun's environment,
+then :func:`build_parallel_context`) and passes it to ``parallelize_model``, the train module and the trainer;
+:func:`single_process_context` is the trivial one (tests, notebooks), where every collective is a no-op.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..config.errors import ConfigError
 from ..config.parallel import ParallelConfig, ParallelDims, resolve_parallel_dims
 
 DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -147,7 +150,7 @@ class ParallelContext:
         return t.div_(self.dims.dp)
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
-        """SUM over the whole world (DistContext compatibility; prefer the dp variants)."""
+        """SUM over the whole world (prefer the dp variants)."""
         if self.is_distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
@@ -182,6 +185,49 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``trainer.device`` ('auto', 'cuda', 'cpu') -> this process's device (CUDA: ``cuda:<local_rank>``, made current)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "cuda requested but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on.
+
+    ``init_process_group(timeout=...)`` sets only the default group's; ``DeviceMesh``'s dp / tp / ep groups
+    (where FSDP's collectives run) would otherwise get torch's module defaults (30 min gloo, 10 min NCCL), so a
+    hung rank would stall the others far longer than ``trainer.dist_timeout_s`` (tests/train/test_faults.py).
+    """
+    from torch.distributed import distributed_c10d as c10d  # the module holding the defaults
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def init_process_group(device: str = "auto", timeout_s: int = 600) -> Tuple[int, torch.device]:
+    """The default process group from torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA,
+    gloo on CPU, ``timeout_s`` for every group), if the world has more than one rank. Returns (world size,
+    this process's device): what :func:`build_parallel_context` needs next."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        set_default_group_timeout(timeout)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+    return world, dev
+
+
+def shutdown_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _device(device_type: str, local_rank: int) -> torch.device:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -210,7 +256,7 @@ def build_parallel_context(cfg: ParallelConfig, model_cfg=None, seq_len: Optiona
         return ctx
     if not initialized:
         raise RuntimeError("build_parallel_context with world_size > 1 needs torch.distributed.init_process_group "
-                           "first (attnres_train.train.dist.init_distributed does it under torchrun)")
+                           "first (attnres_train.parallel.mesh.init_process_group does it under torchrun)")
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"world_size={world_size} but the default process group has {dist.get_world_size()}")
 

@@ -14,7 +14,7 @@
   (decision agreed over the world, see ``TrainModule.optimizer_step``); the trainer counts consecutive skips
   and stops with :class:`TrainingAborted` once there are more than ``trainer.max_consecutive_skips``.
 * **Dead or hung ranks**: every process group times out after ``trainer.dist_timeout_s``
-  (``dist.init_distributed``); a collective that fails (peer gone: at once; peer hung: after the timeout) is
+  (``parallel.mesh.init_process_group``); a collective that fails (peer gone: at once; peer hung: after the timeout) is
   turned into :class:`TrainingAborted` with one message naming the rank, the step and the newest checkpoint
   (:func:`comm_failure_message`).
 """

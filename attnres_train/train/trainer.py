@@ -1,19 +1,9 @@
-"""The Trainer owns the loop: data, cadence (log / validate / sample / checkpoint), resume, and callbacks.
+"""The Trainer owns the loop: data, resume, the step, stop signals, and the callbacks that run after a step.
 
-It never needs to know how a step is computed (that is the TrainModule's job) nor how tensors are laid out
-across ranks: it builds the validated :class:`~attnres_train.parallel.mesh.ParallelContext` from
-``cfg.parallel`` once, reads this rank's data-parallel slice (``dp_rank`` of ``dp_size``: the tp ranks of a
-replica read the same rows), pulls a global-position-keyed batch from the sampler, calls ``train_batch``, and
-records metrics. Resume restores model, optimizer, LR position (the step), data position (global samples consumed,
-so a different data-parallel degree continues at the same token), router biases and RNG states.
-
-Faults (``faults.py``): SIGTERM / SIGUSR1 / SIGINT stop the run after the current step with a checkpoint
-(the command line then exits 0, or 130 after Ctrl-C); non-finite steps are skipped, and more than
-``trainer.max_consecutive_skips`` in a row, or a skipped last step, stop the run without saving; a failed
-collective (dead or hung peer) or checkpoint save (disk full) becomes one ``TrainingAborted`` message.
-
-Console lines and ``RUN_DIR/train.log`` come from ``MetricsLogger`` (rank 0); the header names the thread
-count (``threads.py``) and the start-up time per phase.
+Why this split: how a step is computed (and over which ranks) is the TrainModule's and its step engine's job;
+what happens around it (metrics line, NaN/Inf policy, depth statistics, validation, samples, checkpoint
+cadence) is one callback each (``callbacks.py``). The Trainer reads only the ParallelContext's ranks and data
+slice. docs/training.md ("The training loop", "Callbacks", "Faults") has the details.
 """
 
 from __future__ import annotations
@@ -21,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -31,12 +21,12 @@ from ..config.errors import ConfigError, UserInputError
 from ..data.loader import build_datasets
 from ..model import build_model
 from ..model.flops import count_params, train_flops_per_token
-from ..parallel.data_parallel import gathered_parameters
-from ..parallel.mesh import ParallelContext, build_parallel_context
+from ..parallel.mesh import ParallelContext
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
+from .callbacks import StepEnd, TrainerCallback, default_callbacks
 from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
 from .host_memory import keep_freed_host_memory
-from .metrics import MetricsLogger, depth_statistics, generate, peak_flops, peak_memory_gb, process_start_time
+from .metrics import MetricsLogger, peak_flops, process_start_time
 from .run_dir import check_run_dir
 from .threads import apply_num_threads
 from .train_module import build_train_module, document_masking_eos
@@ -58,15 +48,16 @@ def _diff(a, b, prefix=""):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, ctx):
-        """``ctx``: the process-group context (``DistContext`` from ``init_distributed``) or a ready
-        ``ParallelContext``; the parallel layout comes from ``cfg.parallel``."""
+    def __init__(self, cfg, run_dir: Path, ctx: ParallelContext,
+                 callbacks: Optional[Sequence[TrainerCallback]] = None):
+        """``ctx``: the run's ParallelContext, built from ``cfg.parallel`` by the command line
+        (``cli.train.parallel_context``), or ``parallel.mesh.single_process_context()``. ``callbacks``: run after
+        the built-ins (``callbacks.default_callbacks``) after every step."""
         t_init = time.perf_counter()
         self.cfg = cfg  # the typed Config object (attnres_train.config.schema.Config)
         self.run_dir = Path(run_dir)
         if not isinstance(ctx, ParallelContext):
-            ctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, ctx.world_size,
-                                         ctx.device.type, rank=ctx.rank, local_rank=ctx.local_rank)
+            raise TypeError(f"Trainer needs a ParallelContext (attnres_train.parallel.mesh), got {type(ctx)}")
         self.ctx = ctx
         tc = cfg.trainer
         if ctx.device.type == "cpu" and tc.keep_host_memory:
@@ -95,13 +86,10 @@ class Trainer:
         # stay layout independent); otherwise the parallelized model itself.
         self.model = self.module.model
         # wall-clock start of the process (imports, Hydra) and the trainer's phases, for the header
-        self._startup = {"process": process_start_time(), "before": t_init, "data": t_model - t_data,
+        self.process_start = process_start_time()
+        self._startup = {"process": self.process_start, "before": t_init, "data": t_model - t_data,
                          "model": time.perf_counter() - t_model}
         self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.dp_rank, ctx.dp_size)
-        # Depth statistics / text samples read parameters outside forward or run extra forwards: with any
-        # sharding every rank must take part (collectives); TP's DTensor activations / logits are skipped.
-        self._everyone_evaluates = ctx.is_distributed
-        self._skip_diagnostics = ctx.dims.tp > 1 or ctx.dims.pp > 1  # (pp: no rank holds the whole model)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
                                       world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None,
                                       async_save=cfg.checkpoint.async_save, timeout_s=tc.dist_timeout_s)
@@ -109,8 +97,9 @@ class Trainer:
                                     config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)))
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(ctx.device, tc.peak_flops)
-        self._activity = "start-up"
+        self.activity = "start-up"  # what the ranks are doing, for the message if a collective fails
         self.stop_signal: Optional[str] = None  # the signal that stopped fit() early (SIGTERM, SIGUSR1, SIGINT)
+        self.callbacks: List[TrainerCallback] = default_callbacks(cfg) + list(callbacks or ())
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _state(self):
@@ -180,7 +169,7 @@ class Trainer:
         self.logger.log("event", self.step, echo=False, event="start", num_threads=torch.get_num_threads(),
                         threads_from=self._threads_from, startup_s=round(total, 3))
 
-    def _wait_for_saves(self) -> None:
+    def wait_for_saves(self) -> None:
         try:
             self.ckpt.wait()
         except CheckpointSaveError as exc:  # a background save failed
@@ -195,7 +184,7 @@ class Trainer:
             except BaseException as exc:
                 if self.ctx.is_distributed and is_comm_failure(exc):
                     newest = self.ckpt.latest(report=False)
-                    exc = TrainingAborted(comm_failure_message(exc, self.ctx.rank, self._activity,
+                    exc = TrainingAborted(comm_failure_message(exc, self.ctx.rank, self.activity,
                                                                self.cfg.trainer.dist_timeout_s, newest))
                     self._log_end(exc)
                     raise exc from None
@@ -214,7 +203,7 @@ class Trainer:
 
     def _loop(self, signals: StopSignals) -> dict:
         cfg, tc = self.cfg, self.cfg.trainer
-        self._activity = "the resume"  # what the ranks were doing, for the message if a collective fails
+        self.activity = "the resume"  # what the ranks were doing, for the message if a collective fails
         t_resume = time.perf_counter()
         self.maybe_resume()
         stop = min(self.max_steps, tc.stop_at or self.max_steps)
@@ -223,104 +212,37 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_text)
             self._header(time.perf_counter() - t_resume)
         self.model.train()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         last = {}
-        t_loop = t_last = time.perf_counter()
-        step_loop, step_last, tok_last = self.step, self.step, self.tokens_seen
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
         skips = 0  # consecutive skipped (non-finite) steps
         while self.step < stop:
-            self._activity = f"step {self.step + 1}"
+            self.activity = f"step {self.step + 1}"
             batch = self.sampler.next_batch().to(self.ctx.device)
-            depth_batch = batch[:1, :-1]
             last = self.module.train_batch(batch, self.step)
             self.step += 1
             self.tokens_seen += tokens_per_step
             skipped = bool(last.pop("skipped", False))
             skips = skips + 1 if skipped else 0
             signal_name = signals.agreed(self.ctx)  # every rank, every step: the same answer everywhere
-            if self.step % tc.log_every == 0 or self.step == stop or skipped or signal_name:
-                now = time.perf_counter()
-                dt = now - t_last
-                tps = (self.tokens_seen - tok_last) / max(dt, 1e-9)
-                per_device = tps / self.ctx.world_size
-                mfu = per_device * self.flops_per_token / self.peak if self.peak > 0 else 0.0
-                # s/step over the steps since the last line; the ETA from this launch's average (which includes
-                # validation, samples and saves)
-                s_per_step = dt / max(self.step - step_last, 1)
-                eta = (stop - self.step) * (now - t_loop) / max(self.step - step_loop, 1)
-                self.logger.log("train", self.step, **last, **({"skipped": True} if skipped else {}),
-                                tokens_seen=self.tokens_seen, tokens_per_s=tps, mfu=mfu,
-                                peak_mem_gb=peak_memory_gb(self.ctx.device), s_per_step=s_per_step,
-                                elapsed_s=time.time() - self._startup["process"], eta_s=eta)
-                t_last, step_last, tok_last = time.perf_counter(), self.step, self.tokens_seen
-            if skipped:
-                self._on_skipped_step(skips, last, final=self.step == stop and not signal_name)
-            if tc.depth_stats_every and self.step % tc.depth_stats_every == 0:
-                stats = self._depth_stats(depth_batch)
-                if stats and self.ctx.is_main:
-                    self.logger.log("depth", self.step, **stats)
-            if tc.val_every and (self.step % tc.val_every == 0 or self.step == stop):
-                val = self.validate()
-                last.update(val)
-            if tc.sample_every and self.step % tc.sample_every == 0:
-                text = self._sample()
-                if text is not None and self.ctx.is_main:
-                    self.logger.log("sample", self.step, prompt=tc.sample_prompt, text=text)
-            interval = cfg.checkpoint.interval
-            # no periodic checkpoint on a skipped step: the newest checkpoint always follows a good step
-            if (interval and self.step % interval == 0 and not skipped) or self.step == stop or signal_name:
-                self._activity = f"the checkpoint save after step {self.step}"
-                path = self.save(blocking=not cfg.checkpoint.async_save or bool(signal_name))
+            info = StepEnd(step=self.step, stop=stop, stats=last, batch_bt1=batch, skipped=skipped,
+                           consecutive_skips=skips, signal=signal_name)
+            for cb in self.callbacks:
+                cb.on_step_end(self, info)
             if signal_name:
                 self.stop_signal = signal_name
                 code = SIGINT_EXIT_CODE if signal_name == "SIGINT" else 0
                 self.logger.info(f"{self.logger.step_label(self.step, stop)} stopping on {signal_name}: checkpoint "
-                                 f"{path} saved; exiting with status {code} (resume from it with "
+                                 f"{info.checkpoint} saved; exiting with status {code} (resume from it with "
                                  "checkpoint.resume=auto)")
-                self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(path))
+                self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(info.checkpoint))
                 break
-        self._activity = "the wait for the last checkpoint save"
-        self._wait_for_saves()  # the last background save is committed before the run reports success
+        self.activity = "the wait for the last checkpoint save"
+        self.wait_for_saves()  # the last background save is committed before the run reports success
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return last
-
-    def _on_skipped_step(self, skips: int, stats: dict, final: bool = False) -> None:
-        """Count a skipped step; stop (TrainingAborted) past the limit, or when the run's last step is skipped
-        (``final``): a run never ends "successfully", with a final checkpoint, inside a NaN/Inf streak (that
-        includes a run that never made a good step, e.g. optim.lr=1e30)."""
-        limit = self.cfg.trainer.max_consecutive_skips
-        self.logger.log("event", self.step, event="skipped_step", consecutive=skips, loss=stats.get("loss"),
-                        grad_norm=stats.get("grad_norm"))
-        if skips <= limit and not final:
-            return
-        self._wait_for_saves()
-        good = self.ckpt.latest(report=False)
-        first = self.step - skips + 1
-        where = (f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "
-                 "e.g. with a lower optim.lr or different data." if good else "This run has no checkpoint yet.")
-        why = (f"more than trainer.max_consecutive_skips={limit}" if skips > limit else
-               "including the run's last step, so it has no good final state")
-        raise TrainingAborted(
-            f"step {self.step}: the loss or gradient norm was NaN/Inf on {skips} consecutive steps ({first}..{self.step}), "
-            f"{why}; stopped without saving. {where}")
-
-    # -- diagnostics that need every rank when the model is sharded ---------------------------------------
-    def _depth_stats(self, depth_batch):
-        if self._skip_diagnostics:
-            return None
-        doc = self.module._doc_kwargs(depth_batch)  # document masking: the same forward as training
-        if not self._everyone_evaluates:
-            return depth_statistics(self.model, depth_batch, **doc)
-        with gathered_parameters(self.model):  # queries are read outside forward: unshard FSDP units
-            return depth_statistics(self.model, depth_batch, **doc)
-
-    def _sample(self):
-        if self._skip_diagnostics or (not self._everyone_evaluates and not self.ctx.is_main):
-            return None
-        tc = self.cfg.trainer
-        # Every rank runs the same greedy / seeded generation (same prompt, same parameters): identical
-        # token sequences, so the FSDP / EP collectives of every forward match.
-        return generate(self.model, self.data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature,
-                        self.ctx.device, seed=self.step)
 
     def validate(self) -> dict:
         tc = self.cfg.trainer

@@ -183,13 +183,13 @@ def _train_and_gather(overrides):
 
     from attnres_train.cli.init_run import compose_run_config
     from attnres_train.config.schema import validate_config
+    from attnres_train.parallel.mesh import build_parallel_context
     from attnres_train.parallel.train_step import full_tensor
-    from attnres_train.train.dist import init_distributed
     from attnres_train.train.trainer import Trainer
 
     cfg = compose_run_config(overrides)
     validate_config(cfg, dp_world_size=dist.get_world_size())
-    trainer = Trainer(cfg, Path(cfg.run_dir), init_distributed("cpu", 120))
+    trainer = Trainer(cfg, Path(cfg.run_dir), build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len))
     trainer.fit()
     state = {n: full_tensor(p.detach()).clone() for n, p in trainer.model.named_parameters()}
     state.update({n: full_tensor(b).clone() for n, b in trainer.model.named_buffers()

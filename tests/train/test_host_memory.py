@@ -45,7 +45,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_trainer_applies_it_on_cpu_when_enabled(monkeypatch, tmp_path, keep):
     import attnres_train.train.trainer as trainer_mod
     from attnres_train.config.schema import Config
-    from attnres_train.train.dist import DistContext
+    from attnres_train.parallel.mesh import single_process_context
 
     class Stop(Exception):
         pass
@@ -60,5 +60,5 @@ def test_trainer_applies_it_on_cpu_when_enabled(monkeypatch, tmp_path, keep):
     assert cfg.trainer.keep_host_memory is True  # the default
     cfg.trainer.keep_host_memory = keep
     with pytest.raises(Stop):
-        trainer_mod.Trainer(cfg, tmp_path / "run", DistContext())
+        trainer_mod.Trainer(cfg, tmp_path / "run", single_process_context())
     assert calls == ([1] if keep else [])
