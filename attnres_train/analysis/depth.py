@@ -1,23 +1,9 @@
 """Diagnostics computed from a checkpoint on a held-out batch: where each layer reads from, how large the
 per-layer outputs and gradients are across depth, and how evenly tokens reach the experts.
 
-Why these: they are the paper's pictures for "what did AttnRes learn" — Fig. 8 (mean depth-attention weight
-of every sublayer over its sources), Fig. 5b/c (output magnitude and gradient magnitude per Transformer
-block) — plus the MoE expert load, which is where a Kimi-Linear run goes wrong first.
-
-Definitions (the paper does not define the Fig. 5 metrics; these are ours, also in docs/analysis.md):
-
-* depth weights: ``model.depth_attention`` — per sublayer (mixer 2i, FFN 2i+1, then the output head) the
-  softmax over its sources ``[n, B, T]``. Source ``j`` is block ``j``: 0 = embedding, ``j ≥ 1`` = block j's
-  sum of sublayer outputs (its partial sum while the block is still open). In Full mode block j is the output
-  of sublayer j−1. :func:`depth_matrix` averages over tokens into a ``[2L+1, max n]`` matrix (NaN = the
-  source does not exist yet for that reader).
-* output magnitude of decoder layer i: RMS over the hidden dim, averaged over tokens, of the stream the layer
-  writes into after the layer — the residual stream ``h`` for PreNorm, the open block's partial sum for
-  AttnRes (it restarts at every block boundary, hence the paper's periodic pattern).
-* gradient norm of decoder layer i: L2 norm of d(LM loss)/d(parameters of layer i) on the batch.
-* expert load: tokens routed to each expert of each MoE layer in the forward of the batch, as a fraction of
-  that layer's routed assignments; imbalance = max / mean.
+Why these: they are the paper's pictures for "what did AttnRes learn" (Fig. 8 depth-attention weights,
+Fig. 5b/c output and gradient magnitude per block) plus the MoE expert load, which is where a Kimi-Linear
+run goes wrong first. The paper does not define the Fig. 5 metrics; our definitions: docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -1,35 +1,10 @@
 """Atomic, verifiable, reshardable checkpoints: DCP files + config + meta/manifest + per-rank RNG + a marker.
 
-Layout of one checkpoint (``root_dir/step_00000100/``)::
-
-    .metadata, __<rank>_0.distcp   torch.distributed.checkpoint (DCP) files: reshardable to another layout
-    config.yaml                    the resolved run config (text), for comparing a resumed run's config
-    rng/rank_<r>.pt                each rank's torch/CUDA/numpy/python RNG state (tensors and scalars only)
-    meta.json                      step, tokens_seen, data position, parallel layout, world size, time,
-                                   config_sha256, manifest (sha256+size of every file above)
-    COMMITTED                      written last; holds the sha256 of meta.json
-
-Why this shape:
-* **Atomicity.** Everything is written under ``step_XXXXXXXX.tmp-<nonce>/``; only after every rank finished
-  (barrier) does rank 0 write meta.json, rename the directory to its final name and write ``COMMITTED``.
-  A checkpoint is *complete* iff ``COMMITTED`` exists, so a crash at any point leaves either a ``.tmp-*`` dir
-  or a final dir without a marker: both are ignored by :meth:`CheckpointManager.latest`, reported, and deleted
-  by rank 0 on the next save. The nonce (random, broadcast from rank 0) keeps a retried save from ever
-  writing into a crashed attempt's files.
-* **Verification before loading.** :meth:`CheckpointManager.load` checks the marker's meta.json hash and every
-  manifest entry (exists, size, sha256) before DCP reads a byte, so a truncated or altered file fails with a
-  :class:`UserInputError` naming the file, not a deep unpickling/shape error. Nothing is unpickled beyond
-  plain data (see safe_dcp.py; RNG files use ``torch.load(weights_only=True)``; meta is JSON).
-* **Retention.** Older checkpoints are deleted only after the new one is committed, newest first kept; a
-  deletion removes ``COMMITTED`` first so a half-deleted directory never looks complete. The checkpoint just
-  committed is never deleted, even when checkpoints with higher step numbers exist (a run resumed from an
-  older checkpoint).
-* **Async saves** (``save(..., blocking=False)``): the state is copied to CPU memory, then DCP writes it from
-  a background thread over a gloo group of its own; each rank writes its RNG file before DCP starts, so when
-  rank 0's DCP save returns (its final step gathers every rank's write results) every file is on disk and a
-  rank-0 thread commits (meta, rename, marker, prune) right away. :meth:`CheckpointManager.wait` (called
-  by the next save, and by the trainer before it exits) joins all of it and raises on every rank if any rank
-  failed; a save that never finished is a ``.tmp-*`` leftover like any interrupted save.
+Why this shape: a crash at any point must leave either a complete checkpoint or an ignored leftover (written
+under ``step_N.tmp-<nonce>/``, renamed, then ``COMMITTED`` last); a truncated or altered file must fail with
+an error naming it before DCP reads a byte (manifest of sha256 + sizes); retention never deletes the
+checkpoint just committed; async saves copy to CPU and write from a thread. The directory layout and each
+rule: docs/training.md "Checkpoints".
 """
 
 from __future__ import annotations

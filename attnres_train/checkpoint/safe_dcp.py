@@ -1,25 +1,10 @@
 """``torch.distributed.checkpoint`` save/load with no arbitrary unpickling, in one process or a process group.
 
-What torch 2.13's DCP pickles (FileSystemWriter / DefaultSavePlanner):
-* tensors go into ``__<rank>_<i>.distcp`` files via ``torch.save`` and are read back with
-  ``torch.load(weights_only=True)`` already;
-* every non-tensor leaf of the state dict (optimizer ``param_groups`` values: floats, bools, strings, tuples,
-  None, the ``params`` name lists) is a separate ``torch.save`` blob that ``DefaultLoadPlanner.load_bytes``
-  reads with ``torch.load(weights_only=False)``, i.e. full unpickling;
-* ``.metadata`` (written by the coordinator) is a plain ``pickle`` of DCP's metadata dataclasses
-  (``Metadata``, ``TensorStorageMetadata``, ``_StorageInfo``, ``torch.Size``, dtypes, a ``PosixPath``) and
-  ``FileSystemReader.read_metadata`` reads it with ``pickle.load``.
-
-So this module swaps in :class:`SafeLoadPlanner` (``weights_only=True`` for the byte blobs: primitives, lists,
-dicts, tuples and tensors still load) and :class:`SafeFileSystemReader` (a restricted unpickler that only
-resolves DCP's own metadata classes, ``torch.Size``, dtypes/layout and ``pathlib`` paths). A checkpoint that
-needs anything else is refused with a :class:`UserInputError` instead of executing code.
-
-Process groups: DCP works without one. In 2.13 ``save``/``load`` compute ``no_dist = no_dist or not
-dist.is_initialized()`` and then warn "torch.distributed is disabled, unavailable or uninitialized, assuming the
-intent is to save in a single process" whenever ``no_dist`` is true, even when passed explicitly; we pass it
-explicitly and silence exactly that warning. With an initialised group every rank must call :func:`dcp_save` /
-:func:`dcp_load` (they run collectives; rank 0 is the coordinator that writes ``.metadata``).
+Why: DCP unpickles the non-tensor leaves of a state dict (``weights_only=False``) and ``.metadata`` (plain
+``pickle``), so a crafted checkpoint could execute code. :class:`SafeLoadPlanner` loads the byte blobs with
+``weights_only=True`` and :class:`SafeFileSystemReader` unpickles only DCP's own metadata classes; anything
+else is a :class:`UserInputError`. What DCP pickles and the single-process warning we silence:
+docs/training.md "Checkpoints" ("What DCP unpickles").
 """
 
 from __future__ import annotations

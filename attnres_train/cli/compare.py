@@ -1,22 +1,12 @@
 """``attnres-compare RUN_DIR...``: validation loss per run at matched tokens, seeds aggregated with deltas paired
-by seed, power-law fits per variant over ≥ 3 sizes, and the compute advantage of each variant over a reference
-(the paper reports 1.25× for Block AttnRes over the PreNorm baseline at 5.6 PFLOP/s-days).
+by seed, power-law fits per variant over ≥ 3 sizes, and the compute advantage of each variant over a reference.
 
     attnres-compare runs/block_sweep                           # -> runs/block_sweep/compare/
     attnres-compare runs/scaling --reference baseline --budget 5.6
-    attnres-compare runs/a runs/b runs/sweep --out results/ --variant "block N=8"
-    attnres-compare runs/no_val --loss train                   # runs that never validated: train loss, flagged
 
 Why it refuses rather than guesses: a loss difference means something only between runs read at the same
-point of training on held-out data. So every run of one model size is read at the same token count (see
-:mod:`attnres_train.analysis.matching`); runs without validation losses, runs with no common validation point,
-two runs of the same variant/size/seed, and fits through fewer than 3 sizes are refused or reported as not
-fitted, never silently replaced by something weaker. Bad input prints one ``error: ...`` line and exits 2;
-nothing is written before the input has been checked.
-
-Writes ``comparison.md`` (also printed), ``comparison.csv`` (one row per run), ``aggregate.csv`` (one row per
-size and variant), ``fits.csv`` (one row per variant), ``scaling_fits.png``, ``loss_bars.png`` and
-``loss_curves.png``. Compute = ``train_flops_per_token × tokens`` from each run's config.yaml.
+point of training on held-out data (:mod:`attnres_train.analysis.matching`). Options, refusals and the files
+written: docs/analysis.md. Bad input prints one ``error: ...`` line and exits 2 before anything is written.
 """
 
 from __future__ import annotations

@@ -4,19 +4,9 @@
     attnres-prepare INPUT [INPUT ...] --out DIR --train-bpe VOCAB --tokenizer-out TOKDIR
     attnres-prepare --merge SET [SET ...] --out DIR
 
-INPUT is a text/jsonl/parquet/arrow file, a directory, a quoted glob, a Hugging Face hub dataset name, or
-``stdlib``. All inputs are concatenated, in order, into one shard set in DIR; train on it with
-``data.sources=[{path: DIR, kind: memmap}]`` and the same ``data.tokenizer``. Use one run per source to
-blend sources with different weights. ``--train-bpe`` first trains a byte-level BPE tokenizer on the same
-inputs and saves it (Hugging Face format) to TOKDIR.
-
-Why a separate step: for big corpora, tokenizing inside the first training job wastes accelerator time and
-races between ranks; this runs on a CPU box, on ``--workers`` processes (data/parallel_prepare.py: units of
-files, output identical for any N). Errors print one ``error: ...`` line and exit with status 2.
-Outputs are written to a hidden staging directory (``.DIR.partial``) and moved into place only on success,
-so a non-empty DIR/TOKDIR is never overwritten (unless ``--overwrite``). A run that fails on bad input
-leaves nothing behind; a run that is killed or crashes keeps its finished shards there, and rerunning the
-same command resumes, skipping them.
+Why a separate step: tokenizing inside the first training job wastes accelerator time and races between
+ranks; this runs on a CPU box, resumably. Errors print one ``error: ...`` line and exit 2; outputs are moved
+into place only on success. Inputs, outputs and resume: docs/data.md "``attnres-prepare``".
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """A Hydra callback for submitit sweeps on slurm: a watcher that says why a sweep's jobs are not running.
 
-Why: submitit's launcher submits the sweep and then blocks on the results. A job that slurm will never start (a
-resource request the partition cannot satisfy: reason ``PartitionConfig``, a down partition, a bad constraint)
-stays PENDING forever and the sweep waits silently. This launcher polls ``squeue`` for the sweep's jobs while
-it waits: a job pending for more than ``ATTNRES_SLURM_PENDING_GRACE_S`` seconds (default 60) is reported with
-slurm's reason; when that reason can never clear by waiting (``NEVER_STARTS``), the job is cancelled and the
-sweep process exits with status 2 after one ``error:`` line instead of hanging (docs/launch.md). It exits
-rather than waiting for submitit to notice the cancellation: submitit learns job states from ``sacct``, which
-a cluster without accounting storage (a localhost slurm) never answers, so it would wait forever.
-
-Used by ``configs/hydra/launcher/slurm*.yaml`` as ``hydra.callbacks.slurm_pending``: a callback (started on
-``on_multirun_start``, before the launcher submits) rather than a launcher subclass, because Hydra accepts
-launcher classes only from the ``hydra_plugins`` namespace; the launcher stays the submitit plugin's own.
+Why: submitit's launcher submits the sweep and then blocks on the results, so a job slurm will never start
+(reason ``PartitionConfig``, a down partition, a bad constraint) stays PENDING and the sweep waits silently.
+This callback polls ``squeue`` while it waits, reports jobs pending longer than
+``ATTNRES_SLURM_PENDING_GRACE_S`` (default 60) with slurm's reason, and for a reason that never clears
+(``NEVER_STARTS``) cancels the job and exits 2 after one ``error:`` line. Why it exits and why a callback
+rather than a launcher: docs/launch.md (slurm).
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
 """Documents → one token stream per source → fixed-length samples, and the weighted blend across sources.
 
-Why these rules (all deterministic, all O(1) per sample, nothing depends on the number of workers/ranks):
-
-* **EOS rule.** Every document is followed by exactly one EOS before the next one starts (the EOS is stored
-  in the shard, so the stream is just the documents back to back). Samples ignore document boundaries.
-* **Sample rule.** A stream of N tokens gives ``(N - 1) // seq_len`` samples; sample ``k`` is tokens
-  ``[k*seq_len, k*seq_len + seq_len + 1)``. Consecutive samples overlap by exactly one token (the last
-  target of sample k is the first input of sample k+1), so every token is predicted once per epoch.
-  The tail that does not fill a sample is dropped.
-* **Split rule.** The validation split is chosen per *document* by a seeded uniform draw (``u < val_fraction``),
-  so no validation text leaks into training through a shared sample. Draws are made in document order from
-  one generator, so adding documents at the end keeps earlier assignments. A source with >= 2 documents
-  gets at least one validation document, and at least ``seq_len + 1`` validation tokens if moving up to
-  half of its documents (smallest draws first) achieves that.
-* **Blend rule.** Weights are quantised to integer counts ``c_s`` over a period of ``BLEND_PERIOD`` samples
-  (largest remainder, every source >= 1). Within a period, slots are dealt by smooth weighted round robin,
-  so in every prefix of the period each source is within one sample of its exact share; the period repeats.
-  Global sample ``g`` lands in slot ``g % P`` of period ``g // P`` and becomes source ``s``'s
-  ``j``-th sample, ``j = (g // P) * c_s + (rank of the slot among s's slots)``. Hence over *any* window of
-  W samples source s gets ``W * c_s / P`` samples, ±2.
-* **Epoch rule.** Source s's ``j``-th sample is sample ``perm_{s,e}(j % n_s)`` with ``e = j // n_s``, where
-  ``perm_{s,e}`` is the seeded Feistel bijection of :mod:`.shuffle` keyed by (seed, salt_s, s, e), evaluated
-  per index (no permutation array). Small sources simply cycle more epochs.
-* **Salt rule.** A source's salt (split and shuffle) comes from its ``name`` if configured, else from its
-  content (:func:`content_salt`), never from where its files are.
-
-Everything that touches every document (the split) streams the document offsets in chunks, so start-up
-holds O(shards + held-out documents) in memory, never an array with one entry per document.
+Why these rules: all deterministic, O(1) per sample, independent of the number of workers/ranks, so resume
+and any layout see the same samples. The EOS, sample, split, blend, epoch and salt rules are written out in
+docs/data.md "From documents to samples". Everything that touches every document (the split) streams the
+document offsets in chunks: start-up holds O(shards + held-out documents), never one entry per document.
 """
 
 from __future__ import annotations

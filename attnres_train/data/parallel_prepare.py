@@ -2,21 +2,9 @@
 finished shards, resumable after a crash, merged by one index at the end.
 
 Why: one Python process tokenizes ~2 MB/s of text with a BPE, so a 1 TB corpus takes days and a crash at
-99% used to lose everything. Here:
-
-* **Units.** The inputs are cut, in stream order, into units of about ``clamp(total bytes / 64, 1 MiB,
-  256 MiB)``: runs of whole files, and byte ranges of bigger jsonl / paragraph-text files (a range owns the
-  documents that start in it; sources.py). Parquet / arrow / hub inputs and gzip files are not cut. The cut
-  depends only on the inputs, never on ``--workers``, so the output is byte-identical for any N, and the
-  token stream equals the single-process one (documents in input order).
-* **Limits** (``--max-docs``/``--max-bytes``, and the stdlib source's default cap) are resolved before any
-  work by one pass that reads (does not tokenize) the limited input up to its limit: it fixes which files
-  are in and how many documents of the last one are taken.
-* **Resumable.** Units write shards ``uNNNNNN_KKKKK`` into a staging directory named after ``--out``
-  (``.NAME.partial``) and, when all their shards are finished files, a manifest ``uNNNNNN.done.json``. A
-  rerun of the same command (same plan: inputs, their sizes and mtimes, tokenizer, options) skips units with
-  a manifest; a different plan starts afresh. The set index is written when every unit is done, then the
-  staging directory is moved onto ``--out``.
+99% used to lose everything. The cut depends only on the inputs (output byte-identical for any N); units with
+a manifest are skipped on a rerun of the same plan. Units, limits and resume rules: docs/data.md
+"``attnres-prepare``" (Parallel and resumable).
 """
 
 from __future__ import annotations

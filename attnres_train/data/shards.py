@@ -2,30 +2,10 @@
 plus one index per shard set.
 
 Why our own format: training must start in seconds on a corpus of 10^8+ documents and read any sample in
-O(1) without loading the corpus into RAM. So nothing per *document* is ever parsed as Python objects: a
-shard is ``NAME.bin`` (the token ids of its documents back to back, each document already followed by its
-EOS, little-endian uint16 when the vocab fits, else uint32), ``NAME.idx`` (the ``num_docs + 1`` document
-offsets as raw little-endian int64, read in chunks or a few values at a time, never as a whole) and
-``NAME.json``::
-
-    {"format": "attnres-tokens", "version": 2, "dtype": "uint16", "num_tokens": N, "num_docs": D,
-     "tokenizer": "byte", "vocab_size": 258, "eos_id": 256, "max_token_id": 255, "source": "..."}
-
-A set of shards is listed, in stream order, by ``index.json``::
-
-    {"format": "attnres-token-set", "version": 2, "tokenizer": ..., "vocab_size": ..., "eos_id": ...,
-     "num_tokens": ..., "num_docs": ..., "shards": [{"name": "shard_00000", "dtype": ..., "num_tokens": ...,
-     "num_docs": ..., "max_token_id": ...}, ...]}
-
-so opening a set parses one JSON file and stats two files per shard: O(shards), not O(documents).
-Each shard is complete on its own (``.bin``, then ``.idx``, then the header, each written under a temporary
-name and renamed into place), so a shard whose header exists is finished: an interrupted ``attnres-prepare``
-keeps its finished shards and a rerun skips them. The index is written last. The reader checks sizes
-(a copied/truncated file is reported naming it) and, given a model vocab size, that no token id is out of
-range (from ``max_token_id``, no scan).
-
-:class:`TokenStore` is the read interface shared with the Megatron reader: documents as (buffer, start,
-length) triples, streamed in chunks, so the packer never needs an array with one entry per document.
+O(1) without loading the corpus into RAM, so nothing per document is ever parsed as Python objects; each
+shard is complete on its own (files renamed into place, header last), so an interrupted prepare keeps its
+finished shards. File layout, headers and checks: docs/data.md "Shard format". :class:`TokenStore` is the
+read interface shared with the Megatron reader (documents streamed in chunks, never one array entry each).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """A seeded bijection of ``[0, n)`` evaluated per index: the epoch shuffle without a permutation in RAM.
 
-Why: a 10^8-sample source shuffled with ``rng.permutation(n)`` costs ~1 GB and seconds per source per rank,
-at start and again at every epoch boundary. A keyed Feistel network is a bijection of ``[0, 4^h)`` for any
-round function; cycle-walking (re-apply while the value is ``>= n``) restricts it to a bijection of
-``[0, n)``. Each lookup is a few vectorised integer operations, there is no state besides the round keys,
-and position ``j`` of epoch ``e`` is a pure function of (key, e, j), so resume at any step is exact.
-
-The rule (docs/data.md, "Epoch rule"; order version 2):
-
-* ``h = ceil(max(2, bitlen(n - 1)) / 2)``: the domain is ``[0, 4^h)``, less than ``4n``.
-* Round keys ``k_0..k_5 = np.random.default_rng(key).integers(0, 2**64, 6, dtype=uint64)``.
-* A round maps ``(L, R)`` (the high and low ``h`` bits) to ``(R, L xor (mix(R xor k_r) and (2^h - 1)))``,
-  where ``mix`` is the splitmix64 finaliser (``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
-  z *= 0x94D049BB133111EB; z ^= z >> 31``, mod 2^64); the result is ``(L << h) | R``.
+Why: ``rng.permutation(n)`` of a 10^8-sample source costs ~1 GB and seconds per rank at every epoch boundary.
+A keyed Feistel network over ``[0, 4^h)`` restricted to ``[0, n)`` by cycle-walking needs only its round
+keys, and position ``j`` of epoch ``e`` is a pure function of (key, e, j), so resume at any step is exact.
+The exact rule (order version 2): docs/data.md "From documents to samples", epoch rule.
 """
 
 from __future__ import annotations

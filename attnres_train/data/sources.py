@@ -3,20 +3,8 @@
 Why this is its own module: every way text can arrive (loose files, jsonl, parquet/arrow, the HF hub, the
 built-in stdlib corpus) is reduced here to ``Iterator[str]`` in a fixed order, and every way it can be
 broken is reported here as one ``UserInputError`` naming the file (and line or byte offset). The packer
-downstream can then assume clean documents.
-
-Document rules (also in docs/data.md):
-* text: ``text_unit: file`` → one document per file; ``paragraph`` → one per blank-line-separated block.
-* jsonl (``.jsonl``, ``.ndjson``, ``.json``, ``.jsonl.gz``): one JSON object per line, text in ``text_field``;
-  blank lines are skipped.
-* parquet / arrow: one document per row (``text_field`` column), read with ``datasets.load_dataset``.
-* stdlib: every ``.py`` file of the running interpreter's standard library (no site-packages), sorted by
-  relative path; files that are not UTF-8 are skipped. Capped at ``STDLIB_DEFAULT_MAX_BYTES`` by default.
-* An explicitly named empty file is an error; empty files found inside a directory or glob are skipped.
-  A source that yields no document at all is an error. Empty documents are dropped.
-* Unpaired UTF-16 surrogates (a JSON string may spell ``"\ud800"``; it is not Unicode) become U+FFFD.
-* Limits: documents are taken in order until ``max_docs`` documents or ``max_bytes`` UTF-8 bytes have been
-  read; the document that crosses ``max_bytes`` is kept whole.
+downstream can then assume clean documents. The document rules per kind, limits and errors: docs/data.md
+"Sources and kinds".
 """
 
 from __future__ import annotations

@@ -1,29 +1,12 @@
 """Hand-differentiated AttnRes phase 1 / phase 2 for eager PyTorch (the CPU training path).
 
-Why: autograd through the reference formulation in :mod:`depth` records ~10 ops per (source, query) pair,
-and each of their backwards allocates and re-reads full ``[B,T,d]`` tensors. On CPU the depth mixing is
-memory-bound, so op count and passes over ``[B,T,d]`` are the cost (``bench/attnres_overhead.py
---stub-sublayers``). These two ``autograd.Function`` s do the same math as the reference with the fewest
-passes we could find using stock torch ops, and save only what the Triton kernels save: references to the
-sources, the output, fp32 queries and per-token fp32 scalars (logits, weights, norms). No fp32 ``[B,T,d]``
-intermediate is kept for backward (fp32 copies of low-precision sources are recomputed there).
-
-Math (per token; r_j = rsqrt(mean(v_j²) + ε), s_js = r_j⟨v_j, q_s⟩, p_js = e^{s_js − m_s}):
-
-* phase 1: o_s = Σ_j p_js v_j, l_s = Σ_j p_js, m_s = max_j s_js (a stabiliser: returned non-differentiable,
-  gradients are taken at fixed m, which is exact because the merged result does not depend on m).
-* backward: ds_js = p_js(⟨do_s, v_j⟩ + dl_s), dq_s = Σ_{tokens, j} ds_js r_j v_j,
-  dv_j = Σ_s p_js do_s + r_j Σ_s ds_js q_s − (r_j²/d)(Σ_s ds_js s_js) v_j.
-* phase 2 (merge with the partial sum p, s2 = r_p⟨p, q⟩, Z = e^{m−m'}l + e^{s2−m'}, m' = max(m, s2)):
-  h = c1·o + c2·p with c1 = e^{m−m'}/Z, c2 = e^{s2−m'}/Z; do = c1·dh, dl = −c1⟨dh, h⟩,
-  ds2 = c2(⟨dh, p⟩ − ⟨dh, h⟩), dm = −ds2 (h is invariant to shifting m and s2 together), dq = Σ ds2 r_p p,
-  dp = c2·dh + ds2·(r_p q − (s2 r_p²/d) p). Without a partial sum h = o/l.
-
-Two shapes of phase 1: :func:`phase1` is one fused function (single reads: Full AttnRes, the output head);
-block starts inside ``forward_layers`` use :func:`source_logits` once per source for all the segment's queries
-plus :func:`combine` per block (``depth.SegmentLogits``), so the key passes are O(N) per step, not O(N²).
-
-``tests/model/test_depth_ops.py`` checks values and every gradient against the reference (fp64 and fp32).
+Why: autograd through the reference in :mod:`depth` records ~10 ops per (source, query) pair, each backward
+re-reading full ``[B,T,d]`` tensors, and on CPU depth mixing is memory-bound. These ``autograd.Function`` s do
+the same math in the fewest passes and save only what the Triton kernels save (source references, outputs,
+fp32 queries, per-token fp32 scalars). :func:`phase1` is one fused read (Full AttnRes, the output head); block
+starts use :func:`source_logits` once per source plus :func:`combine` (``depth.SegmentLogits``), so key passes
+are O(N) per step. The forward/backward formulas: docs/kernels.md "What is computed" (same math); checked by
+``tests/model/test_depth_ops.py`` against the reference (fp64 and fp32).
 """
 
 from __future__ import annotations

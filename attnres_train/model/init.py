@@ -1,17 +1,10 @@
 """Layout-independent initialisation: every value is a function of (seed, parameter name, global row index).
 
-Why: a run on 1,024 ranks builds its model on ``meta``, shards it, and materialises only the local shards; each
-rank must then fill its shards with exactly the numbers one process would have put there, without ever holding
-the whole model. Drawing from one global RNG stream cannot do that (a value depends on everything drawn before
-it), so each parameter gets its own counter-based stream: row ``i`` (index along dim 0) of parameter ``name`` is
-drawn from a CPU generator seeded with ``hash(seed, canonical name, i)``. A shard that holds rows ``R`` of a
-parameter draws exactly those rows (columns of a row-sharded layout are sliced after drawing). Generation runs
-on the CPU in the parameter's dtype and is then copied to the device, so values do not depend on the device
-either. Tied weights share one canonical name (``lm_head.weight`` -> ``model.embed_tokens.weight``).
-
-The rules (what each tensor starts as) live in one place, :func:`init_rule`; a tensor without a rule is an
-error, not a silent skip. This module knows nothing about sharding: ``attnres_train.parallel.init`` supplies the
-rows a rank owns.
+Why: on 1,024 ranks the model is built on ``meta`` and each rank materialises only its shards, which must hold
+exactly the numbers one process would draw, without ever holding the whole model. So row ``i`` of parameter
+``name`` is drawn on the CPU, in the parameter's dtype, from a generator seeded with ``hash(seed, canonical
+name, i)`` (tied weights share one name). The rules live in one place, :func:`init_rule` (no rule: an error);
+``attnres_train.parallel.init`` supplies the rows a rank owns. docs/parallel.md "Initialisation".
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Decay-weighted intra-chunk products of chunked KDA, sub-chunked, with a hand-written backward.
 
-Why this module exists: inside a chunk, chunked KDA needs ``A_x[r, i] = sum_c x_r[c] exp(G_r[c] - G_i[c]) k_i[c]``
-(i <= r) for x = q and x = k, where ``G`` is the chunk-local cumsum of the per-channel log-decays. The decay
-depends on the channel, so the naive form materialises a ``[C, C, K]`` tensor per chunk and head; on CPU that
-was ~90% of a training step. Here (design doc kimi_linear.md §4.3):
-
-* a chunk of M positions is split into sub-chunks of S; the block of row sub-chunk a (a >= 1) against all
-  earlier columns is one matmul of ``x_r exp(G_r - G_p)`` and ``k_i exp(G_p - G_i)`` with the pivot ``p`` the
-  last position before sub-chunk a. Both exponents are <= 0 (G is non-increasing), so nothing overflows
-  however strong the decay; the columns after the pivot are masked to -inf *before* ``exp``;
-* the diagonal S x S blocks recurse with the next (smaller) sub-chunk size;
-* the smallest blocks (b tokens) are summed diagonal by diagonal, ``exp(G_r - G_{r-d})`` for d >= 1 only.
-
-Elementwise work per chunk drops from ``C^2 K`` to roughly ``10 C K`` (C = 64, default sizes). The backward
-is written by hand (recomputing the exponentials instead of saving them): autograd's version of the same graph
-costs ~3x the forward in zero-filled slice gradients, broadcast reductions and masked-``exp`` bookkeeping; this
-one ~1.6x, and it saves only q, k and G. ``tests/model/test_kda.py`` checks values and gradients against a naive
-reference and the per-token recurrence (fp64), ``gradcheck`` and strong-decay finiteness.
+Why: inside a chunk, KDA needs ``A_x[r, i] = sum_c x_r[c] exp(G_r[c] - G_i[c]) k_i[c]`` (i <= r) for x = q, k;
+the decay depends on the channel, so the naive form materialises ``[C, C, K]`` per chunk and head (~90% of a
+CPU step). Sub-chunks against a pivot make it matmuls with exponents <= 0 (no overflow, columns masked before
+``exp``), elementwise work ~10 C K instead of C^2 K; the backward recomputes the exponentials (~1.6x the
+forward vs ~3x for autograd) and saves only q, k and G. The scheme: docs/performance.md "KDA" and
+design doc kimi_linear.md §4.3; checked by ``tests/model/test_kda.py`` (fp64, gradcheck, strong decay).
 """
 
 from __future__ import annotations

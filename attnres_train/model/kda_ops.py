@@ -1,18 +1,11 @@
 """Pure-PyTorch Kimi Delta Attention (KDA) math: gate, l2norm, short conv, recurrent and chunked cores.
 
-Why this exists: fla's Triton kernels only run on CUDA, yet the model must train and be tested on CPU. This
-module is the CPU reference *and* the CPU training path (design doc kimi_linear.md §4):
-
-* :func:`kda_recurrent` is the ground truth, a per-token loop of the delta rule with a per-channel decay.
-* :func:`kda_chunked` is the chunkwise WY/UT form used for training. All intra-chunk quantities are computed
-  for every chunk at once; only the state hand-off between chunks is a Python loop (two small matmuls each).
-
-The decay-weighted intra-chunk products (the expensive, memory-bound part on CPU) live in
-:mod:`attnres_train.model.kda_intra` (sub-chunked, overflow-free, hand-written backward).
-
-Conventions: q, k ``[B,T,H,K]`` (already L2-normalised), v ``[B,T,H,V]``, g ``[B,T,H,K]`` log-decay (<= 0),
-beta ``[B,T,H]`` (already sigmoided), state ``[B,H,K,V]``. Cores compute in fp32 (fp64 when any input is
-fp64) and return o in v's dtype; the returned state stays in the compute dtype.
+Why: fla's Triton kernels only run on CUDA, yet the model must train and be tested on CPU, so this is the CPU
+reference (:func:`kda_recurrent`, the per-token delta rule) and the CPU training path (:func:`kda_chunked`,
+the chunkwise WY/UT form; intra-chunk products in :mod:`.kda_intra`); docs/model.md, kimi_linear.md §4.
+Conventions: q, k ``[B,T,H,K]`` (L2-normalised), v ``[B,T,H,V]``, g ``[B,T,H,K]`` log-decay (<= 0), beta
+``[B,T,H]`` (sigmoided), state ``[B,H,K,V]``; cores compute in fp32 (fp64 if any input is fp64) and return o
+in v's dtype, the state in the compute dtype.
 """
 
 from __future__ import annotations
