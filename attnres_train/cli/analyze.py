@@ -1,16 +1,12 @@
 """``attnres-analyze RUN_DIR...``: the pictures of one run — what AttnRes learned and how training went.
 
     attnres-analyze runs/x                       # -> runs/x/analysis/*.png + summary.json
-    attnres-analyze runs/block_sweep             # every run of a sweep, each into its own analysis/
-    attnres-analyze runs/x --out figs/ --checkpoint runs/x/checkpoints/step_00000200 --batch-size 8
     attnres-analyze runs/x --metrics-only        # logs only: no checkpoint or data needed
 
-From the newest complete checkpoint on a held-out batch (the run's validation split): depth-attention
-weights per sublayer over sources (``depth_weights.png``, the paper's Fig. 8), output magnitude and
-gradient norm per decoder layer (``layer_profile.png``, Fig. 5b/c), expert load per MoE layer
-(``expert_load.png``). From ``metrics.jsonl``: loss curves (``loss_curves.png``), logged expert imbalance
-and depth entropy over training (``depth_entropy.png``). Numbers go to ``summary.json``. Definitions:
-docs/analysis.md. Bad input prints one ``error: ...`` line and exits with status 2.
+From the newest complete checkpoint on a held-out batch: depth-attention weights (the paper's Fig. 8), output
+magnitude and gradient norm per layer (Fig. 5b/c), expert load; from ``metrics.jsonl``: loss curves, expert
+imbalance and depth entropy. Files and definitions: docs/analysis.md. Bad input prints one ``error: ...``
+line and exits with status 2.
 """
 
 from __future__ import annotations

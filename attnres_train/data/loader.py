@@ -1,16 +1,10 @@
 """From a ``DataConfig`` to batches: open/tokenize/cache every source, split, blend, and sample by global position.
 
-Why global positions: a batch is a pure function of ``consumed_samples`` (the number of samples the whole
-job has trained on). Rank ``r`` of ``dp_size`` takes global samples
-``g = consumed + r * local_batch + i`` (``i < local_batch = global_batch // dp_size``), and after each step
-``consumed += global_batch``. So the checkpointed state is one integer (plus the seed as a guard): resuming
-on a different number of data-parallel ranks, or with a different global batch size, continues at exactly
-the same token position, and the union of all ranks' batches is the same global batch for any dp degree.
-No ``torch.distributed`` here: ranks are plain ints handed in by the trainer.
-
-Tokenized shards of raw-text sources are cached under ``<cache_dir>/tokenized/<name>-<hash>`` where the hash
-covers the source (paths, sizes, mtimes or hub coordinates), the tokenizer's exact vocabulary and the
-limits; a second run maps them instantly. A lock file serialises ranks that race to build the same entry.
+Why global positions: a batch is a pure function of ``consumed_samples``, so the checkpointed state is one
+integer and resuming on another number of data-parallel ranks or another global batch continues at exactly
+the same token position (docs/data.md "Sampler and resume semantics"). No ``torch.distributed`` here: ranks
+are plain ints handed in by the trainer. Raw-text sources are tokenized once into a cache keyed by source,
+tokenizer and limits, a lock file serialising ranks that race to build it (docs/data.md "Cache").
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Kimi Delta Attention (KDA) token mixer, laid out exactly like the released Kimi-Linear checkpoint.
 
-Why this exists: KDA is the linear-attention mixer of most Kimi-Linear decoder layers (design doc
-kimi_linear.md §3). Parameter names and shapes follow the released checkpoint (Appendix A) so HF conversion is a
-rename-free mapping; the only layout difference is ``A_log``, stored here as ``[H]`` (checkpoint: ``[1,1,H,1]``,
-a reshape in interop).
-
-The core runs through ``fla.ops.kda.chunk_kda`` on CUDA when fla is installed (``impl="auto"`` or ``"fla"``)
-and through the pure-torch chunked form of :mod:`attnres_train.model.kda_ops` otherwise (always on CPU, where
-fla's Triton kernels cannot run). Never silently: ``impl=fla`` without a usable fla is a ConfigError,
-``impl=auto`` on CUDA without fla warns once, and ``model.kda.chunk_size`` is passed to fla (which supports
-32 / 64 only; anything else is a ConfigError naming the field). The fla call is fenced from torch.compile. ``forward(x, core="recurrent")`` selects the per-token reference for tests.
+Why: KDA is the linear-attention mixer of most Kimi-Linear layers (kimi_linear.md §3); names and shapes follow
+the released checkpoint so HF conversion is rename-free (only ``A_log`` is ``[H]`` here, ``[1,1,H,1]`` there).
+The core is fla's ``chunk_kda`` on CUDA when installed (``impl`` auto/fla), else the torch chunked form of
+:mod:`.kda_ops`. Never silently: ``impl=fla`` without a usable fla or a ``chunk_size`` fla lacks (32/64 only)
+is a ConfigError, ``impl=auto`` on CUDA without fla warns once; the fla call is fenced from torch.compile.
+``forward(x, core="recurrent")`` selects the per-token reference for tests.
 """
 
 from __future__ import annotations

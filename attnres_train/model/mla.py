@@ -1,16 +1,10 @@
 """Multi-head latent attention with NoPE, as in the released Kimi Linear (spec §5).
 
-Why this shape: Kimi Linear's MLA layers are the only full-attention layers; KDA carries all positional
-information, so the ``qk_rope_head_dim`` slice of the keys is a single key vector shared by every head and is
-never rotated. We keep the released parameter names (``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
-``kv_b_proj``, ``o_proj``) so checkpoints map one-to-one, and train with the expanded (per-head K/V) form
-through ``scaled_dot_product_attention``; the latent/absorbed form is an inference-time rewrite.
-
-``kv_a_layernorm`` eps: Moonshot's remote code builds this norm with its class default 1e-6, vLLM passes
-``rms_norm_eps`` (1e-5). transformers' native ``KimiLinearAttention`` (checked in transformers 5.23:
-``KimiLinearRMSNorm(config.kv_lora_rank)`` with default ``eps=1e-6``) agrees with the remote code, and our
-HF parity test compares against transformers, so we use 1e-6 (:data:`KV_A_LAYERNORM_EPS`), *not*
-``cfg.rms_norm_eps``.
+Why this shape: Kimi Linear's MLA layers are its only full-attention layers and KDA carries all positional
+information, so the ``qk_rope_head_dim`` key slice is one shared key vector, never rotated. We keep the released
+parameter names so checkpoints map one-to-one, and train with the expanded (per-head K/V) form through
+``scaled_dot_product_attention``. ``kv_a_layernorm`` uses eps 1e-6 (:data:`KV_A_LAYERNORM_EPS`, as transformers
+and Moonshot's code; vLLM uses ``rms_norm_eps``), not ``cfg.rms_norm_eps``: docs/hf_interop.md.
 """
 
 from __future__ import annotations
