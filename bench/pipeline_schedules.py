@@ -1,17 +1,9 @@
 """Pipeline schedules side by side: simulated bubble, bytes per step, peak held activations and pending W work,
 and (``--measure``) the idle fraction measured with synthetic, calibrated busy-wait stage costs.
 
-Why: issue 13 asks whether the zero-bubble schedules (ZB-H1, ZB-V) keep what the simulator promises while the
-AttnRes block cache keeps the hop volume minimal on their placement. Everything except ``--measure`` is exact
-arithmetic on the schedule and layout tables (``timing.timeline``, ``PipelineLayout.bytes_per_step``).
-
-Costs: one full stage (L/P layers) costs F = I = W = 1 (1F1B's unsplit B = 2); a chunk of a V-chunk schedule
-costs 1/V of that. Held activations are counted in full-stage units (a chunk's forward holds 1/V), pending W
-work in the same units (what an ``I`` leaves for its ``W``: the weight-side saved tensors and output grads).
-
-``--measure``: P gloo processes replay the *lowered* schedule (the same SEND/RECV order the runtime uses, tiny
-tensors on the wire) and busy-wait ``--unit-ms`` per cost unit for every compute action; idle = 1 - busy/wall
-per rank, averaged. Needs P free cores (use a quiet machine; on a loaded one the figures mean little).
+Why: issue 13 asks whether the zero-bubble schedules keep what the simulator promises while the block cache keeps
+the hop volume minimal on their placement. Costs, units and what ``--measure`` does: docs/pipeline.md, "Bench
+(``bench/pipeline_schedules.py``)".
 
 Usage: python bench/pipeline_schedules.py [--P 4] [--M 8] [--layers 16] [--block-size 2] [--hidden 4096]
        [--seq 4096] [--measure --unit-ms 20]

@@ -1,42 +1,11 @@
 """What the pipeline runtime holds per rank is bounded by the schedule's in-flight depth, not by M.
 
-Runs the interleaved 1F1B schedule (V = 2) for M = 4, 8, 16 on 2 and on 4 gloo ranks (one thread per rank) and
-measures, from the outside where possible:
-
-* every tensor handed to ``dist.isend`` / ``dist.irecv`` (both are monkeypatched in the rank process) is
-  tracked by a weakref; at every send/receive call the test counts how many of them are still alive. Sent
-  buffers alive at once must stay <= the send cap ``max(2, D_r)`` and received buffers <= ``R_r``, both
-  computed here from the lowered schedule alone (no runtime internals):
-
-  - ``D_r``: the in-flight depth of rank r, the most chunk-forwards whose backward has not run yet
-    (max over prefixes of rank r's list of #F - #B);
-  - ``R_r``: the most receive buffers that are posted and whose stage has not run its backward yet (a forward
-    payload becomes the leaf of its (stage, microbatch), an output gradient is consumed by the backward);
-  - after the step returns nothing of either is alive;
-* the runtime's own introspection (``held_tensor_stats``, ``held_peak``, ``held_at_end``):
-
-  - at the end of the step (all actions run, sends completed, before the per-step state is dropped) the held
-    bytes are 0 for every M (equal across M), and so is everything after ``step`` returns;
-  - the peak number of saved (stage, microbatch) records is <= ``D_r``;
-  - the peak bytes obey the bound below, and are identical for every M whose schedule has the same in-flight
-    depths on all ranks (D_r stops growing once M·V covers the warmup, so from there on the peak is independent
-    of M: P=2 from M=4, P=4 from M=8);
-* the step makes no host sync inside ``runtime.py`` (``.cpu()``, ``.item()``, ``float()``, ``bool()`` ...) once
-  the first step has cached the one-time checks, and the loss stays a 0-dim fp64 tensor on the stages' device.
-
-Peak bound (bytes, per rank r; u = bytes of one block tensor ``B·T·d·itemsize``, Pmax = the largest payload
-length of any hop, Nb = block tensors in the model, K_r = max(2, D_r) the send cap, Q_r = the most receives
-posted but not yet consumed by their compute action)::
-
-    held_peak.total <= u · [ (K_r + 1) · Pmax        # pending sends (+1: a pack between compute and SEND)
-                           + Q_r · Pmax              # posted, unconsumed receive buffers
-                           + D_r · (Pmax + 2·Nb) ]   # per in-flight record: leaf, kept blocks, their deposits
-                       + 64 · D_r                    # 0-dim roots (loss, aux, anchor) of the records
-
-Every term is a product of schedule depths (D_r, K_r, Q_r), none grows with M.
-
-Also checked: the batched-P2P path (``batch_p2p=True``, what CUDA uses) run on gloo gives the same loss and
-gradients as the tagged isend/irecv path.
+Interleaved 1F1B (V = 2), M = 4, 8, 16, on 2 and 4 gloo ranks. Measured from the outside: every tensor handed to
+``dist.isend``/``dist.irecv`` (monkeypatched in the rank process) is tracked by a weakref, and the live ones must
+stay within bounds computed here from the lowered schedule alone: the send cap ``max(2, D_r)`` (``D_r``: the most
+chunk-forwards of rank r without their backward, max over prefixes of #F - #B) and ``R_r`` (posted receives whose
+stage has not run its backward). Also: end-of-step held bytes 0 for every M, the peak bound written out in
+docs/pipeline.md ("Memory", tests), no host sync in ``runtime.py`` during a step, and batched P2P = tagged P2P.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """The per-rank block cache and its gradient deposits (design note ``pipeline_cache.md`` §6.2–6.4).
 
-One :class:`BlockCache` per pipeline rank, shared by the rank's V chunks, lives for one step:
-
-* ``values[(mb, b)]``: a *detached alias* of block ``b`` of microbatch ``mb`` (no copy), inserted by the
-  block's *entry stage* on this rank (the stage that produced it, or the one that received it). Later stages
-  of the same rank read it with :meth:`read`, which returns a FRESH LEAF every time, so no stage's autograd
-  graph ever reaches into another stage's graph ("backward through the graph a second time" otherwise).
-* ``deposits[(mb, b)]``: the sum of the gradients that the readers' backward passes produced for their leaf
-  of ``b``. The entry stage takes it in its own backward (:meth:`take`): a producer adds it to the block's
-  output gradient before running backward, a receiver adds it to the input gradient it sends upstream. Data
-  dependencies guarantee every reader's backward (a later stage on the same rank) runs first, for any valid
-  schedule, zero-bubble I/W splits included.
-
-Invariants checked when ``strict``: a key is taken exactly once, by then it received exactly as many deposits as
-the layout says it has readers, and nothing is left at the end of the step (:meth:`assert_empty`).
-:meth:`clear` drops everything; the runtime calls it in a ``finally`` so a failing step leaks nothing.
+Why: a block that a later chunk of the same rank reads must not travel again, and no stage's autograd graph may
+reach into another's. One :class:`BlockCache` per rank and step holds detached aliases keyed by (microbatch,
+block), hands every reader a FRESH LEAF, sums the readers' gradient deposits for the block's entry stage, and
+(``strict``) checks that each key is taken once with one deposit per reader and that nothing is left.
+docs/pipeline.md, "The runtime".
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """A real input/weight split of one stage's backward: ``I`` runs only the input side, ``W`` only the weight side.
 
-Why: a zero-bubble schedule gains only if ``W`` is cheap to postpone and does not redo ``I``'s work. The old hook
-ran ``autograd.grad(roots, inputs, retain_graph=True)`` for ``I`` and then ``autograd.backward(roots,
-inputs=params)`` for ``W``, which walks every node between the roots and the weights a second time (all of the
-stage's input-gradient chain). Here (the method of ``torch.distributed.pipelining._backward``, whose graph
-helpers we reuse):
-
-* ``I`` (:func:`backward_input`): computes the gradients of the stage inputs (the received payload and the
-  cached-block leaves) only. Before it runs, every *intermediate* node where a weight's branch joins the
-  input-dependent part of the graph gets a pre-hook that keeps the gradient flowing into it. The autograd engine
-  skips the weight branches in this pass (their edges are not needed), so e.g. a linear layer's weight ``mm``
-  does not run.
-* ``W`` (:func:`backward_weight`): ``autograd.grad`` from those intermediates (with the kept gradients) to the
-  weights: it runs only the weight branches. Pre-hooks that return the kept gradients stop a gradient from
-  being counted twice through an intermediate that lies downstream of another one of the same group.
-* Weights with a branch that reaches a backward root *without* touching the input-dependent part (stage 0 has
-  no input at all: all of its weights) cannot be split: ``W`` computes them from the roots, over the graph ``I``
-  kept (``fallback``). For stage 0 that is the whole backward, which is exactly the zero-bubble split there.
-
-Memory held between ``I`` and ``W`` (:meth:`PendingW.held`): the kept intermediate gradients (bounded by one
-gradient tensor per weight-consuming node of the stage) plus the autograd graph's saved tensors of the weight
-branches, which a W still needs; the runtime counts the kept gradients in ``held_tensor_stats()["pending_w"]``.
+Why: a zero-bubble schedule gains only if ``W`` is cheap to postpone and does not redo ``I``'s work (a second
+``autograd.backward(roots, inputs=params)`` after the input pass walks the whole input chain again). The method
+is ``torch.distributed.pipelining._backward``'s, whose graph helpers we reuse: :func:`backward_input` keeps the
+gradients flowing into the nodes where weight branches join the input side, :func:`backward_weight` runs only
+those branches, :class:`PendingW` is what lies between. docs/pipeline.md, "The runtime" (``I``/``W``).
 """
 
 from __future__ import annotations

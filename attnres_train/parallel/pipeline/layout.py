@@ -1,34 +1,10 @@
-"""Static pipeline layout: layer→stage map, and which AttnRes blocks every hop carries.
+"""Static pipeline layout: layer→stage map, stage placement, and which AttnRes blocks every hop carries.
 
-Everything here is a pure function of ``(P, V, layers per stage, block partition, residual mode, cache on/off)``,
-so every rank computes the same tables and no shape is ever negotiated on the wire
-(docs/pipeline.md; derivation in the design note ``pipeline_cache.md`` §6.1).
-
-Notation (C = P·V stages; local chunk ``v = s // P``, position ``i = s mod P``). Which rank runs a stage is the
-layout's ``placement``: ``"loop"`` (Megatron/torch: rank ``i``, every chunk walks the ranks 0..P-1) or ``"v"``
-(V-shape, as ZB-V/DualPipeV: even chunks walk 0..P-1, odd chunks come back P-1..0, so rank r holds stages r and
-2P-1-r, and rank P-1 runs the turn P-1 → P locally). :func:`placement_rank` is the one definition.
-
-* ``commits[s]``  blocks completed inside stage ``s`` (block 0 = the embedding, committed by stage 0).
-* ``c(s)``        number of blocks that exist after stage ``s``; completed blocks are always the prefix
-                  ``0 .. c(s)-1`` because blocks are contiguous in depth.
-* ``π(s)``        1 if a block is open across the hop ``s → s+1`` (its partial sum must travel too).
-* ``have[s]``     blocks already on rank(s) when stage ``s`` starts: ``D[prev(s)]``, where ``prev(s)`` is the
-                  latest earlier stage on the same rank (``s-P`` for loop, ``2P-1-s`` for the V's second leg):
-                  everything that chunk received, read or produced; empty without the cache. Blocks are a
-                  prefix, so this is exactly "what the rank has already seen", whatever the placement.
-* ``delta[s]``    blocks carried by the hop ``s → s+1``: ``D[s] \\ have[s+1]`` (all of ``D[s]`` without the
-                  cache). The packed message is ``[len(delta[s]) + π(s), B, T, d]``; its gradient has the
-                  same shape and travels the same hop backwards.
-
-Blocks are counted in *sublayers*, exactly as :func:`attnres_train.config.model.block_starts` defines them:
-block mode opens blocks at decoder-layer boundaries, full mode at every sublayer (so every hop carries only
-completed blocks, π = 0), and prenorm has no blocks at all (every hop carries just the hidden state, π = 1).
-Stages always hold whole decoder layers.
-
-Placement rule for the embedding and the head: the token embedding (and block 0) lives on stage 0, the output
-aggregation, final norm, LM head and loss on stage C-1. :func:`balanced_split` can charge them as extra
-"layers" of cost (``embed_cost``, ``head_cost``) when it splits the decoder layers.
+Why static: everything here is a pure function of ``(P, V, layers per stage, block partition, residual mode,
+placement, cache on/off)``, so every rank computes the same tables and no shape is ever negotiated on the wire.
+:func:`placement_rank` is the one definition of which rank runs a stage. The notation (``commits``, ``c(s)``,
+``π(s)``, ``have``, ``delta``), blocks counted in sublayers, the embedding/head placement and the balanced split:
+docs/pipeline.md, "Layout"; derivation in the design note ``pipeline_cache.md`` §6.1.
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
-"""Executes a lowered schedule on one pipeline rank over c10d point-to-point, with the block cache.
+"""Executes a lowered schedule on one pipeline rank: what each stage computes, sends, caches and deposits.
 
-Per hop ``s → s+1`` one packed tensor ``[len(delta[s]) + π(s), B, T, d]`` travels forward (the blocks the
-receiving rank does not hold yet, then the open partial sum) and one of the same shape backward (their gradients);
-shapes come from :class:`PipelineLayout` alone. How messages travel (tagged ``isend``/``irecv``, the mailbox for
-same-rank hops, batched P2P on CUDA, when send buffers are released) is :class:`~.transport.StageTransport`'s job.
-
-Memory: send buffers are released as soon as their sends are known complete (at most ``max_pending_sends`` in
-flight), and a stage keeps only what its backward needs (a 0-dim anchor stands in for the sent pack); everything
-held is bounded by the schedule's in-flight depth, not by M (docs/pipeline.md, "Memory"; ``held_tensor_stats``).
-Losses accumulate on the device: no host sync per microbatch.
-
-Forward of stage s, microbatch m: the received payload becomes one leaf ``x`` (views: the blocks of
-``delta[s-1]`` and the partial); blocks of ``have[s]`` come from the cache as FRESH LEAVES; received and produced
-blocks a later chunk of this rank reads enter the cache (detached aliases); the outgoing payload is stacked.
-
-Backward (the gradient-routing rules, design note §6.4):
-
-* roots: the outgoing pack's anchor with the received gradient (last stage: ``loss/M``), the stage's MoE aux loss
-  scaled by ``1/M``, and every block this stage produced together with the gradient deposits of its readers
-  on this rank (rule P: produced blocks take their deposits before their backward);
-* after the backward, every cached leaf's gradient is deposited for the block's entry stage (rule D);
-* the input gradient ``x.grad`` gets the deposits of the blocks this stage received (rule R), goes to s-1.
-
-``I``/``W`` split (split_backward, ZB-H1, ZB-V): ``I`` = input and cached-leaf gradients only, ``W`` = the weight
-branches only, from the intermediate gradients ``I`` kept (``iw_split``; docs/pipeline.md).
-
-Loss: ``Σ_m loss_m / M`` on the last stage; aux losses backpropagate on their own stage. Tied embeddings: the
-embedding's and the head copy's gradients are summed point to point. Everything is freed in a ``finally``.
+Why a module of its own: what runs when is data (:mod:`.schedules`), how a message travels is
+:class:`~.transport.StageTransport`, the block cache is :mod:`.cache`; this class gives each action its meaning:
+a stage's forward with its packed hop, its backward with the gradient-routing rules (P, D, R), the I/W split,
+loss and aux scaling, tied embeddings, and the per-step lifetime (everything freed in a ``finally``; what is held
+is bounded by the schedule's in-flight depth, not by M). docs/pipeline.md, "The runtime" and "Memory";
+derivation in the design note ``pipeline_cache.md`` §6.4.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """One pipeline stage's chunk of the full model, sharing (never copying) the model's modules.
 
-:class:`PipelineStageModule` registers, by reference, exactly the modules stage ``s`` runs:
-
-* decoder layers ``[start, end)`` under their original names (``model.layers.<i>.*``), so the stage's
-  ``state_dict`` keys are a subset of the full model's and checkpoints stay layout independent;
-* stage 0 also holds ``model.embed_tokens`` (block 0);
-* the last stage also holds the output aggregation (``model.output_attn_res_{norm,proj}``), ``model.norm``
-  and ``lm_head`` (with ``tie_word_embeddings`` that is the embedding matrix itself: one tensor on a rank that
-  holds both ends, a second copy on the last rank otherwise, whose gradient the runtime sums with stage 0's).
-
-Its ``forward`` reuses the plain model's cuttable API (``embed`` → ``forward_layers`` → ``head``) through an
-unregistered reference to the full model, so the numerics are the single-process ones, and hooks installed on
-the layers (FSDP, activation checkpointing) still fire. The other stages' layers stay on the ``meta`` device
-(``parallelize_pipeline`` materialises only this rank's stages).
+Why: parameter names (``model.layers.<i>.*``) and numerics must stay those of the single-process model, so
+checkpoints are layout independent and hooks on the layers (FSDP, activation checkpointing) still fire.
+:class:`PipelineStageModule` registers by reference the modules stage ``s`` runs and calls the plain model's
+cuttable API (``embed`` → ``forward_layers`` → ``head``). docs/pipeline.md, "Layout" (stage modules).
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Moves the pipeline's packed messages between stages for one rank: tagged c10d P2P, a local mailbox, bounded sends.
 
-Why a module of its own: the runtime (``runtime.py``) decides *what* a stage computes and sends; this class owns
-*how* a message travels and how long its buffer lives, so the memory rules can be read (and changed) in one place:
-
-* a SEND action posts ``isend`` of what the stage put in its outbox; a RECV action posts the ``irecv`` and the
-  compute action that needs the message waits for it (:meth:`receive`);
-* same-rank hops (a rank holding stages s and s+1) go through a mailbox, no P2P;
-* send buffers are released as soon as their sends are known complete: polled (NCCL), waited when the peer has
-  provably posted the matching receive (``safe_after``, from ``send_plan.safe_send_waits``), and at most
-  ``send_cap`` in flight (beyond it the oldest is waited: its receive comes earlier in the lowered global order,
-  so the peer reaches it without us — deadlock-free);
-* on CUDA, adjacent SEND/RECV actions go out as one ``batch_isend_irecv`` (NCCL matches per link, in order).
-
-Tags: ``1 + 2 * (hop * M + mb) + backward`` — unique per hop, microbatch and direction within a step.
+Why a module of its own: the runtime decides *what* a stage computes and sends; this class owns *how* a message
+travels (tags ``1 + 2·(hop·M + mb) + backward``, same-rank mailbox, batched P2P on CUDA) and how long its buffer
+lives (released once the send is known complete, at most ``send_cap`` in flight, ``safe_after`` waits from
+:mod:`.send_plan`), so the memory rules can be read and changed in one place. docs/pipeline.md, "The runtime"
+(Messages) and "Memory".
 """
 
 from __future__ import annotations

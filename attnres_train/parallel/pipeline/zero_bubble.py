@@ -1,25 +1,10 @@
 """Zero-bubble pipeline schedules (arXiv 2401.10241) as data: ZB-H1 and ZB-V in the same action IR.
 
-Why a module of its own: these orders exist only with the backward split into ``I`` (gradients of the stage
-inputs and of the cached blocks: the critical path) and ``W`` (weight gradients: free to move), and ZB-V needs a
-different stage placement; the generic machinery (:func:`.schedules.lower`, :func:`.schedules.check`,
-:func:`.timing.timeline`) is reused unchanged. Both generators are hand-written orders, the same orders as
-``torch.distributed.pipelining``'s ``ScheduleInterleavedZeroBubble`` (with one chunk: ZB-H1) and
-``ScheduleZBVZeroBubble`` (tests cross-check them against torch where it is installed):
-
-* :func:`zb_h1`: one chunk per rank, loop placement. Rank ``r``: ``min(P-1-r, M)`` warm-up forwards, then
-  ``F, I`` pairs, each followed by a ``W`` once ``r`` of them have been postponed; the cool-down ``I`` s get
-  their ``W`` the same way and the postponed ``W`` s close the step. Rank r holds at most ``P-r`` forwards
-  without their ``W`` + ``r`` postponed ones: ``P``, 1F1B's peak (ZB-H1's "same memory as 1F1B").
-* :func:`zb_v`: two chunks per rank in the V placement (rank r runs stages ``r`` and ``2P-1-r``; the turn
-  ``P-1 → P`` stays on rank P-1). Warm-up ``2(P-r)-1`` chunk-0 forwards, ``r`` (chunk-1 F, chunk-0 F) pairs,
-  ``P-r`` (chunk-1 F, I, W); steady ``F0 I0 W0 F1 I1 W1``; cool-down as torch. With F = I = W it is bubble-free
-  in the steady state and holds at most 2P chunk activations (1F1B's bytes: a chunk is half a stage).
-
-Simulated with unit costs F = I = W = 1 per full stage (1F1B's backward B = I + W = 2; a ZB-V chunk costs half)
-at P = 4, M = 8 (docs/pipeline.md, asserted in tests/pipeline/test_zero_bubble.py): bubble fraction 1F1B 3/11 =
-0.2727, ZB-H1 1/9 = 0.1111 (idle per rank 3 = 1/3 of 1F1B's 9), ZB-V 1/17 = 0.0588 (idle 1.5 = 1/6 of 1F1B's:
-the lower bound of any schedule, since rank P-1 cannot start before P-1 chunk forwards have run upstream).
+Why a module of its own: these orders exist only with the backward split into ``I`` (critical path) and ``W``
+(free to move), and ZB-V needs the V placement; lowering, checking and timing are reused unchanged. Both are
+hand-written orders equal to ``torch.distributed.pipelining``'s ``ScheduleInterleavedZeroBubble`` (one chunk:
+ZB-H1) and ``ScheduleZBVZeroBubble`` (tests cross-check them). The orders, their memory and the simulated
+bubble figures: docs/pipeline.md, "Schedules (data)".
 """
 
 from __future__ import annotations
