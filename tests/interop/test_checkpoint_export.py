@@ -15,7 +15,6 @@ What is proven here:
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from attnres_train.config.model import ModelConfig  # noqa: E402
 from attnres_train.interop import export as export_mod  # noqa: E402
 from attnres_train.interop import load_from_hf  # noqa: E402
 from attnres_train.model import build_model  # noqa: E402
+from tests import subproc  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from tests.train.conftest import read_metrics, tiny_overrides, write_corpus  # noqa: E402
 
@@ -258,8 +258,7 @@ def test_init_run_resumes_in_a_two_rank_layout(corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "attnres_train", f"hydra.searchpath=[file://{target / 'configs'}]", "model=mine",
            f"run_dir={target}", "parallel.dp_shard=2", *train_args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    subproc.check(subproc.run(cmd, tmp_path, "torchrun-resume", cwd=REPO))
     events = read_metrics(target, "event")
     assert any(e.get("event") == "resumed" and e["path"].endswith("step_00000000") for e in events), events
     first, src = read_metrics(target)[0]["loss"], [r["loss"] for r in read_metrics(source)]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import weakref
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from attnres_train.interop import save_to_hf
 from attnres_train.interop.hf_files import LazySafetensors
 from attnres_train.model import build_model
+from tests import subproc
 from tests.interop.helpers import MODES, random_model
 from tests.train.conftest import PY, REPO
 
@@ -67,12 +67,10 @@ def test_init_run_under_torchrun_loads_each_ranks_stages(tmp_path):
     model, cfg = random_model(MODES["block2"], seed=6)
     save_to_hf(model, cfg, tmp_path / "hf")
     run = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                           "attnres_train.cli.convert", "init-run", str(tmp_path / "hf"), str(run), "parallel.pp=2",
-                           "parallel.vpp=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=4"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subproc.check(subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                                      "attnres_train.cli.convert", "init-run", str(tmp_path / "hf"), str(run),
+                                      "parallel.pp=2", "parallel.vpp=2", "trainer.micro_batch_size=1",
+                                      "trainer.global_batch_size=4"], tmp_path, "torchrun-init-run", cwd=REPO))
     assert proc.stdout.count("wrote ") == 1  # one report, from rank 0
     step = run / "checkpoints" / "step_00000000"
     assert len(list(step.glob("*.distcp"))) == 2  # each rank wrote its own stages

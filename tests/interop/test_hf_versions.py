@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from attnres_train.interop import save_to_hf  # noqa: E402
+from tests import subproc  # noqa: E402
 from tests.interop.helpers import MODES, random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,11 +75,11 @@ def test_generate_equals_our_greedy(version, mode, tmp_path):
     save_to_hf(model, cfg, tmp_path / "hf")
     prompt = torch.randint(0, cfg.vocab_size, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
     ref = greedy(model, prompt, NEW)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env = subproc.child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(alt) if alt else "", env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", CHILD, version, str(tmp_path / "hf"), json.dumps(prompt.tolist()),
-                           str(NEW)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subproc.check(subproc.run([sys.executable, "-c", CHILD, version, str(tmp_path / "hf"),
+                                      json.dumps(prompt.tolist()), str(NEW)], tmp_path, f"generate-{version}", env=env,
+                                     timeout=300))
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     out = json.loads(line[len("RESULT "):])
     assert out["version"] == version

@@ -3,18 +3,20 @@ trajectory, its checkpoints resume exactly under pp, and resume under another la
 
 from __future__ import annotations
 
-import subprocess
+from pathlib import Path
 
 import pytest
 
 from attnres_train.cli.train import run
+from tests import subproc
 from tests.train.conftest import PY, REPO, read_metrics, tiny_overrides
 
 
 def _torchrun(nproc: int, args: list) -> None:
-    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                           "-m", "attnres_train", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
+    proc = subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                        "-m", "attnres_train", *args], run_dir.parent / "logs", f"torchrun-{run_dir.name}", cwd=REPO)
+    subproc.check(proc)
 
 
 def _losses(run_dir) -> dict:

@@ -1,19 +1,18 @@
 """Bad input: one clear `error:` line, exit code 2, no traceback, nothing overwritten."""
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from attnres_train.cli.train import run
+from tests import subproc
 
 from .conftest import PY, REPO, tiny_overrides
 
 
-def _launch(overrides, timeout=300):
-    return subprocess.run([PY, "-m", "attnres_train", *overrides], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def _launch(overrides, log_dir, timeout=300):
+    return subproc.run([PY, "-m", "attnres_train", *overrides], log_dir / "logs", "train", cwd=REPO, timeout=timeout)
 
 
 def _snapshot(root: Path) -> dict:
@@ -22,10 +21,10 @@ def _snapshot(root: Path) -> dict:
 
 
 def _assert_clean_failure(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-2000:]
+    subproc.check(proc, 2)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, subproc.failure(proc)
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err_lines) == 1, proc.stderr[-2000:]
+    assert len(err_lines) == 1, subproc.failure(proc)
     for n in needles:
         assert n in err_lines[0], err_lines[0]
     return err_lines[0]
@@ -79,7 +78,7 @@ def test_bad_input_case(case, corpus, tmp_path):
     changes = {k: (v.replace("@empty", str(files["empty"])).replace("@latin", str(files["latin"]))
                    .replace("@jsonl", str(files["jsonl"])) if isinstance(v, str) else v) for k, v in changes.items()}
     run_dir = tmp_path / "run"
-    proc = _launch(_with(tiny_overrides(corpus, run_dir), **changes))
+    proc = _launch(_with(tiny_overrides(corpus, run_dir), **changes), tmp_path)
     _assert_clean_failure(proc, needle)
     assert not list(run_dir.glob("checkpoints/step_*"))
 
@@ -87,15 +86,15 @@ def test_bad_input_case(case, corpus, tmp_path):
 def test_unwritable_run_dir(corpus, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    proc = _launch(tiny_overrides(corpus, blocker / "run"))
+    proc = _launch(tiny_overrides(corpus, blocker / "run"), tmp_path)
     _assert_clean_failure(proc, "run_dir")
     assert blocker.read_text() == "not a directory"
 
 
-def test_incompatible_resume_config_keeps_checkpoint(trained, corpus):
+def test_incompatible_resume_config_keeps_checkpoint(trained, corpus, tmp_path):
     before = _snapshot(trained)
     proc = _launch(_with(tiny_overrides(corpus, trained, steps=6), **{"checkpoint.resume": "auto",
-                                                                        "model.hidden_size": 64}))
+                                                                        "model.hidden_size": 64}), tmp_path)
     _assert_clean_failure(proc, "model.hidden_size")
     after = _snapshot(trained)
     assert {k: v for k, v in after.items() if "checkpoints" in k} == {k: v for k, v in before.items() if "checkpoints" in k}
@@ -111,7 +110,7 @@ def test_corrupt_checkpoint_is_named_and_left_alone(trained, corpus, tmp_path):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     before = _snapshot(copy)
     log_before = (copy / "train.log").read_text() if (copy / "train.log").exists() else ""
-    proc = _launch(_with(tiny_overrides(corpus, copy, steps=6), **{"checkpoint.resume": "auto"}))
+    proc = _launch(_with(tiny_overrides(corpus, copy, steps=6), **{"checkpoint.resume": "auto"}), tmp_path)
     _assert_clean_failure(proc, victim.name)
     after = _snapshot(copy)
     # train.log is a log: the failed start appends its lines (ending with the error), nothing earlier changes

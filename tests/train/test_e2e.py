@@ -1,10 +1,9 @@
 """End-to-end: a short run trains (loss falls), writes metrics and a checkpoint; exact resume; multirun."""
 
-import subprocess
-
 import pytest
 
 from attnres_train.cli.train import run
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -53,9 +52,8 @@ def test_hydra_multirun_over_block_counts_writes_two_run_dirs(corpus, tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(corpus, sweep, steps=3)
     args = [a for a in args if not a.startswith("model.residual.num_blocks=")]
-    proc = subprocess.run([PY, "-m", "attnres_train", "-m", "model.residual.num_blocks=1,2", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    subproc.check(subproc.run([PY, "-m", "attnres_train", "-m", "model.residual.num_blocks=1,2", *args],
+                              tmp_path, "multirun", cwd=REPO))
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [d.name for d in dirs] == ["0", "1"]
     for d, nb in zip(dirs, (1, 2)):

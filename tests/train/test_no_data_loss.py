@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from attnres_train.cli.train import run
 from attnres_train.config.errors import ConfigError, UserInputError
 from attnres_train.config.train import CheckpointConfig, validate_checkpoint_config
 from attnres_train.train.faults import TrainingAborted
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -34,17 +33,15 @@ def _snapshot(root: Path) -> dict:
     return {"files": files, "dirs": dirs}
 
 
-def _cli(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([PY, "-m", "attnres_train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+def _cli(args, log_dir):
+    return subproc.run([PY, "-m", "attnres_train", *args], log_dir / "logs", "train", cwd=REPO)
 
 
 def _one_error_line(proc) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    subproc.check(proc, 2)
+    assert "Traceback" not in proc.stderr + proc.stdout, subproc.failure(proc)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
+    assert len(errors) == 1, subproc.failure(proc)
     return errors[0]
 
 
@@ -92,7 +89,7 @@ def test_leftover_tmp_dirs_without_a_manifest_do_not_block_a_fresh_auto_start(co
 def test_resume_none_refuses_on_a_run_dir_with_checkpoints(trained, corpus, tmp_path):
     run_dir = _copy(trained, tmp_path / "run")
     before = _snapshot(run_dir)
-    line = _one_error_line(_cli(tiny_overrides(corpus, run_dir, steps=2, **{"checkpoint.resume": "none"})))
+    line = _one_error_line(_cli(tiny_overrides(corpus, run_dir, steps=2, **{"checkpoint.resume": "none"}), tmp_path))
     assert "checkpoint.resume=none" in line and str(run_dir / "checkpoints") in line, line
     assert "step_00000002" in line and "checkpoint.overwrite=true" in line, line
     assert _snapshot(run_dir) == before

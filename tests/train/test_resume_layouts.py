@@ -23,13 +23,11 @@ checkpoint has a file for that rank index, and ranks beyond the saved world size
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
 from attnres_train.checkpoint import verify_checkpoint
 from attnres_train.cli.train import run
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -74,9 +72,7 @@ def _train(corpus, run_dir, layout: str, **extra) -> str:
     else:
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m", "attnres_train",
                *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, (layout, proc.stderr[-3000:])
+    proc = subproc.check(subproc.run(cmd, run_dir.parent / "logs", f"{layout}-{run_dir.name}", cwd=REPO), what=layout)
     return proc.stdout
 
 
