@@ -15,8 +15,6 @@
   once, so every replica (and every EP / TP rank) applies the identical bias update. Over tp only with
   sequence parallelism: then each tp rank routes its own sequence shard (``tensor.TokenParallelMoE``);
   without SP the tp ranks of a replica route the same tokens and adding them would count each tp times.
-* :func:`full_tensor`, :func:`full_state`, :func:`full_grads`: whole tensors from DTensor shards (FSDP /
-  TP / EP), for tests and export. Collective: every rank must call them in the same order.
 """
 
 from __future__ import annotations
@@ -28,12 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.lm_loss import IGNORE_INDEX
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment]
 
-IGNORE_INDEX = -100
 
 
 # -- data split / loss normalisation ----------------------------------------------------------------------
@@ -158,23 +157,3 @@ def update_router_biases(model: nn.Module, pctx) -> Dict[str, float]:
         ratios.append(float(c.max() / c.mean().clamp_min(1e-9)) if c.sum() > 0 else 0.0)
         m.update_bias()
     return {"expert_imbalance_mean": sum(ratios) / len(ratios), "expert_imbalance_max": max(ratios)}
-
-
-# -- whole tensors ----------------------------------------------------------------------------------------
-def full_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The whole tensor behind a DTensor (all-gather over its mesh; collective), or ``t`` itself."""
-    if t is None:
-        return None
-    if isinstance(t, DTensor):
-        return t.full_tensor()
-    return t
-
-
-def full_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``{name: whole parameter}`` (detached copies), in ``named_parameters`` order. Collective."""
-    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
-
-
-def full_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
-    """``{name: whole gradient or None}``. Collective (the None pattern must agree across ranks)."""
-    return {n: (None if p.grad is None else full_tensor(p.grad).clone()) for n, p in model.named_parameters()}

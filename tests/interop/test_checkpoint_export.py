@@ -5,7 +5,7 @@ What is proven here:
   model reproduces the checkpoint's logits (native KimiLinear for PreNorm, trust_remote_code for AttnRes);
 * **Test 5 (slow):** a tiny model trained and checkpointed under a 2-rank layout (FSDP x EP with Block
   AttnRes; TP + SP with PreNorm; a 2-stage pipeline with Block AttnRes) exports to HF, loads in transformers (``trust_remote_code`` / native) with the
-  logits of the trained model (gathered from the ranks with ``full_state``, independent of DCP), and imports
+  logits of the trained model (gathered from the ranks with ``tests.full_tensors``, independent of DCP), and imports
   back bit-exactly;
 * ``attnres-convert init-run`` writes a step-0 checkpoint that the trainer resumes under a 2-rank layout, with
   the imported weights (its first loss is the trained level, and its step-0 tensors equal the source's);
@@ -184,8 +184,8 @@ def _train_and_gather(overrides):
     from attnres_train.cli.init_run import compose_run_config
     from attnres_train.config.schema import validate_config
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_tensor
     from attnres_train.train.trainer import Trainer
+    from tests.full_tensors import full_tensor
 
     cfg = compose_run_config(overrides)
     validate_config(cfg, dp_world_size=dist.get_world_size())

@@ -26,8 +26,9 @@ def _body():
     from attnres_train.config.run import TrainerConfig
     from attnres_train.config.train import OptimConfig
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.train_module import TrainModule
+    from tests.full_tensors import full_grads
     from tests.parallel.test_equivalence import model_cfg
 
     pctx = build_parallel_context(ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T,

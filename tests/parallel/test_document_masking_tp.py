@@ -34,8 +34,9 @@ def _tp_body(parallel_kw, ac):
     from attnres_train.config.train import OptimConfig
     from attnres_train.model.doc_mask import document_ids
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.train_module import TrainModule
+    from tests.full_tensors import full_grads
     from tests.parallel.test_equivalence import build_reference, model_cfg, rel_err
 
     ws = dist.get_world_size()
@@ -79,8 +80,9 @@ def _pp_body(parallel_kw):
     from attnres_train.config.schema import Config
     from attnres_train.model.doc_mask import document_ids
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.train_module import build_train_module
+    from tests.full_tensors import full_grads
     from tests.parallel.test_equivalence import build_reference, model_cfg, rel_err
 
     def cfg_fn(mode, nb):  # 4 layers, MLA on 1 and 3: both mixers on both stages

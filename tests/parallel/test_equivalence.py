@@ -103,9 +103,10 @@ def _layout_body(parallel_kw, ac=False):
     from attnres_train.config.run import TrainerConfig
     from attnres_train.model.moe import MoE
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, full_state, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.optim import build_optimizers, set_lr
     from attnres_train.train.train_module import TrainModule
+    from tests.full_tensors import full_grads, full_state
 
     ws = dist.get_world_size()
     pctx = build_parallel_context(ParallelConfig(**parallel_kw), model_cfg("block", 2), seq_len=T, world_size=ws)

@@ -55,7 +55,8 @@ def _accum_body():
     from attnres_train.parallel.mesh import build_parallel_context
     from attnres_train.parallel.parallelize import parallelize_model
     from attnres_train.parallel.parts import decoder_layers
-    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.parallel.train_step import local_batch
+    from tests.full_tensors import full_grads
 
     pctx = build_parallel_context(ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T,
                                   world_size=dist.get_world_size())
@@ -153,8 +154,9 @@ def _hsdp_body():
     from attnres_train.config.run import TrainerConfig
     from attnres_train.config.train import OptimConfig
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.train_module import TrainModule
+    from tests.full_tensors import full_grads
     from tests.parallel.test_data_parallel import _Collectives
 
     pctx = build_parallel_context(ParallelConfig(dp_replicate=2, dp_shard=2), model_cfg("block", 2), seq_len=T,

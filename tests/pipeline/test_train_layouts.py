@@ -47,9 +47,10 @@ def _body(parallel_kw, pipeline_kw, mode, nb):
     from attnres_train.config.run import TrainerConfig
     from attnres_train.config.schema import Config
     from attnres_train.parallel.mesh import build_parallel_context
-    from attnres_train.parallel.train_step import full_grads, full_state, local_batch
+    from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.optim import build_optimizers, set_lr
     from attnres_train.train.train_module import build_train_module
+    from tests.full_tensors import full_grads, full_state
 
     ref = build_reference(mode, nb, _cfg)
     ws = dist.get_world_size()
