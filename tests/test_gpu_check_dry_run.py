@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import subproc
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = ("train_f2_step", "train_f2_tokens_per_s", "train_f2_mfu", "train_f3_step", "train_f3_tokens_per_s",
             "train_f3_mfu", "block_over_prenorm_step_time_f2")
 
 
-def test_gpu_check_dry_run():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=180)
+    proc = subproc.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"], tmp_path, "gpu_check",
+                       env=env, cwd=REPO, timeout=180)
     out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
+    subproc.check(proc)
     assert "ERROR" not in out, out
     assert "SKIP attnres_triton (no CUDA)" in out and "SKIP kda_fla (no CUDA)" in out, out
     results = {}

@@ -2,13 +2,13 @@
 
 import csv
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from attnres_train.cli import analyze, compare
+from tests import subproc
 
 from ..train.conftest import REPO, write_corpus
 from .helpers import experiment_override
@@ -27,9 +27,8 @@ def test_tiny_block_sweep_analyze_and_compare(tmp_path, capsys):
         "trainer.log_every=1", "trainer.val_every=2", "trainer.val_batches=1", "trainer.depth_stats_every=2",
         "trainer.peak_flops=1e11", "optim.warmup_steps=1", "logging.console=false", f"run_dir={sweep}",
     ]
-    proc = subprocess.run([sys.executable, "-m", "attnres_train", "-m", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    subproc.check(subproc.run([sys.executable, "-m", "attnres_train", "-m", *overrides], tmp_path / "logs", "sweep",
+                              cwd=REPO))
     runs = sorted((p for p in sweep.iterdir() if (p / "config.yaml").is_file()), key=lambda p: int(p.name))
     assert [p.name for p in runs] == [str(i) for i in range(6)]
 

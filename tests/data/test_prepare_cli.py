@@ -2,7 +2,6 @@
 (one ``error:`` line on stderr, exit status 2, nothing written or overwritten)."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ from attnres_train.config.errors import UserInputError
 from attnres_train.data.loader import build_datasets
 from attnres_train.data.shards import ShardSet
 from attnres_train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from tests import subproc
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,9 +128,10 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 def test_console_entry_point_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, "-m", "attnres_train.cli.prepare", str(tmp_path / "missing.txt"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2 and r.stdout == ""
+    r = subproc.run([sys.executable, "-m", "attnres_train.cli.prepare", str(tmp_path / "missing.txt"),
+                     "--out", str(tmp_path / "o")], tmp_path / "logs", "prepare", env=env, timeout=60)
+    subproc.check(r, 2)
+    assert r.stdout == "", subproc.failure(r)
     assert _one_error_line(r.stderr).endswith("does not exist")
 
 

@@ -5,7 +5,6 @@ a changed input restarts the plan, and a bad file in a worker is one error line 
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from attnres_train.cli.prepare import main
 from attnres_train.data import parallel_prepare as pp
 from attnres_train.data.shards import ShardSet
+from tests import subproc
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS = 256  # the byte tokenizer's
@@ -92,9 +92,9 @@ main(sys.argv[1:])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     texts = _corpus(tmp_path / "c")
     out, args = tmp_path / "o", [str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--shard-tokens", "200", "--no-progress"]
-    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = subproc.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], tmp_path, "prepare-killed",
+                    env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    subproc.check(r, -signal.SIGKILL)
     staging = tmp_path / ".o.partial"
     assert not out.exists() and sorted(f for f in os.listdir(staging) if f.endswith(".done.json")) == [
         "u000000.done.json", "u000001.done.json"]
@@ -112,9 +112,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
 def test_a_changed_input_restarts_instead_of_resuming(tmp_path, capsys):
     texts = _corpus(tmp_path / "c")
     out, args = tmp_path / "o", [str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
-    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = subproc.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], tmp_path, "prepare-killed",
+                    env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    subproc.check(r, -signal.SIGKILL)
     (tmp_path / "c" / "00.jsonl").write_text(json.dumps({"text": "replaced"}) + "\n")
     code, stdout, err = _prepare(*args[:-1], capsys=capsys)
     assert code == 0 and "resumed" not in stdout, err
