@@ -89,12 +89,22 @@ def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num
         raise ConfigError("parallel.vpp", f"pp x vpp = {C} stages exceed model.num_layers={num_layers}")
     if microbatches is not None and pp > 1 and cfg.schedule == "interleaved_1f1b" and vpp > 1:
         G = cfg.microbatch_group_size or pp
-        if not (pp <= G <= microbatches) or (microbatches % G and microbatches % G < pp):
+        if interleaved_rule_broken(pp, microbatches, G):
             raise ConfigError("trainer.global_batch_size",
                               f"interleaved 1F1B needs the microbatch count ({microbatches}) to be a multiple of "
                               f"parallel.pp={pp} (Megatron's rule with group size G={G}: pp <= G <= microbatches "
                               f"and microbatches % G == 0 or >= pp)")
     return cfg
+
+
+def interleaved_rule_broken(P: int, M: int, G: int) -> Optional[str]:
+    """Megatron's microbatch rule for interleaving (P ranks, M microbatches, group size G): ``"range"`` unless
+    ``P <= G <= M``, ``"remainder"`` unless ``M mod G`` is 0 or >= P, else None (the rule holds)."""
+    if not P <= G <= M:
+        return "range"
+    if M % G and M % G < P:
+        return "remainder"
+    return None
 
 
 def check_pipeline_dp(cfg: PipelineConfig, dp: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ...config.pipeline import PIPELINE_SCHEDULES, SCHEDULE_CHUNKS, ZERO_BUBBLE
+from ...config.pipeline import PIPELINE_SCHEDULES, SCHEDULE_CHUNKS, ZERO_BUBBLE, interleaved_rule_broken
 from .actions import Action, B, F, Kind, Schedule, ScheduleError, check_counts
 from .layout import placement_rank
 from .zero_bubble import zb_h1, zb_v
@@ -61,10 +61,11 @@ def megatron_table(M: int, V: int, G: int) -> List[Tuple[int, int]]:
 def interleaved_rule(P: int, M: int, G: Optional[int] = None) -> int:
     """Validate the microbatch count for interleaving and return the group size G (default P)."""
     G = P if G is None else G
-    if not P <= G <= M:
+    broken = interleaved_rule_broken(P, M, G)
+    if broken == "range":
         raise ScheduleError(f"interleaved 1F1B needs P <= G <= M (pipeline size P={P}, microbatch group G={G}, "
                             f"microbatches M={M}); use M >= P microbatches, a multiple of P")
-    if M % G not in (0,) and M % G < P:
+    if broken == "remainder":
         raise ScheduleError(f"interleaved 1F1B needs M mod G == 0 or >= P (Megatron's rule): M={M}, G={G}, P={P}; "
                             f"with the default G=P use a multiple of P microbatches")
     return G
