@@ -60,6 +60,7 @@ def validate_compute(sched: Schedule) -> None:
             if has_i != has_w:
                 raise ScheduleError(f"stage {s} microbatch {m}: an I pass needs exactly one W pass")
 
+
 @dataclass
 class CheckReport:
     steps: int
