@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import subproc
+
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN, SBATCH = REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sbatch"
 
@@ -26,8 +28,8 @@ TORCHRUN, SBATCH = REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sba
 def sh(*args, env=None, **kw):
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "NNODES"))}
     full.update(env or {})
-    return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, env=full, cwd=REPO, timeout=60,
-                          **kw)
+    return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, env=subproc.child_env(full),
+                          cwd=REPO, timeout=60, **kw)
 
 
 @pytest.mark.parametrize("script", [TORCHRUN, SBATCH])
@@ -122,11 +124,13 @@ def test_two_nodes_on_localhost_with_static_ranks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = tiny_overrides(corpus, run_dir, steps=2)
-    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python"))}
+    env = subproc.child_env(PYTHON=os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python")))
     procs = [subprocess.Popen(["bash", str(TORCHRUN), "--nnodes", "2", "--node-rank", str(r), "--nproc", "1",
                                "--rdzv", f"127.0.0.1:{port}", "--", *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    logs = [subproc.save_output(tmp_path / "logs", f"node{r}", p.args, *o, p.returncode)
+            for r, (p, o) in enumerate(zip(procs, outs))]
+    assert all(p.returncode == 0 for p in procs), f"exit statuses {[p.returncode for p in procs]}; output in {logs}"
     assert len(read_metrics(run_dir)) == 2
     assert "2 rank(s) on cpu: dp_replicate=1 dp_shard=2" in outs[0][0]  # one process group over both "nodes"

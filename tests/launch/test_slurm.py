@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import subproc
 from tests.train.conftest import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,8 +37,12 @@ STEPS = 10
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd, env, timeout=600, **kw):
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+def _run(cmd, env, timeout=600, log_dir=None, name="cmd", **kw):
+    """With ``log_dir``: the whole output saved there (tests/subproc.py); threads pinned either way."""
+    if log_dir is not None:
+        return subproc.run(cmd, log_dir, name, env=env, cwd=REPO, timeout=timeout, **kw)
+    return subprocess.run(cmd, cwd=REPO, env=subproc.child_env(env), capture_output=True, text=True, timeout=timeout,
+                          **kw)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +126,8 @@ def _wait_for_line(path: Path, pattern: str, timeout: float = 300) -> None:
 def reference(slurm, corpus, tmp_path_factory):
     """Losses of the same run through ``launch/torchrun.sh --nproc 2`` (no slurm involved)."""
     run_dir = tmp_path_factory.mktemp("slurm_runs") / "torchrun"
-    proc = _run(["bash", "launch/torchrun.sh", "--nproc", "2", "--", *_args(corpus, run_dir)], slurm)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    subproc.check(_run(["bash", "launch/torchrun.sh", "--nproc", "2", "--", *_args(corpus, run_dir)], slurm,
+                       log_dir=run_dir.parent, name="torchrun"))
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
@@ -172,8 +177,8 @@ def test_time_limit_signal_saves_before_the_limit(slurm, corpus, tmp_path):
 def test_hydra_sweep_submits_one_job_per_point(slurm, corpus, tmp_path):
     sweep = tmp_path / "sweep"
     args = _args(corpus, sweep, steps=3, **{"model.residual.num_blocks": "1,2", "checkpoint.interval": 3})
-    proc = _run([PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", *args], slurm, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    subproc.check(_run([PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", *args], slurm, timeout=600,
+                       log_dir=tmp_path / "logs", name="sweep"))
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     assert len(runs) == 2, list(sweep.iterdir())
     for run in runs:
@@ -189,9 +194,10 @@ def test_unschedulable_sweep_job_is_reported_and_cancelled(slurm, corpus, tmp_pa
     args = _args(corpus, sweep, steps=3)
     t0 = time.monotonic()
     proc = _run([PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=64",
-                 *args], env, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: slurm job" in proc.stderr and "can never start (PartitionConfig" in proc.stderr, proc.stderr[-3000:]
+                 *args], env, timeout=300, log_dir=tmp_path / "logs", name="sweep")
+    subproc.check(proc, 2)
+    assert "error: slurm job" in proc.stderr and "can never start (PartitionConfig" in proc.stderr, (
+        subproc.failure(proc))
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 240
     assert _run(["squeue", "-h", "-o", "%i %T %r"], slurm, timeout=30).stdout.strip() == ""  # cancelled, not queued
