@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 PINNED_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TAIL = 3000
@@ -61,16 +61,42 @@ def run(cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mappin
     return proc
 
 
-def failure(proc: subprocess.CompletedProcess, what: str = "") -> str:
+def popen(cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mapping[str, str]] = None,
+          **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` with text pipes and threads pinned, for tests that signal or kill the child;
+    :func:`communicate` collects and saves its output."""
+    proc = subprocess.Popen([str(c) for c in cmd], env=child_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+    proc.log_dir, proc.log_name = Path(log_dir), name
+    return proc
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> Tuple[str, str]:
+    """``proc.communicate`` that saves the whole output (``proc.log``); a timeout kills the child and fails
+    naming the file."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        log = save_output(proc.log_dir, proc.log_name, proc.args, out, err, f"killed after {timeout} s")
+        raise AssertionError(f"{proc.log_name}: timed out after {timeout} s; full stdout/stderr in {log}") from None
+    proc.log = save_output(proc.log_dir, proc.log_name, proc.args, out, err, proc.returncode)
+    proc.err_text = err
+    return out, err
+
+
+def failure(proc, what: str = "") -> str:
     """An assertion message: the exit status, the file with the whole output, the stderr tail."""
     log = getattr(proc, "log", None)
     where = f"full stdout/stderr in {log}" if log else "output not saved"
     head = f"{what}: " if what else ""
+    err = getattr(proc, "err_text", proc.stderr)
     return (f"{head}exit status {proc.returncode}; {where}\n--- last {TAIL} characters of stderr ---\n"
-            f"{_text(proc.stderr)[-TAIL:]}")
+            f"{_text(err if isinstance(err, (str, bytes)) else None)[-TAIL:]}")
 
 
-def check(proc: subprocess.CompletedProcess, returncode: int = 0, what: str = "") -> subprocess.CompletedProcess:
+def check(proc, returncode: int = 0, what: str = "") -> subprocess.CompletedProcess:
     """Assert the exit status; the message names the saved output file."""
     assert proc.returncode == returncode, failure(proc, what)
     return proc
