@@ -1,16 +1,10 @@
 """Check the composed config and the run directory before Hydra writes anything; reword Hydra's own errors.
 
-Hydra creates the job's output directory (our ``run_dir``) before the task function runs, and reports its own
-failures (an unknown key, a wrong type, an unknown group option, an override it cannot parse) in several lines
-ending with a hint about ``HYDRA_FULL_ERROR``, with exit code 1. The training CLI promises one ``error:`` line
-and exit code 2 for every bad input, with nothing written. So:
-
-* :class:`PreflightCallback` (registered in ``configs/config.yaml`` under ``hydra.callbacks``) runs on
-  ``on_run_start`` / ``on_multirun_start``, i.e. after composition and before ``run_dir`` is created: it
-  refuses an empty ``run_dir``, validates the whole config (``validate_config``; no torch import, so this takes
-  a second, not the 15 s of start-up), then checks that ``run_dir`` can be created and written.
-* :func:`hydra_error_message` turns Hydra's and OmegaConf's exceptions into one line that names the key or
-  option and says what to do; ``attnres_train.cli.train.main`` prints it as ``error: ...``.
+Why: Hydra creates ``run_dir`` before the task runs and reports its own failures in several lines with exit
+code 1, while the CLI promises one ``error:`` line, exit code 2 and nothing written. :class:`PreflightCallback`
+(``hydra.callbacks`` in configs/config.yaml) validates the config and ``run_dir`` after composition, before
+``run_dir`` exists and before torch is imported; :func:`hydra_error_message` turns Hydra's / OmegaConf's
+exceptions into one line. docs/training.md, "Bad input", lists the messages.
 """
 
 from __future__ import annotations

@@ -1,45 +1,11 @@
 """Data parallelism on top of TP / EP: FSDP2 (ZeRO-3), HSDP, or plain replication, plus no-sync accumulation.
 
-What :func:`apply_data_parallel` does, in place (call after EP / TP / activation checkpointing / compile):
-``fully_shard`` per decoder layer, then the root, on the mesh ``(dp_replicate, dp_shard)`` (1-D ``dp_shard`` when
-``dp_replicate == 1``).
-
-* ``dp_shard > 1 = dp_replicate``: FSDP (ZeRO-3: parameters, gradients and optimizer state sharded).
-* ``dp_shard > 1 < dp_replicate``: HSDP (reduce-scatter over dp_shard, all-reduce over dp_replicate).
-* ``dp_shard == 1 < dp_replicate``: replication with DDP semantics (whole parameters everywhere, gradients
-  all-reduced), as HSDP with a size-1 shard dim and ``reshard_after_forward=False``. Why not
-  ``nn.parallel.DistributedDataParallel``: it does not compose with TP / EP ``DTensor`` parameters. Why not
-  torch's FSDP-based ``replicate``: it cannot put the experts on their own mesh inside a layer unit (no
-  ``shard_placement_fn``), which EP needs (below). One code path for all three keeps one gradient-sync switch.
-
-Units. A decoder layer's unit is all its children but the AttnRes pseudo-query modules (:func:`layer_unit`);
-the root unit holds the embedding, final norm, LM head and every pseudo-query (Block AttnRes reads a whole
-block's queries before its first layer runs). Routed experts under EP (``ep > 1``) stay in their layer's unit
-but on their own mesh ``(edp_replicate, edp_shard)`` (:func:`_expert_placement_fn`). Their local gradient is
-already the SUM over the ``ep`` ranks' losses (the all-to-all backward brings every EP rank's contribution to
-the owner), so after the unit's mean over the ``edp`` replicas it is ``ep`` times the gradient of the dp-mean
-loss: :func:`finish_grad_sync` divides by ``ep`` once after the last backward.
-Parameters become ``DTensor`` shards: build the optimizer afterwards.
-
-Gloo (CPU): torch 2.13's gloo implements ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (checked:
-``tests/parallel/test_equivalence.py`` runs FSDP2 and HSDP on gloo), but not ``ReduceOp.AVG`` or
-``PREMUL_SUM``, which FSDP2 picks for fp32/bf16 gradients. On non-NCCL backends we therefore call
-``set_force_sum_reduction_for_comms(True)``: FSDP2 then reduces with SUM and divides afterwards (fp64 always
-takes that path). NCCL keeps AVG / PREMUL_SUM.
-
-Mixed precision (``param_dtype``, from the run's precision by :func:`fsdp_param_dtype`): with bf16 training the
-layer units all-gather bf16 compute copies of their parameters (half the bytes; autocast then has nothing left
-to re-cast per use) and reduce-scatter gradients in fp32 into the fp32 sharded master gradients; the root unit
-(embedding, final norm, LM head, AttnRes pseudo-queries) keeps fp32 parameters. docs/performance.md,
-"Precision and memory policy", has the reasons.
-
-Gradient accumulation: :func:`no_grad_sync` is the one context manager for "accumulate locally" (the trainer
-enters it for every microbatch but the last). It skips a communication only where skipping is free: a
-parameter group whose gradients are sharded (shard dim > 1) still reduce-scatters every microbatch, since
-accumulating locally would hold the full unsharded gradient of the whole model between microbatches (the
-ZeRO-3 saving lost exactly when accumulation is used); only HSDP's all-reduce over replicas waits for the
-last microbatch. Replicated groups (shard dim 1: full gradients anyway) skip all communication, and a
-``DistributedDataParallel`` model uses ``no_sync``.
+Why one code path for all three (``fully_shard`` per decoder-layer unit and the root on ``(dp_replicate,
+dp_shard)``; replication = a size-1 shard dim): DDP does not take TP / EP DTensors and torch's ``replicate``
+cannot put experts on their own mesh. Also here: the layer units (AttnRes queries in the root), the experts'
+``(edp_replicate, edp_shard)`` placement and the ``1/ep`` gradient scale (:func:`finish_grad_sync`), gloo's
+SUM-then-divide reduction, bf16 ``param_dtype`` and :func:`no_grad_sync` accumulation. docs/parallel.md,
+"Data parallelism", has the reasons.
 """
 
 from __future__ import annotations

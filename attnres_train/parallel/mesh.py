@@ -1,20 +1,10 @@
 """The parallel context: one validated object holding every DeviceMesh / process group of a run.
 
-``build_parallel_context(cfg, model_cfg, seq_len, world_size, device_type)`` first validates the layout as a
-pure function (:func:`attnres_train.config.parallel.resolve_parallel_dims`, one ConfigError naming the
-field), then builds the meshes from one 1-D world mesh with ``DeviceMesh._unflatten`` so that every mesh shares
-the same root (FSDP2 requires that to compose with TP / EP DTensors):
-
-* ``dense``  ``(pp, dp_replicate, dp_shard, tp)`` for every non-expert parameter; its flattened
-  ``dp = (dp_replicate, dp_shard)`` is the data-parallel group (batch split, loss / router-load all-reduce).
-* ``sparse`` ``(pp, edp_replicate, edp_shard, ep, tp)`` (only when ep > 1) for the routed experts: ``ep``
-  shards whole experts, ``edp_shard`` is their FSDP dimension (torchtitan's ``dp_shard_mod_ep``), and
-  ``edp_replicate`` their replicate dimension. The same rank has the same data-parallel index in both.
-
-All dims are created even when of size 1 (so code never has to ask whether ``mesh["tp"]`` exists). Nothing
-here is global: the command line builds it once (:func:`init_process_group` from torchrun's environment,
-then :func:`build_parallel_context`) and passes it to ``parallelize_model``, the train module and the trainer;
-:func:`single_process_context` is the trivial one (tests, notebooks), where every collective is a no-op.
+Why one object, passed around and never global: every parallel function gets the same meshes, and a single
+process needs no process group (every collective is then a no-op). :func:`build_parallel_context` validates the
+layout (``config.parallel.resolve_parallel_dims``) and cuts every mesh from one world mesh (FSDP2 needs a shared
+root to compose with TP / EP DTensors); the command line calls it once after :func:`init_process_group`.
+docs/parallel.md, "The mesh", has the dims and the groups.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """What one training step needs from the parallel engine, independent of the loop that calls it.
 
-* :func:`local_batch`: this rank's rows of a global batch (the data-parallel split; tp ranks of one replica
-  get the same rows).
-* :func:`loss_weights`: per-microbatch weights so that the summed backward is the gradient of the mean token
-  loss over the *global* batch: ``w_i = n_i * dp / N`` with ``n_i`` the supervised tokens of microbatch i
-  and ``N`` their sum over all microbatches and dp ranks (one all-reduce). The data-parallel gradient
-  reduction averages over dp, which the ``dp`` factor undoes. Exact with ``ignore_index`` labels too.
-* :func:`clip_grad_norm_`: total gradient norm over every shard of every parameter (FSDP, TP and EP
-  ``DTensor``s on different meshes, plain tensors), then in-place clipping. Same formula as
-  ``torch.nn.utils.clip_grad_norm_`` (so one process and N processes agree to rounding).
-* :func:`reduce_router_loads_` / :func:`update_router_biases`: the MoE ``tokens_per_expert`` counters hold
-  each rank's own routing counts (EP counts before the exchange, so EP needs no reduction of its own: the ep
-  ranks are data-parallel ranks). Summing them over the data-parallel group gives the global counts exactly
-  once, so every replica (and every EP / TP rank) applies the identical bias update. Over tp only with
-  sequence parallelism: then each tp rank routes its own sequence shard (``tensor.TokenParallelMoE``);
-  without SP the tp ranks of a replica route the same tokens and adding them would count each tp times.
+The data-parallel split (:func:`local_batch`), microbatch loss weights that make the summed gradient that of
+the global mean token loss (:func:`loss_weights`), the total gradient norm and clipping over every shard of
+every mesh (:func:`clip_grad_norm_`), and the MoE router loads summed over the data-parallel ranks so every
+replica applies the same bias update (:func:`update_router_biases`). docs/parallel.md, "What one step needs".
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Faults the training loop survives or reports: preemption signals, non-finite steps, failed collectives.
 
-* **Preemption and Ctrl-C** (:class:`StopSignals`): SIGTERM, SIGUSR1 (slurm's usual preemption warning) and
-  SIGINT (Ctrl-C) only set a flag. The trainer asks :meth:`StopSignals.agreed` after every step; it
-  all-reduces the flag (MAX, one scalar) over the whole world, so every rank sees the same answer at the same
-  step even when only one rank got the signal. The trainer then saves a checkpoint (blocking), prints what it
-  did and returns normally; the command line exits 0 after SIGTERM / SIGUSR1 (a requeued job continues with
-  ``checkpoint.resume=auto``) and :data:`SIGINT_EXIT_CODE` (130, the shell's code for Ctrl-C) after SIGINT,
-  so a script sees that the run did not finish. A second SIGINT raises ``KeyboardInterrupt`` at once (abort
-  without saving), except within :data:`REPEAT_WINDOW_S` of the first: torchrun forwards the terminal's
-  SIGINT to its workers, which already got it from the terminal, and that copy must not count as a second
-  press.
-* **Non-finite steps**: the train module skips an optimizer step whose loss or gradient norm is NaN/Inf
-  (decision agreed over the world, see ``TrainModule.optimizer_step``); the trainer counts consecutive skips
-  and stops with :class:`TrainingAborted` once there are more than ``trainer.max_consecutive_skips``.
-* **Dead or hung ranks**: every process group times out after ``trainer.dist_timeout_s``
-  (``parallel.mesh.init_process_group``); a collective that fails (peer gone: at once; peer hung: after the timeout) is
-  turned into :class:`TrainingAborted` with one message naming the rank, the step and the newest checkpoint
-  (:func:`comm_failure_message`).
+Why one module: each fault must end the same way on every rank (a flag agreed by one MAX all-reduce) and
+with one message. :class:`StopSignals` turns SIGTERM / SIGUSR1 / SIGINT into a stop after the current step
+(a second Ctrl-C aborts, except within :data:`REPEAT_WINDOW_S`: torchrun forwards the terminal's SIGINT);
+:class:`TrainingAborted` and :func:`comm_failure_message` turn too many NaN/Inf steps or a dead or hung peer
+into one line naming the rank, step and newest checkpoint. docs/training.md, "Faults", has the details.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Keep freed host memory in the process instead of handing it back to the OS (CPU training speed).
 
-Why: PyTorch's CPU allocator is plain ``malloc``. glibc serves large blocks (over a threshold that only grows
-to 32 MiB) with ``mmap`` and returns them with ``munmap`` on free, and trims the heap top beyond
-``M_TRIM_THRESHOLD``. A training step allocates and frees the same activation-sized blocks every step, so every
-step faults its working set in again: on the f2 preset (2 × 256 tokens) we counted ~345,000 minor page faults
-per step (1.3 GiB of fresh pages) and the step took 4.57 s; with the two thresholds raised, 0 faults and
-3.02 s (``bench/results/cpu_speed_2026-11-23.md``). GPU allocators cache for the same reason; jemalloc or
-tcmalloc via ``LD_PRELOAD`` also fix it, this needs no extra library.
-
-The cost: the process keeps its peak heap (freed blocks are reused, not returned). It is applied only when
-training on CPU (``trainer.keep_host_memory``, default on) and only with glibc on Linux; elsewhere it is a no-op
-that says so.
+Why: glibc serves and frees large blocks with ``mmap``/``munmap`` and trims the heap, so every CPU step faults
+its working set in again (f2 preset: ~345,000 page faults and 4.6 s per step -> none and 3.0 s;
+``bench/results/cpu_speed_2026-11-23.md``). Raising the two thresholds keeps the blocks; the process then
+keeps its peak heap. CPU training only (``trainer.keep_host_memory``, default on), glibc on Linux only;
+elsewhere a no-op that says so. docs/training.md, "The pieces".
 """
 
 from __future__ import annotations

@@ -1,40 +1,10 @@
 """Optimizers, parameter groups, LR schedules and gradient clipping.
 
-Which parameters get weight decay (see also docs/training.md, "Optimizer"):
-
-* **Decayed**: every weight with 2 or more dims, i.e. the hidden projections (KDA/MLA q/k/v/o, gates, low-rank
-  factors), the short depthwise conv kernels, the dense and shared-expert SwiGLU weights, the stacked routed
-  experts ``experts.w1/w2/w3 [E, out, in]``, the router ``gate.weight [E, d]`` and the untied LM head. These
-  are the matrices whose norm grows without a regulariser; decoupled decay is the standard AdamW/Muon recipe.
-* **Not decayed**:
-  - RMSNorm gains (any ``*norm*.weight`` with one dim): decaying a gain pulls it towards 0 rather than towards
-    the identity (1); standard practice (GPT-3, LLaMA, OLMo) exempts them.
-  - KDA ``A_log`` and ``dt_bias``: the forget-gate decay rate and time-step bias are dynamical constants,
-    initialised to a meaningful range; decaying them towards 0 changes the memory horizon, not model size
-    (Mamba / flash-linear-attention exempt them too).
-  - AttnRes pseudo-queries ``*_res_proj.weight [1, d]`` and their key-norm gains ``*_res_norm.weight``: the
-    queries are zero-initialised (uniform depth mixing, PreNorm-equivalent) and tiny (d values per sublayer);
-    decay would continually pull the learned depth mixing back towards uniform. The paper does not specify,
-    so we choose the option that does not bias what AttnRes learns. The gains are RMSNorm gains (above).
-  - The token embedding: decay shrinks the rows of rarely-seen tokens, which receive almost no gradient to
-    counteract it (OLMo-2 practice). With tied embeddings the shared matrix is the embedding: not decayed.
-  - Anything else with fewer than 2 dims (biases, should any appear).
-
-With ``optim.name: muon``, :class:`BatchedMuon` (a ``torch.optim.Muon``) takes the decayed 2-D hidden matrices
-and the 3-D stacked experts; AdamW takes everything else: the embedding and LM head (standard Muon practice:
-they are lookup tables / a classifier, not hidden linear maps), the AttnRes vectors, gains, ``A_log``,
-``dt_bias`` and the depthwise conv kernels (``[C, 1, K]``: per-channel filters, not a matrix).
-
-Why a Muon subclass: torch 2.13's ``torch.optim.Muon`` rejects every non-2-D parameter in ``__init__`` (and its
-lr adjustment reads ``shape[:2]``, which for ``[E, out, in]`` would be ``(E, out)``). Stacked experts are E
-independent matrices, so :class:`BatchedMuon` orthogonalises each ``[out, in]`` slice separately with the same
-Newton-Schulz iteration (batched with ``baddbmm``) and adjusts the lr from ``shape[-2:]``. 2-D parameters go
-through torch's own functions, and the state layout (``momentum_buffer``) is torch's, so checkpoints load into
-a plain ``torch.optim.Muon`` for 2-D-only models.
-
-:func:`build_optimizers` returns a list so ``torch.distributed.checkpoint.state_dict.get_state_dict(model,
-optimizers)`` saves all of them as one state dict. Every group stores ``base_lr``; :func:`set_lr` multiplies it
-by :func:`lr_factor`.
+Why here: which parameters get weight decay (and why not the gains, ``A_log``/``dt_bias``, AttnRes queries or
+the embedding) and which go to Muon are training choices, made once for every layout. :class:`BatchedMuon` is
+a ``torch.optim.Muon`` that also takes the ``[E, out, in]`` stacked experts (one orthogonalisation per slice).
+:func:`build_optimizers` returns a list so one DCP state dict holds them all. docs/training.md, "Optimizer"
+and "Muon", has the rules and the reasons.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """How many CPU threads each training process uses (``trainer.num_threads``), decided once and printed.
 
-Why: torch's intra-op pool defaults to every core it can see, per process. Several ranks on one machine, or a
-machine shared with other jobs, then oversubscribe the cores and the same run gets several times slower: a
-tiny model on a busy 2-core box ran at 22–50 tokens/s with torch's default and 208–257 with one thread
-(issue 15). So the trainer sets the number explicitly, from (first that applies):
-
-1. ``trainer.num_threads`` when set;
-2. ``OMP_NUM_THREADS`` when set (torchrun sets it to 1 when it starts several processes per node);
-3. the cores this process may run on (``os.sched_getaffinity``) divided by the processes on this node
-   (``LOCAL_WORLD_SIZE``, set by torchrun; 1 otherwise), at least 1.
-
-The choice and its source are printed in the run header and logged as the ``start`` event.
+Why: torch's intra-op pool defaults to every core per process, which oversubscribes a shared or multi-rank
+machine (a tiny model on a busy 2-core box: 22-50 tokens/s with the default, 208-257 with one thread). Order:
+``trainer.num_threads``, else ``OMP_NUM_THREADS``, else the usable cores / ``LOCAL_WORLD_SIZE`` (at least 1).
+docs/training.md, "Threads".
 """
 
 from __future__ import annotations
