@@ -189,45 +189,23 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-class MetricsLogger:
-    """Fan-out of records to the console, RUN_DIR/train.log, RUN_DIR/metrics.jsonl and W&B (rank 0 only).
+class TextSink:
+    """Console (stdout) and RUN_DIR/train.log through one ``logging`` logger; ``console=False`` keeps only the
+    trainer's messages on the console (records still go to train.log)."""
 
-    ``total_steps``: the N of ``step k/N`` (the trainer sets it to the step the run stops at).
-    """
-
-    def __init__(self, run_dir: Path, logging_cfg, enabled: bool, config_dict: Optional[dict] = None):
-        self.enabled = enabled
-        self.console = logging_cfg.console
-        self.total_steps: Optional[int] = None
-        self._jsonl = None
-        self._wandb = None
-        self.wandb_run_id: Optional[str] = None
-        self._log: Optional[logging.Logger] = None
-        if not enabled:
-            return
+    def __init__(self, run_dir: Path, console: bool):
         self._log = logging.getLogger(RUN_LOGGER)
         self._drop_handlers()
         self._log.setLevel(logging.INFO)
         self._log.propagate = False  # Hydra's root handler would print every line twice
         out = logging.StreamHandler(sys.stdout)
         out.setFormatter(logging.Formatter("%(message)s"))
-        if not self.console:
+        if not console:
             out.addFilter(_NotRecords())
         to_file = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
         to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._log.addHandler(out)
         self._log.addHandler(to_file)
-        if logging_cfg.jsonl:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        wb = logging_cfg.wandb
-        if wb.mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_DIR", str(run_dir))
-            self.wandb_run_id = wandb_run_id(run_dir)
-            self._wandb = wandb.init(project=wb.project, entity=wb.entity, name=wb.name, tags=list(wb.tags),
-                                     mode=wb.mode, config=config_dict, dir=str(run_dir), id=self.wandb_run_id,
-                                     resume="allow")
 
     def _drop_handlers(self) -> None:
         for h in list(self._log.handlers):
@@ -235,35 +213,104 @@ class MetricsLogger:
             h.close()
 
     def info(self, message: str) -> None:
+        self._log.info(message)
+
+    def to_file(self, message: str) -> None:
+        for h in self._log.handlers:
+            if isinstance(h, logging.FileHandler):
+                h.handle(self._log.makeRecord(self._log.name, logging.ERROR, "", 0, message, None, None))
+
+    def write(self, rec: dict, line: Optional[str]) -> None:
+        if line is not None:
+            self._log.info(line, extra={"metrics_record": True})
+
+    def close(self) -> None:
+        self._drop_handlers()
+
+
+class JsonlSink:
+    """RUN_DIR/metrics.jsonl: one JSON object per record, flushed at once."""
+
+    def __init__(self, run_dir: Path):
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, rec: dict, line: Optional[str]) -> None:
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """Weights & Biases: the numeric values as ``kind/name`` (plus depth entropies and sample text), one W&B run
+    per run_dir across resumes (:func:`wandb_run_id`)."""
+
+    def __init__(self, run_dir: Path, wb, config_dict: Optional[dict]):
+        import wandb  # optional dependency: only with logging.wandb.mode != disabled
+
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        self.run_id = wandb_run_id(run_dir)
+        self._run = wandb.init(project=wb.project, entity=wb.entity, name=wb.name, tags=list(wb.tags),
+                               mode=wb.mode, config=config_dict, dir=str(run_dir), id=self.run_id, resume="allow")
+
+    def write(self, rec: dict, line: Optional[str]) -> None:
+        kind = rec["kind"]
+        values = {k: v for k, v in rec.items() if k not in ("kind", "step", "time")}
+        flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if kind == "depth":
+            for j, e in enumerate(values.get("depth_entropy", [])):
+                flat[f"depth/entropy_sub{j}"] = e
+        if kind == "sample":
+            flat["sample/text"] = values.get("text", "")
+        self._run.log(flat, step=rec["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsLogger:
+    """Fan-out of records to the sinks (rank 0 only): :class:`TextSink` (console, train.log), :class:`JsonlSink`
+    (``logging.jsonl``) and :class:`WandbSink` (``logging.wandb``).
+
+    ``total_steps``: the N of ``step k/N`` (the trainer sets it to the step the run stops at).
+    """
+
+    def __init__(self, run_dir: Path, logging_cfg, enabled: bool, config_dict: Optional[dict] = None):
+        self.enabled = enabled
+        self.total_steps: Optional[int] = None
+        self.wandb_run_id: Optional[str] = None
+        self._text: Optional[TextSink] = None
+        self.sinks: list = []
+        if not enabled:
+            return
+        self._text = TextSink(run_dir, logging_cfg.console)
+        self.sinks.append(self._text)
+        if logging_cfg.jsonl:  # first: a record reaches metrics.jsonl even if printing it fails
+            self.sinks.insert(0, JsonlSink(run_dir))
+        if logging_cfg.wandb.mode != "disabled":
+            wb = WandbSink(run_dir, logging_cfg.wandb, config_dict)
+            self.wandb_run_id = wb.run_id
+            self.sinks.append(wb)
+
+    def info(self, message: str) -> None:
         """A trainer message (header, resume, stop): console and train.log, whatever ``logging.console`` says."""
-        if self._log is not None:
-            self._log.info(message)
+        if self._text is not None:
+            self._text.info(message)
 
     def to_file(self, message: str) -> None:
         """A line for train.log only (the command line prints it on stderr itself)."""
-        if self._log is not None:
-            for h in self._log.handlers:
-                if isinstance(h, logging.FileHandler):
-                    h.handle(self._log.makeRecord(self._log.name, logging.ERROR, "", 0, message, None, None))
+        if self._text is not None:
+            self._text.to_file(message)
 
     def log(self, kind: str, step: int, echo: bool = True, **values) -> None:
         """One record to every sink; ``echo=False``: not to the console / train.log (jsonl and W&B only)."""
         if not self.enabled:
             return
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(rec) + "\n")
-            self._jsonl.flush()
-        if echo:
-            self._log.info(self._format(rec, self.total_steps), extra={"metrics_record": True})
-        if self._wandb is not None:
-            flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            if kind == "depth":
-                for j, e in enumerate(values.get("depth_entropy", [])):
-                    flat[f"depth/entropy_sub{j}"] = e
-            if kind == "sample":
-                flat["sample/text"] = values.get("text", "")
-            self._wandb.log(flat, step=step)
+        line = self._format(rec, self.total_steps) if echo else None
+        for sink in self.sinks:
+            sink.write(rec, line)
 
     @staticmethod
     def step_label(step: int, total: Optional[int] = None) -> str:
@@ -290,12 +337,7 @@ class MetricsLogger:
         return f"{head} {name}" + (f": {body}" if body else "")
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._log is not None:
-            self._drop_handlers()
-            self._log = None
+        # the text sink last: a failing W&B finish is still reported in train.log
+        for sink in sorted(self.sinks, key=lambda s: s is self._text):
+            sink.close()
+        self.sinks, self._text = [], None
