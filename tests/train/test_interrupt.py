@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from attnres_train.checkpoint import CheckpointManager, verify_checkpoint
 from attnres_train.train.faults import StopSignals
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -33,7 +33,8 @@ def _launch(args, step_sleep: float = 0.0):
     if step_sleep:
         env["ATTNRES_TEST_STEP_SLEEP"] = str(step_sleep)
         cmd = [PY, "-m", "tests.train.test_kill_resume", "--worker", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
+    return subproc.popen(cmd, run_dir.parent / "logs", run_dir.name, env=env, cwd=REPO)
 
 
 def _wait_for_steps(run_dir: Path, n: int, proc) -> None:
@@ -45,7 +46,10 @@ def _wait_for_steps(run_dir: Path, n: int, proc) -> None:
         except (OSError, ValueError):  # not there yet, or a line half written
             pass
         time.sleep(0.05)
-    raise AssertionError(f"no {n} steps logged (exit code {proc.poll()})")
+    if proc.poll() is None:
+        proc.kill()
+    subproc.communicate(proc, timeout=60)
+    raise AssertionError(f"no {n} steps logged; {subproc.failure(proc)}")
 
 
 def test_first_sigint_sets_the_flag_a_second_one_raises_and_a_forwarded_copy_does_not():
@@ -76,9 +80,9 @@ def test_sigint_saves_exits_130_and_resumes_bit_exactly(corpus, tmp_path):
     proc = _launch(args(run_dir), step_sleep=0.4)
     _wait_for_steps(run_dir, 3, proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
-    assert "Traceback" not in err and "received SIGINT" in err, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=300)
+    assert proc.returncode == 130, subproc.failure(proc)
+    assert "Traceback" not in err and "received SIGINT" in err, subproc.failure(proc)
     stopped_at = max(r["step"] for r in read_metrics(run_dir))
     assert 3 <= stopped_at < STEPS, stopped_at
     assert f"stopping on SIGINT: checkpoint {run_dir}" in out and "exiting with status 130" in out, out[-2000:]
@@ -88,10 +92,10 @@ def test_sigint_saves_exits_130_and_resumes_bit_exactly(corpus, tmp_path):
     assert meta["step"] == stopped_at and meta["layout"]["tp"] == 1
 
     resumed = _launch(args(run_dir))
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    ref_out, ref_err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, ref_err[-3000:]
+    out, err = subproc.communicate(resumed, timeout=600)
+    assert resumed.returncode == 0, subproc.failure(resumed)
+    ref_out, ref_err = subproc.communicate(ref, timeout=600)
+    assert ref.returncode == 0, subproc.failure(ref)
     want = {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(ref_dir)}
     got = [(r["step"], (r["loss"], r["grad_norm"])) for r in read_metrics(run_dir)]
     assert sorted({s for s, _ in got}) == list(range(1, STEPS + 1))
@@ -107,10 +111,10 @@ def test_second_sigint_aborts_at_once_without_saving(corpus, tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)  # past the repeat window, still inside the pause
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    out, err = subproc.communicate(proc, timeout=120)
+    assert proc.returncode == 130, subproc.failure(proc)
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "without saving" in errors[0] and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "without saving" in errors[0] and "Traceback" not in err, subproc.failure(proc)
     assert "received SIGINT again" in err
     # at once: no further step (a single Ctrl-C would have finished step 2 and saved it)
     assert [r["step"] for r in read_metrics(run_dir)] == [1]

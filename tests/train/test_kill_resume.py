@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from attnres_train.checkpoint import CheckpointManager, verify_checkpoint
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -97,7 +97,8 @@ def _launch(args, kill=None, step_sleep=0.0):
         cmd = [PY, "-m", "tests.train.test_kill_resume", "--worker", *args]
     else:
         cmd = [PY, "-m", "attnres_train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
+    return subproc.popen(cmd, run_dir.parent / "logs", run_dir.name, env=env, cwd=REPO)
 
 
 def _install_step_sleep(seconds: float) -> None:
@@ -126,8 +127,8 @@ def reference(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     run_dir = root / "reference"
     proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 0}))
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 0, subproc.failure(proc)
     ref = {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)}
     assert sorted(ref) == list(range(1, STEPS + 1))
     return root, ref
@@ -160,8 +161,8 @@ def test_kill_9_at_random_points_and_inside_saves_then_resume_exactly(corpus, re
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.0))
             proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, (phase, proc.returncode, err[-3000:])
+        out, err = subproc.communicate(proc, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (phase, subproc.failure(proc))
         resumed = [r for r in _records(run_dir, "event")[e_before:] if r.get("event") == "resumed"]
         if before is not None:  # the launch continued from the newest complete checkpoint it found
             assert resumed and resumed[0]["path"] == str(before), (phase, resumed, before)
@@ -181,8 +182,8 @@ def test_kill_9_at_random_points_and_inside_saves_then_resume_exactly(corpus, re
         _check_against_reference(run_dir, ref)
         assert last < STEPS, "the run finished before every kill happened; raise STEPS"
     proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 1}))
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 0, subproc.failure(proc)
     print("kills (phase, save mode, resumed from, last logged step):", kills)
     _check_against_reference(run_dir, ref)
     final = {r["step"]: r for r in read_metrics(run_dir)}
@@ -201,16 +202,16 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(corpus, reference):
     while len(_records(run_dir)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=300)
+    assert proc.returncode == 0, subproc.failure(proc)
     stopped_at = max(r["step"] for r in read_metrics(run_dir))
     assert 3 <= stopped_at < STEPS
     assert "received SIGTERM" in err and f"stopping on SIGTERM: checkpoint {run_dir}" in out, (out[-1500:], err[-1500:])
     ckpt = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
     assert verify_checkpoint(ckpt)["step"] == stopped_at
     proc = _launch(args)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 0, subproc.failure(proc)
     _check_against_reference(run_dir, ref)
     assert sorted({r["step"] for r in read_metrics(run_dir)}) == list(range(1, STEPS + 1))
 
@@ -227,8 +228,8 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_resumes_exactly(dam
     run_dir = root / f"corrupt_{damage}"
     proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 2,
                                             "trainer.stop_at": 6}))
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 0, subproc.failure(proc)
     prev, newest = (run_dir / "checkpoints" / f"step_{s:08d}" for s in (3, 6))
     if damage == "truncate":
         victim = next(newest.glob("*.distcp"))
@@ -238,16 +239,16 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_resumes_exactly(dam
         victim.write_bytes(b"\x80\x04garbage")
     before = _snapshot(run_dir / "checkpoints")
     proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 2}))
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 2, subproc.failure(proc)
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "Traceback" not in err, subproc.failure(proc)
     assert str(victim) in errors[0] and f"{prev} is still usable" in errors[0], errors[0]
     assert _snapshot(run_dir / "checkpoints") == before  # nothing deleted or rewritten
     proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 0,
                                             "checkpoint.resume": str(prev)}))
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    out, err = subproc.communicate(proc, timeout=600)
+    assert proc.returncode == 0, subproc.failure(proc)
     _check_against_reference(run_dir, ref)  # steps 4.. re-run from step 3: the same numbers
     assert verify_checkpoint(newest)["step"] == 6  # the corrupt step 6 was replaced by this run's
     shutil.rmtree(run_dir)
