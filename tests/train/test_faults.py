@@ -36,6 +36,7 @@ from attnres_train.model import build_model
 from attnres_train.parallel.mesh import single_process_context
 from attnres_train.train.faults import StopSignals, TrainingAborted, is_comm_failure
 from attnres_train.train.train_module import TrainModule
+from tests import subproc
 
 from .conftest import PY, REPO, read_metrics, tiny_overrides
 
@@ -187,7 +188,7 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = subproc.child_env(PYTHONUNBUFFERED="1")  # threads pinned (tests/subproc.py)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -288,15 +289,15 @@ def test_two_ranks_agree_on_a_skip_and_on_a_stop_signal_seen_by_one_rank(corpus,
                ATTNRES_TEST_STEP_SLEEP=0.3)
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tests.train.test_faults",
            "--worker", *tiny_overrides(corpus, dp_dir, steps=steps, **extra)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subproc.popen(cmd, warm_cache / "logs", "torchrun-sigusr1", env=env, cwd=REPO)
     try:
         _wait_for_steps(dp_dir, 4, [proc])
         os.kill(int((pid_dir / "rank_1").read_text()), signal.SIGUSR1)
-        out, err = proc.communicate(timeout=300)
+        out, err = subproc.communicate(proc, timeout=300)
     finally:
         _kill_all([proc])
-    assert proc.returncode == 0, err[-3000:]
-    assert "[rank 1] received SIGUSR1" in err and "stopping on SIGUSR1" in out, (out[-2000:], err[-2000:])
+    subproc.check(proc)
+    assert "[rank 1] received SIGUSR1" in err and "stopping on SIGUSR1" in out, subproc.failure(proc)
     got = {r["step"]: r for r in read_metrics(dp_dir)}
     last = max(got)
     assert 4 <= last < steps and got[3].get("skipped") and not any(got[s].get("skipped") for s in got if s != 3)
@@ -305,10 +306,9 @@ def test_two_ranks_agree_on_a_skip_and_on_a_stop_signal_seen_by_one_rank(corpus,
     complete = CheckpointManager(dp_dir / "checkpoints", 0).complete()
     assert [p.name for p in complete] == [f"step_{last:08d}"]
 
-    resumed = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                              "attnres_train", *tiny_overrides(corpus, dp_dir, steps=steps, **extra)],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    subproc.check(subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                               "attnres_train", *tiny_overrides(corpus, dp_dir, steps=steps, **extra)],
+                              warm_cache / "logs", "torchrun-resumed", env=_env(), cwd=REPO))
     got = {}
     for r in read_metrics(dp_dir):
         got[r["step"]] = r

@@ -2,11 +2,12 @@
 
 import ctypes.util
 import platform
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests import subproc
 
 PROBE = textwrap.dedent(
     """
@@ -32,8 +33,8 @@ PROBE = textwrap.dedent(
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or ctypes.util.find_library("c") is None, reason="glibc only")
-def test_freed_blocks_are_reused_without_page_faults():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
+def test_freed_blocks_are_reused_without_page_faults(tmp_path):
+    out = subproc.check(subproc.run([sys.executable, "-c", PROBE], tmp_path, "probe", timeout=300)).stdout.split()
     ok, before, after = out[0] == "True", float(out[1]), float(out[2])
     assert ok
     pages = (64 << 20) // 4096
