@@ -156,22 +156,33 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model_cfg=None, 
                         tp=cfg.tp, sp=cfg.sp, ep=ep, vpp=cfg.vpp, edp_replicate=edp_replicate, edp_shard=edp_shard)
 
 
+def check_tp_divisible(m, tp: int, field: str = "parallel.tp") -> None:
+    """The tensor-parallel divisibility rule, in one place (config validation and ``parallel/tensor*.py``):
+    every size TP splits must be a multiple of ``tp``; ConfigError on ``field`` naming the model field."""
+    rules = [
+        ("model.kda.num_heads", m.kda.num_heads, "KDA heads are split over the tp group"),
+        ("model.mla.num_heads", m.mla.num_heads, "MLA heads are split over the tp group"),
+        ("model.vocab_size", m.vocab_size, "the embedding and LM head are split along the vocabulary"),
+        ("model.moe.dense_intermediate_size", m.moe.dense_intermediate_size,
+         "the dense SwiGLU is split along its hidden dimension"),
+    ]
+    if m.moe.num_shared_experts > 0:
+        rules.append(("model.moe.intermediate_size", m.moe.intermediate_size * m.moe.num_shared_experts,
+                      "the shared expert's SwiGLU (intermediate_size * num_shared_experts) is split"))
+    for field_name, value, why in rules:
+        require_tp_divides(tp, field_name, value, why, field)
+
+
+def require_tp_divides(tp: int, field_name: str, value: int, why: str, field: str = "parallel.tp") -> None:
+    """One size split over tp: ``value`` (the model's ``field_name``) must be a multiple of ``tp``."""
+    if value % tp:
+        raise ConfigError(field, f"tp={tp} must divide {field_name}={value} ({why})")
+
+
 def _check_model(cfg: ParallelConfig, m, p: str) -> None:
     tp, ep = cfg.tp, cfg.ep
     if tp > 1:
-        rules = [
-            ("model.kda.num_heads", m.kda.num_heads, "KDA heads are split over the tp group"),
-            ("model.mla.num_heads", m.mla.num_heads, "MLA heads are split over the tp group"),
-            ("model.vocab_size", m.vocab_size, "the embedding and LM head are split along the vocabulary"),
-            ("model.moe.dense_intermediate_size", m.moe.dense_intermediate_size,
-             "the dense SwiGLU is split along its hidden dimension"),
-        ]
-        if m.moe.num_shared_experts > 0:
-            rules.append(("model.moe.intermediate_size", m.moe.intermediate_size * m.moe.num_shared_experts,
-                          "the shared expert's SwiGLU (intermediate_size * num_shared_experts) is split"))
-        for field_name, value, why in rules:
-            if value % tp:
-                raise ConfigError(f"{p}.tp", f"tp={tp} must divide {field_name}={value} ({why})")
+        check_tp_divisible(m, tp, f"{p}.tp")
     if ep > 1:
         if m.moe.num_experts % ep:
             raise ConfigError(f"{p}.ep", f"ep={ep} must divide model.moe.num_experts={m.moe.num_experts} "

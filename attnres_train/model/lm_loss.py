@@ -1,22 +1,11 @@
-"""Fused, chunked LM head + cross entropy: the loss and its gradients without the ``[tokens, vocab]`` logits.
+"""The LM loss, defined once: ``IGNORE_INDEX``, ``token_cross_entropy``, the ``LMLoss`` seam, and the fused,
+chunked head + cross entropy that never builds the ``[tokens, vocab]`` logits.
 
-Why: the plain head (``F.linear`` → fp32 logits → ``F.cross_entropy``) materialises the full logits, keeps a
-log-softmax of the same size for backward and streams a gradient of the same size again: at vocab 32768 that
-is 128 KiB per token in fp32 and, on CPU, far more time than the head's GEMMs (issue 17). Here the tokens are
-processed in chunks of ``chunk_tokens`` rows: per chunk the logits are computed (matmul in the input dtype,
-softmax statistics in fp32; fp64 stays fp64), the loss summed, and *in the same pass* the chunk's logit gradient
-``(softmax - onehot) / n_valid`` is turned into its share of the hidden-state gradient and accumulated into the
-head-weight gradient. Only one chunk's logits exist at a time.
-
-Gradients are computed in forward and scaled by ``grad_output`` in backward (Liger-Kernel's choice): three GEMMs
-per chunk, as the plain path; recomputing the logits in backward instead would cost a fourth. What is held from
-forward to backward is ``[tokens, d]`` (the hidden gradient) and ``[vocab, d]`` fp32 (the weight gradient,
-the size of the gradient that backward allocates anyway). It is only computed when a gradient is needed (grad
-mode on and an input requiring grad); otherwise this is a loss-only pass.
-
-The softmax statistics go through two hooks, ``reduce_max`` and ``reduce_sum`` (in-place, identity here), so the
-vocab-parallel tensor-parallel head (``attnres_train.parallel.tp_ops``) runs this same code on its vocab shard
-with all-reduces over the tp group; this module contains no parallel code itself.
+Why fused: the plain head materialises fp32 logits, a log-softmax of the same size and a gradient of the same
+size again (128 KiB per token at vocab 32768). Here tokens go in chunks; per chunk the logits, the loss and, in
+the same pass, the chunk's share of both gradients are computed (three GEMMs, as the plain path). The softmax
+statistics pass through ``reduce_max`` / ``reduce_sum`` hooks (identity here) so the vocab-parallel head
+(``parallel/tp_ops.py``) runs this same code on its shard. Details: docs/performance.md, "Fused LM head".
 """
 
 from __future__ import annotations
@@ -25,9 +14,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["IGNORE_INDEX", "token_cross_entropy", "fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "LMLoss", "token_cross_entropy", "fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
 
 IGNORE_INDEX = -100
 """The label that marks a position excluded from the LM loss (``F.cross_entropy``'s default): the one place it
@@ -150,3 +140,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     with torch.autocast(hidden.device.type, enabled=False):
         return chunked_linear_cross_entropy(h_ND, weight.to(compute), target_N, chunk_tokens, False,
                                             int(vocab_start), ignore_index, reduce_max, reduce_sum)[0]
+
+
+class LMLoss(nn.Module):
+    """The model's LM loss as a child module (``model.lm_loss``, no parameters): a plain seam that tensor
+    parallelism substitutes with a vocab-parallel module (``attnres_train.parallel.tensor_loss``).
+
+    ``lm_loss(logits, labels)``: :func:`token_cross_entropy`; ``lm_loss.fused(hidden, weight, labels,
+    chunk_tokens)``: the same loss of ``F.linear(hidden, weight)`` without the logits
+    (:func:`fused_linear_cross_entropy`).
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_cross_entropy(logits, labels)
+
+    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              chunk_tokens: int) -> torch.Tensor:
+        return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)

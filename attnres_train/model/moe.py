@@ -1,26 +1,10 @@
 """DeepSeek-V3 / Moonlight style MoE FFN (spec §6): sigmoid router, aux-loss-free bias, dropless experts.
 
-Why it is split the way it is: ``MoE.forward`` runs ``route -> dispatch -> run_experts -> combine`` as
-separate methods so the expert-parallel engine can swap the token permutation (all-to-all) steps without
-touching the routing math or the expert FFN. ``GroupedExperts`` consumes rows already sorted by expert plus
-per-expert row counts, and takes an ``expert_offset`` so a rank holding experts ``[a, b)`` reuses it.
-
-Routing semantics follow DeepSeek-V3 / vLLM / transformers' native ``KimiLinearTopkRouter`` (checked in
-transformers 5.23): fp32 sigmoid scores; top-k chosen on ``scores + e_score_correction_bias``; weights gathered
-from the *unbiased* scores, renormalised with ``+1e-20`` and multiplied by ``routed_scaling_factor``.
-``moe.bias_in_weights=True`` reproduces Moonshot's remote-code quirk (the in-place bias leaks into the
-weights). Group-limited routing is not implemented: Kimi Linear has ``n_group = topk_group = 1`` (a no-op).
-
-Load balancing: ``tokens_per_expert`` accumulates routed-token counts over training forwards (skipped during
-activation-checkpoint recomputation, so nothing is double counted); the trainer calls ``update_bias`` after
-the optimizer step (the parallel engine first all-reduces the counter over data-parallel ranks).
-The bias and the counters stay fp32 even if the module is cast with ``.to(bfloat16)``: a 1e-3 bias step is
-below bf16 resolution near 0.5.
-
-Precision (docs/performance.md, "Precision and memory policy"): the router computes in fp32 whatever the
-autocast state; the permuted rows and the routed experts run in :func:`expert_dtype` (bf16 under bf16 autocast,
-cast here because ``F.grouped_mm`` has no autocast rule); ``combine`` weights and sums in fp32. Expert counts
-stay on the device (grouped-GEMM offsets), so torch.compile has nothing per-step to specialise on.
+Why it is split the way it is: ``MoE.forward`` runs ``route -> dispatch -> run_experts -> combine`` as separate
+steps, and calls the routed experts (``experts``) and the aux loss's per-sequence sums (``sequence_stats``) as
+child modules: plain seams that expert / sequence parallelism substitute without touching the routing math or
+the expert FFN. ``GroupedExperts`` consumes rows already sorted by expert plus per-expert row counts.
+Routing semantics, balancing and the fp32 counters: docs/model.md ("MoE"); precision: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -118,6 +102,10 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return out
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @torch.compiler.disable  # runs a backward: never traced (the result is cached before any compiled call needs it)
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, d: int, ffn_dim: int) -> bool:
     """Run ``F.grouped_mm`` forward + backward on known operands; True if it works and gives the right values.
@@ -126,7 +114,10 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, d: int, ffn_dim:
     tolerance (bf16 cannot represent every integer above 256 exactly, so ``==`` would wrongly reject it).
     """
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # Plain saved tensors (innermost hooks win): an enclosing activation checkpoint (composable, hook-based)
+        # would otherwise capture the probe's graph and recompute its layer during the probe's backward.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
             a = torch.ones(3, d, device=device, dtype=dtype, requires_grad=True)
             b = torch.ones(2, ffn_dim, d, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
@@ -244,6 +235,15 @@ class GroupedExperts(nn.Module):
         return _experts_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
 
 
+class SequenceStats(nn.Module):
+    """Per-sequence statistics of :meth:`MoE.sequence_aux_loss` over the tokens this process holds: routing
+    hits ``[B, E]``, summed normalised scores ``[B, E]`` and the token count. Identity here; a seam that
+    sequence parallelism substitutes with a module summing them over the ranks holding the sequence's shards."""
+
+    def forward(self, hits_BE: torch.Tensor, share_BE: torch.Tensor, tokens: int):
+        return hits_BE, share_BE, tokens
+
+
 @dataclass
 class DispatchPlan:
     """What ``combine`` needs to undo ``dispatch``: sorted row r came from flat slot ``order_N[r]`` = t*K + k."""
@@ -270,6 +270,7 @@ class MoE(_KeepFP32Buffers):
         self.experts = GroupedExperts(m.num_experts, cfg.hidden_size, m.intermediate_size, cfg.init_std)
         self.shared_experts = (SwiGLU(cfg.hidden_size, m.intermediate_size * m.num_shared_experts)
                                if m.num_shared_experts > 0 else None)
+        self.sequence_stats = SequenceStats()
         # Accumulated over training forwards since the last update_bias (all-reduced by the parallel engine).
         self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)
         # Counts of the most recent forward (train or eval), for metrics.
@@ -296,15 +297,11 @@ class MoE(_KeepFP32Buffers):
         x_sorted_ND = x_TD.index_select(0, order_N // K)
         return x_sorted_ND, counts_E, DispatchPlan(order_N, T, K)
 
-    #: Expert-parallel seam, installed from outside (``attnres_train.parallel.expert``): ``None`` runs every
-    #: expert in this process; otherwise ``expert_runner(experts, x_sorted_ND, counts_E)`` returns the same
-    #: ``[N, D]`` rows by exchanging them with the ranks that own the experts. ``counts_E`` (this process's own
-    #: routing) is recorded in ``tokens_per_expert`` before the runner sees it.
-    expert_runner = None
-
     def run_experts(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.expert_runner is not None:
-            return self.expert_runner(self.experts, x_sorted_ND, counts_E)
+        """The routed experts on rows sorted by expert, through the ``experts`` child module: the seam expert
+        parallelism substitutes (``attnres_train.parallel.expert``: a module that exchanges the rows with the
+        ranks owning the experts and returns the same ``[N, D]`` rows). ``counts_E`` is this process's own
+        routing, recorded in ``tokens_per_expert`` before."""
         return self.experts(x_sorted_ND, counts_E)
 
     def combine(self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan,
@@ -339,15 +336,17 @@ class MoE(_KeepFP32Buffers):
         """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (gradient flows through P only).
 
         Per sequence of S tokens: ``f_i = E/(K S) * #{t: i in TopK_t}``, ``P_i = mean_t s_it / sum_j s_jt``,
-        ``loss = coef * sum_i f_i P_i``.
+        ``loss = coef * sum_i f_i P_i``. The per-sequence sums go through the ``sequence_stats`` child (the
+        seam sequence parallelism substitutes to sum them over a sequence's shards).
         """
         E, K = self.num_experts, self.top_k
         s_BSE = scores_TE.view(batch_size, -1, E)
-        S = s_BSE.shape[1]
-        P_BE = (s_BSE / s_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
-        idx_BN = topk_idx_TK.view(batch_size, S * K)
-        hits_BE = torch.zeros(batch_size, E, device=idx_BN.device, dtype=P_BE.dtype)
-        hits_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=P_BE.dtype))
+        share_BE = (s_BSE / s_BSE.sum(dim=-1, keepdim=True)).sum(dim=1)
+        idx_BN = topk_idx_TK.view(batch_size, -1)
+        hits_BE = torch.zeros(batch_size, E, device=idx_BN.device, dtype=share_BE.dtype)
+        hits_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=share_BE.dtype))
+        hits_BE, share_BE, S = self.sequence_stats(hits_BE, share_BE, s_BSE.shape[1])
+        P_BE = share_BE / S
         f_BE = hits_BE * (E / (K * S))
         return self.seq_aux_loss_coef * (f_BE * P_BE).sum(dim=-1).mean()
 

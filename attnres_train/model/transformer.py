@@ -22,7 +22,7 @@ from ..config.model import ModelConfig, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
-from .lm_loss import fused_linear_cross_entropy, token_cross_entropy
+from .lm_loss import LMLoss
 from .moe import MoE
 from .norms import RMSNorm
 
@@ -46,6 +46,9 @@ class AttnResModel(nn.Module):
 
 
 class AttnResForCausalLM(nn.Module):
+    #: What ``attnres_train.parallel.parallelize_model`` applied (its ``ParallelPlan``); None on a plain model.
+    parallel_plan = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         validate_model_config(cfg)
@@ -57,6 +60,7 @@ class AttnResForCausalLM(nn.Module):
         self._starts = set(block_starts(cfg))
         self.model = AttnResModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_loss = LMLoss()  # a module seam (mean CE over labels != IGNORE_INDEX), no parameters
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not self.lm_head.weight.is_meta:
@@ -158,20 +162,9 @@ class AttnResForCausalLM(nn.Module):
     def fused_lm_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       chunk_tokens: int) -> torch.Tensor:
         """``lm_loss(F.linear(hidden, weight), labels)`` chunked over ``chunk_tokens`` tokens, never building the
-        ``[tokens, vocab]`` logits (:mod:`attnres_train.model.lm_loss`).
-
-        A seam like :meth:`lm_loss`: the tensor-parallel engine replaces it per instance with the vocab-parallel
-        version (each rank its vocab shard of ``weight``).
-        """
-        return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)
-
-    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over labels != IGNORE_INDEX, in fp32 (fp64 logits stay fp64, as the router).
-
-        A seam, not a feature: the tensor-parallel engine replaces it per instance with a vocab-parallel cross
-        entropy when ``lm_head`` produces vocab-sharded logits (``attnres_train.parallel.tensor``).
-        """
-        return token_cross_entropy(logits, labels)
+        ``[tokens, vocab]`` logits: ``self.lm_loss.fused`` (the ``lm_loss`` child is the seam tensor parallelism
+        substitutes; :class:`~attnres_train.model.lm_loss.LMLoss`)."""
+        return self.lm_loss.fused(hidden, weight, labels, chunk_tokens)
 
     # -- training conveniences (no parallel code) --------------------------------------------------
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor):

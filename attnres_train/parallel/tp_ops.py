@@ -1,30 +1,12 @@
 """Tensor-parallel autograd primitives on plain local tensors over the tp process group.
 
-Why these exist next to DTensor: the residual stream, the norms, the AttnRes depth mixing and the
-column/row-parallel linears of the FFNs are DTensor code (``attnres_train.parallel.tensor``), but two things
-are simpler and cheaper as explicit collectives on local tensors:
-
-* :func:`vocab_parallel_cross_entropy` - the LM loss on vocab-sharded logits without ever gathering the
-  ``[tokens, vocab]`` matrix. torch's ``loss_parallel()`` computes the same thing on CPU/gloo too (checked with
-  torch 2.13), but it returns a DTensor loss and needs its context manager to be active around
-  ``loss.backward()`` as well, i.e. inside the training loop. Ours returns a plain fp32 scalar, identical on
-  every tp rank, whose backward needs no context, so the train module does not know TP exists.
-* :func:`vocab_parallel_fused_cross_entropy` - the same loss straight from the hidden states and this rank's
-  vocab shard of the head weight, chunked over tokens (:mod:`attnres_train.model.lm_loss` with the softmax
-  statistics all-reduced per chunk): not even a ``[tokens, vocab / tp]`` matrix is built.
-* :func:`reduce_grad` - forward identity, backward all-reduce (Megatron's ``copy_to_tensor_model_parallel_
-  region``): a tensor used identically on every rank whose per-rank gradients are partial sums. Used for the
-  expert-parallel experts' weights under SP (each tp rank feeds them its own sequence shard).
-* :func:`all_reduce_replicated` - "the forward value is needed on every rank, each rank owns only its own
-  summand": forward all-reduce, backward identity (Megatron's ``reduce_from_tensor_model_parallel_region``).
-  Used by the sequence-parallel MoE balance loss.
-
-Every collective here is a c10d call that gloo (CPU) and NCCL (GPU) both implement for fp32/fp64/bf16:
-``all_reduce`` with SUM and MAX.
-
-Convention shared with ``tensor.py``: a loss computed from these ops is *replicated* (the same value on every tp
-rank) and every tp rank calls ``backward()`` on it; each rank then back-propagates only its own part of the
-graph (its vocab shard, its sequence shard), which is what makes identity the right backward above.
+Why next to DTensor: the vocab-parallel cross entropy (plain, and fused from the hidden states) never gathers
+the ``[tokens, vocab]`` logits and returns a plain fp32 scalar whose backward needs no context (torch's
+``loss_parallel()`` returns a DTensor and must wrap ``backward()`` too; docs/tensor_parallel.md); ``reduce_grad``
+(forward identity, backward all-reduce) and ``all_reduce_replicated`` (forward all-reduce, backward identity)
+are Megatron's copy-to / reduce-from region. Convention: a loss built from these ops is replicated (the same on
+every tp rank), every rank calls ``backward()`` on it and back-propagates only its own vocab / sequence shard,
+which is what makes identity the right backward. Gloo and NCCL implement every collective used (all_reduce).
 """
 
 from __future__ import annotations
