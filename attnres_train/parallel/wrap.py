@@ -1,21 +1,15 @@
 """Activation checkpointing and torch.compile, applied from outside the model by ``parallelize_model``.
 
-Activation checkpointing wraps each decoder layer's ``forward`` in place (the natural recompute unit). Compile
-is applied after it (the order torchtitan uses), without touching the model code, to each layer's sublayer
-bodies (norms, token mixer, FFN / MoE), not to the layer: a layer's forward reads per-layer Python values
-(the sublayer index ``2 * layer_idx + k`` into the phase-1 statistics, whether a sublayer opens a block, the
-number of depth sources so far), so dynamo compiled one variant per layer and, past
-``torch._dynamo.config.recompile_limit`` (8) variants, ran the remaining layers eagerly. The sublayer bodies
-see the same attributes and shapes in every layer of a kind, so each kind compiles once (KDA, MLA, dense FFN,
-MoE, norm) and stays compiled for any depth. The AttnRes depth mixing between them runs in its own fused
-forms (hand-differentiated torch functions on CPU, Triton kernels on CUDA).
+Why per decoder layer and per sublayer: a layer is the natural recompute unit (torch's composable ``checkpoint``:
+hooks, names unchanged); compile goes to each layer's sublayer modules, not the layer, whose per-layer Python
+values made dynamo compile one variant per layer and give up past its recompile limit, so each kind (KDA, MLA,
+FFN, MoE, norm) compiles once for any depth (docs/parallel.md, "Order of application").
 """
 
 from __future__ import annotations
 
-import functools
-
-from torch.utils.checkpoint import checkpoint
+from torch import nn
+from torch.distributed._composable import checkpoint
 
 from .parts import decoder_layers
 
@@ -23,16 +17,14 @@ from .parts import decoder_layers
 def apply_activation_checkpointing(model) -> None:
     """Recompute each decoder layer in backward (non-reentrant: the DepthState passes through as is)."""
     for layer in decoder_layers(model):
-        if getattr(layer, "_ac_wrapped", False):
-            continue
-        inner = layer.forward
+        if is_checkpointed(layer):
+            raise RuntimeError("activation checkpointing was already applied to this model")
+        checkpoint(layer)
 
-        @functools.wraps(inner)
-        def forward(state, _inner=inner, **kwargs):  # kwargs: doc_ids (document masking)
-            return checkpoint(_inner, state, use_reentrant=False, **kwargs)
 
-        layer.forward = forward
-        layer._ac_wrapped = True
+def is_checkpointed(module: nn.Module) -> bool:
+    """Whether :func:`apply_activation_checkpointing` (torch's composable ``checkpoint``) is on ``module``."""
+    return checkpoint.state(module) is not None
 
 
 #: The children of a decoder layer that ``apply_compile`` compiles (those that exist in the layer).

@@ -35,6 +35,7 @@ def _tp_body(parallel_kw, ac):
     from attnres_train.model.doc_mask import document_ids
     from attnres_train.parallel.mesh import build_parallel_context
     from attnres_train.parallel.train_step import local_batch
+    from attnres_train.parallel.wrap import is_checkpointed
     from attnres_train.train.train_module import TrainModule
     from tests.full_tensors import full_grads
     from tests.parallel.test_equivalence import build_reference, model_cfg, rel_err
@@ -54,7 +55,7 @@ def _tp_body(parallel_kw, ac):
     stats = module.forward_backward(local_batch(ids, pctx))
     par_g = full_grads(par)
     plain = float(ref(x, labels=y).loss)
-    assert all(getattr(layer, "_ac_wrapped", False) == ac for layer in par.model.layers)
+    assert all(is_checkpointed(layer) == ac for layer in par.model.layers)
     return {"loss": abs(stats["loss"] - float(o.loss)) / float(o.loss), "plain_gap": abs(plain - float(o.loss)),
             "grad": max(rel_err(par_g[n], ref_g[n]) for n in ref_g)}
 

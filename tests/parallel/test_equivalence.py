@@ -104,6 +104,7 @@ def _layout_body(parallel_kw, ac=False):
     from attnres_train.model.moe import MoE
     from attnres_train.parallel.mesh import build_parallel_context
     from attnres_train.parallel.train_step import local_batch
+    from attnres_train.parallel.wrap import is_checkpointed
     from attnres_train.train.optim import build_optimizers, set_lr
     from attnres_train.train.train_module import TrainModule
     from tests.full_tensors import full_grads, full_state
@@ -162,7 +163,8 @@ def _layout_body(parallel_kw, ac=False):
         par_p = full_state(par)
         res["params"] = _worst({n: rel_err(par_p[n], ref_p[n]) for n in ref_p})
         res["n_params"] = len(par_p)
-        res["ac"] = all(getattr(layer, "_ac_wrapped", False) for layer in par.model.layers)
+        res["ac"] = ("activation_checkpointing" in par.parallel_plan
+                     and all(is_checkpointed(layer) for layer in par.model.layers))
         out[mode] = res
     return out
 

@@ -27,13 +27,14 @@ with FSDP: FSDP's post-backward hooks fire on the input-gradient pass, before th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
 from ..init import materialize_and_init
-from ..parallelize import parallelize_model
+from ..parallelize import ParallelPlan, parallelize_model, record_plan
 from .layout import PipelineLayout
 from .runtime import PipelineRuntime, StepResult
 from .schedules import schedule_placement
@@ -132,8 +133,7 @@ them and materialise them from ``seed`` (None: drawn from torch's global RNG) â€
     pcfg = pipeline_cfg or PipelineConfig()
     validate_pipeline_config(pcfg, dims.pp, dims.vpp, model.config.num_layers)
     check_pipeline_dp(pcfg, dims.dp)
-    if getattr(model, "_attnres_parallelized", False):
-        raise RuntimeError("parallelize_pipeline was already applied to this model")
+    record_plan(model, ParallelPlan(), "parallelize_pipeline")  # claimed first: a failure midway is not retried
     on_meta = all(p.is_meta for p in model.parameters())
     layout = PipelineLayout.from_model_config(model.config, dims.pp, dims.vpp, layers_per_stage=pcfg.layers_per_stage,
                                               block_cache=pcfg.block_cache, embed_cost=pcfg.embed_cost,
@@ -159,5 +159,6 @@ them and materialise them from ``seed`` (None: drawn from torch's global RNG) â€
     runtime = PipelineRuntime(stages, layout, pcfg.schedule, pp_mesh, comm_dtype=comm_dtype,
                               group_size=pcfg.microbatch_group_size, split_iw=pcfg.split_backward,
                               w_delay=pcfg.w_delay, seq_shards=dims.tp if dims.sp else 1)
-    model._attnres_parallelized = True
+    applied = stages[0].parallel_plan
+    model.parallel_plan = replace(applied, steps=("pipeline_parallel",) + applied.steps)
     return PipelinedModel(model, layout, stages, runtime, pp_rank)
