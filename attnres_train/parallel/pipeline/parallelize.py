@@ -1,28 +1,11 @@
 """``parallelize_pipeline``: cut the plain model into this rank's pipeline stages and apply EP / TP / AC /
-compile / FSDP to them, in the same order as ``parallelize_model`` (see that module for why that order).
+compile / FSDP to each with the same ``parallelize_model`` as without a pipeline (one SPMD path).
 
-What a pipeline rank ends up with (:class:`PipelinedModel`):
-
-* ``stages``: its V :class:`PipelineStageModule` s (stages ``r, r+P, ...``), each sharing the full model's
-  modules; ``chunks``: one :class:`PipelineChunks` module registering exactly those modules under the *full
-  model's* parameter names, so optimizers, DCP checkpoints and HF export see the same keys as on one process
-  and a checkpoint can be resumed under any other layout;
-* ``runtime``: the :class:`PipelineRuntime` on the ``pp`` mesh, which keeps FSDP from reducing gradients until
-  each stage's last backward of the step (``before_last_backward``).
-
-Construction (one SPMD path): the plain model is built on the ``meta`` device, this rank's stages are cut from
-it, and ``parallelize_model`` — the same function that parallelises an unpipelined model — is applied to each
-stage's modules (EP -> TP/SP -> AC -> compile -> FSDP; each stage is its own FSDP root, as torchtitan does).
-Then only ``chunks`` is materialised and initialised (``parallel.init``: per-parameter counter-based streams keyed
-by the full model's names), so every rank holds exactly the values one process would have, and no rank ever
-holds another stage's tensors. A model that is already materialised (tests) is accepted too: its values are kept
-and the layers of other ranks' stages are moved back to ``meta``.
-
-Tensor parallelism: boundary tensors travel as plain local tensors (``Replicate`` DTensors' local values, or the
-sequence shard under SP, sent tp rank to tp rank); :class:`TensorParallelActivations` converts them at the stage
-edges, differentiably. FSDP: ``fully_shard`` per decoder layer unit and per stage (each stage is its own FSDP
-root, as torchtitan does with pipeline stages). Backward split into I/W (``pipeline.split_backward``) is rejected
-with FSDP: FSDP's post-backward hooks fire on the input-gradient pass, before the weight gradients exist.
+Why these pieces: :class:`PipelineChunks` registers this rank's modules under the *full model's* names (optimizer,
+DCP and export see one process's keys); :class:`TensorParallelActivations` converts boundary tensors between the
+wire (plain local tensors) and the TP model (DTensors); :class:`PipelinedModel` keeps FSDP from reducing until
+each stage's last backward. Only this rank's stages are materialised, with one process's values. The full
+model records ``parallel_plan`` (``pipeline_parallel`` first). Construction step by step: docs/pipeline.md.
 """
 
 from __future__ import annotations
