@@ -53,6 +53,12 @@ class TrainerCallback:
     def on_train_end(self, trainer: "Trainer") -> None:
         """After the last step of a launch that ended normally (``stop`` reached or a stop signal)."""
 
+    def on_eval(self, trainer: "Trainer", step: int, metrics: dict) -> None:
+        """After each validation (``val_loss``, ``val_ppl``), whichever callback asked for it."""
+
+    def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
+        """After each checkpoint save (with ``checkpoint.async_save``: once it is scheduled, not yet committed)."""
+
 
 class TrainLog(TrainerCallback):
     """The ``train`` record every ``log_every`` steps (and on the last, skipped or signalled step): the step's

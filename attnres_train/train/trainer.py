@@ -116,6 +116,8 @@ class Trainer:
         except CheckpointSaveError as exc:  # disk full, I/O error: partial dir removed, older checkpoints intact
             raise TrainingAborted(f"step {self.step}: {exc}") from None
         self.logger.log("event", self.step, event="checkpoint", path=str(path), **({} if blocking else {"async": True}))
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, self.step, path)
         return path
 
     def maybe_resume(self) -> Optional[Path]:
@@ -252,4 +254,6 @@ class Trainer:
         val = self.module.eval_loss(batches)
         if val:
             self.logger.log("val", self.step, **val)
+            for cb in self.callbacks:
+                cb.on_eval(self, self.step, val)
         return val

@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[2] / "attnres_train"
 
 class Recorder(TrainerCallback):
     def __init__(self):
-        self.calls = []
+        self.calls, self.evals, self.saves = [], [], []
 
     def on_train_start(self, trainer):
         self.calls.append(("start", trainer.step))
@@ -32,6 +32,12 @@ class Recorder(TrainerCallback):
 
     def on_train_end(self, trainer):
         self.calls.append(("end", trainer.step))
+
+    def on_eval(self, trainer, step, metrics):
+        self.evals.append((step, dict(metrics)))
+
+    def on_checkpoint(self, trainer, step, path):
+        self.saves.append((step, path.name, path.is_dir()))
 
 
 def test_a_user_callback_sees_each_step_after_the_built_ins(corpus, tmp_path):
@@ -57,6 +63,8 @@ def test_a_user_callback_sees_each_step_after_the_built_ins(corpus, tmp_path):
     assert logged == {c[1]: c[4]["loss"] for c in steps}
     val = {r["step"]: r["val_loss"] for r in read_metrics(run_dir, "val")}
     assert val == {c[1]: c[4]["val_loss"] for c in steps if "val_loss" in c[4]}
+    assert [(s, m["val_loss"]) for s, m in rec.evals] == sorted(val.items())
+    assert rec.saves == [(3, "step_00000003", True), (4, "step_00000004", True)]
 
 
 def test_the_loop_does_not_read_the_parallel_layout():
