@@ -57,9 +57,8 @@ def _expert_placement_fn(model: nn.Module, pctx) -> Callable:
     """``shard_placement_fn`` giving the EP-sharded expert weights their own (HSDP) mesh inside a layer unit.
 
     FSDP2 (torch >= 2.10) groups a unit's parameters by process group, so the experts get their own
-    all-gather / reduce-scatter on ``(edp_replicate, edp_shard)`` while sharing the layer's hooks: experts
-    are not called as a module under EP (the runner reads their weights), so a separate ``fully_shard`` on
-    ``moe.experts`` would never be unsharded / reduced. Shard dim: the expert dim if ``E/ep`` splits evenly
+    all-gather / reduce-scatter on ``(edp_replicate, edp_shard)`` while sharing the layer's hooks (one
+    unshard / reduce per layer unit; no separate ``fully_shard`` on ``moe.experts``). Shard dim: the expert dim if ``E/ep`` splits evenly
     over ``edp_shard``, else the first other dim that does (FSDP2 needs even shards off dim 0).
     """
     from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
