@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import CheckpointManager
 from ..config.errors import ConfigError, UserInputError
-from ..config.model import as_model_config, block_starts
+from ..config.model import as_model_config, block_starts, is_moe_layer
 from ..data.loader import build_datasets
 from ..model import build_model
 from ..model.moe import MoE
@@ -80,7 +80,7 @@ def reader_labels(model_cfg) -> List[str]:
     out = []
     for i in range(cfg.num_layers):
         out.append(f"L{i}.{'mla' if i in mla else 'kda'}")
-        out.append(f"L{i}.{'moe' if i >= cfg.moe.first_k_dense else 'mlp'}")
+        out.append(f"L{i}.{'moe' if is_moe_layer(cfg, i) else 'mlp'}")
     return out + ["out"]
 
 

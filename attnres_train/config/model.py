@@ -237,6 +237,12 @@ def _reject_moe_no_ops(e: MoEConfig, num_layers: int, p: str) -> None:
                           "bias_update_speed=0 (the router bias is never updated)")
 
 
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    """Whether decoder layer ``layer_idx`` has a routed MoE FFN (every layer after the first ``moe.first_k_dense``,
+    which use a dense SwiGLU): the one rule the model, FLOP counts, estimates and the HF mapping share."""
+    return layer_idx >= cfg.moe.first_k_dense
+
+
 def block_starts(cfg: ModelConfig) -> List[int]:
     """Sublayer indices (0..2*num_layers-1) at which a new AttnRes block starts.
 

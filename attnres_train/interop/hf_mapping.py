@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..config.errors import UserInputError
-from ..config.model import ModelConfig, as_model_config, validate_model_config
+from ..config.model import ModelConfig, as_model_config, is_moe_layer, validate_model_config
 from ..model import build_model
 
 LAYOUTS = ("checkpoint", "transformers")
@@ -159,7 +159,7 @@ def iter_state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConf
         _copy_norms_and_mla(src, out, p, x, i in mla_layers)
         if i not in mla_layers:
             _kda_from_hf(src, out, p + "self_attn.", x)
-        if i < cfg.moe.first_k_dense:
+        if not is_moe_layer(cfg, i):
             # The released checkpoint names the dense FFN ``mlp.*``; transformers 5.x save_pretrained writes
             # ``block_sparse_moe.*`` (its reverse rename also hits dense layers). Accept both.
             dense = p + ("mlp." if src.has(f"{p}mlp.gate_proj.weight") else "block_sparse_moe.")
@@ -315,7 +315,7 @@ def group_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: Optiona
         out[fg + "A_log"] = src.take(a + "A_log", numel=H).reshape(1, 1, H, 1)
         out[fg + "dt_bias"] = src.take(a + "dt_bias", (H * x["K"],))
         out[a + "o_norm.weight"] = src.take(a + "o_norm.weight", (x["K"],))
-    if i < cfg.moe.first_k_dense:
+    if not is_moe_layer(cfg, i):
         for name, shape in _swiglu_shapes(d, x["dff"]).items():
             out[f"{p}mlp.{name}"] = src.take(f"{p}mlp.{name}", shape)
         _check_leftover(src)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.model import ModelConfig, as_model_config, block_starts
+from ..config.model import ModelConfig, as_model_config, block_starts, is_moe_layer
 
 
 @dataclass
@@ -57,7 +57,7 @@ def count_params(model_cfg) -> ParamCounts:
     for i in range(cfg.num_layers):
         mixer = _mla_params(cfg) if i in mla else _kda_params(cfg)
         norms = 2 * d
-        if i < e.first_k_dense:
+        if not is_moe_layer(cfg, i):
             ffn_total = ffn_active = 3 * d * e.dense_intermediate_size
         else:
             expert = 3 * d * e.intermediate_size
@@ -95,7 +95,7 @@ def forward_flops_per_token(model_cfg, seq_len: int) -> float:
     flops = 0.0
     for i in range(cfg.num_layers):
         flops += _mla_flops(cfg, seq_len) if i in mla else _kda_flops(cfg)
-        if i < e.first_k_dense:
+        if not is_moe_layer(cfg, i):
             flops += 2 * 3 * d * e.dense_intermediate_size
         else:
             flops += 2 * (3 * d * e.intermediate_size * (e.top_k + e.num_shared_experts) + d * e.num_experts)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config.model import ModelConfig, block_starts
+from ..config.model import ModelConfig, block_starts, is_moe_layer
 from .depth import DepthState, depth_read
 from .kda import KimiDeltaAttention
 from .mla import MultiLatentAttention
@@ -49,7 +49,7 @@ class DecoderLayer(nn.Module):
         self.residual_impl = cfg.residual.impl
         self.eps = eps
         self.is_mla = layer_idx in set(cfg.mla_layers)
-        self.is_moe = layer_idx >= cfg.moe.first_k_dense
+        self.is_moe = is_moe_layer(cfg, layer_idx)
         self.input_layernorm = RMSNorm(d, eps)
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.self_attn = MultiLatentAttention(cfg) if self.is_mla else KimiDeltaAttention(cfg)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..config.model import ModelConfig, block_starts
+from ..config.model import ModelConfig, block_starts, is_moe_layer
 from ..config.parallel import ParallelDims
 
 GiB = float(2**30)
@@ -70,7 +70,7 @@ def layer_params(cfg: ModelConfig, i: int) -> Params:
         mats = 3 * d * hk + 2 * K * hk + d * H + hk * d  # q/k/v, f_b/g_b, b, o
         p = Params(tp=mats + 3 * hk * k.conv_size + H + hk, rep=2 * d * K + K, muon=mats + 2 * d * K)
     p = p + Params(rep=2 * d + (4 * d if cfg.residual.mode != "prenorm" else 0))  # norms, AttnRes queries
-    if i < m.first_k_dense:
+    if not is_moe_layer(cfg, i):
         ffn = 3 * d * m.dense_intermediate_size
         return p + Params(tp=ffn, muon=ffn)
     shared = 3 * d * m.intermediate_size * m.num_shared_experts
@@ -131,7 +131,7 @@ def layer_activation_bytes(cfg: ModelConfig, i: int, dims: ParallelDims, shape: 
         region = 14 * hk * a + hk * f * (1 + k.head_dim / 64) + k.num_heads * f + 2 * k.head_dim * a
     per_tok += d * a + region / tp  # region input (gathered, bf16) + per-head internals
     e = cfg.moe
-    if i < e.first_k_dense:
+    if not is_moe_layer(cfg, i):
         per_tok += d * a + 4 * e.dense_intermediate_size * a / tp
     else:
         moe = d * a + 2 * e.num_experts * f + e.top_k * (2 * d * a + 4 * e.intermediate_size * a + d * f)
@@ -325,11 +325,11 @@ def estimate_comm(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, rank:
             rows.append(CommRow("edp_replicate", "expert all-reduce", 2 * ring(dims.edp_replicate) * exp_shard))
     tokens = shape.micro_batch_size * shape.seq_len
     act = tokens * cfg.hidden_size * shape.act_bytes
-    moe_layers = [i for i in rank.layers if i >= cfg.moe.first_k_dense]
+    moe_layers = [i for i in rank.layers if is_moe_layer(cfg, i)]
     redo = 1.5 if shape.activation_checkpointing else 1.0  # the recomputed forward repeats its collectives
     if dims.tp > 1:
         regions = len(rank.layers) + sum(1 for i in rank.layers
-                                         if i < cfg.moe.first_k_dense or cfg.moe.num_shared_experts)
+                                         if not is_moe_layer(cfg, i) or cfg.moe.num_shared_experts)
         regions += (0 in _stages(rank, layout)) + (_last(rank, layout))
         kind = "all-gather + reduce-scatter (SP)" if dims.sp else "all-reduce"
         rows.append(CommRow("tp", f"activations: {kind}", redo * M * regions * 4 * ring(dims.tp) * act,
@@ -373,6 +373,6 @@ def summary(cfg: ModelConfig) -> Dict[str, Optional[int]]:
     """Totals for the header line: parameters, active parameters per token (from the exact categories)."""
     p = model_params(cfg)
     m = cfg.moe
-    moe_layers = max(0, cfg.num_layers - m.first_k_dense)
+    moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
     inactive = moe_layers * (m.num_experts - m.top_k) * 3 * cfg.hidden_size * m.intermediate_size
     return {"total": p.total, "active": p.total - inactive, "experts": p.experts}
