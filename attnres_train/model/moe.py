@@ -383,3 +383,8 @@ class MoE(_KeepFP32Buffers):
         c = self.tokens_per_expert if counts_E is None else counts_E
         mean = float(c.float().mean())
         return float(c.float().max()) / mean if mean > 0 else 0.0
+
+
+def moe_layers(module: nn.Module) -> list:
+    """Every :class:`MoE` inside ``module`` (a whole model, a pipeline stage or this rank's stages), in order."""
+    return [m for m in module.modules() if isinstance(m, MoE)]

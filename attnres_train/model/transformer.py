@@ -23,7 +23,7 @@ from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1,
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
 from .lm_loss import LMLoss
-from .moe import MoE
+from .moe import moe_layers
 from .norms import RMSNorm
 
 
@@ -173,7 +173,7 @@ class AttnResForCausalLM(nn.Module):
         return out.loss, out.aux_loss
 
     def moe_layers(self):
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return moe_layers(self)
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

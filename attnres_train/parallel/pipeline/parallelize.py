@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from ...model.moe import moe_layers
 from ..init import materialize_and_init
 from ..parallelize import ParallelPlan, parallelize_model, record_plan
 from .layout import PipelineLayout
@@ -62,7 +63,7 @@ class PipelineChunks(nn.Module):
         self.model = shell
 
     def moe_layers(self) -> list:
-        return [m for m in self.modules() if hasattr(m, "update_bias") and hasattr(m, "tokens_per_expert")]
+        return moe_layers(self)
 
 
 class PipelinedModel:

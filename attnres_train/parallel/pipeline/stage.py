@@ -16,6 +16,7 @@ from torch import nn
 
 from ...model.depth import DepthState
 from ...model.doc_mask import document_ids
+from ...model.moe import moe_layers
 from .layout import PipelineLayout
 
 
@@ -88,21 +89,17 @@ class PipelineStageModule(nn.Module):
         return StageOutput(_map_state(state, ad.to_wire) if ad is not None else state, None, state.aux_loss)
 
     def _loss(self, state: DepthState, labels: torch.Tensor) -> torch.Tensor:
-        """The model's LM loss (fused and chunked when ``model.lm_loss_chunk_tokens > 0``, as its ``forward``).
-
-        A tensor-parallel stage carries its own vocab-parallel seams (set by parallelize_model on the stage).
-        """
+        """The model's LM loss through its ``lm_loss`` seam (fused and chunked when
+        ``model.lm_loss_chunk_tokens > 0``, as its ``forward``); tensor parallelism substitutes that seam."""
         m = self._full
         chunk = m.config.lm_loss_chunk_tokens
         if chunk:
-            loss_fn = self.__dict__.get("fused_lm_loss") or m.fused_lm_loss
-            return loss_fn(m.final_hidden(state), self.lm_head.weight, labels, chunk)
-        loss_fn = self.__dict__.get("lm_loss") or getattr(m, "lm_loss", None) or _lm_loss
-        return loss_fn(m.head(state), labels)
+            return m.fused_lm_loss(m.final_hidden(state), self.lm_head.weight, labels, chunk)
+        return m.lm_loss(m.head(state), labels)
 
     def moe_layers(self) -> list:
         """This stage's MoE modules (their router-bias load counters are per-stage buffers)."""
-        return [mod for mod in self.modules() if hasattr(mod, "update_bias") and hasattr(mod, "tokens_per_expert")]
+        return moe_layers(self)
 
     def extra_repr(self) -> str:
         parts = [f"stage={self.stage}", f"layers=[{self.start},{self.end})"]
@@ -111,12 +108,6 @@ class PipelineStageModule(nn.Module):
         if self.is_last:
             parts.append("head")
         return ", ".join(parts)
-
-
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fallback for a model without the ``lm_loss`` seam: the same cross entropy as its ``forward``."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def _map_state(state: DepthState, fn) -> DepthState:
