@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..config.model import ModelConfig, block_starts, validate_model_config
+from ..config.model import ModelConfig, as_model_config, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
@@ -206,8 +206,6 @@ def build_model(model_cfg, device=None, dtype: Optional[torch.dtype] = None,
     global RNG, so ``torch.manual_seed`` decides). A ``meta`` model is what ``parallelize_model`` /
     ``parallelize_pipeline`` take at scale: they materialise only this rank's shards with the same values.
     """
-    from ..config.model import as_model_config
-
     cfg = as_model_config(model_cfg)
     with torch.device("meta"):
         model = AttnResForCausalLM(cfg)

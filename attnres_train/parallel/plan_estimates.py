@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..config.model import ModelConfig, block_starts, is_moe_layer
 from ..config.parallel import ParallelDims
+from ..model.flops import attnres_sources
 
 GiB = float(2**30)
 FP32 = 4
@@ -146,8 +147,6 @@ def _attnres_bytes_per_token(cfg: ModelConfig, i: int) -> float:
     """fp32 copies the depth mixing keeps for the two reads of layer ``i`` (stacked sources, keys, merges)."""
     if cfg.residual.mode == "prenorm":
         return 0.0
-    from ..model.flops import attnres_sources
-
     d, f = cfg.hidden_size, FP32
     sources = attnres_sources(cfg)[2 * i:2 * i + 2]
     if cfg.residual.mode == "full":

@@ -15,7 +15,10 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ...config.pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
 from ...model.moe import moe_layers
 from ..init import materialize_and_init
 from ..parallelize import ParallelPlan, parallelize_model, record_plan
@@ -29,14 +32,10 @@ class TensorParallelActivations:
     """Boundary tensors between the wire (plain local tensors) and the TP model (DTensors on the tp mesh)."""
 
     def __init__(self, tp_mesh, sequence_parallel: bool):
-        from torch.distributed.tensor import Replicate, Shard
-
         self.mesh = tp_mesh
         self.placements = [Shard(1) if sequence_parallel else Replicate()]
 
     def to_model(self, t: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
         return DTensor.from_local(t, self.mesh, self.placements, run_check=False)
 
     def to_wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -103,16 +102,12 @@ class PipelinedModel:
 
 
 def _fsdp_units(module: nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
     """Cut ``model`` (meta, or materialised identically on every rank) into this rank's stages, parallelise
 them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
-    from ...config.pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
-
     dims = pctx.dims
     pcfg = pipeline_cfg or PipelineConfig()
     validate_pipeline_config(pcfg, dims.pp, dims.vpp, model.config.num_layers)

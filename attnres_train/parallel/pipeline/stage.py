@@ -16,7 +16,9 @@ from torch import nn
 
 from ...model.depth import DepthState
 from ...model.doc_mask import document_ids
+from ...model.init import resolve_seed
 from ...model.moe import moe_layers
+from ..init import materialize_and_init
 from .layout import PipelineLayout
 
 
@@ -135,9 +137,6 @@ def build_stages(model: nn.Module, layout: PipelineLayout, rank: int) -> List[Pi
 def materialize_stages(model: nn.Module, stages: List[PipelineStageModule], device, seed=None) -> None:
     """Allocate this rank's stage modules on ``device`` (from ``meta``) and give them the values one process
     would have from ``seed`` (None: drawn from torch's global RNG); other stages' modules stay on ``meta``."""
-    from ...model.init import resolve_seed
-    from ..init import materialize_and_init
-
     seed = resolve_seed(seed)
     for st in stages:
         materialize_and_init(st, device, model.config, seed)
