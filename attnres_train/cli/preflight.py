@@ -14,9 +14,20 @@ import os
 import re
 from typing import Optional
 
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from ..config.errors import ConfigError, UserInputError
+from ..config.schema import as_config, validate_config
+from ..config.structured import unknown_key_message
 from ..train.run_dir import check_run_dir
 
 OVERRIDE_SYNTAX_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
@@ -46,15 +57,9 @@ class PreflightCallback(Callback):
 
 def preflight(config, run_dir) -> None:
     """The composed config (with its ``hydra`` node) is valid and ``run_dir`` is usable, or an error is raised."""
-    from omegaconf import OmegaConf, open_dict
-
-    from ..config.schema import as_config, validate_config
-
     if run_dir is None or not str(run_dir).strip():
         raise ConfigError("run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run), or leave it out for "
                           "runs/<date>_<time>")
-    from omegaconf.errors import InterpolationResolutionError
-
     job = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     with open_dict(job):
         job.pop("hydra", None)
@@ -69,9 +74,6 @@ def preflight(config, run_dir) -> None:
 
 def hydra_error_message(exc: BaseException) -> Optional[str]:
     """One line for a Hydra / OmegaConf / config error, naming the key or option; None for anything else."""
-    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
-
     if isinstance(exc, (ConfigError, UserInputError, Refused)):
         return _one_line(str(exc))
     if isinstance(exc, OverrideParseException):
@@ -84,8 +86,6 @@ def hydra_error_message(exc: BaseException) -> Optional[str]:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         owner = getattr(cause, "object_type", None)
         if dataclasses.is_dataclass(owner):
-            from ..config.structured import unknown_key_message
-
             return _one_line(f"{cause.full_key}: {unknown_key_message(owner, cause.full_key)}")
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return _one_line(f"{cause.full_key}: {_first(str(cause))}; {_expected(cause)}")

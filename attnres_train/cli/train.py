@@ -14,7 +14,18 @@ import os
 import sys
 from pathlib import Path
 
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config.errors import ConfigError, UserInputError
 from ..config.paths import CONFIG_DIR
+from ..config.schema import as_config, register_configs, validate_config
+from .preflight import Refused, hydra_error_message
+
+# torch and everything built on it are imported inside the functions that train: a bad config or run_dir is
+# refused (PreflightCallback) before torch loads, in well under a second.
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -25,11 +36,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _task(dcfg):
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..config.errors import ConfigError, UserInputError
-    from ..config.schema import as_config
     from ..parallel.mesh import shutdown_process_group
     from ..train.faults import SIGINT_EXIT_CODE, TrainingAborted
     from ..train.trainer import Trainer
@@ -49,8 +55,6 @@ def _task(dcfg):
     except TrainingAborted as exc:  # NaN/Inf limit, a dead or hung peer: one line, its own exit code
         _fail(str(exc), exc.exit_code)
     except OmegaConfBaseException as exc:
-        from .preflight import hydra_error_message
-
         _fail(hydra_error_message(exc) or str(exc).splitlines()[0])
     except KeyboardInterrupt:  # Ctrl-C before the loop, or a second Ctrl-C inside it
         _fail("interrupted (Ctrl-C): stopped at once without saving; the newest complete checkpoint in "
@@ -64,7 +68,6 @@ def _task(dcfg):
 def parallel_context(cfg):
     """The run's one ParallelContext: the process group from torchrun's environment (if world > 1), the config
     validated for that world size, then every mesh (``parallel.mesh.build_parallel_context``)."""
-    from ..config.schema import validate_config
     from ..parallel.mesh import build_parallel_context, init_process_group
 
     world, device = init_process_group(cfg.trainer.device, cfg.trainer.dist_timeout_s)
@@ -78,13 +81,7 @@ def run(overrides, ctx=None) -> dict:
     ``overrides`` are the same strings as on the command line; set ``run_dir=...``. Errors propagate
     (ConfigError / UserInputError) instead of exiting.
     """
-    from hydra import compose, initialize_config_dir
-
-    from ..config.errors import UserInputError
-    from ..config.schema import as_config, register_configs, validate_config
     from ..train.trainer import Trainer
-    from .preflight import hydra_error_message
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         try:
@@ -103,11 +100,6 @@ def run(overrides, ctx=None) -> dict:
 
 
 def main() -> None:
-    import hydra
-
-    from ..config.schema import register_configs
-    from .preflight import Refused, hydra_error_message
-
     if not CONFIG_DIR.is_dir():
         _fail(f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)")
     register_configs()

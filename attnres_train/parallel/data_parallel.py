@@ -16,14 +16,21 @@ from typing import Callable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_common import (  # private: FSDP2's per-parameter shard placement
+    FSDPMeshInfo,
+    HSDPMeshInfo,
+    ShardPlacementResult,
+)
+from torch.distributed.tensor import Shard
+from torch.nn.parallel import DistributedDataParallel
 
+from .expert import expert_parallel_parameters
 from .mesh import autocast_dtype
 from .parts import decoder_layers
 
 
 def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -61,11 +68,6 @@ def _expert_placement_fn(model: nn.Module, pctx) -> Callable:
     unshard / reduce per layer unit; no separate ``fully_shard`` on ``moe.experts``). Shard dim: the expert dim if ``E/ep`` splits evenly
     over ``edp_shard``, else the first other dim that does (FSDP2 needs even shards off dim 0).
     """
-    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
-    from torch.distributed.tensor import Shard
-
-    from .expert import expert_parallel_parameters
-
     expert_ids = {id(p) for _, p in expert_parallel_parameters(model)}
     # One mesh-info object for all experts (FSDP2 requires it per process group). 1-D when there is no
     # replica: HSDP over a size-1 replicate dim would still issue (no-op) all-reduces.
@@ -105,8 +107,6 @@ def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None,
     dims = pctx.dims
     if dims.dp == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     if param_dtype is None or param_dtype == torch.float32:
         layer_mp = root_mp = MixedPrecisionPolicy()
     else:
@@ -154,8 +154,6 @@ def no_grad_sync(model: nn.Module) -> Iterator[None]:
     Sharded FSDP2 groups keep reduce-scattering every microbatch (their gradients stay sharded); only the
     all-reduce over HSDP replicas is deferred. Replicated groups skip all gradient communication.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
@@ -194,8 +192,6 @@ def finish_grad_sync(model: nn.Module, pctx) -> None:
     """
     if pctx.dims.ep == 1:
         return
-    from .expert import expert_parallel_parameters
-
     grads = []
     for _, p in expert_parallel_parameters(model):
         if p.grad is not None:

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d  # the module holding the process-group defaults
+from torch.distributed.device_mesh import init_device_mesh
 
 from ..config.errors import ConfigError
 from ..config.parallel import ParallelConfig, ParallelDims, resolve_parallel_dims
@@ -192,8 +194,6 @@ def set_default_group_timeout(timeout: datetime.timedelta) -> None:
     (where FSDP's collectives run) would otherwise get torch's module defaults (30 min gloo, 10 min NCCL), so a
     hung rank would stall the others far longer than ``trainer.dist_timeout_s`` (tests/train/test_faults.py).
     """
-    from torch.distributed import distributed_c10d as c10d  # the module holding the defaults
-
     c10d.default_pg_timeout = timeout
     if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
         c10d.default_pg_nccl_timeout = timeout
@@ -249,8 +249,6 @@ def build_parallel_context(cfg: ParallelConfig, model_cfg=None, seq_len: Optiona
                            "first (attnres_train.parallel.mesh.init_process_group does it under torchrun)")
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"world_size={world_size} but the default process group has {dist.get_world_size()}")
-
-    from torch.distributed.device_mesh import init_device_mesh
 
     world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("world",))
     dense = world._unflatten(0, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), DENSE_DIMS)
