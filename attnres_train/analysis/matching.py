@@ -1,15 +1,9 @@
 """Fair comparisons between runs: losses at matched tokens, seeds aggregated, deltas paired by seed.
 
-Why this exists: a table of "final" losses compares a 22-step run with a 3-step baseline as if they were the
-same experiment, and one noisy training batch with a held-out validation loss. Here every run of one model size
-is read at the same token count — the largest one at which every run of that size logged a validation loss,
-which is at most the shortest run's length — and a comparison that cannot be made that way is refused with one
-line naming the runs, instead of being made quietly. Sizes are matched separately: a scaling study trains each
-size for its own budget on purpose, and the fits place each size at its own compute.
-
-Seeds: runs that differ only in ``seed`` are aggregated to mean ± sample SD; the delta of a variant against the
-reference is computed per seed (paired, same size and seed) and then averaged, so seed-to-seed variation that
-both variants share cancels out.
+Why: a table of "final" losses compares a 22-step run with a 3-step baseline as if they were the same
+experiment. Here every run of one model size is read at the same token count (the largest at which every run of
+that size logged a validation loss), a comparison that cannot be made that way is refused with one line naming
+the runs, seeds are aggregated to mean ± SD and a variant's delta is paired by seed. docs/analysis.md, `attnres-compare`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """``attnres-plan``: a parallel plan without GPUs: mesh, pipeline layout, per-rank memory and traffic.
 
-    attnres-plan --model kimi_linear_48b --world-size 1024 --pp 4 --tp 2 --sp --ep 16 --dp-replicate 8 \
-                 --mode block --block-size 3 --seq-len 4096 --microbatches 8
-    attnres-plan --pp 4 --vpp 2 [--model demo|PATH.yaml] [--num-layers 16] [--mode block --block-size 2]
-                 [--microbatches 8] [--schedule interleaved_1f1b] [--layers-per-stage 2,2,...] [--no-cache]
-                 [--micro-batch-size 1 --seq-len 4096 --dtype bfloat16] [--comms] [--csv] [--split-backward]
+    attnres-plan --model kimi_linear_48b --world-size 1024 --pp 4 --tp 2 --sp --ep 16 --dp-replicate 8
 
-Nothing is run and no process group is created: everything printed is a pure function of the config
-(``attnres_train.config.parallel``, ``parallel.pipeline.layout`` / ``schedules``,
-``parallel.plan_estimates``). With ``--pp`` > 1 the schedule is lowered and checked by the same global simulator
-the runtime uses, so a plan that prints is a plan that runs. Then, for every pipeline rank: parameters, memory
-(weights, grads, optimizer, FSDP buffers, activations with the schedule's in-flight microbatches, block cache)
-and the bytes each process group sends per step. Errors print one ``error: ...`` line and exit 2.
+Nothing is run and no process group is created: everything printed is a pure function of the config. With
+``--pp`` > 1 the schedule is lowered and checked by the same simulator the runtime uses, so a plan that prints is
+a plan that runs. Options: ``attnres-plan --help``; the figures and what they assume: docs/launch.md, "Planning a layout". Errors
+print one ``error: ...`` line and exit 2.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Parallel layout schema (``parallel.*``) and its validation: a pure function of the configs, no process groups.
 
-The layout is the product ``pp x dp_replicate x dp_shard x tp`` (= the world size), with tp innermost (ranks of
-one tensor-parallel group are adjacent, i.e. on one node) and pp outermost. Expert parallelism does not add a
-dimension: it is *folded* out of the data-parallel ranks (torchtitan's ``dp_shard_in_ep`` / Megatron's
-"parallel folding"): the ``ep`` ranks of an expert group are the innermost ``ep`` ranks of the flattened
-data-parallel dimension ``dp = dp_replicate x dp_shard`` (so inside ``dp_shard`` when ``ep`` divides it).
-Experts are never folded over ``tp`` (torchtitan's ``etp=1`` mode is not offered): every tensor-parallel rank
-of a data-parallel replica runs the same expert group with its own tp coordinate.
-
-:func:`resolve_parallel_dims` checks every rule and returns the resolved degrees as a frozen
-:class:`ParallelDims` (``dp_shard=-1`` filled in, the expert-data-parallel split computed), raising one
-:class:`ConfigError` that names the field. ``attnres_train.parallel.mesh`` builds the DeviceMesh from it; tests
-check each rule in-process. Field-by-field documentation: ``docs/parallel.md``.
+The layout is ``pp x dp_replicate x dp_shard x tp`` (= the world size), tp innermost, pp outermost; expert
+parallelism is folded out of the data-parallel ranks, never over tp (docs/parallel.md, "The mesh").
+:func:`resolve_parallel_dims` checks every rule and returns a frozen :class:`ParallelDims`, raising one
+:class:`ConfigError` that names the field; ``attnres_train.parallel.mesh`` builds the DeviceMesh from it.
+Field-by-field documentation: docs/parallel.md.
 """
 
 from __future__ import annotations

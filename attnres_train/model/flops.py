@@ -1,14 +1,9 @@
 """Analytic parameter and FLOP counts per token, for MFU and for planning (no model build needed).
 
-Why analytic: MFU needs *useful* FLOPs (only the top-k routed experts, causal attention, KDA's chunked
-cost), which a module walk cannot see, and planning tools must count a 48B model without allocating it.
-``tests/model/test_flops.py`` cross-checks the parameter counts against real (meta-device) builds.
-
-Conventions: a multiply-add is 2 FLOPs; training FLOPs = 3 × forward (backward ≈ 2 × forward);
-MLA attention uses the causal average context (T+1)/2; KDA's core uses the Kimi Linear report's chunked
-formula per head, ``6·T·d_h² + 3·T·C·d_h + T·C²`` for T tokens (eq. 13), i.e. divided by T per token;
-AttnRes counts 4·n·d per sublayer read over n sources (logits + weighted sum); norms, activations, the
-short conv's elementwise work and softmaxes are ignored (< 1 % at useful sizes).
+Why analytic: MFU needs *useful* FLOPs (only the top-k routed experts, causal attention, KDA's chunked cost),
+which a module walk cannot see, and planning tools must count a 48B model without allocating it
+(``tests/model/test_flops.py`` cross-checks the parameter counts against meta-device builds). The counting
+conventions are listed in docs/performance.md, "MFU".
 """
 
 from __future__ import annotations

@@ -2,28 +2,10 @@
 
 Why: choosing ``parallel.*`` for a 48B model on 1024 GPUs must not need the GPUs. ``attnres-plan`` prints these
 numbers; everything here is a pure function of the model config, the resolved :class:`ParallelDims`, the batch
-geometry and (with pp > 1) the pipeline layout and schedule. Parameter counts are exact (per-category sums that
-``tests/pipeline/test_plan_cli.py`` checks against meta-device builds); memory and traffic follow how
-this framework runs, with the simplifications listed below (expect ±30 % on activations, exact weights).
-
-What the model assumes (docs/launch.md, "Planning"):
-* fp32 master weights and fp32 gradients (the trainer builds the model in fp32; FSDP2 runs without a mixed
-  precision policy, so all-gathers and reduce-scatters move fp32); AdamW keeps 2 fp32 states, Muon 1 for
-  hidden matrices (AdamW's 2 for the rest); activations are bf16 under autocast, the residual stream, norms and
-  AttnRes mixing fp32;
-* sharding: KDA/MLA heads, dense/shared-expert FFN columns, embedding and head vocab rows over ``tp``; routed
-  experts over ``ep`` (and replicated over tp); dense parameters FSDP-sharded over ``dp_shard``, experts over
-  ``edp_shard``; pipeline stages hold their layers (embedding on stage 0, head on the last stage);
-* FSDP transient buffers: the root unit (embedding/head) plus two decoder-layer units gathered (current +
-  prefetch) and one unsharded gradient unit;
-* activations per microbatch per layer from the tensors the backward keeps (KDA as with fla's chunked kernel:
-  q/k/v, gates, output and one chunk state per 64 tokens); with activation checkpointing only each layer's input
-  state is kept, plus one layer recomputed; pipeline in-flight activations are the peak of the rank's schedule
-  (each F adds its stage's activations, each B removes them);
-* block cache: per microbatch, the AttnRes blocks a rank keeps for its later chunks (counted as extra memory,
-  an upper bound: they alias received/produced tensors);
-* traffic per rank per optimizer step with ring collectives: all-gather / reduce-scatter send (n-1)/n of the
-  full tensor, all-reduce 2(n-1)/n, all-to-all (n-1)/n of the local buffer.
+geometry and (pp > 1) the pipeline layout and schedule. Parameter counts are exact (checked against meta-device
+builds by ``tests/pipeline/test_plan_cli.py``); what the memory and traffic figures assume (precisions, FSDP
+buffers, activations kept, block cache, ring collectives; about ±30 % on activations) is listed in
+docs/launch.md, "Planning a layout".
 """
 
 from __future__ import annotations
