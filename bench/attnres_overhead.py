@@ -106,9 +106,12 @@ def step_time(model, opt, ids, labels):
 
 
 def add_host_memory_flag(ap):
-    ap.add_argument("--return-freed-memory", action="store_true",
-                    help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
-                         "by default the bench keeps freed host memory, as the trainer does on CPU")
+    ap.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="leave glibc's defaults (freed blocks go back to the OS and fault in again every step); "
+        "by default the bench keeps freed host memory, as the trainer does on CPU",
+    )
 
 
 def apply_host_memory_flag(args):
@@ -143,12 +146,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--probe-n", type=int, default=1024, help="matmul size of the throughput probe")
-    ap.add_argument("--variants", default="prenorm,block8,full",
-                    help="comma list among prenorm, block8, full, block8_ref, full_ref (the *_ref variants run "
-                         "the autograd reference of the depth mixing, model.residual.impl=reference)")
-    ap.add_argument("--stub-sublayers", action="store_true",
-                    help="replace every token mixer and FFN by a scalar multiply: isolates the depth-mixing cost "
-                         "(step-time differences are then the AttnRes overhead in ms; MFU is meaningless)")
+    ap.add_argument(
+        "--variants",
+        default="prenorm,block8,full",
+        help="comma list among prenorm, block8, full, block8_ref, full_ref (the *_ref variants run "
+        "the autograd reference of the depth mixing, model.residual.impl=reference)",
+    )
+    ap.add_argument(
+        "--stub-sublayers",
+        action="store_true",
+        help="replace every token mixer and FFN by a scalar multiply: isolates the depth-mixing cost "
+        "(step-time differences are then the AttnRes overhead in ms; MFU is meaningless)",
+    )
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)
     apply_host_memory_flag(args)
@@ -163,8 +172,9 @@ def main(argv=None):
         "block8": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers)),
         "full": lambda: make(cfg, "full", base.state_dict()),
         # the autograd reference of the depth mixing (model.residual.impl=reference), for before/after
-        "block8_ref": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers),
-                                   impl="reference"),
+        "block8_ref": lambda: make(
+            cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers), impl="reference"
+        ),
         "full_ref": lambda: make(cfg, "full", base.state_dict(), impl="reference"),
     }
     names = [v for v in args.variants.split(",") if v]
@@ -187,7 +197,7 @@ def main(argv=None):
     cpu = {k: [] for k in variants}
     probe = []
     for r in range(args.warmup + args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always runs first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
         flops = matmul_probe(args.probe_n, device, dtype)
         for k in order:
             m, _ = variants[k]
@@ -202,29 +212,38 @@ def main(argv=None):
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     peak = statistics.median(probe)
     tokens = args.batch * args.seq
-    opt_desc = "none" if args.optimizer == "none" else (
-        f"adamw(fused={opts['prenorm'].defaults.get('fused')})")
-    print(f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} vocab={args.vocab} "
-          f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} rounds={args.rounds} "
-          f"optimizer={opt_desc} device={device} dtype={args.dtype} torch={torch.__version__}")
+    opt_desc = "none" if args.optimizer == "none" else (f"adamw(fused={opts['prenorm'].defaults.get('fused')})")
+    print(
+        f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} vocab={args.vocab} "
+        f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} rounds={args.rounds} "
+        f"optimizer={opt_desc} device={device} dtype={args.dtype} torch={torch.__version__}"
+    )
     if args.stub_sublayers:
         print("  sublayers stubbed out (--stub-sublayers): differences below are the depth-mixing cost")
-    print(f"  matmul probe {args.probe_n}^3: median {peak / 1e9:.1f} GFLOP/s (min {min(probe) / 1e9:.1f}, "
-          f"max {max(probe) / 1e9:.1f})")
+    print(
+        f"  matmul probe {args.probe_n}^3: median {peak / 1e9:.1f} GFLOP/s (min {min(probe) / 1e9:.1f}, "
+        f"max {max(probe) / 1e9:.1f})"
+    )
     mfu = {}
     for k in names:
         f = train_flops_per_token(variants[k][1], args.seq) * tokens
         mfu[k] = f / med[k] / peak
         rate = "" if args.stub_sublayers else f"  {f / med[k] / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[k]:5.1f} %"
-        print(f"  {k:8s} median step {med[k] * 1e3:8.1f} ms  (min {min(wall[k]) * 1e3:.1f} ms)  "
-              f"cpu {med_cpu[k] * 1e3:8.1f} ms  {tokens / med[k]:8.1f} tokens/s{rate}")
+        print(
+            f"  {k:8s} median step {med[k] * 1e3:8.1f} ms  (min {min(wall[k]) * 1e3:.1f} ms)  "
+            f"cpu {med_cpu[k] * 1e3:8.1f} ms  {tokens / med[k]:8.1f} tokens/s{rate}"
+        )
     for k in [n for n in names if n != "prenorm"]:
-        print(f"  {k} - prenorm: {(med[k] - med['prenorm']) * 1e3:.1f} ms wall, "
-              f"{(med_cpu[k] - med_cpu['prenorm']) * 1e3:.1f} ms cpu per step")
+        print(
+            f"  {k} - prenorm: {(med[k] - med['prenorm']) * 1e3:.1f} ms wall, "
+            f"{(med_cpu[k] - med_cpu['prenorm']) * 1e3:.1f} ms cpu per step"
+        )
         pairs = statistics.median(a / b for a, b in zip(wall[k], wall["prenorm"]))
-        print(f"  {k} / prenorm: wall medians {med[k] / med['prenorm']:.3f} x, median of per-round ratios "
-              f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
-              f"{min(wall[k]) / min(wall['prenorm']):.3f} x")
+        print(
+            f"  {k} / prenorm: wall medians {med[k] / med['prenorm']:.3f} x, median of per-round ratios "
+            f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
+            f"{min(wall[k]) / min(wall['prenorm']):.3f} x"
+        )
     if args.stub_sublayers:
         for k in [n for n in names if n != "prenorm"]:
             print(f"RESULT {k}_depth_mixing_cost {(med[k] - med['prenorm']) * 1e3:.1f} ms")

@@ -56,8 +56,18 @@ def synthesise(out: str, num_docs: int, fmt: int, seed: int = 0) -> int:
         toks[off[1:] - 1] = EOS
         name = f"shard_{b:05d}"
         toks.tofile(os.path.join(out, name + ".bin"))
-        h = {"format": "attnres-tokens", "version": fmt, "dtype": "uint16", "num_tokens": int(off[-1]), "num_docs": d,
-             "tokenizer": "byte", "vocab_size": VOCAB, "eos_id": EOS, "max_token_id": EOS, "source": "synthetic"}
+        h = {
+            "format": "attnres-tokens",
+            "version": fmt,
+            "dtype": "uint16",
+            "num_tokens": int(off[-1]),
+            "num_docs": d,
+            "tokenizer": "byte",
+            "vocab_size": VOCAB,
+            "eos_id": EOS,
+            "max_token_id": EOS,
+            "source": "synthetic",
+        }
         if fmt == 1:
             h.update(doc_offsets=off.tolist(), shard_index=b, num_shards=nshards)
         else:
@@ -68,8 +78,19 @@ def synthesise(out: str, num_docs: int, fmt: int, seed: int = 0) -> int:
         total += int(off[-1])
     if fmt == 2:
         with open(os.path.join(out, "index.json"), "w") as f:
-            json.dump({"format": "attnres-token-set", "version": 2, "tokenizer": "byte", "vocab_size": VOCAB,
-                       "eos_id": EOS, "num_tokens": total, "num_docs": num_docs, "shards": shards}, f)
+            json.dump(
+                {
+                    "format": "attnres-token-set",
+                    "version": 2,
+                    "tokenizer": "byte",
+                    "vocab_size": VOCAB,
+                    "eos_id": EOS,
+                    "num_tokens": total,
+                    "num_docs": num_docs,
+                    "shards": shards,
+                },
+                f,
+            )
     return total
 
 
@@ -79,8 +100,14 @@ def child(shards: str, cache: str) -> None:
     from attnres_train.data.loader import build_datasets
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = {"sources": [{"path": shards, "kind": "memmap"}], "seq_len": 2048, "val_fraction": 0.01, "seed": 1,
-           "cache_dir": cache, "num_workers": 0}
+    cfg = {
+        "sources": [{"path": shards, "kind": "memmap"}],
+        "seq_len": 2048,
+        "val_fraction": 0.01,
+        "seed": 1,
+        "cache_dir": cache,
+        "num_workers": 0,
+    }
     t0 = time.perf_counter()
     bundle = build_datasets(cfg, progress=False)
     t1 = time.perf_counter()
@@ -96,15 +123,30 @@ def child(shards: str, cache: str) -> None:
     t4 = time.perf_counter()
     build_datasets(cfg, progress=False)  # again: without the one-time lazy imports (omegaconf schema, tokenizer)
     rebuild = time.perf_counter() - t4
-    print(json.dumps({"build_s": t1 - t0, "rebuild_s": rebuild, "first_batch_ms": (t2 - t1) * 1e3, "far_batch_ms": (t3 - t2) * 1e3,
-                      "peak_rss_mib": rss / 1024, "rss_growth_mib": (rss - rss0) / 1024,
-                      **samples}))
+    print(
+        json.dumps(
+            {
+                "build_s": t1 - t0,
+                "rebuild_s": rebuild,
+                "first_batch_ms": (t2 - t1) * 1e3,
+                "far_batch_ms": (t3 - t2) * 1e3,
+                "peak_rss_mib": rss / 1024,
+                "rss_growth_mib": (rss - rss0) / 1024,
+                **samples,
+            }
+        )
+    )
 
 
 def measure(code_root: Path, shards: str, cache: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(code_root))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "data_scale.py"), "--child", shards, cache],
-                         env=env, capture_output=True, text=True, cwd=str(code_root))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data_scale.py"), "--child", shards, cache],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(code_root),
+    )
     if out.returncode:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,8 +164,10 @@ def epoch_boundary(n: int) -> None:
     t = time.perf_counter()
     FeistelPermutation(n, [1, 2, 3, 4])(np.arange(4096))
     t_feistel = time.perf_counter() - t
-    print(f"epoch boundary, {n:,} samples: full permutation {t_perm:.2f} s and {nbytes / 2**20:.0f} MiB; "
-          f"Feistel build + 4096 lookups {t_feistel * 1e3:.1f} ms and a few bytes of keys")
+    print(
+        f"epoch boundary, {n:,} samples: full permutation {t_perm:.2f} s and {nbytes / 2**20:.0f} MiB; "
+        f"Feistel build + 4096 lookups {t_feistel * 1e3:.1f} ms and a few bytes of keys"
+    )
     print(f"RESULT epoch_boundary_permutation_{n:.0e} {t_perm:.3f} s")
     print(f"RESULT epoch_boundary_permutation_bytes_{n:.0e} {nbytes / 2**20:.0f} MiB")
     print(f"RESULT epoch_boundary_feistel_{n:.0e} {t_feistel * 1e3:.2f} ms")
@@ -142,8 +186,11 @@ def main() -> None:
     try:
         if a.compare_rev:
             wt = Path(tmp) / "worktree"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), a.compare_rev],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), a.compare_rev],
+                check=True,
+                capture_output=True,
+            )
             runs.append((a.compare_rev, wt, 1))
         results = {}
         for label, code, fmt in runs:
@@ -152,21 +199,32 @@ def main() -> None:
                 if not os.path.exists(d):
                     t = time.perf_counter()
                     tokens = synthesise(d, n, fmt)
-                    print(f"synthesised {n:,} documents, {tokens:,} tokens (format {fmt}) in {time.perf_counter() - t:.1f} s",
-                          flush=True)
+                    print(
+                        f"synthesised {n:,} documents, {tokens:,} tokens (format {fmt}) in {time.perf_counter() - t:.1f} s",
+                        flush=True,
+                    )
                 r = results[label, n] = measure(code, d, os.path.join(tmp, "cache"))
-                print(f"[{label}] {n:>11,} docs: build {r['build_s']:.3f} s (again: {r['rebuild_s']:.3f} s), first batch {r['first_batch_ms']:.1f} ms, "
-                      f"batch 10 epochs in {r['far_batch_ms']:.1f} ms, peak RSS {r['peak_rss_mib']:.0f} MiB "
-                      f"(+{r['rss_growth_mib']:.0f} MiB over the imports); {r['train_samples']:,} train / "
-                      f"{r['val_samples']:,} val samples", flush=True)
+                print(
+                    f"[{label}] {n:>11,} docs: build {r['build_s']:.3f} s (again: {r['rebuild_s']:.3f} s), first batch {r['first_batch_ms']:.1f} ms, "
+                    f"batch 10 epochs in {r['far_batch_ms']:.1f} ms, peak RSS {r['peak_rss_mib']:.0f} MiB "
+                    f"(+{r['rss_growth_mib']:.0f} MiB over the imports); {r['train_samples']:,} train / "
+                    f"{r['val_samples']:,} val samples",
+                    flush=True,
+                )
         epoch_boundary(20_000_000)
         lo, hi = a.sizes
         decades = math.log10(hi / lo)
         for label, _, _ in runs:
             tag = "" if label == "now" else f"_{label}"
             r0, r1 = results[label, lo], results[label, hi]
-            for key, unit in (("build_s", "s"), ("rebuild_s", "s"), ("peak_rss_mib", "MiB"), ("rss_growth_mib", "MiB"),
-                              ("first_batch_ms", "ms"), ("far_batch_ms", "ms")):
+            for key, unit in (
+                ("build_s", "s"),
+                ("rebuild_s", "s"),
+                ("peak_rss_mib", "MiB"),
+                ("rss_growth_mib", "MiB"),
+                ("first_batch_ms", "ms"),
+                ("far_batch_ms", "ms"),
+            ):
                 print(f"RESULT {key}{tag}_{lo:.0e} {r0[key]:.4g} {unit}")
                 print(f"RESULT {key}{tag}_{hi:.0e} {r1[key]:.4g} {unit}")
             for key in ("build_s", "rebuild_s", "peak_rss_mib", "rss_growth_mib"):
@@ -174,8 +232,10 @@ def main() -> None:
                 print(f"RESULT {key}{tag}_growth_exponent {e:.3f} (1 = linear)")
     finally:
         if a.compare_rev:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "worktree")],
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "worktree")],
+                capture_output=True,
+            )
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run without `pip install -e .` (system python3 on a bare GPU machine)
     sys.path.insert(0, str(REPO))
 if importlib.util.find_spec("attnres_kernels") is None:  # kernels/ is installed under that name by pyproject
-    _spec = importlib.util.spec_from_file_location("attnres_kernels", REPO / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(REPO / "kernels")])
+    _spec = importlib.util.spec_from_file_location(
+        "attnres_kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+    )
     sys.modules["attnres_kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["attnres_kernels"])
 
@@ -79,7 +80,7 @@ def interleaved(fns, device, rounds, warmup, reps=1):
             fns[k]()
     ms = {k: [] for k in names}
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             for _ in range(reps):
                 sync()
                 t0 = time.perf_counter()
@@ -94,8 +95,10 @@ def max_err(a, b):
     if [x is None for x in a] != [y is None for y in b]:
         raise RuntimeError("one side has gradients the other lacks")
     a, b = [x for x in a if x is not None], [y for y in b if y is not None]
-    return (max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b)),
-            max(float(y.float().abs().max()) for y in b))
+    return (
+        max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b)),
+        max(float(y.float().abs().max()) for y in b),
+    )
 
 
 # ------------------------------------------------------------------ a: Triton AttnRes kernels vs torch
@@ -143,9 +146,21 @@ def check_attnres_triton(device, d, n, s, tokens, seq, rounds):
     """impl=triton vs impl=torch; device-agnostic (on CPU with the kernels imported under TRITON_INTERPRET=1)."""
     print(f"  shape: N={n} blocks, S={s} queries, B*T={tokens}, d={d}")
     inputs = functools.lru_cache(None)(
-        lambda case: attnres_inputs(d, n, s, tokens, seq, device, getattr(torch, dict(fp32="float32", bf16="bfloat16")[case])))
-    compare("attnres_triton", "attnres", lambda impl, case: attnres_fwd_bwd(impl, *inputs(case)), "triton", "torch",
-            {"fp32": 1e-3, "bf16": 1e-1}, device, rounds, reps=3)
+        lambda case: attnres_inputs(
+            d, n, s, tokens, seq, device, getattr(torch, dict(fp32="float32", bf16="bfloat16")[case])
+        )
+    )
+    compare(
+        "attnres_triton",
+        "attnres",
+        lambda impl, case: attnres_fwd_bwd(impl, *inputs(case)),
+        "triton",
+        "torch",
+        {"fp32": 1e-3, "bf16": 1e-1},
+        device,
+        rounds,
+        reps=3,
+    )
 
 
 def section_attnres_triton(args, device):
@@ -180,16 +195,25 @@ def check_kda(device, preset, batch, seq, rounds, new="fla", ref="chunk"):
     x = torch.randn(batch, seq, d, generator=g).to(device).requires_grad_()
     w = torch.randn(batch, seq, d, generator=g).to(device)
     print(f"  KDA heads={layer.num_heads} head_dim={layer.head_k_dim} d={d} B={batch} T={seq}: {new} vs {ref}")
-    compare("kda_fla", "kda", lambda core, case: kda_fwd_bwd(layer, core, x, w, case == "bf16"), new, ref,
-            {"fp32": 5e-2, "bf16": 1e-1}, device, rounds)
+    compare(
+        "kda_fla",
+        "kda",
+        lambda core, case: kda_fwd_bwd(layer, core, x, w, case == "bf16"),
+        new,
+        ref,
+        {"fp32": 5e-2, "bf16": 1e-1},
+        device,
+        rounds,
+    )
 
 
 def section_kda_fla(args, device):
     from attnres_train.model.kda import _fla_chunk_kda
 
     _fla_chunk_kda()  # raises a RuntimeError naming what is missing
-    check_kda(device, preset_cfg("f3", args), 2 if args.quick else 4, 2048 if args.quick else 4096,
-              4 if args.quick else 8)
+    check_kda(
+        device, preset_cfg("f3", args), 2 if args.quick else 4, 2048 if args.quick else 4096, 4 if args.quick else 8
+    )
 
 
 # ------------------------------------------------------------------ c, d: training steps
@@ -245,7 +269,9 @@ def describe_paths(model, cfg, device):
     """Which KDA core and depth-mixing implementation the model runs on ``device`` (impl=auto resolves by device)."""
     kda = next((m for m in model.modules() if isinstance(m, KimiDeltaAttention)), None)
     core = kda.resolve_core(device) if kda is not None else "-"
-    impl = depth.resolve_impl(cfg.residual.impl, torch.empty(1, device=device)) if cfg.residual.mode != "prenorm" else "-"
+    impl = (
+        depth.resolve_impl(cfg.residual.impl, torch.empty(1, device=device)) if cfg.residual.mode != "prenorm" else "-"
+    )
     return f"KDA core {core}, AttnRes impl {impl}"
 
 
@@ -262,9 +288,11 @@ def section_train(args, device, peak):
             loss = float(train_step(model, opt, x, y))
             tokens = args.batch * args.seq
             mfu = train_flops_per_token(cfg, args.seq) * tokens / (ms / 1e3) / peak
-            print(f"  {preset} {cfg.residual.mode}(N={cfg.residual.num_blocks}) d={cfg.hidden_size} "
-                  f"L={cfg.num_layers} B={args.batch} T={args.seq} [{describe_paths(model, cfg, device)}]: {ms:.1f} ms/step, "
-                  f"loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
+            print(
+                f"  {preset} {cfg.residual.mode}(N={cfg.residual.num_blocks}) d={cfg.hidden_size} "
+                f"L={cfg.num_layers} B={args.batch} T={args.seq} [{describe_paths(model, cfg, device)}]: {ms:.1f} ms/step, "
+                f"loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)"
+            )
             if not torch.isfinite(torch.tensor(loss)):
                 error(f"train_{preset}", f"non-finite loss {loss}")
             result(f"train_{preset}_step", ms, "ms")
@@ -283,10 +311,16 @@ def section_block_vs_prenorm(args, device, preset="f2"):
     blk_cfg = with_residual(cfg, "block")
     blk, blk_opt = trainee(blk_cfg, device, base.state_dict())
     x, y = batch_for(cfg, args, device)
-    ms = interleaved({"prenorm": lambda: train_step(base, base_opt, x, y),
-                      "block": lambda: train_step(blk, blk_opt, x, y)}, device, args.rounds, args.warmup)
-    print(f"  {preset} B={args.batch} T={args.seq}: prenorm {ms['prenorm']:.1f} ms, block(N={blk_cfg.residual.num_blocks})"
-          f" {ms['block']:.1f} ms per step")
+    ms = interleaved(
+        {"prenorm": lambda: train_step(base, base_opt, x, y), "block": lambda: train_step(blk, blk_opt, x, y)},
+        device,
+        args.rounds,
+        args.warmup,
+    )
+    print(
+        f"  {preset} B={args.batch} T={args.seq}: prenorm {ms['prenorm']:.1f} ms, block(N={blk_cfg.residual.num_blocks})"
+        f" {ms['block']:.1f} ms per step"
+    )
     result(f"block_over_prenorm_step_time_{preset}", ms["block"] / ms["prenorm"], "x")
 
 
@@ -296,8 +330,10 @@ def environment(device):
 
     vers = {d.metadata["Name"].lower(): d.version for d in distributions()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}  torch {torch.__version__} (cuda {torch.version.cuda})  triton {vers.get('triton', '-')}  "
-          f"fla-core {vers.get('fla-core', '-')}  python {sys.version.split()[0]}")
+    print(
+        f"device: {name}  torch {torch.__version__} (cuda {torch.version.cuda})  triton {vers.get('triton', '-')}  "
+        f"fla-core {vers.get('fla-core', '-')}  python {sys.version.split()[0]}"
+    )
 
 
 def main(argv=None):
@@ -316,14 +352,18 @@ def main(argv=None):
     if args.dry_run:
         torch.set_num_threads(1)
     size = "dry" if args.dry_run else "quick" if args.quick else "full"  # batch, seq, warmup, steps, rounds:
-    args.batch, args.seq, args.warmup, args.steps, args.rounds = dict(dry=(1, 32, 1, 2, 2), quick=(2, 2048, 2, 4, 4),
-                                                                      full=(4, 4096, 3, 8, 8))[size]
+    args.batch, args.seq, args.warmup, args.steps, args.rounds = dict(
+        dry=(1, 32, 1, 2, 2), quick=(2, 2048, 2, 4, 4), full=(4, 4096, 3, 8, 8)
+    )[size]
     environment(device)
     peak = peak_flops(device, args.peak_tflops * 1e12) or H200_BF16_PEAK
     print(f"MFU peak: {peak / 1e12:.1f} TFLOP/s ({'measured fp32 matmul' if not cuda else 'bf16 dense'})")
-    sections = {"a": ("attnres_triton", section_attnres_triton, True), "b": ("kda_fla", section_kda_fla, True),
-                "c": ("train", lambda a, d: section_train(a, d, peak), False),
-                "d": ("block_vs_prenorm", section_block_vs_prenorm, False)}
+    sections = {
+        "a": ("attnres_triton", section_attnres_triton, True),
+        "b": ("kda_fla", section_kda_fla, True),
+        "c": ("train", lambda a, d: section_train(a, d, peak), False),
+        "d": ("block_vs_prenorm", section_block_vs_prenorm, False),
+    }
     for key in [k for k in args.only.split(",") if k]:
         name, fn, needs_cuda = sections[key]
         print(f"== {key} {name}", flush=True)

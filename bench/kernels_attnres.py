@@ -91,8 +91,10 @@ def check(blocks, ys, ws, q, eps):
         grads[impl] = torch.autograd.grad(out.square().sum(), sl + [q1])
         outs[impl] = out.detach()
     d_out = float((outs["triton"] - outs["torch"]).abs().max())
-    d_grad = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-                 for a, b in zip(grads["triton"], grads["torch"]))
+    d_grad = max(
+        float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+        for a, b in zip(grads["triton"], grads["torch"])
+    )
     return d_out, d_grad
 
 
@@ -110,8 +112,10 @@ def main(argv=None):
     ap.add_argument("--variants", default="triton,torch,residual")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("SKIP: bench/kernels_attnres.py needs a CUDA device (the Triton kernels are tested on CPU by "
-              "tests/kernels under the interpreter, which is far too slow to time)")
+        print(
+            "SKIP: bench/kernels_attnres.py needs a CUDA device (the Triton kernels are tested on CPU by "
+            "tests/kernels under the interpreter, which is far too slow to time)"
+        )
         return 0
     import attnres_kernels
 
@@ -124,8 +128,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     eps = 1e-5
     names = [v for v in args.variants.split(",") if v]
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{__import__('triton').__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {__import__('triton').__version__}"
+    )
     print(f"shape: N={args.blocks} blocks, S={args.queries} queries, B*T={args.tokens}, d={args.d}, {args.dtype}")
     blocks, ys, ws, q = make_inputs(args, device, dtype)
     d_out, d_grad = check(blocks, ys, ws, q, eps)
@@ -136,6 +141,7 @@ def main(argv=None):
             for t in blocks + [q]:
                 t.grad = None
             run_block(impl, blocks, ys, ws, q, eps)
+
         return call
 
     fns = {k: fn(k) for k in names}
@@ -145,14 +151,16 @@ def main(argv=None):
     ms = {k: [] for k in names}
     peak = {k: 0 for k in names}
     for r in range(args.rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             t, mem = measure(fns[k], args.reps)
             ms[k].append(t)
             peak[k] = max(peak[k], mem)
     med = {k: statistics.median(v) for k, v in ms.items()}
     for k in names:
-        print(f"{k:9s} fwd+bwd {med[k]:8.3f} ms   (min {min(ms[k]):.3f}, max {max(ms[k]):.3f})   "
-              f"peak +{peak[k] / 2**20:8.1f} MiB")
+        print(
+            f"{k:9s} fwd+bwd {med[k]:8.3f} ms   (min {min(ms[k]):.3f}, max {max(ms[k]):.3f})   "
+            f"peak +{peak[k] / 2**20:8.1f} MiB"
+        )
     for k in names:
         print(f"RESULT attnres_block_fwd_bwd_{k} {med[k]:.4f} ms")
         print(f"RESULT attnres_block_peak_mem_{k} {peak[k] / 2**20:.1f} MiB")

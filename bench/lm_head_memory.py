@@ -112,7 +112,7 @@ def worker_head_time(a) -> dict:
     for v in order:  # warm-up
         _head_step(v, a.chunk, h, w, y)
     for i in range(a.steps):
-        for v in (order if i % 2 == 0 else order[::-1]):
+        for v in order if i % 2 == 0 else order[::-1]:
             t0, c0 = time.perf_counter(), time.process_time()
             _head_step(v, a.chunk, h, w, y)
             wall[v].append(time.perf_counter() - t0)
@@ -153,9 +153,26 @@ WORKERS = {"head_memory": worker_head_memory, "head_time": worker_head_time, "mo
 
 
 def _run(a, kind: str, variant: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--tokens", str(a.tokens),
-           "--chunk", str(a.chunk), "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--steps", str(a.steps),
-           "--model-tokens", str(a.model_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--variant",
+        variant,
+        "--tokens",
+        str(a.tokens),
+        "--chunk",
+        str(a.chunk),
+        "--vocab",
+        str(a.vocab),
+        "--hidden",
+        str(a.hidden),
+        "--steps",
+        str(a.steps),
+        "--model-tokens",
+        str(a.model_tokens),
+    ]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"worker {kind} {variant} failed:\n{out.stderr[-3000:]}")
@@ -186,15 +203,17 @@ def main() -> None:
     import torch
 
     logits_mib = a.tokens * a.vocab * 4 / MIB
-    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per process; head d={a.hidden} "
-          f"V={a.vocab}, {a.tokens} tokens (fp32 logits {logits_mib:.0f} MiB), chunk {a.chunk}; "
-          f"model f1 at {a.model_tokens} tokens")
+    print(
+        f"# torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per process; head d={a.hidden} "
+        f"V={a.vocab}, {a.tokens} tokens (fp32 logits {logits_mib:.0f} MiB), chunk {a.chunk}; "
+        f"model f1 at {a.model_tokens} tokens"
+    )
     variants = ["fused", "unfused"]
     mem = {v: [] for v in variants}
     times = {v: {"wall": [], "cpu": []} for v in variants}
     model_mem = {v: [] for v in variants}
     for r in range(a.repeats):
-        for v in (variants if r % 2 == 0 else variants[::-1]):
+        for v in variants if r % 2 == 0 else variants[::-1]:
             res = _run(a, "head_memory", v)
             mem[v].append(res["peak_bytes"] / MIB)
             print(f"head memory  repeat {r} {v:8s} peak +{mem[v][-1]:7.1f} MiB  loss {res['loss']:.6f}", flush=True)
@@ -202,22 +221,27 @@ def main() -> None:
         for v in variants:
             times[v]["wall"].append(t[v]["wall"])
             times[v]["cpu"].append(t[v]["cpu"])
-            print(f"head time    repeat {r} {v:8s} wall {t[v]['wall'] * 1e3:7.1f} ms  cpu {t[v]['cpu'] * 1e3:7.1f} ms",
-                  flush=True)
+            print(
+                f"head time    repeat {r} {v:8s} wall {t[v]['wall'] * 1e3:7.1f} ms  cpu {t[v]['cpu'] * 1e3:7.1f} ms",
+                flush=True,
+            )
         if not a.skip_model:
-            for v in (variants if r % 2 == 0 else variants[::-1]):
+            for v in variants if r % 2 == 0 else variants[::-1]:
                 res = _run(a, "model_memory", v)
                 model_mem[v].append(res["peak_bytes"] / MIB)
-                print(f"f1 step mem  repeat {r} {v:8s} peak +{model_mem[v][-1]:7.1f} MiB  loss {res['loss']:.6f}",
-                      flush=True)
+                print(
+                    f"f1 step mem  repeat {r} {v:8s} peak +{model_mem[v][-1]:7.1f} MiB  loss {res['loss']:.6f}",
+                    flush=True,
+                )
 
     med = statistics.median
     print(f"RESULT fp32_logits_size {logits_mib:.1f} MiB")
     for v in variants:
         print(f"RESULT head_peak_{v} {med(mem[v]):.1f} MiB {_spread(mem[v])}")
     saved = [u - f for u, f in zip(mem["unfused"], mem["fused"])]
-    print(f"RESULT head_peak_saved {med(saved):.1f} MiB = {med(saved) / logits_mib:.2f}x the fp32 logits "
-          f"{_spread(saved)}")
+    print(
+        f"RESULT head_peak_saved {med(saved):.1f} MiB = {med(saved) / logits_mib:.2f}x the fp32 logits {_spread(saved)}"
+    )
     for v in variants:
         ms = [x * 1e3 for x in times[v]["wall"]]
         cs = [x * 1e3 for x in times[v]["cpu"]]
@@ -231,8 +255,10 @@ def main() -> None:
         for v in variants:
             print(f"RESULT f1_step_peak_{v} {med(model_mem[v]):.1f} MiB {_spread(model_mem[v])}")
         saved = [u - f for u, f in zip(model_mem["unfused"], model_mem["fused"])]
-        print(f"RESULT f1_step_peak_saved {med(saved):.1f} MiB = {med(saved) / model_logits:.2f}x the fp32 logits "
-              f"({model_logits:.0f} MiB) {_spread(saved)}")
+        print(
+            f"RESULT f1_step_peak_saved {med(saved):.1f} MiB = {med(saved) / model_logits:.2f}x the fp32 logits "
+            f"({model_logits:.0f} MiB) {_spread(saved)}"
+        )
 
 
 if __name__ == "__main__":

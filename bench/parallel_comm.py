@@ -83,8 +83,9 @@ class CommCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         ns = func.namespace
-        if ns in ("c10d", "_c10d_functional") and not any(k in func.__name__ for k in ("wait", "wrap", "barrier",
-                                                                                      "monitored")):
+        if ns in ("c10d", "_c10d_functional") and not any(
+            k in func.__name__ for k in ("wait", "wrap", "barrier", "monitored")
+        ):
             self._record(func, list(args) + list(kwargs.values()))
         return func(*args, **kwargs)
 
@@ -137,8 +138,13 @@ def _labels(pctx) -> dict:
 
 
 def _rank_body(args, port, world, out_q):
-    os.environ.update(RANK=str(args["rank"]), WORLD_SIZE=str(world), LOCAL_RANK=str(args["rank"]),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(args["rank"]),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(args["rank"]),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=args["rank"], world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
@@ -168,8 +174,7 @@ def measure(a) -> dict:
     mcfg.residual.mode = a["mode"]
     if a["mode"] == "block":
         mcfg.residual.num_blocks = min(2, mcfg.num_layers)
-    pcfg = ParallelConfig(dp_replicate=a["dp_replicate"], dp_shard=a["dp_shard"], tp=a["tp"], sp=a["sp"],
-                          ep=a["ep"])
+    pcfg = ParallelConfig(dp_replicate=a["dp_replicate"], dp_shard=a["dp_shard"], tp=a["tp"], sp=a["sp"], ep=a["ep"])
     pctx = build_parallel_context(pcfg, mcfg, seq_len=a["seq"], world_size=dist.get_world_size())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a["dtype"]]
     torch.manual_seed(0)
@@ -193,8 +198,11 @@ def measure(a) -> dict:
         r[0] += 1
         r[1] += payload
         r[2] += sent
-    return {"rows": {f"{k[0]}|{k[1]}": v for k, v in rows.items()}, "layout": pctx.describe(),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "rows": {f"{k[0]}|{k[1]}": v for k, v in rows.items()},
+        "layout": pctx.describe(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -231,9 +239,11 @@ def main() -> None:
         if "error" in res:
             raise SystemExit(f"rank {r} failed: {res['error']}")
     res0 = results[0]
-    print(f"layout: world {a.world}, {res0['layout']} | model {a.model} ({res0['params']:,} params on rank 0) "
-          f"mode {a.mode} | global batch {a.batch} x seq {a.seq}, micro {a.micro} | {a.dtype} | torch "
-          f"{torch.__version__} gloo")
+    print(
+        f"layout: world {a.world}, {res0['layout']} | model {a.model} ({res0['params']:,} params on rank 0) "
+        f"mode {a.mode} | global batch {a.batch} x seq {a.seq}, micro {a.micro} | {a.dtype} | torch "
+        f"{torch.__version__} gloo"
+    )
     print(f"{'group':<22}{'collective':<16}{'calls':>7}{'payload MB':>13}{'sent MB':>11}")
     per_group = defaultdict(int)
     total = 0
@@ -243,8 +253,10 @@ def main() -> None:
         print(f"{label:<22}{kind:<16}{calls:>7}{payload / 1e6:>13.3f}{sent / 1e6:>11.3f}")
         per_group[label] += sent
         total += sent
-    ep_sent = [sum(v[2] for k, v in results[r]["rows"].items() if k.startswith("ep") and "all_to_all" in k)
-               for r in sorted(results)]
+    ep_sent = [
+        sum(v[2] for k, v in results[r]["rows"].items() if k.startswith("ep") and "all_to_all" in k)
+        for r in sorted(results)
+    ]
     if any(ep_sent):
         print("EP all-to-all bytes sent per rank: " + ", ".join(f"r{r}={b / 1e6:.3f}MB" for r, b in enumerate(ep_sent)))
     for label, sent in sorted(per_group.items()):

@@ -44,8 +44,12 @@ D_48B, T_BENCH, B_BENCH, BF16 = 2304, 4096, 1, 2  # bytes per step for the 48B m
 
 
 def block_cfg(num_layers: int, block_size: int, hidden: int = 64, mode: str = "block") -> ModelConfig:
-    cfg = ModelConfig(num_layers=num_layers, hidden_size=hidden, vocab_size=256,
-                      mla_layers=[i for i in range(num_layers) if i % 2 == 1])
+    cfg = ModelConfig(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=256,
+        mla_layers=[i for i in range(num_layers) if i % 2 == 1],
+    )
     cfg.residual.mode = mode
     if mode == "block":
         cfg.residual.block_size = block_size
@@ -54,17 +58,22 @@ def block_cfg(num_layers: int, block_size: int, hidden: int = 64, mode: str = "b
 
 def layer_blocks(layout: PipelineLayout) -> int:
     """Layer-block tensors over all cross-rank hops (no embedding, no partial sums): the paper's accounting."""
-    return sum(sum(1 for b in layout.delta(s) if b > 0) for s in range(layout.num_stages - 1)
-               if layout.rank_of(s) != layout.rank_of(s + 1))
+    return sum(
+        sum(1 for b in layout.delta(s) if b > 0)
+        for s in range(layout.num_stages - 1)
+        if layout.rank_of(s) != layout.rank_of(s + 1)
+    )
 
 
 def analytic(results: list) -> None:
     L = 64
     print("== Part 1: tensors per microbatch per direction (units: one [B,T,d] block) and bytes per step ==")
     print(f"   bytes: B={B_BENCH} T={T_BENCH} d={D_48B} bf16, M=2P microbatches, forward+backward, all links")
-    hdr = (f"{'P':>2} {'V':>2} {'N':>3} {'Np':>5} | {'paper naive':>11} {'ours':>5} | {'paper cached':>12} {'ours':>5}"
-           f" | {'exact naive':>11} {'exact cached':>12} {'ratio':>5} | {'peak n/c':>8} | "
-           f"{'GiB/step naive':>14} {'cached':>7}")
+    hdr = (
+        f"{'P':>2} {'V':>2} {'N':>3} {'Np':>5} | {'paper naive':>11} {'ours':>5} | {'paper cached':>12} {'ours':>5}"
+        f" | {'exact naive':>11} {'exact cached':>12} {'ratio':>5} | {'peak n/c':>8} | "
+        f"{'GiB/step naive':>14} {'cached':>7}"
+    )
     print(hdr)
     for P in (2, 4, 8):
         for V in (1, 2, 4):
@@ -78,18 +87,24 @@ def analytic(results: list) -> None:
                 M = 2 * P
                 gn = naive.bytes_per_step(M, B_BENCH, T_BENCH, BF16) / 2**30
                 gc = cached.bytes_per_step(M, B_BENCH, T_BENCH, BF16) / 2**30
-                print(f"{P:>2} {V:>2} {N:>3} {Np:>5.2f} | {pn:>11.2f} {layer_blocks(naive):>5} | {pc:>12.2f} "
-                      f"{layer_blocks(cached):>5} | {en:>11} {ec:>12} {en / ec:>5.2f} | "
-                      f"{max(naive.hop_tensors()):>3}/{max(cached.hop_tensors()):<4} | {gn:>14.2f} {gc:>7.2f}")
+                print(
+                    f"{P:>2} {V:>2} {N:>3} {Np:>5.2f} | {pn:>11.2f} {layer_blocks(naive):>5} | {pc:>12.2f} "
+                    f"{layer_blocks(cached):>5} | {en:>11} {ec:>12} {en / ec:>5.2f} | "
+                    f"{max(naive.hop_tensors()):>3}/{max(cached.hop_tensors()):<4} | {gn:>14.2f} {gc:>7.2f}"
+                )
                 if (P, N) in ((4, 8), (8, 8)) and V in (2, 4):
                     tag = f"P{P}V{V}N{N}"
-                    results += [(f"pipeline_tensors_naive_{tag}", en, "tensors/microbatch"),
-                                (f"pipeline_tensors_cached_{tag}", ec, "tensors/microbatch"),
-                                (f"pipeline_comm_reduction_{tag}", round(en / ec, 3), "x"),
-                                (f"pipeline_paper_cached_{tag}", round(pc, 2), "d/token"),
-                                (f"pipeline_exact_cached_layerblocks_{tag}", layer_blocks(cached), "d/token")]
-    print("   (paper cached counts P·N_p per later hop; the exact count is (P−1)·N_p: the receiving rank already holds"
-          " its own previous chunk's blocks)")
+                    results += [
+                        (f"pipeline_tensors_naive_{tag}", en, "tensors/microbatch"),
+                        (f"pipeline_tensors_cached_{tag}", ec, "tensors/microbatch"),
+                        (f"pipeline_comm_reduction_{tag}", round(en / ec, 3), "x"),
+                        (f"pipeline_paper_cached_{tag}", round(pc, 2), "d/token"),
+                        (f"pipeline_exact_cached_layerblocks_{tag}", layer_blocks(cached), "d/token"),
+                    ]
+    print(
+        "   (paper cached counts P·N_p per later hop; the exact count is (P−1)·N_p: the receiving rank already holds"
+        " its own previous chunk's blocks)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- measured
@@ -106,8 +121,9 @@ def _worker(rank, P, V, M, port, args, out_q):
     from attnres_train.parallel.pipeline import PipelineRuntime, build_stages
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P, timeout=datetime.timedelta(seconds=600)
+    )
     try:
         rows = []
         for cache in (True, False):
@@ -120,8 +136,13 @@ def _worker(rank, P, V, M, port, args, out_q):
             layout = PipelineLayout.from_model_config(cfg, P, V, block_cache=cache)
             rt = PipelineRuntime(build_stages(model, layout, rank), layout, "interleaved_1f1b")
             g = torch.Generator().manual_seed(1)
-            mbs = [(torch.randint(0, 512, (args.batch, args.seq), generator=g),
-                    torch.randint(0, 512, (args.batch, args.seq), generator=g)) for _ in range(M)]
+            mbs = [
+                (
+                    torch.randint(0, 512, (args.batch, args.seq), generator=g),
+                    torch.randint(0, 512, (args.batch, args.seq), generator=g),
+                )
+                for _ in range(M)
+            ]
             rt.step(mbs)  # warm-up
             model.zero_grad(set_to_none=True)
             steps = []
@@ -160,16 +181,22 @@ def measure(P: int, V: int, M: int, args, results: list) -> None:
         sent = sum(got[r][k][1][-1][2] for r in range(P))
         expect = got[0][k][2]
         name = "cached" if cache else "naive"
-        print(f"  {tag} {name:>6}: bytes sent {sent} (layout formula {expect}, {'OK' if sent == expect else 'MISMATCH'})"
-              f"; step {statistics.median(step_times) * 1e3:.0f} ms; bubble measured "
-              f"{statistics.median(bubbles):.3f}, simulated {sim:.3f}, (P-1)/(VM+P-1) {ideal_bubble(P, V, M):.3f}")
-        results += [(f"pipeline_bytes_measured_{name}_{tag}", sent, "bytes/step"),
-                    (f"pipeline_bytes_match_{name}_{tag}", int(sent == expect), "bool"),
-                    (f"pipeline_step_{name}_{tag}", round(statistics.median(step_times) * 1e3, 1), "ms")]
+        print(
+            f"  {tag} {name:>6}: bytes sent {sent} (layout formula {expect}, {'OK' if sent == expect else 'MISMATCH'})"
+            f"; step {statistics.median(step_times) * 1e3:.0f} ms; bubble measured "
+            f"{statistics.median(bubbles):.3f}, simulated {sim:.3f}, (P-1)/(VM+P-1) {ideal_bubble(P, V, M):.3f}"
+        )
+        results += [
+            (f"pipeline_bytes_measured_{name}_{tag}", sent, "bytes/step"),
+            (f"pipeline_bytes_match_{name}_{tag}", int(sent == expect), "bool"),
+            (f"pipeline_step_{name}_{tag}", round(statistics.median(step_times) * 1e3, 1), "ms"),
+        ]
         if cache:
-            results += [(f"pipeline_bubble_measured_{tag}", round(statistics.median(bubbles), 4), "fraction"),
-                        (f"pipeline_bubble_simulated_{tag}", round(sim, 4), "fraction"),
-                        (f"pipeline_bubble_formula_{tag}", round(ideal_bubble(P, V, M), 4), "fraction")]
+            results += [
+                (f"pipeline_bubble_measured_{tag}", round(statistics.median(bubbles), 4), "fraction"),
+                (f"pipeline_bubble_simulated_{tag}", round(sim, 4), "fraction"),
+                (f"pipeline_bubble_formula_{tag}", round(ideal_bubble(P, V, M), 4), "fraction"),
+            ]
 
 
 def main(argv=None) -> None:
@@ -186,8 +213,10 @@ def main(argv=None) -> None:
     results: list = []
     analytic(results)
     if not args.skip_measure:
-        print(f"== Part 2: measured on this machine ({os.cpu_count()} cores; torch {torch.__version__}; "
-              f"{args.layers} layers, d={args.hidden}, B={args.batch}, T={args.seq}, blocks of {args.block_size}) ==")
+        print(
+            f"== Part 2: measured on this machine ({os.cpu_count()} cores; torch {torch.__version__}; "
+            f"{args.layers} layers, d={args.hidden}, B={args.batch}, T={args.seq}, blocks of {args.block_size}) =="
+        )
         for triple in args.measure:
             P, V, M = (int(x) for x in triple.split(","))
             t0 = time.perf_counter()

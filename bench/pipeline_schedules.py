@@ -93,14 +93,19 @@ def main() -> None:
     P, M = args.P, args.M
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden)
     cfg.residual.mode, cfg.residual.block_size, cfg.residual.num_blocks = "block", args.block_size, None
-    print(f"P={P} M={M} layers={args.layers} block_size={args.block_size} d={args.hidden} T={args.seq} "
-          f"bytes/elem={args.bytes_per_elem}; costs per full stage F=I=W=1 (B=2), a chunk 1/V of that")
+    print(
+        f"P={P} M={M} layers={args.layers} block_size={args.block_size} d={args.hidden} T={args.seq} "
+        f"bytes/elem={args.bytes_per_elem}; costs per full stage F=I=W=1 (B=2), a chunk 1/V of that"
+    )
     for name, V in SCHEDULES:
         sched = make_schedule(name, P, V, M)
         lay = PipelineLayout.from_model_config(cfg, P, V, placement=schedule_placement(name))
         split = any(a.kind == Kind.W for acts in sched.ranks for a in acts)
-        tl = timeline(sched, t_f=1 / V, t_b=2 / V, t_i=1 / V, t_w=1 / V) if split else \
-            timeline(sched, t_f=1 / V, t_b=2 / V)
+        tl = (
+            timeline(sched, t_f=1 / V, t_b=2 / V, t_i=1 / V, t_w=1 / V)
+            if split
+            else timeline(sched, t_f=1 / V, t_b=2 / V)
+        )
         cached = lay.bytes_per_step(M, 1, args.seq, args.bytes_per_elem)
         naive = lay.with_cache(False).bytes_per_step(M, 1, args.seq, args.bytes_per_elem)
         held, wpend = _peaks(sched, V)
@@ -116,9 +121,11 @@ def main() -> None:
                 vals.append(sum(per_rank) / P)
             vals.sort()
             measured = f" measured_idle={vals[len(vals) // 2]:.4f}"
-        print(f"RESULT schedule={name} V={V} placement={lay.placement} sim_bubble={tl.bubble_fraction:.4f} "
-              f"makespan={tl.makespan:.3f} bytes_per_step={cached} naive_bytes={naive} "
-              f"peak_held_stage_acts={held:.2f} peak_pending_W={wpend:.2f}{measured}")
+        print(
+            f"RESULT schedule={name} V={V} placement={lay.placement} sim_bubble={tl.bubble_fraction:.4f} "
+            f"makespan={tl.makespan:.3f} bytes_per_step={cached} naive_bytes={naive} "
+            f"peak_held_stage_acts={held:.2f} peak_pending_W={wpend:.2f}{measured}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def _worker_construct(pp: int, preset: str) -> dict:
     module = build_train_module(build_model(cfg.model, device="meta"), cfg, pctx, max_steps=2)
     batch = torch.randint(0, cfg.model.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
     module.train_batch(batch, step=0)
-    out = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "params": local_bytes(module.model, include_buffers=False)}
+    out = {
+        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "params": local_bytes(module.model, include_buffers=False),
+    }
     if pp > 1:
         dist.destroy_process_group()
     return out
@@ -79,7 +81,9 @@ def _worker_pipeline(M: int) -> dict:
     cfg = Config(model=ModelConfig(vocab_size=256, hidden_size=128, num_layers=8, mla_layers=[3, 7]))
     cfg.model.kda = KDAConfig(num_heads=2, head_dim=32, chunk_size=16)
     cfg.model.mla = MLAConfig(num_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
-    cfg.model.moe = MoEConfig(num_experts=4, top_k=2, intermediate_size=64, first_k_dense=1, dense_intermediate_size=256)
+    cfg.model.moe = MoEConfig(
+        num_experts=4, top_k=2, intermediate_size=64, first_k_dense=1, dense_intermediate_size=256
+    )
     cfg.model.residual.mode, cfg.model.residual.block_size = "block", 2
     cfg.data.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = T, 1, M
     cfg.trainer.precision = "fp32"
@@ -90,8 +94,12 @@ def _worker_pipeline(M: int) -> dict:
     runtime.track_held = True
     batch = torch.randint(0, 256, (M, T + 1), generator=torch.Generator().manual_seed(M))
     module.forward_backward(batch)
-    out = {"rank": dist.get_rank(), "end": runtime.held_at_end["total"]["bytes"],
-           "peak": runtime.held_peak["total"]["bytes"], "depth": runtime.inflight_depth(M)}
+    out = {
+        "rank": dist.get_rank(),
+        "end": runtime.held_at_end["total"]["bytes"],
+        "peak": runtime.held_peak["total"]["bytes"],
+        "depth": runtime.inflight_depth(M),
+    }
     dist.destroy_process_group()
     return out
 
@@ -99,8 +107,11 @@ def _worker_pipeline(M: int) -> dict:
 def _launch(nproc: int, args: list) -> list:
     """Run a worker on ``nproc`` ranks; each writes its JSON to its own file (stdout lines would interleave)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                                  if nproc > 1 else []) + [str(Path(__file__)), *args, "--out", out]
+        cmd = (
+            [sys.executable]
+            + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [])
+            + [str(Path(__file__)), *args, "--out", out]
+        )
         proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1800, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -125,28 +136,59 @@ def main() -> None:
     single = _launch(1, ["--worker", "construct", "--pp", "1", "--preset", args.preset])[0]
     ranks = _launch(4, ["--worker", "construct", "--pp", "4", "--preset", args.preset])
     worst = max(r["rss"] for r in ranks)
-    print(f"construction ({args.preset}): single process peak RSS {single['rss'] / 2**20:.0f} MiB "
-          f"({single['params'] / 2**20:.0f} MiB params); pp=4 ranks {[round(r['rss'] / 2**20) for r in ranks]} MiB "
-          f"({[round(r['params'] / 2**20) for r in ranks]} MiB params)")
-    results += [("construction_peak_rss_single", single["rss"] / 2**20, "MiB"),
-                ("construction_peak_rss_pp4_worst_rank", worst / 2**20, "MiB"),
-                ("construction_pp4_over_single", worst / single["rss"], "x")]
+    print(
+        f"construction ({args.preset}): single process peak RSS {single['rss'] / 2**20:.0f} MiB "
+        f"({single['params'] / 2**20:.0f} MiB params); pp=4 ranks {[round(r['rss'] / 2**20) for r in ranks]} MiB "
+        f"({[round(r['params'] / 2**20) for r in ranks]} MiB params)"
+    )
+    results += [
+        ("construction_peak_rss_single", single["rss"] / 2**20, "MiB"),
+        ("construction_peak_rss_pp4_worst_rank", worst / 2**20, "MiB"),
+        ("construction_pp4_over_single", worst / single["rss"], "x"),
+    ]
 
     for M in (4, 16, 32):
         rows = _launch(2, ["--worker", "pipeline", "--M", str(M)])
-        print(f"pipeline P=2 V=2 M={M}: " + "; ".join(
-            f"rank {r['rank']} held at end {r['end']} B, peak {r['peak']} B (depth {r['depth']})" for r in rows))
-        results += [(f"pipeline_held_end_bytes_M{M}", max(r["end"] for r in rows), "B"),
-                    (f"pipeline_held_peak_bytes_M{M}", max(r["peak"] for r in rows), "B")]
+        print(
+            f"pipeline P=2 V=2 M={M}: "
+            + "; ".join(
+                f"rank {r['rank']} held at end {r['end']} B, peak {r['peak']} B (depth {r['depth']})" for r in rows
+            )
+        )
+        results += [
+            (f"pipeline_held_end_bytes_M{M}", max(r["end"] for r in rows), "B"),
+            (f"pipeline_held_peak_bytes_M{M}", max(r["peak"] for r in rows), "B"),
+        ]
 
     if not args.skip_48b:
-        cmd = [sys.executable, "-m", "attnres_train.cli.plan", "--model", "kimi_linear_48b", "--pp", "4", "--vpp",
-               "2", "--tp", "2", "--sp", "--ep", "16", "--dp-replicate", "8", "--world-size", "1024",
-               "--microbatches", "8", "--simulate-rank", "768"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "attnres_train.cli.plan",
+            "--model",
+            "kimi_linear_48b",
+            "--pp",
+            "4",
+            "--vpp",
+            "2",
+            "--tp",
+            "2",
+            "--sp",
+            "--ep",
+            "16",
+            "--dp-replicate",
+            "8",
+            "--world-size",
+            "1024",
+            "--microbatches",
+            "8",
+            "--simulate-rank",
+            "768",
+        ]
         out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1800, cwd=ROOT)
         if out.returncode:
             raise RuntimeError(out.stderr[-3000:])
-        text = out.stdout[out.stdout.index("simulated rank"):]
+        text = out.stdout[out.stdout.index("simulated rank") :]
         print(text)
         for key in ("parameters", "gradients", "optimizer"):
             got, plan, ratio = re.search(rf"^{key}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", text, re.M).groups()

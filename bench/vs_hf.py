@@ -189,7 +189,7 @@ def main(argv=None):
     probe = []
     for r in range(args.warmup + args.rounds):
         probe.append(matmul_probe(1024, torch.device("cpu"), torch.float32))
-        for k in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
             with peak:
                 t0, c0 = time.perf_counter(), time.process_time()
                 steps[k](models[k], opts[k], x, y)
@@ -198,7 +198,7 @@ def main(argv=None):
                 times[k].append(dt)
                 cpu[k].append(dc)
                 mem[k].append(peak.delta_kb)
-        for k in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
             t = kda_layer_time(kda_layers[k], h)
             if r >= args.warmup:
                 kda_times[k].append(t)
@@ -208,40 +208,56 @@ def main(argv=None):
     tps = {k: tokens / v for k, v in med.items()}
     pair_ratios = [h / o for o, h in zip(times["ours"], times["hf"])]
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"device: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} | "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} experts={cfg.moe.num_experts} "
-          f"top{cfg.moe.top_k} vocab={cfg.vocab_size} params={n_params / 1e6:.1f}M batch={args.batch} "
-          f"seq={args.seq} rounds={args.rounds} fp32 AdamW(fused={opts['ours'].defaults.get('fused')})")
-    print(f"transformers: attn={hf.config._attn_implementation} experts={hf.config._experts_implementation} "
-          f"KDA=torch fallback (chunk 64); ours: KDA torch chunked (chunk {cfg.kda.chunk_size})")
+    print(
+        f"device: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} | "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} experts={cfg.moe.num_experts} "
+        f"top{cfg.moe.top_k} vocab={cfg.vocab_size} params={n_params / 1e6:.1f}M batch={args.batch} "
+        f"seq={args.seq} rounds={args.rounds} fp32 AdamW(fused={opts['ours'].defaults.get('fused')})"
+    )
+    print(
+        f"transformers: attn={hf.config._attn_implementation} experts={hf.config._experts_implementation} "
+        f"KDA=torch fallback (chunk 64); ours: KDA torch chunked (chunk {cfg.kda.chunk_size})"
+    )
     print(f"weights check: max |logits ours - transformers| = {diff:.2e}")
     for k in models:
         m = [v for v in mem[k] if v is not None]
         mem_s = f"peak step memory {max(m) / 1024:8.1f} MiB" if m else "peak step memory n/a"
-        print(f"  {k:5s} median step {med[k]:8.3f} s  (min {min(times[k]):.3f}, "
-              f"cpu {statistics.median(cpu[k]):.3f})  {tps[k]:9.1f} tokens/s  {mem_s}")
-    print(f"  per-round hf/ours step-time ratios: {', '.join(f'{r:.1f}' for r in pair_ratios)} -> median "
-          f"{statistics.median(pair_ratios):.2f} x (ratio of the medians: {tps['ours'] / tps['hf']:.2f} x; of the "
-          f"cpu-time medians: {statistics.median(cpu['hf']) / statistics.median(cpu['ours']):.2f} x)")
+        print(
+            f"  {k:5s} median step {med[k]:8.3f} s  (min {min(times[k]):.3f}, "
+            f"cpu {statistics.median(cpu[k]):.3f})  {tps[k]:9.1f} tokens/s  {mem_s}"
+        )
+    print(
+        f"  per-round hf/ours step-time ratios: {', '.join(f'{r:.1f}' for r in pair_ratios)} -> median "
+        f"{statistics.median(pair_ratios):.2f} x (ratio of the medians: {tps['ours'] / tps['hf']:.2f} x; of the "
+        f"cpu-time medians: {statistics.median(cpu['hf']) / statistics.median(cpu['ours']):.2f} x)"
+    )
     # Amdahl: both models run the same kind of code outside KDA (grouped_mm experts, SDPA MLA, LM head, AdamW),
     # so the step time left after the KDA mixers bounds the ratio any KDA speed-up can reach.
     kda_med = {k: statistics.median(v) for k, v in kda_times.items()}
     rest = {k: med[k] - len(kda_idx) * kda_med[k] for k in models}
     share = {k: len(kda_idx) * kda_med[k] / med[k] for k in models}
-    print(f"  KDA mixer fwd+bwd per layer: ours {kda_med['ours'] * 1e3:.0f} ms, hf {kda_med['hf'] * 1e3:.0f} ms "
-          f"({kda_med['hf'] / kda_med['ours']:.1f} x); x{len(kda_idx)} layers = {share['ours']:.0%} of our step, "
-          f"{share['hf']:.0%} of hf's")
-    print(f"  step time outside the KDA mixers: ours {rest['ours']:.2f} s, hf {rest['hf']:.2f} s -> ratio ceiling "
-          f"with a zero-cost KDA: {med['hf'] / max(rest['ours'], 1e-9):.1f} x")
+    print(
+        f"  KDA mixer fwd+bwd per layer: ours {kda_med['ours'] * 1e3:.0f} ms, hf {kda_med['hf'] * 1e3:.0f} ms "
+        f"({kda_med['hf'] / kda_med['ours']:.1f} x); x{len(kda_idx)} layers = {share['ours']:.0%} of our step, "
+        f"{share['hf']:.0%} of hf's"
+    )
+    print(
+        f"  step time outside the KDA mixers: ours {rest['ours']:.2f} s, hf {rest['hf']:.2f} s -> ratio ceiling "
+        f"with a zero-cost KDA: {med['hf'] / max(rest['ours'], 1e-9):.1f} x"
+    )
     # Roofline: our model's training FLOPs per step at 100% of the matmul throughput measured in this run. No
     # implementation of this configuration can step faster, so hf's step over this bounds any ratio.
     flops = train_flops_per_token(cfg, args.seq) * tokens
     probe_med = statistics.median(probe)
     floor_s = flops / probe_med
-    print(f"  roofline: {flops / 1e9:.1f} GFLOP per training step, matmul probe 1024^3 median "
-          f"{probe_med / 1e9:.1f} GFLOP/s -> no step below {floor_s:.3f} s; ours at MFU "
-          f"{floor_s / med['ours']:.0%}; ratio ceiling at 100% MFU: {med['hf'] / floor_s:.1f} x")
+    print(
+        f"  roofline: {flops / 1e9:.1f} GFLOP per training step, matmul probe 1024^3 median "
+        f"{probe_med / 1e9:.1f} GFLOP/s -> no step below {floor_s:.3f} s; ours at MFU "
+        f"{floor_s / med['ours']:.0%}; ratio ceiling at 100% MFU: {med['hf'] / floor_s:.1f} x"
+    )
     print(f"RESULT ours_mfu {100 * floor_s / med['ours']:.1f} %")
     print(f"RESULT ratio_ceiling_at_full_mfu {med['hf'] / floor_s:.1f} x")
     print(f"RESULT ours_tokens_per_s {tps['ours']:.1f} tokens/s")

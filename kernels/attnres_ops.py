@@ -74,14 +74,16 @@ class _Phase1(torch.autograd.Function):
         outs = tuple(torch.empty(m_rows, d, device=dev, dtype=torch.float32) for _ in range(s))
         if m_rows:
             K.p1_logits_kernel[(triton.cdiv(m_rows, BM_ROW),)](
-                vs, q, logits, rstd, m_rows, d, eps, N=n, S=s, SP=_sp(s), BM=BM_ROW, BD=_bd(d), num_warps=NUM_WARPS)
+                vs, q, logits, rstd, m_rows, d, eps, N=n, S=s, SP=_sp(s), BM=BM_ROW, BD=_bd(d), num_warps=NUM_WARPS
+            )
         m_sm = logits.amax(0) if n else logits.new_empty(s, m_rows)
         p = torch.exp(logits - m_sm)
         l_sm = p.sum(0)
         if m_rows:
             bm, bd, nw = _combine_cfg(d, n)
             K.p1_combine_kernel[(triton.cdiv(m_rows, bm), triton.cdiv(d, bd))](
-                vs, p, outs, m_rows, d, N=n, S=s, BM=bm, BD=bd, num_warps=nw)
+                vs, p, outs, m_rows, d, N=n, S=s, BM=bm, BD=bd, num_warps=nw
+            )
         ctx.eps, ctx.shape, ctx.q_dtype = eps, shape, q_sd.dtype
         ctx.save_for_backward(q, m_sm, *blocks)
         ms = tuple(m_sm[i].clone().view(shape[:-1]) for i in range(s))
@@ -97,14 +99,28 @@ class _Phase1(torch.autograd.Function):
         m_rows = vs[0].shape[0]
         dev = vs[0].device
         dos = tuple(_rows(g, d).to(torch.float32) for g in grads[:s])
-        dl_sm = torch.stack([g.reshape(-1) for g in grads[2 * s:]]).to(torch.float32)  # [S, M]
+        dl_sm = torch.stack([g.reshape(-1) for g in grads[2 * s :]]).to(torch.float32)  # [S, M]
         logits = torch.empty(n, s, m_rows, device=dev, dtype=torch.float32)
         dvo = torch.empty_like(logits)
         rstd = torch.empty(n, m_rows, device=dev, dtype=torch.float32)
         if m_rows:
             K.p1_bwd_dots_kernel[(triton.cdiv(m_rows, BM_ROW),)](
-                vs, q, dos, logits, dvo, rstd, m_rows, d, ctx.eps, N=n, S=s, SP=_sp(s), BM=BM_ROW, BD=_bd(d),
-                num_warps=NUM_WARPS)
+                vs,
+                q,
+                dos,
+                logits,
+                dvo,
+                rstd,
+                m_rows,
+                d,
+                ctx.eps,
+                N=n,
+                S=s,
+                SP=_sp(s),
+                BM=BM_ROW,
+                BD=_bd(d),
+                num_warps=NUM_WARPS,
+            )
         p = torch.exp(logits - m_sm)
         ds = p * (dvo + dl_sm)  # dL/ds_js
         g = ds * rstd[:, None]  # coefficient of q_s in dv_j and of v_j in dq_s
@@ -115,7 +131,8 @@ class _Phase1(torch.autograd.Function):
         dq_part = torch.empty(tiles, s, d, device=dev, dtype=torch.float32)
         if m_rows:
             K.p1_bwd_dsrc_kernel[(tiles, triton.cdiv(d, bd))](
-                vs, q, dos, p, g, c, dsrc, dq_part, m_rows, d, N=n, S=s, SP=_sp(s), BM=bm, BD=bd, num_warps=nw)
+                vs, q, dos, p, g, c, dsrc, dq_part, m_rows, d, N=n, S=s, SP=_sp(s), BM=bm, BD=bd, num_warps=nw
+            )
         dq = dq_part.sum(0).to(ctx.q_dtype)
         return (None, dq, *(x.view(ctx.shape) for x in dsrc))
 
@@ -135,8 +152,21 @@ class _Phase2(torch.autograd.Function):
         sc = torch.empty(4, m_rows, device=o.device, dtype=torch.float32)
         if m_rows:
             K.p2_fwd_kernel[(triton.cdiv(m_rows, BM_ROW),)](
-                o2, m.reshape(-1).float().contiguous(), sumexp.reshape(-1).float().contiguous(), p2, q, h, sc,
-                m_rows, d, eps, HAS_P=has_p, BM=BM_ROW, BD=_bd(d), num_warps=NUM_WARPS)
+                o2,
+                m.reshape(-1).float().contiguous(),
+                sumexp.reshape(-1).float().contiguous(),
+                p2,
+                q,
+                h,
+                sc,
+                m_rows,
+                d,
+                eps,
+                HAS_P=has_p,
+                BM=BM_ROW,
+                BD=_bd(d),
+                num_warps=NUM_WARPS,
+            )
         h = h.view(shape)
         ctx.has_p, ctx.shape, ctx.q_dtype = has_p, shape, q_d.dtype
         ctx.save_for_backward(h, partial if has_p else None, q, sc)
@@ -155,8 +185,23 @@ class _Phase2(torch.autograd.Function):
         tiles = triton.cdiv(m_rows, BM_ROW)
         dq_part = torch.empty(tiles if ctx.has_p else 0, d, device=h.device, dtype=torch.float32)
         if m_rows:
-            K.p2_bwd_kernel[(tiles,)](dh2, h2, p2, q, sc, do, dlm, dp, dq_part if ctx.has_p else do, m_rows, d,
-                                      HAS_P=ctx.has_p, BM=BM_ROW, BD=_bd(d), num_warps=NUM_WARPS)
+            K.p2_bwd_kernel[(tiles,)](
+                dh2,
+                h2,
+                p2,
+                q,
+                sc,
+                do,
+                dlm,
+                dp,
+                dq_part if ctx.has_p else do,
+                m_rows,
+                d,
+                HAS_P=ctx.has_p,
+                BM=BM_ROW,
+                BD=_bd(d),
+                num_warps=NUM_WARPS,
+            )
         dq = dq_part.sum(0).to(ctx.q_dtype) if ctx.has_p else None
         dp = dp.view(ctx.shape) if ctx.has_p else None
         rshape = ctx.shape[:-1]
@@ -172,8 +217,7 @@ def phase1(blocks: Sequence[torch.Tensor], q_sd: torch.Tensor, eps: float):
 
 
 @torch.compiler.disable
-def phase2(stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
-           dtype: torch.dtype) -> torch.Tensor:
+def phase2(stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Online-softmax merge of phase-1 ``stats`` with the open block's ``partial`` sum (None: only o / l)."""
     o, m, sumexp = stats
     return _Phase2.apply(float(eps), dtype, o, m, sumexp, q_d, partial)

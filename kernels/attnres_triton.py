@@ -40,8 +40,20 @@ _SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
-def p1_logits_kernel(srcs, q_ptr, logit_ptr, rstd_ptr, M, D, eps,
-                     N: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p1_logits_kernel(
+    srcs,
+    q_ptr,
+    logit_ptr,
+    rstd_ptr,
+    M,
+    D,
+    eps,
+    N: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Per row tile: r_j and the logits s_js of every source j against every query s."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -54,21 +66,25 @@ def p1_logits_kernel(srcs, q_ptr, logit_ptr, rstd_ptr, M, D, eps,
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             cmask = cols < D
-            v = tl.load(srcs[j] + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            q_t = tl.load(q_ptr + sidx[None, :] * D + cols[:, None], mask=cmask[:, None] & smask[None, :],
-                          other=0.0).to(tl.float32)  # [BD, SP]
+            v = tl.load(
+                srcs[j] + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
+            q_t = tl.load(
+                q_ptr + sidx[None, :] * D + cols[:, None], mask=cmask[:, None] & smask[None, :], other=0.0
+            ).to(tl.float32)  # [BD, SP]
             sumsq += tl.reduce(v * v, 1, _SUM)
             dots = tl.dot(v, q_t, acc=dots, input_precision="ieee")
         r = tl.rsqrt(sumsq / D + eps)
         tl.store(rstd_ptr + j * M + rows64, r, mask=rmask)
-        tl.store(logit_ptr + (j * S + sidx[None, :]).to(tl.int64) * M + rows64[:, None], dots * r[:, None],
-                 mask=rmask[:, None] & smask[None, :])
+        tl.store(
+            logit_ptr + (j * S + sidx[None, :]).to(tl.int64) * M + rows64[:, None],
+            dots * r[:, None],
+            mask=rmask[:, None] & smask[None, :],
+        )
 
 
 @triton.jit
-def p1_combine_kernel(srcs, p_ptr, outs, M, D,
-                      N: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p1_combine_kernel(srcs, p_ptr, outs, M, D, N: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
     """Per (row tile, column tile): the unnormalised outputs o_s = Σ_j p_js v_j (one fp32 tensor per query)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -86,8 +102,22 @@ def p1_combine_kernel(srcs, p_ptr, outs, M, D,
 
 
 @triton.jit
-def p1_bwd_dots_kernel(srcs, q_ptr, douts, logit_ptr, dvo_ptr, rstd_ptr, M, D, eps,
-                       N: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p1_bwd_dots_kernel(
+    srcs,
+    q_ptr,
+    douts,
+    logit_ptr,
+    dvo_ptr,
+    rstd_ptr,
+    M,
+    D,
+    eps,
+    N: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Per row tile: recompute r_j and s_js, and the products ⟨do_s, v_j⟩ (all fp32 scalars per token)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -104,8 +134,9 @@ def p1_bwd_dots_kernel(srcs, q_ptr, douts, logit_ptr, dvo_ptr, rstd_ptr, M, D, e
             mask = rmask[:, None] & cmask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
             v = tl.load(srcs[j] + offs, mask=mask, other=0.0).to(tl.float32)
-            q_t = tl.load(q_ptr + sidx[None, :] * D + cols[:, None], mask=cmask[:, None] & smask[None, :],
-                          other=0.0).to(tl.float32)
+            q_t = tl.load(
+                q_ptr + sidx[None, :] * D + cols[:, None], mask=cmask[:, None] & smask[None, :], other=0.0
+            ).to(tl.float32)
             sumsq += tl.reduce(v * v, 1, _SUM)
             dots = tl.dot(v, q_t, acc=dots, input_precision="ieee")
             for s in tl.static_range(S):
@@ -120,8 +151,23 @@ def p1_bwd_dots_kernel(srcs, q_ptr, douts, logit_ptr, dvo_ptr, rstd_ptr, M, D, e
 
 
 @triton.jit
-def p1_bwd_dsrc_kernel(srcs, q_ptr, douts, p_ptr, g_ptr, c_ptr, dsrcs, dq_ptr, M, D,
-                       N: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p1_bwd_dsrc_kernel(
+    srcs,
+    q_ptr,
+    douts,
+    p_ptr,
+    g_ptr,
+    c_ptr,
+    dsrcs,
+    dq_ptr,
+    M,
+    D,
+    N: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Per (row tile, column tile): dv_j = Σ_s p_js do_s + Σ_s g_js q_s − c_j v_j and this tile's share of dq.
 
     ``g_js = r_j·ds_js`` and ``c_j = (r_j²/D) Σ_s ds_js s_js`` come from the host; dq partial sums over the
@@ -137,13 +183,17 @@ def p1_bwd_dsrc_kernel(srcs, q_ptr, douts, p_ptr, g_ptr, c_ptr, dsrcs, dq_ptr, M
     offs = rows64[:, None] * D + cols[None, :]
     sidx = tl.arange(0, SP)
     smask = sidx < S
-    q = tl.load(q_ptr + sidx[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :],
-                other=0.0).to(tl.float32)  # [SP, BD]
+    q = tl.load(q_ptr + sidx[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0).to(
+        tl.float32
+    )  # [SP, BD]
     dq = tl.full([SP, BD], 0.0, tl.float32)
     for j in tl.static_range(N):
         v = tl.load(srcs[j] + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + (j * S + sidx[None, :]).to(tl.int64) * M + rows64[:, None],
-                    mask=rmask[:, None] & smask[None, :], other=0.0)  # [BM, SP]
+        g = tl.load(
+            g_ptr + (j * S + sidx[None, :]).to(tl.int64) * M + rows64[:, None],
+            mask=rmask[:, None] & smask[None, :],
+            other=0.0,
+        )  # [BM, SP]
         c = tl.load(c_ptr + j * M + rows64, mask=rmask, other=0.0)
         acc = tl.dot(g, q, input_precision="ieee") - c[:, None] * v
         for s in tl.static_range(S):
@@ -151,13 +201,15 @@ def p1_bwd_dsrc_kernel(srcs, q_ptr, douts, p_ptr, g_ptr, c_ptr, dsrcs, dq_ptr, M
             acc += p[:, None] * tl.load(douts[s] + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dsrcs[j] + offs, acc.to(dsrcs[j].dtype.element_ty), mask=mask)
         dq = tl.dot(tl.trans(g), v, acc=dq, input_precision="ieee")
-    tl.store(dq_ptr + (pid_m * S + sidx[:, None]).to(tl.int64) * D + cols[None, :], dq,
-             mask=smask[:, None] & cmask[None, :])
+    tl.store(
+        dq_ptr + (pid_m * S + sidx[:, None]).to(tl.int64) * D + cols[None, :], dq, mask=smask[:, None] & cmask[None, :]
+    )
 
 
 @triton.jit
-def p2_fwd_kernel(o_ptr, m_ptr, l_ptr, p_ptr, q_ptr, h_ptr, sc_ptr, M, D, eps,
-                  HAS_P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p2_fwd_kernel(
+    o_ptr, m_ptr, l_ptr, p_ptr, q_ptr, h_ptr, sc_ptr, M, D, eps, HAS_P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr
+):
     """Per row tile: merge the phase-1 result with the partial sum; h in the output dtype, 4 scalars per token.
 
     ``sc_ptr`` is fp32 ``[4, M]``: c1, c2, r_p, s2 (what backward needs). Without a partial: h = o / l.
@@ -173,8 +225,9 @@ def p2_fwd_kernel(o_ptr, m_ptr, l_ptr, p_ptr, q_ptr, h_ptr, sc_ptr, M, D, eps,
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             cmask = cols < D
-            p = tl.load(p_ptr + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            p = tl.load(
+                p_ptr + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
             q = tl.load(q_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
             sumsq += tl.reduce(p * p, 1, _SUM)
             dot += tl.reduce(p * q[None, :], 1, _SUM)
@@ -206,8 +259,22 @@ def p2_fwd_kernel(o_ptr, m_ptr, l_ptr, p_ptr, q_ptr, h_ptr, sc_ptr, M, D, eps,
 
 
 @triton.jit
-def p2_bwd_kernel(dh_ptr, h_ptr, p_ptr, q_ptr, sc_ptr, do_ptr, dl_ptr, dp_ptr, dq_ptr, M, D,
-                  HAS_P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+def p2_bwd_kernel(
+    dh_ptr,
+    h_ptr,
+    p_ptr,
+    q_ptr,
+    sc_ptr,
+    do_ptr,
+    dl_ptr,
+    dp_ptr,
+    dq_ptr,
+    M,
+    D,
+    HAS_P: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Per row tile: gradients of the merge w.r.t. o (fp32), l and m (``dl_ptr`` is ``[2, M]``), the partial
     sum and (per-tile partial sums of) q. ``dm = −ds2`` is ∂h/∂m at fixed o, l: zero in total with phase 1's
     own m-dependence, and needed when phase 1 was computed by autograd (the torch reference)."""

@@ -62,18 +62,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, threads: int,
-            fn: Callable, args: tuple, kwargs: dict, out_q) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout: float,
+    threads: int,
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    out_q,
+) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # and for anything it launches
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+    )  # and for anything it launches
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
         payload = ("ok", pickle.dumps(fn(*args, **kwargs)))
     except BaseException as exc:  # noqa: B902 - everything, including pytest's Skipped/Failed outcomes
         tb = traceback.format_exc()
@@ -131,9 +153,17 @@ def _raise_remote(rank: int, blob: Optional[bytes], tb: str, summary: str) -> No
     raise DistributedTestError(f"rank {rank} failed: {summary}\n{note}")
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, backend: str = "gloo",
-                    threads: int = 1, start_method: Optional[str] = None,
-                    preload: Sequence[str] = DEFAULT_PRELOAD, **kwargs: Any) -> List[Any]:
+def run_distributed(
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    backend: str = "gloo",
+    threads: int = 1,
+    start_method: Optional[str] = None,
+    preload: Sequence[str] = DEFAULT_PRELOAD,
+    **kwargs: Any,
+) -> List[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks of a fresh gloo group; return results by rank.
 
     ``fn`` runs after ``dist.init_process_group`` (use ``dist.get_rank()``); the group is destroyed after it
@@ -163,8 +193,12 @@ def _run_once(ctx, fn, world_size, args, kwargs, timeout, backend, threads) -> L
     out_q = ctx.Queue()
     procs = []
     for rank in range(world_size):
-        p = ctx.Process(target=_worker, args=(rank, world_size, port, backend, timeout, threads, fn, args, kwargs,
-                                              out_q), daemon=True, name=f"dist-rank{rank}")
+        p = ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, backend, timeout, threads, fn, args, kwargs, out_q),
+            daemon=True,
+            name=f"dist-rank{rank}",
+        )
         p.start()
         procs.append(p)
     results: dict = {}
@@ -182,11 +216,14 @@ def _run_once(ctx, fn, world_size, args, kwargs, timeout, backend, threads) -> L
                     except queue_mod.Empty:
                         r = dead[0]
                         raise DistributedTestError(
-                            f"rank {r} exited with code {procs[r].exitcode} without reporting a result") from None
+                            f"rank {r} exited with code {procs[r].exitcode} without reporting a result"
+                        ) from None
                 elif time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in results]
-                    raise TimeoutError(f"distributed test timed out after {timeout:.0f}s; ranks {missing} "
-                                       f"did not finish (finished: {sorted(results)})") from None
+                    raise TimeoutError(
+                        f"distributed test timed out after {timeout:.0f}s; ranks {missing} "
+                        f"did not finish (finished: {sorted(results)})"
+                    ) from None
                 else:
                     continue
             if status == "error":

@@ -42,13 +42,22 @@ def save_output(log_dir: Path, name: str, cmd: Sequence, stdout, stderr, returnc
     while path.exists():
         n += 1
         path = log_dir / f"{stem}-{n}.log"
-    path.write_text(f"$ {' '.join(map(str, cmd))}\nexit status: {returncode}\n"
-                    f"--- stdout ---\n{_text(stdout)}\n--- stderr ---\n{_text(stderr)}\n")
+    path.write_text(
+        f"$ {' '.join(map(str, cmd))}\nexit status: {returncode}\n"
+        f"--- stdout ---\n{_text(stdout)}\n--- stderr ---\n{_text(stderr)}\n"
+    )
     return path
 
 
-def run(cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mapping[str, str]] = None,
-        timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence,
+    log_dir: Path,
+    name: str = "cmd",
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    timeout: float = 600,
+    **kwargs,
+) -> subprocess.CompletedProcess:
     """``subprocess.run`` with text output captured, threads pinned (:func:`child_env` over ``env``) and the
     whole output saved (``proc.log``). A timeout saves what was captured and fails naming the file."""
     cmd = [str(c) for c in cmd]
@@ -61,12 +70,14 @@ def run(cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mappin
     return proc
 
 
-def popen(cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mapping[str, str]] = None,
-          **kwargs) -> subprocess.Popen:
+def popen(
+    cmd: Sequence, log_dir: Path, name: str = "cmd", *, env: Optional[Mapping[str, str]] = None, **kwargs
+) -> subprocess.Popen:
     """``subprocess.Popen`` with text pipes and threads pinned, for tests that signal or kill the child;
     :func:`communicate` collects and saves its output."""
-    proc = subprocess.Popen([str(c) for c in cmd], env=child_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
     proc.log_dir, proc.log_name = Path(log_dir), name
     return proc
 
@@ -92,8 +103,10 @@ def failure(proc, what: str = "") -> str:
     where = f"full stdout/stderr in {log}" if log else "output not saved"
     head = f"{what}: " if what else ""
     err = getattr(proc, "err_text", proc.stderr)
-    return (f"{head}exit status {proc.returncode}; {where}\n--- last {TAIL} characters of stderr ---\n"
-            f"{_text(err if isinstance(err, (str, bytes)) else None)[-TAIL:]}")
+    return (
+        f"{head}exit status {proc.returncode}; {where}\n--- last {TAIL} characters of stderr ---\n"
+        f"{_text(err if isinstance(err, (str, bytes)) else None)[-TAIL:]}"
+    )
 
 
 def check(proc, returncode: int = 0, what: str = "") -> subprocess.CompletedProcess:

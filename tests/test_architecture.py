@@ -190,11 +190,20 @@ def patching(path: Path) -> List[str]:
                 found.append((node.lineno, "assignment to _parameters[...]"))
         if isinstance(node, ast.Attribute) and node.attr == "MethodType":
             found.append((node.lineno, "types.MethodType"))
-        if isinstance(node, ast.ImportFrom) and node.module == "types" and any(a.name == "MethodType" for a in node.names):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "types"
+            and any(a.name == "MethodType" for a in node.names)
+        ):
             found.append((node.lineno, "from types import MethodType"))
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                and node.args[1].value in ("__class__", "forward", "_parameters")):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "setattr"
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in ("__class__", "forward", "_parameters")
+        ):
             found.append((node.lineno, f"setattr(..., {node.args[1].value!r}, ...)"))
     rel = path.relative_to(REPO) if REPO in path.parents else path
     return [f"{rel}:{line}: {what}" for line, what in sorted(set(found))]
@@ -219,7 +228,8 @@ def test_no_import_from_a_higher_layer():
 def test_no_object_patching():
     bad = [line for path in sorted(PKG.rglob("*.py")) for line in patching(path)]
     assert not bad, f"{len(bad)} patched object(s) in {ROOT}/ (docs/architecture.md, 'Adding a parallelism'):\n" + (
-        "\n".join(bad))
+        "\n".join(bad)
+    )
 
 
 # -- the checker itself, on planted violations --------------------------------------------------------------
@@ -232,33 +242,45 @@ def _write(root: Path, files: Dict[str, str]) -> Path:
 
 
 def test_checker_finds_planted_cycle_upward_import_and_patching(tmp_path):
-    pkg = _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/low/__init__.py": "from .a import f\n",
-        "pkg/low/a.py": "def f():\n    from ..high import b  # function-level\n",
-        "pkg/low/c.py": "import pkg.low.a\n",
-        "pkg/high/__init__.py": "",
-        "pkg/high/b.py": "from pkg.low.a import f\nfrom ..low import c\n",
-        "pkg/high/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import f\n",
-        "pkg/high/f.py": "from . import e\n",
-        "pkg/high/d.py": "import types\nx.__class__ = int\nm._parameters['w'] = 1\nm.forward = g\n"
-                         "h = types.MethodType(f, m)\nsetattr(m, 'forward', g)\n",
-    })
+    pkg = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/low/__init__.py": "from .a import f\n",
+            "pkg/low/a.py": "def f():\n    from ..high import b  # function-level\n",
+            "pkg/low/c.py": "import pkg.low.a\n",
+            "pkg/high/__init__.py": "",
+            "pkg/high/b.py": "from pkg.low.a import f\nfrom ..low import c\n",
+            "pkg/high/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import f\n",
+            "pkg/high/f.py": "from . import e\n",
+            "pkg/high/d.py": "import types\nx.__class__ = int\nm._parameters['w'] = 1\nm.forward = g\n"
+            "h = types.MethodType(f, m)\nsetattr(m, 'forward', g)\n",
+        },
+    )
     edges = graph(pkg)
     assert edges["pkg.low"] == [("pkg.low.a", 1)] and edges["pkg.low.a"] == [("pkg.high.b", 2)]
     assert edges["pkg.high.b"] == [("pkg.low.a", 1), ("pkg.low.c", 2)] and edges["pkg.low.c"] == [("pkg.low.a", 1)]
     assert ["pkg.high.b", "pkg.low.a", "pkg.low.c"] in cycles(edges)
     assert cycle_path(["pkg.high.b", "pkg.low.a", "pkg.low.c"], edges) == (
-        "pkg.high.b -(1)-> pkg.low.a -(2)-> pkg.high.b")
+        "pkg.high.b -(1)-> pkg.low.a -(2)-> pkg.high.b"
+    )
     assert cycles({**edges, "pkg.low.a": []}) == [["pkg.high.e", "pkg.high.f"]]
     assert ["pkg.high.e", "pkg.high.f"] in cycles(edges) and ["pkg.high.e", "pkg.high.f"] not in cycles(
-        graph(pkg, runtime_only=True))
+        graph(pkg, runtime_only=True)
+    )
     assert layer_violations(edges, ["low", "high"], pkg) == ["pkg/low/a.py:2 (low) imports pkg.high.b (high)"]
-    assert layer_violations(edges, ["high", "low"], pkg) == ["pkg/high/b.py:1 (high) imports pkg.low.a (low)",
-                                                           "pkg/high/b.py:2 (high) imports pkg.low.c (low)"]
+    assert layer_violations(edges, ["high", "low"], pkg) == [
+        "pkg/high/b.py:1 (high) imports pkg.low.a (low)",
+        "pkg/high/b.py:2 (high) imports pkg.low.c (low)",
+    ]
     found = [line.split(": ", 1)[1] for line in patching(pkg / "high" / "d.py")]
-    assert found == ["assignment to .__class__", "assignment to _parameters[...]", "assignment to .forward",
-                     "types.MethodType", "setattr(..., 'forward', ...)"]
+    assert found == [
+        "assignment to .__class__",
+        "assignment to _parameters[...]",
+        "assignment to .forward",
+        "types.MethodType",
+        "setattr(..., 'forward', ...)",
+    ]
 
 
 def test_layer_line_is_parsed_from_the_doc():

@@ -14,15 +14,28 @@ from pathlib import Path
 from tests import subproc
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = ("train_f2_step", "train_f2_tokens_per_s", "train_f2_mfu", "train_f3_step", "train_f3_tokens_per_s",
-            "train_f3_mfu", "block_over_prenorm_step_time_f2")
+EXPECTED = (
+    "train_f2_step",
+    "train_f2_tokens_per_s",
+    "train_f2_mfu",
+    "train_f3_step",
+    "train_f3_tokens_per_s",
+    "train_f3_mfu",
+    "block_over_prenorm_step_time_f2",
+)
 
 
 def test_gpu_check_dry_run(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
-    proc = subproc.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"], tmp_path, "gpu_check",
-                       env=env, cwd=REPO, timeout=180)
+    proc = subproc.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"],
+        tmp_path,
+        "gpu_check",
+        env=env,
+        cwd=REPO,
+        timeout=180,
+    )
     out = proc.stdout
     subproc.check(proc)
     assert "ERROR" not in out, out

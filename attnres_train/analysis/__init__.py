@@ -9,5 +9,13 @@ a run directory except the output folders the CLIs are given. docs/analysis.md.
 from .fit import PowerLaw, compute_advantage, fit_power_law, pflops_days
 from .runs import RunSummary, find_runs, load_run, summarize
 
-__all__ = ["PowerLaw", "RunSummary", "compute_advantage", "find_runs", "fit_power_law", "load_run", "pflops_days",
-           "summarize"]
+__all__ = [
+    "PowerLaw",
+    "RunSummary",
+    "compute_advantage",
+    "find_runs",
+    "fit_power_law",
+    "load_run",
+    "pflops_days",
+    "summarize",
+]

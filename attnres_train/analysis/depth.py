@@ -29,8 +29,10 @@ def resolve_checkpoint(run: Run, checkpoint: Optional[str] = None) -> Path:
     mgr = CheckpointManager(run.checkpoint_root, keep_last=0)
     path = mgr.resolve(checkpoint) if checkpoint else mgr.latest()
     if path is None:
-        raise UserInputError(f"{run.path}: no complete checkpoint under {run.checkpoint_root} (train with "
-                             "checkpoint.interval or let the run finish; --metrics-only plots the logs alone)")
+        raise UserInputError(
+            f"{run.path}: no complete checkpoint under {run.checkpoint_root} (train with "
+            "checkpoint.interval or let the run finish; --metrics-only plots the logs alone)"
+        )
     return path
 
 
@@ -61,8 +63,10 @@ def heldout_batch(run: Run, batch_size: int) -> tuple:
     try:
         data = build_datasets(data_cfg, model_vocab_size=int(run.config["model"]["vocab_size"]), progress=False)
     except (ConfigError, UserInputError) as exc:
-        raise UserInputError(f"the run's data is needed for a held-out batch and cannot be read: {exc} "
-                             "(--metrics-only plots the logs alone)") from None
+        raise UserInputError(
+            f"the run's data is needed for a held-out batch and cannot be read: {exc} "
+            "(--metrics-only plots the logs alone)"
+        ) from None
     if data.val.num_samples > 0:
         return next(data.val.batches(min(batch_size, data.val.num_samples), max_batches=1)), "validation split"
     sampler = data.train_sampler(batch_size, num_workers=0)
@@ -161,10 +165,15 @@ def layer_diagnostics(model, batch: torch.Tensor) -> dict:
     grad_norm = []
     for layer in layers:
         sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in layer.parameters() if p.grad is not None)
-        grad_norm.append(sq ** 0.5)
+        grad_norm.append(sq**0.5)
     model.zero_grad(set_to_none=True)
-    return {"loss": float(loss.detach()), "output_rms": output_rms, "grad_norm": grad_norm,
-            "expert_load": loads, "moe_layers": moe_layers}
+    return {
+        "loss": float(loss.detach()),
+        "output_rms": output_rms,
+        "grad_norm": grad_norm,
+        "expert_load": loads,
+        "moe_layers": moe_layers,
+    }
 
 
 def analyze_checkpoint(model, model_cfg, batch: torch.Tensor) -> dict:

@@ -68,16 +68,17 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], min_points: i
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(y))) or np.any(c <= 0) or np.any(y <= 0):
         raise ValueError("compute and loss must be finite and positive")
     if len(np.unique(c)) < max(2, min_points):
-        raise ValueError(f"a power-law fit needs at least {max(2, min_points)} distinct compute values (sizes), got "
-                         f"{len(np.unique(c))}" + (" (a line through 2 points always has R² = 1)" if len(np.unique(c)) == 2
-                                                    else ""))
+        raise ValueError(
+            f"a power-law fit needs at least {max(2, min_points)} distinct compute values (sizes), got "
+            f"{len(np.unique(c))}" + (" (a line through 2 points always has R² = 1)" if len(np.unique(c)) == 2 else "")
+        )
     x, ly = np.log(c), np.log(y)
     xm, ym = x.mean(), ly.mean()
     slope = float(((x - xm) * (ly - ym)).sum() / ((x - xm) ** 2).sum())
     intercept = float(ym - slope * xm)
     resid = ly - (intercept + slope * x)
     total = float(((ly - ym) ** 2).sum())
-    r2 = 1.0 - float((resid ** 2).sum()) / total if total > 0 else 1.0
+    r2 = 1.0 - float((resid**2).sum()) / total if total > 0 else 1.0
     return PowerLaw(A=math.exp(intercept), alpha=-slope, r2=r2, n=int(len(c)))
 
 

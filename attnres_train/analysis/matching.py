@@ -45,8 +45,11 @@ def loss_curve(run: Run, source: str) -> List[Tuple[int, float]]:
     """``[(tokens, loss)]`` by tokens: validation losses (``source="val"``) or per-batch train losses."""
     key = "val_loss" if source == "val" else "loss"
     tokens = tokens_at_steps(run)
-    return [(tokens[r["step"]], float(r[key])) for r in run.kind(source)
-            if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
+    return [
+        (tokens[r["step"]], float(r[key]))
+        for r in run.kind(source)
+        if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))
+    ]
 
 
 @dataclass
@@ -106,8 +109,9 @@ def run_labels(summaries: Sequence[RunSummary]) -> List[str]:
     return [b if base.count(b) == 1 else f"{b} · {s.run}" for b, s in zip(base, summaries)]
 
 
-def match(runs: Sequence[Run], summaries: Sequence[RunSummary], source: str = "val",
-          train_window: float = 0.1) -> Tuple[List[Compared], List[str], Dict[SizeKey, int]]:
+def match(
+    runs: Sequence[Run], summaries: Sequence[RunSummary], source: str = "val", train_window: float = 0.1
+) -> Tuple[List[Compared], List[str], Dict[SizeKey, int]]:
     """Read every run at its size's matched tokens. Returns (rows in input order, notes, matched tokens by size).
 
     ``source="val"``: the largest token count at which every run of the size logged a validation loss; a run
@@ -126,7 +130,8 @@ def match(runs: Sequence[Run], summaries: Sequence[RunSummary], source: str = "v
             raise UserInputError(
                 f"no validation loss logged by {_names(missing)} (trainer.val_every=0 or no validation data); "
                 "refusing to compare single training batches: rerun with validation, or pass --loss train to "
-                "compare training losses averaged over the last --train-window of tokens")
+                "compare training losses averaged over the last --train-window of tokens"
+            )
     labels = run_labels(summaries)
     groups: Dict[SizeKey, List[int]] = {}
     for i, s in enumerate(summaries):
@@ -137,11 +142,15 @@ def match(runs: Sequence[Run], summaries: Sequence[RunSummary], source: str = "v
         if source == "val":
             common = set.intersection(*({t for t, _ in curves[i] if t <= reach} for i in idx))
             if not common:
-                where = "; ".join(f"{summaries[i].run} validated at {sorted(t for t, _ in curves[i])[-3:]} tokens "
-                                  f"(trained {summaries[i].tokens})" for i in idx)
+                where = "; ".join(
+                    f"{summaries[i].run} validated at {sorted(t for t, _ in curves[i])[-3:]} tokens "
+                    f"(trained {summaries[i].tokens})"
+                    for i in idx
+                )
                 raise UserInputError(
                     f"{size_name(key)}: no token count at which every run logged a validation loss ({where}); "
-                    "use one trainer.val_every and compare runs that reached a common validation point")
+                    "use one trainer.val_every and compare runs that reached a common validation point"
+                )
             tokens = max(common)
         else:
             tokens = reach
@@ -154,15 +163,26 @@ def match(runs: Sequence[Run], summaries: Sequence[RunSummary], source: str = "v
                 lo = tokens * (1.0 - train_window)
                 window = [v for t, v in curves[i] if lo < t <= tokens]
                 if not window:
-                    raise UserInputError(f"{s.run}: no train loss logged between {int(lo)} and {tokens} tokens "
-                                         "(raise --train-window or trainer.log_every frequency)")
+                    raise UserInputError(
+                        f"{s.run}: no train loss logged between {int(lo)} and {tokens} tokens "
+                        "(raise --train-window or trainer.log_every frequency)"
+                    )
                 loss, n = statistics.fmean(window), len(window)
-            out[i] = Compared(summary=s, label=labels[i], tokens=tokens, loss=loss, source=source, batches=n,
-                              flops=training_flops(runs[i].config, tokens))
+            out[i] = Compared(
+                summary=s,
+                label=labels[i],
+                tokens=tokens,
+                loss=loss,
+                source=source,
+                batches=n,
+                flops=training_flops(runs[i].config, tokens),
+            )
         longer = [summaries[i].run for i in idx if summaries[i].tokens > tokens]
         if longer:
-            notes.append(f"{size_name(key)}: compared at {tokens:,} tokens; {_names(longer)} trained further "
-                         "(their later losses are not used)")
+            notes.append(
+                f"{size_name(key)}: compared at {tokens:,} tokens; {_names(longer)} trained further "
+                "(their later losses are not used)"
+            )
         notes += setting_differences(key, [runs[i] for i in idx])
     _check_duplicates(out)
     return out, notes, matched
@@ -184,8 +204,14 @@ def _flat(d, prefix: str = "") -> Dict[str, object]:
 
 def setting_differences(key: SizeKey, runs: Sequence[Run]) -> List[str]:
     """Notes for settings besides the residual variant and the seed that differ between runs of one size."""
-    flats = [{k: v for k, v in _flat({s: r.config.get(s) for s in ("model", "data", "optim")}).items()
-              if not k.startswith(_IGNORED)} for r in runs]
+    flats = [
+        {
+            k: v
+            for k, v in _flat({s: r.config.get(s) for s in ("model", "data", "optim")}).items()
+            if not k.startswith(_IGNORED)
+        }
+        for r in runs
+    ]
     for f, r in zip(flats, runs):
         f["trainer.global_batch_size"] = (r.config.get("trainer") or {}).get("global_batch_size")
     keys = sorted({k for f in flats for k in f})
@@ -193,12 +219,16 @@ def setting_differences(key: SizeKey, runs: Sequence[Run]) -> List[str]:
     notes = []
     if differ:
         shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-        notes.append(f"{size_name(key)}: the runs differ in more than the residual variant and the seed ({shown}); "
-                     "a loss difference is not the variant's alone")
+        notes.append(
+            f"{size_name(key)}: the runs differ in more than the residual variant and the seed ({shown}); "
+            "a loss difference is not the variant's alone"
+        )
     steps = {(r.config.get("trainer") or {}).get("max_steps") for r in runs}
     if len(steps) > 1:
-        notes.append(f"{size_name(key)}: trainer.max_steps differs ({', '.join(map(str, sorted(steps, key=str)))}): "
-                     "a schedule that depends on it (warmup, decay) is at a different point at the compared tokens")
+        notes.append(
+            f"{size_name(key)}: trainer.max_steps differs ({', '.join(map(str, sorted(steps, key=str)))}): "
+            "a schedule that depends on it (warmup, decay) is at a different point at the compared tokens"
+        )
     return notes
 
 
@@ -209,7 +239,8 @@ def _check_duplicates(rows: Sequence[Compared]) -> None:
         if key in seen:
             raise UserInputError(
                 f"{seen[key]} and {r.summary.run} are the same variant ({r.summary.variant}), size and seed "
-                f"({r.summary.seed}): a seed is counted once; pass one of them (or give repeats different seeds)")
+                f"({r.summary.seed}): a seed is counted once; pass one of them (or give repeats different seeds)"
+            )
         seen[key] = r.summary.run
 
 

@@ -45,20 +45,24 @@ def plot_depth_weights(matrix, readers: Sequence[str], sources: Sequence[str], p
             for c in range(mat.shape[1]):
                 if not np.ma.is_masked(mat[r, c]):
                     v = float(mat[r, c])
-                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="black" if v > 0.6 else "white")
+                    ax.text(
+                        c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if v > 0.6 else "white"
+                    )
     fig.colorbar(im, ax=ax, label="mean softmax weight over tokens")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
-def plot_layer_profile(output_rms: Sequence[float], grad_norm: Sequence[float], block_starts: Sequence[int],
-                       path: Path, title: str) -> Path:
+def plot_layer_profile(
+    output_rms: Sequence[float], grad_norm: Sequence[float], block_starts: Sequence[int], path: Path, title: str
+) -> Path:
     """Fig. 5b/c analogue: per decoder layer, output magnitude and gradient norm; dashed lines = block starts."""
     x = np.arange(len(output_rms))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, y, label in ((axes[0], output_rms, "output RMS (stream after layer)"),
-                         (axes[1], grad_norm, "gradient norm of layer parameters")):
+    for ax, y, label in (
+        (axes[0], output_rms, "output RMS (stream after layer)"),
+        (axes[1], grad_norm, "gradient norm of layer parameters"),
+    ):
         ax.plot(x, y, marker="o")
         for b in block_starts:
             if b > 0:
@@ -75,8 +79,13 @@ def plot_layer_profile(output_rms: Sequence[float], grad_norm: Sequence[float], 
     return _save(fig, path)
 
 
-def plot_loss_curves(curves: Dict[str, dict], path: Path, title: str = "loss", xlabel: str = "step",
-                     marks: Optional[Dict[str, float]] = None) -> Path:
+def plot_loss_curves(
+    curves: Dict[str, dict],
+    path: Path,
+    title: str = "loss",
+    xlabel: str = "step",
+    marks: Optional[Dict[str, float]] = None,
+) -> Path:
     """``curves[name] = {"train": (xs, losses), "val": (xs, losses)}``; one colour and one legend entry per name.
 
     ``marks``: labelled vertical lines (e.g. the token count runs are compared at).
@@ -97,14 +106,22 @@ def plot_loss_curves(curves: Dict[str, dict], path: Path, title: str = "loss", x
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=6 if len(curves) > 6 else 7, loc="center left" if len(curves) > 6 else "best",
-                  bbox_to_anchor=(1.01, 0.5) if len(curves) > 6 else None)
+        ax.legend(
+            fontsize=6 if len(curves) > 6 else 7,
+            loc="center left" if len(curves) > 6 else "best",
+            bbox_to_anchor=(1.01, 0.5) if len(curves) > 6 else None,
+        )
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
-def plot_expert_load(load: Optional[Sequence[Sequence[float]]], moe_layers: Sequence[int],
-                     imbalance: Optional[dict], path: Path, title: str) -> Path:
+def plot_expert_load(
+    load: Optional[Sequence[Sequence[float]]],
+    moe_layers: Sequence[int],
+    imbalance: Optional[dict],
+    path: Path,
+    title: str,
+) -> Path:
     """Left: token share per expert per MoE layer on the held-out batch; right: logged imbalance over steps."""
     panels = int(bool(load)) + int(bool(imbalance))
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.2 * max(panels, 1), 3.6), squeeze=False)
@@ -134,8 +151,9 @@ def plot_expert_load(load: Optional[Sequence[Sequence[float]]], moe_layers: Sequ
     return _save(fig, path)
 
 
-def plot_depth_entropy(steps: Sequence[int], entropy: Sequence[Sequence[float]], readers: Sequence[str],
-                       path: Path, title: str) -> Path:
+def plot_depth_entropy(
+    steps: Sequence[int], entropy: Sequence[Sequence[float]], readers: Sequence[str], path: Path, title: str
+) -> Path:
     """Logged depth-attention entropy (``kind: depth`` records) over training: steps × reading sublayer."""
     mat = np.asarray(entropy, dtype=float).T  # [readers, steps]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(steps) + 3), max(3.0, 0.25 * len(readers) + 1.5)))
@@ -148,8 +166,13 @@ def plot_depth_entropy(steps: Sequence[int], entropy: Sequence[Sequence[float]],
     return _save(fig, path)
 
 
-def plot_scaling(points: Dict[str, List[tuple]], fits: Dict[str, PowerLaw], path: Path,
-                 budget: Optional[float] = None, title: str = "") -> Path:
+def plot_scaling(
+    points: Dict[str, List[tuple]],
+    fits: Dict[str, PowerLaw],
+    path: Path,
+    budget: Optional[float] = None,
+    title: str = "",
+) -> Path:
     """Final loss against compute (PFLOP/s-days, log-log) per variant, with the fitted power laws."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (variant, pts) in enumerate(points.items()):
@@ -176,8 +199,15 @@ def plot_scaling(points: Dict[str, List[tuple]], fits: Dict[str, PowerLaw], path
     return _save(fig, path)
 
 
-def plot_loss_bars(labels: Sequence[str], means: Sequence[float], sds: Sequence[Optional[float]],
-                   points: Sequence[Sequence[float]], path: Path, title: str = "", ylabel: str = "loss") -> Path:
+def plot_loss_bars(
+    labels: Sequence[str],
+    means: Sequence[float],
+    sds: Sequence[Optional[float]],
+    points: Sequence[Sequence[float]],
+    path: Path,
+    title: str = "",
+    ylabel: str = "loss",
+) -> Path:
     """One labelled bar per (size, variant): mean over seeds, ± SD error bar, each seed as a dot, n under it."""
     fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(labels) + 2), 4.0))
     y = np.asarray(means, dtype=float)
@@ -194,8 +224,14 @@ def plot_loss_bars(labels: Sequence[str], means: Sequence[float], sds: Sequence[
         span = max(float(allv.max() - allv.min()), 1e-3)
         ax.set_ylim(float(allv.min()) - span, float(allv.max()) + 0.5 * span)
         for i, (m, s) in enumerate(zip(y, sds)):
-            ax.text(i, float(allv.max()) + 0.15 * span, f"{m:.4f}" + (f"\n±{s:.4f}" if s is not None else ""),
-                    ha="center", va="bottom", fontsize=6)
+            ax.text(
+                i,
+                float(allv.max()) + 0.15 * span,
+                f"{m:.4f}" + (f"\n±{s:.4f}" if s is not None else ""),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+            )
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=9)

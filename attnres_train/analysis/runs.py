@@ -147,7 +147,9 @@ def find_runs(paths: Iterable) -> List[Path]:
         if _is_run_dir(p):
             out.append(p)
             continue
-        children = sorted((c for c in p.iterdir() if c.is_dir() and _is_run_dir(c)), key=_child_key) if p.is_dir() else []
+        children = (
+            sorted((c for c in p.iterdir() if c.is_dir() and _is_run_dir(c)), key=_child_key) if p.is_dir() else []
+        )
         if not children:
             raise UserInputError(f"{raw}: neither a run directory (config.yaml) nor a sweep directory of runs")
         out.extend(children)
@@ -195,7 +197,17 @@ def summarize(run: Run, name: Optional[str] = None) -> RunSummary:
     flops = training_flops(run.config, tokens)
     loss, source = final_loss(run)
     return RunSummary(
-        run=name or str(run.path), variant=variant_label(m), model=str(m.get("name", "?")),
-        num_layers=int(m.get("num_layers", 0)), hidden_size=int(m.get("hidden_size", 0)),
-        active_params=int(counts.active_non_embedding), steps=steps, tokens=tokens, flops=flops,
-        pflops_days=pflops_days(flops), final_loss=loss, loss_source=source, seed=int(run.config.get("seed") or 0))
+        run=name or str(run.path),
+        variant=variant_label(m),
+        model=str(m.get("name", "?")),
+        num_layers=int(m.get("num_layers", 0)),
+        hidden_size=int(m.get("hidden_size", 0)),
+        active_params=int(counts.active_non_embedding),
+        steps=steps,
+        tokens=tokens,
+        flops=flops,
+        pflops_days=pflops_days(flops),
+        final_loss=loss,
+        loss_source=source,
+        seed=int(run.config.get("seed") or 0),
+    )

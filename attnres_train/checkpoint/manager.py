@@ -180,8 +180,15 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, root_dir, keep_last: int, rank: int = 0, world_size: int = 1, barrier: Optional[Callable[[], None]] = None,
-        *, async_save: bool = False, timeout_s: Optional[float] = None,
+        self,
+        root_dir,
+        keep_last: int,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Optional[Callable[[], None]] = None,
+        *,
+        async_save: bool = False,
+        timeout_s: Optional[float] = None,
     ):
         """``async_save``: create (collectively: every rank constructs the manager) the gloo group that
         background saves run DCP's collectives on; ``timeout_s`` is that group's collective timeout."""
@@ -277,14 +284,18 @@ class CheckpointManager:
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return ""
-        return (f"only {mib(free)} free on the file system of {self.root}, {what} is {mib(need)} "
-                "(No space left on device)")
+        return (
+            f"only {mib(free)} free on the file system of {self.root}, {what} is {mib(need)} (No space left on device)"
+        )
 
     def _intact_hint(self) -> str:
         newest = self.latest(report=False)
-        where = (f"The newest complete checkpoint {newest} is intact: free space (checkpoint.keep_last bounds how many "
-                 "are kept) and resume from it with checkpoint.resume=auto." if newest is not None else
-                 "This run has no complete checkpoint yet.")
+        where = (
+            f"The newest complete checkpoint {newest} is intact: free space (checkpoint.keep_last bounds how many "
+            "are kept) and resume from it with checkpoint.resume=auto."
+            if newest is not None
+            else "This run has no complete checkpoint yet."
+        )
         return where
 
     def _failed(self, step: int, tmp: Path, final: Path, exc: BaseException) -> CheckpointSaveError:
@@ -295,8 +306,10 @@ class CheckpointManager:
             if final.is_dir() and not is_complete(final):  # renamed, but the marker could not be written
                 self._remove(final)
         why = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
-        return CheckpointSaveError(f"checkpoint save of step {step} to {final} failed ({why}); the partial directory "
-                                   "was removed. " + self._intact_hint())
+        return CheckpointSaveError(
+            f"checkpoint save of step {step} to {final} failed ({why}); the partial directory "
+            "was removed. " + self._intact_hint()
+        )
 
     def save(self, step: int, state_dict: dict, *, config_text: str, meta: dict, blocking: bool = True) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones; returns its final directory.
@@ -332,8 +345,9 @@ class CheckpointManager:
             problem = self._space_problem(state_dict)
         problem = self._from_rank0(problem)  # every rank stops alike (a collective on the way out would hang)
         if problem:
-            raise CheckpointSaveError(f"checkpoint save of step {step} refused: {problem}; nothing was written. "
-                                      + self._intact_hint())
+            raise CheckpointSaveError(
+                f"checkpoint save of step {step} refused: {problem}; nothing was written. " + self._intact_hint()
+            )
         self._barrier()
         meta = {**meta, **ours, "format_version": FORMAT_VERSION, "config_sha256": sha256_text(config_text)}
         try:
@@ -355,8 +369,11 @@ class CheckpointManager:
             raise error from None
         pending = _PendingSave(int(step), final, future, tmp)
         if self.rank == 0:
-            pending.thread = threading.Thread(target=pending.commit_when_written, name=f"commit-{final.name}",
-                                              args=(lambda: self._commit(tmp, final, config_text, meta),))
+            pending.thread = threading.Thread(
+                target=pending.commit_when_written,
+                name=f"commit-{final.name}",
+                args=(lambda: self._commit(tmp, final, config_text, meta),),
+            )
             pending.thread.start()
         self._pending = pending
         return final
@@ -407,8 +424,10 @@ class CheckpointManager:
                 raise self._failed(p.step, p.tmp, p.final, err) from None
             if self.rank == 0:
                 self._remove(p.tmp)
-            raise CheckpointSaveError(f"background checkpoint save of step {p.step} to {p.final} failed on another "
-                                      "rank; that checkpoint was not committed. " + self._intact_hint())
+            raise CheckpointSaveError(
+                f"background checkpoint save of step {p.step} to {p.final} failed on another "
+                "rank; that checkpoint was not committed. " + self._intact_hint()
+            )
         if self._async_group is not None:
             torch.distributed.barrier(group=self._async_group)
         return p.final
@@ -419,8 +438,12 @@ class CheckpointManager:
             return
         others = [p for p in self.complete() if p != keep]
         if keep is not None and others and _step_of(others[-1]) > _step_of(keep):
-            log.warning("%s holds checkpoints with higher steps than the one just saved (%s) from a run that went "
-                        "further; checkpoint.resume=auto picks the highest step", self.root, keep.name)
+            log.warning(
+                "%s holds checkpoints with higher steps than the one just saved (%s) from a run that went "
+                "further; checkpoint.resume=auto picks the highest step",
+                self.root,
+                keep.name,
+            )
         budget = self.keep_last - (1 if keep is not None else 0)
         for old in others[: max(0, len(others) - budget)]:
             log.info("removing old checkpoint %s (keep_last=%d)", old, self.keep_last)

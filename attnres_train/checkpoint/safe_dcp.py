@@ -104,8 +104,12 @@ def dcp_async_save(state_dict: dict, path: Path, process_group=None):
     if not distributed():  # the save runs in another thread, outside any catch_warnings block
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     with _quiet_single_process():
-        return dcp.async_save(state_dict, storage_writer=FileSystemWriter(str(path)),
-                              process_group=process_group, no_dist=not distributed())
+        return dcp.async_save(
+            state_dict,
+            storage_writer=FileSystemWriter(str(path)),
+            process_group=process_group,
+            no_dist=not distributed(),
+        )
 
 
 def dcp_load(state_dict: dict, path: Path) -> None:

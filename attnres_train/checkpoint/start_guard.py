@@ -39,10 +39,12 @@ def check_fresh_start(root, resume, overwrite: bool) -> None:
             f"checkpoint.resume=auto: {root} holds no committed checkpoint, only {len(written)} uncommitted one(s) "
             f"with a complete manifest ({names}; no {MARKER} marker). They might be the only copy of this run's "
             "state, so the run does not start from step 0 over them. Move them out of the way, use another "
-            "run_dir, or pass checkpoint.overwrite=true to start fresh (its first save deletes them)")
+            "run_dir, or pass checkpoint.overwrite=true to start fresh (its first save deletes them)"
+        )
     if mode in ("", "none") and (complete or written):
         names = ", ".join(p.name for p in ([p for _, p in complete] + written)[-3:])
         raise UserInputError(
             f"checkpoint.resume=none: {root} already holds checkpoints ({names}) that a fresh run would replace "
             "or delete. Continue them with checkpoint.resume=auto, use another run_dir, or pass "
-            "checkpoint.overwrite=true to start from step 0 anyway")
+            "checkpoint.overwrite=true to start from step 0 anyway"
+        )

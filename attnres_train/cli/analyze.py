@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _curves(run) -> dict:
     train = [(r["step"], r["loss"]) for r in run.kind("train") if isinstance(r.get("loss"), (int, float))]
     val = [(r["step"], r["val_loss"]) for r in run.kind("val") if isinstance(r.get("val_loss"), (int, float))]
-    return {"train": tuple(map(list, zip(*train))) if train else ([], []),
-            "val": tuple(map(list, zip(*val))) if val else ([], [])}
+    return {
+        "train": tuple(map(list, zip(*train))) if train else ([], []),
+        "val": tuple(map(list, zip(*val))) if val else ([], []),
+    }
 
 
 def _imbalance(run) -> dict:
@@ -54,8 +56,9 @@ def _imbalance(run) -> dict:
     return out
 
 
-def analyze_run(run_dir: Path, out: Optional[Path], checkpoint: Optional[str], batch_size: int,
-                metrics_only: bool) -> List[Path]:
+def analyze_run(
+    run_dir: Path, out: Optional[Path], checkpoint: Optional[str], batch_size: int, metrics_only: bool
+) -> List[Path]:
     from ..analysis import plots as P  # matplotlib is optional (the dev extra): needed only to draw
 
     run = load_run(run_dir)
@@ -71,22 +74,48 @@ def analyze_run(run_dir: Path, out: Optional[Path], checkpoint: Optional[str], b
     title = f"{short}: {summary.variant} ({summary.model}, {summary.num_layers} layers)"
     files = [P.plot_loss_curves({summary.variant: _curves(run)}, out / "loss_curves.png", title + ": loss")]
     if result.get("depth_weights"):
-        files.append(P.plot_depth_weights(result["depth_weights"], result["readers"], result["sources"],
-                                          out / "depth_weights.png", f"{title}\ndepth attention, {what}"))
+        files.append(
+            P.plot_depth_weights(
+                result["depth_weights"],
+                result["readers"],
+                result["sources"],
+                out / "depth_weights.png",
+                f"{title}\ndepth attention, {what}",
+            )
+        )
     if result:
-        files.append(P.plot_layer_profile(result["output_rms"], result["grad_norm"], result["block_starts"],
-                                          out / "layer_profile.png", f"{title}\n{what}"))
+        files.append(
+            P.plot_layer_profile(
+                result["output_rms"],
+                result["grad_norm"],
+                result["block_starts"],
+                out / "layer_profile.png",
+                f"{title}\n{what}",
+            )
+        )
     imbalance = _imbalance(run)
     if result.get("expert_load") or imbalance:
-        files.append(P.plot_expert_load(result.get("expert_load"), result.get("moe_layers", []), imbalance,
-                                        out / "expert_load.png", title + ": expert load"))
+        files.append(
+            P.plot_expert_load(
+                result.get("expert_load"),
+                result.get("moe_layers", []),
+                imbalance,
+                out / "expert_load.png",
+                title + ": expert load",
+            )
+        )
     depth_recs = [r for r in run.kind("depth") if r.get("depth_entropy")]
     if depth_recs:
         width = min(len(r["depth_entropy"]) for r in depth_recs)
-        files.append(P.plot_depth_entropy([r["step"] for r in depth_recs],
-                                          [r["depth_entropy"][:width] for r in depth_recs],
-                                          reader_labels(run.config["model"]), out / "depth_entropy.png",
-                                          title + ": logged depth-attention entropy"))
+        files.append(
+            P.plot_depth_entropy(
+                [r["step"] for r in depth_recs],
+                [r["depth_entropy"][:width] for r in depth_recs],
+                reader_labels(run.config["model"]),
+                out / "depth_entropy.png",
+                title + ": logged depth-attention entropy",
+            )
+        )
     doc = {"run": summary.as_row(), "checkpoint": str(ckpt) if ckpt else None, **result}
     (out / "summary.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
     files.append(out / "summary.json")

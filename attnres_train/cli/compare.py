@@ -25,13 +25,50 @@ from ..analysis.matching import aggregate, loss_curve, match, pair_deltas, size_
 from ..analysis.runs import find_runs, load_run, summarize, variant_order
 from ..config.errors import ConfigError, UserInputError
 
-RUN_COLUMNS = ("run", "label", "variant", "model", "num_layers", "hidden_size", "active_params", "seed", "steps",
-               "tokens", "compared_tokens", "compared_flops", "pflops_days", "loss", "loss_source", "loss_batches",
-               "delta_vs_reference")
-AGG_COLUMNS = ("model", "num_layers", "hidden_size", "variant", "compared_tokens", "seeds", "n", "loss_mean",
-               "loss_sd", "delta_mean", "delta_sd", "pairs")
-FIT_COLUMNS = ("variant", "A", "alpha", "r2", "points", "budget_pflops_days", "loss_at_budget", "reference",
-               "compute_advantage")
+RUN_COLUMNS = (
+    "run",
+    "label",
+    "variant",
+    "model",
+    "num_layers",
+    "hidden_size",
+    "active_params",
+    "seed",
+    "steps",
+    "tokens",
+    "compared_tokens",
+    "compared_flops",
+    "pflops_days",
+    "loss",
+    "loss_source",
+    "loss_batches",
+    "delta_vs_reference",
+)
+AGG_COLUMNS = (
+    "model",
+    "num_layers",
+    "hidden_size",
+    "variant",
+    "compared_tokens",
+    "seeds",
+    "n",
+    "loss_mean",
+    "loss_sd",
+    "delta_mean",
+    "delta_sd",
+    "pairs",
+)
+FIT_COLUMNS = (
+    "variant",
+    "A",
+    "alpha",
+    "r2",
+    "points",
+    "budget_pflops_days",
+    "loss_at_budget",
+    "reference",
+    "compute_advantage",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,19 +79,39 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="attnres-compare", description="Compare runs at matched tokens: loss table, seeds, fits.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep directories of runs")
-    p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/compare, or the runs' common "
-                   "parent/compare)")
-    p.add_argument("--reference", default="baseline", help="variant deltas and the advantage are measured against "
-                   "(default baseline)")
-    p.add_argument("--variant", action="append", default=None,
-                   help="variant(s) to report an advantage for (default: every fitted variant); repeatable")
-    p.add_argument("--budget", type=float, default=None,
-                   help="compute budget in PFLOP/s-days for the advantage (default: the largest compared compute)")
-    p.add_argument("--loss", choices=("val", "train"), default="val",
-                   help="val (default): validation loss, refused for runs that never validated; train: training "
-                   "loss averaged over the last --train-window of tokens, flagged as not held out")
-    p.add_argument("--train-window", type=float, default=0.1,
-                   help="with --loss train: fraction of the matched tokens whose logged train losses are averaged")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: SWEEP_DIR/compare, or the runs' common parent/compare)"
+    )
+    p.add_argument(
+        "--reference",
+        default="baseline",
+        help="variant deltas and the advantage are measured against (default baseline)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="variant(s) to report an advantage for (default: every fitted variant); repeatable",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="compute budget in PFLOP/s-days for the advantage (default: the largest compared compute)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("val", "train"),
+        default="val",
+        help="val (default): validation loss, refused for runs that never validated; train: training "
+        "loss averaged over the last --train-window of tokens, flagged as not held out",
+    )
+    p.add_argument(
+        "--train-window",
+        type=float,
+        default=0.1,
+        help="with --loss train: fraction of the matched tokens whose logged train losses are averaged",
+    )
     return p
 
 
@@ -84,9 +141,17 @@ def fit_variants(aggs, reference: str, budget: Optional[float], variants: Option
     ref = fits.get(reference)
     for v in sorted(set(points) | set(notes), key=_order):
         law = fits.get(v)
-        row = {"variant": v, "A": "", "alpha": "", "r2": "", "points": len(points.get(v, [])),
-               "budget_pflops_days": budget if budget else "", "loss_at_budget": "", "reference": reference,
-               "compute_advantage": ""}
+        row = {
+            "variant": v,
+            "A": "",
+            "alpha": "",
+            "r2": "",
+            "points": len(points.get(v, [])),
+            "budget_pflops_days": budget if budget else "",
+            "loss_at_budget": "",
+            "reference": reference,
+            "compute_advantage": "",
+        }
         if law is not None:
             row.update(A=law.A, alpha=law.alpha, r2=law.r2)
             if budget:
@@ -122,50 +187,80 @@ def _pm(mean, sd, kind="loss") -> str:
 
 def markdown(rows, aggs, matched, fit_rows, notes, reference: str, budget, source: str, window: float) -> str:
     if source == "val":
-        basis = ("Losses are **validation** losses, read per model size at the matched token count: the largest "
-                 "one at which every run of that size logged a validation loss.")
+        basis = (
+            "Losses are **validation** losses, read per model size at the matched token count: the largest "
+            "one at which every run of that size logged a validation loss."
+        )
     else:
-        basis = (f"⚠ Losses are **training** losses (not held out): per model size, the mean of the train batches "
-                 f"logged in the last {window:.0%} of tokens before the matched count (the shortest run's length).")
+        basis = (
+            f"⚠ Losses are **training** losses (not held out): per model size, the mean of the train batches "
+            f"logged in the last {window:.0%} of tokens before the matched count (the shortest run's length)."
+        )
     lines = ["# Run comparison", "", basis, "", "| model size | compared at (tokens) | runs |", "| --- | ---: | ---: |"]
     for key, tokens in matched.items():
         lines.append(f"| {size_name(key)} | {tokens:,} | {sum(1 for r in rows if _key(r) == key)} |")
-    lines += ["", "## Runs", "",
-              f"| run | variant | model | layers | d | seed | active params | trained tokens | compared at | PF-days | "
-              f"loss | Δ vs {reference} (same seed) |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        f"| run | variant | model | layers | d | seed | active params | trained tokens | compared at | PF-days | "
+        f"loss | Δ vs {reference} (same seed) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         s = r.summary
         loss = _fmt(r.loss, "loss") + ("" if source == "val" else f" (train, {r.batches} batches)")
-        lines.append(f"| {s.run} | {s.variant} | {s.model} | {s.num_layers} | {s.hidden_size} | {s.seed} | "
-                     f"{_fmt(s.active_params, 'int')} | {_fmt(s.tokens, 'int')} | {_fmt(r.tokens, 'int')} | "
-                     f"{r.pflops_days:.3g} | {loss} | {_fmt(r.delta, 'delta')} |")
-    lines += ["", "## Per variant (seeds aggregated)", "",
-              f"| model size | variant | seeds | loss (mean ± SD) | Δ vs {reference} (paired by seed, mean ± SD) | pairs |",
-              "| --- | --- | --- | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {s.run} | {s.variant} | {s.model} | {s.num_layers} | {s.hidden_size} | {s.seed} | "
+            f"{_fmt(s.active_params, 'int')} | {_fmt(s.tokens, 'int')} | {_fmt(r.tokens, 'int')} | "
+            f"{r.pflops_days:.3g} | {loss} | {_fmt(r.delta, 'delta')} |"
+        )
+    lines += [
+        "",
+        "## Per variant (seeds aggregated)",
+        "",
+        f"| model size | variant | seeds | loss (mean ± SD) | Δ vs {reference} (paired by seed, mean ± SD) | pairs |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for a in aggs:
-        delta = ("(reference)" if a.variant == reference else
-                 _pm(a.delta_mean, a.delta_sd, "delta") if a.deltas else "—")
-        lines.append(f"| {size_name(a.size)} | {a.variant} | {', '.join(map(str, a.seeds))} | {_pm(a.mean, a.sd)} | "
-                     f"{delta} | {len(a.deltas)} |")
-    lines += ["", "SD = sample standard deviation over seeds (— with one seed). Δ = a run's loss minus the "
-              f"{reference} run's of the same size and seed; its mean ± SD is over those pairs. PF-days = "
-              "PFLOP/s-days of training up to the compared tokens; active params exclude embeddings.",
-              "", "## Power-law fits L = A·C^(−α) (C in PFLOP/s-days, one point per size: the seed mean)", ""]
+        delta = "(reference)" if a.variant == reference else _pm(a.delta_mean, a.delta_sd, "delta") if a.deltas else "—"
+        lines.append(
+            f"| {size_name(a.size)} | {a.variant} | {', '.join(map(str, a.seeds))} | {_pm(a.mean, a.sd)} | "
+            f"{delta} | {len(a.deltas)} |"
+        )
+    lines += [
+        "",
+        "SD = sample standard deviation over seeds (— with one seed). Δ = a run's loss minus the "
+        f"{reference} run's of the same size and seed; its mean ± SD is over those pairs. PF-days = "
+        "PFLOP/s-days of training up to the compared tokens; active params exclude embeddings.",
+        "",
+        "## Power-law fits L = A·C^(−α) (C in PFLOP/s-days, one point per size: the seed mean)",
+        "",
+    ]
     fitted = [r for r in fit_rows if r["A"] != ""]
     if fitted:
-        lines += [f"Compute advantage over `{reference}` at {_fmt(budget)} PF-days.", "",
-                  "| variant | A | α | R² (log) | sizes | loss at budget | compute advantage |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"Compute advantage over `{reference}` at {_fmt(budget)} PF-days.",
+            "",
+            "| variant | A | α | R² (log) | sizes | loss at budget | compute advantage |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in fitted:
             adv = "—" if r["compute_advantage"] == "" else f"{r['compute_advantage']:.3f}×"
-            lines.append(f"| {r['variant']} | {_fmt(r['A'])} | {_fmt(r['alpha'])} | {_fmt(r['r2'])} | {r['points']} | "
-                         f"{_fmt(r['loss_at_budget'], 'loss')} | {adv} |")
-        lines += ["", "compute advantage = compute the reference needs to reach the variant's fitted loss at the "
-                  "budget, divided by the budget (> 1: the variant is ahead)."]
+            lines.append(
+                f"| {r['variant']} | {_fmt(r['A'])} | {_fmt(r['alpha'])} | {_fmt(r['r2'])} | {r['points']} | "
+                f"{_fmt(r['loss_at_budget'], 'loss')} | {adv} |"
+            )
+        lines += [
+            "",
+            "compute advantage = compute the reference needs to reach the variant's fitted loss at the "
+            "budget, divided by the budget (> 1: the variant is ahead).",
+        ]
     else:
-        lines.append("Nothing fitted: a fit needs runs at 3 or more model sizes (a block sweep trains one size; "
-                     "`experiment=scaling` trains three).")
+        lines.append(
+            "Nothing fitted: a fit needs runs at 3 or more model sizes (a block sweep trains one size; "
+            "`experiment=scaling` trains three)."
+        )
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -191,9 +286,17 @@ def compare(args) -> str:
     run_dirs = find_runs(args.runs)
     loaded = [load_run(p) for p in run_dirs]
     summaries = [summarize(r, name=str(p)) for r, p in zip(loaded, run_dirs)]
-    order = sorted(range(len(summaries)), key=lambda i: (summaries[i].num_layers, summaries[i].hidden_size,
-                                                         summaries[i].model, summaries[i].seed,
-                                                         variant_order(summaries[i].variant), summaries[i].run))
+    order = sorted(
+        range(len(summaries)),
+        key=lambda i: (
+            summaries[i].num_layers,
+            summaries[i].hidden_size,
+            summaries[i].model,
+            summaries[i].seed,
+            variant_order(summaries[i].variant),
+            summaries[i].run,
+        ),
+    )
     summaries, loaded = [summaries[i] for i in order], [loaded[i] for i in order]
     known = {s.variant for s in summaries}
     for v in args.variant or []:
@@ -213,29 +316,73 @@ def compare(args) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, aggs, matched, fit_rows, notes, args.reference, budget, args.loss, args.train_window)
     (out / "comparison.md").write_text(text, encoding="utf-8")
-    _write_csv(out / "comparison.csv", RUN_COLUMNS, [
-        dict(r.summary.as_row(), label=r.label, compared_tokens=r.tokens, compared_flops=r.flops,
-             pflops_days=r.pflops_days, loss=r.loss, loss_source=r.source, loss_batches=r.batches,
-             delta_vs_reference=r.delta) for r in rows])
-    _write_csv(out / "aggregate.csv", AGG_COLUMNS, [
-        dict(model=a.size[0], num_layers=a.size[1], hidden_size=a.size[2], variant=a.variant, compared_tokens=a.tokens,
-             seeds=" ".join(map(str, a.seeds)), n=len(a.seeds), loss_mean=a.mean, loss_sd=a.sd,
-             delta_mean=a.delta_mean, delta_sd=a.delta_sd, pairs=len(a.deltas)) for a in aggs])
+    _write_csv(
+        out / "comparison.csv",
+        RUN_COLUMNS,
+        [
+            dict(
+                r.summary.as_row(),
+                label=r.label,
+                compared_tokens=r.tokens,
+                compared_flops=r.flops,
+                pflops_days=r.pflops_days,
+                loss=r.loss,
+                loss_source=r.source,
+                loss_batches=r.batches,
+                delta_vs_reference=r.delta,
+            )
+            for r in rows
+        ],
+    )
+    _write_csv(
+        out / "aggregate.csv",
+        AGG_COLUMNS,
+        [
+            dict(
+                model=a.size[0],
+                num_layers=a.size[1],
+                hidden_size=a.size[2],
+                variant=a.variant,
+                compared_tokens=a.tokens,
+                seeds=" ".join(map(str, a.seeds)),
+                n=len(a.seeds),
+                loss_mean=a.mean,
+                loss_sd=a.sd,
+                delta_mean=a.delta_mean,
+                delta_sd=a.delta_sd,
+                pairs=len(a.deltas),
+            )
+            for a in aggs
+        ],
+    )
     _write_csv(out / "fits.csv", FIT_COLUMNS, fit_rows)
     what = "validation loss" if args.loss == "val" else "TRAINING loss (not held out)"
-    P.plot_scaling(points, fits, out / "scaling_fits.png", budget=budget,
-                   title=f"{what} at matched tokens vs compute (seed means, {len(rows)} runs)")
-    P.plot_loss_bars([f"{a.variant}\n{size_name(a.size)}" for a in aggs], [a.mean for a in aggs], [a.sd for a in aggs],
-                     [a.losses for a in aggs], out / "loss_bars.png",
-                     f"{what} at matched tokens\nbar: mean ± SD over seeds; dots: single seeds", ylabel=what)
+    P.plot_scaling(
+        points,
+        fits,
+        out / "scaling_fits.png",
+        budget=budget,
+        title=f"{what} at matched tokens vs compute (seed means, {len(rows)} runs)",
+    )
+    P.plot_loss_bars(
+        [f"{a.variant}\n{size_name(a.size)}" for a in aggs],
+        [a.mean for a in aggs],
+        [a.sd for a in aggs],
+        [a.losses for a in aggs],
+        out / "loss_bars.png",
+        f"{what} at matched tokens\nbar: mean ± SD over seeds; dots: single seeds",
+        ylabel=what,
+    )
     curves = {}
     for r, run in zip(rows, loaded):
         pts = loss_curve(run, args.loss)
         curves[r.label] = {args.loss: tuple(map(list, zip(*pts))) if pts else ([], [])}
     marks = {f"compared at {t:,} tokens ({size_name(k)})": t for k, t in matched.items()}
     P.plot_loss_curves(curves, out / "loss_curves.png", f"{what} per run", xlabel="tokens", marks=marks)
-    return text + (f"\nwrote {out}/comparison.md, comparison.csv, aggregate.csv, fits.csv, scaling_fits.png, "
-                   "loss_bars.png, loss_curves.png")
+    return text + (
+        f"\nwrote {out}/comparison.md, comparison.csv, aggregate.csv, fits.csv, scaling_fits.png, "
+        "loss_bars.png, loss_curves.png"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

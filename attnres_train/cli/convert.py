@@ -44,37 +44,58 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="attnres-convert",
-                     description="Convert between Hugging Face KimiLinear checkpoints and attnres-train checkpoints.")
+    parser = _Parser(
+        prog="attnres-convert",
+        description="Convert between Hugging Face KimiLinear checkpoints and attnres-train checkpoints.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("from-hf", help="HF KimiLinear directory / Hub id -> our checkpoint directory")
     p.add_argument("src", help="HF model directory (config.json + *.safetensors) or Hub repo id")
     p.add_argument("dst", help="output directory (model.safetensors + model_config.yaml)")
-    p.add_argument("--residual-mode", choices=RESIDUAL_MODES, default=None,
-                   help="residual mode of the imported model (default: prenorm, as in the HF model)")
+    p.add_argument(
+        "--residual-mode",
+        choices=RESIDUAL_MODES,
+        default=None,
+        help="residual mode of the imported model (default: prenorm, as in the HF model)",
+    )
     p.add_argument("--num-blocks", type=int, default=None, help="block mode: number of AttnRes blocks")
     p.add_argument("--block-size", type=int, default=None, help="block mode: decoder layers per AttnRes block")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="cast floating-point weights (router bias stays fp32); default: keep the source dtype")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="cast floating-point weights (router bias stays fp32); default: keep the source dtype",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = sub.add_parser("to-hf", help="our checkpoint directory or a training checkpoint -> HF directory")
-    p.add_argument("src", help="our checkpoint directory (model.safetensors + model_config.yaml), or a training "
-                              "checkpoint of any layout (step_* dir, checkpoints/ dir or run dir)")
+    p.add_argument(
+        "src",
+        help="our checkpoint directory (model.safetensors + model_config.yaml), or a training "
+        "checkpoint of any layout (step_* dir, checkpoints/ dir or run dir)",
+    )
     p.add_argument("dst", help="output HF model directory")
-    p.add_argument("--format", choices=("auto", "native", "remote"), default="auto",
-                   help="native: transformers' KimiLinearForCausalLM (PreNorm only); remote: trust_remote_code "
-                        "files shipped with the weights (any residual mode); auto (default): native for PreNorm")
+    p.add_argument(
+        "--format",
+        choices=("auto", "native", "remote"),
+        default="auto",
+        help="native: transformers' KimiLinearForCausalLM (PreNorm only); remote: trust_remote_code "
+        "files shipped with the weights (any residual mode); auto (default): native for PreNorm",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating-point weights (default: keep)")
-    p.add_argument("--max-shard-size", default="5GiB", help="largest safetensors shard, e.g. 5GiB, 500MB (default 5GiB)")
+    p.add_argument(
+        "--max-shard-size", default="5GiB", help="largest safetensors shard, e.g. 5GiB, 500MB (default 5GiB)"
+    )
     p.add_argument("--no-verify", action="store_true", help="training checkpoint: skip the sha256 manifest check")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = sub.add_parser("init-run", help="HF KimiLinear directory / Hub id -> step 0 of a training run")
     p.add_argument("src", help="HF model directory (config.json + *.safetensors) or Hub repo id")
     p.add_argument("run_dir", help="new run directory (gets checkpoints/step_00000000 and configs/model/PRESET.yaml)")
-    p.add_argument("overrides", nargs="*", help="the training run's Hydra overrides (optim.* shape the optimizer state)")
+    p.add_argument(
+        "overrides", nargs="*", help="the training run's Hydra overrides (optim.* shape the optimizer state)"
+    )
     p.add_argument("--residual-mode", choices=RESIDUAL_MODES, default=None, help="as for from-hf")
     p.add_argument("--num-blocks", type=int, default=None, help="block mode: number of AttnRes blocks")
     p.add_argument("--block-size", type=int, default=None, help="block mode: decoder layers per AttnRes block")
@@ -119,7 +140,7 @@ def parse_size(text: str) -> int:
     t = text.strip().lower()
     num = t.rstrip("kmgib")
     try:
-        value = float(num) * units[t[len(num):]]
+        value = float(num) * units[t[len(num) :]]
     except (KeyError, ValueError):
         raise UserInputError(f"--max-shard-size {text!r}: expected a size such as 5GiB, 500MB or 1000000") from None
     if value < 1:
@@ -134,8 +155,10 @@ def from_hf(args) -> str:
     check_state_dict(sd, cfg, what=f"converted checkpoint from {args.src}")
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype)
-        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
-              for k, v in sd.items()}
+        sd = {
+            k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
+            for k, v in sd.items()
+        }
     staging = _staging_dir(dst)
     try:
         tensors = {k: v.detach().contiguous().clone() for k, v in sd.items()}  # untie shared storage
@@ -194,8 +217,9 @@ def to_hf(args) -> str:
             write_hf_directory(sd, cfg, staging, max_shard_bytes=max_shard, fmt=args.format, dtype=dtype)
             source = str(args.src)
         else:
-            _, cfg, step_dir = export_checkpoint(step_dir, staging, args.format, dtype, max_shard,
-                                                 verify=not args.no_verify)
+            _, cfg, step_dir = export_checkpoint(
+                step_dir, staging, args.format, dtype, max_shard, verify=not args.no_verify
+            )
             source = str(step_dir)
         replace_directory(staging, dst)
     finally:
@@ -215,8 +239,10 @@ def init_run(args) -> str:
     path = init_run_from_hf(args.src, args.run_dir, args.overrides, _model_overrides(args), preset=args.preset)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one report, from rank 0
         return ""
-    return (f"wrote {path} (step 0: imported weights + fresh optimizer state)\nstart training (any parallel "
-            f"layout) with:\n  {continue_command(args.run_dir, args.preset, args.overrides)}")
+    return (
+        f"wrote {path} (step 0: imported weights + fresh optimizer state)\nstart training (any parallel "
+        f"layout) with:\n  {continue_command(args.run_dir, args.preset, args.overrides)}"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

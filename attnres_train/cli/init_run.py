@@ -44,8 +44,9 @@ def compose_run_config(overrides: Sequence[str]):
     return as_config(dcfg)
 
 
-def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_overrides: Optional[Dict] = None,
-                     preset: str = "imported") -> Path:
+def init_run_from_hf(
+    src, run_dir, overrides: Sequence[str] = (), model_overrides: Optional[Dict] = None, preset: str = "imported"
+) -> Path:
     """Write ``run_dir/checkpoints/step_00000000`` (+ the model preset) from the HF checkpoint ``src``.
 
     ``overrides``: the training run's Hydra overrides (at least those that shape the optimizer state:
@@ -90,16 +91,27 @@ def init_run_from_hf(src, run_dir, overrides: Sequence[str] = (), model_override
         raise UserInputError(f"converted checkpoint from {src}: {exc.args[0]}") from None
     model_sd, optim_sd = training_state_dict(module.model, module.optimizers)  # the trainer's own keys
     config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    meta = {"tokens_seen": 0, "data": {"consumed_samples": 0}, "parallel": "imported (any layout)",
-            "imported_from": os.fspath(src)}
-    manager = CheckpointManager(ckpt_root, keep_last=0, rank=ctx.rank, world_size=ctx.world_size,
-                                barrier=ctx.barrier if ctx.is_distributed else None)
+    meta = {
+        "tokens_seen": 0,
+        "data": {"consumed_samples": 0},
+        "parallel": "imported (any layout)",
+        "imported_from": os.fspath(src),
+    }
+    manager = CheckpointManager(
+        ckpt_root,
+        keep_last=0,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        barrier=ctx.barrier if ctx.is_distributed else None,
+    )
     path = manager.save(0, {"model": model_sd, "optim": optim_sd}, config_text=config_text, meta=meta)
     if ctx.rank == 0:
         preset_file = run / PRESET_DIR / f"{preset}.yaml"
         preset_file.parent.mkdir(parents=True, exist_ok=True)
-        preset_file.write_text(f"# imported from {os.fspath(src)} by attnres-convert init-run\n"
-                               + OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
+        preset_file.write_text(
+            f"# imported from {os.fspath(src)} by attnres-convert init-run\n"
+            + OmegaConf.to_yaml(OmegaConf.structured(cfg.model))
+        )
     return path
 
 
@@ -107,5 +119,6 @@ def continue_command(run_dir, preset: str = "imported", overrides: List[str] = (
     """The ``attnres-train`` command line that starts training from an imported run directory."""
     run = Path(os.fspath(run_dir)).expanduser().absolute()
     extra = " ".join(o for o in overrides)
-    return (f"attnres-train 'hydra.searchpath=[file://{run / 'configs'}]' model={preset} run_dir={run}"
-            + (f" {extra}" if extra else ""))
+    return f"attnres-train 'hydra.searchpath=[file://{run / 'configs'}]' model={preset} run_dir={run}" + (
+        f" {extra}" if extra else ""
+    )

@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="optimizer state (default adamw)")
     p.add_argument("--activation-checkpointing", action="store_true", help="per-layer activation checkpointing")
     p.add_argument("--vpp", type=int, default=1, help="model chunks per rank V (default 1)")
-    p.add_argument("--microbatches", type=int, default=None,
-                   help="microbatches per step per dp rank M (gradient accumulation; default 2*pp, 1 without pp)")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="microbatches per step per dp rank M (gradient accumulation; default 2*pp, 1 without pp)",
+    )
     p.add_argument("--schedule", default="interleaved_1f1b", help="gpipe | 1f1b | interleaved_1f1b | zb_h1 | zb_v")
     p.add_argument("--group-size", type=int, default=None, help="Megatron microbatch group size G (default pp)")
     p.add_argument("--layers-per-stage", default=None, help="comma-separated decoder layers per stage")
@@ -69,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-delay", type=int, default=None, help="with --split-backward: W this many slots after I")
     p.add_argument("--comms", action="store_true", help="print the lowered action lists (SEND/RECV included)")
     p.add_argument("--csv", action="store_true", help="print the lowered schedule as CSV (torch's layout) only")
-    p.add_argument("--simulate-rank", type=int, default=None, metavar="R",
-                   help="also build rank R of this layout for real in this process (fake process group, CPU): "
-                        "materialise its shards and optimizer state and print the bytes next to the estimates")
+    p.add_argument(
+        "--simulate-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="also build rank R of this layout for real in this process (fake process group, CPU): "
+        "materialise its shards and optimizer state and print the bytes next to the estimates",
+    )
     p.add_argument("--seed", type=int, default=0, help="with --simulate-rank: the initialisation seed")
     return p
 
@@ -98,8 +107,15 @@ def load_model_config(name: str, args):
 
 def render(args) -> str:
     cfg = load_model_config(args.model, args)
-    pc = ParallelConfig(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp, sp=args.sp,
-                        pp=args.pp, vpp=args.vpp, ep=args.ep)
+    pc = ParallelConfig(
+        dp_replicate=args.dp_replicate,
+        dp_shard=args.dp_shard,
+        tp=args.tp,
+        sp=args.sp,
+        pp=args.pp,
+        vpp=args.vpp,
+        ep=args.ep,
+    )
     world = args.world_size
     if world is None:
         world = args.pp * args.dp_replicate * args.tp * max(args.dp_shard, 1)
@@ -135,17 +151,24 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
         root.pipeline.layers_per_stage = [int(x) for x in args.layers_per_stage.split(",")]
     root.pipeline.block_cache = not args.no_cache
     sim = simulate_rank(root, args.simulate_rank, dims.world_size)
-    shape = TrainShape(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, microbatches=M,
-                       activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
-                       comm_bytes=DTYPE_BYTES[args.dtype])
+    shape = TrainShape(
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        microbatches=M,
+        activation_checkpointing=args.activation_checkpointing,
+        optimizer=args.optimizer,
+        comm_bytes=DTYPE_BYTES[args.dtype],
+    )
     est = estimate_ranks(cfg, dims, shape, layout, sched)[sim.pp_rank]
     out = render_simulation(sim, est.memory)
     if dims.pp > 1:  # no peer sends anything through a fake group: the runtime's bound, not a measurement
         seq = args.seq_len // args.tp if args.sp else args.seq_len
         u = args.micro_batch_size * seq * cfg.hidden_size * DTYPE_BYTES[args.dtype]
         bound = held_bytes_bound(lower(sched), layout, sim.pp_rank, u)
-        out += (f"\npipeline buffers held by the runtime (its bound for this schedule; not simulated): "
-                f"{bound / 2**30:.3f} GiB; plan's pp_send {est.memory.get('pipeline_sends', 0.0) / 2**30:.3f} GiB")
+        out += (
+            f"\npipeline buffers held by the runtime (its bound for this schedule; not simulated): "
+            f"{bound / 2**30:.3f} GiB; plan's pp_send {est.memory.get('pipeline_sends', 0.0) / 2**30:.3f} GiB"
+        )
     return out
 
 
@@ -155,11 +178,19 @@ def render_pipeline(args, cfg, M):
         try:
             split = [int(x) for x in args.layers_per_stage.split(",")]
         except ValueError:
-            raise ConfigError("pipeline.layers_per_stage", f"not a comma-separated list of integers: "
-                              f"{args.layers_per_stage!r}") from None
-    layout = PipelineLayout.from_model_config(cfg, args.pp, args.vpp, layers_per_stage=split,
-                                              block_cache=not args.no_cache, embed_cost=args.embed_cost,
-                                              head_cost=args.head_cost, placement=schedule_placement(args.schedule))
+            raise ConfigError(
+                "pipeline.layers_per_stage", f"not a comma-separated list of integers: {args.layers_per_stage!r}"
+            ) from None
+    layout = PipelineLayout.from_model_config(
+        cfg,
+        args.pp,
+        args.vpp,
+        layers_per_stage=split,
+        block_cache=not args.no_cache,
+        embed_cost=args.embed_cost,
+        head_cost=args.head_cost,
+        placement=schedule_placement(args.schedule),
+    )
     sched = make_schedule(args.schedule, args.pp, args.vpp, M, args.group_size, args.split_backward, args.w_delay)
     lowered = lower(sched)
     report = check(lowered, layout)
@@ -170,27 +201,40 @@ def render_pipeline(args, cfg, M):
     nbytes = DTYPE_BYTES[args.dtype]
     other = layout.with_cache(not layout.block_cache)
     naive, cached = (other, layout) if layout.block_cache else (layout, other)
-    out = [f"model {cfg.name}: {cfg.num_layers} decoder layers, d={cfg.hidden_size}, residual={cfg.residual.mode}"
-           f" ({layout.num_blocks} block tensors incl. the embedding)", layout.describe(), "",
-           f"per-hop payload (tensors of [B={args.micro_batch_size}, T={seq}, d={cfg.hidden_size}] "
-           f"{args.dtype} = {u * nbytes / 2**20:.1f} MiB each), forward; backward sends the same shapes back:"]
+    out = [
+        f"model {cfg.name}: {cfg.num_layers} decoder layers, d={cfg.hidden_size}, residual={cfg.residual.mode}"
+        f" ({layout.num_blocks} block tensors incl. the embedding)",
+        layout.describe(),
+        "",
+        f"per-hop payload (tensors of [B={args.micro_batch_size}, T={seq}, d={cfg.hidden_size}] "
+        f"{args.dtype} = {u * nbytes / 2**20:.1f} MiB each), forward; backward sends the same shapes back:",
+    ]
     for s in range(layout.num_stages - 1):
         local = " (same rank, no message)" if layout.rank_of(s) == layout.rank_of(s + 1) else ""
-        out.append(f"  hop {s:>3}->{s + 1:<3} rank {layout.rank_of(s)}->{layout.rank_of(s + 1)}: "
-                   f"{layout.payload_len(s):>3} tensors (naive {naive.payload_len(s):>3})  "
-                   f"shape {list(layout.payload_shape(s, args.micro_batch_size, seq))}{local}")
+        out.append(
+            f"  hop {s:>3}->{s + 1:<3} rank {layout.rank_of(s)}->{layout.rank_of(s + 1)}: "
+            f"{layout.payload_len(s):>3} tensors (naive {naive.payload_len(s):>3})  "
+            f"shape {list(layout.payload_shape(s, args.micro_batch_size, seq))}{local}"
+        )
     tn, tc = naive.tensors_per_microbatch(), cached.tensors_per_microbatch()
-    out.append(f"tensors per microbatch per direction: cached {tc}, naive {tn} (x{tn / max(tc, 1):.2f}); "
-               f"largest hop: cached {max(cached.hop_tensors(), default=0)}, naive {max(naive.hop_tensors(), default=0)}")
-    out.append(f"bytes per step (M={M}, fwd+bwd, all links): cached "
-               f"{cached.bytes_per_step(M, args.micro_batch_size, seq, nbytes) / 2**30:.3f} GiB, naive "
-               f"{naive.bytes_per_step(M, args.micro_batch_size, seq, nbytes) / 2**30:.3f} GiB"
-               f"  [using: {'cache' if layout.block_cache else 'naive'}]")
+    out.append(
+        f"tensors per microbatch per direction: cached {tc}, naive {tn} (x{tn / max(tc, 1):.2f}); "
+        f"largest hop: cached {max(cached.hop_tensors(), default=0)}, naive {max(naive.hop_tensors(), default=0)}"
+    )
+    out.append(
+        f"bytes per step (M={M}, fwd+bwd, all links): cached "
+        f"{cached.bytes_per_step(M, args.micro_batch_size, seq, nbytes) / 2**30:.3f} GiB, naive "
+        f"{naive.bytes_per_step(M, args.micro_batch_size, seq, nbytes) / 2**30:.3f} GiB"
+        f"  [using: {'cache' if layout.block_cache else 'naive'}]"
+    )
     tl = timeline(sched)
-    out += ["", lowered.format() if args.comms else sched.format(compute_only=True),
-            f"checked: {report.messages} messages, per link {dict(sorted(report.per_link.items()))}",
-            f"simulated bubble (F=1, B=2, no comm cost): {tl.bubble_fraction:.4f}; "
-            f"(P-1)/(V*M+P-1) = {ideal_bubble(args.pp, args.vpp, M):.4f}"]
+    out += [
+        "",
+        lowered.format() if args.comms else sched.format(compute_only=True),
+        f"checked: {report.messages} messages, per link {dict(sorted(report.per_link.items()))}",
+        f"simulated bubble (F=1, B=2, no comm cost): {tl.bubble_fraction:.4f}; "
+        f"(P-1)/(V*M+P-1) = {ideal_bubble(args.pp, args.vpp, M):.4f}",
+    ]
     return "\n".join(out), layout, sched
 
 
@@ -219,40 +263,51 @@ def _ranges(layers) -> str:
 
 def render_estimates(cfg, dims, args, M, layout, sched) -> str:
     """Mesh, parameters, per-rank memory and per-group traffic (``parallel.plan_estimates``)."""
-    shape = TrainShape(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, microbatches=M,
-                       activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
-                       comm_bytes=DTYPE_BYTES[args.dtype])
+    shape = TrainShape(
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        microbatches=M,
+        activation_checkpointing=args.activation_checkpointing,
+        optimizer=args.optimizer,
+        comm_bytes=DTYPE_BYTES[args.dtype],
+    )
     d = dims
     tot = summary(cfg)
-    out = [f"model {cfg.name}: {_count(tot['total'])} parameters ({tot['total']:,}), {_count(tot['active'])} active "
-           f"per token, routed experts {_count(tot['experts'])}; residual={cfg.residual.mode}",
-           f"world {d.world_size} = pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}"
-           f"{' (+sp)' if d.sp else ''}; ep {d.ep} folded into the dp ranks",
-           "mesh (outermost first, tp innermost = adjacent ranks):",
-           f"  dense  (pp={d.pp}, dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, tp={d.tp})",
-           f"  sparse (pp={d.pp}, edp_replicate={d.edp_replicate}, edp_shard={d.edp_shard}, ep={d.ep}, tp={d.tp})"
-           + ("" if d.ep > 1 else "  [ep=1: experts follow the dense layout]"),
-           f"batch: {args.micro_batch_size} x {args.seq_len} tokens per microbatch, {M} microbatches per step per dp "
-           f"rank -> global batch {args.micro_batch_size * M * d.dp} sequences "
-           f"({args.micro_batch_size * M * d.dp * args.seq_len:,} tokens) per step",
-           "",
-           f"memory per rank, GiB (fp32 weights + grads, {args.optimizer} state, bf16 activations"
-           f"{', activation checkpointing' if args.activation_checkpointing else ''}):",
-           f"{'pp':>3} {'layers':>13} {'params/rank':>12} {'weights':>8} {'grads':>7} {'optim':>7} {'fsdp_buf':>8} "
-           f"{'activ.':>7} {'inflight':>8} {'blk_cache':>9} {'blk/mb':>6} {'pp_send':>7} {'total':>7}"]
+    out = [
+        f"model {cfg.name}: {_count(tot['total'])} parameters ({tot['total']:,}), {_count(tot['active'])} active "
+        f"per token, routed experts {_count(tot['experts'])}; residual={cfg.residual.mode}",
+        f"world {d.world_size} = pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}"
+        f"{' (+sp)' if d.sp else ''}; ep {d.ep} folded into the dp ranks",
+        "mesh (outermost first, tp innermost = adjacent ranks):",
+        f"  dense  (pp={d.pp}, dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, tp={d.tp})",
+        f"  sparse (pp={d.pp}, edp_replicate={d.edp_replicate}, edp_shard={d.edp_shard}, ep={d.ep}, tp={d.tp})"
+        + ("" if d.ep > 1 else "  [ep=1: experts follow the dense layout]"),
+        f"batch: {args.micro_batch_size} x {args.seq_len} tokens per microbatch, {M} microbatches per step per dp "
+        f"rank -> global batch {args.micro_batch_size * M * d.dp} sequences "
+        f"({args.micro_batch_size * M * d.dp * args.seq_len:,} tokens) per step",
+        "",
+        f"memory per rank, GiB (fp32 weights + grads, {args.optimizer} state, bf16 activations"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}):",
+        f"{'pp':>3} {'layers':>13} {'params/rank':>12} {'weights':>8} {'grads':>7} {'optim':>7} {'fsdp_buf':>8} "
+        f"{'activ.':>7} {'inflight':>8} {'blk_cache':>9} {'blk/mb':>6} {'pp_send':>7} {'total':>7}",
+    ]
     ranks = estimate_ranks(cfg, dims, shape, layout, sched)
     for r in ranks:
         m = r.memory
         lay = _ranges(r.layers)
         head_rank = layout.rank_of(layout.num_stages - 1) if layout else len(ranks) - 1  # V placement: rank 0
         lay += ("E" if r.pp_rank == 0 else "") + ("H" if r.pp_rank == head_rank else "")
-        out.append(f"{r.pp_rank:>3} {lay:>13} {_count(r.local_params):>12} {_gib(m['weights']):>8} {_gib(m['grads']):>7} "
-                   f"{_gib(m['optimizer']):>7} {_gib(m['fsdp_buffers']):>8} {_gib(m['activations']):>7} "
-                   f"{r.inflight:>8} {_gib(m['block_cache']):>9} {r.blocks_cached:>6} "
-                   f"{_gib(m.get('pipeline_sends', 0.0)):>7} {_gib(r.total_memory):>7}")
+        out.append(
+            f"{r.pp_rank:>3} {lay:>13} {_count(r.local_params):>12} {_gib(m['weights']):>8} {_gib(m['grads']):>7} "
+            f"{_gib(m['optimizer']):>7} {_gib(m['fsdp_buffers']):>8} {_gib(m['activations']):>7} "
+            f"{r.inflight:>8} {_gib(m['block_cache']):>9} {r.blocks_cached:>6} "
+            f"{_gib(m.get('pipeline_sends', 0.0)):>7} {_gib(r.total_memory):>7}"
+        )
     if d.pp > 1:
-        out.append("  (layers E/H: holds the embedding / the head; inflight: peak (chunk, microbatch) activations the "
-                   "schedule keeps; blk/mb: AttnRes blocks cached per microbatch)")
+        out.append(
+            "  (layers E/H: holds the embedding / the head; inflight: peak (chunk, microbatch) activations the "
+            "schedule keeps; blk/mb: AttnRes blocks cached per microbatch)"
+        )
     worst = max(ranks, key=lambda r: r.total_memory)
     out += ["", f"communication per optimizer step, GiB sent per rank (pp rank {worst.pp_rank}, the largest memory):"]
     rows = estimate_comm(cfg, dims, shape, worst, layout)

@@ -58,8 +58,9 @@ class PreflightCallback(Callback):
 def preflight(config, run_dir) -> None:
     """The composed config (with its ``hydra`` node) is valid and ``run_dir`` is usable, or an error is raised."""
     if run_dir is None or not str(run_dir).strip():
-        raise ConfigError("run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run), or leave it out for "
-                          "runs/<date>_<time>")
+        raise ConfigError(
+            "run_dir", "is empty; give a directory (e.g. run_dir=runs/my_run), or leave it out for runs/<date>_<time>"
+        )
     job = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     with open_dict(job):
         job.pop("hydra", None)
@@ -78,8 +79,10 @@ def hydra_error_message(exc: BaseException) -> Optional[str]:
         return _one_line(str(exc))
     if isinstance(exc, OverrideParseException):
         first = exc.message.splitlines()[0] if exc.message else "syntax error"
-        return _one_line(f"cannot parse the override {exc.override!r}: {first}; quote values that contain spaces "
-                         f"or special characters (key='a b'), lists are key=[a,b]; syntax: {OVERRIDE_SYNTAX_URL}")
+        return _one_line(
+            f"cannot parse the override {exc.override!r}: {first}; quote values that contain spaces "
+            f"or special characters (key='a b'), lists are key=[a,b]; syntax: {OVERRIDE_SYNTAX_URL}"
+        )
     if isinstance(exc, MissingConfigException):
         return _missing_option(exc)
     cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
@@ -106,8 +109,9 @@ def _missing_option(exc) -> str:
     if not group:
         return _one_line(f"config {missing!r} not found; {str(exc).split('Config search path')[0]}")
     options = ", ".join(exc.options or []) or "none"
-    return _one_line(f"{group}={option}: no such option in group {group!r} (configs/{group}/); choose one of: "
-                     f"{options}")
+    return _one_line(
+        f"{group}={option}: no such option in group {group!r} (configs/{group}/); choose one of: {options}"
+    )
 
 
 def _expected(cause) -> str:

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the token shards (must be new or empty)")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default=None, help="'byte' (default), a tokenizer directory, or a hub name")
-    tok.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB", help="train a byte-level BPE of this vocab size")
+    tok.add_argument(
+        "--train-bpe", type=int, default=None, metavar="VOCAB", help="train a byte-level BPE of this vocab size"
+    )
     p.add_argument("--tokenizer-out", default=None, metavar="DIR", help="where --train-bpe saves the tokenizer")
     p.add_argument("--kind", default="auto", choices=[k for k in DATA_KINDS if k not in ("memmap", "megatron")])
     p.add_argument("--text-field", default="text", help="jsonl/parquet/arrow/hub column with the text")
@@ -88,8 +90,12 @@ def _staging(dest: str) -> str:
 
 def run(args) -> str:
     t_start = time.perf_counter()
-    for flag, v in (("--max-docs", args.max_docs), ("--max-bytes", args.max_bytes), ("--shard-tokens", args.shard_tokens),
-                    ("--workers", args.workers)):
+    for flag, v in (
+        ("--max-docs", args.max_docs),
+        ("--max-bytes", args.max_bytes),
+        ("--shard-tokens", args.shard_tokens),
+        ("--workers", args.workers),
+    ):
         if v is not None and v <= 0:
             raise UserInputError(f"{flag} must be a positive integer, got {v}")
     if args.train_bpe is not None and not args.tokenizer_out:
@@ -106,8 +112,15 @@ def run(args) -> str:
         return _merge(args)
     resolved = []
     for i, inp in enumerate(args.inputs):
-        src = DataSourceConfig(path=inp, kind=args.kind, text_field=args.text_field, split=args.split,
-                               hf_config=args.hf_config, text_unit=args.text_unit, hf_revision=args.hf_revision)
+        src = DataSourceConfig(
+            path=inp,
+            kind=args.kind,
+            text_field=args.text_field,
+            split=args.split,
+            hf_config=args.hf_config,
+            text_unit=args.text_unit,
+            hf_revision=args.hf_revision,
+        )
         try:
             validate_source(src, f"inputs[{i}]")
         except ConfigError as e:
@@ -120,8 +133,14 @@ def run(args) -> str:
     staging = _staging(args.out)
     try:
         units = pp.plan_units(resolved, args.max_docs, args.max_bytes)
-        settings = {"tokenizer": args.tokenizer or "byte", "train_bpe": args.train_bpe, "max_docs": args.max_docs,
-                    "max_bytes": args.max_bytes, "shard_tokens": args.shard_tokens, "tokenizer_out": args.tokenizer_out}
+        settings = {
+            "tokenizer": args.tokenizer or "byte",
+            "train_bpe": args.train_bpe,
+            "max_docs": args.max_docs,
+            "max_bytes": args.max_bytes,
+            "shard_tokens": args.shard_tokens,
+            "tokenizer_out": args.tokenizer_out,
+        }
         if args.train_bpe is None:
             tokenizer = load_tokenizer(args.tokenizer or "byte")
             settings["tokenizer_fingerprint"] = tokenizer.fingerprint
@@ -130,16 +149,36 @@ def run(args) -> str:
         if args.train_bpe is not None:
             tok_spec, tok_name = os.path.join(staging, "tokenizer"), os.path.abspath(args.tokenizer_out)
             if not os.path.isdir(tok_spec):  # trained and saved atomically by an earlier run of this plan
-                docs = itertools.chain.from_iterable(iter_documents(rs, args.max_docs, args.max_bytes) for rs in resolved)
+                docs = itertools.chain.from_iterable(
+                    iter_documents(rs, args.max_docs, args.max_bytes) for rs in resolved
+                )
                 with tqdm(desc="training BPE (reading)", unit=" doc", disable=args.no_progress) as bar:
                     train_bpe_tokenizer((bar.update(1) or d for d in docs), args.train_bpe, tok_spec)
         label = " + ".join(args.inputs)
-        jobs = [{"unit": u, "source": resolved[u.input], "tokenizer": tok_spec, "tokenizer_name": tok_name,
-                 "staging": staging, "shard_tokens": args.shard_tokens or DEFAULT_SHARD_TOKENS, "max_docs": args.max_docs,
-                 "max_bytes": args.max_bytes, "source_label": label} for u in units if u.index not in done]
+        jobs = [
+            {
+                "unit": u,
+                "source": resolved[u.input],
+                "tokenizer": tok_spec,
+                "tokenizer_name": tok_name,
+                "staging": staging,
+                "shard_tokens": args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                "max_docs": args.max_docs,
+                "max_bytes": args.max_bytes,
+                "source_label": label,
+            }
+            for u in units
+            if u.index not in done
+        ]
         manifests = list(done.values())
-        with tqdm(desc="tokenizing", total=sum(u.nbytes for u in units) or None, unit="B", unit_scale=True,
-                  disable=args.no_progress, initial=sum(u.nbytes for u in units if u.index in done)) as bar:
+        with tqdm(
+            desc="tokenizing",
+            total=sum(u.nbytes for u in units) or None,
+            unit="B",
+            unit_scale=True,
+            disable=args.no_progress,
+            initial=sum(u.nbytes for u in units if u.index in done),
+        ) as bar:
 
             def on_done(m):
                 manifests.append(m)
@@ -159,19 +198,35 @@ def run(args) -> str:
     text_bytes = sum(m["bytes"] for m in manifests)
     fresh = sum(m["bytes"] for m in manifests if m["unit"] not in done)
     resumed = f", {len(done)} of {len(units)} units resumed from an earlier run" if done else ""
-    return (f"wrote {index['num_tokens']:,} tokens ({index['num_docs']:,} documents, {len(index['shards'])} shard(s)) "
-            f"to {args.out}; train with data.sources=[{{path: {args.out}, kind: memmap}}] data.tokenizer={tok_name_for(args)}\n"
-            f"throughput: tokenized {fresh / 1e6:.1f} MB of text in {t_tok:.1f} s = {fresh / 1e6 / max(t_tok, 1e-9):.2f} MB/s "
-            f"with {args.workers} worker(s), {len(units)} unit(s){resumed}; {text_bytes / 1e6:.1f} MB in total, "
-            f"{seconds:.1f} s in all")
+    return (
+        f"wrote {index['num_tokens']:,} tokens ({index['num_docs']:,} documents, {len(index['shards'])} shard(s)) "
+        f"to {args.out}; train with data.sources=[{{path: {args.out}, kind: memmap}}] data.tokenizer={tok_name_for(args)}\n"
+        f"throughput: tokenized {fresh / 1e6:.1f} MB of text in {t_tok:.1f} s = {fresh / 1e6 / max(t_tok, 1e-9):.2f} MB/s "
+        f"with {args.workers} worker(s), {len(units)} unit(s){resumed}; {text_bytes / 1e6:.1f} MB in total, "
+        f"{seconds:.1f} s in all"
+    )
 
 
 def _merge(args) -> str:
     defaults = build_parser().parse_args(["x", "--out", "y"])
-    for opt in ("tokenizer", "train_bpe", "kind", "text_field", "text_unit", "split", "hf_config", "hf_revision", "max_docs",
-                "max_bytes", "shard_tokens", "workers"):
+    for opt in (
+        "tokenizer",
+        "train_bpe",
+        "kind",
+        "text_field",
+        "text_unit",
+        "split",
+        "hf_config",
+        "hf_revision",
+        "max_docs",
+        "max_bytes",
+        "shard_tokens",
+        "workers",
+    ):
         if getattr(args, opt) != getattr(defaults, opt):
-            raise UserInputError(f"--{opt.replace('_', '-')} has no effect with --merge (the sets are already tokenized)")
+            raise UserInputError(
+                f"--{opt.replace('_', '-')} has no effect with --merge (the sets are already tokenized)"
+            )
     staging = _staging(args.out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -179,8 +234,10 @@ def _merge(args) -> str:
         _install(staging, args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return (f"merged {len(args.inputs)} shard sets into {args.out}: {index['num_tokens']:,} tokens, "
-            f"{index['num_docs']:,} documents, {len(index['shards'])} shard(s)")
+    return (
+        f"merged {len(args.inputs)} shard sets into {args.out}: {index['num_tokens']:,} tokens, "
+        f"{index['num_docs']:,} documents, {len(index['shards'])} shard(s)"
+    )
 
 
 def tok_name_for(args) -> str:
@@ -198,8 +255,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"error: interrupted; finished shards are kept in {_staging(args.out)}: rerun the same command to "
-              "resume", file=sys.stderr)
+        print(
+            f"error: interrupted; finished shards are kept in {_staging(args.out)}: rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     print(message)
     return 0

@@ -23,11 +23,21 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 # Pending reasons that waiting cannot fix (slurm's squeue(1) "JOB REASON CODES").
-NEVER_STARTS = frozenset({
-    "PartitionConfig", "PartitionDown", "PartitionInactive", "PartitionNodeLimit", "PartitionTimeLimit",
-    "BadConstraints", "InvalidAccount", "InvalidQOS", "DependencyNeverSatisfied", "ReqNodeNotAvail",
-    "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions",
-})
+NEVER_STARTS = frozenset(
+    {
+        "PartitionConfig",
+        "PartitionDown",
+        "PartitionInactive",
+        "PartitionNodeLimit",
+        "PartitionTimeLimit",
+        "BadConstraints",
+        "InvalidAccount",
+        "InvalidQOS",
+        "DependencyNeverSatisfied",
+        "ReqNodeNotAvail",
+        "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions",
+    }
+)
 GRACE_ENV = "ATTNRES_SLURM_PENDING_GRACE_S"
 
 
@@ -59,8 +69,12 @@ def pending_reasons(job_ids: Sequence[str]) -> Dict[str, str]:
     """``{job id: reason}`` for the given jobs that slurm lists as PENDING (array tasks by their own id)."""
     if not job_ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%i %r", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "PENDING", "-o", "%i %r", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     reasons = {}
     for line in out.stdout.splitlines():
         parts = line.split(None, 1)
@@ -99,19 +113,25 @@ class PendingWatcher(threading.Thread):
             self.reported.add(job)
             base = reason.split("(")[0].strip()
             if base in NEVER_STARTS:
-                print(f"error: slurm job {job} can never start ({reason}): its resource request does not fit the "
-                      f"partition; cancelling it. Fix hydra.launcher.* (cpus_per_task, gpus_per_node, mem_gb, "
-                      f"partition, timeout_min) or pick another preset (docs/launch.md)", file=sys.stderr, flush=True)
+                print(
+                    f"error: slurm job {job} can never start ({reason}): its resource request does not fit the "
+                    f"partition; cancelling it. Fix hydra.launcher.* (cpus_per_task, gpus_per_node, mem_gb, "
+                    f"partition, timeout_min) or pick another preset (docs/launch.md)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 subprocess.run(["scancel", job.split("_")[0]], capture_output=True, timeout=30)  # an array: all of it
                 self.cancelled[job] = reason
                 if self.exit_on_never:
-                    print("error: the sweep stops here (its other slurm jobs keep their state: squeue)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        "error: the sweep stops here (its other slurm jobs keep their state: squeue)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     sys.stdout.flush()
                     os._exit(2)
             else:
-                print(f"slurm job {job} still pending after {now - since:.0f} s: {reason}", file=sys.stderr,
-                      flush=True)
+                print(f"slurm job {job} still pending after {now - since:.0f} s: {reason}", file=sys.stderr, flush=True)
 
 
 class PendingJobsCallback(Callback):

@@ -57,9 +57,11 @@ def _task(dcfg):
     except OmegaConfBaseException as exc:
         _fail(hydra_error_message(exc) or str(exc).splitlines()[0])
     except KeyboardInterrupt:  # Ctrl-C before the loop, or a second Ctrl-C inside it
-        _fail("interrupted (Ctrl-C): stopped at once without saving; the newest complete checkpoint in "
-              f"{run_dir / 'checkpoints'}, if any, is intact (checkpoint.resume=auto continues from it)",
-              SIGINT_EXIT_CODE)
+        _fail(
+            "interrupted (Ctrl-C): stopped at once without saving; the newest complete checkpoint in "
+            f"{run_dir / 'checkpoints'}, if any, is intact (checkpoint.resume=auto continues from it)",
+            SIGINT_EXIT_CODE,
+        )
     if trainer.stop_signal == "SIGINT":  # stopped cleanly with a checkpoint, but the run did not finish
         sys.exit(SIGINT_EXIT_CODE)
     return result.get("val_loss", result.get("loss"))
@@ -82,6 +84,7 @@ def run(overrides, ctx=None) -> dict:
     (ConfigError / UserInputError) instead of exiting.
     """
     from ..train.trainer import Trainer
+
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         try:
@@ -101,7 +104,9 @@ def run(overrides, ctx=None) -> dict:
 
 def main() -> None:
     if not CONFIG_DIR.is_dir():
-        _fail(f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)")
+        _fail(
+            f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)"
+        )
     register_configs()
     # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which case it
     # raises them; we set it to catch them and print one `error:` line (exit 2). A user who set it wants the trace.

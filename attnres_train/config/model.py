@@ -181,7 +181,9 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
     if r.impl not in RESIDUAL_IMPLS:
         raise ConfigError(f"{p}.residual.impl", f"must be one of {'|'.join(RESIDUAL_IMPLS)}, got {r.impl!r}")
     if r.impl == "triton" and importlib.util.find_spec("triton") is None:
-        raise ConfigError(f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch")
+        raise ConfigError(
+            f"{p}.residual.impl", "'triton' needs the triton package (pip install triton); use auto|torch"
+        )
     # The device is checked at the first read (the model may be built on CPU or meta and moved to CUDA later):
     # depth.resolve_impl raises a ConfigError naming this field for CPU tensors outside TRITON_INTERPRET=1.
     _reject_residual_no_ops(r, f"{p}.residual")
@@ -198,7 +200,9 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
         else:
             _positive(r.block_size, f"{p}.residual.block_size")
             if r.block_size > cfg.num_layers:
-                raise ConfigError(f"{p}.residual.block_size", f"block_size={r.block_size} exceeds num_layers={cfg.num_layers}")
+                raise ConfigError(
+                    f"{p}.residual.block_size", f"block_size={r.block_size} exceeds num_layers={cfg.num_layers}"
+                )
     return cfg
 
 
@@ -211,18 +215,30 @@ def _reject_residual_no_ops(r: ResidualConfig, p: str) -> None:
     if r.mode != "block":
         for name in ("num_blocks", "block_size"):
             if getattr(r, name) is not None:
-                raise ConfigError(f"{p}.{name}", f"{name}={getattr(r, name)!r} has no effect with mode={r.mode!r} "
-                                  f"(only mode=block partitions layers into blocks); {fix}")
+                raise ConfigError(
+                    f"{p}.{name}",
+                    f"{name}={getattr(r, name)!r} has no effect with mode={r.mode!r} "
+                    f"(only mode=block partitions layers into blocks); {fix}",
+                )
     if r.mode == "prenorm":
         if r.two_phase is not True:
-            raise ConfigError(f"{p}.two_phase", "two_phase=false has no effect with mode='prenorm' (PreNorm has "
-                              "no depth mixing); leave it at true, or pick mode=full|block")
+            raise ConfigError(
+                f"{p}.two_phase",
+                "two_phase=false has no effect with mode='prenorm' (PreNorm has "
+                "no depth mixing); leave it at true, or pick mode=full|block",
+            )
         if r.impl != "auto":
-            raise ConfigError(f"{p}.impl", f"impl={r.impl!r} has no effect with mode='prenorm' (PreNorm has no "
-                              "depth mixing); leave it at auto, or pick mode=full|block")
+            raise ConfigError(
+                f"{p}.impl",
+                f"impl={r.impl!r} has no effect with mode='prenorm' (PreNorm has no "
+                "depth mixing); leave it at auto, or pick mode=full|block",
+            )
     elif r.two_phase is not True and r.impl in ("torch", "triton"):
-        raise ConfigError(f"{p}.impl", f"impl={r.impl!r} has no effect with two_phase=false (the direct softmax "
-                          "read always runs the reference); use impl=auto|reference, or two_phase=true")
+        raise ConfigError(
+            f"{p}.impl",
+            f"impl={r.impl!r} has no effect with two_phase=false (the direct softmax "
+            "read always runs the reference); use impl=auto|reference, or two_phase=true",
+        )
 
 
 def _reject_moe_no_ops(e: MoEConfig, num_layers: int, p: str) -> None:
@@ -230,11 +246,17 @@ def _reject_moe_no_ops(e: MoEConfig, num_layers: int, p: str) -> None:
     if e.first_k_dense == num_layers:  # every FFN is dense
         for name, default in (("seq_aux_loss_coef", 0.0), ("bias_update_rule", "sign"), ("bias_in_weights", False)):
             if getattr(e, name) != default:
-                raise ConfigError(f"{p}.{name}", f"{name}={getattr(e, name)!r} has no effect: first_k_dense="
-                                  f"{e.first_k_dense} = num_layers makes every FFN dense (no MoE layer)")
+                raise ConfigError(
+                    f"{p}.{name}",
+                    f"{name}={getattr(e, name)!r} has no effect: first_k_dense="
+                    f"{e.first_k_dense} = num_layers makes every FFN dense (no MoE layer)",
+                )
     if e.bias_update_speed == 0 and e.bias_update_rule != "sign":
-        raise ConfigError(f"{p}.bias_update_rule", f"bias_update_rule={e.bias_update_rule!r} has no effect with "
-                          "bias_update_speed=0 (the router bias is never updated)")
+        raise ConfigError(
+            f"{p}.bias_update_rule",
+            f"bias_update_rule={e.bias_update_rule!r} has no effect with "
+            "bias_update_speed=0 (the router bias is never updated)",
+        )
 
 
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:

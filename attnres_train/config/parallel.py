@@ -94,8 +94,9 @@ def _degree(value, path: str, allow_fill: bool = False) -> None:
         raise ConfigError(path, f"must be a positive integer{extra}, got {value!r}")
 
 
-def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model_cfg=None, seq_len: Optional[int] = None,
-                          prefix: str = "parallel") -> ParallelDims:
+def resolve_parallel_dims(
+    cfg: ParallelConfig, world_size: int, model_cfg=None, seq_len: Optional[int] = None, prefix: str = "parallel"
+) -> ParallelDims:
     """Validate ``cfg`` against the world size (and, when given, the model and sequence length).
 
     Pure: no process groups, no tensors. Raises one :class:`ConfigError` naming the first bad field.
@@ -115,38 +116,65 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model_cfg=None, 
     dp_shard = cfg.dp_shard
     if dp_shard == -1:
         if world_size % fixed:
-            raise ConfigError(f"{p}.dp_shard", f"dp_shard=-1 cannot fill the world: world size {world_size} is not "
-                              f"divisible by dp_replicate*tp*pp = {cfg.dp_replicate}*{cfg.tp}*{cfg.pp} = {fixed}")
+            raise ConfigError(
+                f"{p}.dp_shard",
+                f"dp_shard=-1 cannot fill the world: world size {world_size} is not "
+                f"divisible by dp_replicate*tp*pp = {cfg.dp_replicate}*{cfg.tp}*{cfg.pp} = {fixed}",
+            )
         dp_shard = world_size // fixed
     if fixed * dp_shard != world_size:
-        raise ConfigError(f"{p}.dp_shard", f"dp_replicate*dp_shard*tp*pp = {cfg.dp_replicate}*{dp_shard}*{cfg.tp}*"
-                          f"{cfg.pp} = {fixed * dp_shard} does not equal the world size {world_size} "
-                          f"(dp_shard=-1 fills the rest)")
+        raise ConfigError(
+            f"{p}.dp_shard",
+            f"dp_replicate*dp_shard*tp*pp = {cfg.dp_replicate}*{dp_shard}*{cfg.tp}*"
+            f"{cfg.pp} = {fixed * dp_shard} does not equal the world size {world_size} "
+            f"(dp_shard=-1 fills the rest)",
+        )
     if cfg.sp and cfg.tp == 1:
-        raise ConfigError(f"{p}.sp", "sequence parallelism shards over the tensor-parallel group: needs parallel.tp > 1")
+        raise ConfigError(
+            f"{p}.sp", "sequence parallelism shards over the tensor-parallel group: needs parallel.tp > 1"
+        )
 
     dp = cfg.dp_replicate * dp_shard
     ep = cfg.ep
     edp_replicate, edp_shard = cfg.dp_replicate, dp_shard  # without EP experts follow the dense layout
     if ep > 1:
         if dp % ep:
-            raise ConfigError(f"{p}.ep", f"ep={ep} is folded out of the data-parallel ranks and must divide "
-                              f"dp_replicate*dp_shard = {cfg.dp_replicate}*{dp_shard} = {dp}")
+            raise ConfigError(
+                f"{p}.ep",
+                f"ep={ep} is folded out of the data-parallel ranks and must divide "
+                f"dp_replicate*dp_shard = {cfg.dp_replicate}*{dp_shard} = {dp}",
+            )
         if dp_shard % ep == 0:  # EP inside the FSDP dimension (torchtitan's dp_shard_in_ep)
             edp_replicate, edp_shard = cfg.dp_replicate, dp_shard // ep
         elif ep % dp_shard == 0:  # EP spans all of dp_shard and part of dp_replicate
             edp_replicate, edp_shard = dp // ep, 1
         else:
-            raise ConfigError(f"{p}.ep", f"ep={ep} must divide dp_shard={dp_shard} or be a multiple of it (the "
-                              f"expert group is the innermost ep ranks of dp_replicate x dp_shard)")
+            raise ConfigError(
+                f"{p}.ep",
+                f"ep={ep} must divide dp_shard={dp_shard} or be a multiple of it (the "
+                f"expert group is the innermost ep ranks of dp_replicate x dp_shard)",
+            )
 
     if model_cfg is not None:
         _check_model(cfg, model_cfg, p)
     if seq_len is not None and cfg.sp and seq_len % cfg.tp:
-        raise ConfigError("data.seq_len", f"seq_len={seq_len} must be divisible by parallel.tp={cfg.tp} with "
-                          f"sequence parallelism (parallel.sp=true) on")
-    return ParallelDims(world_size=world_size, pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=dp_shard,
-                        tp=cfg.tp, sp=cfg.sp, ep=ep, vpp=cfg.vpp, edp_replicate=edp_replicate, edp_shard=edp_shard)
+        raise ConfigError(
+            "data.seq_len",
+            f"seq_len={seq_len} must be divisible by parallel.tp={cfg.tp} with "
+            f"sequence parallelism (parallel.sp=true) on",
+        )
+    return ParallelDims(
+        world_size=world_size,
+        pp=cfg.pp,
+        dp_replicate=cfg.dp_replicate,
+        dp_shard=dp_shard,
+        tp=cfg.tp,
+        sp=cfg.sp,
+        ep=ep,
+        vpp=cfg.vpp,
+        edp_replicate=edp_replicate,
+        edp_shard=edp_shard,
+    )
 
 
 def check_tp_divisible(m, tp: int, field: str = "parallel.tp") -> None:
@@ -156,12 +184,20 @@ def check_tp_divisible(m, tp: int, field: str = "parallel.tp") -> None:
         ("model.kda.num_heads", m.kda.num_heads, "KDA heads are split over the tp group"),
         ("model.mla.num_heads", m.mla.num_heads, "MLA heads are split over the tp group"),
         ("model.vocab_size", m.vocab_size, "the embedding and LM head are split along the vocabulary"),
-        ("model.moe.dense_intermediate_size", m.moe.dense_intermediate_size,
-         "the dense SwiGLU is split along its hidden dimension"),
+        (
+            "model.moe.dense_intermediate_size",
+            m.moe.dense_intermediate_size,
+            "the dense SwiGLU is split along its hidden dimension",
+        ),
     ]
     if m.moe.num_shared_experts > 0:
-        rules.append(("model.moe.intermediate_size", m.moe.intermediate_size * m.moe.num_shared_experts,
-                      "the shared expert's SwiGLU (intermediate_size * num_shared_experts) is split"))
+        rules.append(
+            (
+                "model.moe.intermediate_size",
+                m.moe.intermediate_size * m.moe.num_shared_experts,
+                "the shared expert's SwiGLU (intermediate_size * num_shared_experts) is split",
+            )
+        )
     for field_name, value, why in rules:
         require_tp_divides(tp, field_name, value, why, field)
 
@@ -178,8 +214,14 @@ def _check_model(cfg: ParallelConfig, m, p: str) -> None:
         check_tp_divisible(m, tp, f"{p}.tp")
     if ep > 1:
         if m.moe.num_experts % ep:
-            raise ConfigError(f"{p}.ep", f"ep={ep} must divide model.moe.num_experts={m.moe.num_experts} "
-                              f"(each expert-parallel rank holds num_experts/ep whole experts)")
+            raise ConfigError(
+                f"{p}.ep",
+                f"ep={ep} must divide model.moe.num_experts={m.moe.num_experts} "
+                f"(each expert-parallel rank holds num_experts/ep whole experts)",
+            )
         if m.moe.first_k_dense >= m.num_layers:
-            raise ConfigError(f"{p}.ep", f"ep={ep} but the model has no MoE layer "
-                              f"(model.moe.first_k_dense={m.moe.first_k_dense} >= num_layers={m.num_layers})")
+            raise ConfigError(
+                f"{p}.ep",
+                f"ep={ep} but the model has no MoE layer "
+                f"(model.moe.first_k_dense={m.moe.first_k_dense} >= num_layers={m.num_layers})",
+            )

@@ -45,28 +45,43 @@ class PipelineConfig:
     comm_dtype: Optional[str] = None
 
 
-def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num_layers: Optional[int] = None,
-                             microbatches: Optional[int] = None, prefix: str = "pipeline") -> PipelineConfig:
+def validate_pipeline_config(
+    cfg: PipelineConfig,
+    pp: int = 1,
+    vpp: int = 1,
+    num_layers: Optional[int] = None,
+    microbatches: Optional[int] = None,
+    prefix: str = "pipeline",
+) -> PipelineConfig:
     """Check every field (and, given the degrees, layer count and microbatch count, that they fit)."""
     p = prefix
     if cfg.schedule not in PIPELINE_SCHEDULES:
-        raise ConfigError(f"{p}.schedule", f"unknown schedule {cfg.schedule!r}; choose one of "
-                          f"{'|'.join(PIPELINE_SCHEDULES)}")
+        raise ConfigError(
+            f"{p}.schedule", f"unknown schedule {cfg.schedule!r}; choose one of {'|'.join(PIPELINE_SCHEDULES)}"
+        )
     if cfg.schedule == "1f1b" and vpp != 1:
-        raise ConfigError(f"{p}.schedule", f"1f1b runs one chunk per rank but parallel.vpp={vpp}; "
-                          f"use interleaved_1f1b")
+        raise ConfigError(f"{p}.schedule", f"1f1b runs one chunk per rank but parallel.vpp={vpp}; use interleaved_1f1b")
     if cfg.schedule in ZERO_BUBBLE:
         if vpp != ZERO_BUBBLE[cfg.schedule]:
-            raise ConfigError("parallel.vpp", f"pipeline.schedule={cfg.schedule} runs {ZERO_BUBBLE[cfg.schedule]} "
-                              f"chunk(s) per rank, got parallel.vpp={vpp}")
+            raise ConfigError(
+                "parallel.vpp",
+                f"pipeline.schedule={cfg.schedule} runs {ZERO_BUBBLE[cfg.schedule]} "
+                f"chunk(s) per rank, got parallel.vpp={vpp}",
+            )
         for name in ("split_backward", "w_delay", "microbatch_group_size"):
             if getattr(cfg, name) not in (None, False):
-                raise ConfigError(f"{p}.{name}", f"has no effect with pipeline.schedule={cfg.schedule} (the "
-                                  f"zero-bubble order fixes the I/W split and the microbatch order); unset it")
-    if cfg.microbatch_group_size is not None and (not isinstance(cfg.microbatch_group_size, int)
-                                                  or cfg.microbatch_group_size < pp):
-        raise ConfigError(f"{p}.microbatch_group_size", f"must be null or an integer >= parallel.pp={pp}, "
-                          f"got {cfg.microbatch_group_size!r}")
+                raise ConfigError(
+                    f"{p}.{name}",
+                    f"has no effect with pipeline.schedule={cfg.schedule} (the "
+                    f"zero-bubble order fixes the I/W split and the microbatch order); unset it",
+                )
+    if cfg.microbatch_group_size is not None and (
+        not isinstance(cfg.microbatch_group_size, int) or cfg.microbatch_group_size < pp
+    ):
+        raise ConfigError(
+            f"{p}.microbatch_group_size",
+            f"must be null or an integer >= parallel.pp={pp}, got {cfg.microbatch_group_size!r}",
+        )
     for name in ("embed_cost", "head_cost"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
@@ -79,8 +94,10 @@ def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num
     if cfg.layers_per_stage is not None:
         split = list(cfg.layers_per_stage)
         if len(split) != C:
-            raise ConfigError(f"{p}.layers_per_stage", f"has {len(split)} entries but parallel.pp x parallel.vpp = "
-                              f"{pp} x {vpp} = {C} stages")
+            raise ConfigError(
+                f"{p}.layers_per_stage",
+                f"has {len(split)} entries but parallel.pp x parallel.vpp = {pp} x {vpp} = {C} stages",
+            )
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in split):
             raise ConfigError(f"{p}.layers_per_stage", f"entries must be integers >= 0, got {split}")
         if num_layers is not None and sum(split) != num_layers:
@@ -90,10 +107,12 @@ def validate_pipeline_config(cfg: PipelineConfig, pp: int = 1, vpp: int = 1, num
     if microbatches is not None and pp > 1 and cfg.schedule == "interleaved_1f1b" and vpp > 1:
         G = cfg.microbatch_group_size or pp
         if interleaved_rule_broken(pp, microbatches, G):
-            raise ConfigError("trainer.global_batch_size",
-                              f"interleaved 1F1B needs the microbatch count ({microbatches}) to be a multiple of "
-                              f"parallel.pp={pp} (Megatron's rule with group size G={G}: pp <= G <= microbatches "
-                              f"and microbatches % G == 0 or >= pp)")
+            raise ConfigError(
+                "trainer.global_batch_size",
+                f"interleaved 1F1B needs the microbatch count ({microbatches}) to be a multiple of "
+                f"parallel.pp={pp} (Megatron's rule with group size G={G}: pp <= G <= microbatches "
+                f"and microbatches % G == 0 or >= pp)",
+            )
     return cfg
 
 
@@ -113,8 +132,14 @@ def check_pipeline_dp(cfg: PipelineConfig, dp: int) -> None:
     if dp <= 1:
         return
     if cfg.split_backward:
-        raise ConfigError("pipeline.split_backward", f"the I/W backward split does not compose with data "
-                          f"parallelism (FSDP reduces in the input-gradient pass); dp={dp}")
+        raise ConfigError(
+            "pipeline.split_backward",
+            f"the I/W backward split does not compose with data "
+            f"parallelism (FSDP reduces in the input-gradient pass); dp={dp}",
+        )
     if cfg.schedule in ZERO_BUBBLE:
-        raise ConfigError("pipeline.schedule", f"{cfg.schedule} splits the backward into I/W, which does not "
-                          f"compose with data parallelism yet (FSDP reduces in the input-gradient pass); dp={dp}")
+        raise ConfigError(
+            "pipeline.schedule",
+            f"{cfg.schedule} splits the backward into I/W, which does not "
+            f"compose with data parallelism yet (FSDP reduces in the input-gradient pass); dp={dp}",
+        )

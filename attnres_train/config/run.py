@@ -115,8 +115,11 @@ def validate_trainer_config(cfg: TrainerConfig, dp_world_size: int = 1) -> int:
         _pos(cfg.num_threads, "trainer.num_threads")
         cores = _available_cores()
         if cfg.num_threads > cores:
-            raise ConfigError("trainer.num_threads", f"{cfg.num_threads} threads, but this process may run on only "
-                              f"{cores} core(s); use at most {cores}, or null for the automatic choice")
+            raise ConfigError(
+                "trainer.num_threads",
+                f"{cfg.num_threads} threads, but this process may run on only "
+                f"{cores} core(s); use at most {cores}, or null for the automatic choice",
+            )
     return cfg.global_batch_size // per_step
 
 

@@ -43,8 +43,10 @@ def unknown_key_message(schema: type, field: str) -> str:
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     where = f"{parent!r}" if parent else "the top level of the config"
-    return (f"unknown key {key!r}: {where} has no such field ({hint}its fields: {', '.join(names)}; "
-            f"`attnres-train --cfg job` prints the whole config)")
+    return (
+        f"unknown key {key!r}: {where} has no such field ({hint}its fields: {', '.join(names)}; "
+        f"`attnres-train --cfg job` prints the whole config)"
+    )
 
 
 def _extra_keys(obj, path: str):

@@ -154,8 +154,11 @@ def validate_checkpoint_config(cfg: CheckpointConfig, prefix: str = "checkpoint"
     if not isinstance(cfg.overwrite, bool):
         raise ConfigError(f"{p}.overwrite", f"must be true or false, got {cfg.overwrite!r}")
     if cfg.overwrite and isinstance(cfg.resume, str) and cfg.resume.strip().lower() not in RESUME_KEYWORDS:
-        raise ConfigError(f"{p}.overwrite", "has no effect when resuming from an explicit checkpoint path "
-                          f"(checkpoint.resume={cfg.resume}); it only applies with resume=auto or resume=none")
+        raise ConfigError(
+            f"{p}.overwrite",
+            "has no effect when resuming from an explicit checkpoint path "
+            f"(checkpoint.resume={cfg.resume}); it only applies with resume=auto or resume=none",
+        )
     if not isinstance(cfg.async_save, bool):
         raise ConfigError(f"{p}.async_save", f"must be true or false, got {cfg.async_save!r}")
     return cfg

@@ -53,8 +53,14 @@ class SourceData:
 
 
 def cache_key(rs: ResolvedSource, tokenizer: Tokenizer, max_docs: Optional[int], max_bytes: Optional[int]) -> str:
-    material = {"v": CACHE_VERSION, "source": rs.fingerprint(), "tokenizer": tokenizer.fingerprint,
-                "eos": tokenizer.eos_id, "max_docs": max_docs, "max_bytes": max_bytes}
+    material = {
+        "v": CACHE_VERSION,
+        "source": rs.fingerprint(),
+        "tokenizer": tokenizer.fingerprint,
+        "eos": tokenizer.eos_id,
+        "max_docs": max_docs,
+        "max_bytes": max_bytes,
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -73,8 +79,9 @@ def _file_lock(path: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def tokenize_cached(rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, max_docs=None, max_bytes=None,
-                    progress: bool = True) -> ShardSet:
+def tokenize_cached(
+    rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, max_docs=None, max_bytes=None, progress: bool = True
+) -> ShardSet:
     """Shards for a raw-text source, from the cache or tokenized now (written atomically)."""
     max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(rs.name.rstrip("/")) or rs.kind)[:40]
@@ -92,10 +99,22 @@ def tokenize_cached(rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, ma
         tmp = make_staging_dir(root, ".tmp-")
         try:
             with tqdm(desc=f"tokenizing {rs.name}", unit=" doc", disable=not progress, leave=False) as bar:
-                w = tokenize_to_shards(iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar)
+                w = tokenize_to_shards(
+                    iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar
+                )
             with open(os.path.join(tmp, "cache_key.json"), "w") as f:
-                json.dump({"source": rs.name, "kind": rs.kind, "tokenizer": tokenizer.name, "max_docs": max_docs,
-                           "max_bytes": max_bytes, "docs": w.num_docs, "tokens": w.num_tokens}, f)
+                json.dump(
+                    {
+                        "source": rs.name,
+                        "kind": rs.kind,
+                        "tokenizer": tokenizer.name,
+                        "max_docs": max_docs,
+                        "max_bytes": max_bytes,
+                        "docs": w.num_docs,
+                        "tokens": w.num_tokens,
+                    },
+                    f,
+                )
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,8 +122,15 @@ def tokenize_cached(rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, ma
     return ShardSet(final)
 
 
-def open_source(src, where: str, cfg: DataConfig, tokenizer: Tokenizer, *, progress: bool = True,
-                model_vocab_size: Optional[int] = None):
+def open_source(
+    src,
+    where: str,
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    progress: bool = True,
+    model_vocab_size: Optional[int] = None,
+):
     """(TokenStore, kind, cache path or None) for one configured source."""
     rs = resolve_source(src, where)
     cache_path = None
@@ -141,8 +167,14 @@ class ValidationSet:
         s = int(np.searchsorted(self.offsets, v, side="right")) - 1
         return self.streams[s].sample(v - int(self.offsets[s]), self.seq_len)
 
-    def batches(self, local_batch_size: int, dp_rank: int = 0, dp_size: int = 1, max_batches: Optional[int] = None,
-                source: Optional[str] = None) -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        local_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        max_batches: Optional[int] = None,
+        source: Optional[str] = None,
+    ) -> Iterator[torch.Tensor]:
         """``[b, seq_len+1]`` LongTensors for this rank. Every rank gets the same number of batches: the last
         global batch is split evenly, dropping at most ``dp_size - 1`` samples. ``source`` limits to one source."""
         lo, hi = 0, self.num_samples
@@ -164,15 +196,28 @@ class ValidationSet:
 class GlobalBatchSampler:
     """Deterministic, resumable training batches for one data-parallel rank (see module docstring)."""
 
-    def __init__(self, dataset: BlendedDataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 num_workers: int = 0, consumed_samples: int = 0):
-        for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0)):
+    def __init__(
+        self,
+        dataset: BlendedDataset,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        consumed_samples: int = 0,
+    ):
+        for name, v, lo in (
+            ("global_batch_size", global_batch_size, 1),
+            ("dp_size", dp_size, 1),
+            ("dp_rank", dp_rank, 0),
+        ):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
         if dp_rank >= dp_size:
             raise ConfigError("dp_rank", f"must be < dp_size={dp_size}, got {dp_rank}")
         if global_batch_size % dp_size:
-            raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the data-parallel size {dp_size}")
+            raise ConfigError(
+                "global_batch_size", f"{global_batch_size} is not divisible by the data-parallel size {dp_size}"
+            )
         self.dataset, self.global_batch_size = dataset, global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.local_batch_size = global_batch_size // dp_size
@@ -209,13 +254,24 @@ class GlobalBatchSampler:
 
     def fingerprint(self) -> dict:
         d = self.dataset
-        return {"seq_len": d.seq_len, "salts": d.salts, "samples": d.sizes.tolist(), "blend": d.schedule.counts.tolist()}
+        return {
+            "seq_len": d.seq_len,
+            "salts": d.salts,
+            "samples": d.sizes.tolist(),
+            "blend": d.schedule.counts.tolist(),
+        }
 
     def state_dict(self) -> dict:
         d = self.dataset
         per_source = d.source_epochs(self.consumed_samples)
-        return {"consumed_samples": self.consumed_samples, "seed": d.seed, "epoch": min(per_source),
-                "source_epochs": per_source, "order_version": ORDER_VERSION, "fingerprint": self.fingerprint()}
+        return {
+            "consumed_samples": self.consumed_samples,
+            "seed": d.seed,
+            "epoch": min(per_source),
+            "source_epochs": per_source,
+            "order_version": ORDER_VERSION,
+            "fingerprint": self.fingerprint(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "consumed_samples" not in state:
@@ -229,11 +285,17 @@ class GlobalBatchSampler:
                 "resume with the attnres-train version that wrote the checkpoint, or start a new run"
             )
         if state.get("seed", self.dataset.seed) != self.dataset.seed:
-            raise ConfigError("data.seed", f"the checkpoint was trained with seed {state['seed']}, the config says "
-                              f"{self.dataset.seed}; resuming with another seed would change the data order")
+            raise ConfigError(
+                "data.seed",
+                f"the checkpoint was trained with seed {state['seed']}, the config says "
+                f"{self.dataset.seed}; resuming with another seed would change the data order",
+            )
         if state.get("fingerprint", self.fingerprint()) != self.fingerprint():
-            warnings.warn("data changed since the checkpoint (sources, sizes, weights or seq_len); resuming at the "
-                          "same global sample index, but the samples it maps to differ", stacklevel=2)
+            warnings.warn(
+                "data changed since the checkpoint (sources, sizes, weights or seq_len); resuming at the "
+                "same global sample index, but the samples it maps to differ",
+                stacklevel=2,
+            )
         self.consumed_samples = int(state["consumed_samples"])
         self._pending.clear()
 
@@ -253,16 +315,19 @@ class DataBundle:
     train: BlendedDataset
     val: ValidationSet
 
-    def train_sampler(self, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                      num_workers: Optional[int] = None) -> GlobalBatchSampler:
+    def train_sampler(
+        self, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, num_workers: Optional[int] = None
+    ) -> GlobalBatchSampler:
         nw = self.config.num_workers if num_workers is None else num_workers
         return GlobalBatchSampler(self.train, global_batch_size, dp_rank, dp_size, num_workers=nw)
 
     def describe(self) -> str:
         lines = [f"tokenizer {self.tokenizer.name} (vocab {self.tokenizer.vocab_size}), seq_len {self.train.seq_len}"]
         for s, n in zip(self.sources, self.train.sizes):
-            lines.append(f"  {s.kind:8s} {s.name}: weight {s.weight:g}, {s.train.num_tokens:,} train tokens "
-                         f"({n:,} samples), {s.val.num_tokens:,} val tokens")
+            lines.append(
+                f"  {s.kind:8s} {s.name}: weight {s.weight:g}, {s.train.num_tokens:,} train tokens "
+                f"({n:,} samples), {s.val.num_tokens:,} val tokens"
+            )
         return "\n".join(lines)
 
 
@@ -271,12 +336,17 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
     cfg = validate_data_config(as_data_config(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError("model.vocab_size", f"{model_vocab_size} is smaller than the vocabulary of tokenizer "
-                          f"{tokenizer.name!r} ({tokenizer.vocab_size})")
+        raise ConfigError(
+            "model.vocab_size",
+            f"{model_vocab_size} is smaller than the vocabulary of tokenizer "
+            f"{tokenizer.name!r} ({tokenizer.vocab_size})",
+        )
     sources: List[SourceData] = []
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}]"
-        store, kind, cache_path = open_source(src, where, cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size)
+        store, kind, cache_path = open_source(
+            src, where, cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size
+        )
         name = src.name or src.hf_name or src.path
         if any(s.name == name for s in sources):
             if src.name:
@@ -286,8 +356,14 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
         train_s, val_s = split_streams(store, cfg.val_fraction, cfg.seed, salt, min_val_tokens=cfg.seq_len + 1)
         sources.append(SourceData(name, kind, float(src.weight), store, train_s, val_s, cache_path, salt))
     names = [s.name for s in sources]
-    train = BlendedDataset([s.train for s in sources], [s.weight for s in sources], cfg.seq_len, cfg.seed, names,
-                           salts=[s.salt for s in sources])
+    train = BlendedDataset(
+        [s.train for s in sources],
+        [s.weight for s in sources],
+        cfg.seq_len,
+        cfg.seed,
+        names,
+        salts=[s.salt for s in sources],
+    )
     val = ValidationSet([s.val for s in sources], names, cfg.seq_len)
     if cfg.val_fraction > 0 and val.num_samples == 0:
         if all(s.store.num_docs < 2 for s in sources):  # the split is per document: nothing can be held out

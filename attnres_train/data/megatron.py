@@ -35,9 +35,13 @@ def import_indexed_dataset():
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset
     except ImportError as e:
-        raise UserInputError(f"reading Megatron .bin/.idx data needs megatron-core, which is not importable ({e}): {INSTALL_HINT}") from None
+        raise UserInputError(
+            f"reading Megatron .bin/.idx data needs megatron-core, which is not importable ({e}): {INSTALL_HINT}"
+        ) from None
     except Exception as e:  # a broken install fails in arbitrary ways at import time
-        raise UserInputError(f"megatron-core failed to import ({type(e).__name__}: {e}); reinstall it: {INSTALL_HINT}") from None
+        raise UserInputError(
+            f"megatron-core failed to import ({type(e).__name__}: {e}); reinstall it: {INSTALL_HINT}"
+        ) from None
     return IndexedDataset
 
 
@@ -52,8 +56,14 @@ def megatron_available() -> bool:
 class MegatronStore(TokenStore):
     """One Megatron indexed dataset (``prefix.bin`` + ``prefix.idx``); each sequence is a document."""
 
-    def __init__(self, prefix: str, *, eos_id: Optional[int] = None, tokenizer: Optional[str] = None,
-                 vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        eos_id: Optional[int] = None,
+        tokenizer: Optional[str] = None,
+        vocab_size: Optional[int] = None,
+    ):
         if prefix.endswith((".bin", ".idx")):
             prefix = prefix[:-4]
         idx_path, bin_path = prefix + ".idx", prefix + ".bin"
@@ -106,7 +116,9 @@ class MegatronStore(TokenStore):
                     hi = int(a.max()) if hi is None else max(hi, int(a.max()))
             self._range = (lo or 0, hi if hi is not None else -1)
             try:
-                write_json_atomic(self.name + RANGE_SUFFIX, {**self._stamp(), "min": self._range[0], "max": self._range[1]})
+                write_json_atomic(
+                    self.name + RANGE_SUFFIX, {**self._stamp(), "min": self._range[0], "max": self._range[1]}
+                )
             except OSError:
                 pass  # read-only data directory: correct, only slower (documented)
         return self._range

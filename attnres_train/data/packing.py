@@ -46,13 +46,29 @@ def content_salt(store: TokenStore, probe: int = 4096, samples: int = 64) -> int
     return int.from_bytes(h.digest()[:4], "little")
 
 
-def tokenize_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str, *, source: str = "",
-                       shard_tokens: int = DEFAULT_SHARD_TOKENS, progress=None, batch_chars: int = 1 << 20,
-                       prefix: str = "shard", write_index: bool = True) -> ShardWriter:
+def tokenize_to_shards(
+    docs: Iterable[str],
+    tokenizer: Tokenizer,
+    out_dir: str,
+    *,
+    source: str = "",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress=None,
+    batch_chars: int = 1 << 20,
+    prefix: str = "shard",
+    write_index: bool = True,
+) -> ShardWriter:
     """Tokenize ``docs`` in batches, append EOS to each, write shards into ``out_dir``. Returns the writer."""
-    writer = ShardWriter(out_dir, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
-                         eos_id=tokenizer.eos_id, source=source, shard_tokens=shard_tokens, prefix=prefix,
-                         write_index=write_index)
+    writer = ShardWriter(
+        out_dir,
+        tokenizer=tokenizer.name,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        source=source,
+        shard_tokens=shard_tokens,
+        prefix=prefix,
+        write_index=write_index,
+    )
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
     batch: List[str] = []
     size = 0
@@ -77,8 +93,14 @@ def tokenize_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str, 
     return writer
 
 
-def split_documents(num_docs: int, val_fraction: float, seed: int, salt: int = 0,
-                    doc_lengths: Optional[np.ndarray] = None, min_val_tokens: int = 0):
+def split_documents(
+    num_docs: int,
+    val_fraction: float,
+    seed: int,
+    salt: int = 0,
+    doc_lengths: Optional[np.ndarray] = None,
+    min_val_tokens: int = 0,
+):
     """(train_doc_ids, val_doc_ids), both sorted. See the split rule in the module docstring.
 
     Small corpora: if the drawn documents hold fewer than ``min_val_tokens`` tokens (e.g. one sample), more
@@ -107,8 +129,9 @@ def _val_draws(seed: int, salt: int):
     return np.random.default_rng([seed, salt, 0x5EED])  # chunks of .random() continue one stream
 
 
-def split_streams(store: TokenStore, val_fraction: float, seed: int, salt: int = 0, min_val_tokens: int = 0,
-                  chunk: int = CHUNK_DOCS) -> Tuple["PackedStream", "PackedStream"]:
+def split_streams(
+    store: TokenStore, val_fraction: float, seed: int, salt: int = 0, min_val_tokens: int = 0, chunk: int = CHUNK_DOCS
+) -> Tuple["PackedStream", "PackedStream"]:
     """(train, val) streams of ``store`` under the split rule, as :func:`split_documents` would choose them,
     built by streaming the document offsets in chunks: memory O(shards + held-out documents), not O(D).
     The rare top-up case (held-out documents too short for one sample) falls back to the exact array path."""
@@ -124,10 +147,14 @@ def split_streams(store: TokenStore, val_fraction: float, seed: int, salt: int =
         parts[True].append((buf[v].astype(np.int64), st[v], lens[v]))
         parts[False].append(_complement(buf, st, lens, v))
     if count == 0 or count == n or tokens < min_val_tokens:
-        tr, va = split_documents(n, val_fraction, seed, salt, doc_lengths=store.doc_lengths, min_val_tokens=min_val_tokens)
+        tr, va = split_documents(
+            n, val_fraction, seed, salt, doc_lengths=store.doc_lengths, min_val_tokens=min_val_tokens
+        )
         return PackedStream(store, tr), PackedStream(store, va)
-    return tuple(PackedStream.from_segments(store, *(np.concatenate(c) for c in zip(*parts[side])), docs)
-                 for side, docs in ((False, n - count), (True, count)))
+    return tuple(
+        PackedStream.from_segments(store, *(np.concatenate(c) for c in zip(*parts[side])), docs)
+        for side, docs in ((False, n - count), (True, count))
+    )
 
 
 def _complement(buf: np.ndarray, st: np.ndarray, lens: np.ndarray, v: np.ndarray):
@@ -175,8 +202,11 @@ class PackedStream:
             self._init(store, *segs, num_docs=store.num_docs)
             return
         sel = np.sort(np.asarray(doc_ids, dtype=np.int64))
-        self._init(store, *_segments(store.doc_buffer[sel], store.doc_starts[sel], store.doc_lengths[sel]),
-                   num_docs=int(sel.size))
+        self._init(
+            store,
+            *_segments(store.doc_buffer[sel], store.doc_starts[sel], store.doc_lengths[sel]),
+            num_docs=int(sel.size),
+        )
 
     @classmethod
     def from_segments(cls, store: TokenStore, buf, start, length, num_docs: int) -> "PackedStream":
@@ -259,8 +289,16 @@ class BlendSchedule:
 class BlendedDataset:
     """Training samples of all sources, addressed by global sample index (blend + epoch rules)."""
 
-    def __init__(self, streams: List[PackedStream], weights: Sequence[float], seq_len: int, seed: int,
-                 names: Sequence[str], salts: Optional[Sequence[int]] = None, perm_cache: int = 64):
+    def __init__(
+        self,
+        streams: List[PackedStream],
+        weights: Sequence[float],
+        seq_len: int,
+        seed: int,
+        names: Sequence[str],
+        salts: Optional[Sequence[int]] = None,
+        perm_cache: int = 64,
+    ):
         self.streams, self.seq_len, self.seed, self.names = streams, int(seq_len), int(seed), list(names)
         self.sizes = np.array([s.num_samples(seq_len) for s in streams], dtype=np.int64)
         for name, st, n in zip(self.names, streams, self.sizes):

@@ -94,8 +94,11 @@ def plan_units(resolved: List[ResolvedSource], max_docs=None, max_bytes=None) ->
 
 def plan_key(resolved: List[ResolvedSource], units: List[Unit], settings: dict) -> str:
     """Identifies a plan: a rerun resumes only if this matches (inputs' files with sizes/mtimes, settings)."""
-    material = {"settings": settings, "inputs": [rs.fingerprint() for rs in resolved],
-                "units": [(u.input, u.files, u.last_cap) for u in units]}
+    material = {
+        "settings": settings,
+        "inputs": [rs.fingerprint() for rs in resolved],
+        "units": [(u.input, u.files, u.last_cap) for u in units],
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -130,10 +133,23 @@ def run_unit(job: dict) -> dict:
             stats["bytes"] += size
             yield text
 
-    w = tokenize_to_shards(texts(), tok, job["staging"], source=job["source_label"], shard_tokens=job["shard_tokens"],
-                           prefix=f"u{u.index:06d}", write_index=False)
-    manifest = {"unit": u.index, "input": u.input, "shards": w.finished, "docs": w.num_docs, "tokens": w.num_tokens,
-                "bytes": stats["bytes"]}
+    w = tokenize_to_shards(
+        texts(),
+        tok,
+        job["staging"],
+        source=job["source_label"],
+        shard_tokens=job["shard_tokens"],
+        prefix=f"u{u.index:06d}",
+        write_index=False,
+    )
+    manifest = {
+        "unit": u.index,
+        "input": u.input,
+        "shards": w.finished,
+        "docs": w.num_docs,
+        "tokens": w.num_tokens,
+        "bytes": stats["bytes"],
+    }
     write_json_atomic(os.path.join(job["staging"], f"u{u.index:06d}.done.json"), manifest)
     return manifest
 
@@ -216,8 +232,10 @@ def merge_sets(sets: List[str], staging: str) -> dict:
         meta = (ss.tokenizer, ss.vocab_size, ss.eos_id)
         first = first or (path, meta)
         if meta != first[1]:
-            raise UserInputError(f"{path}: tokenizer/vocab/eos {meta} differ from {first[0]} {first[1]}; "
-                                 "only sets prepared with the same tokenizer can be merged")
+            raise UserInputError(
+                f"{path}: tokenizer/vocab/eos {meta} differ from {first[0]} {first[1]}; "
+                "only sets prepared with the same tokenizer can be merged"
+            )
         for e in ss.headers:
             new = f"m{k:03d}_{e['name']}"
             for ext in (".bin", ".idx", ".json"):
@@ -228,4 +246,3 @@ def merge_sets(sets: List[str], staging: str) -> dict:
                     shutil.copyfile(src, dst)
             names.append(new)
     return write_set_index(staging, names)
-

@@ -96,8 +96,18 @@ class ShardWriter:
     ``write_index=False`` leaves the set index to the caller (parallel prepare writes one for all workers).
     """
 
-    def __init__(self, out_dir: str, *, tokenizer: str, vocab_size: int, eos_id: int, source: str = "",
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS, prefix: str = "shard", write_index: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        tokenizer: str,
+        vocab_size: int,
+        eos_id: int,
+        source: str = "",
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        prefix: str = "shard",
+        write_index: bool = True,
+    ):
         self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, int(shard_tokens)
         self.meta = {"tokenizer": tokenizer, "vocab_size": int(vocab_size), "eos_id": int(eos_id), "source": source}
         self.dtype = dtype_for_vocab(vocab_size)
@@ -110,7 +120,13 @@ class ShardWriter:
     def _start(self):
         name = f"{self.prefix}_{len(self.finished):05d}"
         base = os.path.join(self.out_dir, name)
-        self._open = {"name": name, "base": base, "f": open(base + ".bin.tmp", "wb"), "offsets": array("q", [0]), "max": -1}
+        self._open = {
+            "name": name,
+            "base": base,
+            "f": open(base + ".bin.tmp", "wb"),
+            "offsets": array("q", [0]),
+            "max": -1,
+        }
 
     def add(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
@@ -118,7 +134,9 @@ class ShardWriter:
             return
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
-            raise UserInputError(f"tokenizer produced id {hi if hi >= self.vocab_size else lo} outside 0..{self.vocab_size - 1}")
+            raise UserInputError(
+                f"tokenizer produced id {hi if hi >= self.vocab_size else lo} outside 0..{self.vocab_size - 1}"
+            )
         if self._open is None:
             self._start()
         s = self._open
@@ -137,9 +155,18 @@ class ShardWriter:
         with open(s["base"] + ".idx.tmp", "wb") as f:
             f.write(offsets.astype("<i8").tobytes())
             _finish_file(f, s["base"] + ".idx")
-        write_json_atomic(s["base"] + ".json", {
-            "format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": int(offsets[-1]),
-            "num_docs": int(offsets.size - 1), **self.meta, "max_token_id": s["max"]})
+        write_json_atomic(
+            s["base"] + ".json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "dtype": self.dtype.name,
+                "num_tokens": int(offsets[-1]),
+                "num_docs": int(offsets.size - 1),
+                **self.meta,
+                "max_token_id": s["max"],
+            },
+        )
         self.finished.append(s["name"])
 
     def close(self) -> List[str]:
@@ -166,13 +193,21 @@ def write_set_index(out_dir: str, names: List[str], dest_dir: Optional[str] = No
         first = first or h
         for key in ("tokenizer", "vocab_size", "eos_id"):
             if h.get(key) != first.get(key):
-                raise UserInputError(f"{n}.json: {key}={h.get(key)!r} differs from the first shard ({first.get(key)!r})")
+                raise UserInputError(
+                    f"{n}.json: {key}={h.get(key)!r} differs from the first shard ({first.get(key)!r})"
+                )
         entries.append({"name": n, **{k: h[k] for k in ("dtype", "num_tokens", "num_docs", "max_token_id")}})
     first = first or {}
-    index = {"format": SET_FORMAT, "version": VERSION, "tokenizer": first.get("tokenizer"),
-             "vocab_size": first.get("vocab_size"), "eos_id": first.get("eos_id"),
-             "num_tokens": sum(e["num_tokens"] for e in entries), "num_docs": sum(e["num_docs"] for e in entries),
-             "shards": entries}
+    index = {
+        "format": SET_FORMAT,
+        "version": VERSION,
+        "tokenizer": first.get("tokenizer"),
+        "vocab_size": first.get("vocab_size"),
+        "eos_id": first.get("eos_id"),
+        "num_tokens": sum(e["num_tokens"] for e in entries),
+        "num_docs": sum(e["num_docs"] for e in entries),
+        "shards": entries,
+    }
     write_json_atomic(os.path.join(dest_dir or out_dir, INDEX_NAME), index)
     return index
 
@@ -209,8 +244,10 @@ def _load_json(path: str, what: str) -> dict:
 
 def _check_version(path: str, h: dict) -> None:
     if h["version"] != VERSION:
-        raise UserInputError(f"{path}: shard format version {h['version']} is not supported (expected {VERSION}); "
-                             "re-run attnres-prepare (or delete the cache directory)")
+        raise UserInputError(
+            f"{path}: shard format version {h['version']} is not supported (expected {VERSION}); "
+            "re-run attnres-prepare (or delete the cache directory)"
+        )
 
 
 def _read_header(path: str) -> dict:
@@ -239,7 +276,11 @@ class ShardSet(TokenStore):
         self._buffers = [self._open_bin(b, e, verify) for b, e in zip(self._bases, self.headers)]
         self._doc_cum = np.concatenate([[0], np.cumsum([int(e["num_docs"]) for e in self.headers])]).astype(np.int64)
         self._num_tokens = sum(int(e["num_tokens"]) for e in self.headers)
-        self.tokenizer, self.vocab_size, self.eos_id = index.get("tokenizer"), int(index["vocab_size"]), int(index["eos_id"])
+        self.tokenizer, self.vocab_size, self.eos_id = (
+            index.get("tokenizer"),
+            int(index["vocab_size"]),
+            int(index["eos_id"]),
+        )
         self._max = max(int(e["max_token_id"]) for e in self.headers)
         self._arrays = None
 
@@ -250,18 +291,31 @@ class ShardSet(TokenStore):
                 raise UserInputError(f"{path}: not a token shard (expected NAME.bin / NAME.json or a directory)")
             base = path.rsplit(".", 1)[0]
             h = _read_header(base + ".json")
-            entry = {"name": os.path.basename(base), **{k: h[k] for k in ("dtype", "num_tokens", "num_docs", "max_token_id")}}
+            entry = {
+                "name": os.path.basename(base),
+                **{k: h[k] for k in ("dtype", "num_tokens", "num_docs", "max_token_id")},
+            }
             return os.path.dirname(base) or ".", {**h, "shards": [entry]}
         if not os.path.isdir(path):
             raise UserInputError(f"token shard directory {path!r} does not exist")
         ipath = os.path.join(path, INDEX_NAME)
         if not os.path.exists(ipath):
-            if any(f.endswith(".json") and os.path.exists(os.path.join(path, f[:-5] + ".bin")) for f in os.listdir(path)):
-                raise UserInputError(f"{path}: incomplete shard set (shards but no {INDEX_NAME}; an interrupted or old "
-                                     "attnres-prepare?); re-run attnres-prepare")
-            raise UserInputError(f"{path}: no token shards (NAME.bin + NAME.json) found; create them with attnres-prepare")
+            if any(
+                f.endswith(".json") and os.path.exists(os.path.join(path, f[:-5] + ".bin")) for f in os.listdir(path)
+            ):
+                raise UserInputError(
+                    f"{path}: incomplete shard set (shards but no {INDEX_NAME}; an interrupted or old "
+                    "attnres-prepare?); re-run attnres-prepare"
+                )
+            raise UserInputError(
+                f"{path}: no token shards (NAME.bin + NAME.json) found; create them with attnres-prepare"
+            )
         index = _load_json(ipath, "shard set index")
-        if not isinstance(index, dict) or index.get("format") != SET_FORMAT or not isinstance(index.get("shards"), list):
+        if (
+            not isinstance(index, dict)
+            or index.get("format") != SET_FORMAT
+            or not isinstance(index.get("shards"), list)
+        ):
             raise UserInputError(f"{ipath}: not an {SET_FORMAT} index (written by attnres-prepare)")
         _check_version(ipath, index)
         return path, index
@@ -269,15 +323,19 @@ class ShardSet(TokenStore):
     @staticmethod
     def _open_bin(base: str, e: dict, verify: bool) -> np.ndarray:
         dtype, n, d = np.dtype(e["dtype"]), int(e["num_tokens"]), int(e["num_docs"])
-        for path, want, what in ((base + ".bin", n * dtype.itemsize, f"{n} {dtype.name} tokens"),
-                                 (base + ".idx", (d + 1) * 8, f"{d + 1} int64 document offsets")):
+        for path, want, what in (
+            (base + ".bin", n * dtype.itemsize, f"{n} {dtype.name} tokens"),
+            (base + ".idx", (d + 1) * 8, f"{d + 1} int64 document offsets"),
+        ):
             if not os.path.isfile(path):
                 raise UserInputError(f"{path}: shard file is missing (the set index lists it)")
             size = os.path.getsize(path)
             if size != want:
                 kind = "truncated" if size < want else "larger than its header says"
-                raise UserInputError(f"{path}: shard is {kind}: expected {want} bytes ({what}), found {size}; "
-                                     "re-run attnres-prepare (or delete the cache directory)")
+                raise UserInputError(
+                    f"{path}: shard is {kind}: expected {want} bytes ({what}), found {size}; "
+                    "re-run attnres-prepare (or delete the cache directory)"
+                )
         arr = np.zeros(0, dtype=dtype) if n == 0 else np.memmap(base + ".bin", dtype=dtype, mode="r", shape=(n,))
         if verify:
             off = np.fromfile(base + ".idx", dtype="<i8")
@@ -285,7 +343,9 @@ class ShardSet(TokenStore):
                 raise UserInputError(f"{base}.idx: document offsets are not 0..{n} increasing (corrupt shard)")
             real = int(arr.max()) if n else -1
             if real != int(e["max_token_id"]):
-                raise UserInputError(f"{base}.bin: max token id is {real} but the header says {e['max_token_id']} (corrupt shard)")
+                raise UserInputError(
+                    f"{base}.bin: max token id is {real} but the header says {e['max_token_id']} (corrupt shard)"
+                )
         return arr
 
     def _offsets(self, b: int, lo: int, hi: int) -> np.ndarray:
@@ -321,8 +381,9 @@ class ShardSet(TokenStore):
     def _materialise(self):  # one entry per document: only for small stores and tests
         if self._arrays is None:
             parts = list(zip(*self.iter_doc_chunks())) or ([], [], [])
-            self._arrays = tuple(np.concatenate(p) if len(p) else np.zeros(0, t)
-                                 for p, t in zip(parts, (np.int32, np.int64, np.int64)))
+            self._arrays = tuple(
+                np.concatenate(p) if len(p) else np.zeros(0, t) for p, t in zip(parts, (np.int32, np.int64, np.int64))
+            )
         return self._arrays
 
     doc_buffer = property(lambda self: self._materialise()[0])

@@ -45,7 +45,9 @@ class ResolvedSource:
         c = self.cfg
         fp = {"kind": self.kind, "text_field": c.text_field, "text_unit": c.text_unit}
         if self.kind == "hf":
-            fp.update(name=self.name, config=c.hf_config, split=c.split, streaming=c.hf_streaming, revision=c.hf_revision)
+            fp.update(
+                name=self.name, config=c.hf_config, split=c.split, streaming=c.hf_streaming, revision=c.hf_revision
+            )
         elif self.kind == "stdlib":
             fp.update(python=sys.version, root=_stdlib_root())
         if self.kind != "hf":
@@ -95,7 +97,9 @@ def resolve_source(src: DataSourceConfig, where: str = "data.sources[0]") -> Res
     """Work out the concrete kind and file list of ``src``; raise UserInputError if nothing is there."""
     rs = _resolve(src, where)
     if src.hf_revision is not None and rs.kind != "hf":
-        raise ConfigError(f"{where}.hf_revision", f"only used with hub datasets, but {rs.name!r} is a local {rs.kind} source")
+        raise ConfigError(
+            f"{where}.hf_revision", f"only used with hub datasets, but {rs.name!r} is a local {rs.kind} source"
+        )
     return rs
 
 
@@ -108,7 +112,9 @@ def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
     if kind == "megatron" or (kind == "auto" and _is_megatron_prefix(path)):
         prefix = _is_megatron_prefix(path)
         if prefix is None:
-            raise UserInputError(f"{where}.path: Megatron dataset {path!r} not found (need both {path}.bin and {path}.idx)")
+            raise UserInputError(
+                f"{where}.path: Megatron dataset {path!r} not found (need both {path}.bin and {path}.idx)"
+            )
         return ResolvedSource("megatron", prefix, src, where, files=[prefix])
     if kind == "memmap" or (kind == "auto" and _is_shard_dir(path)):
         if not os.path.exists(path):
@@ -165,7 +171,9 @@ def _stdlib_files() -> List[str]:
     return out
 
 
-def _utf8_error(path: str, data: bytes, e: UnicodeDecodeError, base: int = 0, line: Optional[int] = None) -> UserInputError:
+def _utf8_error(
+    path: str, data: bytes, e: UnicodeDecodeError, base: int = 0, line: Optional[int] = None
+) -> UserInputError:
     loc = f"{path}:{line}" if line is not None else path
     bad = data[e.start : e.start + 1].hex()
     return UserInputError(
@@ -285,7 +293,9 @@ def _datasets_docs(rs: ResolvedSource, files: List[str]) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise UserInputError(f"{rs.where}: reading {rs.kind} data needs the 'datasets' package (pip install datasets)") from None
+        raise UserInputError(
+            f"{rs.where}: reading {rs.kind} data needs the 'datasets' package (pip install datasets)"
+        ) from None
     c = rs.cfg
     if rs.kind == "hf":
         what = f"{rs.name!r} (not a local path, so loaded as a Hugging Face hub dataset)"
@@ -293,21 +303,28 @@ def _datasets_docs(rs: ResolvedSource, files: List[str]) -> Iterator[str]:
         what = f"{rs.kind} file {files[0]!r}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
     try:
         if rs.kind == "hf":
-            ds = datasets.load_dataset(rs.name, c.hf_config, split=c.split, streaming=c.hf_streaming,
-                                       revision=c.hf_revision)
+            ds = datasets.load_dataset(
+                rs.name, c.hf_config, split=c.split, streaming=c.hf_streaming, revision=c.hf_revision
+            )
         else:
             ds = datasets.load_dataset(rs.kind, data_files=files, split="train", streaming=True)
         cols = list(ds.features) if ds.features is not None else None
         if cols is not None and c.text_field not in cols:
-            raise UserInputError(f"{rs.where}: {what} has no column {c.text_field!r} (columns: {', '.join(cols)}); set {rs.where}.text_field")
+            raise UserInputError(
+                f"{rs.where}: {what} has no column {c.text_field!r} (columns: {', '.join(cols)}); set {rs.where}.text_field"
+            )
         for i, row in enumerate(ds):
             text = row.get(c.text_field)
             if not isinstance(text, str):
                 if c.text_field not in row:
-                    raise UserInputError(f"{rs.where}: {what} row {i} has no {c.text_field!r} field; set {rs.where}.text_field")
+                    raise UserInputError(
+                        f"{rs.where}: {what} row {i} has no {c.text_field!r} field; set {rs.where}.text_field"
+                    )
                 if text is None:
                     continue
-                raise UserInputError(f"{rs.where}: {what} row {i}: {c.text_field!r} is a {type(text).__name__}, expected a string")
+                raise UserInputError(
+                    f"{rs.where}: {what} row {i}: {c.text_field!r} is a {type(text).__name__}, expected a string"
+                )
             yield text
     except UserInputError:
         raise
@@ -386,7 +403,9 @@ def file_documents(rs: ResolvedSource, path: str, start: int = 0, end: Optional[
     return clean_documents(_text_docs(path, "paragraph", start, end))
 
 
-def iter_documents(rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None) -> Iterator[str]:
+def iter_documents(
+    rs: ResolvedSource, max_docs: Optional[int] = None, max_bytes: Optional[int] = None
+) -> Iterator[str]:
     """The documents of ``rs`` in their fixed order, limits applied (see module docstring)."""
     max_docs, max_bytes = effective_limits(rs, max_docs, max_bytes)
     n = nbytes = 0

@@ -191,7 +191,9 @@ def train_bpe_tokenizer(
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     min_vocab = len(alphabet) + 2
     if not isinstance(vocab_size, int) or vocab_size < min_vocab:
-        raise UserInputError(f"BPE vocab size must be an integer >= {min_vocab} (256 bytes + 2 specials), got {vocab_size!r}")
+        raise UserInputError(
+            f"BPE vocab size must be an integer >= {min_vocab} (256 bytes + 2 specials), got {vocab_size!r}"
+        )
     _check_empty_target(out_dir, "tokenizer output directory")
 
     tok = RawTokenizer(models.BPE())
@@ -247,4 +249,3 @@ def _move_into_place(tmp: str, dest: str) -> None:
     if os.path.isdir(dest):
         os.rmdir(dest)
     os.rename(tmp, dest)
-

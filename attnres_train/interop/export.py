@@ -48,10 +48,18 @@ def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], torch
     return {k: (tuple(v.shape), v.dtype) for k, v in build_model(cfg, device="meta").state_dict().items()}
 
 
-def write_hf(load_group: LoadGroup, model_cfg: ModelConfig, out_dir, fmt: str = "auto",
-             dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             keys: Optional[Iterable[str]] = None, tokenizer: Optional[str] = None,
-             step_dir: Optional[Path] = None, config_text: Optional[str] = None) -> str:
+def write_hf(
+    load_group: LoadGroup,
+    model_cfg: ModelConfig,
+    out_dir,
+    fmt: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    keys: Optional[Iterable[str]] = None,
+    tokenizer: Optional[str] = None,
+    step_dir: Optional[Path] = None,
+    config_text: Optional[str] = None,
+) -> str:
     """Write an HF directory, converting group by group; returns the format used (``native``/``remote``).
 
     ``load_group(keys)`` returns our tensors for those names (e.g. a slice of a state dict, or a DCP read);
@@ -86,12 +94,26 @@ def write_hf(load_group: LoadGroup, model_cfg: ModelConfig, out_dir, fmt: str = 
     return fmt
 
 
-def write_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir, fmt: str = "auto",
-                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     tokenizer: Optional[str] = None) -> str:
+def write_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    out_dir,
+    fmt: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer: Optional[str] = None,
+) -> str:
     """:func:`write_hf` for an in-memory state dict of ours (all of its keys are converted and checked)."""
-    return write_hf(lambda keys: {k: sd[k] for k in keys}, model_cfg, out_dir, fmt, dtype, max_shard_bytes,
-                    keys=list(sd), tokenizer=tokenizer)
+    return write_hf(
+        lambda keys: {k: sd[k] for k in keys},
+        model_cfg,
+        out_dir,
+        fmt,
+        dtype,
+        max_shard_bytes,
+        keys=list(sd),
+        tokenizer=tokenizer,
+    )
 
 
 # ============================================================================================ checkpoints
@@ -136,12 +158,15 @@ class CheckpointReader:
             if entry is None:
                 if tied and k == "lm_head.weight":
                     continue  # the head is the embedding
-                raise UserInputError(f"checkpoint {self.step_dir} has no tensor 'model.{k}' although its config.yaml "
-                                     f"describes it (a checkpoint of another model?)")
+                raise UserInputError(
+                    f"checkpoint {self.step_dir} has no tensor 'model.{k}' although its config.yaml "
+                    f"describes it (a checkpoint of another model?)"
+                )
             size = tuple(getattr(entry, "size", ()))
             if size != shape:
-                raise UserInputError(f"checkpoint {self.step_dir} tensor 'model.{k}' has shape {size}, its "
-                                     f"config.yaml needs {shape}")
+                raise UserInputError(
+                    f"checkpoint {self.step_dir} tensor 'model.{k}' has shape {size}, its config.yaml needs {shape}"
+                )
             self.shapes[k], self.dtypes[k] = shape, entry.properties.dtype
 
     def keys(self):
@@ -157,9 +182,15 @@ class CheckpointReader:
         return self.load(self.keys())
 
 
-def export_checkpoint(src, dst, fmt: str = "auto", dtype: Optional[torch.dtype] = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True,
-                      tokenizer: Optional[str] = None) -> Tuple[str, ModelConfig, Path]:
+def export_checkpoint(
+    src,
+    dst,
+    fmt: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    verify: bool = True,
+    tokenizer: Optional[str] = None,
+) -> Tuple[str, ModelConfig, Path]:
     """Consolidate a training checkpoint of any layout into an HF directory ``dst``.
 
     Returns ``(format, model config, checkpoint dir used)``. ``verify`` checks every file against the
@@ -175,8 +206,18 @@ def export_checkpoint(src, dst, fmt: str = "auto", dtype: Optional[torch.dtype] 
     if tokenizer is None:
         tokenizer = checkpoint_tokenizer(config_text)
     reader = CheckpointReader(step_dir, cfg)
-    used = write_hf(reader.load, cfg, dst, fmt, dtype, max_shard_bytes, keys=reader.keys(), tokenizer=tokenizer,
-                    step_dir=step_dir, config_text=config_text)
+    used = write_hf(
+        reader.load,
+        cfg,
+        dst,
+        fmt,
+        dtype,
+        max_shard_bytes,
+        keys=reader.keys(),
+        tokenizer=tokenizer,
+        step_dir=step_dir,
+        config_text=config_text,
+    )
     return used, cfg, step_dir
 
 

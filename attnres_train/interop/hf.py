@@ -49,8 +49,10 @@ def iter_hf_checkpoint(path: os.PathLike | str, lazy: bool = True, **overrides):
     except UserInputError as exc:
         raise UserInputError(f"{directory / 'config.json'}: {exc}") from None
     if remote and any(str(k) == "residual" or str(k).startswith("residual.") for k in overrides):
-        raise UserInputError(f"{directory}: an AttnRes export keeps its own residual mode ({base.residual.mode}); "
-                             "residual overrides apply to native KimiLinear checkpoints only")
+        raise UserInputError(
+            f"{directory}: an AttnRes export keeps its own residual mode ({base.residual.mode}); "
+            "residual overrides apply to native KimiLinear checkpoints only"
+        )
     cfg = apply_overrides(base, overrides)
     hf_sd = read_safetensors_dir(directory, lazy=lazy)
 
@@ -83,9 +85,14 @@ def load_from_hf(path: os.PathLike | str, *, dtype: Optional[torch.dtype] = None
     return model.eval(), cfg
 
 
-def save_to_hf(model: torch.nn.Module, model_cfg: ModelConfig, path: os.PathLike | str,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fmt: str = "auto",
-               dtype: Optional[torch.dtype] = None) -> Path:
+def save_to_hf(
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    path: os.PathLike | str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fmt: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
     """Export a model as a Hugging Face directory.
 
     ``fmt="auto"``: a PreNorm model becomes a native transformers ``KimiLinearForCausalLM`` directory
@@ -94,13 +101,19 @@ def save_to_hf(model: torch.nn.Module, model_cfg: ModelConfig, path: os.PathLike
     files shipped in the directory). ``fmt="native"`` refuses AttnRes models; ``fmt="remote"`` forces remote code.
     Existing weight files in ``path`` are replaced.
     """
-    return write_hf_directory(model.state_dict(), model_cfg, path, max_shard_bytes=max_shard_bytes, fmt=fmt,
-                              dtype=dtype)
+    return write_hf_directory(
+        model.state_dict(), model_cfg, path, max_shard_bytes=max_shard_bytes, fmt=fmt, dtype=dtype
+    )
 
 
-def write_hf_directory(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, path: os.PathLike | str,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, fmt: str = "auto",
-                       dtype: Optional[torch.dtype] = None) -> Path:
+def write_hf_directory(
+    sd: Mapping[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    path: os.PathLike | str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fmt: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
     """Write our state dict ``sd`` as an HF directory (``config.json`` + safetensors; see :func:`save_to_hf`)."""
     out = Path(os.fspath(path)).expanduser()
     write_state_dict(sd, model_cfg, out, fmt=fmt, dtype=dtype, max_shard_bytes=max_shard_bytes)

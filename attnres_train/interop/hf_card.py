@@ -59,8 +59,10 @@ def write_tokenizer(spec: str, out: Path, model_vocab: int) -> Dict[str, Any]:
             hf.eos_token = hf.convert_ids_to_tokens(loaded.eos_id)
         what = f"The run's tokenizer {spec!r}"
     if len(hf) > model_vocab:
-        raise UserInputError(f"tokenizer {spec!r} has {len(hf)} tokens but the model's vocab_size is {model_vocab}; "
-                             "this checkpoint was not trained with it")
+        raise UserInputError(
+            f"tokenizer {spec!r} has {len(hf)} tokens but the model's vocab_size is {model_vocab}; "
+            "this checkpoint was not trained with it"
+        )
     hf.save_pretrained(str(out))
     cfg_file = out / "tokenizer_config.json"
     raw = json.loads(cfg_file.read_text())
@@ -113,42 +115,80 @@ def run_summary(step_dir: Path) -> Dict[str, Any]:
     return out
 
 
-def write_model_card(out: Path, cfg: ModelConfig, fmt: str, tokenizer: Optional[Dict[str, Any]],
-                     summary: Optional[Dict[str, Any]], config_text: Optional[str]) -> None:
+def write_model_card(
+    out: Path,
+    cfg: ModelConfig,
+    fmt: str,
+    tokenizer: Optional[Dict[str, Any]],
+    summary: Optional[Dict[str, Any]],
+    config_text: Optional[str],
+) -> None:
     counts = count_params(cfg)
     remote = fmt == "remote"
     trust = ", trust_remote_code=True" if remote else ""
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [attnres-train, kimi-linear" + (", attention-residuals" if remote else "") + "]", "---", "",
-             f"# {cfg.name} (attnres-train)", "",
-             f"A Kimi-Linear-style MoE language model trained with attnres-train, exported "
-             f"{'in the trust_remote_code format (Attention Residuals)' if remote else 'as transformers KimiLinear'}.",
-             "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'path = "."  # this directory or its Hub id',
-             f"tok = AutoTokenizer.from_pretrained(path{trust})" if tokenizer else
-             "# no tokenizer was exported with this model (see Tokenizer below)",
-             f"model = AutoModelForCausalLM.from_pretrained(path{trust})",
-             'out = model.generate(**tok("def ", return_tensors="pt"), max_new_tokens=64)' if tokenizer else "",
-             "print(tok.decode(out[0]))" if tokenizer else "", "```", "",
-             "## Model", "", "| | |", "|---|---|",
-             f"| residual | {cfg.residual.mode}" + (f", {cfg.residual.num_blocks} blocks" if cfg.residual.mode == "block"
-                                                   and cfg.residual.num_blocks else "") + " |",
-             f"| layers / hidden size | {cfg.num_layers} / {cfg.hidden_size} |",
-             f"| experts | {cfg.moe.num_experts} routed (top {cfg.moe.top_k}), {cfg.moe.num_shared_experts} shared |",
-             f"| parameters | {counts.total:,} total, {counts.active:,} active per token |",
-             f"| vocabulary | {cfg.vocab_size} |", "", "## Tokenizer", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [attnres-train, kimi-linear" + (", attention-residuals" if remote else "") + "]",
+        "---",
+        "",
+        f"# {cfg.name} (attnres-train)",
+        "",
+        f"A Kimi-Linear-style MoE language model trained with attnres-train, exported "
+        f"{'in the trust_remote_code format (Attention Residuals)' if remote else 'as transformers KimiLinear'}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'path = "."  # this directory or its Hub id',
+        f"tok = AutoTokenizer.from_pretrained(path{trust})"
+        if tokenizer
+        else "# no tokenizer was exported with this model (see Tokenizer below)",
+        f"model = AutoModelForCausalLM.from_pretrained(path{trust})",
+        'out = model.generate(**tok("def ", return_tensors="pt"), max_new_tokens=64)' if tokenizer else "",
+        "print(tok.decode(out[0]))" if tokenizer else "",
+        "```",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| residual | {cfg.residual.mode}"
+        + (f", {cfg.residual.num_blocks} blocks" if cfg.residual.mode == "block" and cfg.residual.num_blocks else "")
+        + " |",
+        f"| layers / hidden size | {cfg.num_layers} / {cfg.hidden_size} |",
+        f"| experts | {cfg.moe.num_experts} routed (top {cfg.moe.top_k}), {cfg.moe.num_shared_experts} shared |",
+        f"| parameters | {counts.total:,} total, {counts.active:,} active per token |",
+        f"| vocabulary | {cfg.vocab_size} |",
+        "",
+        "## Tokenizer",
+        "",
+    ]
     if tokenizer:
-        lines.append(f"{tokenizer['tokenizer']} ({tokenizer['size']} tokens); eos_token_id {tokenizer['eos_token_id']}, "
-                     f"bos_token_id {tokenizer['bos_token_id']}, pad_token_id {tokenizer['pad_token_id']} (also in "
-                     "generation_config.json, so `generate()` stops at the end of a document).")
+        lines.append(
+            f"{tokenizer['tokenizer']} ({tokenizer['size']} tokens); eos_token_id {tokenizer['eos_token_id']}, "
+            f"bos_token_id {tokenizer['bos_token_id']}, pad_token_id {tokenizer['pad_token_id']} (also in "
+            "generation_config.json, so `generate()` stops at the end of a document)."
+        )
     else:
-        lines.append("None: the exported checkpoint did not say which tokenizer it was trained with "
-                     "(export a training checkpoint, whose config names `data.tokenizer`).")
+        lines.append(
+            "None: the exported checkpoint did not say which tokenizer it was trained with "
+            "(export a training checkpoint, whose config names `data.tokenizer`)."
+        )
     lines += ["", "## Training", ""]
     if summary:
-        names = {"step": "optimizer steps", "tokens_seen": "tokens seen", "train_loss": "last training loss",
-                 "val_loss": "last validation loss", "parallel": "layout", "world_size": "processes",
-                 "checkpoint": "checkpoint"}
+        names = {
+            "step": "optimizer steps",
+            "tokens_seen": "tokens seen",
+            "train_loss": "last training loss",
+            "val_loss": "last validation loss",
+            "parallel": "layout",
+            "world_size": "processes",
+            "checkpoint": "checkpoint",
+        }
         lines += ["| | |", "|---|---|"]
         for key, label in names.items():
             if key in summary:
@@ -158,8 +198,16 @@ def write_model_card(out: Path, cfg: ModelConfig, fmt: str, tokenizer: Optional[
     else:
         lines.append("Not recorded (exported from a weights file, not a training checkpoint).")
     if config_text:
-        lines += ["", "## Config", "", "The run's resolved config (attnres-train):", "", "```yaml",
-                  config_text.rstrip(), "```"]
+        lines += [
+            "",
+            "## Config",
+            "",
+            "The run's resolved config (attnres-train):",
+            "",
+            "```yaml",
+            config_text.rstrip(),
+            "```",
+        ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -172,8 +220,14 @@ def normalize_modes(out: Path) -> None:
             os.chmod(f, 0o666 & ~mask)
 
 
-def write_hf_extras(out: Path, cfg: ModelConfig, fmt: str, tokenizer: Optional[str] = None,
-                    step_dir: Optional[Path] = None, config_text: Optional[str] = None) -> None:
+def write_hf_extras(
+    out: Path,
+    cfg: ModelConfig,
+    fmt: str,
+    tokenizer: Optional[str] = None,
+    step_dir: Optional[Path] = None,
+    config_text: Optional[str] = None,
+) -> None:
     """Tokenizer, generation config, model card and file modes of an export in ``out`` (weights already there)."""
     out = Path(out)
     ids = None
@@ -181,7 +235,9 @@ def write_hf_extras(out: Path, cfg: ModelConfig, fmt: str, tokenizer: Optional[s
         ids = write_tokenizer(tokenizer, out, cfg.vocab_size)
         write_generation_files(out, ids)
     else:
-        print(f"warning: {out}: exported without a tokenizer or generation_config (the source does not name one)",
-              file=sys.stderr)
+        print(
+            f"warning: {out}: exported without a tokenizer or generation_config (the source does not name one)",
+            file=sys.stderr,
+        )
     write_model_card(out, cfg, fmt, ids, run_summary(step_dir) if step_dir else None, config_text)
     normalize_modes(out)

@@ -42,7 +42,9 @@ def resolve_hf_path(path: os.PathLike | str) -> Path:
             return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as exc:  # offline, unknown repo, auth...
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserInputError(f"{s}: no such local directory, and downloading it from the Hub failed: {reason}") from None
+            raise UserInputError(
+                f"{s}: no such local directory, and downloading it from the Hub failed: {reason}"
+            ) from None
     raise UserInputError(f"{s}: no such directory (expected a Hugging Face model directory or a Hub repo id)")
 
 
@@ -142,8 +144,9 @@ def _read_torch_bins(directory: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def write_safetensors(sd: Mapping[str, torch.Tensor], directory: Path,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+def write_safetensors(
+    sd: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> List[str]:
     """Write ``sd`` as ``model.safetensors`` or HF-style shards + index; returns the file names written.
 
     Stale ``model*.safetensors`` files and index in ``directory`` are removed first so the directory never mixes
@@ -165,8 +168,9 @@ class ShardWriter:
     one decoder layer at a time.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 dtype: "torch.dtype | None" = None):
+    def __init__(
+        self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: "torch.dtype | None" = None
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in list(self.directory.glob("model*.safetensors")) + [self.directory / SAFETENSORS_INDEX]:

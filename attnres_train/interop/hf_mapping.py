@@ -42,9 +42,7 @@ class _Reader:
         if not isinstance(t, torch.Tensor):
             raise UserInputError(f"HF state dict entry {key!r} is a {type(t).__name__}, not a tensor")
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise UserInputError(
-                f"HF tensor {key!r} has shape {tuple(t.shape)}, but the config needs {tuple(shape)}"
-            )
+            raise UserInputError(f"HF tensor {key!r} has shape {tuple(t.shape)}, but the config needs {tuple(shape)}")
         if numel is not None and t.numel() != numel:
             raise UserInputError(f"HF tensor {key!r} has shape {tuple(t.shape)}, but the config needs {numel} values")
         self.used.add(key)
@@ -76,9 +74,15 @@ def _dims(cfg: ModelConfig) -> Dict[str, int]:
 def _kda_linear_shapes(x: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
     d, HK, K, H = x["d"], x["H"] * x["K"], x["K"], x["H"]
     return {
-        "q_proj": (HK, d), "k_proj": (HK, d), "v_proj": (HK, d),
-        "f_a_proj": (K, d), "f_b_proj": (HK, K), "b_proj": (H, d),
-        "g_a_proj": (K, d), "g_b_proj": (HK, K), "o_proj": (d, HK),
+        "q_proj": (HK, d),
+        "k_proj": (HK, d),
+        "v_proj": (HK, d),
+        "f_a_proj": (K, d),
+        "f_b_proj": (HK, K),
+        "b_proj": (H, d),
+        "g_a_proj": (K, d),
+        "g_b_proj": (HK, K),
+        "o_proj": (d, HK),
     }
 
 
@@ -122,7 +126,9 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -
     return out
 
 
-def iter_state_dict_from_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Iterator[Dict[str, torch.Tensor]]:
+def iter_state_dict_from_hf(
+    sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig
+) -> Iterator[Dict[str, torch.Tensor]]:
     """:func:`state_dict_from_hf` one part at a time: the embedding / final norm / head (and the initial AttnRes
     tensors), then one decoder layer per part. With a lazy ``sd`` (``hf_files.LazySafetensors``) only the part
     being converted is in memory, so a consumer that keeps just its own shards never holds the whole model.
@@ -191,7 +197,7 @@ def _kda_from_hf(src: _Reader, out: dict, a: str, x: Dict[str, int]) -> None:
     if src.has(a + "conv1d.weight"):
         conv = src.take(a + "conv1d.weight", (3 * HK, 1, W))
         for j, name in enumerate(("q_conv1d", "k_conv1d", "v_conv1d")):
-            out[f"{a}{name}.weight"] = conv[j * HK:(j + 1) * HK]
+            out[f"{a}{name}.weight"] = conv[j * HK : (j + 1) * HK]
     else:
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
             out[f"{a}{name}.weight"] = src.take(f"{a}{name}.weight", (HK, 1, W))
@@ -217,9 +223,7 @@ def _moe_from_hf(src: _Reader, out: dict, p: str, x: Dict[str, int]) -> None:
         out[o + "experts.w2"] = src.take(hf + "experts.w2", (E, d, ff))
     else:  # checkpoint layout: one Linear per expert
         for w, shape in (("w1", (ff, d)), ("w3", (ff, d)), ("w2", (d, ff))):
-            out[f"{o}experts.{w}"] = torch.stack(
-                [src.take(f"{hf}experts.{j}.{w}.weight", shape) for j in range(E)]
-            )
+            out[f"{o}experts.{w}"] = torch.stack([src.take(f"{hf}experts.{j}.{w}.weight", shape) for j in range(E)])
     if x["sff"] > 0:
         for name, shape in _swiglu_shapes(d, x["sff"]).items():
             out[f"{o}shared_experts.{name}"] = src.take(f"{hf}shared_experts.{name}", shape)
@@ -241,8 +245,9 @@ def initial_attnres_tensors(cfg: ModelConfig, dtype: torch.dtype = torch.float32
     return out
 
 
-def state_dict_to_hf(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
-                     layout: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def state_dict_to_hf(
+    sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, layout: str = "checkpoint"
+) -> Dict[str, torch.Tensor]:
     """Convert our state dict to an HF KimiLinear one (PreNorm models only).
 
     ``layout="checkpoint"`` (default) gives the on-disk layout of the released checkpoint and of transformers'
@@ -271,8 +276,9 @@ def group_keys(keys, num_layers: int) -> Dict[Optional[int], List[str]]:
     return groups
 
 
-def group_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: Optional[int],
-                layout: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def group_to_hf(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: Optional[int], layout: str = "checkpoint"
+) -> Dict[str, torch.Tensor]:
     """Convert one :func:`group_keys` group (``layer=None``: the non-layer tensors) of a PreNorm state dict.
 
     ``cfg`` may have any residual mode, but ``sd`` must not hold AttnRes tensors (the remote-code export passes
@@ -356,10 +362,15 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, wha
     expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     if missing:
-        raise UserInputError(f"{what} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UserInputError(
+            f"{what} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     unexpected = sorted(set(sd) - set(expected))
     if unexpected:
-        raise UserInputError(f"{what} has unexpected tensor {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise UserInputError(
+            f"{what} has unexpected tensor {unexpected[0]!r}"
+            + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise UserInputError(f"{what} tensor {k!r} has shape {tuple(sd[k].shape)}, the config needs {shape}")

@@ -32,8 +32,14 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_attnres.KimiLinearAttnResForCausalLM",
 }
 # config.json fields that exist only in the remote format
-REMOTE_FIELDS = ("attnres_mode", "attnres_num_blocks", "attnres_block_size", "kda_chunk_size", "moe_bias_in_weights",
-                 "auto_map")
+REMOTE_FIELDS = (
+    "attnres_mode",
+    "attnres_num_blocks",
+    "attnres_block_size",
+    "kda_chunk_size",
+    "moe_bias_in_weights",
+    "auto_map",
+)
 
 
 def is_attnres_key(key: str) -> bool:
@@ -77,8 +83,14 @@ def config_from_remote(raw: Mapping[str, Any], name: str = "hf") -> ModelConfig:
     mode = raw.get("attnres_mode", "block")
     residual = {"mode": mode, "num_blocks": raw.get("attnres_num_blocks"), "block_size": raw.get("attnres_block_size")}
     try:
-        return apply_overrides(base, {"residual": residual, "kda.chunk_size": raw.get("kda_chunk_size", 64),
-                                      "moe.bias_in_weights": bool(raw.get("moe_bias_in_weights", False))})
+        return apply_overrides(
+            base,
+            {
+                "residual": residual,
+                "kda.chunk_size": raw.get("kda_chunk_size", 64),
+                "moe.bias_in_weights": bool(raw.get("moe_bias_in_weights", False)),
+            },
+        )
     except Exception as exc:  # ConfigError naming the model field
         raise UserInputError(f"invalid attnres fields in config.json: {exc}") from None
 
@@ -102,7 +114,9 @@ def state_dict_from_remote(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) 
     return out
 
 
-def iter_state_dict_from_remote(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[Dict[str, torch.Tensor]]:
+def iter_state_dict_from_remote(
+    hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> Iterator[Dict[str, torch.Tensor]]:
     """:func:`state_dict_from_remote` one part at a time (the AttnRes tensors first: d values per sublayer),
     reading a lazy ``hf_sd`` only as each part needs it (see :func:`iter_state_dict_from_hf`)."""
     yield {k: hf_sd[k] for k in hf_sd.keys() if is_attnres_key(k)}
@@ -135,8 +149,9 @@ class KeyFilter(Mapping):
 def write_remote_files(directory: Path, model_cfg: ModelConfig, dtype: Optional[torch.dtype] = None) -> None:
     """config.json (with ``auto_map``) and the modeling/configuration files of the remote format."""
     directory = Path(directory)
-    (directory / "config.json").write_text(json.dumps(remote_config_dict(model_cfg, dtype), indent=2, sort_keys=True)
-                                           + "\n")
+    (directory / "config.json").write_text(
+        json.dumps(remote_config_dict(model_cfg, dtype), indent=2, sort_keys=True) + "\n"
+    )
     for name in REMOTE_FILES:
         src = REMOTE_DIR / name
         if not src.is_file():

@@ -162,8 +162,14 @@ def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Ten
     return (v @ q_sd.t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tensor, eps: float,
-           dtype: torch.dtype, impl: str = "reference") -> torch.Tensor:
+def phase2(
+    stats: Phase1Stats,
+    partial: Optional[torch.Tensor],
+    q_d: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    impl: str = "reference",
+) -> torch.Tensor:
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
     which = resolve_impl(impl, stats[0] if partial is None else partial)
     if which == "triton":
@@ -183,8 +189,9 @@ def phase2(stats: Phase1Stats, partial: Optional[torch.Tensor], q_d: torch.Tenso
     return torch.addcmul(o_btd * (a1 * inv).unsqueeze(-1), p_btd, (a2 * inv).unsqueeze(-1)).to(dtype)
 
 
-def depth_read(state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool,
-               impl: str = "reference") -> torch.Tensor:
+def depth_read(
+    state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool, impl: str = "reference"
+) -> torch.Tensor:
     """The input of ``sublayer`` (or of the output head): the AttnRes mix over the state's sources."""
     if not state.blocks:
         raise ValueError("AttnRes read needs at least the embedding block in DepthState.blocks")

@@ -60,8 +60,7 @@ def _logit_grads(grads, p_nts: Tensor, v2: List[Tensor]) -> Tuple[list, Tensor]:
     """From the (o, m, l) gradients: the non-None ``(s, do_s)`` and ds = p(⟨do_s, v_j⟩ + dl_s) ``[n,N,S]``."""
     d, cdt = v2[0].shape[-1], p_nts.dtype
     do = [(s, g.reshape(-1, d).to(cdt)) for s, g in enumerate(grads[0::3]) if g is not None]
-    dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1])
-                         for g in grads[2::3]], -1)
+    dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1]) for g in grads[2::3]], -1)
     dots = torch.zeros_like(p_nts)  # ⟨do_s, v_j⟩ for every (source, query)
     for s, g in do:
         for j, v in enumerate(v2):
@@ -179,8 +178,9 @@ class _Phase2(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, eps: float, dtype: torch.dtype, o_td: Tensor, m_t: Tensor, l_t: Tensor,
-                partial: Tensor, q_d: Tensor):
+    def forward(
+        ctx, eps: float, dtype: torch.dtype, o_td: Tensor, m_t: Tensor, l_t: Tensor, partial: Tensor, q_d: Tensor
+    ):
         shape, d = partial.shape, partial.shape[-1]
         cdt = o_td.dtype
         o = o_td.reshape(-1, d)
@@ -219,8 +219,15 @@ class _Phase2(torch.autograd.Function):
         dp.addmm_(dsr.unsqueeze(-1), q.unsqueeze(0))
         dp.addcmul_(p, (ds2 * s2 * r.square() / d).unsqueeze(-1), value=-1.0)
         tshape = partial.shape[:-1]
-        return (None, None, do.view(partial.shape), (-ds2).view(tshape), dl.view(tshape),
-                dp.view(partial.shape).to(partial.dtype), dq.to(ctx.q_dtype))
+        return (
+            None,
+            None,
+            do.view(partial.shape),
+            (-ds2).view(tshape),
+            dl.view(tshape),
+            dp.view(partial.shape).to(partial.dtype),
+            dq.to(ctx.q_dtype),
+        )
 
 
 class _Normalise(torch.autograd.Function):
@@ -251,7 +258,7 @@ def source_logits(v: Tensor, q_qd: Tensor, eps: float) -> Tensor:
 def combine(s_nts: Tensor, blocks: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """Phase 1 from logits ``[n, B·T, S]`` (a stack of :func:`source_logits` columns) and the n sources."""
     flat = _Combine.apply(s_nts, *blocks)
-    return [tuple(flat[3 * s: 3 * s + 3]) for s in range(s_nts.shape[-1])]
+    return [tuple(flat[3 * s : 3 * s + 3]) for s in range(s_nts.shape[-1])]
 
 
 def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -261,7 +268,7 @@ def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Ten
     head). Block starts inside ``forward_layers`` use :func:`source_logits` once per source + :func:`combine`.
     """
     flat = _Phase1.apply(eps, q_sd, *blocks)
-    return [tuple(flat[3 * s: 3 * s + 3]) for s in range(q_sd.shape[0])]
+    return [tuple(flat[3 * s : 3 * s + 3]) for s in range(q_sd.shape[0])]
 
 
 def phase2(stats, partial: Optional[Tensor], q_d: Tensor, eps: float, dtype: torch.dtype) -> Tensor:

@@ -40,8 +40,13 @@ def _kda_params(cfg: ModelConfig) -> int:
 def _mla_params(cfg: ModelConfig) -> int:
     d, m = cfg.hidden_size, cfg.mla
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    return (d * m.num_heads * qk + d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
-            + m.kv_lora_rank * m.num_heads * (m.qk_nope_head_dim + m.v_head_dim) + m.num_heads * m.v_head_dim * d)
+    return (
+        d * m.num_heads * qk
+        + d * (m.kv_lora_rank + m.qk_rope_head_dim)
+        + m.kv_lora_rank
+        + m.kv_lora_rank * m.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
+        + m.num_heads * m.v_head_dim * d
+    )
 
 
 def count_params(model_cfg) -> ParamCounts:
@@ -71,7 +76,7 @@ def count_params(model_cfg) -> ParamCounts:
 def _kda_flops(cfg: ModelConfig) -> float:
     k = cfg.kda
     c = min(k.chunk_size, 64)
-    core = k.num_heads * (6 * k.head_dim ** 2 + 3 * c * k.head_dim + c * c)
+    core = k.num_heads * (6 * k.head_dim**2 + 3 * c * k.head_dim + c * c)
     return 2 * (_kda_params(cfg) - k.num_heads - k.num_heads * k.head_dim - k.head_dim) + core
 
 

@@ -50,8 +50,11 @@ def init_rule(module: nn.Module, attr: str, full_name: str, init_std: float) -> 
         return InitRule("uniform", -bound, bound)
     if isinstance(module, KimiDeltaAttention) and attr in ("A_log", "dt_bias"):
         return InitRule(attr.lower())
-    if isinstance(module, (Router, MoE)) and attr in ("e_score_correction_bias", "tokens_per_expert",
-                                                      "last_tokens_per_expert"):
+    if isinstance(module, (Router, MoE)) and attr in (
+        "e_score_correction_bias",
+        "tokens_per_expert",
+        "last_tokens_per_expert",
+    ):
         return InitRule("zeros")
     raise KeyError(f"no initialisation rule for {full_name} ({type(module).__name__}.{attr})")
 
@@ -73,8 +76,9 @@ def _row_seed(seed: int, name: str, row: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def draw_rows(rule: InitRule, seed: int, name: str, shape: Sequence[int], rows: Sequence[int],
-              dtype: torch.dtype) -> torch.Tensor:
+def draw_rows(
+    rule: InitRule, seed: int, name: str, shape: Sequence[int], rows: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
     """Rows ``rows`` (along dim 0) of the ``shape`` tensor ``name`` would start as: ``[len(rows), *shape[1:]]``
     on the CPU. A 0-d / 1-d tensor is one row (drawn whole, indexed afterwards)."""
     shape = tuple(shape)
@@ -122,14 +126,17 @@ Writer = Callable[[torch.Tensor, InitRule, int, str], None]
 def write_full(t: torch.Tensor, rule: InitRule, seed: int, name: str) -> None:
     """The single-process writer: all rows of a plain tensor."""
     if hasattr(t, "device_mesh"):
-        raise TypeError(f"{name} is sharded (DTensor): initialise a parallelised model with "
-                        "attnres_train.parallel.init.materialize_and_init")
+        raise TypeError(
+            f"{name} is sharded (DTensor): initialise a parallelised model with "
+            "attnres_train.parallel.init.materialize_and_init"
+        )
     t.copy_(draw_rows(rule, seed, name, t.shape, range(t.shape[0]) if t.ndim else [0], t.dtype).reshape(t.shape))
 
 
 @torch.no_grad()
-def init_model_weights(model: nn.Module, model_cfg, seed: Optional[int] = None,
-                       write: Writer = write_full) -> Dict[str, InitRule]:
+def init_model_weights(
+    model: nn.Module, model_cfg, seed: Optional[int] = None, write: Writer = write_full
+) -> Dict[str, InitRule]:
     """Initialise every parameter and buffer of ``model`` (the whole model, or a module that registers parts of
     it under the full model's names, e.g. pipeline stages) of a model with config ``model_cfg`` from ``seed``
     (None: drawn from torch's global RNG, so ``torch.manual_seed`` still decides). Returns the rule per name."""

@@ -58,9 +58,12 @@ def fla_chunk_kwargs(chunk_kda, chunk_size: int) -> dict:
     fla supports 32 and 64 only; a version whose ``chunk_kda`` has no ``chunk_size`` parameter always uses 64.
     """
     if chunk_size not in FLA_CHUNK_SIZES:
-        raise ConfigError("model.kda.chunk_size", f"fla's chunk_kda (the CUDA KDA kernel) supports "
-                          f"{' or '.join(map(str, FLA_CHUNK_SIZES))}, got {chunk_size}; set one of them, or "
-                          "model.kda.impl=torch for the (much slower) torch chunked form")
+        raise ConfigError(
+            "model.kda.chunk_size",
+            f"fla's chunk_kda (the CUDA KDA kernel) supports "
+            f"{' or '.join(map(str, FLA_CHUNK_SIZES))}, got {chunk_size}; set one of them, or "
+            "model.kda.impl=torch for the (much slower) torch chunked form",
+        )
     try:
         params = inspect.signature(chunk_kda).parameters
     except (TypeError, ValueError):
@@ -68,9 +71,12 @@ def fla_chunk_kwargs(chunk_kda, chunk_size: int) -> dict:
     if "chunk_size" in params:
         return {"chunk_size": chunk_size}
     if chunk_size != FLA_DEFAULT_CHUNK:
-        raise ConfigError("model.kda.chunk_size", f"the installed fla's chunk_kda has no chunk_size argument "
-                          f"(it always uses {FLA_DEFAULT_CHUNK}), got {chunk_size}; set {FLA_DEFAULT_CHUNK} "
-                          "or upgrade fla")
+        raise ConfigError(
+            "model.kda.chunk_size",
+            f"the installed fla's chunk_kda has no chunk_size argument "
+            f"(it always uses {FLA_DEFAULT_CHUNK}), got {chunk_size}; set {FLA_DEFAULT_CHUNK} "
+            "or upgrade fla",
+        )
     return {}
 
 
@@ -84,9 +90,12 @@ def _fla_doc_error() -> None:
     """Document masking through fla is fenced: fla's varlen ``chunk_kda(cu_seqlens=...)`` (batch flattened to 1)
     is the intended CUDA path, but it has not been checked against the torch forms on a GPU here, so it is an
     error rather than a guess."""
-    raise ConfigError("model.kda.impl", "document masking (data.document_masking=true) is implemented for the "
-                      "torch KDA cores only; fla's cu_seqlens (varlen) path is not wired yet. Set "
-                      "model.kda.impl=torch, or turn document masking off")
+    raise ConfigError(
+        "model.kda.impl",
+        "document masking (data.document_masking=true) is implemented for the "
+        "torch KDA cores only; fla's cu_seqlens (varlen) path is not wired yet. Set "
+        "model.kda.impl=torch, or turn document masking off",
+    )
 
 
 _CORE_CACHE: dict = {}
@@ -105,8 +114,11 @@ def _resolve_core(impl: str, device_type: str, chunk_size: int) -> str:
             )
         err = _fla_import_error()
         if err is not None:
-            raise ConfigError("model.kda.impl", f"'fla' was requested but fla's chunk_kda is unavailable ({err}); "
-                              "install fla-core with a working triton, or set impl=auto|torch")
+            raise ConfigError(
+                "model.kda.impl",
+                f"'fla' was requested but fla's chunk_kda is unavailable ({err}); "
+                "install fla-core with a working triton, or set impl=auto|torch",
+            )
         fla_chunk_kwargs(_fla_chunk_kda(), chunk_size)  # model.kda.chunk_size must take effect
         return "fla"
     if impl == "auto":
@@ -119,9 +131,13 @@ def _resolve_core(impl: str, device_type: str, chunk_size: int) -> str:
         global _warned_fallback
         if not _warned_fallback:  # once per process, whatever the chunk size
             _warned_fallback = True
-            warnings.warn(f"model.kda.impl=auto on CUDA: fla's chunk_kda is unavailable ({err}); KDA falls back "
-                          "to the torch chunked form, many times slower. Install fla-core, or set "
-                          "model.kda.impl=torch to silence this.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"model.kda.impl=auto on CUDA: fla's chunk_kda is unavailable ({err}); KDA falls back "
+                "to the torch chunked form, many times slower. Install fla-core, or set "
+                "model.kda.impl=torch to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return "chunk"
     raise ValueError(f"unknown model.kda.impl {impl!r}; expected auto|torch|fla")
 
@@ -187,8 +203,9 @@ class KimiDeltaAttention(nn.Module):
             core = _CORE_CACHE[key] = _resolve_core(*key)
         return core
 
-    def forward(self, x_btd: torch.Tensor, core: Optional[str] = None,
-                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x_btd: torch.Tensor, core: Optional[str] = None, doc_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``core``: None (from cfg.kda.impl), "chunk" (torch chunked), "recurrent" (reference) or "fla".
 
         ``doc_ids`` (``[B,T]``, :mod:`attnres_train.model.doc_mask`): document masking, the short convolutions

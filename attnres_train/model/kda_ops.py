@@ -70,8 +70,8 @@ def _doc_short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool, doc_ids_bt: T
     y_btc = None
     for j in range(W):  # tap j reads x_{t-j}
         lo = W - 1 - j
-        same_bt1 = (d_pad[:, lo:lo + T] == doc_ids_bt).unsqueeze(-1)
-        term = torch.where(same_bt1, x_pad[:, lo:lo + T], 0.0) * w_cw[:, W - 1 - j]
+        same_bt1 = (d_pad[:, lo : lo + T] == doc_ids_bt).unsqueeze(-1)
+        term = torch.where(same_bt1, x_pad[:, lo : lo + T], 0.0) * w_cw[:, W - 1 - j]
         y_btc = term if y_btc is None else y_btc + term
     return F.silu(y_btc) if silu else y_btc
 

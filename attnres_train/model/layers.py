@@ -103,8 +103,9 @@ class DecoderLayer(nn.Module):
             return replace(state, blocks=state.blocks + [state.partial], partial=None)
         return state
 
-    def sublayer(self, state: DepthState, k: int, q_d: torch.Tensor,
-                 doc_ids: Optional[torch.Tensor] = None) -> DepthState:
+    def sublayer(
+        self, state: DepthState, k: int, q_d: torch.Tensor, doc_ids: Optional[torch.Tensor] = None
+    ) -> DepthState:
         """Run sublayer ``k`` (0: token mixer, 1: FFN) in AttnRes mode and return the updated state."""
         state = self.prepare(state, k)
         h = depth_read(state, 2 * self.layer_idx + k, q_d, self.eps, self.two_phase, self.residual_impl)

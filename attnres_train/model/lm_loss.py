@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["IGNORE_INDEX", "LMLoss", "token_cross_entropy", "fused_linear_cross_entropy", "chunked_linear_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LMLoss",
+    "token_cross_entropy",
+    "fused_linear_cross_entropy",
+    "chunked_linear_cross_entropy",
+]
 
 IGNORE_INDEX = -100
 """The label that marks a position excluded from the LM loss (``F.cross_entropy``'s default): the one place it
@@ -39,15 +45,25 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev) and hidden.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"fused LM loss: hidden states are {hidden.dtype} but the head weight is {weight.dtype} "
-                        "(F.linear needs one dtype; cast the model or use autocast)")
+        raise TypeError(
+            f"fused LM loss: hidden states are {hidden.dtype} but the head weight is {weight.dtype} "
+            "(F.linear needs one dtype; cast the model or use autocast)"
+        )
     return hidden.dtype
 
 
 @torch.no_grad()
-def chunked_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor, chunk_tokens: int,
-                                 need_grad: bool, vocab_start: int = 0, ignore_index: int = IGNORE_INDEX,
-                                 reduce_max: Reduce = None, reduce_sum: Reduce = None):
+def chunked_linear_cross_entropy(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    chunk_tokens: int,
+    need_grad: bool,
+    vocab_start: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+    reduce_max: Reduce = None,
+    reduce_sum: Reduce = None,
+):
     """``(loss, grad_h_ND, grad_w_VD)`` of ``mean CE(h @ w.T, target)``, chunked over tokens (grads None unless
     ``need_grad``).
 
@@ -98,13 +114,15 @@ def chunked_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target_N, chunk_tokens, compute_dtype, vocab_start, ignore_index,
-                reduce_max, reduce_sum):
+    def forward(
+        ctx, hidden, weight, target_N, chunk_tokens, compute_dtype, vocab_start, ignore_index, reduce_max, reduce_sum
+    ):
         h_ND = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
         w_VD = weight.to(compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             loss, grad_h, grad_w = chunked_linear_cross_entropy(
-                h_ND, w_VD, target_N, chunk_tokens, True, vocab_start, ignore_index, reduce_max, reduce_sum)
+                h_ND, w_VD, target_N, chunk_tokens, True, vocab_start, ignore_index, reduce_max, reduce_sum
+            )
         ctx.grads = (grad_h.view(hidden.shape).to(hidden.dtype), grad_w.to(weight.dtype))
         return loss
 
@@ -117,9 +135,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), *([None] * 7)
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk_tokens: int, ignore_index: int = IGNORE_INDEX, vocab_start: int = 0,
-                               reduce_max: Reduce = None, reduce_sum: Reduce = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    ignore_index: int = IGNORE_INDEX,
+    vocab_start: int = 0,
+    reduce_max: Reduce = None,
+    reduce_sum: Reduce = None,
+) -> torch.Tensor:
     """Mean cross entropy of ``F.linear(hidden, weight)`` against ``labels`` without the full logits.
 
     ``hidden [..., d]``, ``weight [V, d]``, ``labels [...]`` (``ignore_index`` rows excluded). Equals
@@ -134,12 +159,22 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     compute = _compute_dtype(hidden, weight)
     target_N = labels.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, target_N, chunk_tokens, compute, int(vocab_start),
-                                              ignore_index, reduce_max, reduce_sum)
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, target_N, chunk_tokens, compute, int(vocab_start), ignore_index, reduce_max, reduce_sum
+        )
     h_ND = hidden.reshape(-1, hidden.shape[-1]).to(compute)
     with torch.autocast(hidden.device.type, enabled=False):
-        return chunked_linear_cross_entropy(h_ND, weight.to(compute), target_N, chunk_tokens, False,
-                                            int(vocab_start), ignore_index, reduce_max, reduce_sum)[0]
+        return chunked_linear_cross_entropy(
+            h_ND,
+            weight.to(compute),
+            target_N,
+            chunk_tokens,
+            False,
+            int(vocab_start),
+            ignore_index,
+            reduce_max,
+            reduce_sum,
+        )[0]
 
 
 class LMLoss(nn.Module):
@@ -154,6 +189,7 @@ class LMLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_cross_entropy(logits, labels)
 
-    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              chunk_tokens: int) -> torch.Tensor:
+    def fused(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
         return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)

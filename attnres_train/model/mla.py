@@ -38,7 +38,7 @@ class MultiLatentAttention(nn.Module):
         self.v_dim = m.v_head_dim
         self.kv_lora_rank = m.kv_lora_rank
         self.qk_head_dim = self.nope_dim + self.rope_dim
-        self.scale = self.qk_head_dim ** -0.5
+        self.scale = self.qk_head_dim**-0.5
 
         H = self.num_heads
         self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
@@ -81,8 +81,9 @@ class MultiLatentAttention(nn.Module):
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
 
 
-def document_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, doc_ids_BT: torch.Tensor,
-                       scale: float) -> torch.Tensor:
+def document_attention(
+    q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, doc_ids_BT: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention within documents: SDPA with a dense ``[B,1,T,T]`` boolean block-diagonal mask.
 
     The seam for faster kernels: on CUDA a varlen flash-attention or a flex-attention block mask would skip the

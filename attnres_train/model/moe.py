@@ -116,16 +116,23 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, d: int, ffn_dim:
     try:
         # Plain saved tensors (innermost hooks win): an enclosing activation checkpoint (composable, hook-based)
         # would otherwise capture the probe's graph and recompute its layer during the probe's backward.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device.type, enabled=False),
+            torch.autograd.graph.saved_tensors_hooks(_identity, _identity),
+        ):
             a = torch.ones(3, d, device=device, dtype=dtype, requires_grad=True)
             b = torch.ones(2, ffn_dim, d, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
             out = _grouped_mm(a, b.transpose(-2, -1), offs)
             out.sum().backward()
         rtol = 1e-5 if dtype == torch.float32 else 1e-2
-        return (out.shape == (3, ffn_dim) and torch.allclose(out.float(), torch.full_like(out.float(), d), rtol=rtol)
-                and torch.allclose(a.grad.float(), torch.full_like(a.grad.float(), ffn_dim), rtol=rtol))
+        return (
+            out.shape == (3, ffn_dim)
+            and torch.allclose(out.float(), torch.full_like(out.float(), d), rtol=rtol)
+            and torch.allclose(a.grad.float(), torch.full_like(a.grad.float(), ffn_dim), rtol=rtol)
+        )
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
@@ -150,8 +157,13 @@ def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
 
 
 @torch.compiler.disable  # host-side counts: traced, every step's counts would be new constants (recompiles)
-def _experts_loop(x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]], w1_EFD: torch.Tensor,
-                  w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+def _experts_loop(
+    x_ND: torch.Tensor,
+    counts: Union[torch.Tensor, Sequence[int]],
+    w1_EFD: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+) -> torch.Tensor:
     """One SwiGLU per expert over its rows (the fallback where ``F.grouped_mm`` is unusable: fp64, CPU compile)."""
     counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     if sum(counts) != x_ND.shape[0]:
@@ -160,7 +172,7 @@ def _experts_loop(x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]]
     for j, c in enumerate(counts):
         if c == 0:
             continue
-        x = x_ND[start:start + c]
+        x = x_ND[start : start + c]
         h = F.silu(x @ w1_EFD[j].t()) * (x @ w3_EFD[j].t())
         outs.append(h @ w2_EDF[j].t())
         start += c
@@ -172,8 +184,9 @@ def _experts_loop(x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]]
 class GroupedExperts(nn.Module):
     """``E`` SwiGLU experts as stacked weights: ``w1``/``w3`` ``[E, ff, d]`` (gate/up), ``w2`` ``[E, d, ff]``."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02,
-                 impl: str = "auto"):
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02, impl: str = "auto"
+    ):
         super().__init__()
         if impl not in ("auto", "loop", "grouped_mm"):
             raise ValueError(f"GroupedExperts impl must be auto|loop|grouped_mm, got {impl!r}")
@@ -191,8 +204,9 @@ class GroupedExperts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, mean=0.0, std=init_std)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: Union[torch.Tensor, Sequence[int]],
-                expert_offset: int = 0) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: Union[torch.Tensor, Sequence[int]], expert_offset: int = 0
+    ) -> torch.Tensor:
         """Rows of ``x_ND`` are sorted by expert; ``counts_E[j]`` rows go to expert ``expert_offset + j``.
 
         ``len(counts_E)`` may be smaller than ``num_experts`` (an expert-parallel rank's local slice). A tensor
@@ -212,8 +226,14 @@ class GroupedExperts(nn.Module):
         sl = slice(expert_offset, expert_offset + n_local)
         return self.compute(x_ND, counts, self.w1[sl], self.w3[sl], self.w2[sl])
 
-    def compute(self, x_ND: torch.Tensor, counts: Union[torch.Tensor, Sequence[int]], w1_EFD: torch.Tensor,
-                w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    def compute(
+        self,
+        x_ND: torch.Tensor,
+        counts: Union[torch.Tensor, Sequence[int]],
+        w1_EFD: torch.Tensor,
+        w3_EFD: torch.Tensor,
+        w2_EDF: torch.Tensor,
+    ) -> torch.Tensor:
         """SwiGLU of ``len(counts)`` experts given their (plain tensor) weight slices; rows sorted by expert.
 
         Runs in :func:`expert_dtype` (bf16 under bf16 autocast: rows and weights are cast here, since
@@ -224,13 +244,15 @@ class GroupedExperts(nn.Module):
         x_ND = x_ND.to(dt)
         w1_EFD, w3_EFD, w2_EDF = (w.to(dt) for w in (w1_EFD, w3_EFD, w2_EDF))
         use_gmm = self.impl == "grouped_mm" or (
-            self.impl == "auto" and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, self.intermediate_size))
+            self.impl == "auto" and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, self.intermediate_size)
+        )
         if use_gmm:
             counts_E = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts)
             offs = counts_E.to(x_ND.device).cumsum(0).to(torch.int32)
             x_ND = x_ND.contiguous()
-            h_NF = (F.silu(_grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs))
-                    * _grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs))
+            h_NF = F.silu(_grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs)) * _grouped_mm(
+                x_ND, w3_EFD.transpose(-2, -1), offs
+            )
             return _grouped_mm(h_NF, w2_EDF.transpose(-2, -1), offs)
         return _experts_loop(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
 
@@ -268,14 +290,16 @@ class MoE(_KeepFP32Buffers):
         self.seq_aux_loss_coef = m.seq_aux_loss_coef
         self.gate = Router(cfg)
         self.experts = GroupedExperts(m.num_experts, cfg.hidden_size, m.intermediate_size, cfg.init_std)
-        self.shared_experts = (SwiGLU(cfg.hidden_size, m.intermediate_size * m.num_shared_experts)
-                               if m.num_shared_experts > 0 else None)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, m.intermediate_size * m.num_shared_experts) if m.num_shared_experts > 0 else None
+        )
         self.sequence_stats = SequenceStats()
         # Accumulated over training forwards since the last update_bias (all-reduced by the parallel engine).
         self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)
         # Counts of the most recent forward (train or eval), for metrics.
-        self.register_buffer("last_tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "last_tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False
+        )
 
     def init_weights(self, init_std: float) -> None:
         """Router and routed experts; the shared expert's nn.Linear weights are initialised by the model."""
@@ -286,8 +310,9 @@ class MoE(_KeepFP32Buffers):
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate(x_TD)
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """Copy each token once per selected expert, rows grouped by expert (stable: token order kept)."""
         T, K = topk_idx_TK.shape
         flat_idx_N = topk_idx_TK.reshape(-1)
@@ -304,8 +329,9 @@ class MoE(_KeepFP32Buffers):
         routing, recorded in ``tokens_per_expert`` before."""
         return self.experts(x_sorted_ND, counts_E)
 
-    def combine(self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan,
-                out_dtype: torch.dtype) -> torch.Tensor:
+    def combine(
+        self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         """Undo the permutation, weight each expert output (at least fp32), sum over k, cast to ``out_dtype``."""
         inverse_N = torch.empty_like(plan.order_N)
         inverse_N[plan.order_N] = torch.arange(plan.order_N.numel(), device=plan.order_N.device)

@@ -85,8 +85,9 @@ class AttnResForCausalLM(nn.Module):
             return DepthState(blocks=[], partial=x_btd)
         return DepthState(blocks=[x_btd], partial=None)
 
-    def forward_layers(self, state: DepthState, start: int = 0, end: Optional[int] = None,
-                       doc_ids: Optional[torch.Tensor] = None) -> DepthState:
+    def forward_layers(
+        self, state: DepthState, start: int = 0, end: Optional[int] = None, doc_ids: Optional[torch.Tensor] = None
+    ) -> DepthState:
         """Run decoder layers ``[start, end)`` on ``state`` and return the new state.
 
         ``doc_ids``: ``[B,T]`` document ids for document masking (:mod:`attnres_train.model.doc_mask`), or None.
@@ -113,12 +114,13 @@ class AttnResForCausalLM(nn.Module):
         zero = own[0].new_zeros(own[0].shape)
         return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (len(self.model.layers) - end)))
 
-    def _block_phase1(self, state: DepthState, first: DecoderLayer, end: int,
-                      cache: Optional[SegmentLogits] = None) -> dict:
+    def _block_phase1(
+        self, state: DepthState, first: DecoderLayer, end: int, cache: Optional[SegmentLogits] = None
+    ) -> dict:
         """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
         blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
         layers = [first]
-        for layer in self.model.layers[first.layer_idx + 1:end]:
+        for layer in self.model.layers[first.layer_idx + 1 : end]:
             if layer.opens_block[0]:
                 break
             layers.append(layer)
@@ -135,15 +137,17 @@ class AttnResForCausalLM(nn.Module):
         """Output aggregation (AttnRes over all blocks) followed by the final norm: ``[B,T,d]``."""
         if self.mode == "prenorm":
             return self.model.norm(state.partial)
-        h = depth_read(state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase,
-                       self.residual_impl)
+        h = depth_read(
+            state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase, self.residual_impl
+        )
         return self.model.norm(h)
 
     def head(self, state: DepthState) -> torch.Tensor:
         return self.lm_head(self.final_hidden(state))
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None):
+    def forward(
+        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None
+    ):
         """``input_ids [B,T]`` → logits ``[B,T,V]``; with ``labels`` an :class:`LMOutput` with the losses
         (and ``logits=None`` when the fused head computes the loss: ``model.lm_loss_chunk_tokens > 0``).
 
@@ -159,8 +163,9 @@ class AttnResForCausalLM(nn.Module):
         logits = self.head(state)
         return LMOutput(loss=self.lm_loss(logits, labels), aux_loss=state.aux_loss, logits=logits)
 
-    def fused_lm_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      chunk_tokens: int) -> torch.Tensor:
+    def fused_lm_loss(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
         """``lm_loss(F.linear(hidden, weight), labels)`` chunked over ``chunk_tokens`` tokens, never building the
         ``[tokens, vocab]`` logits: ``self.lm_loss.fused`` (the ``lm_loss`` child is the seam tensor parallelism
         substitutes; :class:`~attnres_train.model.lm_loss.LMLoss`)."""
@@ -197,8 +202,9 @@ class AttnResForCausalLM(nn.Module):
         return weights
 
 
-def build_model(model_cfg, device=None, dtype: Optional[torch.dtype] = None,
-                seed: Optional[int] = None) -> AttnResForCausalLM:
+def build_model(
+    model_cfg, device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None
+) -> AttnResForCausalLM:
     """Build the plain model from a ``ModelConfig`` (or a dict/DictConfig of one).
 
     Always constructed on ``meta`` first (no memory, no random draws), then — unless ``device="meta"`` —

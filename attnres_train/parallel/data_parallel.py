@@ -97,8 +97,9 @@ def fsdp_param_dtype(train_cfg, device) -> Optional[torch.dtype]:
     return autocast_dtype(getattr(train_cfg, "precision", "fp32"), device)
 
 
-def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None,
-                        param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def apply_data_parallel(
+    model: nn.Module, pctx, reshard_after_forward=None, param_dtype: Optional[torch.dtype] = None
+) -> nn.Module:
     """FSDP2 / HSDP / DDP-style replication on ``model`` per ``pctx.dims`` (module docstring). No-op if dp == 1.
 
     ``param_dtype`` (bf16 for bf16 training, :func:`fsdp_param_dtype`): layer units gather parameters in it and
@@ -112,8 +113,7 @@ def apply_data_parallel(model: nn.Module, pctx, reshard_after_forward=None,
     else:
         # cast_forward_inputs=False: the model decides its own activation dtypes (fp32 residual stream and
         # norms, autocast for the matmuls); FSDP only supplies the low-precision weights.
-        layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=False)
+        layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     if reshard_after_forward is None and dims.dp_shard == 1:
         reshard_after_forward = False  # replication: nothing to free, no second all-gather in backward

@@ -81,7 +81,7 @@ class ExpertParallelExperts(GroupedExperts):
             if isinstance(p, DTensor):
                 raise RuntimeError(f"experts.{name} is already a DTensor (another parallelism applied first?)")
             # Every rank holds the same full (or meta) tensor, as for data parallelism: slice locally, no traffic.
-            local = p.detach()[r * L:(r + 1) * L].clone()
+            local = p.detach()[r * L : (r + 1) * L].clone()
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
             self.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
 
@@ -120,8 +120,11 @@ class ExpertParallelExperts(GroupedExperts):
 
         order_N = None
         if ep > 1 and L > 1 and n_recv > 0:  # regroup to (local expert, source rank): stable keeps token order
-            expert_of_row_N = torch.arange(L, device=x_recv_ND.device).repeat(ep).repeat_interleave(
-                recv_RL.reshape(-1), output_size=n_recv)
+            expert_of_row_N = (
+                torch.arange(L, device=x_recv_ND.device)
+                .repeat(ep)
+                .repeat_interleave(recv_RL.reshape(-1), output_size=n_recv)
+            )
             order_N = torch.argsort(expert_of_row_N, stable=True)
             x_recv_ND = x_recv_ND.index_select(0, order_N)
 
@@ -134,16 +137,16 @@ class ExpertParallelExperts(GroupedExperts):
 
         return all_to_all(y_ND, in_splits, out_splits, group)
 
-    def local_experts(self, x_ND: torch.Tensor, counts_E: Union[torch.Tensor, Sequence[int]],
-                      expert_offset: int = 0) -> torch.Tensor:
+    def local_experts(
+        self, x_ND: torch.Tensor, counts_E: Union[torch.Tensor, Sequence[int]], expert_offset: int = 0
+    ) -> torch.Tensor:
         """This rank's LOCAL experts on rows sorted by local expert: ``counts_E[j]`` rows go to local expert
         ``expert_offset + j`` (global expert ``ep_rank * E/ep + expert_offset + j``)."""
         counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else [int(c) for c in counts_E]
         w1_EFD, w3_EFD, w2_EDF = (_local(getattr(self, n)) for n in ("w1", "w3", "w2"))
         n_local = len(counts)
         if expert_offset < 0 or expert_offset + n_local > w1_EFD.shape[0]:
-            raise ValueError(f"local experts [{expert_offset}, {expert_offset + n_local}) outside "
-                             f"0..{w1_EFD.shape[0]}")
+            raise ValueError(f"local experts [{expert_offset}, {expert_offset + n_local}) outside 0..{w1_EFD.shape[0]}")
         if sum(counts) != x_ND.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
         sl = slice(expert_offset, expert_offset + n_local)

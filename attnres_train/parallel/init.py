@@ -133,4 +133,3 @@ def local_bytes(module: nn.Module, include_buffers: bool = True) -> int:
         loc = t.to_local() if isinstance(t, DTensor) else t
         total += loc.numel() * loc.element_size()
     return total
-

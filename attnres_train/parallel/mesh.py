@@ -27,8 +27,7 @@ SPARSE_DIMS = ("pp", "edp_replicate", "edp_shard", "ep", "tp")
 #: dp (flattened), dp_replicate, dp_shard, tp, pp, fsdp (2-D dp_replicate x dp_shard); with tp > 1 dp_tp
 #: (flattened dp_replicate x dp_shard x tp); with ep > 1 also
 #: ep, edp_replicate, edp_shard and edp (2-D edp_replicate x edp_shard).
-MESH_NAMES = ("pp", "dp", "dp_replicate", "dp_shard", "tp", "fsdp", "dp_tp", "ep", "edp_replicate", "edp_shard",
-              "edp")
+MESH_NAMES = ("pp", "dp", "dp_replicate", "dp_shard", "tp", "fsdp", "dp_tp", "ep", "edp_replicate", "edp_shard", "edp")
 
 
 @dataclass
@@ -208,8 +207,11 @@ def init_process_group(device: str = "auto", timeout_s: int = 600) -> Tuple[int,
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         set_default_group_timeout(timeout)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=timeout,
+            device_id=dev if dev.type == "cuda" else None,
+        )
     return world, dev
 
 
@@ -225,9 +227,16 @@ def _device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type)
 
 
-def build_parallel_context(cfg: ParallelConfig, model_cfg=None, seq_len: Optional[int] = None,
-                           world_size: Optional[int] = None, device_type: str = "cpu", *,
-                           rank: Optional[int] = None, local_rank: Optional[int] = None) -> ParallelContext:
+def build_parallel_context(
+    cfg: ParallelConfig,
+    model_cfg=None,
+    seq_len: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device_type: str = "cpu",
+    *,
+    rank: Optional[int] = None,
+    local_rank: Optional[int] = None,
+) -> ParallelContext:
     """Validate the layout, then build every mesh. Needs an initialised default process group if world > 1.
 
     ``world_size`` / ``rank`` default to the default group's (or torchrun's environment, or 1 / 0).
@@ -245,8 +254,10 @@ def build_parallel_context(cfg: ParallelConfig, model_cfg=None, seq_len: Optiona
     if world_size == 1:
         return ctx
     if not initialized:
-        raise RuntimeError("build_parallel_context with world_size > 1 needs torch.distributed.init_process_group "
-                           "first (attnres_train.parallel.mesh.init_process_group does it under torchrun)")
+        raise RuntimeError(
+            "build_parallel_context with world_size > 1 needs torch.distributed.init_process_group "
+            "first (attnres_train.parallel.mesh.init_process_group does it under torchrun)"
+        )
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"world_size={world_size} but the default process group has {dist.get_world_size()}")
 

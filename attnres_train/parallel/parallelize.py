@@ -46,8 +46,7 @@ class ParallelPlan:
 def record_plan(model: nn.Module, plan: ParallelPlan, what: str) -> None:
     """Set ``model.parallel_plan``; applying a second time is an error (it would re-shard DTensors)."""
     if getattr(model, "parallel_plan", None) is not None:
-        raise RuntimeError(f"{what} was already applied to this model (model.parallel_plan = "
-                           f"{model.parallel_plan})")
+        raise RuntimeError(f"{what} was already applied to this model (model.parallel_plan = {model.parallel_plan})")
     model.parallel_plan = plan
 
 

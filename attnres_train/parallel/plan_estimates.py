@@ -44,7 +44,11 @@ def layer_params(cfg: ModelConfig, i: int) -> Params:
     if i in set(cfg.mla_layers):
         a = cfg.mla
         qk, r = a.qk_nope_head_dim + a.qk_rope_head_dim, a.kv_lora_rank
-        tp = d * a.num_heads * qk + r * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim) + a.num_heads * a.v_head_dim * d
+        tp = (
+            d * a.num_heads * qk
+            + r * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+            + a.num_heads * a.v_head_dim * d
+        )
         low = d * (r + a.qk_rope_head_dim)
         p = Params(tp=tp, rep=low + r, muon=tp + low)
     else:
@@ -106,8 +110,11 @@ def layer_activation_bytes(cfg: ModelConfig, i: int, dims: ParallelDims, shape: 
     if i in set(cfg.mla_layers):
         m = cfg.mla
         H, qk, r = m.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.kv_lora_rank
-        region = a * (2 * H * qk + 2 * r + m.qk_rope_head_dim + H * (m.qk_nope_head_dim + m.v_head_dim)
-                      + 2 * H * m.v_head_dim) + H * f
+        region = (
+            a
+            * (2 * H * qk + 2 * r + m.qk_rope_head_dim + H * (m.qk_nope_head_dim + m.v_head_dim) + 2 * H * m.v_head_dim)
+            + H * f
+        )
     else:
         k = cfg.kda
         hk = k.num_heads * k.head_dim
@@ -130,7 +137,7 @@ def _attnres_bytes_per_token(cfg: ModelConfig, i: int) -> float:
     if cfg.residual.mode == "prenorm":
         return 0.0
     d, f = cfg.hidden_size, FP32
-    sources = attnres_sources(cfg)[2 * i:2 * i + 2]
+    sources = attnres_sources(cfg)[2 * i : 2 * i + 2]
     if cfg.residual.mode == "full":
         return sum(2 * n * d * f + d * f for n in sources)
     starts = set(block_starts(cfg))
@@ -138,8 +145,9 @@ def _attnres_bytes_per_token(cfg: ModelConfig, i: int) -> float:
     return opens * 2 * max(sources) * d * f + 2 * 4 * d * f  # phase 1 once per block, phase 2 per read
 
 
-def stage_activation_bytes(cfg: ModelConfig, layers: range, dims: ParallelDims, shape: TrainShape,
-                           embed: bool, head: bool) -> float:
+def stage_activation_bytes(
+    cfg: ModelConfig, layers: range, dims: ParallelDims, shape: TrainShape, embed: bool, head: bool
+) -> float:
     """One microbatch's activations of a stage holding ``layers`` (plus the embedding / head)."""
     d, f = cfg.hidden_size, FP32
     tokens = shape.micro_batch_size * shape.seq_len
@@ -217,17 +225,16 @@ def _peak_inflight(schedule, stage_bytes: Dict[int, float], rank: int) -> Tuple[
     return peak, peak_count
 
 
-def estimate_ranks(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layout=None,
-                   schedule=None) -> List[RankEstimate]:
+def estimate_ranks(
+    cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layout=None, schedule=None
+) -> List[RankEstimate]:
     """One :class:`RankEstimate` per pipeline rank (a single one without pipeline parallelism)."""
     P = dims.pp
     if P > 1 and (layout is None or schedule is None):
         raise ValueError("pp > 1 needs the pipeline layout and (compute) schedule")
     C = layout.num_stages if P > 1 else 1
-    stage_layers = ({s: range(*layout.layer_range(s)) for s in range(C)} if P > 1
-                    else {0: range(cfg.num_layers)})
-    stage_bytes = {s: stage_activation_bytes(cfg, stage_layers[s], dims, shape, s == 0, s == C - 1)
-                   for s in range(C)}
+    stage_layers = {s: range(*layout.layer_range(s)) for s in range(C)} if P > 1 else {0: range(cfg.num_layers)}
+    stage_bytes = {s: stage_activation_bytes(cfg, stage_layers[s], dims, shape, s == 0, s == C - 1) for s in range(C)}
     out = []
     for r in range(P):
         stages = layout.stages_of(r) if P > 1 else [0]
@@ -244,8 +251,9 @@ def estimate_ranks(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layo
         local = dense + experts
         opt_bytes = 2 * FP32 * local if shape.optimizer == "adamw" else FP32 * muon + 2 * FP32 * (local - muon)
         units = [_unit(layer_params(cfg, i), dims) for i in layers] or [0.0]
-        root = _unit((embed_params(cfg) if 0 in stages else Params())
-                     + (head_params(cfg) if C - 1 in stages else Params()), dims)
+        root = _unit(
+            (embed_params(cfg) if 0 in stages else Params()) + (head_params(cfg) if C - 1 in stages else Params()), dims
+        )
         fsdp = FP32 * (root + 3 * max(units)) if dims.dp_shard > 1 else 0.0
         if P > 1:
             acts, est.inflight = _peak_inflight(schedule, stage_bytes, r)
@@ -255,8 +263,14 @@ def estimate_ranks(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, layo
         tokens = shape.micro_batch_size * shape.seq_len / (dims.tp if dims.sp else 1)
         recompute = max((recompute_bytes(cfg, stage_layers[s], dims, shape) for s in stages), default=0.0)
         cache = est.blocks_cached * min(est.inflight, shape.microbatches) * tokens * cfg.hidden_size * shape.comm_bytes
-        est.memory = {"weights": FP32 * local, "grads": FP32 * local, "optimizer": opt_bytes,
-                      "fsdp_buffers": fsdp, "activations": acts + recompute, "block_cache": cache}
+        est.memory = {
+            "weights": FP32 * local,
+            "grads": FP32 * local,
+            "optimizer": opt_bytes,
+            "fsdp_buffers": fsdp,
+            "activations": acts + recompute,
+            "block_cache": cache,
+        }
         if P > 1:
             # The runtime keeps at most max(2, inflight) sends in flight (+1 pack between compute and SEND), each
             # at most the largest outgoing payload: bounded by the schedule's depth, not by M (docs/pipeline.md).
@@ -282,20 +296,33 @@ class CommRow:
     note: str = ""
 
 
-def estimate_comm(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, rank: RankEstimate,
-                  layout=None) -> List[CommRow]:
+def estimate_comm(
+    cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, rank: RankEstimate, layout=None
+) -> List[CommRow]:
     """Bytes one rank of pipeline rank ``rank.pp_rank`` sends per optimizer step, per process group."""
     M, rows = shape.microbatches, []
     ring = lambda n: (n - 1) / n  # noqa: E731
     dense_shard = rank.local_dense * FP32  # this rank's fp32 shard of the dense parameters
     if dims.dp_shard > 1:
         full = dense_shard * dims.dp_shard
-        rows.append(CommRow("dp_shard", "all-gather (fwd+bwd)", 2 * M * ring(dims.dp_shard) * full,
-                            f"{2 * M} per step: each microbatch's forward and backward"))
+        rows.append(
+            CommRow(
+                "dp_shard",
+                "all-gather (fwd+bwd)",
+                2 * M * ring(dims.dp_shard) * full,
+                f"{2 * M} per step: each microbatch's forward and backward",
+            )
+        )
         rows.append(CommRow("dp_shard", "reduce-scatter grads", ring(dims.dp_shard) * full, "once per step"))
     if dims.dp_replicate > 1:
-        rows.append(CommRow("dp_replicate", "all-reduce grads", 2 * ring(dims.dp_replicate) * dense_shard,
-                            "HSDP replicas" if dims.dp_shard > 1 else "DDP"))
+        rows.append(
+            CommRow(
+                "dp_replicate",
+                "all-reduce grads",
+                2 * ring(dims.dp_replicate) * dense_shard,
+                "HSDP replicas" if dims.dp_shard > 1 else "DDP",
+            )
+        )
     exp_shard = rank.local_experts * FP32
     if rank.params.experts:
         if dims.edp_shard > 1:
@@ -309,29 +336,54 @@ def estimate_comm(cfg: ModelConfig, dims: ParallelDims, shape: TrainShape, rank:
     moe_layers = [i for i in rank.layers if is_moe_layer(cfg, i)]
     redo = 1.5 if shape.activation_checkpointing else 1.0  # the recomputed forward repeats its collectives
     if dims.tp > 1:
-        regions = len(rank.layers) + sum(1 for i in rank.layers
-                                         if not is_moe_layer(cfg, i) or cfg.moe.num_shared_experts)
+        regions = len(rank.layers) + sum(
+            1 for i in rank.layers if not is_moe_layer(cfg, i) or cfg.moe.num_shared_experts
+        )
         regions += (0 in _stages(rank, layout)) + (_last(rank, layout))
         kind = "all-gather + reduce-scatter (SP)" if dims.sp else "all-reduce"
-        rows.append(CommRow("tp", f"activations: {kind}", redo * M * regions * 4 * ring(dims.tp) * act,
-                            f"{regions} tp regions per microbatch, fwd + bwd"))
+        rows.append(
+            CommRow(
+                "tp",
+                f"activations: {kind}",
+                redo * M * regions * 4 * ring(dims.tp) * act,
+                f"{regions} tp regions per microbatch, fwd + bwd",
+            )
+        )
         rep = rank.params.rep * FP32 / dims.dp_shard
-        rows.append(CommRow("tp", "replicated-param grad all-reduce", M * 2 * ring(dims.tp) * rep,
-                            "partial grads of tp-replicated weights"))
+        rows.append(
+            CommRow(
+                "tp",
+                "replicated-param grad all-reduce",
+                M * 2 * ring(dims.tp) * rep,
+                "partial grads of tp-replicated weights",
+            )
+        )
     if dims.ep > 1 and moe_layers:
         moe_tokens = tokens / (dims.tp if dims.sp else 1)
         buf = moe_tokens * cfg.moe.top_k * cfg.hidden_size * shape.act_bytes
-        rows.append(CommRow("ep", "all-to-all dispatch + combine", redo * M * len(moe_layers) * 4 * ring(dims.ep) * buf,
-                            f"{len(moe_layers)} MoE layers, fwd + bwd"))
+        rows.append(
+            CommRow(
+                "ep",
+                "all-to-all dispatch + combine",
+                redo * M * len(moe_layers) * 4 * ring(dims.ep) * buf,
+                f"{len(moe_layers)} MoE layers, fwd + bwd",
+            )
+        )
     if dims.pp > 1:
         r, C = rank.pp_rank, layout.num_stages
         stages = layout.stages_of(r)
         fwd = sum(layout.payload_len(s) for s in stages if s < C - 1 and layout.rank_of(s + 1) != r)
         bwd = sum(layout.payload_len(s - 1) for s in stages if s > 0 and layout.rank_of(s - 1) != r)
         local_t = tokens / (dims.tp if dims.sp else 1)
-        rows.append(CommRow("pp", "send/recv hops", M * (fwd + bwd) * local_t * cfg.hidden_size * shape.comm_bytes,
-                            f"{fwd} block tensors forward + {bwd} backward per microbatch"
-                            + (" (block cache)" if layout.block_cache and layout.has_blocks else "")))
+        rows.append(
+            CommRow(
+                "pp",
+                "send/recv hops",
+                M * (fwd + bwd) * local_t * cfg.hidden_size * shape.comm_bytes,
+                f"{fwd} block tensors forward + {bwd} backward per microbatch"
+                + (" (block cache)" if layout.block_cache and layout.has_blocks else ""),
+            )
+        )
     return rows
 
 

@@ -79,8 +79,9 @@ MLA_PLACEMENTS: Dict[str, Placement] = {
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def tensor_parallel_plan(model: nn.Module, sequence_parallel: bool,
-                         src_data_rank: Optional[int] = 0) -> Dict[str, ParallelStyle]:
+def tensor_parallel_plan(
+    model: nn.Module, sequence_parallel: bool, src_data_rank: Optional[int] = 0
+) -> Dict[str, ParallelStyle]:
     """FQN -> ParallelStyle for ``parallelize_module`` (the whole TP layout as data, torchtitan style).
 
     Parameters not named here (norm gains, AttnRes pseudo-queries and their gains) become replicated DTensors
@@ -97,9 +98,13 @@ def tensor_parallel_plan(model: nn.Module, sequence_parallel: bool,
         pre = f"model.layers.{i}"
         mixer = layer.self_attn
         if isinstance(mixer, KimiDeltaAttention):
-            plan[f"{pre}.self_attn"] = HeadParallel(KDA_PLACEMENTS, sequence_parallel, src_data_rank, "model.kda.num_heads")
+            plan[f"{pre}.self_attn"] = HeadParallel(
+                KDA_PLACEMENTS, sequence_parallel, src_data_rank, "model.kda.num_heads"
+            )
         elif isinstance(mixer, MultiLatentAttention):
-            plan[f"{pre}.self_attn"] = HeadParallel(MLA_PLACEMENTS, sequence_parallel, src_data_rank, "model.mla.num_heads")
+            plan[f"{pre}.self_attn"] = HeadParallel(
+                MLA_PLACEMENTS, sequence_parallel, src_data_rank, "model.mla.num_heads"
+            )
         else:
             raise TypeError(f"{pre}.self_attn: no tensor-parallel plan for {type(mixer).__name__}")
         if layer.is_moe:
@@ -137,8 +142,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if head is not None:
         if tied:  # one Shard(0) parameter serves as the row-parallel embedding and the column-parallel head
             head.weight = embed.weight
-            head_style = _TiedColwiseParallel(input_layouts=head_style.input_layouts[0],
-                                              output_layouts=head_style.output_layouts[0], use_local_output=False)
+            head_style = _TiedColwiseParallel(
+                input_layouts=head_style.input_layouts[0],
+                output_layouts=head_style.output_layouts[0],
+                use_local_output=False,
+            )
         head_style._apply(head, tp_mesh)
         head_input._apply(head, tp_mesh)  # prepended: runs before the column-parallel input hook
 
@@ -170,8 +178,9 @@ class _TiedColwiseParallel(ColwiseParallel):
 def _check_seq_len(tp: int, module: nn.Module, args) -> None:
     T = args[0].shape[SEQ_DIM]
     if T % tp:
-        raise ValueError(f"sequence parallelism needs the sequence length ({T}) divisible by the tensor-parallel "
-                         f"degree ({tp})")
+        raise ValueError(
+            f"sequence parallelism needs the sequence length ({T}) divisible by the tensor-parallel degree ({tp})"
+        )
 
 
 def tensor_parallel_sharding(model: nn.Module) -> List[Tuple[str, Tuple[int, ...], str]]:

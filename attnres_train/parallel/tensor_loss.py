@@ -41,18 +41,19 @@ class VocabParallelLMLoss(LMLoss):
         vocab_start = self.mesh.get_local_rank() * local.shape[-1]
         return vocab_parallel_cross_entropy(local, labels, vocab_start, self.mesh.get_group())
 
-    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              chunk_tokens: int) -> torch.Tensor:
+    def fused(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
         if not isinstance(weight, DTensor):
             return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens)
         if weight.placements != (Shard(0),):
-            raise ValueError(f"fused LM loss: expected the head weight as Shard(0) on the tp mesh, got "
-                             f"{weight.placements}")
+            raise ValueError(
+                f"fused LM loss: expected the head weight as Shard(0) on the tp mesh, got {weight.placements}"
+            )
         h = enter_region(hidden, self.mesh, self.layout).to_local(grad_placements=[Partial()])
         w_local = weight.to_local()
         vocab_start = self.mesh.get_local_rank() * w_local.shape[0]
-        return vocab_parallel_fused_cross_entropy(h, w_local, labels, vocab_start, chunk_tokens,
-                                                  self.mesh.get_group())
+        return vocab_parallel_fused_cross_entropy(h, w_local, labels, vocab_start, chunk_tokens, self.mesh.get_group())
 
     def __deepcopy__(self, memo):  # process groups cannot be copied: a deep-copied model shares the mesh
         return type(self)(self.mesh, self.layout)

@@ -23,8 +23,18 @@ from ..config.parallel import require_tp_divides
 from ..model.moe import MoE, SequenceStats
 from .tp_ops import all_reduce_replicated, reduce_grad
 
-__all__ = ["RegionInput", "HeadParallel", "VocabParallelEmbedding", "TokenParallelMoE", "SequenceParallelStats",
-           "run_on_local_params", "distribute_param", "enter_region", "reduce_partial_grad", "SEQ_DIM"]
+__all__ = [
+    "RegionInput",
+    "HeadParallel",
+    "VocabParallelEmbedding",
+    "TokenParallelMoE",
+    "SequenceParallelStats",
+    "run_on_local_params",
+    "distribute_param",
+    "enter_region",
+    "reduce_partial_grad",
+    "SEQ_DIM",
+]
 
 SEQ_DIM = 1  # [B, T, d]
 
@@ -35,15 +45,18 @@ def _resolve(module: nn.Module, rel_name: str) -> Tuple[nn.Module, str]:
     return module.get_submodule(".".join(path)), name
 
 
-def distribute_param(owner: nn.Module, name: str, mesh: DeviceMesh, placement: Placement,
-                     src_data_rank: Optional[int]) -> None:
+def distribute_param(
+    owner: nn.Module, name: str, mesh: DeviceMesh, placement: Placement, src_data_rank: Optional[int]
+) -> None:
     """Replace ``owner.<name>`` by an ``nn.Parameter`` holding a DTensor with ``placement`` on ``mesh``."""
     p = getattr(owner, name)
     if isinstance(p, DTensor):
         raise RuntimeError(f"{type(owner).__name__}.{name} is already a DTensor: apply_tensor_parallel applied twice?")
     if isinstance(placement, Shard) and p.shape[placement.dim] % mesh.size():
-        raise ValueError(f"{type(owner).__name__}.{name} {tuple(p.shape)}: dim {placement.dim} is not divisible by "
-                         f"the tensor-parallel degree {mesh.size()}")
+        raise ValueError(
+            f"{type(owner).__name__}.{name} {tuple(p.shape)}: dim {placement.dim} is not divisible by "
+            f"the tensor-parallel degree {mesh.size()}"
+        )
     dt = distribute_tensor(p.detach(), mesh, [placement], src_data_rank=src_data_rank)
     owner.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
 
@@ -53,8 +66,7 @@ def _local_view(partial: bool):
     over tp (a replicated parameter used on this rank's heads or tokens), marked ``Partial`` so it is summed."""
 
     def view(p: DTensor) -> torch.Tensor:
-        return p.to_local(grad_placements=[Partial() if (partial and pl.is_replicate()) else pl
-                                           for pl in p.placements])
+        return p.to_local(grad_placements=[Partial() if (partial and pl.is_replicate()) else pl for pl in p.placements])
 
     return view
 
@@ -65,8 +77,7 @@ def _ep_view_reduced_over(group):
 
     def view(p: DTensor) -> torch.Tensor:
         local = reduce_grad(p.to_local(), group)
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=p.stride())
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     return view
 
@@ -170,8 +181,13 @@ class HeadParallel(ParallelStyle):
     all-gathered to the full sequence. Output: the same layout as the input, from the row-parallel partial sums.
     """
 
-    def __init__(self, placements: Dict[str, Placement], sequence_parallel: bool, src_data_rank: Optional[int] = 0,
-                 heads_field: str = "model.kda.num_heads"):
+    def __init__(
+        self,
+        placements: Dict[str, Placement],
+        sequence_parallel: bool,
+        src_data_rank: Optional[int] = 0,
+        heads_field: str = "model.kda.num_heads",
+    ):
         super().__init__()
         self.placements = dict(placements)
         self.act = Shard(SEQ_DIM) if sequence_parallel else Replicate()
@@ -184,9 +200,11 @@ class HeadParallel(ParallelStyle):
             require_tp_divides(device_mesh.size(), self.heads_field, heads, "heads are split over the tp group")
         names = {n for n, _ in module.named_parameters()}
         if names != set(self.placements):
-            raise ValueError(f"{type(module).__name__}: TP placements do not match its parameters; "
-                             f"missing {sorted(names - set(self.placements))}, "
-                             f"unknown {sorted(set(self.placements) - names)}")
+            raise ValueError(
+                f"{type(module).__name__}: TP placements do not match its parameters; "
+                f"missing {sorted(names - set(self.placements))}, "
+                f"unknown {sorted(set(self.placements) - names)}"
+            )
         for rel, placement in self.placements.items():
             distribute_param(*_resolve(module, rel), device_mesh, placement, self.src_data_rank)
         mesh, act = device_mesh, self.act

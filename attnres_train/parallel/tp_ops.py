@@ -18,8 +18,7 @@ import torch.distributed as dist
 
 from ..model.lm_loss import IGNORE_INDEX, fused_linear_cross_entropy
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_fused_cross_entropy", "all_reduce_replicated",
-           "reduce_grad"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_fused_cross_entropy", "all_reduce_replicated", "reduce_grad"]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -62,8 +61,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_NV, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                 group: Optional[dist.ProcessGroup] = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Mean next-token cross entropy (fp32; fp64 stays fp64) from this rank's vocabulary slice of the logits.
 
     ``logits`` ``[..., V_local]`` (local tensor) holds vocab ids ``[vocab_start, vocab_start + V_local)``;
@@ -75,9 +79,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     return _VocabParallelCrossEntropy.apply(logits_NV, labels.reshape(-1), int(vocab_start), ignore_index, group)
 
 
-def vocab_parallel_fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                       vocab_start: int, chunk_tokens: int, group: Optional[dist.ProcessGroup] = None,
-                                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def vocab_parallel_fused_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    chunk_tokens: int,
+    group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """:func:`vocab_parallel_cross_entropy` of ``F.linear(hidden, weight)`` without building the logits.
 
     ``hidden [..., d]``: the full (replicated) hidden states, identical on every rank of ``group``; ``weight
@@ -86,14 +96,16 @@ def vocab_parallel_fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tenso
     (2 collectives per chunk). Returns the same plain scalar on every rank; the gradient w.r.t. ``hidden`` is
     this rank's partial sum (the caller sums it over ``group``), the one w.r.t. ``weight`` is complete.
     """
+
     def reduce_max(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 
     def reduce_sum(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
-    return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, ignore_index, vocab_start,
-                                      reduce_max, reduce_sum)
+    return fused_linear_cross_entropy(
+        hidden, weight, labels, chunk_tokens, ignore_index, vocab_start, reduce_max, reduce_sum
+    )
 
 
 class _AllReduceReplicated(torch.autograd.Function):

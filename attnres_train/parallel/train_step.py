@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment]
 
 
-
 # -- data split / loss normalisation ----------------------------------------------------------------------
 def local_batch(global_batch: torch.Tensor, pctx) -> torch.Tensor:
     """Rows ``[dp_rank * b, (dp_rank + 1) * b)`` of a ``[B, ...]`` global batch, ``b = B / dp_size``."""
@@ -31,7 +30,7 @@ def local_batch(global_batch: torch.Tensor, pctx) -> torch.Tensor:
     if global_batch.shape[0] % dp:
         raise ValueError(f"global batch of {global_batch.shape[0]} rows does not split over {dp} dp ranks")
     b = global_batch.shape[0] // dp
-    return global_batch[r * b:(r + 1) * b]
+    return global_batch[r * b : (r + 1) * b]
 
 
 def loss_weights(labels: Sequence[torch.Tensor], pctx, ignore_index: int = IGNORE_INDEX) -> List[float]:
@@ -84,8 +83,11 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, reduce_gro
         stacked = torch.stack([x.to(dev) for x in parts])
         total = stacked.max() if norm_type == float("inf") else torch.linalg.vector_norm(stacked, norm_type)
     if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(reduce_group) == "nccl" \
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(reduce_group) == "nccl"
             else torch.device("cpu")
+        )
         t = total.detach().to(dev, torch.float64)
         if norm_type == float("inf"):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=reduce_group)
@@ -97,8 +99,9 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, reduce_gro
     return total
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
-                    reduce_group=None) -> torch.Tensor:
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, reduce_group=None
+) -> torch.Tensor:
     """DTensor-aware ``clip_grad_norm_``: returns the total norm before clipping; clips if ``max_norm > 0``.
 
     Scale factor ``min(1, max_norm / (norm + 1e-6))``, as torch's. ``reduce_group``: see :func:`grad_norm`.

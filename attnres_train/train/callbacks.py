@@ -85,10 +85,19 @@ class TrainLog(TrainerCallback):
         # validation, samples and saves)
         s_per_step = dt / max(info.step - self.step_last, 1)
         eta = (info.stop - info.step) * (now - self.t_loop) / max(info.step - self.step_loop, 1)
-        trainer.logger.log("train", info.step, **info.stats, **({"skipped": True} if info.skipped else {}),
-                           tokens_seen=trainer.tokens_seen, tokens_per_s=tps, mfu=mfu,
-                           peak_mem_gb=peak_memory_gb(trainer.ctx.device), s_per_step=s_per_step,
-                           elapsed_s=time.time() - trainer.process_start, eta_s=eta)
+        trainer.logger.log(
+            "train",
+            info.step,
+            **info.stats,
+            **({"skipped": True} if info.skipped else {}),
+            tokens_seen=trainer.tokens_seen,
+            tokens_per_s=tps,
+            mfu=mfu,
+            peak_mem_gb=peak_memory_gb(trainer.ctx.device),
+            s_per_step=s_per_step,
+            elapsed_s=time.time() - trainer.process_start,
+            eta_s=eta,
+        )
         self.t_last, self.step_last, self.tok_last = time.perf_counter(), info.step, trainer.tokens_seen
 
 
@@ -104,20 +113,34 @@ class SkippedSteps(TrainerCallback):
         if not info.skipped:
             return
         skips, step = info.consecutive_skips, info.step
-        trainer.logger.log("event", step, event="skipped_step", consecutive=skips, loss=info.stats.get("loss"),
-                           grad_norm=info.stats.get("grad_norm"))
+        trainer.logger.log(
+            "event",
+            step,
+            event="skipped_step",
+            consecutive=skips,
+            loss=info.stats.get("loss"),
+            grad_norm=info.stats.get("grad_norm"),
+        )
         if skips <= self.limit and not (info.final and not info.signal):
             return
         trainer.wait_for_saves()
         good = trainer.ckpt.latest(report=False)
         first = step - skips + 1
-        where = (f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "
-                 "e.g. with a lower optim.lr or different data." if good else "This run has no checkpoint yet.")
-        why = (f"more than trainer.max_consecutive_skips={self.limit}" if skips > self.limit else
-               "including the run's last step, so it has no good final state")
+        where = (
+            f"The last good checkpoint is {good}: resume from it (checkpoint.resume=auto) after fixing the cause, "
+            "e.g. with a lower optim.lr or different data."
+            if good
+            else "This run has no checkpoint yet."
+        )
+        why = (
+            f"more than trainer.max_consecutive_skips={self.limit}"
+            if skips > self.limit
+            else "including the run's last step, so it has no good final state"
+        )
         raise TrainingAborted(
             f"step {step}: the loss or gradient norm was NaN/Inf on {skips} consecutive steps ({first}..{step}), "
-            f"{why}; stopped without saving. {where}")
+            f"{why}; stopped without saving. {where}"
+        )
 
 
 def _diagnostics_here(trainer) -> bool:
@@ -167,8 +190,15 @@ class Sampling(TrainerCallback):
     def on_step_end(self, trainer, info):
         if not self.every or info.step % self.every or not _diagnostics_here(trainer):
             return
-        text = generate(trainer.model, trainer.data.tokenizer, self.prompt, self.tokens, self.temperature,
-                        trainer.ctx.device, seed=info.step)
+        text = generate(
+            trainer.model,
+            trainer.data.tokenizer,
+            self.prompt,
+            self.tokens,
+            self.temperature,
+            trainer.ctx.device,
+            seed=info.step,
+        )
         if text is not None and trainer.ctx.is_main:
             trainer.logger.log("sample", info.step, prompt=self.prompt, text=text)
 
@@ -190,7 +220,11 @@ class CheckpointCadence(TrainerCallback):
 def default_callbacks(cfg) -> List[TrainerCallback]:
     """The built-ins for a root ``Config``, in the order they run after each step."""
     tc = cfg.trainer
-    return [TrainLog(tc.log_every), SkippedSteps(tc.max_consecutive_skips), DepthStatistics(tc.depth_stats_every),
-            Validation(tc.val_every), Sampling(tc.sample_every, tc.sample_prompt, tc.sample_tokens,
-                                               tc.sample_temperature),
-            CheckpointCadence(cfg.checkpoint.interval, cfg.checkpoint.async_save)]
+    return [
+        TrainLog(tc.log_every),
+        SkippedSteps(tc.max_consecutive_skips),
+        DepthStatistics(tc.depth_stats_every),
+        Validation(tc.val_every),
+        Sampling(tc.sample_every, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature),
+        CheckpointCadence(cfg.checkpoint.interval, cfg.checkpoint.async_save),
+    ]

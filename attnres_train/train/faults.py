@@ -22,8 +22,20 @@ SIGINT_EXIT_CODE = 130  # 128 + SIGINT: what shells report for a Ctrl-C'd comman
 REPEAT_WINDOW_S = 1.0  # a SIGINT this soon after the first is the same press (torchrun's forwarded copy)
 
 # Text of the errors gloo / NCCL / the TCP store raise when a peer is gone or a collective timed out.
-_COMM_FAILURE_MARKERS = ("gloo", "Gloo", "NCCL", "nccl", "Connection reset", "Connection closed", "Connection refused",
-                         "Broken pipe", "Timed out", "timed out", "Socket Timeout", "DistNetworkError")
+_COMM_FAILURE_MARKERS = (
+    "gloo",
+    "Gloo",
+    "NCCL",
+    "nccl",
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Socket Timeout",
+    "DistNetworkError",
+)
 
 
 class TrainingAborted(RuntimeError):
@@ -70,8 +82,10 @@ class StopSignals:
         if not self.received:
             self.received = int(signum)
             again = " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-            self._say(f"[rank {self.rank}] received {signal.Signals(signum).name}: finishing the current step, then "
-                      f"saving a checkpoint and exiting{again}\n")
+            self._say(
+                f"[rank {self.rank}] received {signal.Signals(signum).name}: finishing the current step, then "
+                f"saving a checkpoint and exiting{again}\n"
+            )
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -116,8 +130,16 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def comm_failure_message(exc: BaseException, rank: int, activity: str, timeout_s: int, checkpoint) -> str:
     """``activity``: what the ranks were doing (``step 12``, ``the checkpoint save after step 12``...)."""
-    where = (f"the newest complete checkpoint is {checkpoint}; the requeued or restarted job resumes from it with "
-             "checkpoint.resume=auto") if checkpoint else "no checkpoint of this run exists yet"
-    return (f"rank {rank}: a collective operation failed during {activity} ({first_line(exc)}). Another rank died, "
-            f"hung or lost its connection (collectives time out after trainer.dist_timeout_s={timeout_s}s); "
-            f"{where}.")
+    where = (
+        (
+            f"the newest complete checkpoint is {checkpoint}; the requeued or restarted job resumes from it with "
+            "checkpoint.resume=auto"
+        )
+        if checkpoint
+        else "no checkpoint of this run exists yet"
+    )
+    return (
+        f"rank {rank}: a collective operation failed during {activity} ({first_line(exc)}). Another rank died, "
+        f"hung or lost its connection (collectives time out after trainer.dist_timeout_s={timeout_s}s); "
+        f"{where}."
+    )

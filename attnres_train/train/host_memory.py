@@ -36,6 +36,9 @@ def keep_freed_host_memory() -> bool:
     gnu_get_libc_version.restype = ctypes.c_char_p
     ok = bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX)) and bool(mallopt(_M_MMAP_THRESHOLD, _INT_MAX))
     mallopt(_M_TOP_PAD, 64 << 20)  # grow the heap in 64 MiB steps (fewer brk calls); best effort
-    log.debug("host allocator: glibc %s keeps freed memory (mallopt %s)", gnu_get_libc_version().decode(),
-             "accepted" if ok else "refused")
+    log.debug(
+        "host allocator: glibc %s keeps freed memory (mallopt %s)",
+        gnu_get_libc_version().decode(),
+        "accepted" if ok else "refused",
+    )
     return ok

@@ -45,7 +45,7 @@ def measure_cpu_matmul_flops(n: int = 1024, trials: int = 5, seconds: float = 0.
         while time.perf_counter() - t0 < seconds:
             a @ b
             reps += 1
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
@@ -63,9 +63,9 @@ def peak_flops(device: torch.device, configured: float) -> float:
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return torch.cuda.max_memory_allocated(device) / 2**30
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return rss_kb / 2 ** 20
+    return rss_kb / 2**20
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: fl
             break
         x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
     model.train(was_training)
-    return tokenizer.decode(x[0, len(ids):].tolist())
+    return tokenizer.decode(x[0, len(ids) :].tolist())
 
 
 RUN_LOGGER = "attnres_train.run"  # the console + RUN_DIR/train.log logger (rank 0; does not propagate)
@@ -251,8 +251,17 @@ class WandbSink:
 
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         self.run_id = wandb_run_id(run_dir)
-        self._run = wandb.init(project=wb.project, entity=wb.entity, name=wb.name, tags=list(wb.tags),
-                               mode=wb.mode, config=config_dict, dir=str(run_dir), id=self.run_id, resume="allow")
+        self._run = wandb.init(
+            project=wb.project,
+            entity=wb.entity,
+            name=wb.name,
+            tags=list(wb.tags),
+            mode=wb.mode,
+            config=config_dict,
+            dir=str(run_dir),
+            id=self.run_id,
+            resume="allow",
+        )
 
     def write(self, rec: dict, line: Optional[str]) -> None:
         kind = rec["kind"]
@@ -321,12 +330,16 @@ class MetricsLogger:
         kind, step = rec["kind"], rec["step"]
         head = MetricsLogger.step_label(step, total)
         if kind == "train":
-            parts = [(f"{label} " if label else "") + fmt(rec[key]) for key, label, fmt in _TRAIN_FIELDS
-                     if isinstance(rec.get(key), (int, float))]
+            parts = [
+                (f"{label} " if label else "") + fmt(rec[key])
+                for key, label, fmt in _TRAIN_FIELDS
+                if isinstance(rec.get(key), (int, float))
+            ]
             return f"{head} " + " | ".join(parts) + (" | skipped (non-finite)" if rec.get("skipped") else "")
         if kind == "val":
-            return f"{head} " + " | ".join(f"{k} {_value(float(v))}" for k, v in rec.items()
-                                           if k not in ("kind", "step", "time"))
+            return f"{head} " + " | ".join(
+                f"{k} {_value(float(v))}" for k, v in rec.items() if k not in ("kind", "step", "time")
+            )
         if kind == "depth":
             ent: List[float] = rec.get("depth_entropy", [])
             return f"{head} depth entropy per sublayer: " + " ".join(f"{e:.2f}" for e in ent)

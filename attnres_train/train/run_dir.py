@@ -26,8 +26,9 @@ def check_run_dir(run_dir) -> None:
         missing.append(probe)
         probe = probe.parent
     if not probe.is_dir():
-        raise UserInputError(f"run_dir {value!r} is not writable: {str(probe)!r} exists and is not a directory; "
-                             "choose another run_dir")
+        raise UserInputError(
+            f"run_dir {value!r} is not writable: {str(probe)!r} exists and is not a directory; choose another run_dir"
+        )
     try:
         for d in reversed(missing):
             d.mkdir(exist_ok=True)  # exist_ok: the other ranks of a job run this check at the same moment
@@ -40,5 +41,7 @@ def check_run_dir(run_dir) -> None:
                 d.rmdir()
             except OSError:
                 pass
-        raise UserInputError(f"run_dir {value!r} is not writable: cannot create or write {str(exc.filename or path)!r} "
-                             f"({exc.strerror or exc}); choose a writable directory") from None
+        raise UserInputError(
+            f"run_dir {value!r} is not writable: cannot create or write {str(exc.filename or path)!r} "
+            f"({exc.strerror or exc}); choose a writable directory"
+        ) from None

@@ -54,14 +54,16 @@ def simulate_rank(cfg, rank: int, world_size: int) -> SimulatedRank:
     t0 = time.perf_counter()
     dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     try:
-        pctx = build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len, world_size, "cpu",
-                                      rank=rank, local_rank=0)
+        pctx = build_parallel_context(
+            cfg.parallel, cfg.model, cfg.data.seq_len, world_size, "cpu", rank=rank, local_rank=0
+        )
         model = build_model(cfg.model, device="meta")
         full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         module = build_train_module(model, cfg, pctx, max_steps=1)
         params = [p for p in module.model.parameters()]
-        out = SimulatedRank(rank=rank, world_size=world_size,
-                            pp_rank=pctx.mesh("pp").get_local_rank() if pctx.dims.pp > 1 else 0)
+        out = SimulatedRank(
+            rank=rank, world_size=world_size, pp_rank=pctx.mesh("pp").get_local_rank() if pctx.dims.pp > 1 else 0
+        )
         out.full_model_bytes = full_bytes
         out.bytes["parameters"] = local_bytes(module.model, include_buffers=False)
         out.largest_tensor_bytes = max((_tensor_bytes(p) for p in params), default=0)
@@ -87,10 +89,12 @@ def simulate_rank(cfg, rank: int, world_size: int) -> SimulatedRank:
 
 def render_simulation(sim: SimulatedRank, estimate: Optional[dict]) -> str:
     """Measured bytes next to the plan's estimate for this rank's pp stage group."""
-    gib = 2.0 ** 30
-    lines = [f"simulated rank {sim.rank} of {sim.world_size} (pp rank {sim.pp_rank}; fake process group, CPU), "
-             f"{sim.seconds:.0f} s, peak RSS {sim.peak_rss_bytes / gib:.2f} GiB",
-             f"{'':14}{'measured GiB':>14}{'plan GiB':>12}{'ratio':>8}"]
+    gib = 2.0**30
+    lines = [
+        f"simulated rank {sim.rank} of {sim.world_size} (pp rank {sim.pp_rank}; fake process group, CPU), "
+        f"{sim.seconds:.0f} s, peak RSS {sim.peak_rss_bytes / gib:.2f} GiB",
+        f"{'':14}{'measured GiB':>14}{'plan GiB':>12}{'ratio':>8}",
+    ]
     for key, plan_key in (("parameters", "weights"), ("gradients", "grads"), ("optimizer", "optimizer")):
         if key not in sim.bytes:
             continue
@@ -100,6 +104,8 @@ def render_simulation(sim: SimulatedRank, estimate: Optional[dict]) -> str:
             lines.append(f"{key:14}{got:14.3f}{want / gib:12.3f}{got / (want / gib):8.3f}")
         else:
             lines.append(f"{key:14}{got:14.3f}{'-':>12}{'-':>8}")
-    lines.append(f"largest tensor this rank materialised: {sim.largest_tensor_bytes / gib:.3f} GiB "
-                 f"(whole model: {sim.full_model_bytes / gib:.1f} GiB)")
+    lines.append(
+        f"largest tensor this rank materialised: {sim.largest_tensor_bytes / gib:.3f} GiB "
+        f"(whole model: {sim.full_model_bytes / gib:.1f} GiB)"
+    )
     return "\n".join(lines)

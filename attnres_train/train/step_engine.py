@@ -70,8 +70,14 @@ class LocalStepEngine(StepEngine):
     """No pipeline: the whole (parallelized) model on this rank; microbatches run one after the other, each loss
     weighted so the summed gradient is that of the global mean token loss, gradient sync on the last one."""
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext, trainer_cfg: TrainerConfig,
-                 seed: Optional[int] = None, doc_eos_id: Optional[int] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: ParallelContext,
+        trainer_cfg: TrainerConfig,
+        seed: Optional[int] = None,
+        doc_eos_id: Optional[int] = None,
+    ):
         super().__init__(ctx, doc_eos_id)
         on_meta = all(p.is_meta for p in model.parameters())
         if getattr(model, "parallel_plan", None) is None:
@@ -123,8 +129,15 @@ class PipelineStepEngine(StepEngine):
 
     diagnostics_supported = False  # no rank holds the whole model
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext, trainer_cfg: TrainerConfig,
-                 pipeline_cfg: PipelineConfig, seed: Optional[int] = None, doc_eos_id: Optional[int] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: ParallelContext,
+        trainer_cfg: TrainerConfig,
+        pipeline_cfg: PipelineConfig,
+        seed: Optional[int] = None,
+        doc_eos_id: Optional[int] = None,
+    ):
         super().__init__(ctx, doc_eos_id)
         self.pipe = parallelize_pipeline(model, ctx, trainer_cfg, pipeline_cfg, seed=seed)
         for st in self.pipe.stages:  # document masking: every stage derives the ids itself
@@ -151,9 +164,14 @@ class PipelineStepEngine(StepEngine):
             return self.pipe.step(list(microbatches), eval_mode=True).loss
 
 
-def build_step_engine(model: nn.Module, ctx: ParallelContext, trainer_cfg: TrainerConfig,
-                      pipeline_cfg: Optional[PipelineConfig] = None, seed: Optional[int] = None,
-                      doc_eos_id: Optional[int] = None) -> StepEngine:
+def build_step_engine(
+    model: nn.Module,
+    ctx: ParallelContext,
+    trainer_cfg: TrainerConfig,
+    pipeline_cfg: Optional[PipelineConfig] = None,
+    seed: Optional[int] = None,
+    doc_eos_id: Optional[int] = None,
+) -> StepEngine:
     """The pipeline engine when ``ctx.dims.pp > 1`` (then ``pipeline_cfg`` is required), else the local one."""
     if ctx.dims.pp > 1:
         if pipeline_cfg is None:

@@ -27,9 +27,17 @@ from .step_engine import build_step_engine
 
 
 class TrainModule:
-    def __init__(self, model, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ctx: ParallelContext,
-                 max_steps: int, seed: Optional[int] = None, doc_eos_id: Optional[int] = None,
-                 pipeline_cfg: Optional[PipelineConfig] = None):
+    def __init__(
+        self,
+        model,
+        optim_cfg: OptimConfig,
+        trainer_cfg: TrainerConfig,
+        ctx: ParallelContext,
+        max_steps: int,
+        seed: Optional[int] = None,
+        doc_eos_id: Optional[int] = None,
+        pipeline_cfg: Optional[PipelineConfig] = None,
+    ):
         """``model``: the plain model, on ``meta`` (then this rank's shards are materialised and initialised
         from ``seed`` after parallelising: the values one process would have) or materialised identically on
         every rank; parallelized in place by the step engine (``pipeline_cfg`` needed when ``pp > 1``).
@@ -85,8 +93,9 @@ class TrainModule:
         """
         loss, self._step_loss = self._step_loss, None
         lr = set_lr(self.optimizers, step, self.optim_cfg, self.max_steps) * self.optim_cfg.lr  # logged: actual LR
-        grad_norm = clip_grad_norm_(self.engine.grad_params(), self.optim_cfg.grad_clip,
-                                    reduce_group=self.engine.norm_group)
+        grad_norm = clip_grad_norm_(
+            self.engine.grad_params(), self.optim_cfg.grad_clip, reduce_group=self.engine.norm_group
+        )
         if self._non_finite(float(grad_norm), loss):
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -148,12 +157,14 @@ class TrainModule:
         return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp())}
 
 
-def build_train_module(model, cfg, ctx: ParallelContext, max_steps: int,
-                       doc_eos_id: Optional[int] = None) -> TrainModule:
+def build_train_module(
+    model, cfg, ctx: ParallelContext, max_steps: int, doc_eos_id: Optional[int] = None
+) -> TrainModule:
     """The train module for ``cfg`` (a validated root ``Config``). ``doc_eos_id``: the tokenizer's EOS id when
     ``data.document_masking`` is on (None: off)."""
-    return TrainModule(model, cfg.optim, cfg.trainer, ctx, max_steps, seed=cfg.seed, doc_eos_id=doc_eos_id,
-                       pipeline_cfg=cfg.pipeline)
+    return TrainModule(
+        model, cfg.optim, cfg.trainer, ctx, max_steps, seed=cfg.seed, doc_eos_id=doc_eos_id, pipeline_cfg=cfg.pipeline
+    )
 
 
 def document_masking_eos(data_cfg, tokenizer) -> Optional[int]:
@@ -162,6 +173,9 @@ def document_masking_eos(data_cfg, tokenizer) -> Optional[int]:
         return None
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
-        raise ConfigError("data.document_masking", f"needs a tokenizer with an EOS token (documents end at "
-                          f"their EOS); {getattr(tokenizer, 'name', tokenizer)!r} has none")
+        raise ConfigError(
+            "data.document_masking",
+            f"needs a tokenizer with an EOS token (documents end at "
+            f"their EOS); {getattr(tokenizer, 'name', tokenizer)!r} has none",
+        )
     return int(eos)

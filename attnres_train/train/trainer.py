@@ -48,8 +48,7 @@ def _diff(a, b, prefix=""):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, ctx: ParallelContext,
-                 callbacks: Optional[Sequence[TrainerCallback]] = None):
+    def __init__(self, cfg, run_dir: Path, ctx: ParallelContext, callbacks: Optional[Sequence[TrainerCallback]] = None):
         """``ctx``: the run's ParallelContext, built from ``cfg.parallel`` by the command line
         (``cli.train.parallel_context``), or ``parallel.mesh.single_process_context()``. ``callbacks``: run after
         the built-ins (``callbacks.default_callbacks``) after every step."""
@@ -80,21 +79,36 @@ class Trainer:
         # AC -> compile -> FSDP, per pipeline stage with pp) and materialises only this rank's shards, initialised
         # from ``seed`` to exactly the values one process would have (attnres_train.model.init).
         self.model = build_model(cfg.model, device="meta")
-        self.module = build_train_module(self.model, cfg, ctx, self.max_steps,
-                                         doc_eos_id=document_masking_eos(cfg.data, self.data.tokenizer))
+        self.module = build_train_module(
+            self.model, cfg, ctx, self.max_steps, doc_eos_id=document_masking_eos(cfg.data, self.data.tokenizer)
+        )
         # With pipeline parallelism: this rank's stages under the full model's parameter names (checkpoints
         # stay layout independent); otherwise the parallelized model itself.
         self.model = self.module.model
         # wall-clock start of the process (imports, Hydra) and the trainer's phases, for the header
         self.process_start = process_start_time()
-        self._startup = {"process": self.process_start, "before": t_init, "data": t_model - t_data,
-                         "model": time.perf_counter() - t_model}
+        self._startup = {
+            "process": self.process_start,
+            "before": t_init,
+            "data": t_model - t_data,
+            "model": time.perf_counter() - t_model,
+        }
         self.sampler = self.data.train_sampler(tc.global_batch_size, ctx.dp_rank, ctx.dp_size)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rank=ctx.rank,
-                                      world_size=ctx.world_size, barrier=ctx.barrier if ctx.is_distributed else None,
-                                      async_save=cfg.checkpoint.async_save, timeout_s=tc.dist_timeout_s)
-        self.logger = MetricsLogger(self.run_dir, cfg.logging, enabled=ctx.is_main,
-                                    config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)))
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints",
+            cfg.checkpoint.keep_last,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            barrier=ctx.barrier if ctx.is_distributed else None,
+            async_save=cfg.checkpoint.async_save,
+            timeout_s=tc.dist_timeout_s,
+        )
+        self.logger = MetricsLogger(
+            self.run_dir,
+            cfg.logging,
+            enabled=ctx.is_main,
+            config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        )
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(ctx.device, tc.peak_flops)
         self.activity = "start-up"  # what the ranks are doing, for the message if a collective fails
@@ -107,12 +121,16 @@ class Trainer:
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self, blocking: bool = True) -> Path:
-        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.sampler.state_dict(),
-                "world_size": self.ctx.world_size, "parallel": self.ctx.dims.describe(),
-                "layout": dataclasses.asdict(self.ctx.dims)}
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.sampler.state_dict(),
+            "world_size": self.ctx.world_size,
+            "parallel": self.ctx.dims.describe(),
+            "layout": dataclasses.asdict(self.ctx.dims),
+        }
         try:
-            path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta,
-                                  blocking=blocking)
+            path = self.ckpt.save(self.step, self._state(), config_text=self.config_text, meta=meta, blocking=blocking)
         except CheckpointSaveError as exc:  # disk full, I/O error: partial dir removed, older checkpoints intact
             raise TrainingAborted(f"step {self.step}: {exc}") from None
         self.logger.log("event", self.step, event="checkpoint", path=str(path), **({} if blocking else {"async": True}))
@@ -125,8 +143,10 @@ class Trainer:
         stale = self.ckpt.stale()
         if stale and self.ctx.is_main:
             names = ", ".join(p.name for p in stale)
-            self.logger.info(f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
-                             "(never loaded; removed by the next save)")
+            self.logger.info(
+                f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
+                "(never loaded; removed by the next save)"
+            )
             self.logger.log("event", self.step, event="ignored_incomplete_checkpoints", dirs=[p.name for p in stale])
         if path is None:
             return None
@@ -136,8 +156,12 @@ class Trainer:
         for section in RESUME_LOCKED:
             diffs = _diff(old.get(section, {}), new.get(section, {}), section)
             if diffs:
-                raise ConfigError(diffs[0].split(":")[0], f"incompatible with the checkpoint {path}: "
-                                  + "; ".join(diffs[:3]) + " (start a new run_dir or restore the setting)")
+                raise ConfigError(
+                    diffs[0].split(":")[0],
+                    f"incompatible with the checkpoint {path}: "
+                    + "; ".join(diffs[:3])
+                    + " (start a new run_dir or restore the setting)",
+                )
         base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in self.module.optimizers]
         state = self._state()
         meta = self.ckpt.load(path, state, meta=meta)
@@ -152,9 +176,11 @@ class Trainer:
             self.logger.info(
                 f"resuming {path.name} saved with {meta.get('world_size')} rank(s) [{saved_layout}] under "
                 f"{self.ctx.world_size} rank(s) [{self.ctx.dims.describe()}]: model and optimizer state resharded; "
-                f"data continues at global sample {meta['data'].get('consumed_samples')} ({self.tokens_seen:,} tokens)")
-        self.logger.log("event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen,
-                        from_layout=saved_layout)
+                f"data continues at global sample {meta['data'].get('consumed_samples')} ({self.tokens_seen:,} tokens)"
+            )
+        self.logger.log(
+            "event", self.step, event="resumed", path=str(path), tokens_seen=self.tokens_seen, from_layout=saved_layout
+        )
         return path
 
     def _header(self, resume_s: float) -> None:
@@ -163,13 +189,24 @@ class Trainer:
         up = self._startup
         total = time.time() - up["process"]
         imports = max(0.0, total - (time.perf_counter() - up["before"]))
-        self.logger.info(f"run_dir {self.run_dir} | {self.ctx.describe()} | params total {counts.total:,} active "
-                         f"{counts.active:,} | {self.data.describe()}")
-        self.logger.info(f"threads {torch.get_num_threads()} per process ({self._threads_from}) | start-up "
-                         f"{total:.1f} s (imports and config {imports:.1f} s, data {up['data']:.1f} s, model "
-                         f"{up['model']:.1f} s, resume {resume_s:.1f} s)")
-        self.logger.log("event", self.step, echo=False, event="start", num_threads=torch.get_num_threads(),
-                        threads_from=self._threads_from, startup_s=round(total, 3))
+        self.logger.info(
+            f"run_dir {self.run_dir} | {self.ctx.describe()} | params total {counts.total:,} active "
+            f"{counts.active:,} | {self.data.describe()}"
+        )
+        self.logger.info(
+            f"threads {torch.get_num_threads()} per process ({self._threads_from}) | start-up "
+            f"{total:.1f} s (imports and config {imports:.1f} s, data {up['data']:.1f} s, model "
+            f"{up['model']:.1f} s, resume {resume_s:.1f} s)"
+        )
+        self.logger.log(
+            "event",
+            self.step,
+            echo=False,
+            event="start",
+            num_threads=torch.get_num_threads(),
+            threads_from=self._threads_from,
+            startup_s=round(total, 3),
+        )
 
     def wait_for_saves(self) -> None:
         try:
@@ -186,8 +223,9 @@ class Trainer:
             except BaseException as exc:
                 if self.ctx.is_distributed and is_comm_failure(exc):
                     newest = self.ckpt.latest(report=False)
-                    exc = TrainingAborted(comm_failure_message(exc, self.ctx.rank, self.activity,
-                                                               self.cfg.trainer.dist_timeout_s, newest))
+                    exc = TrainingAborted(
+                        comm_failure_message(exc, self.ctx.rank, self.activity, self.cfg.trainer.dist_timeout_s, newest)
+                    )
                     self._log_end(exc)
                     raise exc from None
                 self._log_end(exc)
@@ -228,16 +266,25 @@ class Trainer:
             skipped = bool(last.pop("skipped", False))
             skips = skips + 1 if skipped else 0
             signal_name = signals.agreed(self.ctx)  # every rank, every step: the same answer everywhere
-            info = StepEnd(step=self.step, stop=stop, stats=last, batch_bt1=batch, skipped=skipped,
-                           consecutive_skips=skips, signal=signal_name)
+            info = StepEnd(
+                step=self.step,
+                stop=stop,
+                stats=last,
+                batch_bt1=batch,
+                skipped=skipped,
+                consecutive_skips=skips,
+                signal=signal_name,
+            )
             for cb in self.callbacks:
                 cb.on_step_end(self, info)
             if signal_name:
                 self.stop_signal = signal_name
                 code = SIGINT_EXIT_CODE if signal_name == "SIGINT" else 0
-                self.logger.info(f"{self.logger.step_label(self.step, stop)} stopping on {signal_name}: checkpoint "
-                                 f"{info.checkpoint} saved; exiting with status {code} (resume from it with "
-                                 "checkpoint.resume=auto)")
+                self.logger.info(
+                    f"{self.logger.step_label(self.step, stop)} stopping on {signal_name}: checkpoint "
+                    f"{info.checkpoint} saved; exiting with status {code} (resume from it with "
+                    "checkpoint.resume=auto)"
+                )
                 self.logger.log("event", self.step, event="stopped", signal=signal_name, path=str(info.checkpoint))
                 break
         self.activity = "the wait for the last checkpoint save"
@@ -249,8 +296,9 @@ class Trainer:
     def validate(self) -> dict:
         tc = self.cfg.trainer
         local = max(1, tc.global_batch_size // self.ctx.dp_size)
-        batches = self.data.val.batches(min(local, tc.micro_batch_size), self.ctx.dp_rank, self.ctx.dp_size,
-                                        max_batches=tc.val_batches)
+        batches = self.data.val.batches(
+            min(local, tc.micro_batch_size), self.ctx.dp_rank, self.ctx.dp_size, max_batches=tc.val_batches
+        )
         val = self.module.eval_loss(batches)
         if val:
             self.logger.log("val", self.step, **val)

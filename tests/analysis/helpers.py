@@ -33,8 +33,17 @@ def write_run(path: Path, cfg: Config, records=()) -> Path:
 
 
 def train_records(steps, losses, tokens_per_step, val=None):
-    out = [{"kind": "train", "step": s, "loss": loss, "tokens_seen": s * tokens_per_step, "expert_imbalance_mean": 1.5,
-            "expert_imbalance_max": 2.0} for s, loss in zip(steps, losses)]
+    out = [
+        {
+            "kind": "train",
+            "step": s,
+            "loss": loss,
+            "tokens_seen": s * tokens_per_step,
+            "expert_imbalance_mean": 1.5,
+            "expert_imbalance_max": 2.0,
+        }
+        for s, loss in zip(steps, losses)
+    ]
     if val is not None:
         out.append({"kind": "val", "step": steps[-1], "val_loss": val, "val_ppl": math.exp(val)})
     return out
@@ -45,6 +54,8 @@ def experiment_override(name: str) -> str:
     from attnres_train.config.paths import CONFIG_DIR
 
     defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
-    listed = any(isinstance(d, dict) and any(str(k).replace("optional ", "").split("@")[0].strip() == "experiment"
-                                             for k in d) for d in defaults)
+    listed = any(
+        isinstance(d, dict) and any(str(k).replace("optional ", "").split("@")[0].strip() == "experiment" for k in d)
+        for d in defaults
+    )
     return f"experiment={name}" if listed else f"+experiment={name}"

@@ -21,14 +21,29 @@ def test_tiny_block_sweep_analyze_and_compare(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", docs=30)
     sweep = tmp_path / "sweep"
     overrides = [
-        experiment_override("block_sweep"), "model=tiny", "model.hidden_size=64", "model.moe.num_experts=4",
-        f"data.sources=[{{path: '{corpus}', kind: text}}]", "data.seq_len=16", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.num_workers=0", "trainer.max_steps=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
-        "trainer.log_every=1", "trainer.val_every=2", "trainer.val_batches=1", "trainer.depth_stats_every=2",
-        "trainer.peak_flops=1e11", "optim.warmup_steps=1", "logging.console=false", f"run_dir={sweep}",
+        experiment_override("block_sweep"),
+        "model=tiny",
+        "model.hidden_size=64",
+        "model.moe.num_experts=4",
+        f"data.sources=[{{path: '{corpus}', kind: text}}]",
+        "data.seq_len=16",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=2",
+        "trainer.micro_batch_size=2",
+        "trainer.log_every=1",
+        "trainer.val_every=2",
+        "trainer.val_batches=1",
+        "trainer.depth_stats_every=2",
+        "trainer.peak_flops=1e11",
+        "optim.warmup_steps=1",
+        "logging.console=false",
+        f"run_dir={sweep}",
     ]
-    subproc.check(subproc.run([sys.executable, "-m", "attnres_train", "-m", *overrides], tmp_path / "logs", "sweep",
-                              cwd=REPO))
+    subproc.check(
+        subproc.run([sys.executable, "-m", "attnres_train", "-m", *overrides], tmp_path / "logs", "sweep", cwd=REPO)
+    )
     runs = sorted((p for p in sweep.iterdir() if (p / "config.yaml").is_file()), key=lambda p: int(p.name))
     assert [p.name for p in runs] == [str(i) for i in range(6)]
 

@@ -31,7 +31,7 @@ def scaling_runs(tmp_path_factory):
             cfg = make_config(mode, nb, hidden_size=width)
             steps, tpb = 100 * width, 4 * 64
             c = pflops_days(training_flops(_plain(cfg), steps * tpb))  # what the run's compute will be
-            loss = A * c ** -alpha
+            loss = A * c**-alpha
             write_run(root / str(k), cfg, train_records([steps // 2, steps], [loss + 0.5, loss + 0.01], tpb, val=loss))
             k += 1
     return root

@@ -23,7 +23,9 @@ def run_dir(path, variant="baseline", seed=0, steps=10, val=None, train=None, hi
     cfg = make_config(mode, nb, hidden_size=hidden_size)
     cfg.seed = seed
     train = train if train is not None else {s: 5.0 for s in range(log_every, steps + 1, log_every)}
-    records = [{"kind": "train", "step": s, "loss": v, "tokens_seen": s * TOKENS_PER_STEP} for s, v in sorted(train.items())]
+    records = [
+        {"kind": "train", "step": s, "loss": v, "tokens_seen": s * TOKENS_PER_STEP} for s, v in sorted(train.items())
+    ]
     records += [{"kind": "val", "step": s, "val_loss": v} for s, v in sorted((val or {}).items())]
     return write_run(path, cfg, records)
 

@@ -83,8 +83,17 @@ def test_prenorm_has_no_depth_attention_but_has_a_layer_profile():
 
 def test_labels_and_block_boundaries():
     _, cfg = _model("block", 2, 4)
-    assert D.reader_labels(cfg) == ["L0.kda", "L0.mlp", "L1.kda", "L1.moe", "L2.kda", "L2.moe", "L3.mla", "L3.moe",
-                                    "out"]
+    assert D.reader_labels(cfg) == [
+        "L0.kda",
+        "L0.mlp",
+        "L1.kda",
+        "L1.moe",
+        "L2.kda",
+        "L2.moe",
+        "L3.mla",
+        "L3.moe",
+        "out",
+    ]
     assert D.source_labels(cfg) == ["emb", "b1", "b2"]
     assert D.layer_block_boundaries(cfg) == [0, 2]
     _, full = _model("full", None, 4)
@@ -103,8 +112,11 @@ def test_analysis_loads_a_trainer_format_checkpoint(tmp_path):
     opt.step()
     msd, osd = get_state_dict(model, [opt])
     CheckpointManager(run_dir / "checkpoints", keep_last=1).save(
-        5, {"model": msd, "optim": osd}, config_text=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-        meta={"tokens_seen": 320})
+        5,
+        {"model": msd, "optim": osd},
+        config_text=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        meta={"tokens_seen": 320},
+    )
     loaded, path, meta = D.load_model(load_run(run_dir))
     assert path.name == "step_00000005" and meta["step"] == 5
     for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -11,7 +11,7 @@ from attnres_train.analysis.fit import PowerLaw, compute_advantage, fit_power_la
 @pytest.mark.parametrize("A,alpha", [(1.891, 0.057), (3.5, 0.3), (0.8, 0.01)])
 def test_fit_recovers_known_law_from_exact_points(A, alpha):
     c = np.geomspace(0.05, 50.0, 7)
-    law = fit_power_law(c, A * c ** -alpha)
+    law = fit_power_law(c, A * c**-alpha)
     assert law.A == pytest.approx(A, rel=1e-10)
     assert law.alpha == pytest.approx(alpha, rel=1e-10)
     assert law.r2 == pytest.approx(1.0, abs=1e-12)
@@ -21,7 +21,7 @@ def test_fit_recovers_known_law_from_exact_points(A, alpha):
 def test_fit_recovers_known_law_from_noisy_points():
     rng = np.random.default_rng(0)
     c = np.geomspace(0.5, 5.6, 40)
-    y = 1.870 * c ** -0.058 * np.exp(rng.normal(0, 2e-4, c.shape))  # 0.02 % multiplicative noise
+    y = 1.870 * c**-0.058 * np.exp(rng.normal(0, 2e-4, c.shape))  # 0.02 % multiplicative noise
     law = fit_power_law(c, y)
     assert law.A == pytest.approx(1.870, rel=2e-3)
     assert law.alpha == pytest.approx(0.058, abs=2e-3)
@@ -49,7 +49,7 @@ def test_compute_advantage_reproduces_the_papers_1_25x():
     assert adv * 5.6 == pytest.approx(7.02, abs=0.01)
     assert adv == pytest.approx(1.254, abs=0.002)
     # closed form
-    expected = (base.A / (block.A * 5.6 ** -block.alpha)) ** (1 / base.alpha) / 5.6
+    expected = (base.A / (block.A * 5.6**-block.alpha)) ** (1 / base.alpha) / 5.6
     assert adv == pytest.approx(expected, rel=1e-12)
 
 

@@ -42,7 +42,13 @@ def _without_residual(c):
 def test_block_sweep_grid():
     jobs = _jobs("block_sweep")
     assert [variant_label(j["model"]) for j in jobs] == [
-        "baseline", "block N=1", "block N=2", "block N=4", "block N=8", "full"]
+        "baseline",
+        "block N=1",
+        "block N=2",
+        "block N=4",
+        "block N=8",
+        "full",
+    ]
     assert jobs[0]["model"]["num_layers"] >= 8
     same = _without_residual(jobs[0])
     for j in jobs[1:]:  # same model, data, optimizer and token budget: only the residual differs

@@ -111,8 +111,12 @@ def test_retention_never_deletes_the_checkpoint_just_saved(tmp_path):
 def test_manifest_records_run_position_layout_and_config_hash(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=1)
     layout = {"world_size": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1, "sp": False, "ep": 1}
-    path = mgr.save(4, _state(_model()), config_text=CONFIG_TEXT,
-                    meta={"tokens_seen": 1024, "layout": layout, "data": {"consumed_samples": 16}})
+    path = mgr.save(
+        4,
+        _state(_model()),
+        config_text=CONFIG_TEXT,
+        meta={"tokens_seen": 1024, "layout": layout, "data": {"consumed_samples": 16}},
+    )
     meta = verify_checkpoint(path)
     assert meta["step"] == 4 and meta["tokens_seen"] == 1024 and meta["layout"] == layout
     assert meta["config_sha256"] == meta["manifest"]["config.yaml"]["sha256"]

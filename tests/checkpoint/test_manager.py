@@ -182,8 +182,12 @@ def test_corrupted_checkpoint_is_rejected_and_previous_still_loads(tmp_path, tra
     shutil.copytree(two_checkpoints, tmp_path / "ckpt")
     mgr = CheckpointManager(tmp_path / "ckpt", keep_last=3)
     prev, bad = mgr.complete()
-    victim = bad / {"meta": "meta.json", "dcp_metadata": ".metadata", "rng": "rng/rank_0.pt",
-                    "marker": "COMMITTED"}.get(damage, "__0_0.distcp")
+    victim = bad / {
+        "meta": "meta.json",
+        "dcp_metadata": ".metadata",
+        "rng": "rng/rank_0.pt",
+        "marker": "COMMITTED",
+    }.get(damage, "__0_0.distcp")
     if damage in ("truncate", "dcp_metadata", "rng", "marker"):
         victim.write_bytes(victim.read_bytes()[:-100])
     elif damage == "flip":

@@ -15,8 +15,10 @@ from attnres_train.data.sources import file_documents, resolve_source
 def _paragraphs(rng, n=25):
     out = []
     for i in range(n):
-        lines = [f"p{i} l{j} " + "word " * int(rng.integers(0, 12)) + "é" * int(rng.integers(0, 3))
-                 for j in range(int(rng.integers(1, 5)))]
+        lines = [
+            f"p{i} l{j} " + "word " * int(rng.integers(0, 12)) + "é" * int(rng.integers(0, 3))
+            for j in range(int(rng.integers(1, 5)))
+        ]
         out.append("\n".join(lines))
     return out
 
@@ -78,8 +80,9 @@ def test_one_big_file_is_cut_into_units_and_prepared_in_parallel(tmp_path, monke
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     units = pp.plan_units([resolve_source(DataSourceConfig(path=str(f)))])
     assert len(units) > 5 and units[0].files[0][1:] == [0, 500] and units[-1].files[0][2] is None
-    assert main([str(f), "--out", str(tmp_path / "o"), "--workers", "2", "--max-docs", "250", "--no-progress"]) == 0, \
+    assert main([str(f), "--out", str(tmp_path / "o"), "--workers", "2", "--max-docs", "250", "--no-progress"]) == 0, (
         capsys.readouterr().err
+    )
     s = ShardSet(str(tmp_path / "o"))
     want = [t for x in texts[:250] for t in list(x.encode()) + [256]]
     assert [int(t) for b in range(len(s.headers)) for t in s.read(b, 0, int(s.headers[b]["num_tokens"]))] == want

@@ -64,8 +64,13 @@ def test_megatron_source_trains_through_the_loader(tmp_path):
     docs = _docs()
     prefix = str(tmp_path / "mg")
     _write(prefix, docs, dtype=np.int32)
-    cfg = DataConfig(sources=[DataSourceConfig(path=prefix)], seq_len=16, val_fraction=0.0,
-                     cache_dir=str(tmp_path / "c"), num_workers=0)
+    cfg = DataConfig(
+        sources=[DataSourceConfig(path=prefix)],
+        seq_len=16,
+        val_fraction=0.0,
+        cache_dir=str(tmp_path / "c"),
+        num_workers=0,
+    )
     bundle = build_datasets(cfg, model_vocab_size=258, progress=False)
     assert bundle.sources[0].kind == "megatron"
     stream = np.concatenate(docs)  # used as-is: the documents already end with EOS

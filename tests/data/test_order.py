@@ -115,8 +115,15 @@ def test_streamed_split_of_a_store_whose_documents_are_not_back_to_back():
 
 def _cfg(path, cache, **kw):
     src = {k: kw.pop(k) for k in ("name",) if k in kw}
-    return DataConfig(sources=[DataSourceConfig(path=str(path), **src)], seq_len=16, val_fraction=0.05, seed=4,
-                      cache_dir=str(cache), num_workers=0, **kw)
+    return DataConfig(
+        sources=[DataSourceConfig(path=str(path), **src)],
+        seq_len=16,
+        val_fraction=0.05,
+        seed=4,
+        cache_dir=str(cache),
+        num_workers=0,
+        **kw,
+    )
 
 
 def _corpus(root):
@@ -148,12 +155,16 @@ def test_same_corpus_under_two_directories_gives_identical_batches(tmp_path):
     # the same for token shards prepared into two directories
     for d in ("s1", "s2"):
         tokenize_to_shards(_docs(), ByteTokenizer(), str(tmp_path / d), shard_tokens=700)
-    shard_batches = [build_datasets(_cfg(tmp_path / d, tmp_path / "c"), progress=False).train_sampler(8).next_batch()
-                     for d in ("s1", "s2")]
+    shard_batches = [
+        build_datasets(_cfg(tmp_path / d, tmp_path / "c"), progress=False).train_sampler(8).next_batch()
+        for d in ("s1", "s2")
+    ]
     assert torch.equal(*shard_batches)
     # a configured name seeds the order instead of the content: same name, same order; other name, other order
-    named = [build_datasets(_cfg(p, tmp_path / "c", name=n), progress=False).train_sampler(8).next_batch()
-             for p, n in ((a, "web"), (b, "web"), (a, "code"))]
+    named = [
+        build_datasets(_cfg(p, tmp_path / "c", name=n), progress=False).train_sampler(8).next_batch()
+        for p, n in ((a, "web"), (b, "web"), (a, "code"))
+    ]
     assert torch.equal(named[0], named[1]) and not torch.equal(named[0], named[2])
 
 

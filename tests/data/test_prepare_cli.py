@@ -48,8 +48,13 @@ def test_prepare_byte_tokenizer_and_train_on_the_output(tmp_path, capsys):
     tok = load_tokenizer("byte")
     assert tok.decode(store.document(3)[:-1].tolist()) == (src / "03.txt").read_text()
     assert int(store.document(3)[-1]) == tok.eos_id
-    cfg = DataConfig(sources=[DataSourceConfig(path=str(out), kind="memmap")], seq_len=32, val_fraction=0.1,
-                     cache_dir=str(tmp_path / "cache"), num_workers=0)
+    cfg = DataConfig(
+        sources=[DataSourceConfig(path=str(out), kind="memmap")],
+        seq_len=32,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=0,
+    )
     assert build_datasets(cfg, progress=False).train_sampler(2).next_batch().shape == (2, 33)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no staging directories left
 
@@ -128,8 +133,20 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 def test_console_entry_point_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subproc.run([sys.executable, "-m", "attnres_train.cli.prepare", str(tmp_path / "missing.txt"),
-                     "--out", str(tmp_path / "o")], tmp_path / "logs", "prepare", env=env, timeout=60)
+    r = subproc.run(
+        [
+            sys.executable,
+            "-m",
+            "attnres_train.cli.prepare",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        tmp_path / "logs",
+        "prepare",
+        env=env,
+        timeout=60,
+    )
     subproc.check(r, 2)
     assert r.stdout == "", subproc.failure(r)
     assert _one_error_line(r.stderr).endswith("does not exist")
@@ -146,15 +163,20 @@ def test_lone_surrogate_in_json_becomes_replacement_character(tmp_path, capsys):
     tok = load_tokenizer("byte")
     assert store.num_docs == 2
     assert tok.decode(store.document(0)[:-1].tolist()) == "before \ufffd after"
-    assert tok.decode(store.document(1)[:-1].tolist()) == "pair \U0001F600 ok"  # a real pair stays one character
+    assert tok.decode(store.document(1)[:-1].tolist()) == "pair \U0001f600 ok"  # a real pair stays one character
 
 
 def test_single_document_source_names_why_no_validation_is_possible(tmp_path):
     """One big file read as one document cannot give held-out documents; raising val_fraction cannot help."""
     big = tmp_path / "book.txt"
     big.write_text("All work and no play makes Jack a dull boy.\n" * 200)
-    cfg = DataConfig(sources=[DataSourceConfig(path=str(big), kind="text", text_unit="file")], seq_len=32,
-                     val_fraction=0.1, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    cfg = DataConfig(
+        sources=[DataSourceConfig(path=str(big), kind="text", text_unit="file")],
+        seq_len=32,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=0,
+    )
     with pytest.raises(UserInputError, match="single document") as info:
         build_datasets(cfg, progress=False)
     assert "text_unit: paragraph" in str(info.value) and "raise data.val_fraction" not in str(info.value)

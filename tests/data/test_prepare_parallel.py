@@ -53,8 +53,9 @@ def test_two_workers_give_the_one_worker_stream(tmp_path, capsys):
     texts = _corpus(tmp_path / "c")
     outs = {}
     for w in (1, 2):
-        code, out, err = _prepare(tmp_path / "c", "--out", tmp_path / f"o{w}", "--workers", w, "--shard-tokens", 200,
-                                  capsys=capsys)
+        code, out, err = _prepare(
+            tmp_path / "c", "--out", tmp_path / f"o{w}", "--workers", w, "--shard-tokens", 200, capsys=capsys
+        )
         assert code == 0, err
         assert f"with {w} worker(s)" in out and "MB/s" in out
         outs[w] = sorted(os.listdir(tmp_path / f"o{w}"))
@@ -91,13 +92,23 @@ main(sys.argv[1:])
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     texts = _corpus(tmp_path / "c")
-    out, args = tmp_path / "o", [str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--shard-tokens", "200", "--no-progress"]
-    r = subproc.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], tmp_path, "prepare-killed",
-                    env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    out, args = (
+        tmp_path / "o",
+        [str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--shard-tokens", "200", "--no-progress"],
+    )
+    r = subproc.run(
+        [sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args],
+        tmp_path,
+        "prepare-killed",
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=120,
+    )
     subproc.check(r, -signal.SIGKILL)
     staging = tmp_path / ".o.partial"
     assert not out.exists() and sorted(f for f in os.listdir(staging) if f.endswith(".done.json")) == [
-        "u000000.done.json", "u000001.done.json"]
+        "u000000.done.json",
+        "u000001.done.json",
+    ]
     first = json.loads((staging / "u000000.done.json").read_text())["shards"][0]
     assert ShardSet(str(staging / f"{first}.bin")).num_docs > 0  # a finished shard is a complete file
     (staging / "u000002_00000.bin.tmp").write_bytes(b"\0" * 10)  # as if unit 2 had been cut short mid-shard
@@ -112,8 +123,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
 def test_a_changed_input_restarts_instead_of_resuming(tmp_path, capsys):
     texts = _corpus(tmp_path / "c")
     out, args = tmp_path / "o", [str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
-    r = subproc.run([sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args], tmp_path, "prepare-killed",
-                    env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    r = subproc.run(
+        [sys.executable, "-c", _KILL_AFTER_TWO_UNITS, *args],
+        tmp_path,
+        "prepare-killed",
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=120,
+    )
     subproc.check(r, -signal.SIGKILL)
     (tmp_path / "c" / "00.jsonl").write_text(json.dumps({"text": "replaced"}) + "\n")
     code, stdout, err = _prepare(*args[:-1], capsys=capsys)

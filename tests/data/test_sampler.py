@@ -26,8 +26,14 @@ def _corpus(tmp_path):
 
 def _cfg(tmp_path, **kw):
     d, j = _corpus(tmp_path)
-    base = dict(sources=[DataSourceConfig(path=str(d), weight=3.0), DataSourceConfig(path=str(j), weight=1.0)],
-                seq_len=16, val_fraction=0.1, seed=11, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    base = dict(
+        sources=[DataSourceConfig(path=str(d), weight=3.0), DataSourceConfig(path=str(j), weight=1.0)],
+        seq_len=16,
+        val_fraction=0.1,
+        seed=11,
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=0,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -118,8 +124,11 @@ def test_sampler_argument_errors(bundle):
 
 def test_validation_split_is_held_out_and_sharded_evenly(bundle):
     for src in bundle.sources:
-        train_docs = {bytes(src.store.document(i).astype(np.uint8)[:-1]) for i in range(src.store.num_docs)
-                      if src.store.document(i).size}
+        train_docs = {
+            bytes(src.store.document(i).astype(np.uint8)[:-1])
+            for i in range(src.store.num_docs)
+            if src.store.document(i).size
+        }
         assert src.val.num_docs >= 1 and src.train.num_docs + src.val.num_docs == src.store.num_docs
         assert src.val.num_tokens + src.train.num_tokens == src.store.num_tokens
         assert len(train_docs) == src.store.num_docs  # documents are distinct, so the split is by document

@@ -27,8 +27,9 @@ def test_round_trip_across_shards_and_header_fields(tmp_path):
     w = _write(tmp_path / "s", docs)
     # A shard is closed after the document that reaches shard_tokens: docs 0-2 (20 tokens), then doc 3.
     assert len(w.finished) == 2 and w.num_docs == 4 and w.num_tokens == sum(map(len, docs))
-    assert sorted(os.listdir(tmp_path / "s")) == ["index.json"] + [f"shard_0000{i}.{e}" for i in range(2)
-                                                                   for e in ("bin", "idx", "json")]
+    assert sorted(os.listdir(tmp_path / "s")) == ["index.json"] + [
+        f"shard_0000{i}.{e}" for i in range(2) for e in ("bin", "idx", "json")
+    ]
     h = json.loads((tmp_path / "s" / "shard_00000.json").read_text())
     assert h["dtype"] == "uint16" and h["num_tokens"] == 20 and h["num_docs"] == 3 and h["version"] == 2
     assert (h["format"], h["tokenizer"], h["vocab_size"], h["eos_id"]) == ("attnres-tokens", "test-tok", 300, 299)
@@ -111,8 +112,13 @@ def test_token_id_at_or_above_model_vocab_is_an_error(tmp_path):
 def test_memmap_source_in_training(tmp_path):
     docs = [f"shard text {i} " * 4 for i in range(40)]
     tokenize_to_shards(docs, ByteTokenizer(), str(tmp_path / "s"), shard_tokens=300)
-    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "s"))], seq_len=32, val_fraction=0.1,
-                     cache_dir=str(tmp_path / "c"), num_workers=0)
+    cfg = DataConfig(
+        sources=[DataSourceConfig(path=str(tmp_path / "s"))],
+        seq_len=32,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "c"),
+        num_workers=0,
+    )
     bundle = build_datasets(cfg, model_vocab_size=258, progress=False)
     assert bundle.sources[0].kind == "memmap" and bundle.sources[0].cache_path is None
     batch = bundle.train_sampler(4).next_batch()
@@ -122,7 +128,13 @@ def test_memmap_source_in_training(tmp_path):
 
 def test_memmap_source_with_another_tokenizer_is_refused(tmp_path):
     _write(tmp_path / "s", [[1, 2, 299]] * 50, shard_tokens=1000)
-    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "s"), kind="memmap")], seq_len=8,
-                     val_fraction=0.0, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(UserInputError, match=r"tokenized with 'test-tok' \(vocab 300, eos 299\) but data.tokenizer is 'byte'"):
+    cfg = DataConfig(
+        sources=[DataSourceConfig(path=str(tmp_path / "s"), kind="memmap")],
+        seq_len=8,
+        val_fraction=0.0,
+        cache_dir=str(tmp_path / "c"),
+    )
+    with pytest.raises(
+        UserInputError, match=r"tokenized with 'test-tok' \(vocab 300, eos 299\) but data.tokenizer is 'byte'"
+    ):
         build_datasets(cfg, progress=False)

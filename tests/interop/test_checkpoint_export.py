@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1024
 
 
-
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -53,8 +52,9 @@ def save_checkpoint(model, cfg: ModelConfig, root: Path, step: int = 3) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model_sd, optim_sd = get_state_dict(model, [opt])
     text = OmegaConf.to_yaml(OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(cfg))}))
-    return CheckpointManager(root, keep_last=0).save(step, {"model": model_sd, "optim": optim_sd},
-                                                     config_text=text, meta={"tokens_seen": 0, "data": {}})
+    return CheckpointManager(root, keep_last=0).save(
+        step, {"model": model_sd, "optim": optim_sd}, config_text=text, meta={"tokens_seen": 0, "data": {}}
+    )
 
 
 def random_model(mode: str, seed: int = 0, **residual):
@@ -89,8 +89,9 @@ def test_checkpoint_export_streams_layers(mode, tmp_path, ids, monkeypatch, caps
     step = save_checkpoint(model, cfg, tmp_path / "run" / "checkpoints")
     groups = []
     real_load = export_mod.CheckpointReader.load
-    monkeypatch.setattr(export_mod.CheckpointReader, "load",
-                        lambda self, keys: groups.append(list(keys)) or real_load(self, keys))
+    monkeypatch.setattr(
+        export_mod.CheckpointReader, "load", lambda self, keys: groups.append(list(keys)) or real_load(self, keys)
+    )
     out = tmp_path / "run" / "hf"  # inside the run dir is fine, just not inside the checkpoint
     assert convert_main(["to-hf", str(tmp_path / "run"), str(out), "--max-shard-size", "400KB"]) == 0
     assert str(step) in capsys.readouterr().out
@@ -142,8 +143,22 @@ def test_init_run_writes_a_resumable_step_zero(tmp_path, capsys):
     model, cfg = random_model("prenorm", seed=2)
     save_to_hf(model, cfg, tmp_path / "hf")
     run = tmp_path / "run"
-    assert convert_main(["init-run", str(tmp_path / "hf"), str(run), "--residual-mode", "block", "--num-blocks", "2",
-                         "optim.weight_decay=0.05", "parallel.tp=2"]) == 0
+    assert (
+        convert_main(
+            [
+                "init-run",
+                str(tmp_path / "hf"),
+                str(run),
+                "--residual-mode",
+                "block",
+                "--num-blocks",
+                "2",
+                "optim.weight_decay=0.05",
+                "parallel.tp=2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"'hydra.searchpath=[file://{run / 'configs'}]' model=imported run_dir={run}" in out
     step = run / "checkpoints" / "step_00000000"
@@ -171,8 +186,12 @@ def test_init_run_writes_a_resumable_step_zero(tmp_path, capsys):
 # -------------------------------------------------------------------------------- multi-rank (Test 5)
 LAYOUTS = {
     "fsdp2_ep2_block": ["parallel.dp_shard=2", "parallel.ep=2"],
-    "tp2_sp_prenorm": ["parallel.tp=2", "parallel.sp=true", "model.residual.mode=prenorm",
-                       "model.residual.num_blocks=null"],
+    "tp2_sp_prenorm": [
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "model.residual.mode=prenorm",
+        "model.residual.num_blocks=null",
+    ],
     "pp2_block": ["parallel.pp=2", "parallel.dp_shard=1"],
 }
 
@@ -192,8 +211,9 @@ def _train_and_gather(overrides):
     trainer = Trainer(cfg, Path(cfg.run_dir), build_parallel_context(cfg.parallel, cfg.model, cfg.data.seq_len))
     trainer.fit()
     state = {n: full_tensor(p.detach()).clone() for n, p in trainer.model.named_parameters()}
-    state.update({n: full_tensor(b).clone() for n, b in trainer.model.named_buffers()
-                  if n.endswith("e_score_correction_bias")})
+    state.update(
+        {n: full_tensor(b).clone() for n, b in trainer.model.named_buffers() if n.endswith("e_score_correction_bias")}
+    )
     return state  # with pp each rank returns its own stages' tensors
 
 
@@ -223,8 +243,9 @@ def test_round_trip_from_two_rank_layout(layout, corpus, tmp_path, ids):
 
     out = tmp_path / "hf"
     assert convert_main(["to-hf", str(run_dir), str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["model_type"] == ("kimi_linear" if native
-                                                                           else "kimi_linear_attnres")
+    assert json.loads((out / "config.json").read_text())["model_type"] == (
+        "kimi_linear" if native else "kimi_linear_attnres"
+    )
     err = (hf_logits(out, ids, native) - ref).abs().max().item()
     print(f"{layout}: max |logits(HF export) - logits(trained ranks)| = {err:.2e}")
     assert err < 1e-4
@@ -244,8 +265,9 @@ def test_init_run_resumes_in_a_two_rank_layout(corpus, tmp_path):
     assert convert_main(["to-hf", str(source), str(hf)]) == 0
 
     target = tmp_path / "target"
-    train_args = [o for o in tiny_overrides(corpus, target, steps=2)
-                  if not o.startswith(("model", "run_dir"))] + ["optim.weight_decay=0.05"]
+    train_args = [o for o in tiny_overrides(corpus, target, steps=2) if not o.startswith(("model", "run_dir"))] + [
+        "optim.weight_decay=0.05"
+    ]
     assert convert_main(["init-run", str(hf), str(target), *train_args, "--preset", "mine"]) == 0
     step0 = resolve_checkpoint(target)
     assert step0.name == "step_00000000" and (target / "configs" / "model" / "mine.yaml").is_file()
@@ -255,9 +277,21 @@ def test_init_run_resumes_in_a_two_rank_layout(corpus, tmp_path):
     trained = CheckpointReader(src_step, checkpoint_model_config(src_step)).state_dict()
     assert set(imported) == set(trained) and all(torch.equal(imported[k], trained[k]) for k in trained)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "attnres_train", f"hydra.searchpath=[file://{target / 'configs'}]", "model=mine",
-           f"run_dir={target}", "parallel.dp_shard=2", *train_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "attnres_train",
+        f"hydra.searchpath=[file://{target / 'configs'}]",
+        "model=mine",
+        f"run_dir={target}",
+        "parallel.dp_shard=2",
+        *train_args,
+    ]
     subproc.check(subproc.run(cmd, tmp_path, "torchrun-resume", cwd=REPO))
     events = read_metrics(target, "event")
     assert any(e.get("event") == "resumed" and e["path"].endswith("step_00000000") for e in events), events

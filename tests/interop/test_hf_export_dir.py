@@ -54,13 +54,23 @@ def _eos_run(root: Path, mode: str, tokenizer: str, eos: int) -> Path:
         model.lm_head.weight[eos, 0] = 1.0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model_sd, optim_sd = get_state_dict(model, [opt])
-    text = OmegaConf.to_yaml(OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                               "data": {"tokenizer": tokenizer, "seq_len": 64}}))
+    text = OmegaConf.to_yaml(
+        OmegaConf.create(
+            {
+                "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "data": {"tokenizer": tokenizer, "seq_len": 64},
+            }
+        )
+    )
     run = root / "run"
     CheckpointManager(run / "checkpoints", keep_last=0).save(
-        7, {"model": model_sd, "optim": optim_sd}, config_text=text, meta={"tokens_seen": 3584, "data": {}})
-    records = [{"kind": "train", "step": 7, "loss": 2.5, "tokens_seen": 3584},
-               {"kind": "val", "step": 7, "val_loss": 2.75}, {"kind": "train", "step": 9, "loss": 9.0}]
+        7, {"model": model_sd, "optim": optim_sd}, config_text=text, meta={"tokens_seen": 3584, "data": {}}
+    )
+    records = [
+        {"kind": "train", "step": 7, "loss": 2.5, "tokens_seen": 3584},
+        {"kind": "val", "step": 7, "val_loss": 2.75},
+        {"kind": "train", "step": 9, "loss": 9.0},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
 
@@ -136,4 +146,4 @@ def test_bpe_tokenizer_native_export_loads_without_remote_code(tmp_path, capfd):
     assert tok.eos_token_id == eos
     prompt = tok(text, return_tensors="pt")
     seq = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0].tolist()
-    assert seq[prompt["input_ids"].shape[1]:] == [eos], seq
+    assert seq[prompt["input_ids"].shape[1] :] == [eos], seq

@@ -51,13 +51,35 @@ VOCAB, T = 1024, 40  # T: not a multiple of our KDA chunk (16) nor of transforme
 def tiny_hf_config(rms_norm_eps: float = 1e-5) -> KimiLinearConfig:
     """The spec's debug model: 4 layers, MLA at 1-based layer 4, first layer dense, 8 experts top-2 + 1 shared."""
     return KimiLinearConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=64, q_lora_rank=None,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_local_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, routed_scaling_factor=2.446, rms_norm_eps=rms_norm_eps, initializer_range=0.05,
-        pad_token_id=None, bos_token_id=None, eos_token_id=None, first_k_dense_replace=1,
-        linear_attn_config={"full_attn_layers": [4], "kda_layers": [1, 2, 3], "head_dim": 32, "num_heads": 2,
-                            "short_conv_kernel_size": 4},
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        kv_lora_rank=64,
+        q_lora_rank=None,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.446,
+        rms_norm_eps=rms_norm_eps,
+        initializer_range=0.05,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        first_k_dense_replace=1,
+        linear_attn_config={
+            "full_attn_layers": [4],
+            "kda_layers": [1, 2, 3],
+            "head_dim": 32,
+            "num_heads": 2,
+            "short_conv_kernel_size": 4,
+        },
     )
 
 
@@ -115,7 +137,6 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> No
     assert err < tol, f"max |logits diff| = {err:.3e} >= {tol:.0e}{hint}"
 
 
-
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
@@ -155,16 +176,44 @@ def test_config_from_released_style_dict():
     """The released 48B config.json keys (1-based layer lists inside linear_attn_config)."""
     mla = [4, 8, 12, 16, 20, 24, 27]
     released = {
-        "model_type": "kimi_linear", "architectures": ["KimiLinearForCausalLM"], "vocab_size": 163840,
-        "hidden_size": 2304, "intermediate_size": 9216, "moe_intermediate_size": 1024, "num_hidden_layers": 27,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "num_experts": 256, "num_experts_per_token": 8,
-        "num_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_renormalize": True,
-        "moe_router_activation_func": "sigmoid", "routed_scaling_factor": 2.446, "use_grouped_topk": True,
-        "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "mla_use_nope": True, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-        "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "pad_token_id": 163839,
-        "linear_attn_config": {"full_attn_layers": mla, "kda_layers": [i for i in range(1, 28) if i not in mla],
-                               "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4},
+        "model_type": "kimi_linear",
+        "architectures": ["KimiLinearForCausalLM"],
+        "vocab_size": 163840,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "moe_intermediate_size": 1024,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_experts": 256,
+        "num_experts_per_token": 8,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "moe_renormalize": True,
+        "moe_router_activation_func": "sigmoid",
+        "routed_scaling_factor": 2.446,
+        "use_grouped_topk": True,
+        "num_expert_group": 1,
+        "topk_group": 1,
+        "kv_lora_rank": 512,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "mla_use_nope": True,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+        "pad_token_id": 163839,
+        "linear_attn_config": {
+            "full_attn_layers": mla,
+            "kda_layers": [i for i in range(1, 28) if i not in mla],
+            "head_dim": 128,
+            "num_heads": 32,
+            "short_conv_kernel_size": 4,
+        },
     }
     cfg = config_from_hf(released)
     assert cfg.mla_layers == [3, 7, 11, 15, 19, 23, 26]
@@ -263,10 +312,14 @@ def hf_dir_tiny_eps(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("overrides", [
-    {"residual": {"mode": "block", "num_blocks": 2}},  # nested override
-    {"residual.mode": "full"},  # dotted override
-], ids=["block2", "full"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"residual": {"mode": "block", "num_blocks": 2}},  # nested override
+        {"residual.mode": "full"},  # dotted override
+    ],
+    ids=["block2", "full"],
+)
 def test_attnres_with_zero_queries_matches_prenorm(hf_dir_tiny_eps, ids, overrides):
     # Zero pseudo-queries give a uniform average over the n sources, i.e. the PreNorm stream divided by n;
     # the next RMSNorm removes the 1/n only up to its eps: rsqrt(ms/n^2 + eps) vs rsqrt(ms + eps), a relative

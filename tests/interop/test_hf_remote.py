@@ -36,7 +36,6 @@ def load_remote(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
 
 
-
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
@@ -96,7 +95,7 @@ def test_cached_decoding_and_generate(exported, ids):
         out = hf(x[:, :20], use_cache=True)  # prefill
         steps, cache = [out.logits], out[CACHE_KW]
         for t in range(20, 25):  # one token at a time (recurrent KDA, cached MLA keys)
-            out = hf(x[:, t:t + 1], use_cache=True, **{CACHE_KW: cache})
+            out = hf(x[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
             steps.append(out.logits)
             cache = out[CACHE_KW]
         out = hf(x[:, 25:], use_cache=True, **{CACHE_KW: cache})  # a multi-token chunk after the cache

@@ -67,10 +67,30 @@ def test_init_run_under_torchrun_loads_each_ranks_stages(tmp_path):
     model, cfg = random_model(MODES["block2"], seed=6)
     save_to_hf(model, cfg, tmp_path / "hf")
     run = tmp_path / "run"
-    proc = subproc.check(subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                                      "attnres_train.cli.convert", "init-run", str(tmp_path / "hf"), str(run),
-                                      "parallel.pp=2", "parallel.vpp=2", "trainer.micro_batch_size=1",
-                                      "trainer.global_batch_size=4"], tmp_path, "torchrun-init-run", cwd=REPO))
+    proc = subproc.check(
+        subproc.run(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "attnres_train.cli.convert",
+                "init-run",
+                str(tmp_path / "hf"),
+                str(run),
+                "parallel.pp=2",
+                "parallel.vpp=2",
+                "trainer.micro_batch_size=1",
+                "trainer.global_batch_size=4",
+            ],
+            tmp_path,
+            "torchrun-init-run",
+            cwd=REPO,
+        )
+    )
     assert proc.stdout.count("wrote ") == 1  # one report, from rank 0
     step = run / "checkpoints" / "step_00000000"
     assert len(list(step.glob("*.distcp"))) == 2  # each rank wrote its own stages

@@ -25,10 +25,16 @@ from tests import subproc  # noqa: E402
 from tests.interop.helpers import MODES, random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTED = [v.strip() for v in (ROOT / "launch" / "transformers-tested.txt").read_text().splitlines()
-          if v.strip() and not v.startswith("#")]
-LOCKED = next(line.split("==")[1] for line in (ROOT / "launch" / "constraints.txt").read_text().splitlines()
-              if line.startswith("transformers=="))
+TESTED = [
+    v.strip()
+    for v in (ROOT / "launch" / "transformers-tested.txt").read_text().splitlines()
+    if v.strip() and not v.startswith("#")
+]
+LOCKED = next(
+    line.split("==")[1]
+    for line in (ROOT / "launch" / "constraints.txt").read_text().splitlines()
+    if line.startswith("transformers==")
+)
 PROMPT_LEN, NEW = 8, 10
 
 CHILD = r"""
@@ -77,10 +83,16 @@ def test_generate_equals_our_greedy(version, mode, tmp_path):
     ref = greedy(model, prompt, NEW)
     env = subproc.child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(alt) if alt else "", env.get("PYTHONPATH", "")) if p)
-    proc = subproc.check(subproc.run([sys.executable, "-c", CHILD, version, str(tmp_path / "hf"),
-                                      json.dumps(prompt.tolist()), str(NEW)], tmp_path, f"generate-{version}", env=env,
-                                     timeout=300))
+    proc = subproc.check(
+        subproc.run(
+            [sys.executable, "-c", CHILD, version, str(tmp_path / "hf"), json.dumps(prompt.tolist()), str(NEW)],
+            tmp_path,
+            f"generate-{version}",
+            env=env,
+            timeout=300,
+        )
+    )
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     assert out["version"] == version
     assert out["tokens"] == ref.tolist(), f"transformers {version}: generate diverged from our greedy decoding"

@@ -26,7 +26,7 @@ SHAPES = [
     (5, 2, (3, 7, 100), True),  # d > one column chunk, non-power-of-2
 ]
 IDS = [f"n{n}-S{s}-d{shape[-1]}-{'p' if hp else 'nop'}" for n, s, shape, hp in SHAPES]
-TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2 ** -7 + 1e-3, grad=3e-2)}
+TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2**-7 + 1e-3, grad=3e-2)}
 
 
 def _inputs(n, s, shape, has_p, dtype, seed=0):
@@ -92,8 +92,11 @@ def test_backward_keeps_no_per_source_fp32_intermediates(kops, has_p):
 
     def big_fp32(saved, allowed):
         ptrs = {x.untyped_storage().data_ptr() for x in allowed}
-        return [tuple(x.shape) for x in saved
-                if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs]
+        return [
+            tuple(x.shape)
+            for x in saved
+            if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs
+        ]
 
     out, saved = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "triton"))
     inputs = blocks + ([partial] if has_p else [])

@@ -39,8 +39,9 @@ def test_triton_impl_matches_torch_loss_and_grads(kops, monkeypatch, mode, kw):
     calls = {"phase1": 0, "phase2": 0}
     for name in calls:
         real = getattr(kops, name)
-        monkeypatch.setattr(kops, name, lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1)
-                            or _real(*a))
+        monkeypatch.setattr(
+            kops, name, lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1) or _real(*a)
+        )
 
     ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     loss_t, g_t = _loss_and_grads(ref, ids)

@@ -28,8 +28,15 @@ TORCHRUN, SBATCH = REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sba
 def sh(*args, env=None, **kw):
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "NNODES"))}
     full.update(env or {})
-    return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, env=subproc.child_env(full),
-                          cwd=REPO, timeout=60, **kw)
+    return subprocess.run(
+        ["bash", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=subproc.child_env(full),
+        cwd=REPO,
+        timeout=60,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("script", [TORCHRUN, SBATCH])
@@ -41,22 +48,52 @@ def test_scripts_parse(script):
 def test_torchrun_commands():
     out = sh(TORCHRUN, "--dry-run", "--nproc", "2", "--", "model=tiny").stdout
     assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 -m attnres_train model=tiny" in out
-    out = sh(TORCHRUN, "--dry-run", "--nnodes", "4", "--nproc", "8", "--rdzv", "n0:29400", "--job-id", "run7",
-             "--", "model=f3").stdout
-    assert ("--nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint n0:29400 --rdzv-id run7 "
-            "-m attnres_train model=f3") in out
-    out = sh(TORCHRUN, "--dry-run", "--nnodes", "2", "--node-rank", "1", "--nproc", "4", "--max-restarts", "3",
-             env={"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}).stdout
-    assert "--nnodes 2 --node-rank 1 --nproc-per-node 4 --master-addr 10.0.0.1 --master-port 1234 --max-restarts 3" in out
+    out = sh(
+        TORCHRUN,
+        "--dry-run",
+        "--nnodes",
+        "4",
+        "--nproc",
+        "8",
+        "--rdzv",
+        "n0:29400",
+        "--job-id",
+        "run7",
+        "--",
+        "model=f3",
+    ).stdout
+    assert (
+        "--nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint n0:29400 --rdzv-id run7 "
+        "-m attnres_train model=f3"
+    ) in out
+    out = sh(
+        TORCHRUN,
+        "--dry-run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--nproc",
+        "4",
+        "--max-restarts",
+        "3",
+        env={"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"},
+    ).stdout
+    assert (
+        "--nnodes 2 --node-rank 1 --nproc-per-node 4 --master-addr 10.0.0.1 --master-port 1234 --max-restarts 3" in out
+    )
 
 
-@pytest.mark.parametrize("args,text", [
-    (["--nnodes", "2"], "--rdzv HOST:PORT (or MASTER_ADDR) is required"),
-    (["--nproc", "x"], "--nproc must be a non-negative integer"),
-    (["--nnodes", "2", "--node-rank", "2", "--rdzv", "a:1"], "--node-rank must be in 0..1"),
-    (["model=tiny"], "unknown option model=tiny (put Hydra overrides after --)"),
-    (["--nproc"], "--nproc needs a value"),
-])
+@pytest.mark.parametrize(
+    "args,text",
+    [
+        (["--nnodes", "2"], "--rdzv HOST:PORT (or MASTER_ADDR) is required"),
+        (["--nproc", "x"], "--nproc must be a non-negative integer"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv", "a:1"], "--node-rank must be in 0..1"),
+        (["model=tiny"], "unknown option model=tiny (put Hydra overrides after --)"),
+        (["--nproc"], "--nproc needs a value"),
+    ],
+)
 def test_torchrun_bad_options(args, text):
     proc = sh(TORCHRUN, *args)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and text in proc.stderr
@@ -64,17 +101,27 @@ def test_torchrun_bad_options(args, text):
 
 
 def test_sbatch_dry_run_builds_srun_and_torchrun(tmp_path):
-    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[03-04,07]", "SLURM_NNODES": "3", "SLURM_JOB_ID": "4242",
-           "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO), "PATH": "/usr/bin:/bin"}
+    env = {
+        "DRY_RUN": "1",
+        "SLURM_JOB_NODELIST": "gpu[03-04,07]",
+        "SLURM_NNODES": "3",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "PATH": "/usr/bin:/bin",
+    }
     proc = sh(SBATCH, "model=f3", "run_dir=/shared/x", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "master: gpu03:29742, 3 node(s) x 4 process(es)"
     assert lines[1].startswith("srun --nodes 3 --ntasks-per-node 1 --kill-on-bad-exit=1 ")
-    assert lines[1].endswith("torchrun.sh --nnodes 3 --nproc 4 --rdzv gpu03:29742 --job-id 4242 -- model=f3 "
-                             "run_dir=/shared/x ")
-    assert ("torch.distributed.run --nnodes 3 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu03:29742 "
-            "--rdzv-id 4242 -m attnres_train model=f3 run_dir=/shared/x") in lines[2]
+    assert lines[1].endswith(
+        "torchrun.sh --nnodes 3 --nproc 4 --rdzv gpu03:29742 --job-id 4242 -- model=f3 run_dir=/shared/x "
+    )
+    assert (
+        "torch.distributed.run --nnodes 3 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu03:29742 "
+        "--rdzv-id 4242 -m attnres_train model=f3 run_dir=/shared/x"
+    ) in lines[2]
     # with scontrol on PATH its expansion wins (the real cluster path)
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -98,8 +145,11 @@ def test_hydra_launcher_presets_compose(preset, tasks, gpus, monkeypatch):
     for k, v in {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}.items():
         monkeypatch.setenv(k, v)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={preset}", "run_dir=/shared/sweep"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config",
+            overrides=[f"hydra/launcher={preset}", "run_dir=/shared/sweep"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     from hydra.experimental.callback import Callback
@@ -125,12 +175,35 @@ def test_two_nodes_on_localhost_with_static_ranks(tmp_path):
         port = s.getsockname()[1]
     args = tiny_overrides(corpus, run_dir, steps=2)
     env = subproc.child_env(PYTHON=os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python")))
-    procs = [subprocess.Popen(["bash", str(TORCHRUN), "--nnodes", "2", "--node-rank", str(r), "--nproc", "1",
-                               "--rdzv", f"127.0.0.1:{port}", "--", *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(TORCHRUN),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--nproc",
+                "1",
+                "--rdzv",
+                f"127.0.0.1:{port}",
+                "--",
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
-    logs = [subproc.save_output(tmp_path / "logs", f"node{r}", p.args, *o, p.returncode)
-            for r, (p, o) in enumerate(zip(procs, outs))]
+    logs = [
+        subproc.save_output(tmp_path / "logs", f"node{r}", p.args, *o, p.returncode)
+        for r, (p, o) in enumerate(zip(procs, outs))
+    ]
     assert all(p.returncode == 0 for p in procs), f"exit statuses {[p.returncode for p in procs]}; output in {logs}"
     assert len(read_metrics(run_dir)) == 2
     assert "2 rank(s) on cpu: dp_replicate=1 dp_shard=2" in outs[0][0]  # one process group over both "nodes"

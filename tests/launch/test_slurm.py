@@ -41,8 +41,9 @@ def _run(cmd, env, timeout=600, log_dir=None, name="cmd", **kw):
     """With ``log_dir``: the whole output saved there (tests/subproc.py); threads pinned either way."""
     if log_dir is not None:
         return subproc.run(cmd, log_dir, name, env=env, cwd=REPO, timeout=timeout, **kw)
-    return subprocess.run(cmd, cwd=REPO, env=subproc.child_env(env), capture_output=True, text=True, timeout=timeout,
-                          **kw)
+    return subprocess.run(
+        cmd, cwd=REPO, env=subproc.child_env(env), capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +73,27 @@ def corpus(tmp_path_factory):
 
 
 def _args(corpus: Path, run_dir: Path, steps: int = STEPS, **extra) -> list:
-    ov = {"model": "tiny", "model.residual.mode": "block", "model.residual.num_blocks": 2,
-          "data.sources": f"[{{path: '{corpus}', kind: text}}]", "data.seq_len": 64,
-          "data.cache_dir": str(run_dir.parent / "data_cache"), "data.num_workers": 0,
-          "trainer.device": "cpu", "trainer.max_steps": steps, "trainer.global_batch_size": 4,
-          "trainer.micro_batch_size": 1, "trainer.log_every": 1, "trainer.val_every": 0, "trainer.sample_every": 0,
-          "trainer.depth_stats_every": 0, "optim.lr": 3e-3, "optim.warmup_steps": 2, "checkpoint.interval": 0,
-          "run_dir": str(run_dir)}
+    ov = {
+        "model": "tiny",
+        "model.residual.mode": "block",
+        "model.residual.num_blocks": 2,
+        "data.sources": f"[{{path: '{corpus}', kind: text}}]",
+        "data.seq_len": 64,
+        "data.cache_dir": str(run_dir.parent / "data_cache"),
+        "data.num_workers": 0,
+        "trainer.device": "cpu",
+        "trainer.max_steps": steps,
+        "trainer.global_batch_size": 4,
+        "trainer.micro_batch_size": 1,
+        "trainer.log_every": 1,
+        "trainer.val_every": 0,
+        "trainer.sample_every": 0,
+        "trainer.depth_stats_every": 0,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "checkpoint.interval": 0,
+        "run_dir": str(run_dir),
+    }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
 
@@ -88,8 +103,22 @@ def _losses(run_dir: Path) -> dict:
 
 
 def _sbatch(env, out: Path, args: list, *options) -> str:
-    proc = _run(["sbatch", "--parsable", "--nodes", "1", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={out}",
-                 *options, "launch/slurm.sbatch", *args], {**env, "GPUS_PER_NODE": "2"}, timeout=60)
+    proc = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes",
+            "1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            f"--output={out}",
+            *options,
+            "launch/slurm.sbatch",
+            *args,
+        ],
+        {**env, "GPUS_PER_NODE": "2"},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -126,8 +155,14 @@ def _wait_for_line(path: Path, pattern: str, timeout: float = 300) -> None:
 def reference(slurm, corpus, tmp_path_factory):
     """Losses of the same run through ``launch/torchrun.sh --nproc 2`` (no slurm involved)."""
     run_dir = tmp_path_factory.mktemp("slurm_runs") / "torchrun"
-    subproc.check(_run(["bash", "launch/torchrun.sh", "--nproc", "2", "--", *_args(corpus, run_dir)], slurm,
-                       log_dir=run_dir.parent, name="torchrun"))
+    subproc.check(
+        _run(
+            ["bash", "launch/torchrun.sh", "--nproc", "2", "--", *_args(corpus, run_dir)],
+            slurm,
+            log_dir=run_dir.parent,
+            name="torchrun",
+        )
+    )
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
@@ -177,8 +212,15 @@ def test_time_limit_signal_saves_before_the_limit(slurm, corpus, tmp_path):
 def test_hydra_sweep_submits_one_job_per_point(slurm, corpus, tmp_path):
     sweep = tmp_path / "sweep"
     args = _args(corpus, sweep, steps=3, **{"model.residual.num_blocks": "1,2", "checkpoint.interval": 3})
-    subproc.check(_run([PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", *args], slurm, timeout=600,
-                       log_dir=tmp_path / "logs", name="sweep"))
+    subproc.check(
+        _run(
+            [PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", *args],
+            slurm,
+            timeout=600,
+            log_dir=tmp_path / "logs",
+            name="sweep",
+        )
+    )
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     assert len(runs) == 2, list(sweep.iterdir())
     for run in runs:
@@ -193,11 +235,17 @@ def test_unschedulable_sweep_job_is_reported_and_cancelled(slurm, corpus, tmp_pa
     env = {**slurm, "ATTNRES_SLURM_PENDING_GRACE_S": "3"}
     args = _args(corpus, sweep, steps=3)
     t0 = time.monotonic()
-    proc = _run([PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=64",
-                 *args], env, timeout=300, log_dir=tmp_path / "logs", name="sweep")
+    proc = _run(
+        [PY, "-m", "attnres_train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=64", *args],
+        env,
+        timeout=300,
+        log_dir=tmp_path / "logs",
+        name="sweep",
+    )
     subproc.check(proc, 2)
-    assert "error: slurm job" in proc.stderr and "can never start (PartitionConfig" in proc.stderr, (
-        subproc.failure(proc))
+    assert "error: slurm job" in proc.stderr and "can never start (PartitionConfig" in proc.stderr, subproc.failure(
+        proc
+    )
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 240
     assert _run(["squeue", "-h", "-o", "%i %T %r"], slurm, timeout=30).stdout.strip() == ""  # cancelled, not queued

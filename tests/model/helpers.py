@@ -71,8 +71,9 @@ def two_phase(blocks, partial, q, dtype, impl1, impl2=None):
     from attnres_train.model import depth
 
     stats = depth.phase1(blocks, q, DEPTH_EPS, impl1)
-    return torch.stack([depth.phase2(stats[i], partial, q[i], DEPTH_EPS, dtype, impl2 or impl1)
-                        for i in range(q.shape[0])])
+    return torch.stack(
+        [depth.phase2(stats[i], partial, q[i], DEPTH_EPS, dtype, impl2 or impl1) for i in range(q.shape[0])]
+    )
 
 
 def rel_err(a, b):
@@ -99,8 +100,7 @@ def check_against_truth(impl, n, s, shape, has_p, dtype, tol, device="cpu"):
     inputs = sources + [q]
     out_i = two_phase(blocks, partial, q, dtype, impl)
     out_r = two_phase(blocks, partial, q, dtype, "reference")
-    truth = torch.stack([depth.mix_direct([x.double() for x in sources], q[i].double(), DEPTH_EPS)
-                         for i in range(s)])
+    truth = torch.stack([depth.mix_direct([x.double() for x in sources], q[i].double(), DEPTH_EPS) for i in range(s)])
     assert out_i.dtype == dtype and out_i.shape == (s, *shape)
     assert rel_err(out_i, truth) <= max(tol["out"], 3 * rel_err(out_r, truth))
 

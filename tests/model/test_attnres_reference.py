@@ -129,8 +129,13 @@ class Sublayer(nn.Module):
 
 def stand_ins(seed=5):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D), 0.3 + 2.0 * float(torch.rand(1, generator=g)))
-            for _ in range(2 * LAYERS)]
+    return [
+        (
+            torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D),
+            0.3 + 2.0 * float(torch.rand(1, generator=g)),
+        )
+        for _ in range(2 * LAYERS)
+    ]
 
 
 def ids(seed=3):
@@ -186,8 +191,9 @@ def test_logits_match_the_paper_equations_with_stand_in_sublayers(mode, nb, bs, 
     assert float((reference_logits(sd, tokens, other, subs, EPS)[0] - want).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("mode,nb,bs", [("full", None, None), ("block", 2, None), ("block", None, 2)],
-                         ids=["full", "block-N2", "block-S2"])
+@pytest.mark.parametrize(
+    "mode,nb,bs", [("full", None, None), ("block", 2, None), ("block", None, 2)], ids=["full", "block-N2", "block-S2"]
+)
 def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mode, nb, bs):
     """Real KDA / MLA / dense / MoE sublayers, observed: each recorded input is recomputed from recorded outputs."""
     model = random_model(make_cfg(mode, nb, bs), seed=7)
@@ -201,13 +207,17 @@ def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mo
 
     for i, layer in enumerate(model.model.layers):
         ffn = layer.block_sparse_moe if hasattr(layer, "block_sparse_moe") else layer.mlp
-        hooks += [layer.input_layernorm.register_forward_pre_hook(keep_input(2 * i)),
-                  layer.post_attention_layernorm.register_forward_pre_hook(keep_input(2 * i + 1)),
-                  layer.self_attn.register_forward_hook(keep_output(2 * i)),
-                  ffn.register_forward_hook(keep_output(2 * i + 1))]
+        hooks += [
+            layer.input_layernorm.register_forward_pre_hook(keep_input(2 * i)),
+            layer.post_attention_layernorm.register_forward_pre_hook(keep_input(2 * i + 1)),
+            layer.self_attn.register_forward_hook(keep_output(2 * i)),
+            ffn.register_forward_hook(keep_output(2 * i + 1)),
+        ]
     hooks.append(model.model.norm.register_forward_pre_hook(keep_input(2 * LAYERS)))
-    assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {"KimiDeltaAttention",
-                                                                                "MultiLatentAttention"}
+    assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {
+        "KimiDeltaAttention",
+        "MultiLatentAttention",
+    }
     assert any(hasattr(layer, "block_sparse_moe") for layer in model.model.layers)
     tokens = ids(4)
     with torch.no_grad():
@@ -220,6 +230,8 @@ def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mo
     recorded = [outputs[sub] for sub in range(2 * LAYERS)]
     for sub in range(2 * LAYERS + 1):
         want, _ = read_of(sd, sub, LAYERS, sources_before(sub, recorded, blocks, emb), EPS)
-        torch.testing.assert_close(inputs[sub], want, rtol=1e-9, atol=1e-9, msg=lambda m, sub=sub: f"sublayer {sub}: {m}")
+        torch.testing.assert_close(
+            inputs[sub], want, rtol=1e-9, atol=1e-9, msg=lambda m, sub=sub: f"sublayer {sub}: {m}"
+        )
     want_logits = rms_norm(inputs[2 * LAYERS], sd["model.norm.weight"], EPS) @ sd["lm_head.weight"].t()
     torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)

@@ -65,8 +65,9 @@ def _deep_cfg(num_layers=12):
     cfg = tiny_cfg("block", num_blocks=4, num_layers=num_layers, vocab_size=64, hidden_size=32)
     cfg.kda = KDAConfig(num_heads=2, head_dim=16, chunk_size=8)
     cfg.mla = MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    cfg.moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1,
-                        dense_intermediate_size=32)
+    cfg.moe = MoEConfig(
+        num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1, dense_intermediate_size=32
+    )
     return cfg
 
 

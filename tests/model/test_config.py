@@ -69,8 +69,10 @@ NO_OPS = [
     ({"residual.impl": "torch"}, "model.residual.impl"),
     ({"residual.impl": "reference"}, "model.residual.impl"),
     ({"residual.mode": "full", "residual.two_phase": False, "residual.impl": "torch"}, "model.residual.impl"),
-    ({"residual.mode": "block", "residual.num_blocks": 2, "residual.two_phase": False, "residual.impl": "torch"},
-     "model.residual.impl"),
+    (
+        {"residual.mode": "block", "residual.num_blocks": 2, "residual.two_phase": False, "residual.impl": "torch"},
+        "model.residual.impl",
+    ),
     ({"moe.first_k_dense": 4, "moe.seq_aux_loss_coef": 1e-4}, "model.moe.seq_aux_loss_coef"),
     ({"moe.first_k_dense": 4, "moe.bias_in_weights": True}, "model.moe.bias_in_weights"),
     ({"moe.bias_update_speed": 0.0, "moe.bias_update_rule": "centered"}, "model.moe.bias_update_rule"),
@@ -88,15 +90,18 @@ def test_settings_without_effect_are_rejected_naming_the_field(settings, field):
     assert "no effect" in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("settings", [
-    {"residual.mode": "block", "residual.num_blocks": 2},
-    {"residual.mode": "block", "residual.block_size": 3},
-    {"residual.mode": "full", "residual.two_phase": False},
-    {"residual.mode": "full", "residual.two_phase": False, "residual.impl": "reference"},
-    {"residual.mode": "block", "residual.num_blocks": 2, "residual.impl": "torch"},
-    {"moe.first_k_dense": 4},  # a dense model with MoE options left at their defaults
-    {"moe.bias_update_speed": 0.0},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"residual.mode": "block", "residual.num_blocks": 2},
+        {"residual.mode": "block", "residual.block_size": 3},
+        {"residual.mode": "full", "residual.two_phase": False},
+        {"residual.mode": "full", "residual.two_phase": False, "residual.impl": "reference"},
+        {"residual.mode": "block", "residual.num_blocks": 2, "residual.impl": "torch"},
+        {"moe.first_k_dense": 4},  # a dense model with MoE options left at their defaults
+        {"moe.bias_update_speed": 0.0},
+    ],
+)
 def test_settings_that_are_read_are_accepted(settings):
     cfg = tiny_cfg()
     for k, v in settings.items():

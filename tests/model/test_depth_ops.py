@@ -23,7 +23,7 @@ SHAPES = [  # (completed blocks n, queries S, [B, T, d], with a partial sum)
     (5, 2, (3, 7, 100), True),
 ]
 IDS = [f"n{n}-S{s}-d{shape[-1]}-{'p' if hp else 'nop'}" for n, s, shape, hp in SHAPES]
-TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2 ** -8, grad=3e-2)}
+TOL = {torch.float32: dict(out=2e-6, grad=2e-5), torch.bfloat16: dict(out=2**-8, grad=3e-2)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -56,8 +56,11 @@ def test_backward_keeps_only_sources_and_per_token_scalars(has_p):
 
     def big_fp32(saved, allowed):
         ptrs = {x.untyped_storage().data_ptr() for x in allowed}
-        return [tuple(x.shape) for x in saved
-                if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs]
+        return [
+            tuple(x.shape)
+            for x in saved
+            if x.dtype == torch.float32 and x.numel() >= rows * d and x.untyped_storage().data_ptr() not in ptrs
+        ]
 
     out, saved = saved_tensors(lambda: two_phase(blocks, partial, q, torch.bfloat16, "torch"))
     assert big_fp32(saved, inputs) == []
@@ -79,8 +82,13 @@ class _CountFullSizeOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
-        views = (torch.ops.aten.view.default, torch.ops.aten.t.default, torch.ops.aten.detach.default,
-                 torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+        views = (
+            torch.ops.aten.view.default,
+            torch.ops.aten.t.default,
+            torch.ops.aten.detach.default,
+            torch.ops.aten._unsafe_view.default,
+            torch.ops.aten.reshape.default,
+        )
         if func not in views and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
             self.count += 1
         return out
@@ -115,7 +123,7 @@ def test_segment_cache_reads_each_source_once_and_equals_phase1(monkeypatch):
         calls.clear()
         got += [o for o, _, _ in cache.phase1(srcs[:n], subs)]
         cached_calls += len(calls)
-        want += [o for o, _, _ in depth_ops.phase1(srcs[:n], q_all[subs[0] - 2: subs[-1] - 1], EPS)]
+        want += [o for o, _, _ in depth_ops.phase1(srcs[:n], q_all[subs[0] - 2 : subs[-1] - 1], EPS)]
     assert cached_calls == 4  # once per source (the plain phase 1 made 1 + 2 + 4 calls)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
@@ -126,7 +134,7 @@ def test_segment_cache_reads_each_source_once_and_equals_phase1(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     other = [srcs[0], srcs[2].detach().clone()]  # not the cached list any more: recomputed from the change on
     calls.clear()
-    (o, _, _), = cache.phase1(other, [9])
+    ((o, _, _),) = cache.phase1(other, [9])
     assert len(calls) == 1 and calls[0] is other[1]
     torch.testing.assert_close(o, depth_ops.phase1(other, q_all[7:8], EPS)[0][0])
 
@@ -145,8 +153,10 @@ def test_autocast_does_not_reach_the_depth_mixing():
     up = torch.randn(shape, generator=g)
 
     def run(autocast: bool):
-        leaves = [b.clone().requires_grad_() for b in blocks] + [partial.clone().requires_grad_(),
-                                                                 q.clone().requires_grad_()]
+        leaves = [b.clone().requires_grad_() for b in blocks] + [
+            partial.clone().requires_grad_(),
+            q.clone().requires_grad_(),
+        ]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             stats = depth_ops.phase1(leaves[:3], leaves[4], EPS)
             h = depth_ops.phase2(stats[0], leaves[3], leaves[4][0], EPS, torch.float32)

@@ -46,7 +46,11 @@ def packed_batch(seed: int = 0):
 
 def tiny_model(mode: str = "block"):
     cfg = ModelConfig(
-        vocab_size=64, hidden_size=32, num_layers=4, mla_layers=[1, 3], lm_loss_chunk_tokens=0,
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=4,
+        mla_layers=[1, 3],
+        lm_loss_chunk_tokens=0,
         kda=KDAConfig(num_heads=2, head_dim=8, conv_size=4, chunk_size=CHUNK, impl="torch"),
         mla=MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
         moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, first_k_dense=2, dense_intermediate_size=32),
@@ -83,7 +87,7 @@ def test_packed_equals_each_document_alone(mode):
     for b, docs in enumerate(rows):
         s = 0
         for doc in docs:
-            packed_losses.append(doc_loss_sum(logits[b, s:s + len(doc)], doc))
+            packed_losses.append(doc_loss_sum(logits[b, s : s + len(doc)], doc))
             starts.append((b, s))
             s += len(doc)
     torch.stack(packed_losses).sum().backward()
@@ -93,7 +97,7 @@ def test_packed_equals_each_document_alone(mode):
     alone_losses, worst = [], 0.0
     for (b, s), doc in zip(starts, [d for docs in rows for d in docs]):
         alone = model(doc[None])[0]  # the plain model: no document ids, nothing else in the sample
-        worst = max(worst, (alone - logits[b, s:s + len(doc)]).abs().max().item())
+        worst = max(worst, (alone - logits[b, s : s + len(doc)]).abs().max().item())
         alone_losses.append(doc_loss_sum(alone, doc))
     torch.stack(alone_losses).sum().backward()
     assert worst < 1e-10
@@ -106,7 +110,7 @@ def test_packed_equals_each_document_alone(mode):
     # Without masking the documents do mix (so the check above is not vacuous).
     unmasked = model(ids)
     b, s = starts[2]
-    assert (unmasked[b, s:s + 8] - logits[b, s:s + 8]).abs().max() > 1e-4
+    assert (unmasked[b, s : s + 8] - logits[b, s : s + 8]).abs().max() > 1e-4
 
 
 def test_masking_off_is_todays_model():
@@ -123,8 +127,13 @@ def _core_inputs(B, T_, H=2, K=8, V=6, g_scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
     q, k = l2norm(rn(B, T_, H, K)), l2norm(rn(B, T_, H, K))
-    return [q, k, rn(B, T_, H, V), -g_scale * torch.rand(B, T_, H, K, generator=g, dtype=F64),
-            torch.rand(B, T_, H, generator=g, dtype=F64)]
+    return [
+        q,
+        k,
+        rn(B, T_, H, V),
+        -g_scale * torch.rand(B, T_, H, K, generator=g, dtype=F64),
+        torch.rand(B, T_, H, generator=g, dtype=F64),
+    ]
 
 
 def naive_delta_rule(q, k, v, g, beta):
@@ -152,9 +161,9 @@ def test_kda_cores_reset_state_at_document_starts(g_scale):
         for b, r in enumerate(lens):
             s = 0
             for n in r:
-                want = naive_delta_rule(*(x[b, s:s + n] for x in inputs))
-                torch.testing.assert_close(o_chunk[b, s:s + n], want, rtol=0, atol=1e-11)
-                torch.testing.assert_close(o_rec[b, s:s + n], want, rtol=0, atol=1e-11)
+                want = naive_delta_rule(*(x[b, s : s + n] for x in inputs))
+                torch.testing.assert_close(o_chunk[b, s : s + n], want, rtol=0, atol=1e-11)
+                torch.testing.assert_close(o_rec[b, s : s + n], want, rtol=0, atol=1e-11)
                 s += n
     torch.testing.assert_close(S_chunk, S_rec, rtol=0, atol=1e-11)
     w = torch.randn(o_chunk.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
@@ -228,5 +237,5 @@ def test_depth_statistics_use_the_masked_forward():
     for doc in rows[0]:
         alone = model.depth_attention(doc[None])
         for w_packed, w_alone in zip(packed, alone, strict=True):
-            torch.testing.assert_close(w_packed[:, 0, s:s + len(doc)], w_alone[:, 0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(w_packed[:, 0, s : s + len(doc)], w_alone[:, 0], rtol=0, atol=1e-10)
         s += len(doc)

@@ -44,8 +44,9 @@ def _plain(h, w, y, scale=1.0):
     """Loss and gradients of the unfused head: F.linear -> fp32/fp64 logits -> F.cross_entropy."""
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     logits = F.linear(h, w)
-    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), y.flatten(),
-                           ignore_index=-100)
+    loss = F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), y.flatten(), ignore_index=-100
+    )
     (loss * scale).backward()
     return loss.detach(), h.grad, w.grad
 
@@ -130,7 +131,7 @@ class _Biggest(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.vocab and not func.is_view:
                 self.numel = max(self.numel, t.numel())
         if func.__name__.split(".")[0] in ("mm", "addmm", "matmul", "linear"):

@@ -182,8 +182,10 @@ def naive_intra(q, k, G):
     return (Dk * q.unsqueeze(-2)).sum(-1), (Dk * k.unsqueeze(-2)).sum(-1)
 
 
-@pytest.mark.parametrize("M,sizes,g_scale", [(64, (16, 4), 1.0), (64, (16, 8), 30.0), (16, (4,), 1.0),
-                                             (12, (6, 2), 1.0), (8, (), 1.0), (64, (16,), 2500.0)])
+@pytest.mark.parametrize(
+    "M,sizes,g_scale",
+    [(64, (16, 4), 1.0), (64, (16, 8), 30.0), (16, (4,), 1.0), (12, (6, 2), 1.0), (8, (), 1.0), (64, (16,), 2500.0)],
+)
 def test_intra_chunk_products_match_naive(M, sizes, g_scale):
     gen = torch.Generator().manual_seed(M)
     q, k = (torch.randn(2, 3, M, 8, generator=gen, dtype=F64) for _ in range(2))

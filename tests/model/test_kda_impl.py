@@ -44,15 +44,29 @@ def _no_fla(mp):
 def _fake_fla(mp, with_chunk_size=True):
     calls = []
     if with_chunk_size:
-        def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                      use_qk_l2norm_in_kernel=False, chunk_size=64):
+
+        def chunk_kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=None,
+            initial_state=None,
+            output_final_state=False,
+            use_qk_l2norm_in_kernel=False,
+            chunk_size=64,
+        ):
             calls.append(chunk_size)
             return v, None
     else:
-        def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                      use_qk_l2norm_in_kernel=False):
+
+        def chunk_kda(
+            q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False
+        ):
             calls.append(None)
             return v, None
+
     pkg = types.ModuleType("fla")
     ops = types.ModuleType("fla.ops")
     mod = types.ModuleType("fla.ops.kda")
@@ -91,8 +105,18 @@ def test_chunk_size_is_validated_and_passed_to_fla(fresh, impl):
     assert e.value.field == "model.kda.chunk_size" and "32 or 64" in str(e.value)
     assert _layer(impl, chunk_size=32).resolve_core(CUDA) == "fla"
     x = torch.zeros(1, 4, 2, 16)
-    kda_mod._run_fla(32, q=x, k=x, v=x, g=x, beta=x[..., 0], scale=0.25, initial_state=None,
-                     output_final_state=False, use_qk_l2norm_in_kernel=True)
+    kda_mod._run_fla(
+        32,
+        q=x,
+        k=x,
+        v=x,
+        g=x,
+        beta=x[..., 0],
+        scale=0.25,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+    )
     assert calls == [32]
 
 

@@ -13,8 +13,10 @@ from attnres_train.model.mla import KV_A_LAYERNORM_EPS, MultiLatentAttention
 
 def make_cfg(rope: int = 4) -> ModelConfig:
     # v_head_dim (6) differs from the qk head dim (8 + rope) on purpose.
-    return ModelConfig(hidden_size=32, mla=MLAConfig(num_heads=3, kv_lora_rank=16, qk_nope_head_dim=8,
-                                                     qk_rope_head_dim=rope, v_head_dim=6))
+    return ModelConfig(
+        hidden_size=32,
+        mla=MLAConfig(num_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=rope, v_head_dim=6),
+    )
 
 
 def make_mla(rope: int = 4, seed: int = 0) -> MultiLatentAttention:
@@ -37,13 +39,13 @@ def naive_mla(mla: MultiLatentAttention, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(B, T, H * v, dtype=x.dtype)
     for b in range(B):
         for h in range(H):
-            q_h = q_all[b, :, h * (n + p):(h + 1) * (n + p)]
-            kv_h = kv[b, :, h * (n + v):(h + 1) * (n + v)]
+            q_h = q_all[b, :, h * (n + p) : (h + 1) * (n + p)]
+            kv_h = kv[b, :, h * (n + v) : (h + 1) * (n + v)]
             k_h = torch.cat([kv_h[:, :n], k_pe[b]], dim=-1)  # same k_pe for every head, not rotated
             v_h = kv_h[:, n:]
             s = (q_h @ k_h.T) / math.sqrt(n + p)
             s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-            out[b, :, h * v:(h + 1) * v] = torch.softmax(s, dim=-1) @ v_h
+            out[b, :, h * v : (h + 1) * v] = torch.softmax(s, dim=-1) @ v_h
     return out @ mla.o_proj.weight.T
 
 
@@ -101,9 +103,19 @@ def test_matches_transformers_kimi_linear_attention():
     tf = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
     from transformers import KimiLinearConfig
 
-    hf_cfg = KimiLinearConfig(hidden_size=32, num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=16,
-                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, q_lora_rank=None,
-                              num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2)
+    hf_cfg = KimiLinearConfig(
+        hidden_size=32,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        q_lora_rank=None,
+        num_hidden_layers=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     hf_cfg._attn_implementation = "eager"
     # fp32: transformers' RMSNorm and eager softmax compute in fp32 even for fp64 inputs, so an fp64
     # comparison would only agree to ~1e-7 anyway.

@@ -15,7 +15,9 @@ from .helpers import assert_rel_close, build, grads, randomize_queries, tiny_cfg
 IDS = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("mode,nb,bs", [("full", None, None), ("block", 2, None), ("block", 1, None), ("block", None, 3)])
+@pytest.mark.parametrize(
+    "mode,nb,bs", [("full", None, None), ("block", 2, None), ("block", 1, None), ("block", None, 3)]
+)
 def test_zero_init_attnres_equals_prenorm_fp64(mode, nb, bs):
     # With w = 0 the mix is the uniform average = residual stream / n, and every consumer of a sublayer input
     # starts with an RMSNorm, so the function equals PreNorm up to the RMSNorm eps. eps -> 1e-30 makes it exact.
@@ -29,7 +31,9 @@ def test_zero_init_attnres_equals_prenorm_fp64(mode, nb, bs):
     torch.testing.assert_close(attn(IDS), base(IDS), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode,nb,bs", [("block", 2, None), ("block", None, 3), ("block", 4, None), ("full", None, None)])
+@pytest.mark.parametrize(
+    "mode,nb,bs", [("block", 2, None), ("block", None, 3), ("block", 4, None), ("full", None, None)]
+)
 def test_two_phase_equals_direct_model_outputs_and_all_grads(mode, nb, bs):
     cfg = tiny_cfg(mode, nb, bs, num_layers=5)
     m1 = build(cfg)
@@ -60,8 +64,11 @@ def _k3_reference(model, ids, block_size):
         y = layer.self_attn(layer.input_layernorm(x))
         prefix = y if prefix is None else prefix + y
         x = mix_direct(bank + [prefix], q_mlp, eps)
-        ffn = layer.block_sparse_moe(layer.post_attention_layernorm(x))[0] if layer.is_moe else layer.mlp(
-            layer.post_attention_layernorm(x))
+        ffn = (
+            layer.block_sparse_moe(layer.post_attention_layernorm(x))[0]
+            if layer.is_moe
+            else layer.mlp(layer.post_attention_layernorm(x))
+        )
         prefix = prefix + ffn
     h = mix_direct(bank + [prefix], model.output_query(), eps)
     return model.lm_head(model.model.norm(h))

@@ -60,8 +60,9 @@ def test_router_renormalize_and_scaling():
 
 
 def test_router_bias_in_weights_quirk():
-    r, x = router_with_logits([2.0, 1.0, 0.0, -1.0], top_k=2, renormalize=True, routed_scaling_factor=1.5,
-                              bias_in_weights=True)
+    r, x = router_with_logits(
+        [2.0, 1.0, 0.0, -1.0], top_k=2, renormalize=True, routed_scaling_factor=1.5, bias_in_weights=True
+    )
     b = torch.tensor([0.0, 0.0, 5.0, 0.0])
     r.e_score_correction_bias.copy_(b)
     sb = torch.sigmoid(torch.tensor([2.0, 1.0, 0.0, -1.0])) + b
@@ -181,7 +182,7 @@ def test_grouped_experts_expert_subset():
     start = 0
     for j, c in enumerate(counts):
         e = 2 + j
-        xe = x[start:start + c]
+        xe = x[start : start + c]
         ref.append((F.silu(xe @ ge.w1[e].T) * (xe @ ge.w3[e].T)) @ ge.w2[e].T)
         start += c
     torch.testing.assert_close(y, torch.cat(ref), rtol=1e-12, atol=1e-13)
@@ -334,9 +335,18 @@ def test_matches_transformers_kimi_linear_moe():
     from transformers import KimiLinearConfig
 
     torch.manual_seed(7)
-    hf_cfg = KimiLinearConfig(hidden_size=16, num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
-                              n_shared_experts=1, routed_scaling_factor=2.446, norm_topk_prob=True,
-                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    hf_cfg = KimiLinearConfig(
+        hidden_size=16,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_shared_experts=1,
+        routed_scaling_factor=2.446,
+        norm_topk_prob=True,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     hf = tf.KimiLinearMoE(hf_cfg)
     moe = MoE(make_cfg(routed_scaling_factor=2.446))
     with torch.no_grad():

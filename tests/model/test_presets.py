@@ -26,7 +26,8 @@ def _compose(overrides):
 def _real_counts(model):
     total = sum(p.numel() for p in model.parameters())
     emb = model.model.embed_tokens.weight.numel() + (
-        0 if model.config.tie_word_embeddings else model.lm_head.weight.numel())
+        0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
+    )
     attnres = sum(p.numel() for n, p in model.named_parameters() if "_res_" in n)
     return total, emb, attnres
 

@@ -54,8 +54,11 @@ def _body(pp):
     module = build_train_module(build_model(cfg.model, device="meta"), cfg, pctx, max_steps=2)
     batch = torch.randint(0, cfg.model.vocab_size, (M, SEQ + 1), generator=torch.Generator().manual_seed(0))
     stats = module.train_batch(batch, step=0)
-    return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "param_bytes": local_bytes(module.model, include_buffers=False), "loss": stats["loss"]}
+    return {
+        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "param_bytes": local_bytes(module.model, include_buffers=False),
+        "loss": stats["loss"],
+    }
 
 
 @pytest.mark.slow
@@ -67,7 +70,9 @@ def test_pp4_rank_peak_rss_is_at_most_half_of_one_process():
     assert sum(r["param_bytes"] for r in ranks) == whole  # each parameter on exactly one stage
     assert max(r["param_bytes"] for r in ranks) < 0.5 * whole
     ratios = [r["rss"] / single["rss"] for r in ranks]
-    print(f"peak RSS: single {single['rss'] / 2**20:.0f} MiB; pp4 ranks "
-          f"{[round(r['rss'] / 2**20) for r in ranks]} MiB; ratios {[round(x, 3) for x in ratios]}")
+    print(
+        f"peak RSS: single {single['rss'] / 2**20:.0f} MiB; pp4 ranks "
+        f"{[round(r['rss'] / 2**20) for r in ranks]} MiB; ratios {[round(x, 3) for x in ratios]}"
+    )
     assert max(ratios) <= 0.5, ratios
     assert abs(ranks[-1]["loss"] - single["loss"]) < 1e-4 * single["loss"]  # same model, same first loss

@@ -31,8 +31,9 @@ def _body():
     from tests.full_tensors import full_grads
     from tests.parallel.test_equivalence import model_cfg
 
-    pctx = build_parallel_context(ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T, world_size=dist.get_world_size()
+    )
     ref = build_reference("block", 2).float()
     par = copy.deepcopy(ref)
     module = TrainModule(par, OptimConfig(), TrainerConfig(micro_batch_size=1, global_batch_size=B), pctx, 10)
@@ -48,9 +49,13 @@ def _body():
 
     # FSDP states = units (a grouped layer unit is one state shared by its modules)
     units = len({id(m._get_fsdp_state()) for m in par.modules() if isinstance(m, FSDPModule)})
-    return {"err": err, "reduce_scatters": counter.names.count("_reduce_scatter_base_")
-            + counter.names.count("reduce_scatter_tensor_coalesced_"), "units": units,
-            "micro": B // 2}
+    return {
+        "err": err,
+        "reduce_scatters": counter.names.count("_reduce_scatter_base_")
+        + counter.names.count("reduce_scatter_tensor_coalesced_"),
+        "units": units,
+        "micro": B // 2,
+    }
 
 
 def test_fsdp2_fp32_on_gloo_and_reduce_scatter_every_microbatch():

@@ -42,8 +42,9 @@ def _tp_body(parallel_kw, ac):
 
     ws = dist.get_world_size()
     pctx = build_parallel_context(ParallelConfig(**parallel_kw), model_cfg("block", 2), seq_len=T, world_size=ws)
-    tcfg = TrainerConfig(micro_batch_size=B // pctx.dp_size, global_batch_size=B, precision="fp32",
-                         activation_checkpointing=ac)
+    tcfg = TrainerConfig(
+        micro_batch_size=B // pctx.dp_size, global_batch_size=B, precision="fp32", activation_checkpointing=ac
+    )
     ids = packed_ids()
     x, y = ids[:, :-1], ids[:, 1:]
     ref = build_reference("block", 2)
@@ -56,13 +57,19 @@ def _tp_body(parallel_kw, ac):
     par_g = full_grads(par)
     plain = float(ref(x, labels=y).loss)
     assert all(is_checkpointed(layer) == ac for layer in par.model.layers)
-    return {"loss": abs(stats["loss"] - float(o.loss)) / float(o.loss), "plain_gap": abs(plain - float(o.loss)),
-            "grad": max(rel_err(par_g[n], ref_g[n]) for n in ref_g)}
+    return {
+        "loss": abs(stats["loss"] - float(o.loss)) / float(o.loss),
+        "plain_gap": abs(plain - float(o.loss)),
+        "grad": max(rel_err(par_g[n], ref_g[n]) for n in ref_g),
+    }
 
 
 # name -> (parallel config, activation checkpointing: the wrapper must pass doc_ids through)
-LAYOUTS = {"tp2": (dict(dp_shard=1, tp=2), False), "tp2_sp": (dict(dp_shard=1, tp=2, sp=True), False),
-           "fsdp2_ac": (dict(dp_shard=2), True)}
+LAYOUTS = {
+    "tp2": (dict(dp_shard=1, tp=2), False),
+    "tp2_sp": (dict(dp_shard=1, tp=2, sp=True), False),
+    "fsdp2_ac": (dict(dp_shard=2), True),
+}
 
 
 @pytest.mark.slow
@@ -105,8 +112,12 @@ def _pp_body(parallel_kw):
     stats = module.forward_backward(local_batch(ids, pctx))
     par_g = {n: g for n, g in full_grads(module.model).items() if g is not None}
     plain = float(ref(x, labels=y).loss)
-    return {"loss": abs(stats["loss"] - float(o.loss)) / float(o.loss), "plain_gap": abs(plain - float(o.loss)),
-            "grad": max(rel_err(g, ref_g[n]) for n, g in par_g.items()), "n": len(par_g)}
+    return {
+        "loss": abs(stats["loss"] - float(o.loss)) / float(o.loss),
+        "plain_gap": abs(plain - float(o.loss)),
+        "grad": max(rel_err(g, ref_g[n]) for n, g in par_g.items()),
+        "n": len(par_g),
+    }
 
 
 @pytest.mark.slow

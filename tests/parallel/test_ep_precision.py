@@ -62,8 +62,13 @@ def _body():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = moe(x)
         y.float().square().sum().backward()
-    return {"y": y.detach().float(), "a2a": probe.a2a, "gmm": probe.gmm, "y_dtype": y.dtype,
-            "x_grad_dtype": x.grad.dtype}
+    return {
+        "y": y.detach().float(),
+        "a2a": probe.a2a,
+        "gmm": probe.gmm,
+        "y_dtype": y.dtype,
+        "x_grad_dtype": x.grad.dtype,
+    }
 
 
 def test_ep2_all_to_all_and_experts_in_bf16_under_autocast():
@@ -79,5 +84,5 @@ def test_ep2_all_to_all_and_experts_in_bf16_under_autocast():
         assert rows, out["a2a"]
         assert out["gmm"] and all(d == (torch.bfloat16, torch.bfloat16) for d in out["gmm"]), out["gmm"]
         assert out["y_dtype"] == torch.float32 and out["x_grad_dtype"] == torch.float32  # combine back in fp32
-        err = float((out["y"] - ref[r:r + 1]).norm() / ref[r:r + 1].norm())
+        err = float((out["y"] - ref[r : r + 1]).norm() / ref[r : r + 1].norm())
         assert 0 < err < 2e-2, err  # bf16 experts, not fp32, and close to fp32

@@ -52,8 +52,15 @@ def model_cfg(mode, num_blocks):
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, mla_layers=[1])
     cfg.kda = KDAConfig(num_heads=2, head_dim=16, chunk_size=8)
     cfg.mla = MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    cfg.moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1,
-                        dense_intermediate_size=32, seq_aux_loss_coef=0.01)
+    cfg.moe = MoEConfig(
+        num_experts=8,
+        top_k=2,
+        intermediate_size=16,
+        num_shared_experts=1,
+        first_k_dense=1,
+        dense_intermediate_size=32,
+        seq_aux_loss_coef=0.01,
+    )
     cfg.residual.mode = mode
     cfg.residual.num_blocks = num_blocks
     return cfg
@@ -157,14 +164,19 @@ def _layout_body(parallel_kw, ac=False):
             pstats = module.optimizer_step(step)
             res["norm"].append(abs(pstats["grad_norm"] - float(ref_norm)) / float(ref_norm))
             res["clipped"].append(float(ref_norm) > ocfg.grad_clip)
-            res["bias"].append(max(float((a.gate.e_score_correction_bias - b.gate.e_score_correction_bias).abs().max())
-                                   for a, b in zip(moes, ref.moe_layers())))
+            res["bias"].append(
+                max(
+                    float((a.gate.e_score_correction_bias - b.gate.e_score_correction_bias).abs().max())
+                    for a, b in zip(moes, ref.moe_layers())
+                )
+            )
         ref_p = dict(ref.named_parameters())
         par_p = full_state(par)
         res["params"] = _worst({n: rel_err(par_p[n], ref_p[n]) for n in ref_p})
         res["n_params"] = len(par_p)
-        res["ac"] = ("activation_checkpointing" in par.parallel_plan
-                     and all(is_checkpointed(layer) for layer in par.model.layers))
+        res["ac"] = "activation_checkpointing" in par.parallel_plan and all(
+            is_checkpointed(layer) for layer in par.model.layers
+        )
         out[mode] = res
     return out
 

@@ -74,7 +74,7 @@ def _model_body(cases, ckpt_dir):
             from attnres_train.parallel.wrap import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
-        ids = _ids()[rank * B // ws:(rank + 1) * B // ws]
+        ids = _ids()[rank * B // ws : (rank + 1) * B // ws]
         loss, _ = model.loss(ids[:, :-1], ids[:, 1:])
         loss.backward()
 
@@ -197,12 +197,14 @@ def _fsdp_body():
     # forward (transformer._block_phase1), which per-layer FSDP2 units do not allow (a separate issue).
     model = _build_case("full", None, ())
     parallelize(model)
-    ids = _ids()[rank * B // ws:(rank + 1) * B // ws]
+    ids = _ids()[rank * B // ws : (rank + 1) * B // ws]
     loss = model(ids[:, :-1], labels=ids[:, 1:]).loss  # the call (not .loss): FSDP's root hooks
     loss.backward()
     # None: unused on every rank (layer 0's first pseudo-query mixes a single source), zeros as in grads()
-    g = {n: p.grad.full_tensor() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)
-         for n, p in model.named_parameters()}
+    g = {
+        n: p.grad.full_tensor() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
     lt = loss.detach().clone()
     dist.all_reduce(lt)
     # meta-device build -> EP -> FSDP2 -> to_empty -> experts.init_weights: the plain module's values for the
@@ -307,10 +309,11 @@ def test_ep_moe_uneven_and_empty_splits(ws):
         if ws == 4:
             assert counts[2:4].sum() == 0 and counts[6:8].sum() == 0  # EP ranks 1 and 3 receive nothing
         for r, out in enumerate(res):
-            assert_rel_close(out["y"], y[r:r + 1].detach(), tol, f"{dtype} y rank {r}")
-            assert_rel_close(out["x_grad"], x.grad[r:r + 1], tol, f"{dtype} x.grad rank {r}")
-            per_rank = torch.bincount(torch.tensor([e for t in range(TOK) for e in PAIRS[r][t % len(PAIRS[r])]]),
-                                      minlength=8).float()
+            assert_rel_close(out["y"], y[r : r + 1].detach(), tol, f"{dtype} y rank {r}")
+            assert_rel_close(out["x_grad"], x.grad[r : r + 1], tol, f"{dtype} x.grad rank {r}")
+            per_rank = torch.bincount(
+                torch.tensor([e for t in range(TOK) for e in PAIRS[r][t % len(PAIRS[r])]]), minlength=8
+            ).float()
             assert torch.equal(out["counts"], per_rank), (r, out["counts"])  # own routing only
         assert torch.equal(sum(o["counts"] for o in res), counts)
         for n, p in moe.named_parameters():

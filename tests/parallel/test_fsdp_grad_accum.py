@@ -58,8 +58,9 @@ def _accum_body():
     from attnres_train.parallel.train_step import local_batch
     from tests.full_tensors import full_grads
 
-    pctx = build_parallel_context(ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T, world_size=dist.get_world_size()
+    )
     ref = build_reference("block", 2).float()
     model = parallelize_model(copy.deepcopy(ref), pctx)
     ids = _batch()
@@ -68,7 +69,7 @@ def _accum_body():
     def accumulate(after_micro):
         for i in range(MICRO):
             with grad_sync(model, enabled=(i == MICRO - 1)):
-                out = model(loc[i:i + 1, :-1], labels=loc[i:i + 1, 1:])
+                out = model(loc[i : i + 1, :-1], labels=loc[i : i + 1, 1:])
                 ((out.loss + out.aux_loss) / MICRO).backward()
                 del out
             after_micro()
@@ -80,15 +81,14 @@ def _accum_body():
     start = _live_tensor_bytes()
     held = []
     accumulate(lambda: held.append(_live_tensor_bytes() - start))
-    sharded = sum(p.grad.to_local().numel() * p.grad.element_size() for p in model.parameters()
-                  if p.grad is not None)
+    sharded = sum(p.grad.to_local().numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     layer = max(sum(p.numel() * 4 for m in layer_unit(lay) for p in m.parameters()) for lay in decoder_layers(model))
     full = sum(p.numel() * 4 for p in model.parameters())
     g = full_grads(model)  # the measured step's gradients only (zeroed after the first)
     # the reference: the mean of the per-sequence losses of the global batch, in fp64
     ref64 = build_reference("block", 2)
     for s in range(ids.shape[0]):
-        o = ref64(ids[s:s + 1, :-1], labels=ids[s:s + 1, 1:])
+        o = ref64(ids[s : s + 1, :-1], labels=ids[s : s + 1, 1:])
         ((o.loss + o.aux_loss) / ids.shape[0]).backward()
     err = max(rel_err(g[n], p.grad) for n, p in ref64.named_parameters() if p.grad is not None)
     return {"held": held, "sharded": sharded, "layer": layer, "full": full, "err": err}
@@ -113,8 +113,9 @@ def _bf16_body():
     from attnres_train.parallel.train_step import local_batch
     from attnres_train.train.train_module import TrainModule
 
-    pctx = build_parallel_context(ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(dp_shard=2), model_cfg("block", 2), seq_len=T, world_size=dist.get_world_size()
+    )
     ref = build_reference("block", 2).float()
     par = copy.deepcopy(ref)
     cfg = TrainerConfig(micro_batch_size=1, global_batch_size=2 * MICRO, precision="bf16")
@@ -124,6 +125,7 @@ def _bf16_body():
     def record(key, get):  # a forward pre-hook that records the parameter dtype the module computes with
         def hook(mod, args):
             seen.setdefault(key, get(mod).dtype)
+
         return hook
 
     layer = decoder_layers(par)[1]
@@ -142,7 +144,9 @@ def test_fsdp2_bf16_mixed_precision_policy():
     ref = build_reference("block", 2).float()
     ids = _batch()
     with torch.no_grad():
-        ref_loss = sum(float(ref(ids[s:s + 1, :-1], labels=ids[s:s + 1, 1:]).loss) for s in range(len(ids))) / len(ids)
+        ref_loss = sum(float(ref(ids[s : s + 1, :-1], labels=ids[s : s + 1, 1:]).loss) for s in range(len(ids))) / len(
+            ids
+        )
     for r in res:
         assert r["seen"] == {"mixer": torch.bfloat16, "experts": torch.bfloat16, "embed": torch.float32}, r
         assert r["grads"] == {torch.float32} and r["masters"] == {torch.float32}, r
@@ -159,8 +163,9 @@ def _hsdp_body():
     from tests.full_tensors import full_grads
     from tests.parallel.test_data_parallel import _Collectives
 
-    pctx = build_parallel_context(ParallelConfig(dp_replicate=2, dp_shard=2), model_cfg("block", 2), seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(dp_replicate=2, dp_shard=2), model_cfg("block", 2), seq_len=T, world_size=dist.get_world_size()
+    )
     ref = build_reference("block", 2)
     par = copy.deepcopy(ref).float()
     module = TrainModule(par, OptimConfig(), TrainerConfig(micro_batch_size=1, global_batch_size=8), pctx, 10)
@@ -173,8 +178,12 @@ def _hsdp_body():
     (o.loss + o.aux_loss).backward()
     err = max(rel_err(g[n], p.grad) for n, p in ref.named_parameters() if p.grad is not None)
     names = counter.names
-    return {"err": err, "rs": names.count("_reduce_scatter_base_") + names.count("reduce_scatter_tensor_coalesced_"),
-            "ar": names.count("allreduce_") + names.count("all_reduce_"), "names": sorted(set(names))}
+    return {
+        "err": err,
+        "rs": names.count("_reduce_scatter_base_") + names.count("reduce_scatter_tensor_coalesced_"),
+        "ar": names.count("allreduce_") + names.count("all_reduce_"),
+        "names": sorted(set(names)),
+    }
 
 
 @pytest.mark.slow  # 4 ranks on the 2-core box

@@ -40,8 +40,9 @@ def model_cfg(tie: bool = False):
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, mla_layers=[1], tie_word_embeddings=tie)
     cfg.kda = KDAConfig(num_heads=2, head_dim=16, chunk_size=8)
     cfg.mla = MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    cfg.moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1,
-                        dense_intermediate_size=32)
+    cfg.moe = MoEConfig(
+        num_experts=8, top_k=2, intermediate_size=16, num_shared_experts=1, first_k_dense=1, dense_intermediate_size=32
+    )
     cfg.residual.mode, cfg.residual.num_blocks = "block", 2
     return cfg
 
@@ -88,20 +89,29 @@ def _row_gen(name: str, row: int) -> torch.Generator:
 def test_single_process_values_follow_the_documented_scheme():
     ref = _reference()
     std = model_cfg().init_std
-    for name in ("model.embed_tokens.weight", "model.layers.2.block_sparse_moe.experts.w2", "lm_head.weight",
-                 "model.layers.1.self_attn.q_proj.weight", "model.layers.3.block_sparse_moe.gate.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.2.block_sparse_moe.experts.w2",
+        "lm_head.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.3.block_sparse_moe.gate.weight",
+    ):
         t = ref[name]
         for i in (0, t.shape[0] - 1):
             row = torch.empty(t.shape[1:], dtype=torch.float64).normal_(0.0, std, generator=_row_gen(name, i))
             assert torch.equal(t[i], row), (name, i)
     conv = ref["model.layers.0.self_attn.q_conv1d.weight"]  # [C, 1, W]: kaiming-uniform bound 1/sqrt(W)
     b = 1 / math.sqrt(conv.shape[-1])
-    row = torch.empty(conv.shape[1:], dtype=torch.float64).uniform_(-b, b, generator=_row_gen(
-        "model.layers.0.self_attn.q_conv1d.weight", 5))
+    row = torch.empty(conv.shape[1:], dtype=torch.float64).uniform_(
+        -b, b, generator=_row_gen("model.layers.0.self_attn.q_conv1d.weight", 5)
+    )
     assert torch.equal(conv[5], row)
     a_log = ref["model.layers.0.self_attn.A_log"]  # 1-D: one stream for the whole vector
-    want = torch.empty(a_log.shape, dtype=torch.float64).uniform_(1, 16, generator=_row_gen(
-        "model.layers.0.self_attn.A_log", 0)).log()
+    want = (
+        torch.empty(a_log.shape, dtype=torch.float64)
+        .uniform_(1, 16, generator=_row_gen("model.layers.0.self_attn.A_log", 0))
+        .log()
+    )
     assert torch.equal(a_log, want)
     assert all(float(ref[n].abs().sum()) == 0 for n in ref if n.endswith("_res_proj.weight"))
     assert all(torch.equal(ref[n], torch.ones_like(ref[n])) for n in ref if n.endswith("norm.weight"))

@@ -47,8 +47,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("over,world,model_over,seq_len,field,fragment", BAD,
-                         ids=[f"{b[4]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "over,world,model_over,seq_len,field,fragment", BAD, ids=[f"{b[4]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_each_rule_names_its_field(over, world, model_over, seq_len, field, fragment):
     with pytest.raises(ConfigError) as info:
         resolve_parallel_dims(ParallelConfig(**over), world, model_cfg=_model(**model_over), seq_len=seq_len)
@@ -63,16 +64,19 @@ def test_validation_runs_before_any_process_group():
         build_parallel_context(ParallelConfig(tp=4), _model(), seq_len=64, world_size=4)
 
 
-@pytest.mark.parametrize("over,world,expect", [
-    (dict(), 8, dict(dp_shard=8, dp=8)),
-    (dict(tp=2), 8, dict(dp_shard=4, dp=4)),
-    (dict(dp_replicate=2, tp=2), 8, dict(dp_shard=2, dp=4)),
-    (dict(dp_replicate=2, dp_shard=1), 2, dict(dp_shard=1, dp=2)),
-    (dict(ep=2), 8, dict(dp_shard=8, edp_replicate=1, edp_shard=4)),  # EP inside dp_shard
-    (dict(dp_replicate=2, ep=2), 8, dict(dp_shard=4, edp_replicate=2, edp_shard=2)),
-    (dict(dp_replicate=2, dp_shard=2, ep=4), 4, dict(edp_replicate=1, edp_shard=1)),  # EP spans both dp dims
-    (dict(dp_replicate=4, dp_shard=1, ep=2), 4, dict(edp_replicate=2, edp_shard=1)),  # DDP + EP
-])
+@pytest.mark.parametrize(
+    "over,world,expect",
+    [
+        (dict(), 8, dict(dp_shard=8, dp=8)),
+        (dict(tp=2), 8, dict(dp_shard=4, dp=4)),
+        (dict(dp_replicate=2, tp=2), 8, dict(dp_shard=2, dp=4)),
+        (dict(dp_replicate=2, dp_shard=1), 2, dict(dp_shard=1, dp=2)),
+        (dict(ep=2), 8, dict(dp_shard=8, edp_replicate=1, edp_shard=4)),  # EP inside dp_shard
+        (dict(dp_replicate=2, ep=2), 8, dict(dp_shard=4, edp_replicate=2, edp_shard=2)),
+        (dict(dp_replicate=2, dp_shard=2, ep=4), 4, dict(edp_replicate=1, edp_shard=1)),  # EP spans both dp dims
+        (dict(dp_replicate=4, dp_shard=1, ep=2), 4, dict(edp_replicate=2, edp_shard=1)),  # DDP + EP
+    ],
+)
 def test_resolution(over, world, expect):
     dims = resolve_parallel_dims(ParallelConfig(**over), world, model_cfg=_model(), seq_len=64)
     for key, value in expect.items():

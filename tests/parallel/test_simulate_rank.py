@@ -29,8 +29,27 @@ def _simulated(out: str) -> dict:
 
 
 def test_tiny_layout_simulates_and_rejects_a_rank_outside_the_world(capsys):
-    args = ["--model", "tiny", "--pp", "2", "--vpp", "2", "--tp", "2", "--sp", "--ep", "2", "--dp-shard", "2",
-            "--dp-replicate", "2", "--world-size", "16", "--seq-len", "64"]
+    args = [
+        "--model",
+        "tiny",
+        "--pp",
+        "2",
+        "--vpp",
+        "2",
+        "--tp",
+        "2",
+        "--sp",
+        "--ep",
+        "2",
+        "--dp-shard",
+        "2",
+        "--dp-replicate",
+        "2",
+        "--world-size",
+        "16",
+        "--seq-len",
+        "64",
+    ]
     assert main(args + ["--simulate-rank", "5"]) == 0
     out = capsys.readouterr().out
     assert "pipeline buffers held by the runtime (its bound for this schedule; not simulated)" in out
@@ -44,8 +63,32 @@ def test_tiny_layout_simulates_and_rejects_a_rank_outside_the_world(capsys):
 
 @pytest.mark.slow
 def test_48b_rank_on_1024_ranks_matches_the_plan(capsys):
-    assert main(["--model", "kimi_linear_48b", "--pp", "4", "--vpp", "2", "--tp", "2", "--sp", "--ep", "16",
-                 "--dp-replicate", "8", "--world-size", "1024", "--microbatches", "8", "--simulate-rank", "768"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "kimi_linear_48b",
+                "--pp",
+                "4",
+                "--vpp",
+                "2",
+                "--tp",
+                "2",
+                "--sp",
+                "--ep",
+                "16",
+                "--dp-replicate",
+                "8",
+                "--world-size",
+                "1024",
+                "--microbatches",
+                "8",
+                "--simulate-rank",
+                "768",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "simulated rank 768 of 1024 (pp rank 3" in out
     rows = _simulated(out)

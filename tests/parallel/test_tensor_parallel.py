@@ -32,9 +32,14 @@ from tests.model.helpers import build, randomize_queries, tiny_cfg
 
 TOL = 1e-10
 # Importing DTensor and its sharding rules takes seconds per process: let the forkserver do it once.
-PRELOAD = DEFAULT_PRELOAD + ("torch.distributed.tensor", "torch.distributed.tensor.parallel",
-                             "torch.distributed.tensor.debug", "torch._dynamo", "attnres_train.parallel.tensor",
-                             "tests.model.helpers")
+PRELOAD = DEFAULT_PRELOAD + (
+    "torch.distributed.tensor",
+    "torch.distributed.tensor.parallel",
+    "torch.distributed.tensor.debug",
+    "torch._dynamo",
+    "attnres_train.parallel.tensor",
+    "tests.model.helpers",
+)
 # 3 decoder layers: 0 = KDA + dense SwiGLU, 1 = MLA + MoE, 2 = KDA + MoE (every layer type, fewest DTensor
 # op signatures to warm up). Block mode: block_size 2 -> blocks {layers 0-1}, {layer 2}.
 CASES = {
@@ -115,8 +120,9 @@ def _tp_vs_single(mode: str, sp: bool, steps: int):
         res["grad_norm"] = abs(norms[1] - norms[0]) / norms[0]
         for m in (ref, model):
             torch.optim.AdamW(m.parameters(), lr=1e-2).step()
-        res["params_after_step"] = max(_rel_err(_full(p.detach()), ref_params[name].detach())
-                                       for name, p in model.named_parameters())
+        res["params_after_step"] = max(
+            _rel_err(_full(p.detach()), ref_params[name].detach()) for name, p in model.named_parameters()
+        )
     for name, p in model.named_parameters():
         g_ref = ref_params[name].grad
         if not isinstance(p, DTensor):
@@ -235,33 +241,54 @@ def _depth_mixing_no_collectives():
         return DepthState(blocks=list(bs), partial=p)
 
     checks = {
-        "depth_read two-phase": (lambda: depth_read(state(shard, dpart), 0, dq[0], eps, True),
-                                 lambda: depth_read(state(blocks, partial), 0, q_sd[0], eps, True)),
-        "depth_read direct": (lambda: depth_read(state(shard, dpart), 0, dq[1], eps, False),
-                              lambda: depth_read(state(blocks, partial), 0, q_sd[1], eps, False)),
-        "depth_read no partial": (lambda: depth_read(state(shard, None), 0, dq[2], eps, True),
-                                  lambda: depth_read(state(blocks, None), 0, q_sd[2], eps, True)),
-        "phase1+phase2": (lambda: phase2(phase1(shard, dq, eps)[1], dpart, dq[1], eps, torch.float64),
-                          lambda: phase2(phase1(blocks, q_sd, eps)[1], partial, q_sd[1], eps, torch.float64)),
-        "mix_direct": (lambda: mix_direct(shard + [dpart], dq[0], eps),
-                       lambda: mix_direct(blocks + [partial], q_sd[0], eps)),
-        "depth_weights": (lambda: depth_weights(state(shard, dpart), dq[0], eps),
-                          lambda: depth_weights(state(blocks, partial), q_sd[0], eps)),
+        "depth_read two-phase": (
+            lambda: depth_read(state(shard, dpart), 0, dq[0], eps, True),
+            lambda: depth_read(state(blocks, partial), 0, q_sd[0], eps, True),
+        ),
+        "depth_read direct": (
+            lambda: depth_read(state(shard, dpart), 0, dq[1], eps, False),
+            lambda: depth_read(state(blocks, partial), 0, q_sd[1], eps, False),
+        ),
+        "depth_read no partial": (
+            lambda: depth_read(state(shard, None), 0, dq[2], eps, True),
+            lambda: depth_read(state(blocks, None), 0, q_sd[2], eps, True),
+        ),
+        "phase1+phase2": (
+            lambda: phase2(phase1(shard, dq, eps)[1], dpart, dq[1], eps, torch.float64),
+            lambda: phase2(phase1(blocks, q_sd, eps)[1], partial, q_sd[1], eps, torch.float64),
+        ),
+        "mix_direct": (
+            lambda: mix_direct(shard + [dpart], dq[0], eps),
+            lambda: mix_direct(blocks + [partial], q_sd[0], eps),
+        ),
+        "depth_weights": (
+            lambda: depth_weights(state(shard, dpart), dq[0], eps),
+            lambda: depth_weights(state(blocks, partial), q_sd[0], eps),
+        ),
     }
     out = {}
     for name, (sharded_fn, full_fn) in checks.items():
         got, n_comm, _ = _count(sharded_fn)
         want = full_fn()
         seq_dim = got.ndim - 1 if name == "depth_weights" else 1
-        out[name] = {"comms": n_comm, "placements": str(got.placements), "err": _rel_err(got.full_tensor(), want),
-                     "sharded_on_seq": got.placements == (Shard(seq_dim),)}
+        out[name] = {
+            "comms": n_comm,
+            "placements": str(got.placements),
+            "err": _rel_err(got.full_tensor(), want),
+            "sharded_on_seq": got.placements == (Shard(seq_dim),),
+        }
     # Local shards (what a rank holds) mix exactly like the corresponding slice of the full tensors.
     r, n = dist.get_rank(), dist.get_world_size()
     sl = slice(r * T // n, (r + 1) * T // n)
-    local, n_comm, _ = _count(lambda: depth_read(state([b[:, sl] for b in blocks], partial[:, sl]), 0, q_sd[0],
-                                                 eps, True))
-    out["local shards"] = {"comms": n_comm, "placements": "local", "sharded_on_seq": True,
-                           "err": _rel_err(local, depth_read(state(blocks, partial), 0, q_sd[0], eps, True)[:, sl])}
+    local, n_comm, _ = _count(
+        lambda: depth_read(state([b[:, sl] for b in blocks], partial[:, sl]), 0, q_sd[0], eps, True)
+    )
+    out["local shards"] = {
+        "comms": n_comm,
+        "placements": "local",
+        "sharded_on_seq": True,
+        "err": _rel_err(local, depth_read(state(blocks, partial), 0, q_sd[0], eps, True)[:, sl]),
+    }
     return out
 
 
@@ -295,7 +322,10 @@ def _forward_collectives(mode: str):
 def test_attnres_adds_no_collective_to_the_sp_forward():
     """A whole SP forward: Block/Full AttnRes issue exactly the collectives of PreNorm (the mixers', FFNs',
     embedding's, head's and loss's), i.e. the depth mixing between sublayers communicates nothing."""
-    counts = {mode: run_distributed(_forward_collectives, 2, mode, timeout=120, preload=PRELOAD)[0] for mode in ("prenorm", "block")}
+    counts = {
+        mode: run_distributed(_forward_collectives, 2, mode, timeout=120, preload=PRELOAD)[0]
+        for mode in ("prenorm", "block")
+    }
     n_pre, ops_pre = counts["prenorm"]
     n_block, ops_block = counts["block"]
     # embedding: 1 reduce-scatter; 3 mixers + 1 dense FFN + 2 shared experts: 1 all-gather + 1 reduce-scatter
@@ -319,11 +349,14 @@ def _vocab_parallel_ce():
         want = F.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100)
         want.backward()
         V = 12 // n
-        local = logits[..., r * V:(r + 1) * V].clone().requires_grad_()
+        local = logits[..., r * V : (r + 1) * V].clone().requires_grad_()
         got = vocab_parallel_cross_entropy(local, labels, r * V, dist.group.WORLD)
         got.backward()
-        out[str(dtype)] = (_rel_err(got.detach(), want.detach()),
-                           _rel_err(local.grad, full.grad[..., r * V:(r + 1) * V]), got.dtype == dtype)
+        out[str(dtype)] = (
+            _rel_err(got.detach(), want.detach()),
+            _rel_err(local.grad, full.grad[..., r * V : (r + 1) * V]),
+            got.dtype == dtype,
+        )
     return out
 
 

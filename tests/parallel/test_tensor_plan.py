@@ -39,25 +39,36 @@ def _plan_body():
     from tests.parallel.test_equivalence import model_cfg
 
     cfg = model_cfg("block", 2)
-    pctx = build_parallel_context(ParallelConfig(dp_shard=2, tp=2, sp=True, ep=2), cfg, seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(dp_shard=2, tp=2, sp=True, ep=2), cfg, seq_len=T, world_size=dist.get_world_size()
+    )
     plain = build_model(cfg, device="meta")
     model = build_model(cfg, device="meta")
     parallelize_model(model, pctx, TrainerConfig(activation_checkpointing=True))
     materialize_and_init(model, pctx.device, cfg, seed=3)
-    out = {"plan": model.parallel_plan,
-           "expected_plan": ParallelPlan(steps=("expert_parallel", "tensor_parallel", "activation_checkpointing",
-                                                "data_parallel"), ep=2, tp=2, sp=True, dp=2, pp=1)}
+    out = {
+        "plan": model.parallel_plan,
+        "expected_plan": ParallelPlan(
+            steps=("expert_parallel", "tensor_parallel", "activation_checkpointing", "data_parallel"),
+            ep=2,
+            tp=2,
+            sp=True,
+            dp=2,
+            pp=1,
+        ),
+    }
     names, plain_names = [n for n, _ in model.named_parameters()], [n for n, _ in plain.named_parameters()]
     keys, plain_keys = list(model.state_dict()), list(plain.state_dict())
     out["names"] = names == plain_names or _diff(names, plain_names)
     out["keys"] = keys == plain_keys or _diff(keys, plain_keys)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    out["seams"] = (isinstance(model.lm_loss, VocabParallelLMLoss)
-                    and all(isinstance(m.experts, ExpertParallelExperts) for m in moes)
-                    and all(isinstance(m.sequence_stats, SequenceParallelStats) for m in moes)
-                    and type(plain.lm_loss) is LMLoss
-                    and all(type(m.sequence_stats) is SequenceStats for m in plain.modules() if isinstance(m, MoE)))
+    out["seams"] = (
+        isinstance(model.lm_loss, VocabParallelLMLoss)
+        and all(isinstance(m.experts, ExpertParallelExperts) for m in moes)
+        and all(isinstance(m.sequence_stats, SequenceParallelStats) for m in moes)
+        and type(plain.lm_loss) is LMLoss
+        and all(type(m.sequence_stats) is SequenceStats for m in plain.modules() if isinstance(m, MoE))
+    )
     out["ac"] = all(is_checkpointed(layer) for layer in model.model.layers)
     try:
         parallelize_model(model, pctx)
@@ -67,7 +78,9 @@ def _plan_body():
 
     # One step: the regions swap local views in and back; afterwards every parameter is the registered one.
     params_before = {n: p for n, p in model.named_parameters()}
-    ids = torch.randint(0, cfg.vocab_size, (B // 2, T + 1), generator=torch.Generator().manual_seed(0))  # same on every rank
+    ids = torch.randint(
+        0, cfg.vocab_size, (B // 2, T + 1), generator=torch.Generator().manual_seed(0)
+    )  # same on every rank
     res = model(ids[:, :-1], labels=ids[:, 1:])
     (res.loss + res.aux_loss).backward()
     after = dict(model.named_parameters())
@@ -89,8 +102,10 @@ def _plan_body():
         attn(x, bogus_keyword=1)
         out["restored"] = "no error"
     except TypeError as e:
-        out["restored"] = ("bogus_keyword" in str(e) and all(
-            p is registered[f"model.layers.0.self_attn.{n}"] for n, p in attn.named_parameters())) or str(e)
+        out["restored"] = (
+            "bogus_keyword" in str(e)
+            and all(p is registered[f"model.layers.0.self_attn.{n}"] for n, p in attn.named_parameters())
+        ) or str(e)
     return out
 
 

@@ -42,14 +42,16 @@ def _op_body():
         want = F.cross_entropy(F.linear(hf, wf).flatten(0, 1), labels.flatten(), ignore_index=-100)
         (3.0 * want).backward()
         Vl = V // n
-        hl, wl = h.clone().requires_grad_(), w[r * Vl:(r + 1) * Vl].clone().requires_grad_()
+        hl, wl = h.clone().requires_grad_(), w[r * Vl : (r + 1) * Vl].clone().requires_grad_()
         got = vocab_parallel_fused_cross_entropy(hl, wl, labels, r * Vl, 4, dist.group.WORLD)
         (3.0 * got).backward()
         gh = hl.grad.clone()
         dist.all_reduce(gh)  # each rank's hidden gradient is its vocab shard's partial sum
-        out[name] = {"loss": (float(got), float(want)),
-                     "grad_w": _rel(wl.grad, wf.grad[r * Vl:(r + 1) * Vl]) if wf.grad.any() else float(wl.grad.abs().max()),
-                     "grad_h": _rel(gh, hf.grad) if hf.grad.any() else float(gh.abs().max())}
+        out[name] = {
+            "loss": (float(got), float(want)),
+            "grad_w": _rel(wl.grad, wf.grad[r * Vl : (r + 1) * Vl]) if wf.grad.any() else float(wl.grad.abs().max()),
+            "grad_h": _rel(gh, hf.grad) if hf.grad.any() else float(gh.abs().max()),
+        }
     return out
 
 
@@ -81,10 +83,17 @@ def _model_body():
             apply_tensor_parallel(model, mesh, sequence_parallel=sp)
             out = model(ids, labels=labels)
             out.loss.backward()
-            errs = {n: _rel(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, ref_params[n].grad)
-                    for n, p in model.named_parameters() if p.grad is not None}
-            res[f"sp={sp} chunk={chunk}"] = {"loss": _rel(out.loss.detach(), out_ref.loss.detach()), "grads": errs,
-                                             "logits_none": out.logits is None, "n_ref": len(ref_params)}
+            errs = {
+                n: _rel(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad, ref_params[n].grad)
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+            res[f"sp={sp} chunk={chunk}"] = {
+                "loss": _rel(out.loss.detach(), out_ref.loss.detach()),
+                "grads": errs,
+                "logits_none": out.logits is None,
+                "n_ref": len(ref_params),
+            }
     return res
 
 

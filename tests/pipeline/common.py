@@ -20,8 +20,15 @@ VOCAB, HIDDEN, BATCH, SEQ = 64, 16, 2, 8
 
 def small_cfg(mode="block", num_layers=8, block_size=None, num_blocks=None, tie=False, aux=0.01):
     """Tiny widths, many layers: mostly MLA (cheap on CPU), some KDA, MoE after layer 0 with the seq aux loss."""
-    cfg = tiny_cfg(mode, num_blocks, block_size, num_layers=num_layers, vocab_size=VOCAB, hidden_size=HIDDEN,
-                   tie_word_embeddings=tie)
+    cfg = tiny_cfg(
+        mode,
+        num_blocks,
+        block_size,
+        num_layers=num_layers,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        tie_word_embeddings=tie,
+    )
     cfg.mla_layers = [i for i in range(num_layers) if i % 3 != 1]
     cfg.kda.head_dim, cfg.kda.num_heads, cfg.kda.chunk_size = 8, 2, 8
     cfg.mla.kv_lora_rank, cfg.mla.qk_nope_head_dim, cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim = 8, 8, 4, 8
@@ -40,8 +47,10 @@ def make_model(cfg, dtype=torch.float64):
 
 def make_microbatches(M: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (BATCH, SEQ), generator=g))
-            for _ in range(M)]
+    return [
+        (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (BATCH, SEQ), generator=g))
+        for _ in range(M)
+    ]
 
 
 def param_names(model) -> dict:
@@ -68,8 +77,11 @@ def reference(cfg, dtype, M: int):
 def expert_loads(model, root) -> dict:
     """name -> ``tokens_per_expert`` of every MoE module under ``root`` (names from the full ``model``)."""
     names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(m)]: m.tokens_per_expert.clone() for m in root.modules()
-            if hasattr(m, "tokens_per_expert") and id(m) in names}
+    return {
+        names[id(m)]: m.tokens_per_expert.clone()
+        for m in root.modules()
+        if hasattr(m, "tokens_per_expert") and id(m) in names
+    }
 
 
 @dataclass
@@ -98,8 +110,14 @@ class Case:
         return small_cfg(self.mode, self.L, self.block_size, self.num_blocks, tie=self.tie)
 
     def layout(self):
-        return PipelineLayout.from_model_config(self.cfg(), self.P, self.V, layers_per_stage=self.layers,
-                                                block_cache=self.cache, placement=schedule_placement(self.schedule))
+        return PipelineLayout.from_model_config(
+            self.cfg(),
+            self.P,
+            self.V,
+            layers_per_stage=self.layers,
+            block_cache=self.cache,
+            placement=schedule_placement(self.schedule),
+        )
 
     def ref_key(self):
         return (self.mode, self.L, self.block_size, self.num_blocks, self.tie, self.dtype, self.M)
@@ -125,8 +143,15 @@ def run_case(case: Case, rank: int, group=None) -> dict:
         for st in stages:
             for p in st.parameters():
                 grads[names[id(p)]] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        per_step.append({"loss": float(res.loss), "aux": None if res.aux_loss is None else float(res.aux_loss),
-                         "grads": grads, "stats": res.stats.as_dict(), "state_left": rt._cache is not None})
+        per_step.append(
+            {
+                "loss": float(res.loss),
+                "aux": None if res.aux_loss is None else float(res.aux_loss),
+                "grads": grads,
+                "stats": res.stats.as_dict(),
+                "state_left": rt._cache is not None,
+            }
+        )
     out = dict(per_step[-1])
     out["loads"] = {}
     for st in stages:

@@ -29,7 +29,7 @@ class _Net(nn.Module):
         h = torch.nn.functional.silu(self.a(x)) + cached
         h = self.norm(h)
         y = torch.tanh(self.b(h)) * self.scale
-        return y, (h ** 2).mean()  # an output (sent on) and an aux-like scalar root
+        return y, (h**2).mean()  # an output (sent on) and an aux-like scalar root
 
 
 def _graph_nodes(roots):
@@ -84,8 +84,9 @@ def test_split_gradients_equal_one_backward_and_w_runs_only_weight_branches():
     # again with only their weight output requested, plus the weight-only branch (the transposes)
     for name in ("SiluBackward0", "TanhBackward0", "PowBackward0", "MeanBackward0", "AddBackward0"):
         assert in_i[name] >= 1 and in_w[name] == 0, (name, in_i, in_w)
-    assert set(in_w) <= {"AddmmBackward0", "MmBackward0", "TBackward0", "NativeLayerNormBackward0",
-                         "MulBackward0"}, in_w
+    assert set(in_w) <= {"AddmmBackward0", "MmBackward0", "TBackward0", "NativeLayerNormBackward0", "MulBackward0"}, (
+        in_w
+    )
     assert not pend.groups and not pend.roots  # nothing left once W ran
 
 

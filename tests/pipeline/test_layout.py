@@ -16,8 +16,9 @@ from .common import Case, make_microbatches, make_model, reference, run_case, sm
 
 
 def _layout(L, P, V, block_size=None, mode="block", cache=True, layers=None, num_blocks=None):
-    return PipelineLayout.from_model_config(tiny_cfg(mode, num_blocks, block_size, num_layers=L), P, V,
-                                            layers_per_stage=layers, block_cache=cache)
+    return PipelineLayout.from_model_config(
+        tiny_cfg(mode, num_blocks, block_size, num_layers=L), P, V, layers_per_stage=layers, block_cache=cache
+    )
 
 
 # ------------------------------------------------------------------------------------ block tables
@@ -28,8 +29,7 @@ def test_design_note_examples():
     # §6.6 worked examples: L=64, blocks of 8 layers: (total naive, total cached, peak naive, peak cached)
     for (P, V), want in {(8, 2): (79, 55, 9, 5), (4, 4): (79, 31, 9, 3), (8, 4): (167, 77, 9, 3)}.items():
         naive, cached = _layout(64, P, V, 8, cache=False), _layout(64, P, V, 8)
-        got = (sum(naive.hop_tensors()), sum(cached.hop_tensors()), max(naive.hop_tensors()),
-               max(cached.hop_tensors()))
+        got = (sum(naive.hop_tensors()), sum(cached.hop_tensors()), max(naive.hop_tensors()), max(cached.hop_tensors()))
         assert got == want, (P, V, got)
 
 
@@ -48,10 +48,17 @@ def test_aligned_closed_forms_and_paper_formula(P, V, N):
     assert sum(cached.hop_tensors()) - embeds_cached == paper_cached - (V - 1) * P * m
 
 
-@pytest.mark.parametrize("L,P,V,bs,mode,layers", [
-    (16, 4, 2, 3, "block", None), (12, 2, 3, 5, "block", None), (10, 4, 2, 3, "block", [1, 2, 1, 1, 1, 2, 1, 1]),
-    (8, 2, 2, None, "full", None), (9, 3, 3, 2, "block", None), (7, 2, 2, 3, "block", [0, 3, 2, 2]),
-])
+@pytest.mark.parametrize(
+    "L,P,V,bs,mode,layers",
+    [
+        (16, 4, 2, 3, "block", None),
+        (12, 2, 3, 5, "block", None),
+        (10, 4, 2, 3, "block", [1, 2, 1, 1, 1, 2, 1, 1]),
+        (8, 2, 2, None, "full", None),
+        (9, 3, 3, 2, "block", None),
+        (7, 2, 2, 3, "block", [0, 3, 2, 2]),
+    ],
+)
 def test_layout_properties(L, P, V, bs, mode, layers):
     lay = _layout(L, P, V, bs, mode, layers=layers)
     C, N = lay.num_stages, lay.num_blocks
@@ -112,8 +119,17 @@ def test_layout_validation_names_the_field():
 def test_fingerprint_changes_with_anything_that_changes_shapes():
     a = _layout(8, 2, 2, 2)
     assert a.fingerprint() == _layout(8, 2, 2, 2).fingerprint()
-    assert len({a.fingerprint(), _layout(8, 2, 2, 4).fingerprint(), a.with_cache(False).fingerprint(),
-                _layout(8, 2, 2, 2, layers=[1, 3, 2, 2]).fingerprint()}) == 4
+    assert (
+        len(
+            {
+                a.fingerprint(),
+                _layout(8, 2, 2, 4).fingerprint(),
+                a.with_cache(False).fingerprint(),
+                _layout(8, 2, 2, 2, layers=[1, 3, 2, 2]).fingerprint(),
+            }
+        )
+        == 4
+    )
 
 
 # ------------------------------------------------------------------------------------ stage wrapper
@@ -146,16 +162,22 @@ def test_materialize_only_this_ranks_stages_from_meta():
     for p in model.parameters():
         assert (p.device.type == "cpu") == (id(p) in mine)
     assert all(torch.isfinite(p).all() for st in stages for p in st.parameters())
-    assert float(stages[0].model.layers["0"].self_attention_res_proj.weight.detach().abs().sum()) == 0  # zero-init queries
+    assert (
+        float(stages[0].model.layers["0"].self_attention_res_proj.weight.detach().abs().sum()) == 0
+    )  # zero-init queries
 
 
 # ------------------------------------------------------------------------------------ runtime, one process
-@pytest.mark.parametrize("case", [
-    Case("p1-v2-block", 1, 2, 2, L=4, block_size=3),
-    Case("p1-v3-straddle-naive", 1, 3, 3, L=6, block_size=4, cache=False),
-    Case("p1-v2-iw", 1, 2, 2, L=4, block_size=1, split_iw=True),
-    Case("p1-v2-full-tied", 1, 2, 2, L=4, mode="full", tie=True),
-], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("p1-v2-block", 1, 2, 2, L=4, block_size=3),
+        Case("p1-v3-straddle-naive", 1, 3, 3, L=6, block_size=4, cache=False),
+        Case("p1-v2-iw", 1, 2, 2, L=4, block_size=1, split_iw=True),
+        Case("p1-v2-full-tied", 1, 2, 2, L=4, mode="full", tie=True),
+    ],
+    ids=lambda c: c.name,
+)
 def test_single_process_pipeline_matches_model(case):
     got = run_case(case, 0)
     ref = reference(case.cfg(), case.dtype, case.M)

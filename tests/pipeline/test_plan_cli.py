@@ -4,8 +4,27 @@ from attnres_train.cli.plan import main
 
 
 def test_plan_prints_layout_payloads_and_schedule(capsys):
-    assert main(["--pp", "4", "--vpp", "2", "--num-layers", "16", "--mode", "block", "--block-size", "2",
-                 "--microbatches", "8", "--seq-len", "128"]) == 0
+    assert (
+        main(
+            [
+                "--pp",
+                "4",
+                "--vpp",
+                "2",
+                "--num-layers",
+                "16",
+                "--mode",
+                "block",
+                "--block-size",
+                "2",
+                "--microbatches",
+                "8",
+                "--seq-len",
+                "128",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "stage rank chunk" in out and "fingerprint=" in out
     assert "hop   3->4   rank 3->0:   3 tensors (naive   5)  shape [3, 1, 128, 128]" in out
@@ -73,10 +92,17 @@ def _category(name: str) -> str:
     return "rep"  # norms, AttnRes queries, router
 
 
-@pytest.mark.parametrize("name,mode,residual", [
-    ("tiny", "prenorm", {}), ("tiny", "block", {"num_blocks": 2}), ("demo", "full", {}),
-    ("f1", "block", {"block_size": 2}), ("f3", "prenorm", {}), ("kimi_linear_48b", "block", {"block_size": 3}),
-])
+@pytest.mark.parametrize(
+    "name,mode,residual",
+    [
+        ("tiny", "prenorm", {}),
+        ("tiny", "block", {"num_blocks": 2}),
+        ("demo", "full", {}),
+        ("f1", "block", {"block_size": 2}),
+        ("f3", "prenorm", {}),
+        ("kimi_linear_48b", "block", {"block_size": 3}),
+    ],
+)
 def test_param_counts_equal_meta_builds(name, mode, residual):
     from attnres_train.train.optim import is_muon_param
 
@@ -147,8 +173,34 @@ def test_pipeline_ranks_partition_the_model_and_follow_the_schedule():
 
 
 def test_plan_48b_on_1024_gpus(capsys):
-    assert main(["--model", "kimi_linear_48b", "--world-size", "1024", "--pp", "4", "--vpp", "2", "--tp", "2", "--sp",
-                 "--ep", "16", "--dp-replicate", "8", "--mode", "block", "--block-size", "3", "--microbatches", "8"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "kimi_linear_48b",
+                "--world-size",
+                "1024",
+                "--pp",
+                "4",
+                "--vpp",
+                "2",
+                "--tp",
+                "2",
+                "--sp",
+                "--ep",
+                "16",
+                "--dp-replicate",
+                "8",
+                "--mode",
+                "block",
+                "--block-size",
+                "3",
+                "--microbatches",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "49.12B parameters (49,122,928,512)" in out
     assert "world 1024 = pp 4 x dp_replicate 8 x dp_shard 16 x tp 2 (+sp)" in out

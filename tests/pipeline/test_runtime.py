@@ -85,8 +85,11 @@ def _check_case(case: Case, results, i: int) -> float:
         for r in range(P):
             for hop, n in results[r][i]["stats"][direction].items():
                 measured[hop] = measured.get(hop, 0) + n
-        expected = {s: layout.payload_len(s) * u * case.M for s in range(layout.num_stages - 1)
-                    if layout.rank_of(s) != layout.rank_of(s + 1)}
+        expected = {
+            s: layout.payload_len(s) * u * case.M
+            for s in range(layout.num_stages - 1)
+            if layout.rank_of(s) != layout.rank_of(s + 1)
+        }
         assert measured == expected, f"{case.name} {direction}: measured {measured} != analytic {expected}"
     return worst
 
@@ -159,5 +162,6 @@ def test_pipeline_p4_matches_single_process():
     results, _ = _run_and_check(P4_CASES, 4)
     names = [c.name for c in P4_CASES]
     _same_grads(results, names.index("p4-v3-straddle"), names.index("p4-v3-straddle-naive"))
+
 
 # The combined pp x fsdp x tp x ep layout through the training path: tests/pipeline/test_train_layouts.py.

@@ -153,11 +153,18 @@ def memory_body(P: int, Ms, batch_check: bool) -> dict:
             restore()
         alive_sent, alive_recv = tracker.alive()
         out["per_M"][M] = {
-            "peak_sent_alive": tracker.peak_sent, "peak_recv_alive": tracker.peak_recv,
-            "alive_sent_after": alive_sent, "alive_recv_after": alive_recv, "n_sent": len(tracker.sent),
-            "held_peak": rt.held_peak, "held_at_end": rt.held_at_end, "held_after": rt.held_tensor_stats(),
-            "syncs": syncs.count, "sync_sites": syncs.where[:5],
-            "loss_dtype": str(res.loss.dtype), "loss_dim": res.loss.dim(),
+            "peak_sent_alive": tracker.peak_sent,
+            "peak_recv_alive": tracker.peak_recv,
+            "alive_sent_after": alive_sent,
+            "alive_recv_after": alive_recv,
+            "n_sent": len(tracker.sent),
+            "held_peak": rt.held_peak,
+            "held_at_end": rt.held_at_end,
+            "held_after": rt.held_tensor_stats(),
+            "syncs": syncs.count,
+            "sync_sites": syncs.where[:5],
+            "loss_dtype": str(res.loss.dtype),
+            "loss_dim": res.loss.dim(),
             "loss_device_ok": res.loss.device == next(model.parameters()).device,
         }
     if batch_check:  # the batched (CUDA-style) P2P path on gloo equals the tagged isend/irecv path
@@ -171,10 +178,15 @@ def memory_body(P: int, Ms, batch_check: bool) -> dict:
             rt = PipelineRuntime(stages, layout, "interleaved_1f1b", batch_p2p=batched)
             res = rt.step(make_microbatches(M))
             names = param_names(model)
-            got[batched] = (float(res.loss), {names[id(p)]: p.grad.clone() for st in stages
-                                              for p in st.parameters() if p.grad is not None})
-        out["batch_same"] = got[False][0] == got[True][0] and got[False][1].keys() == got[True][1].keys() and \
-            all(torch.equal(got[False][1][n], got[True][1][n]) for n in got[False][1])
+            got[batched] = (
+                float(res.loss),
+                {names[id(p)]: p.grad.clone() for st in stages for p in st.parameters() if p.grad is not None},
+            )
+        out["batch_same"] = (
+            got[False][0] == got[True][0]
+            and got[False][1].keys() == got[True][1].keys()
+            and all(torch.equal(got[False][1][n], got[True][1][n]) for n in got[False][1])
+        )
     return out
 
 

@@ -38,8 +38,9 @@ def torch_interleaved_order(P: int, V: int, M: int):
     return out
 
 
-@pytest.mark.parametrize("P,V,M", [(2, 2, 2), (2, 2, 4), (4, 2, 4), (4, 2, 8), (4, 3, 8), (2, 3, 6), (3, 2, 6),
-                                   (4, 4, 12)])
+@pytest.mark.parametrize(
+    "P,V,M", [(2, 2, 2), (2, 2, 4), (4, 2, 4), (4, 2, 8), (4, 3, 8), (2, 3, 6), (3, 2, 6), (4, 4, 12)]
+)
 def test_interleaved_matches_torch_compute_order(P, V, M):
     ours = [[str(a) for a in acts] for acts in interleaved_1f1b(P, V, M).ranks]
     assert ours == torch_interleaved_order(P, V, M)
@@ -51,9 +52,18 @@ def test_design_note_dump():
     assert [str(a) for a in interleaved_1f1b(2, 2, 4).ranks[0]] == want
 
 
-@pytest.mark.parametrize("name,P,V,M", [("gpipe", 2, 1, 3), ("gpipe", 3, 2, 2), ("1f1b", 4, 1, 6), ("1f1b", 3, 1, 2),
-                                        ("interleaved_1f1b", 4, 2, 8), ("interleaved_1f1b", 2, 3, 4),
-                                        ("interleaved_1f1b", 4, 1, 3)])
+@pytest.mark.parametrize(
+    "name,P,V,M",
+    [
+        ("gpipe", 2, 1, 3),
+        ("gpipe", 3, 2, 2),
+        ("1f1b", 4, 1, 6),
+        ("1f1b", 3, 1, 2),
+        ("interleaved_1f1b", 4, 2, 8),
+        ("interleaved_1f1b", 2, 3, 4),
+        ("interleaved_1f1b", 4, 1, 3),
+    ],
+)
 @pytest.mark.parametrize("split", [False, True])
 def test_every_generator_lowers_and_checks(name, P, V, M, split):
     sched = make_schedule(name, P, V, M, split_iw=split, w_delay=1 if split else None)
@@ -62,12 +72,18 @@ def test_every_generator_lowers_and_checks(name, P, V, M, split):
     assert rep.messages == 2 * M * (P * V - 1) if P > 1 else rep.messages == 0
     for src in range(P):  # every link carries the same messages in the same order on both ends
         for dst in range(P):
-            sends = [(a.stage + (1 if a.kind == Kind.SEND_F else -1), a.kind.value[-1], a.mb)
-                     for a in lowered.ranks[src] if a.kind in (Kind.SEND_F, Kind.SEND_B)
-                     and lowered.rank_of(a.stage + (1 if a.kind == Kind.SEND_F else -1)) == dst]
-            recvs = [(a.stage, a.kind.value[-1], a.mb) for a in lowered.ranks[dst]
-                     if a.kind in (Kind.RECV_F, Kind.RECV_B)
-                     and lowered.rank_of(a.stage + (-1 if a.kind == Kind.RECV_F else 1)) == src]
+            sends = [
+                (a.stage + (1 if a.kind == Kind.SEND_F else -1), a.kind.value[-1], a.mb)
+                for a in lowered.ranks[src]
+                if a.kind in (Kind.SEND_F, Kind.SEND_B)
+                and lowered.rank_of(a.stage + (1 if a.kind == Kind.SEND_F else -1)) == dst
+            ]
+            recvs = [
+                (a.stage, a.kind.value[-1], a.mb)
+                for a in lowered.ranks[dst]
+                if a.kind in (Kind.RECV_F, Kind.RECV_B)
+                and lowered.rank_of(a.stage + (-1 if a.kind == Kind.RECV_F else 1)) == src
+            ]
             assert sends == recvs, (src, dst)
     sent = sorted((a.stage, a.kind.value, a.mb) for acts in lowered.ranks for a in acts if a.kind == Kind.SEND_F)
     recv = sorted((a.stage - 1, "SEND_F", a.mb) for acts in lowered.ranks for a in acts if a.kind == Kind.RECV_F)
@@ -121,8 +137,11 @@ def _sched(rows, P, V, M, lowered=False):
 def test_checker_rejects_a_deadlock():
     # rank 0 waits for stage 1's backward of mb 0 before sending mb 1; rank 1 wants mb 1 forward first
     s = _sched(["0F0 0B0 0F1 0B1", "1F0 1F1 1B0 1B1"], 2, 1, 2)
-    with pytest.raises(ScheduleError, match=r"deadlocks[\s\S]*rank 0 at #1 0B0 waits for 1B/I0[\s\S]*rank 1 at #1 1F1 "
-                                            r"waits for 0F1"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"deadlocks[\s\S]*rank 0 at #1 0B0 waits for 1B/I0[\s\S]*rank 1 at #1 1F1 "
+        r"waits for 0F1",
+    ):
         lower(s)
 
 
@@ -143,8 +162,11 @@ def test_checker_rejects_out_of_order_messages():
     i, j = [k for k, a in enumerate(rows[1]) if a.kind == Kind.RECV_F][:2]
     rows[1][i], rows[1][j] = rows[1][j], rows[1][i]
     bad = Schedule("swapped", 2, 4, 4, rows, True)
-    with pytest.raises(ScheduleError, match=r"link 0->1 out of order: rank 1 .* posts 1RECV_F1 .* sent the message "
-                                            r"for 1RECV_F0 first"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"link 0->1 out of order: rank 1 .* posts 1RECV_F1 .* sent the message "
+        r"for 1RECV_F0 first",
+    ):
         check(bad)
 
 

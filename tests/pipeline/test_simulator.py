@@ -24,9 +24,16 @@ def _needs(stage: int, kind: str, mb: int, num_stages: int):
     return [{(stage, "I", mb)}]
 
 
-@pytest.mark.parametrize("name,P,V,M,split", [("interleaved_1f1b", 2, 2, 4, False), ("interleaved_1f1b", 4, 2, 8, True),
-                                              ("gpipe", 3, 2, 2, False), ("zb_v", 3, 2, 5, False),
-                                              ("zb_h1", 4, 1, 6, False)])
+@pytest.mark.parametrize(
+    "name,P,V,M,split",
+    [
+        ("interleaved_1f1b", 2, 2, 4, False),
+        ("interleaved_1f1b", 4, 2, 8, True),
+        ("gpipe", 3, 2, 2, False),
+        ("zb_v", 3, 2, 5, False),
+        ("zb_h1", 4, 1, 6, False),
+    ],
+)
 @pytest.mark.parametrize("greedy", [False, True])
 def test_compute_events_follow_dependencies_and_rank_order(name, P, V, M, split, greedy):
     sched = make_schedule(name, P, V, M, split_iw=split, w_delay=1 if split else None)
@@ -42,9 +49,15 @@ def test_compute_events_follow_dependencies_and_rank_order(name, P, V, M, split,
         per_rank[ev.rank].append(a)
     assert per_rank == sched.ranks  # every action once, each rank in its own order
     # a cross-rank hop implies one send on the producer and one receive on the consumer, right after it
-    hops = sum(1 for acts in sched.ranks for a in acts
-               if (a.kind == Kind.F and a.stage < sched.num_stages - 1 and sched.rank_of(a.stage + 1) != sched.rank_of(a.stage))
-               or (a.kind in (Kind.B, Kind.I) and a.stage > 0 and sched.rank_of(a.stage - 1) != sched.rank_of(a.stage)))
+    hops = sum(
+        1
+        for acts in sched.ranks
+        for a in acts
+        if (
+            a.kind == Kind.F and a.stage < sched.num_stages - 1 and sched.rank_of(a.stage + 1) != sched.rank_of(a.stage)
+        )
+        or (a.kind in (Kind.B, Kind.I) and a.stage > 0 and sched.rank_of(a.stage - 1) != sched.rank_of(a.stage))
+    )
     assert len(messages) == 2 * hops
 
 

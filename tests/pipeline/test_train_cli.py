@@ -14,8 +14,22 @@ from tests.train.conftest import PY, REPO, read_metrics, tiny_overrides
 
 def _torchrun(nproc: int, args: list) -> None:
     run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
-    proc = subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                        "-m", "attnres_train", *args], run_dir.parent / "logs", f"torchrun-{run_dir.name}", cwd=REPO)
+    proc = subproc.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "attnres_train",
+            *args,
+        ],
+        run_dir.parent / "logs",
+        f"torchrun-{run_dir.name}",
+        cwd=REPO,
+    )
     subproc.check(proc)
 
 

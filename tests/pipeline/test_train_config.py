@@ -21,14 +21,22 @@ def test_valid_pipeline_config_passes():
     validate_config(cfg, dp_world_size=2)
 
 
-@pytest.mark.parametrize("parallel,trainer,pipeline,field,fragment", [
-    (dict(pp=2, vpp=4), {}, {}, "parallel.vpp", "exceed model.num_layers=4"),
-    (dict(pp=2, vpp=2), dict(global_batch_size=6, micro_batch_size=2), {}, "trainer.global_batch_size",
-     "multiple of parallel.pp=2"),
-    (dict(pp=2, vpp=2), {}, dict(schedule="1f1b"), "pipeline.schedule", "use interleaved_1f1b"),
-    (dict(pp=2), {}, dict(layers_per_stage=[1, 2]), "pipeline.layers_per_stage", "model.num_layers=4"),
-    (dict(pp=2), {}, dict(schedule="zb"), "pipeline.schedule", "unknown schedule"),
-])
+@pytest.mark.parametrize(
+    "parallel,trainer,pipeline,field,fragment",
+    [
+        (dict(pp=2, vpp=4), {}, {}, "parallel.vpp", "exceed model.num_layers=4"),
+        (
+            dict(pp=2, vpp=2),
+            dict(global_batch_size=6, micro_batch_size=2),
+            {},
+            "trainer.global_batch_size",
+            "multiple of parallel.pp=2",
+        ),
+        (dict(pp=2, vpp=2), {}, dict(schedule="1f1b"), "pipeline.schedule", "use interleaved_1f1b"),
+        (dict(pp=2), {}, dict(layers_per_stage=[1, 2]), "pipeline.layers_per_stage", "model.num_layers=4"),
+        (dict(pp=2), {}, dict(schedule="zb"), "pipeline.schedule", "unknown schedule"),
+    ],
+)
 def test_bad_pipeline_settings_name_the_field(parallel, trainer, pipeline, field, fragment):
     _check(parallel, trainer, pipeline, field, fragment, world=2)
 

@@ -98,8 +98,15 @@ def _body(parallel_kw, pipeline_kw, mode, nb):
         ref.update_router_biases()
         pstats = module.optimizer_step(step)
         res["norm"].append(abs(pstats["grad_norm"] - float(ref_norm)) / float(ref_norm))
-        res["bias"].append(max((float((m.gate.e_score_correction_bias - ref_by_name[n].gate.e_score_correction_bias)
-                                      .abs().max()) for n, m in moes.items()), default=0.0))
+        res["bias"].append(
+            max(
+                (
+                    float((m.gate.e_score_correction_bias - ref_by_name[n].gate.e_score_correction_bias).abs().max())
+                    for n, m in moes.items()
+                ),
+                default=0.0,
+            )
+        )
     ref_p = dict(ref.named_parameters())
     res["params"] = max((rel_err(p, ref_p[n]), n) for n, p in full_state(chunks).items())
     res["all_names"] = sorted(ref_g)

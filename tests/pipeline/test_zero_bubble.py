@@ -37,8 +37,7 @@ def test_zero_bubble_orders_lower_and_check(P, M):
         check(lower(sched))
         for acts in sched.ranks:
             assert all(a.kind in (Kind.F, Kind.I, Kind.W) for a in acts), sched.name
-    layout = PipelineLayout.from_model_config(tiny_cfg("block", block_size=1, num_layers=4 * P), P, 2,
-                                              placement="v")
+    layout = PipelineLayout.from_model_config(tiny_cfg("block", block_size=1, num_layers=4 * P), P, 2, placement="v")
     check(lower(zb_v(P, M)), layout)  # also the gradient-deposit order of the V placement's cache
 
 
@@ -87,13 +86,18 @@ def _torch_order(cls_name: str, P: int, M: int, local: int):
     cls = getattr(sch, cls_name, None)
     if cls is None:
         pytest.skip(f"torch has no {cls_name}")
-    ns = SimpleNamespace(pp_group_size=P, num_stages=local * P, _n_microbatches=M, n_local_stages=local,
-                         number_of_rounds=max(1, M // P), microbatches_per_round=M // max(1, M // P))
+    ns = SimpleNamespace(
+        pp_group_size=P,
+        num_stages=local * P,
+        _n_microbatches=M,
+        n_local_stages=local,
+        number_of_rounds=max(1, M // P),
+        microbatches_per_round=M // max(1, M // P),
+    )
     out = []
     for r in range(P):
         acts = cls._calculate_single_rank_operations(ns, r)
-        out.append([f"{a.stage_index}{a.computation_type.value}{a.microbatch_index}"
-                    for a in acts if a is not None])
+        out.append([f"{a.stage_index}{a.computation_type.value}{a.microbatch_index}" for a in acts if a is not None])
     return out
 
 
@@ -163,8 +167,15 @@ def _brute_force(L, P, V, mode, block_size, split, placement):
     return hops
 
 
-CASES = [(8, "block", 1, None), (8, "block", 2, None), (12, "block", 3, None), (8, "full", 1, None),
-         (8, "block", 2, [1, 3, 2, 2]), (16, "block", 3, [3, 1, 2, 2, 1, 3, 2, 2]), (8, "full", 1, [3, 1, 1, 3])]
+CASES = [
+    (8, "block", 1, None),
+    (8, "block", 2, None),
+    (12, "block", 3, None),
+    (8, "full", 1, None),
+    (8, "block", 2, [1, 3, 2, 2]),
+    (16, "block", 3, [3, 1, 2, 2, 1, 3, 2, 2]),
+    (8, "full", 1, [3, 1, 1, 3]),
+]
 
 
 @pytest.mark.parametrize("P", [2, 4])
@@ -209,8 +220,27 @@ def test_v_placement_tables():
 def test_plan_cli_uses_the_v_placement(capsys):
     from attnres_train.cli.plan import main
 
-    assert main(["--pp", "2", "--vpp", "2", "--num-layers", "8", "--mode", "block", "--block-size", "1",
-                 "--microbatches", "4", "--schedule", "zb_v"]) == 0
+    assert (
+        main(
+            [
+                "--pp",
+                "2",
+                "--vpp",
+                "2",
+                "--num-layers",
+                "8",
+                "--mode",
+                "block",
+                "--block-size",
+                "1",
+                "--microbatches",
+                "4",
+                "--schedule",
+                "zb_v",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "placement=v" in out
     assert "rank 0: 0F0 0F1 0F2 3F0 3I0 3W0" in out  # rank 0 runs stages 0 and 3 (= 2P-1-0)

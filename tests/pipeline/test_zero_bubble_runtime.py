@@ -16,11 +16,15 @@ from .common import Case, make_model, rank_body, run_case
 from .test_runtime import _check_case, _same_grads
 
 
-@pytest.mark.parametrize("case", [
-    Case("p1-zbv-block", 1, 2, 3, L=4, block_size=3, schedule="zb_v"),
-    Case("p1-zbv-full", 1, 2, 2, L=2, mode="full", schedule="zb_v"),
-    Case("p1-zbh1-block", 1, 1, 2, L=3, block_size=2, schedule="zb_h1"),
-], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("p1-zbv-block", 1, 2, 3, L=4, block_size=3, schedule="zb_v"),
+        Case("p1-zbv-full", 1, 2, 2, L=2, mode="full", schedule="zb_v"),
+        Case("p1-zbh1-block", 1, 1, 2, L=3, block_size=2, schedule="zb_h1"),
+    ],
+    ids=lambda c: c.name,
+)
 def test_single_process_zero_bubble_matches_model(case):
     _check_case(case, [[run_case(case, 0)]], 0)
 

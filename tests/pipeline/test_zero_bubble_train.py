@@ -45,15 +45,23 @@ def test_checkpoint_resumes_across_schedules(corpus, tmp_path):
     _torchrun(2, tiny_overrides(corpus, base, steps=steps, **one))
     ref = _losses(base)
     # 1F1B checkpoint (step 2) -> ZB-V (another placement and chunking of the same layers)
-    _torchrun(2, tiny_overrides(corpus, zbv, steps=steps, **vee,
-                                **{"checkpoint.resume": str(base / "checkpoints" / "step_00000002")}))
+    _torchrun(
+        2,
+        tiny_overrides(
+            corpus, zbv, steps=steps, **vee, **{"checkpoint.resume": str(base / "checkpoints" / "step_00000002")}
+        ),
+    )
     got = _losses(zbv)
     assert sorted(got) == [3, 4, 5, 6]
     for s in got:
         assert _close(got[s], ref[s], 1e-4), (s, got, ref)
     # and back: the ZB-V run's step-4 checkpoint -> 1F1B
-    _torchrun(2, tiny_overrides(corpus, back, steps=steps, **one,
-                                **{"checkpoint.resume": str(zbv / "checkpoints" / "step_00000004")}))
+    _torchrun(
+        2,
+        tiny_overrides(
+            corpus, back, steps=steps, **one, **{"checkpoint.resume": str(zbv / "checkpoints" / "step_00000004")}
+        ),
+    )
     again = _losses(back)
     assert sorted(again) == [5, 6]
     for s in again:

@@ -9,8 +9,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
-WORDS = ("alpha beta gamma delta kernel block residual query key value softmax norm layer expert router "
-         "token stream depth cache stage pipeline gradient").split()
+WORDS = (
+    "alpha beta gamma delta kernel block residual query key value softmax norm layer expert router "
+    "token stream depth cache stage pipeline gradient"
+).split()
 
 
 def write_corpus(root: Path, docs: int = 60, seed: int = 0) -> Path:

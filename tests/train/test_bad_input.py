@@ -16,8 +16,11 @@ def _launch(overrides, log_dir, timeout=300):
 
 
 def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _assert_clean_failure(proc, *needles):
@@ -56,7 +59,10 @@ def _bad_files(tmp: Path) -> dict:
 
 
 CASES = {
-    "missing_data_file": ({"data.sources": "[{path: '/nonexistent/corpus.txt', kind: text}]"}, "/nonexistent/corpus.txt"),
+    "missing_data_file": (
+        {"data.sources": "[{path: '/nonexistent/corpus.txt', kind: text}]"},
+        "/nonexistent/corpus.txt",
+    ),
     "empty_data_file": ({"data.sources": "[{path: '@empty', kind: text}]"}, "empty"),
     "non_utf8_text": ({"data.sources": "[{path: '@latin', kind: text}]"}, "UTF-8"),
     "bad_jsonl_line": ({"data.sources": "[{path: '@jsonl', kind: jsonl}]"}, "bad.jsonl:2"),
@@ -75,8 +81,16 @@ CASES = {
 def test_bad_input_case(case, corpus, tmp_path):
     files = _bad_files(tmp_path)
     changes, needle = CASES[case]
-    changes = {k: (v.replace("@empty", str(files["empty"])).replace("@latin", str(files["latin"]))
-                   .replace("@jsonl", str(files["jsonl"])) if isinstance(v, str) else v) for k, v in changes.items()}
+    changes = {
+        k: (
+            v.replace("@empty", str(files["empty"]))
+            .replace("@latin", str(files["latin"]))
+            .replace("@jsonl", str(files["jsonl"]))
+            if isinstance(v, str)
+            else v
+        )
+        for k, v in changes.items()
+    }
     run_dir = tmp_path / "run"
     proc = _launch(_with(tiny_overrides(corpus, run_dir), **changes), tmp_path)
     _assert_clean_failure(proc, needle)
@@ -93,11 +107,15 @@ def test_unwritable_run_dir(corpus, tmp_path):
 
 def test_incompatible_resume_config_keeps_checkpoint(trained, corpus, tmp_path):
     before = _snapshot(trained)
-    proc = _launch(_with(tiny_overrides(corpus, trained, steps=6), **{"checkpoint.resume": "auto",
-                                                                        "model.hidden_size": 64}), tmp_path)
+    proc = _launch(
+        _with(tiny_overrides(corpus, trained, steps=6), **{"checkpoint.resume": "auto", "model.hidden_size": 64}),
+        tmp_path,
+    )
     _assert_clean_failure(proc, "model.hidden_size")
     after = _snapshot(trained)
-    assert {k: v for k, v in after.items() if "checkpoints" in k} == {k: v for k, v in before.items() if "checkpoints" in k}
+    assert {k: v for k, v in after.items() if "checkpoints" in k} == {
+        k: v for k, v in before.items() if "checkpoints" in k
+    }
 
 
 def test_corrupt_checkpoint_is_named_and_left_alone(trained, corpus, tmp_path):

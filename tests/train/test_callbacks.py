@@ -27,8 +27,9 @@ class Recorder(TrainerCallback):
         self.calls.append(("start", trainer.step))
 
     def on_step_end(self, trainer, info):
-        self.calls.append(("step", info.step, info.stop, info.final, dict(info.stats), info.checkpoint,
-                           tuple(info.batch_bt1.shape)))
+        self.calls.append(
+            ("step", info.step, info.stop, info.final, dict(info.stats), info.checkpoint, tuple(info.batch_bt1.shape))
+        )
 
     def on_train_end(self, trainer):
         self.calls.append(("end", trainer.step))
@@ -42,8 +43,9 @@ class Recorder(TrainerCallback):
 
 def test_a_user_callback_sees_each_step_after_the_built_ins(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = compose_run_config(tiny_overrides(corpus, run_dir, steps=4, **{"trainer.val_every": 2,
-                                                                         "checkpoint.interval": 3}))
+    cfg = compose_run_config(
+        tiny_overrides(corpus, run_dir, steps=4, **{"trainer.val_every": 2, "checkpoint.interval": 3})
+    )
     validate_config(cfg, dp_world_size=1)
     rec = Recorder()
     torch.manual_seed(0)

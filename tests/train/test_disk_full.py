@@ -29,8 +29,11 @@ Usage = namedtuple("Usage", "total used free")
 
 
 def _hashes(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _ckpt_dirs(run_dir: Path) -> list:
@@ -48,8 +51,9 @@ def test_free_space_is_checked_against_the_last_checkpoint_before_saving(corpus,
         done = sorted(p for p in Path(path).glob("step_*") if (p / "COMMITTED").is_file())
         if not done:
             return real(path)
-        size = sum(f.stat().st_size for f in done[-1].rglob("*")
-                   if f.is_file() and f.name not in ("meta.json", "COMMITTED"))
+        size = sum(
+            f.stat().st_size for f in done[-1].rglob("*") if f.is_file() and f.name not in ("meta.json", "COMMITTED")
+        )
         seen.append((done[-1].name, size))
         free = size if len(seen) == 1 else size - 1
         return Usage(10 * size, 9 * size, free)

@@ -10,8 +10,19 @@ from .conftest import PY, REPO, read_metrics, tiny_overrides
 
 def test_short_run_learns_and_writes_metrics_and_checkpoint(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run(tiny_overrides(corpus, run_dir, steps=40, **{"trainer.val_every": 20, "trainer.sample_every": 20,
-                                                      "trainer.depth_stats_every": 20, "trainer.val_batches": 2}))
+    run(
+        tiny_overrides(
+            corpus,
+            run_dir,
+            steps=40,
+            **{
+                "trainer.val_every": 20,
+                "trainer.sample_every": 20,
+                "trainer.depth_stats_every": 20,
+                "trainer.val_batches": 2,
+            },
+        )
+    )
     train = read_metrics(run_dir)
     assert [r["step"] for r in train] == list(range(1, 41))
     first = sum(r["loss"] for r in train[:5]) / 5
@@ -52,8 +63,11 @@ def test_hydra_multirun_over_block_counts_writes_two_run_dirs(corpus, tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(corpus, sweep, steps=3)
     args = [a for a in args if not a.startswith("model.residual.num_blocks=")]
-    subproc.check(subproc.run([PY, "-m", "attnres_train", "-m", "model.residual.num_blocks=1,2", *args],
-                              tmp_path, "multirun", cwd=REPO))
+    subproc.check(
+        subproc.run(
+            [PY, "-m", "attnres_train", "-m", "model.residual.num_blocks=1,2", *args], tmp_path, "multirun", cwd=REPO
+        )
+    )
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [d.name for d in dirs] == ["0", "1"]
     for d, nb in zip(dirs, (1, 2)):

@@ -59,17 +59,19 @@ def _body(parallel_kw):
     from attnres_train.train.train_module import TrainModule
 
     ref = build_reference("block", 2, _cfg).eval()
-    pctx = build_parallel_context(ParallelConfig(**parallel_kw), ref.config, seq_len=T,
-                                  world_size=dist.get_world_size())
+    pctx = build_parallel_context(
+        ParallelConfig(**parallel_kw), ref.config, seq_len=T, world_size=dist.get_world_size()
+    )
     tcfg = TrainerConfig(micro_batch_size=2, global_batch_size=4, precision="fp32")
     module = TrainModule(copy.deepcopy(ref), OptimConfig(), tcfg, pctx, 10, pipeline_cfg=PipelineConfig())
     batches = _batches()
-    mine = batches[pctx.dp_rank::pctx.dp_size]
+    mine = batches[pctx.dp_rank :: pctx.dp_size]
     return {"got": module.eval_loss(mine), "want": _expected(ref, batches)}
 
 
-@pytest.mark.parametrize("layout", [dict(dp_replicate=2, dp_shard=1), dict(pp=2, dp_shard=1)],
-                         ids=["local_dp2", "pipeline_pp2"])
+@pytest.mark.parametrize(
+    "layout", [dict(dp_replicate=2, dp_shard=1), dict(pp=2, dp_shard=1)], ids=["local_dp2", "pipeline_pp2"]
+)
 def test_eval_loss_is_the_token_weighted_mean_over_every_rank(layout):
     for r in run_distributed(_body, 2, layout, timeout=240):
         got, want = r["got"], r["want"]

@@ -107,7 +107,9 @@ def _tiny_module():
 def _snapshot(module):
     params = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     buffers = {n: b.clone() for n, b in module.model.named_buffers() if "e_score_correction_bias" in n}
-    opt = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for o in module.optimizers for s in o.state.values()]
+    opt = [
+        {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for o in module.optimizers for s in o.state.values()
+    ]
     return params, buffers, opt
 
 
@@ -140,15 +142,16 @@ def test_skipped_steps_then_stop_names_the_step_and_the_last_good_checkpoint(cor
     run_dir = tmp_path / "run"
     install_nonfinite(monkeypatch.setattr, steps=[3, 5, 6])
     with pytest.raises(TrainingAborted) as err:
-        run(tiny_overrides(corpus, run_dir, steps=8, **{"checkpoint.interval": 2,
-                                                         "trainer.max_consecutive_skips": 1}))
+        run(tiny_overrides(corpus, run_dir, steps=8, **{"checkpoint.interval": 2, "trainer.max_consecutive_skips": 1}))
     msg = str(err.value)
     assert msg.startswith("step 6:") and "2 consecutive steps (5..6)" in msg and "max_consecutive_skips=1" in msg
     good = run_dir / "checkpoints" / "step_00000004"
     assert str(good) in msg and "stopped without saving" in msg
     # step 3 was skipped alone (within the limit); step 6 is due for a checkpoint but skipped: none written
-    assert [p.name for p in CheckpointManager(run_dir / "checkpoints", 0).complete()] == ["step_00000002",
-                                                                                           "step_00000004"]
+    assert [p.name for p in CheckpointManager(run_dir / "checkpoints", 0).complete()] == [
+        "step_00000002",
+        "step_00000004",
+    ]
     train = read_metrics(run_dir)
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert [bool(r.get("skipped")) for r in train] == [False, False, True, False, True, True]
@@ -200,8 +203,11 @@ def _start_ranks(world: int, overrides: list, log_dir: Path, **env_extra) -> lis
     for r in range(world):
         env = _env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env_extra)
         out = open(log_dir / f"rank_{r}.log", "w")
-        procs.append(subprocess.Popen([PY, "-m", "attnres_train", *overrides], cwd=REPO, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [PY, "-m", "attnres_train", *overrides], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        )
     return procs
 
 
@@ -242,9 +248,12 @@ def test_dead_or_hung_rank_makes_the_others_exit_within_the_timeout(fault, corpu
     end the wait) on 2 ranks."""
     world, victim, timeout_s = (4, 2, 30) if fault == "kill" else (2, 1, 20)
     run_dir = warm_cache / f"dead_{fault}"
-    args = tiny_overrides(corpus, run_dir, steps=400, **{"trainer.micro_batch_size": 1,
-                                                          "trainer.dist_timeout_s": timeout_s,
-                                                          "checkpoint.interval": 0})
+    args = tiny_overrides(
+        corpus,
+        run_dir,
+        steps=400,
+        **{"trainer.micro_batch_size": 1, "trainer.dist_timeout_s": timeout_s, "checkpoint.interval": 0},
+    )
     procs = _start_ranks(world, args, run_dir.parent / f"logs_{fault}")
     try:
         _wait_for_steps(run_dir, 2, procs)
@@ -285,10 +294,21 @@ def test_two_ranks_agree_on_a_skip_and_on_a_stop_signal_seen_by_one_rank(corpus,
     assert ref[3].get("skipped") and not any(ref[s].get("skipped") for s in ref if s != 3)
 
     pid_dir = warm_cache / "agree_pids"
-    env = _env(ATTNRES_TEST_NONFINITE="steps=3;what=loss;ranks=1", ATTNRES_TEST_PID_DIR=pid_dir,
-               ATTNRES_TEST_STEP_SLEEP=0.3)
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tests.train.test_faults",
-           "--worker", *tiny_overrides(corpus, dp_dir, steps=steps, **extra)]
+    env = _env(
+        ATTNRES_TEST_NONFINITE="steps=3;what=loss;ranks=1", ATTNRES_TEST_PID_DIR=pid_dir, ATTNRES_TEST_STEP_SLEEP=0.3
+    )
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tests.train.test_faults",
+        "--worker",
+        *tiny_overrides(corpus, dp_dir, steps=steps, **extra),
+    ]
     proc = subproc.popen(cmd, warm_cache / "logs", "torchrun-sigusr1", env=env, cwd=REPO)
     try:
         _wait_for_steps(dp_dir, 4, [proc])
@@ -306,9 +326,25 @@ def test_two_ranks_agree_on_a_skip_and_on_a_stop_signal_seen_by_one_rank(corpus,
     complete = CheckpointManager(dp_dir / "checkpoints", 0).complete()
     assert [p.name for p in complete] == [f"step_{last:08d}"]
 
-    subproc.check(subproc.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                               "attnres_train", *tiny_overrides(corpus, dp_dir, steps=steps, **extra)],
-                              warm_cache / "logs", "torchrun-resumed", env=_env(), cwd=REPO))
+    subproc.check(
+        subproc.run(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "attnres_train",
+                *tiny_overrides(corpus, dp_dir, steps=steps, **extra),
+            ],
+            warm_cache / "logs",
+            "torchrun-resumed",
+            env=_env(),
+            cwd=REPO,
+        )
+    )
     got = {}
     for r in read_metrics(dp_dir):
         got[r["step"]] = r

@@ -82,8 +82,9 @@ def test_hydra_level_error(case, tmp_path, monkeypatch, capsys):
 
 
 def test_new_run_dir_is_not_created_on_bad_input(tmp_path, monkeypatch, capsys):
-    code, out, err = _invoke(["model=tiny", f"run_dir={tmp_path / 'new' / 'run'}", "optim.lr=-1"], tmp_path,
-                             monkeypatch, capsys)
+    code, out, err = _invoke(
+        ["model=tiny", f"run_dir={tmp_path / 'new' / 'run'}", "optim.lr=-1"], tmp_path, monkeypatch, capsys
+    )
     _check(code, out, err, ["optim.lr"])
     assert list(tmp_path.iterdir()) == []
 

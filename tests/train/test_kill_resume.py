@@ -145,8 +145,14 @@ def test_kill_9_at_random_points_and_inside_saves_then_resume_exactly(corpus, re
     root, ref = reference
     run_dir = root / "killed"
     rng = random.Random(6)
-    trials = [("random", False), ("after_dcp", False), ("before_marker", False), ("during_prune", False),
-              ("random", True), ("async_write", True)]
+    trials = [
+        ("random", False),
+        ("after_dcp", False),
+        ("before_marker", False),
+        ("during_prune", False),
+        ("random", True),
+        ("async_write", True),
+    ]
     ckpts = CheckpointManager(run_dir / "checkpoints", 0)
     kills = []
     for phase, use_async in trials:
@@ -217,8 +223,11 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(corpus, reference):
 
 
 def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -226,8 +235,9 @@ def _snapshot(root: Path) -> dict:
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_resumes_exactly(damage, corpus, reference):
     root, ref = reference
     run_dir = root / f"corrupt_{damage}"
-    proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 2,
-                                            "trainer.stop_at": 6}))
+    proc = _launch(
+        _args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 2, "trainer.stop_at": 6})
+    )
     out, err = subproc.communicate(proc, timeout=600)
     assert proc.returncode == 0, subproc.failure(proc)
     prev, newest = (run_dir / "checkpoints" / f"step_{s:08d}" for s in (3, 6))
@@ -245,8 +255,9 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_resumes_exactly(dam
     assert len(errors) == 1 and "Traceback" not in err, subproc.failure(proc)
     assert str(victim) in errors[0] and f"{prev} is still usable" in errors[0], errors[0]
     assert _snapshot(run_dir / "checkpoints") == before  # nothing deleted or rewritten
-    proc = _launch(_args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 0,
-                                            "checkpoint.resume": str(prev)}))
+    proc = _launch(
+        _args(corpus, run_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 0, "checkpoint.resume": str(prev)})
+    )
     out, err = subproc.communicate(proc, timeout=600)
     assert proc.returncode == 0, subproc.failure(proc)
     _check_against_reference(run_dir, ref)  # steps 4.. re-run from step 3: the same numbers

@@ -27,8 +27,11 @@ from .conftest import PY, REPO, read_metrics, tiny_overrides
 
 def _snapshot(root: Path) -> dict:
     """{relative path: sha256} of every file, and the set of directories: any change shows."""
-    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
     dirs = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
     return {"files": files, "dirs": dirs}
 

@@ -17,15 +17,20 @@ def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path):
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-5 * abs(x)
     # router loads are not double counted by the recomputation
-    assert [r["expert_imbalance_max"] for r in read_metrics(base)] == [r["expert_imbalance_max"] for r in read_metrics(ac)]
+    assert [r["expert_imbalance_max"] for r in read_metrics(base)] == [
+        r["expert_imbalance_max"] for r in read_metrics(ac)
+    ]
 
 
 @pytest.mark.slow
 def test_compile_option_trains(corpus, tmp_path):
     # aot_eager checks that dynamo captures every decoder layer (DepthState in and out, MoE dispatch)
     # without spending minutes in inductor's C++ code generation on a 2-core CI machine.
-    run(tiny_overrides(corpus, tmp_path / "c", steps=2, **{"trainer.compile": True,
-                                                          "trainer.compile_backend": "aot_eager"}))
+    run(
+        tiny_overrides(
+            corpus, tmp_path / "c", steps=2, **{"trainer.compile": True, "trainer.compile_backend": "aot_eager"}
+        )
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "c")]
     assert len(losses) == 2 and all(x == x for x in losses)
 

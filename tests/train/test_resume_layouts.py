@@ -61,7 +61,9 @@ LAYOUT_CASES = [
 
 def _overrides(corpus, run_dir, layout: str, **extra) -> list:
     # micro batch 1: 4 sequences split over up to 4 data-parallel ranks
-    return tiny_overrides(corpus, run_dir, steps=STEPS, **{"trainer.micro_batch_size": 1, **LAYOUTS[layout][1], **extra})
+    return tiny_overrides(
+        corpus, run_dir, steps=STEPS, **{"trainer.micro_batch_size": 1, **LAYOUTS[layout][1], **extra}
+    )
 
 
 def _train(corpus, run_dir, layout: str, **extra) -> str:
@@ -70,8 +72,17 @@ def _train(corpus, run_dir, layout: str, **extra) -> str:
     if world == 1:
         cmd = [PY, "-m", "attnres_train", *args]
     else:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m", "attnres_train",
-               *args]
+        cmd = [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(world),
+            "-m",
+            "attnres_train",
+            *args,
+        ]
     proc = subproc.check(subproc.run(cmd, run_dir.parent / "logs", f"{layout}-{run_dir.name}", cwd=REPO), what=layout)
     return proc.stdout
 
@@ -100,8 +111,16 @@ def source_runs(corpus, layout_root):
     def get(layout: str):
         if layout not in cache:
             run_dir = layout_root / f"src_{layout}"
-            _train(corpus, run_dir, layout, **{"checkpoint.interval": 1,
-                                               "checkpoint.keep_last": STEPS - SAVE_AT + 1, "checkpoint.async_save": "true"})
+            _train(
+                corpus,
+                run_dir,
+                layout,
+                **{
+                    "checkpoint.interval": 1,
+                    "checkpoint.keep_last": STEPS - SAVE_AT + 1,
+                    "checkpoint.async_save": "true",
+                },
+            )
             cache[layout] = run_dir
         return cache[layout]
 
@@ -116,7 +135,9 @@ def test_resume_under_another_layout_continues_the_loss_curve(source, target, co
     first = _losses(src)
     assert sorted(first) == list(range(1, STEPS + 1))
     ckpt = src / "checkpoints" / f"step_{SAVE_AT:08d}"
-    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in range(SAVE_AT, STEPS + 1)]
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == [
+        f"step_{s:08d}" for s in range(SAVE_AT, STEPS + 1)
+    ]
     meta = verify_checkpoint(ckpt)
     assert meta["world_size"] == LAYOUTS[source][0] and meta["layout"]["world_size"] == LAYOUTS[source][0]
     assert meta["tokens_seen"] == SAVE_AT * 4 * 64 and meta["data"]["consumed_samples"] == SAVE_AT * 4
@@ -124,16 +145,20 @@ def test_resume_under_another_layout_continues_the_loss_curve(source, target, co
     dst = layout_root / f"dst_{source}_to_{target}"
     out = _train(corpus, dst, target, **{"checkpoint.resume": str(ckpt)})
     resumed = [r for r in read_metrics(dst, "event") if r.get("event") == "resumed"]
-    assert resumed and resumed[0]["tokens_seen"] == meta["tokens_seen"] and resumed[0]["from_layout"] == meta["parallel"]
+    assert (
+        resumed and resumed[0]["tokens_seen"] == meta["tokens_seen"] and resumed[0]["from_layout"] == meta["parallel"]
+    )
     assert "resharded" in out and f"global sample {SAVE_AT * 4}" in out, out[-2000:]
     second = _losses(dst)
     assert sorted(second) == list(range(SAVE_AT + 1, STEPS + 1))
     same_start = {s: first[s] for s in second}  # the source layout's own steps after SAVE_AT
     d_layout = _max_rel(second, same_start)
     d_src, d_dst = _max_rel({s: first[s] for s in range(1, SAVE_AT + 1)}, ref), _max_rel(second, ref)
-    print(f"{source} -> {target}: max relative loss delta after the switch vs the source layout's uninterrupted "
-          f"steps {d_layout:.2e}; vs the uninterrupted single-process run: before the switch {d_src:.2e}, "
-          f"after {d_dst:.2e}")
+    print(
+        f"{source} -> {target}: max relative loss delta after the switch vs the source layout's uninterrupted "
+        f"steps {d_layout:.2e}; vs the uninterrupted single-process run: before the switch {d_src:.2e}, "
+        f"after {d_dst:.2e}"
+    )
     assert d_layout <= REL_TOL, (second, same_start)
     assert d_src <= DRIFT_TOL and d_dst <= DRIFT_TOL, (first, second, ref)
     assert second[STEPS] < first[1]

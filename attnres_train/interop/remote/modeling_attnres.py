@@ -87,7 +87,7 @@ def _short_conv(x_btc, weight, tail):
     x_bct = x_btc.transpose(1, 2)
     x_bct = F.pad(x_bct, (W - 1, 0)) if tail is None else torch.cat([tail.to(x_bct.dtype), x_bct], dim=-1)
     y = F.conv1d(x_bct, weight.to(x_btc.dtype), groups=weight.shape[0]).transpose(1, 2)
-    return F.silu(y), x_bct[..., x_bct.shape[-1] - (W - 1):]
+    return F.silu(y), x_bct[..., x_bct.shape[-1] - (W - 1) :]
 
 
 def kda_recurrent(q, k, v, g, beta, scale, state):
@@ -184,9 +184,9 @@ class KimiDeltaAttention(nn.Module):
         q, k = _l2norm(q), _l2norm(k)
         S0 = st["S"] if st is not None else None
         if S0 is not None and T == 1:
-            o, S = kda_recurrent(q, k, v, g, beta, K ** -0.5, S0)
+            o, S = kda_recurrent(q, k, v, g, beta, K**-0.5, S0)
         else:
-            o, S = kda_chunked(q, k, v, g, beta, K ** -0.5, self.chunk, S0)
+            o, S = kda_chunked(q, k, v, g, beta, K**-0.5, self.chunk, S0)
         if cache is not None:
             cache.layers[self.layer_idx] = {"q": tq, "k": tk, "v": tv, "S": S}
         gate = torch.sigmoid(self.g_b_proj(self.g_a_proj(x))).view(B, T, H, K)
@@ -231,7 +231,7 @@ class MultiLatentAttention(nn.Module):
             allowed = pos[None, :] <= (P + torch.arange(T, device=x.device))[:, None]  # [T, P+T]
             allowed = allowed[None, None]
             if mask is not None:
-                allowed = allowed & mask[:, None, None, -(P + T):].bool()
+                allowed = allowed & mask[:, None, None, -(P + T) :].bool()
                 allowed = allowed | (pos[None, :] == P + torch.arange(T, device=x.device)[:, None])  # no empty row
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
@@ -347,8 +347,10 @@ class DecoderLayer(nn.Module):
         if self.mode == "prenorm":
             h = partial + self._sub(0, partial, cache, mask)
             return blocks, h + self._sub(1, h, cache, mask)
-        queries = (self.self_attention_res_proj.weight[0] * self.self_attention_res_norm.weight,
-                   self.mlp_res_proj.weight[0] * self.mlp_res_norm.weight)
+        queries = (
+            self.self_attention_res_proj.weight[0] * self.self_attention_res_norm.weight,
+            self.mlp_res_proj.weight[0] * self.mlp_res_norm.weight,
+        )
         for k in (0, 1):
             if self.opens[k] and partial is not None:
                 blocks, partial = blocks + [partial], None
@@ -446,8 +448,19 @@ class KimiLinearAttnResForCausalLM(KimiLinearAttnResPreTrainedModel, GenerationM
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep=0, return_dict=None, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        return_dict=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the decoding cache once: as `cache` (transformers >= 5.24) or `past_key_values`")
         cache = cache if cache is not None else past_key_values
@@ -459,8 +472,9 @@ class KimiLinearAttnResForCausalLM(KimiLinearAttnResPreTrainedModel, GenerationM
             cache = AttnResCache(self.config.num_hidden_layers)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache if use_cache else None,
-                            mask=mask)
+        hidden = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache if use_cache else None, mask=mask
+        )
         if use_cache:
             cache.seen += T
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep > 0 else slice(None)

@@ -18,7 +18,23 @@ from .stage import PipelineStageModule, build_stages, materialize_stages
 from .timing import timeline
 
 __all__ = [
-    "Action", "BlockCache", "CommStats", "Kind", "PipelineError", "PipelineLayout", "PipelineRuntime",
-    "PipelineStageModule", "Schedule", "ScheduleError", "StepResult", "balanced_split", "build_stages", "check",
-    "lower", "make_schedule", "materialize_stages", "pipeline_step", "timeline",
+    "Action",
+    "BlockCache",
+    "CommStats",
+    "Kind",
+    "PipelineError",
+    "PipelineLayout",
+    "PipelineRuntime",
+    "PipelineStageModule",
+    "Schedule",
+    "ScheduleError",
+    "StepResult",
+    "balanced_split",
+    "build_stages",
+    "check",
+    "lower",
+    "make_schedule",
+    "materialize_stages",
+    "pipeline_step",
+    "timeline",
 ]

@@ -89,13 +89,22 @@ class Schedule:
         return placement_rank(stage, self.num_ranks, self.placement)
 
     def compute_only(self) -> "Schedule":
-        return Schedule(self.name, self.num_ranks, self.num_stages, self.num_microbatches,
-                        [[a for a in acts if a.is_compute] for acts in self.ranks], False, dict(self.meta),
-                        self.placement)
+        return Schedule(
+            self.name,
+            self.num_ranks,
+            self.num_stages,
+            self.num_microbatches,
+            [[a for a in acts if a.is_compute] for acts in self.ranks],
+            False,
+            dict(self.meta),
+            self.placement,
+        )
 
     def format(self, compute_only: bool = False) -> str:
-        head = (f"schedule {self.name}: P={self.num_ranks} V={self.virtual_stages} M={self.num_microbatches}"
-                f"{' (lowered)' if self.lowered else ''}")
+        head = (
+            f"schedule {self.name}: P={self.num_ranks} V={self.virtual_stages} M={self.num_microbatches}"
+            f"{' (lowered)' if self.lowered else ''}"
+        )
         lines = [head]
         for r, acts in enumerate(self.ranks):
             shown = [a for a in acts if a.is_compute] if compute_only else acts
@@ -111,8 +120,9 @@ class Schedule:
         return buf.getvalue()
 
     @classmethod
-    def from_csv(cls, text: str, num_stages: int, num_microbatches: int, name: str = "csv",
-                 placement: str = "loop") -> "Schedule":
+    def from_csv(
+        cls, text: str, num_stages: int, num_microbatches: int, name: str = "csv", placement: str = "loop"
+    ) -> "Schedule":
         rows = [[Action.parse(c) for c in row if c.strip()] for row in csv.reader(io.StringIO(text)) if row]
         lowered = any(not a.is_compute for row in rows for a in row)
         return cls(name, len(rows), num_stages, num_microbatches, rows, lowered, placement=placement)

@@ -50,8 +50,9 @@ class BlockCache:
         try:
             value = self.values[(mb, block)]
         except KeyError:
-            raise BlockCacheError(f"rank {self.rank}: block {block} of microbatch {mb} is not cached "
-                                  f"(layout and schedule disagree)") from None
+            raise BlockCacheError(
+                f"rank {self.rank}: block {block} of microbatch {mb} is not cached (layout and schedule disagree)"
+            ) from None
         return value.detach().requires_grad_(torch.is_grad_enabled())
 
     def evict(self, mb: int) -> None:
@@ -76,17 +77,24 @@ class BlockCache:
         expected = self._expected.get(block, 0)
         got = self.ndep.pop(key, 0)
         if self.strict and got != expected:
-            raise BlockCacheError(f"rank {self.rank}: block {block} of microbatch {mb} has {got} gradient "
-                                  f"deposit(s) at its entry stage's backward, expected {expected} (one per reader)")
+            raise BlockCacheError(
+                f"rank {self.rank}: block {block} of microbatch {mb} has {got} gradient "
+                f"deposit(s) at its entry stage's backward, expected {expected} (one per reader)"
+            )
         return self.deposits.pop(key, None)
 
     # ------------------------------------------------------------------ lifetime
     def assert_empty(self) -> None:
-        left = [f"value{k}" for k in self.values] + [f"deposit{k}" for k in self.deposits] + \
-            [f"count{k}" for k, v in self.ndep.items() if v]
+        left = (
+            [f"value{k}" for k in self.values]
+            + [f"deposit{k}" for k in self.deposits]
+            + [f"count{k}" for k, v in self.ndep.items() if v]
+        )
         if left:
-            raise BlockCacheError(f"rank {self.rank}: block cache not empty at the end of the step: "
-                                  f"{', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+            raise BlockCacheError(
+                f"rank {self.rank}: block cache not empty at the end of the step: "
+                f"{', '.join(left[:8])}{' ...' if len(left) > 8 else ''}"
+            )
 
     def clear(self) -> None:
         self.values.clear()

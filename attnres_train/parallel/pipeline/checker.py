@@ -30,16 +30,20 @@ def validate_compute(sched: Schedule) -> None:
             if not 0 <= a.stage < C or not 0 <= a.mb < M:
                 raise ScheduleError(f"rank {r} action #{i} {a}: stage must be in [0,{C}) and microbatch in [0,{M})")
             if sched.rank_of(a.stage) != r:
-                raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} belongs to rank "
-                                    f"{sched.rank_of(a.stage)} ({sched.placement} placement)")
+                raise ScheduleError(
+                    f"rank {r} action #{i} {a}: stage {a.stage} belongs to rank "
+                    f"{sched.rank_of(a.stage)} ({sched.placement} placement)"
+                )
             key = (a.stage, a.kind.value, a.mb)
             if key in seen:
-                raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} runs {a.kind.value} of microbatch "
-                                    f"{a.mb} twice")
+                raise ScheduleError(
+                    f"rank {r} action #{i} {a}: stage {a.stage} runs {a.kind.value} of microbatch {a.mb} twice"
+                )
             seen[key] = r
             if a.kind in (Kind.B, Kind.I) and (a.stage, "F", a.mb) not in done:
-                raise ScheduleError(f"rank {r} action #{i} {a}: backward of stage {a.stage} microbatch {a.mb} "
-                                    f"comes before its forward")
+                raise ScheduleError(
+                    f"rank {r} action #{i} {a}: backward of stage {a.stage} microbatch {a.mb} comes before its forward"
+                )
             if a.kind == Kind.W and (a.stage, "I", a.mb) not in done:
                 raise ScheduleError(f"rank {r} action #{i} {a}: W before its I")
             if a.kind == Kind.I and (a.stage, "B", a.mb) in seen or a.kind == Kind.B and (a.stage, "I", a.mb) in seen:
@@ -49,14 +53,16 @@ def validate_compute(sched: Schedule) -> None:
     for s in range(C):
         for m in range(M):
             if (s, "F", m) not in seen:
-                raise ScheduleError(f"stage {s} never runs the forward of microbatch {m} (expected on rank "
-                                    f"{sched.rank_of(s)})")
+                raise ScheduleError(
+                    f"stage {s} never runs the forward of microbatch {m} (expected on rank {sched.rank_of(s)})"
+                )
             if forward_only:
                 continue
             has_b, has_i, has_w = ((s, k, m) in seen for k in ("B", "I", "W"))
             if not (has_b or has_i):
-                raise ScheduleError(f"stage {s} never runs the backward of microbatch {m} (expected on rank "
-                                    f"{sched.rank_of(s)})")
+                raise ScheduleError(
+                    f"stage {s} never runs the backward of microbatch {m} (expected on rank {sched.rank_of(s)})"
+                )
             if has_i != has_w:
                 raise ScheduleError(f"stage {s} microbatch {m}: an I pass needs exactly one W pass")
 
@@ -100,10 +106,13 @@ def check(sched: Schedule, layout=None) -> CheckReport:
                     grad_order[(a.stage, a.mb)] = computed
                 computed += 1
     except Stuck as stuck:
-        raise ScheduleError("deadlock: every unfinished rank waits on a receive that can never be satisfied:\n  "
-                            + "\n  ".join(f"rank {r} blocked at #{i} {a} (waits for rank "
-                                           f"{sched.rank_of(a.stage + RECVS[a.kind])})"
-                                           for r, i, a in stuck.blocked)) from None
+        raise ScheduleError(
+            "deadlock: every unfinished rank waits on a receive that can never be satisfied:\n  "
+            + "\n  ".join(
+                f"rank {r} blocked at #{i} {a} (waits for rank {sched.rank_of(a.stage + RECVS[a.kind])})"
+                for r, i, a in stuck.blocked
+            )
+        ) from None
     _assert_links_drained(sim)
     if layout is not None:
         _check_deposit_order(sched, layout, grad_order)
@@ -118,8 +127,9 @@ def _assert_own_rank(sched: Schedule, r: int, i: int, a: Action) -> None:
 def _assert_send(ev: Event, done: Set, sent: Set) -> None:
     a, fwd = ev.action, ev.action.kind == Kind.SEND_F
     if (a.stage, "F" if fwd else "G", a.mb) not in done:
-        raise ScheduleError(f"rank {ev.rank} action #{ev.index} {a}: sends before computing "
-                            f"{a.stage}{'F' if fwd else 'B/I'}{a.mb}")
+        raise ScheduleError(
+            f"rank {ev.rank} action #{ev.index} {a}: sends before computing {a.stage}{'F' if fwd else 'B/I'}{a.mb}"
+        )
     key = (a.stage, a.kind.value, a.mb)
     if key in sent:
         raise ScheduleError(f"rank {ev.rank} action #{ev.index} {a}: sent twice")
@@ -132,7 +142,8 @@ def _assert_in_order(sched: Schedule, ev: Event) -> None:
         raise ScheduleError(
             f"link {src}->{ev.rank} out of order: rank {ev.rank} action #{ev.index} posts {ev.action} (message "
             f"#{ev.seq} on that link) but rank {src} sent the message for {ev.message} "
-            f"first; NCCL matches point-to-point messages by order, so both ends must agree")
+            f"first; NCCL matches point-to-point messages by order, so both ends must agree"
+        )
 
 
 def _assert_inputs(sched: Schedule, ev: Event, done: Set, received: Set) -> None:
@@ -140,17 +151,20 @@ def _assert_inputs(sched: Schedule, ev: Event, done: Set, received: Set) -> None
     r, i, a = ev.rank, ev.index, ev.action
     if a.kind == Kind.F and a.stage > 0:
         if sched.rank_of(a.stage - 1) != r and (a.stage, "RECV_F", a.mb) not in received:
-            raise ScheduleError(f"rank {r} action #{i} {a}: its input was never received "
-                                f"(no {a.stage}RECV_F{a.mb} before it)")
+            raise ScheduleError(
+                f"rank {r} action #{i} {a}: its input was never received (no {a.stage}RECV_F{a.mb} before it)"
+            )
         if sched.rank_of(a.stage - 1) == r and (a.stage - 1, "F", a.mb) not in done:
             raise ScheduleError(f"rank {r} action #{i} {a}: runs before {a.stage - 1}F{a.mb} on the same rank")
     if a.kind in (Kind.B, Kind.I) and a.stage < sched.num_stages - 1:
         if sched.rank_of(a.stage + 1) != r and (a.stage, "RECV_B", a.mb) not in received:
-            raise ScheduleError(f"rank {r} action #{i} {a}: its output gradient was never "
-                                f"received (no {a.stage}RECV_B{a.mb} before it)")
+            raise ScheduleError(
+                f"rank {r} action #{i} {a}: its output gradient was never received (no {a.stage}RECV_B{a.mb} before it)"
+            )
         if sched.rank_of(a.stage + 1) == r and (a.stage + 1, "G", a.mb) not in done:
-            raise ScheduleError(f"rank {r} action #{i} {a}: runs before the backward of stage "
-                                f"{a.stage + 1} on the same rank")
+            raise ScheduleError(
+                f"rank {r} action #{i} {a}: runs before the backward of stage {a.stage + 1} on the same rank"
+            )
 
 
 def _assert_links_drained(sim: Simulator) -> None:
@@ -171,5 +185,7 @@ def _check_deposit_order(sched: Schedule, layout, grad_order: Dict[Tuple[int, in
             for reader in layout.readers(r, b):
                 for m in range(sched.num_microbatches):
                     if grad_order[(reader, m)] > grad_order[(e, m)]:
-                        raise ScheduleError(f"rank {r}: stage {reader} deposits the gradient of block {b} "
-                                            f"(microbatch {m}) after its entry stage {e} ran its backward")
+                        raise ScheduleError(
+                            f"rank {r}: stage {reader} deposits the gradient of block {b} "
+                            f"(microbatch {m}) after its entry stage {e} ran its backward"
+                        )

@@ -30,8 +30,9 @@ def gpipe(P: int, V: int, M: int) -> Schedule:
 def forward_only(P: int, V: int, M: int, placement: str = "loop") -> Schedule:
     """Evaluation: the forward half of :func:`gpipe` (no backward, nothing saved), for either placement."""
     check_counts(P, V, M)
-    ranks = [[F(s, m) for s in range(P * V) if placement_rank(s, P, placement) == r for m in range(M)]
-             for r in range(P)]
+    ranks = [
+        [F(s, m) for s in range(P * V) if placement_rank(s, P, placement) == r for m in range(M)] for r in range(P)
+    ]
     return Schedule("forward_only", P, P * V, M, ranks, placement=placement)
 
 
@@ -63,11 +64,15 @@ def interleaved_rule(P: int, M: int, G: Optional[int] = None) -> int:
     G = P if G is None else G
     broken = interleaved_rule_broken(P, M, G)
     if broken == "range":
-        raise ScheduleError(f"interleaved 1F1B needs P <= G <= M (pipeline size P={P}, microbatch group G={G}, "
-                            f"microbatches M={M}); use M >= P microbatches, a multiple of P")
+        raise ScheduleError(
+            f"interleaved 1F1B needs P <= G <= M (pipeline size P={P}, microbatch group G={G}, "
+            f"microbatches M={M}); use M >= P microbatches, a multiple of P"
+        )
     if broken == "remainder":
-        raise ScheduleError(f"interleaved 1F1B needs M mod G == 0 or >= P (Megatron's rule): M={M}, G={G}, P={P}; "
-                            f"with the default G=P use a multiple of P microbatches")
+        raise ScheduleError(
+            f"interleaved 1F1B needs M mod G == 0 or >= P (Megatron's rule): M={M}, G={G}, P={P}; "
+            f"with the default G=P use a multiple of P microbatches"
+        )
     return G
 
 
@@ -87,7 +92,7 @@ def interleaved_1f1b(P: int, V: int, M: int, group_size: Optional[int] = None) -
         acts = fw[:warm]
         for k in range(total - warm):
             acts += [fw[warm + k], bw[k]]
-        acts += bw[total - warm:]
+        acts += bw[total - warm :]
         ranks.append(acts)
     return Schedule("interleaved_1f1b", P, P * V, M, ranks, meta={"group_size": G})
 
@@ -120,8 +125,15 @@ def split_backward(schedule: Schedule, w_delay: Optional[int] = None) -> Schedul
                 pending = keep
         out += [w for _, w in pending]
         ranks.append(out)
-    return Schedule(schedule.name + "+iw", schedule.num_ranks, schedule.num_stages, schedule.num_microbatches, ranks,
-                    meta={**schedule.meta, "w_delay": w_delay}, placement=schedule.placement)
+    return Schedule(
+        schedule.name + "+iw",
+        schedule.num_ranks,
+        schedule.num_stages,
+        schedule.num_microbatches,
+        ranks,
+        meta={**schedule.meta, "w_delay": w_delay},
+        placement=schedule.placement,
+    )
 
 
 def _gpipe(P: int, V: int, M: int, group_size: Optional[int]) -> Schedule:
@@ -130,8 +142,9 @@ def _gpipe(P: int, V: int, M: int, group_size: Optional[int]) -> Schedule:
 
 def _one_f_one_b(P: int, V: int, M: int, group_size: Optional[int]) -> Schedule:
     if V != 1:
-        raise ScheduleError(f"1f1b runs one chunk per rank (virtual_stages=1), got V={V}; "
-                            f"use interleaved_1f1b for V > 1")
+        raise ScheduleError(
+            f"1f1b runs one chunk per rank (virtual_stages=1), got V={V}; use interleaved_1f1b for V > 1"
+        )
     return one_f_one_b(P, M)
 
 
@@ -148,8 +161,10 @@ GENERATORS: Dict[str, Callable[[int, int, int, Optional[int]], Schedule]] = {
     "zb_v": _zero_bubble(zb_v),
 }
 if tuple(GENERATORS) != PIPELINE_SCHEDULES:
-    raise AssertionError(f"schedule generators {tuple(GENERATORS)} != config.pipeline.PIPELINE_SCHEDULES "
-                         f"{PIPELINE_SCHEDULES}: register a generator for every configurable schedule")
+    raise AssertionError(
+        f"schedule generators {tuple(GENERATORS)} != config.pipeline.PIPELINE_SCHEDULES "
+        f"{PIPELINE_SCHEDULES}: register a generator for every configurable schedule"
+    )
 SCHEDULES = PIPELINE_SCHEDULES
 SCHEDULE_PLACEMENT = {"zb_v": "v"}  # everything else: loop
 
@@ -159,8 +174,15 @@ def schedule_placement(name) -> str:
     return SCHEDULE_PLACEMENT.get(name, "loop") if isinstance(name, str) else getattr(name, "placement", "loop")
 
 
-def make_schedule(name: str, P: int, V: int, M: int, group_size: Optional[int] = None,
-                  split_iw: bool = False, w_delay: Optional[int] = None) -> Schedule:
+def make_schedule(
+    name: str,
+    P: int,
+    V: int,
+    M: int,
+    group_size: Optional[int] = None,
+    split_iw: bool = False,
+    w_delay: Optional[int] = None,
+) -> Schedule:
     """Compute-only schedule by name (``gpipe``, ``1f1b`` (V = 1), ``interleaved_1f1b``, ``zb_h1`` (V = 1),
     ``zb_v`` (V = 2, V placement)); the zero-bubble ones are split into I/W already (``split_iw`` is refused)."""
     if name in ZERO_BUBBLE and V != SCHEDULE_CHUNKS[name]:

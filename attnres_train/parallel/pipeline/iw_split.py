@@ -40,8 +40,12 @@ class PendingW:
         return out + list(self.roots) + [g for g in self.grads if g is not None]
 
 
-def backward_input(roots: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
-                   inputs: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter]):
+def backward_input(
+    roots: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    inputs: Sequence[torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
+):
     """Input gradients (``None`` where unused) and the :class:`PendingW` for :func:`backward_weight`."""
     roots, grads = list(roots), list(grads)
     if construct_reverse_graph is None:  # pragma: no cover
@@ -87,8 +91,10 @@ def backward_input(roots: Sequence[torch.Tensor], grads: Sequence[Optional[torch
         grp["params"] = list(grp["params"])
         grp["grads"] = [None] * len(grp["inters"])
         for k, inter in enumerate(grp["inters"]):
+
             def hook(grad_outputs, grp=grp, k=k):
                 grp["grads"][k] = grad_outputs
+
             handles.append(inter.register_prehook(hook))
     try:
         want = [t for t in inputs if t.requires_grad]
@@ -121,8 +127,9 @@ def backward_weight(pend: PendingW) -> None:
                 handles.append(inter.register_prehook(lambda _g, saved=tup: saved))
         try:
             last = i == len(groups) - 1 and not pend.fallback
-            dws = torch.autograd.grad(edges, [GradientEdge(n, 0) for n in grp["params"]], outs,
-                                      retain_graph=not last, allow_unused=True)
+            dws = torch.autograd.grad(
+                edges, [GradientEdge(n, 0) for n in grp["params"]], outs, retain_graph=not last, allow_unused=True
+            )
         finally:
             for h in handles:
                 h.remove()

@@ -80,10 +80,17 @@ class PipelineLayout:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, num_ranks: int, virtual_stages: int = 1,
-                          layers_per_stage: Optional[Sequence[int]] = None, block_cache: bool = True,
-                          embed_cost: float = 0.0, head_cost: float = 0.0,
-                          placement: str = "loop") -> "PipelineLayout":
+    def from_model_config(
+        cls,
+        cfg: ModelConfig,
+        num_ranks: int,
+        virtual_stages: int = 1,
+        layers_per_stage: Optional[Sequence[int]] = None,
+        block_cache: bool = True,
+        embed_cost: float = 0.0,
+        head_cost: float = 0.0,
+        placement: str = "loop",
+    ) -> "PipelineLayout":
         """Layout for ``cfg`` on ``num_ranks`` ranks × ``virtual_stages`` chunks, stages placed by ``placement``
         (``"loop"`` or ``"v"``; the schedule decides, see ``schedules.schedule_placement``).
 
@@ -98,40 +105,63 @@ class PipelineLayout:
         L = cfg.num_layers
         if layers_per_stage is None:
             if C > L:
-                raise ConfigError("pipeline.virtual_stages",
-                                  f"{num_ranks} ranks x {virtual_stages} chunks = {C} stages but the model has only "
-                                  f"{L} decoder layers (give pipeline.layers_per_stage explicitly for empty stages)")
+                raise ConfigError(
+                    "pipeline.virtual_stages",
+                    f"{num_ranks} ranks x {virtual_stages} chunks = {C} stages but the model has only "
+                    f"{L} decoder layers (give pipeline.layers_per_stage explicitly for empty stages)",
+                )
             split = balanced_split(L, C, embed_cost, head_cost)
         else:
             split = list(layers_per_stage)
             if len(split) != C:
-                raise ConfigError("pipeline.layers_per_stage",
-                                  f"has {len(split)} entries but there are {num_ranks} x {virtual_stages} = {C} stages")
+                raise ConfigError(
+                    "pipeline.layers_per_stage",
+                    f"has {len(split)} entries but there are {num_ranks} x {virtual_stages} = {C} stages",
+                )
             if any((not isinstance(n, int)) or isinstance(n, bool) or n < 0 for n in split):
                 raise ConfigError("pipeline.layers_per_stage", f"entries must be integers >= 0, got {split}")
             if sum(split) != L:
-                raise ConfigError("pipeline.layers_per_stage",
-                                  f"sums to {sum(split)} but the model has {L} decoder layers")
-        layout = cls(num_ranks=num_ranks, virtual_stages=virtual_stages, layers_per_stage=tuple(split),
-                     mode=cfg.residual.mode, starts=tuple(block_starts(cfg)), hidden_size=cfg.hidden_size,
-                     block_cache=block_cache, placement=placement)
+                raise ConfigError(
+                    "pipeline.layers_per_stage", f"sums to {sum(split)} but the model has {L} decoder layers"
+                )
+        layout = cls(
+            num_ranks=num_ranks,
+            virtual_stages=virtual_stages,
+            layers_per_stage=tuple(split),
+            mode=cfg.residual.mode,
+            starts=tuple(block_starts(cfg)),
+            hidden_size=cfg.hidden_size,
+            block_cache=block_cache,
+            placement=placement,
+        )
         layout.validate()
         return layout
 
     def validate(self) -> None:
         """Reject layouts whose hops would carry nothing (a real pipeline needs a message per hop)."""
         if self.placement not in PLACEMENTS:
-            raise ConfigError("pipeline.schedule", f"unknown stage placement {self.placement!r}; "
-                              f"one of {'|'.join(PLACEMENTS)}")
+            raise ConfigError(
+                "pipeline.schedule", f"unknown stage placement {self.placement!r}; one of {'|'.join(PLACEMENTS)}"
+            )
         for s in range(self.num_stages - 1):
             if self.rank_of(s) != self.rank_of(s + 1) and self.payload_len(s) == 0:
-                raise ConfigError("pipeline.layers_per_stage",
-                                  f"hop {s}->{s + 1} would carry no tensor (empty stages around it); "
-                                  f"move a layer into stage {s} or {s + 1}")
+                raise ConfigError(
+                    "pipeline.layers_per_stage",
+                    f"hop {s}->{s + 1} would carry no tensor (empty stages around it); "
+                    f"move a layer into stage {s} or {s + 1}",
+                )
 
     def with_cache(self, block_cache: bool) -> "PipelineLayout":
-        return PipelineLayout(self.num_ranks, self.virtual_stages, self.layers_per_stage, self.mode, self.starts,
-                              self.hidden_size, block_cache, self.placement)
+        return PipelineLayout(
+            self.num_ranks,
+            self.virtual_stages,
+            self.layers_per_stage,
+            self.mode,
+            self.starts,
+            self.hidden_size,
+            block_cache,
+            self.placement,
+        )
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -238,8 +268,11 @@ class PipelineLayout:
 
     def tensors_per_microbatch(self, cross_rank_only: bool = True) -> int:
         """Σ over hops of the packed length (one direction). The backward volume is identical."""
-        return sum(self.payload_len(s) for s in range(self.num_stages - 1)
-                   if not cross_rank_only or self.rank_of(s) != self.rank_of(s + 1))
+        return sum(
+            self.payload_len(s)
+            for s in range(self.num_stages - 1)
+            if not cross_rank_only or self.rank_of(s) != self.rank_of(s + 1)
+        )
 
     def bytes_per_step(self, microbatches: int, batch: int, seq: int, bytes_per_elem: int) -> int:
         """Point-to-point bytes of one step, forward + backward, all links."""
@@ -249,8 +282,18 @@ class PipelineLayout:
     # ------------------------------------------------------------------ identity and printing
     def fingerprint(self) -> str:
         """Stable hash of everything that decides message shapes; ranks compare it at start-up."""
-        key = repr((self.num_ranks, self.virtual_stages, self.layers_per_stage, self.mode, self.starts,
-                    self.hidden_size, self.block_cache) + ((self.placement,) if self.placement != "loop" else ()))
+        key = repr(
+            (
+                self.num_ranks,
+                self.virtual_stages,
+                self.layers_per_stage,
+                self.mode,
+                self.starts,
+                self.hidden_size,
+                self.block_cache,
+            )
+            + ((self.placement,) if self.placement != "loop" else ())
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def table(self) -> List[dict]:
@@ -259,27 +302,43 @@ class PipelineLayout:
         for s in range(self.num_stages):
             start, end = self.layer_range(s)
             last = s == self.num_stages - 1
-            rows.append({
-                "stage": s, "rank": self.rank_of(s), "chunk": self.chunk_of(s), "layers": (start, end),
-                "embed": s == 0, "head": last, "commits": self.commits(s), "cached": self.have(s),
-                "send": None if last else self.delta(s), "partial": None if last else bool(self.partial(s)),
-                "payload": None if last else self.payload_len(s),
-            })
+            rows.append(
+                {
+                    "stage": s,
+                    "rank": self.rank_of(s),
+                    "chunk": self.chunk_of(s),
+                    "layers": (start, end),
+                    "embed": s == 0,
+                    "head": last,
+                    "commits": self.commits(s),
+                    "cached": self.have(s),
+                    "send": None if last else self.delta(s),
+                    "partial": None if last else bool(self.partial(s)),
+                    "payload": None if last else self.payload_len(s),
+                }
+            )
         return rows
 
     def describe(self) -> str:
-        lines = [f"PipelineLayout P={self.num_ranks} V={self.virtual_stages} C={self.num_stages} "
-                 f"layers={self.num_layers} mode={self.mode} block_cache={self.block_cache} "
-                 f"placement={self.placement} "
-                 f"fingerprint={self.fingerprint()}",
-                 "stage rank chunk layers   commits      cached(read)  hop->next: blocks + partial = payload"]
+        lines = [
+            f"PipelineLayout P={self.num_ranks} V={self.virtual_stages} C={self.num_stages} "
+            f"layers={self.num_layers} mode={self.mode} block_cache={self.block_cache} "
+            f"placement={self.placement} "
+            f"fingerprint={self.fingerprint()}",
+            "stage rank chunk layers   commits      cached(read)  hop->next: blocks + partial = payload",
+        ]
         for r in self.table():
             lo, hi = r["layers"]
             extra = ("E" if r["embed"] else "") + ("H" if r["head"] else "")
-            hop = "(last stage: aggregation, norm, head, loss)" if r["head"] else \
-                f"{_ids(r['send'])}{' + partial' if r['partial'] else ''} = {r['payload']}"
-            lines.append(f"{r['stage']:>5} {r['rank']:>4} {r['chunk']:>5} [{lo:>2},{hi:>2}){extra:<2} "
-                         f"{_ids(r['commits']):<12} {_ids(r['cached']):<13} {hop}")
+            hop = (
+                "(last stage: aggregation, norm, head, loss)"
+                if r["head"]
+                else f"{_ids(r['send'])}{' + partial' if r['partial'] else ''} = {r['payload']}"
+            )
+            lines.append(
+                f"{r['stage']:>5} {r['rank']:>4} {r['chunk']:>5} [{lo:>2},{hi:>2}){extra:<2} "
+                f"{_ids(r['commits']):<12} {_ids(r['cached']):<13} {hop}"
+            )
         return "\n".join(lines)
 
 

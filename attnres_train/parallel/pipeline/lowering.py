@@ -26,11 +26,24 @@ def lower(sched: Schedule) -> Schedule:
         for ev in sim.events():
             out[ev.rank].append(ev.action)
     except Stuck as stuck:
-        waits = [f"rank {r} at #{i} {a} waits for "
-                 + ", ".join(f"{d.stage}{'B/I' if d.kind.value == 'B' else d.kind.value}{d.mb}"
-                             f" (rank {sched.rank_of(d.stage)})" for d in sim.missing(a))
-                 for r, i, a in stuck.blocked]
-        raise ScheduleError(f"schedule {sched.name} deadlocks (no rank can run its next action):\n  "
-                            + "\n  ".join(waits)) from None
-    return Schedule(sched.name, sched.num_ranks, sched.num_stages, sched.num_microbatches, out, True,
-                    dict(sched.meta), sched.placement)
+        waits = [
+            f"rank {r} at #{i} {a} waits for "
+            + ", ".join(
+                f"{d.stage}{'B/I' if d.kind.value == 'B' else d.kind.value}{d.mb} (rank {sched.rank_of(d.stage)})"
+                for d in sim.missing(a)
+            )
+            for r, i, a in stuck.blocked
+        ]
+        raise ScheduleError(
+            f"schedule {sched.name} deadlocks (no rank can run its next action):\n  " + "\n  ".join(waits)
+        ) from None
+    return Schedule(
+        sched.name,
+        sched.num_ranks,
+        sched.num_stages,
+        sched.num_microbatches,
+        out,
+        True,
+        dict(sched.meta),
+        sched.placement,
+    )

@@ -68,8 +68,14 @@ class PipelineChunks(nn.Module):
 class PipelinedModel:
     """This rank's part of a pipeline-parallel model and the runtime that steps it."""
 
-    def __init__(self, model: nn.Module, layout: PipelineLayout, stages: List[PipelineStageModule],
-                 runtime: PipelineRuntime, pp_rank: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: PipelineLayout,
+        stages: List[PipelineStageModule],
+        runtime: PipelineRuntime,
+        pp_rank: int,
+    ):
         self.model, self.layout, self.stages, self.runtime, self.pp_rank = model, layout, stages, runtime, pp_rank
         self.chunks = PipelineChunks(stages)
         self._units: Dict[int, list] = {st.stage: _fsdp_units(st) for st in stages}
@@ -79,8 +85,12 @@ class PipelinedModel:
     def holds_tied_copy(self) -> bool:
         """True on the last rank of a tied-embedding model when it does not also hold stage 0: its head weight
         is a copy of the embedding (same gradient after the step's exchange), counted once in the norm."""
-        return self.runtime.tied and self.runtime.P > 1 and 0 not in self.runtime.stages and \
-            self.layout.num_stages - 1 in self.runtime.stages
+        return (
+            self.runtime.tied
+            and self.runtime.P > 1
+            and 0 not in self.runtime.stages
+            and self.layout.num_stages - 1 in self.runtime.stages
+        )
 
     def _set_grad_sync(self, stages, enabled: bool) -> None:
         for s in stages:
@@ -107,17 +117,23 @@ def _fsdp_units(module: nn.Module) -> list:
 
 def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
     """Cut ``model`` (meta, or materialised identically on every rank) into this rank's stages, parallelise
-them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
+    them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
     dims = pctx.dims
     pcfg = pipeline_cfg or PipelineConfig()
     validate_pipeline_config(pcfg, dims.pp, dims.vpp, model.config.num_layers)
     check_pipeline_dp(pcfg, dims.dp)
     record_plan(model, ParallelPlan(), "parallelize_pipeline")  # claimed first: a failure midway is not retried
     on_meta = all(p.is_meta for p in model.parameters())
-    layout = PipelineLayout.from_model_config(model.config, dims.pp, dims.vpp, layers_per_stage=pcfg.layers_per_stage,
-                                              block_cache=pcfg.block_cache, embed_cost=pcfg.embed_cost,
-                                              head_cost=pcfg.head_cost,
-                                              placement=schedule_placement(pcfg.schedule))
+    layout = PipelineLayout.from_model_config(
+        model.config,
+        dims.pp,
+        dims.vpp,
+        layers_per_stage=pcfg.layers_per_stage,
+        block_cache=pcfg.block_cache,
+        embed_cost=pcfg.embed_cost,
+        head_cost=pcfg.head_cost,
+        placement=schedule_placement(pcfg.schedule),
+    )
     pp_mesh = pctx.mesh("pp")
     pp_rank = pp_mesh.get_local_rank()
     stages = build_stages(model, layout, pp_rank)
@@ -135,9 +151,17 @@ them and materialise them from ``seed`` (None: drawn from torch's global RNG) �
             if id(layer) not in owned:
                 layer.to_empty(device="meta")
     comm_dtype = getattr(torch, pcfg.comm_dtype) if pcfg.comm_dtype else None
-    runtime = PipelineRuntime(stages, layout, pcfg.schedule, pp_mesh, comm_dtype=comm_dtype,
-                              group_size=pcfg.microbatch_group_size, split_iw=pcfg.split_backward,
-                              w_delay=pcfg.w_delay, seq_shards=dims.tp if dims.sp else 1)
+    runtime = PipelineRuntime(
+        stages,
+        layout,
+        pcfg.schedule,
+        pp_mesh,
+        comm_dtype=comm_dtype,
+        group_size=pcfg.microbatch_group_size,
+        split_iw=pcfg.split_backward,
+        w_delay=pcfg.w_delay,
+        seq_shards=dims.tp if dims.sp else 1,
+    )
     applied = stages[0].parallel_plan
     model.parallel_plan = replace(applied, steps=("pipeline_parallel",) + applied.steps)
     return PipelinedModel(model, layout, stages, runtime, pp_rank)

@@ -31,8 +31,15 @@ class CommStats:
     step_s: float = 0.0  # wall time of the action loop, send completion included
 
     def as_dict(self) -> dict:
-        return {"fwd_elems": dict(self.fwd_elems), "bwd_elems": dict(self.bwd_elems), "messages": self.messages,
-                "bytes": self.bytes, "compute_s": self.compute_s, "wait_s": self.wait_s, "step_s": self.step_s}
+        return {
+            "fwd_elems": dict(self.fwd_elems),
+            "bwd_elems": dict(self.bwd_elems),
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "compute_s": self.compute_s,
+            "wait_s": self.wait_s,
+            "step_s": self.step_s,
+        }
 
 
 @dataclass

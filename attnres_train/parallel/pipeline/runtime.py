@@ -59,12 +59,24 @@ class PipelineRuntime:
 
     cache_class = BlockCache  # the per-step block cache (a subclass can alter it, e.g. the tests' negative control)
 
-    def __init__(self, stages: Sequence[PipelineStageModule], layout: PipelineLayout, schedule="interleaved_1f1b",
-                 group=None, *, comm_dtype: Optional[torch.dtype] = None, group_size: Optional[int] = None,
-                 split_iw: bool = False, w_delay: Optional[int] = None, strict: bool = True,
-                 seq_shards: int = 1, before_last_backward=None,
-                 max_pending_sends: Optional[int] = None, batch_p2p: Optional[bool] = None,
-                 track_held: bool = False):
+    def __init__(
+        self,
+        stages: Sequence[PipelineStageModule],
+        layout: PipelineLayout,
+        schedule="interleaved_1f1b",
+        group=None,
+        *,
+        comm_dtype: Optional[torch.dtype] = None,
+        group_size: Optional[int] = None,
+        split_iw: bool = False,
+        w_delay: Optional[int] = None,
+        strict: bool = True,
+        seq_shards: int = 1,
+        before_last_backward=None,
+        max_pending_sends: Optional[int] = None,
+        batch_p2p: Optional[bool] = None,
+        track_held: bool = False,
+    ):
         self.group = resolve_group(group)
         distributed = dist.is_available() and dist.is_initialized()
         self.P = dist.get_world_size(self.group) if distributed else 1
@@ -118,9 +130,11 @@ class PipelineRuntime:
             else:
                 sched = make_schedule(self.schedule_name, P, V, M, self.group_size, self.split_iw, self.w_delay)
             if sched.placement != self.layout.placement:
-                raise PipelineError(f"schedule {sched.name} places stages by {sched.placement!r} but the layout by "
-                                    f"{self.layout.placement!r}; build the layout with "
-                                    f"placement=schedules.schedule_placement(schedule)")
+                raise PipelineError(
+                    f"schedule {sched.name} places stages by {sched.placement!r} but the layout by "
+                    f"{self.layout.placement!r}; build the layout with "
+                    f"placement=schedules.schedule_placement(schedule)"
+                )
             lowered = lower(sched)
             check(lowered, self.layout if not eval_mode else None)
             self._schedules[key] = lowered
@@ -144,15 +158,20 @@ class PipelineRuntime:
         key = (M, B, T)
         if key in self._verified or self.P == 1:
             return
-        sched = self.schedule_name if isinstance(self.schedule_name, str) else \
-            getattr(self.schedule_name, "__name__", "custom")
+        sched = (
+            self.schedule_name
+            if isinstance(self.schedule_name, str)
+            else getattr(self.schedule_name, "__name__", "custom")
+        )
         text = f"{self.layout.fingerprint()}|{M}|{B}|{T}|{self.comm_dtype}|{sched}|{self.split_iw}|{self.group_size}"
         h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
         t = torch.tensor([h, -h], dtype=torch.int64, device=self._coll_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         if int(t[0]) != h or int(t[1]) != -h:
-            raise PipelineError(f"pipeline ranks disagree on layout/microbatches/dtype (rank {self.rank}: {text}); "
-                                f"every rank must build the same layout and pass microbatches of the same shape")
+            raise PipelineError(
+                f"pipeline ranks disagree on layout/microbatches/dtype (rank {self.rank}: {text}); "
+                f"every rank must build the same layout and pass microbatches of the same shape"
+            )
         self._verified.add(key)
 
     def _coll_device(self):
@@ -242,8 +261,14 @@ class PipelineRuntime:
             cache = list(self._cache.values.values()) + list(self._cache.deposits.values())
         saved = [t for rec in self._saved.values() for t in rec.tensors()]
         pending = [t for rec in self._saved.values() if rec.pending is not None for t in rec.pending.held()]
-        out = {"sends": _tally(sends), "recvs": _tally(recvs), "cache": _tally(cache), "saved": _tally(saved),
-               "pending_w": _tally(pending), "total": _tally(sends + recvs + cache + saved)}
+        out = {
+            "sends": _tally(sends),
+            "recvs": _tally(recvs),
+            "cache": _tally(cache),
+            "saved": _tally(saved),
+            "pending_w": _tally(pending),
+            "total": _tally(sends + recvs + cache + saved),
+        }
         out["saved"]["records"] = len(self._saved)
         return out
 
@@ -307,8 +332,11 @@ class PipelineRuntime:
             for j, b in enumerate(delta_in):
                 cache.put(m, b, x[j])  # this stage is block b's entry on this rank
             state = DepthState(blocks=[blocks[b] for b in range(L.count(s - 1))], partial=partial)
-            out = st(state, input_ids=ids.to(self.device),  # the ids: document masking on later stages
-                     labels=labels.to(self.device) if st.is_last else None)
+            out = st(
+                state,
+                input_ids=ids.to(self.device),  # the ids: document masking on later stages
+                labels=labels.to(self.device) if st.is_last else None,
+            )
             rec.leaf = x
         aux_root = None
         if out.aux_loss is not None:
@@ -329,8 +357,11 @@ class PipelineRuntime:
             if len(parts) != L.payload_len(s):
                 raise PipelineError(f"stage {s}: boundary state does not match the layout")
             with torch.no_grad():  # a detached copy: it lives only until its send completes
-                pack = torch.stack([p.detach().to(self.comm_dtype) for p in parts]) if parts else \
-                    torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
+                pack = (
+                    torch.stack([p.detach().to(self.comm_dtype) for p in parts])
+                    if parts
+                    else torch.zeros((0, self._B, self._T, L.hidden_size), dtype=self.comm_dtype, device=self.device)
+                )
             self._tx.emit("F", s, m, pack)
             rec.sends = True
             if grad and any(p.requires_grad for p in parts):
@@ -419,8 +450,10 @@ class PipelineRuntime:
         mine = g.detach().clone()
         other = torch.empty_like(mine)
         tag = 2 * self.C * self._M + 7
-        ops = [dist.P2POp(dist.isend, mine, group=self.group, group_peer=peer, tag=tag),
-               dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer, tag=tag)]
+        ops = [
+            dist.P2POp(dist.isend, mine, group=self.group, group_peer=peer, tag=tag),
+            dist.P2POp(dist.irecv, other, group=self.group, group_peer=peer, tag=tag),
+        ]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
         g.add_(other)
@@ -447,8 +480,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def pipeline_step(stages: Sequence[PipelineStageModule], microbatches: Sequence[Microbatch],
-                  layout: PipelineLayout, schedule="interleaved_1f1b", group=None, **kwargs) -> StepResult:
+def pipeline_step(
+    stages: Sequence[PipelineStageModule],
+    microbatches: Sequence[Microbatch],
+    layout: PipelineLayout,
+    schedule="interleaved_1f1b",
+    group=None,
+    **kwargs,
+) -> StepResult:
     """One-off convenience: build a :class:`PipelineRuntime` and run one training step. Keep a runtime around
     in a training loop (it caches the lowered schedules and the cross-rank layout check)."""
     return PipelineRuntime(stages, layout, schedule, group, **kwargs).step(microbatches)

@@ -80,8 +80,7 @@ class Simulator:
     and ``links`` holds those nobody received.
     """
 
-    def __init__(self, sched: Schedule, *, greedy: bool,
-                 reach: Optional[Callable[[int, int, Action], None]] = None):
+    def __init__(self, sched: Schedule, *, greedy: bool, reach: Optional[Callable[[int, int, Action], None]] = None):
         self.sched = sched
         self.greedy = greedy
         self.reach = reach
@@ -154,8 +153,12 @@ def check_peer(r: int, i: int, a: Action, num_stages: int) -> None:
     """A send/receive must have a stage on the other end."""
     if a.kind in SENDS:
         if not 0 <= a.stage + SENDS[a.kind][0] < num_stages:
-            raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} has no "
-                                f"{'next' if a.kind == Kind.SEND_F else 'previous'} stage to send to")
+            raise ScheduleError(
+                f"rank {r} action #{i} {a}: stage {a.stage} has no "
+                f"{'next' if a.kind == Kind.SEND_F else 'previous'} stage to send to"
+            )
     elif a.kind in RECVS and not 0 <= a.stage + RECVS[a.kind] < num_stages:
-        raise ScheduleError(f"rank {r} action #{i} {a}: stage {a.stage} has no "
-                            f"{'previous' if a.kind == Kind.RECV_F else 'next'} stage to receive from")
+        raise ScheduleError(
+            f"rank {r} action #{i} {a}: stage {a.stage} has no "
+            f"{'previous' if a.kind == Kind.RECV_F else 'next'} stage to receive from"
+        )

@@ -70,8 +70,12 @@ class PipelineStageModule(nn.Module):
     def config(self):
         return self._full.config
 
-    def forward(self, state: Optional[DepthState] = None, input_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> StageOutput:
+    def forward(
+        self,
+        state: Optional[DepthState] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> StageOutput:
         m, ad = self._full, self.activation_adapter
         if self.is_first:
             state = m.embed(input_ids)
@@ -113,8 +117,9 @@ class PipelineStageModule(nn.Module):
 
 
 def _map_state(state: DepthState, fn) -> DepthState:
-    return replace(state, blocks=[fn(b) for b in state.blocks],
-                   partial=None if state.partial is None else fn(state.partial))
+    return replace(
+        state, blocks=[fn(b) for b in state.blocks], partial=None if state.partial is None else fn(state.partial)
+    )
 
 
 def close_completed_block(state: DepthState, partial_open: bool) -> DepthState:

@@ -27,9 +27,15 @@ class Timeline:
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
 
 
-def timeline(sched: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_i: Optional[float] = None,
-             t_w: Optional[float] = None, latency: float = 0.0,
-             stage_cost: Optional[Sequence[float]] = None) -> Timeline:
+def timeline(
+    sched: Schedule,
+    t_f: float = 1.0,
+    t_b: float = 2.0,
+    t_i: Optional[float] = None,
+    t_w: Optional[float] = None,
+    latency: float = 0.0,
+    stage_cost: Optional[Sequence[float]] = None,
+) -> Timeline:
     """Replay the compute order with costs (F, B, I, W; scaled per stage by ``stage_cost``): each action starts
     when its rank is free and its inputs have arrived (``latency`` per cross-rank hop)."""
     s = sched.compute_only()
@@ -46,8 +52,10 @@ def timeline(sched: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_i: Optional[
             a, r = ev.action, ev.rank
             if not a.is_compute:
                 continue  # the hop's cost is the latency charged below
-            ready = max([free[r]] + [finish[dep_key(d)] + (latency if s.rank_of(d.stage) != r else 0.0)
-                                     for d in deps(a, s.num_stages)])
+            ready = max(
+                [free[r]]
+                + [finish[dep_key(d)] + (latency if s.rank_of(d.stage) != r else 0.0) for d in deps(a, s.num_stages)]
+            )
             c = cost[a.kind] * (stage_cost[a.stage] if stage_cost is not None else 1.0)
             start[a] = ready
             free[r] = ready + c

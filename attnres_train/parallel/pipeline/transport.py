@@ -26,8 +26,9 @@ MsgKey = Tuple[str, int, int]  # ("F" | "B", stage, microbatch)
 class StageTransport:
     """Per-step message state of one pipeline rank (cleared by :meth:`release`)."""
 
-    def __init__(self, layout: PipelineLayout, rank: int, group, device: torch.device, comm_dtype: torch.dtype,
-                 batch_p2p: bool):
+    def __init__(
+        self, layout: PipelineLayout, rank: int, group, device: torch.device, comm_dtype: torch.dtype, batch_p2p: bool
+    ):
         self.layout, self.rank, self.group = layout, rank, group
         self.device, self.comm_dtype, self.batch_p2p = device, comm_dtype, batch_p2p
         self.recvs: Dict[MsgKey, Tuple[torch.Tensor, object]] = {}
@@ -40,8 +41,9 @@ class StageTransport:
         self.stats = CommStats()
         self._M = self._B = self._T = 0
 
-    def begin(self, M: int, B: int, T: int, send_cap: int, safe_after: Dict[MsgKey, List[MsgKey]],
-              stats: CommStats) -> None:
+    def begin(
+        self, M: int, B: int, T: int, send_cap: int, safe_after: Dict[MsgKey, List[MsgKey]], stats: CommStats
+    ) -> None:
         """Start a step: message geometry ``[*, B, T, d]`` (T per sequence shard), the send bound and plan."""
         self._M, self._B, self._T = M, B, T
         self.send_cap, self.safe_after = send_cap, {k: list(v) for k, v in safe_after.items()}
@@ -159,8 +161,9 @@ class StageTransport:
         try:
             buf, work = self.recvs.pop(key)
         except KeyError:
-            raise PipelineError(f"rank {self.rank}: no receive posted for {stage}{kind}{mb} "
-                                f"(schedule and runtime disagree)") from None
+            raise PipelineError(
+                f"rank {self.rank}: no receive posted for {stage}{kind}{mb} (schedule and runtime disagree)"
+            ) from None
         t0 = time.perf_counter()
         work.wait()
         self.stats.wait_s += time.perf_counter() - t0
@@ -176,8 +179,11 @@ class StageTransport:
         return sends, recvs
 
     def leftovers(self) -> List[str]:
-        return [f"recv{k}" for k in self.recvs] + [f"outbox{k}" for k in self.outbox] + \
-            [f"mailbox{k}" for k in self.mailbox]
+        return (
+            [f"recv{k}" for k in self.recvs]
+            + [f"outbox{k}" for k in self.outbox]
+            + [f"mailbox{k}" for k in self.mailbox]
+        )
 
     def release(self) -> None:
         self.recvs.clear()
@@ -195,8 +201,7 @@ def resolve_group(group):
     """Accept ``None`` (the default group), a ProcessGroup, or a 1-D DeviceMesh."""
     if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
         if group.ndim != 1:
-            raise PipelineError(f"the pipeline needs a 1-D pp mesh, got a {group.ndim}-D DeviceMesh; "
-                                f"pass mesh['pp']")
+            raise PipelineError(f"the pipeline needs a 1-D pp mesh, got a {group.ndim}-D DeviceMesh; pass mesh['pp']")
         return group.get_group()
     return group
 

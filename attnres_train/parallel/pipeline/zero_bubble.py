@@ -65,8 +65,7 @@ def zb_v(P: int, M: int) -> Schedule:
             if f0 < n:
                 acts.append(_a(c0, Kind.F, f0))
                 f0 += 1
-            acts += [_a(c0, Kind.I, b0), _a(c0, Kind.W, b0), _a(c1, Kind.F, f1), _a(c1, Kind.I, b1),
-                     _a(c1, Kind.W, b1)]
+            acts += [_a(c0, Kind.I, b0), _a(c0, Kind.W, b0), _a(c1, Kind.F, f1), _a(c1, Kind.I, b1), _a(c1, Kind.W, b1)]
             b0 += 1
             f1 += 1
             b1 += 1
