@@ -5,7 +5,8 @@ code 2, without a traceback and without touching existing checkpoints; an aborte
 a dead or hung peer, a failed checkpoint save) ends the same way with exit code 3. Ctrl-C stops after the
 current step with a checkpoint and exit code 130 (a second Ctrl-C: at once, no save, also 130); SIGTERM /
 SIGUSR1 stop the same way with exit code 0 (preemption: the requeued job resumes). Works under torchrun (one
-process per rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<job number>``).
+process per rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<its swept overrides>``, cli/sweep_dirs.py).
+``--help`` prints the config fields from the schema (cli/help.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config.errors import ConfigError, UserInputError
 from ..config.paths import CONFIG_DIR
 from ..config.schema import as_config, register_configs, validate_config
+from .help import print_help, wants_help
 from .preflight import Refused, hydra_error_message
+from .sweep_dirs import register_resolver
 
 # torch and everything built on it are imported inside the functions that train: a bad config or run_dir is
 # refused (PreflightCallback) before torch loads, in well under a second.
@@ -107,7 +110,16 @@ def main() -> None:
         _fail(
             f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)"
         )
+    if wants_help(sys.argv[1:]):  # our help from the schema; Hydra's stays behind --hydra-help
+        try:
+            print_help(sys.argv[1:])
+        except Exception as exc:  # noqa: BLE001 - a bad override next to --help: the same one error line
+            message = hydra_error_message(exc)
+            if message is None:
+                raise
+            _fail(message)
     register_configs()
+    register_resolver()  # ${sweep_dirname:...} in hydra.sweep.subdir (cli/sweep_dirs.py)
     # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which case it
     # raises them; we set it to catch them and print one `error:` line (exit 2). A user who set it wants the trace.
     user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
