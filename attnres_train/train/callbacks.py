@@ -80,7 +80,8 @@ class TrainLog(TrainerCallback):
         dt = now - self.t_last
         tps = (trainer.tokens_seen - self.tok_last) / max(dt, 1e-9)
         per_device = tps / trainer.ctx.world_size
-        mfu = per_device * trainer.flops_per_token / trainer.peak if trainer.peak > 0 else 0.0
+        # no peak (unknown GPU): no MFU, rather than a 0.00% that reads like a measurement
+        mfu = {"mfu": per_device * trainer.flops_per_token / trainer.peak} if trainer.peak > 0 else {}
         # s/step over the steps since the last line; the ETA from this launch's average (which includes
         # validation, samples and saves)
         s_per_step = dt / max(info.step - self.step_last, 1)
@@ -92,7 +93,7 @@ class TrainLog(TrainerCallback):
             **({"skipped": True} if info.skipped else {}),
             tokens_seen=trainer.tokens_seen,
             tokens_per_s=tps,
-            mfu=mfu,
+            **mfu,
             peak_mem_gb=peak_memory_gb(trainer.ctx.device),
             s_per_step=s_per_step,
             elapsed_s=time.time() - trainer.process_start,
@@ -141,6 +142,69 @@ class SkippedSteps(TrainerCallback):
             f"step {step}: the loss or gradient norm was NaN/Inf on {skips} consecutive steps ({first}..{step}), "
             f"{why}; stopped without saving. {where}"
         )
+
+
+COLLAPSE_SHARE = 0.9  # a layer's router has collapsed when one expert receives >= 90% of its tokens ...
+COLLAPSE_STEPS = 5  # ... on this many steps in a row (a start-up blip is not a collapse)
+
+
+class ConsoleWarnings(TrainerCallback):
+    """Warnings a number in the metrics line would hide (rank 0, console and train.log, once each per launch).
+
+    * start-up: ``model.vocab_size`` larger than the tokenizer's vocabulary (ids the data never contains; the
+      sampler never picks them, see ``metrics.generate``).
+    * collapsed routing: ``expert_imbalance_max`` (max/mean tokens per expert, worst MoE layer) at least
+      ``COLLAPSE_SHARE * num_experts / top_k`` on ``COLLAPSE_STEPS`` consecutive steps. ``num_experts / top_k``
+      is the ratio when one expert receives every token (max N, mean top_k * N / num_experts).
+    docs/training.md, "What the console shows".
+    """
+
+    def __init__(self, num_experts: int, top_k: int):
+        self.threshold = COLLAPSE_SHARE * num_experts / top_k
+        self.ratio = num_experts / top_k
+        self.streak = 0
+        self.warned = False
+
+    def on_train_start(self, trainer):
+        self.streak, self.warned = 0, False
+        tok, model_vocab = trainer.data.tokenizer, trainer.cfg.model.vocab_size
+        if model_vocab > tok.vocab_size:
+            self._warn(
+                trainer,
+                None,
+                "vocab_mismatch",
+                f"model.vocab_size={model_vocab} is larger than the vocabulary of tokenizer {tok.name!r} "
+                f"({tok.vocab_size}): ids {tok.vocab_size}..{model_vocab - 1} never occur in the data (unused "
+                "embedding and output rows) and samples never show them; "
+                f"set model.vocab_size={tok.vocab_size} (or the next multiple your kernels want) to drop them",
+            )
+
+    def on_step_end(self, trainer, info):
+        value = info.stats.get("expert_imbalance_max")
+        if self.warned or info.skipped or value is None:
+            return
+        self.streak = self.streak + 1 if value >= self.threshold else 0
+        if self.streak >= COLLAPSE_STEPS:
+            self.warned = True
+            self._warn(
+                trainer,
+                info.step,
+                "routing_collapse",
+                f"routing collapsed: expert imbalance (max/mean tokens per expert) {value:.2f} on {self.streak} "
+                f"steps in a row, >= {self.threshold:.2f} ({COLLAPSE_SHARE:.0%} of the top-k ratio "
+                f"num_experts/top_k = {self.ratio:.2f}, the value when one expert receives every token); check "
+                "optim.lr and model.moe.bias_update_speed",
+            )
+
+    @staticmethod
+    def _warn(trainer, step: Optional[int], event: str, message: str) -> None:
+        """``step`` None: a start-up warning (no step label)."""
+        if trainer.ctx.is_main:
+            label = "" if step is None else trainer.logger.step_label(step, trainer.logger.total_steps) + " "
+            trainer.logger.info(f"{label}warning: {message}")
+            trainer.logger.log(
+                "event", trainer.step if step is None else step, echo=False, event=event, message=message
+            )
 
 
 def _diagnostics_here(trainer) -> bool:
@@ -222,6 +286,7 @@ def default_callbacks(cfg) -> List[TrainerCallback]:
     tc = cfg.trainer
     return [
         TrainLog(tc.log_every),
+        ConsoleWarnings(cfg.model.moe.num_experts, cfg.model.moe.top_k),
         SkippedSteps(tc.max_consecutive_skips),
         DepthStatistics(tc.depth_stats_every),
         Validation(tc.val_every),

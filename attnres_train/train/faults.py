@@ -13,6 +13,8 @@ import os
 import signal
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -143,3 +145,20 @@ def comm_failure_message(exc: BaseException, rank: int, activity: str, timeout_s
         f"hung or lost its connection (collectives time out after trainer.dist_timeout_s={timeout_s}s); "
         f"{where}."
     )
+
+
+def write_rank_log(run_dir: Path, rank: int, exc: BaseException) -> Optional[Path]:
+    """RUN_DIR/logs/rank<k>.log: this rank's traceback of the error that ended its run (appended, time-stamped).
+
+    Why: rank 0 prints one line and under torchrun the other ranks' tracebacks interleave or are lost; each
+    rank's file keeps the whole story. Never raises (a full disk must not hide the original error); None then.
+    """
+    path = Path(run_dir) / "logs" / f"rank{rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank} (pid {os.getpid()}) failed:\n")
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + "\n")
+    except OSError:
+        return None
+    return path

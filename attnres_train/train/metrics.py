@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ GPU_PEAK_BF16 = {  # dense bf16 tensor-core peak per device, FLOP/s
     "L40S": 362e12,
     "A10G": 125e12,
 }
+PEAK_CACHE_FILE = "peak_flops.json"  # under peak_cache_dir(): {machine key: FLOP/s}
 
 
 def measure_cpu_matmul_flops(n: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
@@ -49,16 +50,79 @@ def measure_cpu_matmul_flops(n: int = 1024, trials: int = 5, seconds: float = 0.
     return best
 
 
-def peak_flops(device: torch.device, configured: float) -> float:
+def peak_cache_dir() -> Path:
+    """``$ATTNRES_TRAIN_CACHE``, else ``$XDG_CACHE_HOME/attnres-train``, else ``~/.cache/attnres-train``."""
+    if os.environ.get("ATTNRES_TRAIN_CACHE"):
+        return Path(os.environ["ATTNRES_TRAIN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnres-train"
+
+
+def cpu_machine_key() -> str:
+    """What a CPU peak depends on: the CPU model, this process's torch threads and the torch version."""
+    model = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cached_cpu_peak(cache_dir: Path, measure=measure_cpu_matmul_flops) -> Tuple[float, str]:
+    """(FLOP/s, label): the peak stored for this machine key, or one probe stored for every later run.
+
+    Why a cache: a probe at start-up under whatever load the machine has gave the same model an MFU of 0.0013
+    in one run and 0.79 in another; one stored value makes runs on one machine comparable.
+    """
+    path = Path(cache_dir) / PEAK_CACHE_FILE
+    key = cpu_machine_key()
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    if not isinstance(table, dict):
+        table = {}
+    value = table.get(key)
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value), f"probe (cached {path})"
+    value = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**table, key: value}, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # atomic: ranks probing at once each write a whole file
+    except OSError as exc:
+        return value, f"probe (not cached: {exc.strerror or exc})"
+    return value, f"probe (cached {path}, new)"
+
+
+def resolve_peak(device: torch.device, configured: float, cache_dir: Optional[Path] = None) -> Tuple[float, str]:
+    """(peak FLOP/s of one device, where it came from) for MFU; 0.0 when unknown (MFU is then not reported).
+
+    Sources in order: ``trainer.peak_flops`` ("configured"), :data:`GPU_PEAK_BF16` ("table:<name>"), on CPU the
+    cached probe (:func:`cached_cpu_peak`). docs/training.md, "Metrics".
+    """
     if configured > 0:
-        return configured
+        return float(configured), "configured"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, val in GPU_PEAK_BF16.items():
             if key in name:
-                return val
-        return 0.0
-    return measure_cpu_matmul_flops()
+                return val, f"table:{key}"
+        return 0.0, f"unknown: {name!r} is not in the table, set trainer.peak_flops"
+    if device.type != "cpu":
+        return 0.0, f"unknown: no peak for {device.type}, set trainer.peak_flops"
+    return cached_cpu_peak(peak_cache_dir() if cache_dir is None else cache_dir)
+
+
+def describe_peak(flops: float, source: str) -> str:
+    """The header's words for the MFU peak: ``MFU peak 1.2 TFLOP/s (probe (cached ...))``."""
+    return f"MFU peak {flops / 1e12:.4g} TFLOP/s ({source})" if flops > 0 else f"MFU not reported ({source})"
+
+
+def peak_flops(device: torch.device, configured: float) -> float:
+    """The peak alone (bench/gpu_check.py); see :func:`resolve_peak`."""
+    return resolve_peak(device, configured)[0]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -86,14 +150,16 @@ def depth_statistics(model, input_ids: torch.Tensor, **doc_kwargs) -> Optional[D
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, device, seed: int = 0) -> str:
-    """Tiny sampler for log samples (no KV cache: short generations on small models only)."""
+    """Tiny sampler for log samples (no KV cache: short generations on small models only); picks only ids below
+    ``tokenizer.vocab_size``."""
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     x = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for _ in range(max_new_tokens):
-        logits = model(x)[0, -1].float().cpu()
+        # only ids the tokenizer can decode (model.vocab_size may be larger: ConsoleWarnings says so at start-up)
+        logits = model(x)[0, -1, : tokenizer.vocab_size].float().cpu()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:

@@ -24,9 +24,16 @@ from ..model.flops import count_params, train_flops_per_token
 from ..parallel.mesh import ParallelContext
 from ..parallel.state_dict import load_training_state_dict, training_state_dict
 from .callbacks import StepEnd, TrainerCallback, default_callbacks
-from .faults import SIGINT_EXIT_CODE, StopSignals, TrainingAborted, comm_failure_message, is_comm_failure
+from .faults import (
+    SIGINT_EXIT_CODE,
+    StopSignals,
+    TrainingAborted,
+    comm_failure_message,
+    is_comm_failure,
+    write_rank_log,
+)
 from .host_memory import keep_freed_host_memory
-from .metrics import MetricsLogger, peak_flops, process_start_time
+from .metrics import MetricsLogger, describe_peak, process_start_time, resolve_peak
 from .run_dir import check_run_dir
 from .threads import apply_num_threads
 from .train_module import build_train_module, document_masking_eos
@@ -110,7 +117,7 @@ class Trainer:
             config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak = peak_flops(ctx.device, tc.peak_flops)
+        self.peak, self.peak_source = resolve_peak(ctx.device, tc.peak_flops)  # MFU's denominator, labelled
         self.activity = "start-up"  # what the ranks are doing, for the message if a collective fails
         self.stop_signal: Optional[str] = None  # the signal that stopped fit() early (SIGTERM, SIGUSR1, SIGINT)
         self.callbacks: List[TrainerCallback] = default_callbacks(cfg) + list(callbacks or ())
@@ -196,7 +203,7 @@ class Trainer:
         self.logger.info(
             f"threads {torch.get_num_threads()} per process ({self._threads_from}) | start-up "
             f"{total:.1f} s (imports and config {imports:.1f} s, data {up['data']:.1f} s, model "
-            f"{up['model']:.1f} s, resume {resume_s:.1f} s)"
+            f"{up['model']:.1f} s, resume {resume_s:.1f} s) | {describe_peak(self.peak, self.peak_source)}"
         )
         self.logger.log(
             "event",
@@ -206,6 +213,8 @@ class Trainer:
             num_threads=torch.get_num_threads(),
             threads_from=self._threads_from,
             startup_s=round(total, 3),
+            peak_flops=self.peak,
+            peak_source=self.peak_source,
         )
 
     def wait_for_saves(self) -> None:
@@ -221,6 +230,8 @@ class Trainer:
             try:
                 return self._loop(signals)
             except BaseException as exc:
+                if isinstance(exc, Exception):  # not a second Ctrl-C: each rank's traceback, RUN_DIR/logs/rank<k>.log
+                    write_rank_log(self.run_dir, self.ctx.rank, exc)
                 if self.ctx.is_distributed and is_comm_failure(exc):
                     newest = self.ckpt.latest(report=False)
                     exc = TrainingAborted(

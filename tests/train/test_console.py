@@ -47,7 +47,9 @@ def test_console_and_train_log_have_the_same_readable_lines(corpus, tmp_path, ca
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the configured value wins over the environment
     steps = 4
     run(tiny_overrides(corpus, run_dir, steps=steps, **{"trainer.val_every": 2, "trainer.num_threads": threads}))
-    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("[step", "run_dir", "threads"))]
+    printed = [
+        ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("[step", "run_dir", "threads", "warning:"))
+    ]
 
     log = (run_dir / "train.log").read_text().splitlines()
     stamped = [ln for ln in log if STAMP.match(ln)]
