@@ -50,7 +50,8 @@ class TrainerConfig:
     num_threads: Optional[int] = None
     # torch.compile backend: "inductor" (default, generates kernels), "aot_eager" (graph capture only).
     compile_backend: str = "inductor"
-    # Peak FLOP/s of one device for MFU; 0 = auto (known GPU table, or measured matmul throughput on CPU).
+    # Peak FLOP/s of one device for MFU; 0 = auto: the known-GPU table, or on CPU a matmul probe cached per machine
+    # (~/.cache/attnres-train/peak_flops.json). The header names the source (docs/training.md, "Metrics").
     peak_flops: float = 0.0
     # Seconds for collective timeouts, on every process group (a dead or hung rank makes the others exit with
     # an error naming the step instead of hanging).
