@@ -330,14 +330,23 @@ class MoE(_KeepFP32Buffers):
         return self.experts(x_sorted_ND, counts_E)
 
     def combine(
-        self, y_sorted_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype
+        self,
+        y_sorted_ND: torch.Tensor,
+        topk_weight_TK: torch.Tensor,
+        plan: DispatchPlan,
+        out_dtype: torch.dtype,
+        token_shape: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """Undo the permutation, weight each expert output (at least fp32), sum over k, cast to ``out_dtype``."""
+        """Undo the permutation, weight each expert output (at least fp32), sum over k, cast to ``out_dtype``.
+
+        Returns ``[*token_shape, D]`` (default ``[T, D]``) made by the sum itself, not a view of it: FSDP2 warns
+        about a unit output that is a view (docs/parallel.md, "Data parallelism"). Same numbers either shape."""
         inverse_N = torch.empty_like(plan.order_N)
         inverse_N[plan.order_N] = torch.arange(plan.order_N.numel(), device=plan.order_N.device)
-        y_TKD = y_sorted_ND.index_select(0, inverse_N).view(plan.num_tokens, plan.top_k, -1)
+        lead = tuple(token_shape) if token_shape is not None else (plan.num_tokens,)
+        y_TKD = y_sorted_ND.index_select(0, inverse_N).view(*lead, plan.top_k, -1)
         acc = torch.promote_types(y_TKD.dtype, torch.float32)
-        y_TD = (y_TKD.to(acc) * topk_weight_TK.to(acc).unsqueeze(-1)).sum(dim=1)
+        y_TD = (y_TKD.to(acc) * topk_weight_TK.to(acc).view(*lead, plan.top_k, 1)).sum(dim=-2)
         return y_TD.to(out_dtype)
 
     # ---------------------------------------------------------------- forward
@@ -350,13 +359,13 @@ class MoE(_KeepFP32Buffers):
         x_sorted_ND, counts_E, plan = self.dispatch(x_TD.to(expert_dtype(x_TD)), topk_idx_TK)
         self._record_load(counts_E)
         y_sorted_ND = self.run_experts(x_sorted_ND, counts_E)
-        y_TD = self.combine(y_sorted_ND, topk_weight_TK, plan, x_TD.dtype)
+        y_BTD = self.combine(y_sorted_ND, topk_weight_TK, plan, x_TD.dtype, (B, T))  # not a view (FSDP2 hook)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            y_BTD = y_BTD + self.shared_experts(x_TD).view(B, T, D)
         aux = None
         if self.seq_aux_loss_coef > 0:
             aux = self.sequence_aux_loss(topk_idx_TK, scores_TE, B)
-        return y_TD.view(B, T, D), aux
+        return y_BTD, aux
 
     def sequence_aux_loss(self, topk_idx_TK: torch.Tensor, scores_TE: torch.Tensor, batch_size: int) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (gradient flows through P only).
