@@ -96,11 +96,14 @@ def cached_cpu_peak(cache_dir: Path, measure=measure_cpu_matmul_flops) -> Tuple[
     return value, f"probe (cached {path}, new)"
 
 
-def resolve_peak(device: torch.device, configured: float, cache_dir: Optional[Path] = None) -> Tuple[float, str]:
+def resolve_peak(
+    device: torch.device, configured: float, cache_dir: Optional[Path] = None, probe: bool = True
+) -> Tuple[float, str]:
     """(peak FLOP/s of one device, where it came from) for MFU; 0.0 when unknown (MFU is then not reported).
 
     Sources in order: ``trainer.peak_flops`` ("configured"), :data:`GPU_PEAK_BF16` ("table:<name>"), on CPU the
-    cached probe (:func:`cached_cpu_peak`). docs/training.md, "Metrics".
+    cached probe (:func:`cached_cpu_peak`). ``probe=False`` (ranks other than 0, which log no MFU): no CPU probe,
+    so ranks probing at once do not slow each other's measurement down. docs/training.md, "Metrics".
     """
     if configured > 0:
         return float(configured), "configured"
@@ -112,6 +115,8 @@ def resolve_peak(device: torch.device, configured: float, cache_dir: Optional[Pa
         return 0.0, f"unknown: {name!r} is not in the table, set trainer.peak_flops"
     if device.type != "cpu":
         return 0.0, f"unknown: no peak for {device.type}, set trainer.peak_flops"
+    if not probe:
+        return 0.0, "not probed on this rank (rank 0 reports MFU)"
     return cached_cpu_peak(peak_cache_dir() if cache_dir is None else cache_dir)
 
 

@@ -117,7 +117,8 @@ class Trainer:
             config_dict=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak, self.peak_source = resolve_peak(ctx.device, tc.peak_flops)  # MFU's denominator, labelled
+        # MFU's denominator and where it came from (only rank 0 logs MFU, so only rank 0 runs a CPU probe)
+        self.peak, self.peak_source = resolve_peak(ctx.device, tc.peak_flops, probe=ctx.is_main)
         self.activity = "start-up"  # what the ranks are doing, for the message if a collective fails
         self.stop_signal: Optional[str] = None  # the signal that stopped fit() early (SIGTERM, SIGUSR1, SIGINT)
         self.callbacks: List[TrainerCallback] = default_callbacks(cfg) + list(callbacks or ())

@@ -71,6 +71,9 @@ def test_peak_sources_in_order_configured_then_cache(tmp_path, monkeypatch):
     cached_cpu_peak(tmp_path, measure=Counter(4.25e10))  # seed this machine's entry
     assert resolve_peak(torch.device("cpu"), 0.0) == (4.25e10, f"probe (cached {tmp_path / 'peak_flops.json'})")
     assert resolve_peak(torch.device("cpu"), 1e12) == (1e12, "configured")
+    other_rank = tmp_path / "other_rank"  # ranks other than 0 log no MFU: no probe, nothing written
+    value, source = resolve_peak(torch.device("cpu"), 0.0, cache_dir=other_rank, probe=False)
+    assert value == 0.0 and "rank 0" in source and not other_rank.exists()
     value, source = resolve_peak(torch.device("meta"), 0.0)  # no table, no probe: no MFU, and the field to set
     assert value == 0.0 and "trainer.peak_flops" in source
 
