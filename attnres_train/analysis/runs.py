@@ -5,14 +5,15 @@ the resolved config in ``config.yaml``; training compute is ``train_flops_per_to
 tokens_seen`` (the same analytic counter that drives MFU), so every finished run, old or new, local or from
 slurm, can be compared without changes to the training loop.
 
-A "run directory" holds ``config.yaml``; a "sweep directory" (``-m`` multirun) holds numbered run
-directories. :func:`find_runs` accepts either. Bad input raises :class:`UserInputError` with one clear line.
+A "run directory" holds ``config.yaml``; a "sweep directory" (``-m`` multirun) holds one run
+directory per job. :func:`find_runs` accepts either. Bad input raises :class:`UserInputError` with one clear line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -134,7 +135,8 @@ def _is_run_dir(p: Path) -> bool:
 
 
 def _child_key(p: Path):
-    return (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name)
+    """Natural order: ``0, 1, 10`` and ``num_blocks=2`` before ``num_blocks=10`` (sweep dirs, docs/training.md)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", p.name))]
 
 
 def find_runs(paths: Iterable) -> List[Path]:

@@ -161,7 +161,7 @@ def test_hydra_launcher_presets_compose(preset, tasks, gpus, monkeypatch):
     assert launcher.submitit_folder == "/shared/sweep/.submitit/%j"
     assert any("MASTER_ADDR=$(scontrol show hostnames" in line for line in launcher.setup)
     assert dict(cfg.hydra.job.env_set) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
-    assert cfg.hydra.sweep.dir == "/shared/sweep"  # one run dir per job: /shared/sweep/<job number>
+    assert cfg.hydra.sweep.dir == "/shared/sweep"  # one run dir per job: /shared/sweep/<its swept overrides>
 
 
 @pytest.mark.slow

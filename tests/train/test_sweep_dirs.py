@@ -27,6 +27,14 @@ def test_two_job_sweep_writes_dirs_named_after_the_swept_override(corpus, tmp_pa
     assert [r.name for r in find_runs([sweep])] == names  # attnres-analyze / attnres-compare read them
 
 
+def test_runs_of_a_sweep_dir_are_read_in_natural_order(tmp_path):
+    names = ["k=10", "k=2", "0", "k=2,seed=1", "10", "2"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("seed: 0\n")
+    assert [r.name for r in find_runs([tmp_path])] == ["0", "2", "10", "k=2", "k=2,seed=1", "k=10"]
+
+
 def test_a_sweep_listing_a_value_twice_is_refused_before_any_dir(corpus, tmp_path):
     sweep = tmp_path / "sweep"
     p = subproc.run(sweep_args(corpus, sweep, "seed=3,3"), tmp_path, "dup", cwd=REPO)
