@@ -278,6 +278,11 @@ def test_dead_or_hung_rank_makes_the_others_exit_within_the_timeout(fault, corpu
     logs = [(run_dir.parent / f"logs_{fault}" / f"rank_{r}.log").read_text() for r in range(world) if r != victim]
     for text in logs:
         assert "a collective operation failed during step" in text and "trainer.dist_timeout_s" in text, text[-3000:]
+    for r in range(world):  # each survivor's own traceback of the failed collective (docs/training.md)
+        if r != victim:
+            text = (run_dir / "logs" / f"rank{r}.log").read_text()
+            assert f"rank {r} (pid " in text and "Traceback (most recent call last)" in text, text[-3000:]
+    assert not (run_dir / "logs" / f"rank{victim}.log").exists()  # kill -9 / SIGSTOP: the victim wrote nothing
 
 
 @pytest.mark.slow
