@@ -45,6 +45,11 @@ class SweepDirsCallback(Callback):
     def __init__(self) -> None:
         register_resolver()  # every process that runs a job builds the callbacks before the job's directory
 
+    def __reduce__(self):
+        # submitit runs a job in a process that unpickles the callbacks and then resolves subdir: rebuild
+        # through __init__ there (plain unpickling would skip it)
+        return (type(self), ())
+
     def on_multirun_start(self, config, **kwargs) -> None:
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         shared = [o.key_or_group for o in parsed if not o.is_sweep_override()]

@@ -76,3 +76,13 @@ def test_hydra_help_and_cfg_job_still_work(tmp_path):
     cfg = help_run(tmp_path, "--cfg", "job", "optim.lr=0.25")
     assert cfg.returncode == 0, cfg.stderr
     assert "lr: 0.25" in cfg.stdout
+
+
+def test_shell_completion_script_and_query(tmp_path):
+    # what the installed bash script runs on <TAB>: the command with -sc query=bash and COMP_LINE set
+    script = help_run(tmp_path, "--shell-completion", "install=bash")
+    assert script.returncode == 0 and "-F hydra_bash_completion attnres-train" in script.stdout
+    env = subproc.child_env(COMP_LINE="attnres-train optim.warm")
+    prog = "import sys\nsys.argv = ['attnres-train', '-sc', 'query=bash']\nfrom attnres_train.cli.train import main\nmain()\n"
+    p = subprocess.run([PY, "-c", prog], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.split() == ["optim.warmup_steps="], (p.stdout, p.stderr)
