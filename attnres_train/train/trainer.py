@@ -231,7 +231,9 @@ class Trainer:
             try:
                 return self._loop(signals)
             except BaseException as exc:
-                if isinstance(exc, Exception):  # not a second Ctrl-C: each rank's traceback, RUN_DIR/logs/rank<k>.log
+                # each rank's traceback in RUN_DIR/logs/rank<k>.log; not for bad input (one line, nothing written)
+                # nor a second Ctrl-C
+                if isinstance(exc, Exception) and not isinstance(exc, (ConfigError, UserInputError)):
                     write_rank_log(self.run_dir, self.ctx.rank, exc)
                 if self.ctx.is_distributed and is_comm_failure(exc):
                     newest = self.ckpt.latest(report=False)

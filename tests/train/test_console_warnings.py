@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnres_train.cli.init_run import compose_run_config
+from attnres_train.config.errors import ConfigError
 from attnres_train.config.schema import validate_config
 from attnres_train.model.moe import Router
 from attnres_train.parallel.mesh import single_process_context
@@ -186,7 +187,11 @@ def test_a_failing_rank_writes_its_traceback_to_logs_rank_k(corpus, tmp_path):
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log"]
 
 
-def test_a_run_that_ends_normally_writes_no_rank_log(corpus, tmp_path):
+def test_a_run_that_ends_normally_or_on_bad_input_writes_no_rank_log(corpus, tmp_path):
     run_dir = tmp_path / "ok"
     _fit(corpus, run_dir, 2)
+    assert not (run_dir / "logs").exists()
+    # bad input found inside the loop (resuming with another model config): one error line, no traceback file
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        _fit(corpus, run_dir, 3, **{"model.hidden_size": 64})
     assert not (run_dir / "logs").exists()
