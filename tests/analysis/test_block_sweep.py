@@ -44,8 +44,12 @@ def test_tiny_block_sweep_analyze_and_compare(tmp_path, capsys):
     subproc.check(
         subproc.run([sys.executable, "-m", "attnres_train", "-m", *overrides], tmp_path / "logs", "sweep", cwd=REPO)
     )
-    runs = sorted((p for p in sweep.iterdir() if (p / "config.yaml").is_file()), key=lambda p: int(p.name))
-    assert [p.name for p in runs] == [str(i) for i in range(6)]
+    # one run dir per job, named after its swept override (docs/training.md "Sweeps"), listed in job order
+    residual = ["{mode:prenorm,num_blocks:null,block_size:null}"]
+    residual += [f"{{mode:block,num_blocks:{n},block_size:null}}" for n in (1, 2, 4, 8)]
+    residual += ["{mode:full,num_blocks:null,block_size:null}"]
+    runs = [sweep / f"model.residual={r}" for r in residual]
+    assert sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").is_file()) == sorted(p.name for p in runs)
 
     assert analyze.main([str(sweep), "--batch-size", "2"]) == 0
     for run, variant in zip(runs, VARIANTS):
