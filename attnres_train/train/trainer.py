@@ -58,7 +58,16 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path, ctx: ParallelContext, callbacks: Optional[Sequence[TrainerCallback]] = None):
         """``ctx``: the run's ParallelContext, built from ``cfg.parallel`` by the command line
         (``cli.train.parallel_context``), or ``parallel.mesh.single_process_context()``. ``callbacks``: run after
-        the built-ins (``callbacks.default_callbacks``) after every step."""
+        the built-ins (``callbacks.default_callbacks``) after every step. A failure while building (not bad
+        input) leaves this rank's traceback in RUN_DIR/logs/rank<k>.log when run_dir exists, as one in ``fit``."""
+        try:
+            self._build(cfg, run_dir, ctx, callbacks)
+        except Exception as exc:
+            if not isinstance(exc, (ConfigError, UserInputError)) and Path(run_dir).is_dir():
+                write_rank_log(Path(run_dir), getattr(ctx, "rank", 0), exc)
+            raise
+
+    def _build(self, cfg, run_dir: Path, ctx: ParallelContext, callbacks: Optional[Sequence[TrainerCallback]]) -> None:
         t_init = time.perf_counter()
         self.cfg = cfg  # the typed Config object (attnres_train.config.schema.Config)
         self.run_dir = Path(run_dir)

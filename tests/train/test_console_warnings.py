@@ -195,3 +195,17 @@ def test_a_run_that_ends_normally_or_on_bad_input_writes_no_rank_log(corpus, tmp
     with pytest.raises(ConfigError, match="model.hidden_size"):
         _fit(corpus, run_dir, 3, **{"model.hidden_size": 64})
     assert not (run_dir / "logs").exists()
+
+
+def test_a_rank_failing_while_the_trainer_is_built_writes_its_traceback(corpus, tmp_path, monkeypatch):
+    import attnres_train.train.trainer as trainer_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot build this model here")
+
+    monkeypatch.setattr(trainer_module, "build_train_module", broken)
+    run_dir = tmp_path / "fails_early"
+    with pytest.raises(RuntimeError, match="cannot build"):
+        _fit(corpus, run_dir, 2)
+    text = (run_dir / "logs" / "rank0.log").read_text()
+    assert "in broken" in text and "RuntimeError: cannot build this model here" in text
