@@ -1,11 +1,13 @@
 """Metrics: throughput/MFU bookkeeping, AttnRes depth statistics, and the console / train.log / jsonl / W&B sinks.
 
+MFU needs a peak that does not move with the machine's load: configured, a known-GPU table, or a CPU probe
+measured once per machine and cached (:func:`resolve_peak`; docs/training.md, "Metrics").
+
 Only rank 0 writes. Every record is one flat-ish JSON object with a ``step`` and a ``kind`` (train, val,
 sample, depth, event), so ``RUN_DIR/metrics.jsonl`` can be loaded line by line by the analysis tools.
 
-The console gets one readable line per record (``[step 3/12] loss 4.0204 | ... | ETA 0:00:04``: fixed
-formats, never a raw 16-digit float) and the trainer's messages; the same lines go to ``RUN_DIR/train.log``
-(with a time stamp) through :mod:`logging`, so a run's log survives the terminal.
+The console gets one readable line per record (fixed formats, never a raw 16-digit float) and the trainer's
+messages; the same lines, time-stamped, go to ``RUN_DIR/train.log`` through :mod:`logging`.
 """
 
 from __future__ import annotations
