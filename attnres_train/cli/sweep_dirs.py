@@ -43,12 +43,9 @@ class SweepDirsCallback(Callback):
     """Keeps the shared (non-swept) command-line overrides out of each job's directory name."""
 
     def __init__(self) -> None:
-        register_resolver()  # every process that runs a job builds the callbacks before the job's directory
-
-    def __reduce__(self):
-        # submitit runs a job in a process that unpickles the callbacks and then resolves subdir: rebuild
-        # through __init__ there (plain unpickling would skip it)
-        return (type(self), ())
+        # Before any job dir is resolved; launchers that run jobs elsewhere (submitit) carry registered
+        # resolvers to the job's process in Hydra's Singleton state (tests/launch/test_slurm.py)
+        register_resolver()
 
     def on_multirun_start(self, config, **kwargs) -> None:
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))

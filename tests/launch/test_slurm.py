@@ -222,7 +222,10 @@ def test_hydra_sweep_submits_one_job_per_point(slurm, corpus, tmp_path):
         )
     )
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
-    assert len(runs) == 2, list(sweep.iterdir())
+    # named in the slurm job's own process (the sweep_dirname resolver there: cli/sweep_dirs.py)
+    assert [p.name for p in runs] == ["model.residual.num_blocks=1", "model.residual.num_blocks=2"], list(
+        sweep.iterdir()
+    )
     for run in runs:
         assert sorted(_losses(run)) == [1, 2, 3]
         assert (run / "checkpoints" / "step_00000003").is_dir()

@@ -62,23 +62,3 @@ def test_long_names_are_cut_below_the_limit_and_stay_distinct():
     na, nb = sweep_dirname(a, 0), sweep_dirname(b, 1)
     assert na != nb and na.startswith("k=vvv")
     assert max(len(na.encode()), len(nb.encode())) <= MAX_NAME_BYTES < 255
-
-
-def test_an_unpickled_callback_registers_the_resolver_for_a_submitit_job(tmp_path):
-    # submitit pickles the launcher (with Hydra's callbacks) and resolves hydra.sweep.subdir in a fresh process
-    import pickle
-    import subprocess
-
-    from attnres_train.cli.sweep_dirs import SweepDirsCallback
-
-    blob = tmp_path / "callback.pkl"
-    blob.write_bytes(pickle.dumps(SweepDirsCallback()))
-    prog = (
-        "import pickle, sys\n"
-        "from omegaconf import OmegaConf\n"
-        "pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "cfg = OmegaConf.create({'n': 'seed=3,x=a/b', 'd': '${sweep_dirname:${n},0}'})\n"
-        "print(cfg.d)\n"
-    )
-    p = subprocess.run([PY, "-c", prog, str(blob)], env=subproc.child_env(), capture_output=True, text=True)
-    assert p.returncode == 0 and p.stdout.strip() == "seed=3,x=a%2Fb", p.stderr
