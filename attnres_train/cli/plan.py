@@ -151,14 +151,7 @@ def render_simulated_rank(args, cfg, pc, dims, M, layout, sched) -> str:
         root.pipeline.layers_per_stage = [int(x) for x in args.layers_per_stage.split(",")]
     root.pipeline.block_cache = not args.no_cache
     sim = simulate_rank(root, args.simulate_rank, dims.world_size)
-    shape = TrainShape(
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        microbatches=M,
-        activation_checkpointing=args.activation_checkpointing,
-        optimizer=args.optimizer,
-        comm_bytes=DTYPE_BYTES[args.dtype],
-    )
+    shape = _train_shape(args, M)
     est = estimate_ranks(cfg, dims, shape, layout, sched)[sim.pp_rank]
     out = render_simulation(sim, est.memory)
     if dims.pp > 1:  # no peer sends anything through a fake group: the runtime's bound, not a measurement
@@ -261,9 +254,9 @@ def _ranges(layers) -> str:
     return ",".join(parts) or "-"
 
 
-def render_estimates(cfg, dims, args, M, layout, sched) -> str:
-    """Mesh, parameters, per-rank memory and per-group traffic (``parallel.plan_estimates``)."""
-    shape = TrainShape(
+def _train_shape(args, M: int) -> TrainShape:
+    """The batch geometry and precision the estimates assume, from the command line."""
+    return TrainShape(
         micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len,
         microbatches=M,
@@ -271,6 +264,11 @@ def render_estimates(cfg, dims, args, M, layout, sched) -> str:
         optimizer=args.optimizer,
         comm_bytes=DTYPE_BYTES[args.dtype],
     )
+
+
+def render_estimates(cfg, dims, args, M, layout, sched) -> str:
+    """Mesh, parameters, per-rank memory and per-group traffic (``parallel.plan_estimates``)."""
+    shape = _train_shape(args, M)
     d = dims
     tot = summary(cfg)
     out = [
