@@ -144,20 +144,6 @@ def _read_torch_bins(directory: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def write_safetensors(
-    sd: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-) -> List[str]:
-    """Write ``sd`` as ``model.safetensors`` or HF-style shards + index; returns the file names written.
-
-    Stale ``model*.safetensors`` files and index in ``directory`` are removed first so the directory never mixes
-    two checkpoints.
-    """
-    writer = ShardWriter(directory, max_shard_bytes)
-    for k, v in sd.items():
-        writer.add(k, v)
-    return writer.finish()
-
-
 class ShardWriter:
     """Streams tensors into HF-style safetensors shards, holding at most one shard in memory.
 
