@@ -107,9 +107,7 @@ def run(overrides, ctx=None) -> dict:
 
 def main() -> None:
     if not CONFIG_DIR.is_dir():
-        _fail(
-            f"config directory {CONFIG_DIR} not found (install attnres-train from a source checkout: pip install -e .)"
-        )
+        _fail(f"config directory {CONFIG_DIR} not found (reinstall attnres-train: pip install . or pip install -e .)")
     if wants_help(sys.argv[1:]):  # our help from the schema; Hydra's stays behind --hydra-help
         try:
             print_help(sys.argv[1:])
