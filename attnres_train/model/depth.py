@@ -19,6 +19,7 @@ import torch
 from ..config.errors import ConfigError
 from ..config.model import RESIDUAL_IMPLS
 from . import depth_ops
+from .depth_shards import is_dtensor, like, local, local_query
 
 Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
 
@@ -75,10 +76,10 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     auto: triton for CUDA tensors when triton imports, torch otherwise. triton: CUDA, or CPU only when the
     kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests); anything else is a ConfigError naming
     ``model.residual.impl``. fp64 uses torch instead of the kernels (they accumulate in fp32). DTensors (tensor
-    parallelism) always use the reference: its ops are plain DTensor ops (checked by type name, so the model
-    package still imports nothing distributed).
+    parallelism) follow the same rule: torch/triton run on each rank's local shard (:mod:`.depth_shards`), the
+    reference on the DTensors themselves.
     """
-    if impl == "reference" or type(x).__name__ == "DTensor":
+    if impl == "reference":
         return "reference"
     if impl == "torch" or x.dtype == torch.float64:
         return "torch"
@@ -106,6 +107,9 @@ def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str
     sum-exp ``l`` (fp32), so phase 2 can merge the partial sum exactly.
     """
     which = resolve_impl(impl, blocks[0])
+    if which != "reference" and is_dtensor(blocks[0]):  # tensor parallelism: the fused path on local shards
+        stats = phase1([local(b) for b in blocks], local_query(q_sd, blocks[0]), eps, which)
+        return [tuple(like(t, blocks[0]) for t in st) for st in stats]
     if which == "triton":
         return attnres_kernels.phase1(blocks, q_sd, eps)
     if which == "torch":
@@ -147,14 +151,17 @@ class SegmentLogits:
         while known < min(len(blocks), len(self.sources)) and blocks[known] is self.sources[known]:
             known += 1
         del self.sources[known:], self.logits[known:]  # DepthState.blocks only grows; anything else is recomputed
-        q = self.q_qd.to(compute_dtype(blocks[0].dtype))
+        sharded = is_dtensor(blocks[0])  # tensor parallelism: logits and combine on this rank's shards
+        q = local_query(self.q_qd, blocks[0]) if sharded else self.q_qd
+        q = q.to(compute_dtype(blocks[0].dtype))
         for v in blocks[known:]:
             self.sources.append(v)
-            self.logits.append(depth_ops.source_logits(v, q, self.eps))
+            self.logits.append(depth_ops.source_logits(local(v), q, self.eps))
         cols = slice(sublayers[0] - self.first, sublayers[-1] - self.first + 1)
         if sublayers != list(range(sublayers[0], sublayers[-1] + 1)):
             raise ValueError(f"a block's sublayers are consecutive, got {sublayers}")
-        return depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), blocks)
+        stats = depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), [local(b) for b in blocks])
+        return [tuple(like(t, blocks[0]) for t in st) for st in stats] if sharded else stats
 
 
 def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Tensor:
@@ -171,7 +178,11 @@ def phase2(
     impl: str = "reference",
 ) -> torch.Tensor:
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
-    which = resolve_impl(impl, stats[0] if partial is None else partial)
+    ref = stats[0] if partial is None else partial
+    which = resolve_impl(impl, ref)
+    if which != "reference" and is_dtensor(ref):  # tensor parallelism: the fused path on local shards
+        local_stats = tuple(local(t) for t in stats)
+        return like(phase2(local_stats, local(partial), local_query(q_d, ref), eps, dtype, which), ref)
     if which == "triton":
         return attnres_kernels.phase2(stats, partial, q_d, eps, dtype)
     if which == "torch":
