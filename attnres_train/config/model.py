@@ -18,6 +18,7 @@ from .structured import as_structured
 
 RESIDUAL_MODES = ("prenorm", "full", "block")
 RESIDUAL_IMPLS = ("auto", "torch", "triton", "reference")  # model.residual.impl (model/depth.py resolves it)
+BLOCK_PARTITIONS = ("decoder_layer", "sublayer")  # model.residual.partition (block_starts applies it)
 KDA_IMPLS = ("auto", "torch", "fla")  # model.kda.impl (model/kda.py resolves it)
 
 
@@ -28,6 +29,12 @@ class ResidualConfig:
     mode: str = "prenorm"
     num_blocks: Optional[int] = None
     block_size: Optional[int] = None
+    # How num_blocks=N cuts the 2*num_layers sublayers into blocks (docs/model.md "Block partition"):
+    # "decoder_layer" (blocks of num_layers // N whole decoder layers, the last taking the remainder; also the
+    # only rule for block_size, Kimi-K3's decoder layers per block) or "sublayer" (the paper's §3.2 rule: blocks
+    # of S = 2*num_layers // N sublayers, the last taking the remainder; a boundary may fall between a layer's
+    # token mixer and its FFN). The two agree whenever N divides num_layers.
+    partition: str = "decoder_layer"
     # Block/Full mode: batched phase-1 + online-softmax phase-2 (True) or direct softmax per sublayer
     # (False, the slow reference used by tests).
     two_phase: bool = True
@@ -192,10 +199,17 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
             raise ConfigError(f"{p}.residual.num_blocks", "block mode needs exactly one of num_blocks or block_size")
         if r.num_blocks is not None:
             _positive(r.num_blocks, f"{p}.residual.num_blocks")
-            if r.num_blocks > cfg.num_layers:
+            if r.partition == "sublayer" and r.num_blocks > 2 * cfg.num_layers:
                 raise ConfigError(
                     f"{p}.residual.num_blocks",
-                    f"num_blocks={r.num_blocks} exceeds num_layers={cfg.num_layers} (blocks hold whole decoder layers)",
+                    f"num_blocks={r.num_blocks} exceeds the {2 * cfg.num_layers} sublayers "
+                    f"(2 x num_layers={cfg.num_layers}; partition=sublayer)",
+                )
+            if r.partition == "decoder_layer" and r.num_blocks > cfg.num_layers:
+                raise ConfigError(
+                    f"{p}.residual.num_blocks",
+                    f"num_blocks={r.num_blocks} exceeds num_layers={cfg.num_layers} (partition=decoder_layer: "
+                    "blocks hold whole decoder layers; partition=sublayer allows up to 2 x num_layers)",
                 )
         else:
             _positive(r.block_size, f"{p}.residual.block_size")
@@ -212,6 +226,8 @@ def _reject_residual_no_ops(r: ResidualConfig, p: str) -> None:
     Without this, ``-m model.residual.num_blocks=1,2,4`` on a PreNorm preset trains three identical baselines.
     """
     fix = "set it to null, or pick the mode that uses it"
+    if r.partition not in BLOCK_PARTITIONS:
+        raise ConfigError(f"{p}.partition", f"must be one of {'|'.join(BLOCK_PARTITIONS)}, got {r.partition!r}")
     if r.mode != "block":
         for name in ("num_blocks", "block_size"):
             if getattr(r, name) is not None:
@@ -220,6 +236,19 @@ def _reject_residual_no_ops(r: ResidualConfig, p: str) -> None:
                     f"{name}={getattr(r, name)!r} has no effect with mode={r.mode!r} "
                     f"(only mode=block partitions layers into blocks); {fix}",
                 )
+        if r.partition != BLOCK_PARTITIONS[0]:
+            raise ConfigError(
+                f"{p}.partition",
+                f"partition={r.partition!r} has no effect with mode={r.mode!r} (only mode=block partitions "
+                f"layers into blocks); leave it at {BLOCK_PARTITIONS[0]}, or pick mode=block",
+            )
+    elif r.partition == "sublayer" and r.block_size is not None:
+        raise ConfigError(
+            f"{p}.partition",
+            f"partition='sublayer' does not apply to block_size={r.block_size} (block_size counts decoder "
+            "layers per block, Kimi-K3's rule); give num_blocks for the paper's sublayer rule, or use "
+            "partition=decoder_layer with block_size",
+        )
     if r.mode == "prenorm":
         if r.two_phase is not True:
             raise ConfigError(
@@ -268,9 +297,11 @@ def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
 def block_starts(cfg: ModelConfig) -> List[int]:
     """Sublayer indices (0..2*num_layers-1) at which a new AttnRes block starts.
 
-    Sublayer ``2*i`` is decoder layer i's token mixer, ``2*i+1`` its FFN. Block mode starts blocks only at
-    token mixers (decoder-layer boundaries); full mode starts one at every sublayer; prenorm has none.
-    Block 0 is always the embedding, so the first entry here opens block 1.
+    Sublayer ``2*i`` is decoder layer i's token mixer, ``2*i+1`` its FFN. Block mode with
+    ``partition=decoder_layer`` starts blocks only at token mixers (decoder-layer boundaries), with
+    ``partition=sublayer`` every ``2*num_layers // num_blocks`` sublayers (possibly at an FFN); full mode starts
+    one at every sublayer; prenorm has none. In block mode the last block takes the remainder (num_blocks) or is
+    the shorter one (block_size). Block 0 is always the embedding, so the first entry here opens block 1.
     """
     r, n = cfg.residual, cfg.num_layers
     if r.mode == "prenorm":
@@ -279,6 +310,8 @@ def block_starts(cfg: ModelConfig) -> List[int]:
         return list(range(2 * n))
     if r.block_size is not None:
         return [2 * i for i in range(0, n, r.block_size)]
+    if r.partition == "sublayer":
+        return [(2 * n // r.num_blocks) * b for b in range(r.num_blocks)]
     size = n // r.num_blocks
     return [2 * size * b for b in range(r.num_blocks)]
 

@@ -5,9 +5,10 @@ layers. Everything a stage needs is the explicit :class:`DepthState` returned by
 :meth:`forward_layers`, so ``head(forward_layers(embed(x), 0, k) → forward_layers(·, k, L))`` equals
 ``forward(x)``. The model holds no parallel code; ``parallel/`` applies TP/EP/FSDP/PP from outside.
 
-Two-phase scheduling lives in :meth:`forward_layers`: at the first layer of every block (and at the first
-layer of a segment that starts mid-block) the phase-1 statistics of all of that block's sublayers inside the
-segment are computed in one batched call and handed to the layers through ``DepthState.phase1``.
+Two-phase scheduling lives in :meth:`forward_layers`: before the first layer of every block (and of a segment
+that starts mid-block) the phase-1 statistics of the block's sublayers inside the segment are computed in one
+batched call and handed to the layers through ``DepthState.phase1``. A block opened at an FFN sublayer (the
+paper's sublayer partition) cannot be batched before its layer runs: docs/model.md "Block partition".
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class AttnResForCausalLM(nn.Module):
         cache = None
         for i in range(start, end):
             layer = self.model.layers[i]
-            if batch_phase1 and (i == start or layer.opens_block[0]):
+            opened_mid_layer = i > start and self.model.layers[i - 1].opens_block[1]
+            if batch_phase1 and (i == start or layer.opens_block[0] or opened_mid_layer):
                 if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
                     cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
@@ -117,17 +119,23 @@ class AttnResForCausalLM(nn.Module):
     def _block_phase1(
         self, state: DepthState, first: DecoderLayer, end: int, cache: Optional[SegmentLogits] = None
     ) -> dict:
-        """Phase-1 stats for all sublayers of the current block from ``first`` up to the segment end."""
+        """Phase-1 stats for the sublayers of the current block from ``first``'s token mixer up to the next
+        block start or the segment end.
+
+        A block that opens at an FFN sublayer (``opens_block[1]``) is not in here: its blocks exist only once
+        that layer's mixer ran. That FFN reads on its own (``depth_read`` computes its phase 1 inside the
+        layer), and the block's later sublayers get theirs at the next layer (``forward_layers``).
+        """
         blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
-        layers = [first]
-        for layer in self.model.layers[first.layer_idx + 1 : end]:
-            if layer.opens_block[0]:
-                break
-            layers.append(layer)
-        subs = [2 * layer.layer_idx + k for layer in layers for k in (0, 1)]
+        subs = [2 * first.layer_idx]
+        while subs[-1] + 1 < 2 * end and subs[-1] + 1 not in self._starts:
+            subs.append(subs[-1] + 1)
         if cache is not None:  # the cache holds the segment's queries already
             return dict(zip(subs, cache.phase1(blocks, subs)))
-        queries = torch.stack([q for layer in layers for q in layer.queries()])
+        layers = self.model.layers
+        queries = torch.stack([q for j in range(subs[0] // 2, subs[-1] // 2 + 1) for q in layers[j].queries()])
+        if subs[-1] % 2 == 0:  # the block ends after a token mixer: drop that layer's FFN query
+            queries = queries[:-1]
         return dict(zip(subs, phase1(blocks, queries, self.eps, self.residual_impl)))
 
     def output_query(self) -> torch.Tensor:

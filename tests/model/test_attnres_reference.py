@@ -13,8 +13,10 @@ beyond ``build_model`` and the module tree it returns: no ``depth``, ``depth_ops
   ``softmax_i(w_lᵀ RMSNorm_γl(s_i)) · s_i`` over s = [embedding] + [sum of the outputs of earlier sublayers in
   each block], where a block contributes only if one of its sublayers ran before l (so the first sublayer of a
   block sees no zero partial sum) and Full AttnRes is one block per sublayer; the output head reads all blocks;
-* partitions with its own rule, the current decoder-layer one: ``num_blocks=N`` → N blocks of
-  ``num_layers // N`` decoder layers, the last taking the rest; ``block_size=S`` → S decoder layers per block.
+* partitions with its own rules: ``partition=decoder_layer``: ``num_blocks=N`` → N blocks of
+  ``num_layers // N`` decoder layers, the last taking the rest, ``block_size=S`` → S decoder layers per block;
+  ``partition=sublayer`` (paper §3.2): N blocks of ``2·num_layers // N`` sublayers, the last taking the rest,
+  so a block may open at an FFN.
 
 Two drives: (1) every token mixer and FFN replaced by a test-owned function, so the reference recomputes the
 whole network to the logits; (2) the real KDA / MLA / MoE sublayers, observed with hooks: the reference
@@ -23,7 +25,7 @@ are random and non-zero. Planted bugs, each made once by hand and reverted: (a) 
 pseudo-query (``queries()``), (b) γ dropped from ``fold_query``, (c) no key norm (``depth_ops._rsqrt_ms`` → 1 and
 the reference path's key normalisation removed) each failed every case here (logits off by 0.2–0.6) while
 ``test_model.py`` passes (a) and (b); a ceil instead of floor block size for ``num_blocks`` fails the 4 N=2/N=3
-cases.
+cases; the same ceil in the sublayer rule fails its 4 stand-in cases.
 """
 
 import math
@@ -59,10 +61,14 @@ def attnres_read(sources, w, gamma, eps):
     return out, [e / total for e in expo]
 
 
-def block_of_sublayer(mode, num_layers, num_blocks=None, block_size=None):
-    """Block id of each of the 2·num_layers sublayers (mixer 2i, FFN 2i+1) under the decoder-layer rule."""
+def block_of_sublayer(mode, num_layers, num_blocks=None, block_size=None, partition="decoder_layer"):
+    """Block id of each of the 2·num_layers sublayers (mixer 2i, FFN 2i+1) under ``partition``'s rule."""
     if mode == "full":
         return list(range(2 * num_layers))
+    if partition == "sublayer":  # the paper: S = L'/N sublayers per block, the last block takes the remainder
+        per_block = [2 * num_layers // num_blocks] * num_blocks
+        per_block[-1] += 2 * num_layers - sum(per_block)
+        return [b for b, size in enumerate(per_block) for _ in range(size)]
     if block_size is not None:
         per_layer = [i // block_size for i in range(num_layers)]
     else:
@@ -93,9 +99,12 @@ def read_of(sd, sub, num_layers, sources, eps):
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def make_cfg(mode, num_blocks=None, block_size=None, two_phase=True, impl="auto", dense=False) -> ModelConfig:
+def make_cfg(
+    mode, num_blocks=None, block_size=None, two_phase=True, impl="auto", dense=False, partition="decoder_layer"
+) -> ModelConfig:
     cfg = ModelConfig(hidden_size=D, num_layers=LAYERS, mla_layers=[3], rms_norm_eps=EPS)
     cfg.residual.mode, cfg.residual.num_blocks, cfg.residual.block_size = mode, num_blocks, block_size
+    cfg.residual.partition = partition
     cfg.residual.two_phase, cfg.residual.impl = two_phase, impl
     cfg.moe.num_experts, cfg.moe.intermediate_size, cfg.moe.dense_intermediate_size = 4, 32, 96
     if dense:
@@ -157,23 +166,30 @@ def reference_logits(sd, tokens, blocks, subs, eps):
     return rms_norm(h, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].t(), weights
 
 
-CASES = [  # (mode, num_blocks, block_size, two_phase, impl)
-    ("full", None, None, True, "auto"),
-    ("full", None, None, False, "auto"),
-    ("block", 2, None, True, "auto"),  # decoder layers [0,1] [2,3,4]
-    ("block", 3, None, True, "auto"),  # [0] [1] [2,3,4]
-    ("block", None, 2, True, "auto"),  # [0,1] [2,3] [4]
-    ("block", None, 2, True, "reference"),
-    ("block", 2, None, False, "auto"),
-    ("block", 1, None, True, "auto"),  # one block: the paper's "embedding isolated as b_0" special case
-    ("block", None, 1, True, "auto"),  # a block per decoder layer (not Full: two sublayers per block)
+CASES = [  # (mode, num_blocks, block_size, two_phase, impl, partition)
+    ("full", None, None, True, "auto", "decoder_layer"),
+    ("full", None, None, False, "auto", "decoder_layer"),
+    ("block", 2, None, True, "auto", "decoder_layer"),  # decoder layers [0,1] [2,3,4]
+    ("block", 3, None, True, "auto", "decoder_layer"),  # [0] [1] [2,3,4]
+    ("block", None, 2, True, "auto", "decoder_layer"),  # [0,1] [2,3] [4]
+    ("block", None, 2, True, "reference", "decoder_layer"),
+    ("block", 2, None, False, "auto", "decoder_layer"),
+    ("block", 1, None, True, "auto", "decoder_layer"),  # one block: the paper's "embedding isolated as b_0"
+    ("block", None, 1, True, "auto", "decoder_layer"),  # a block per decoder layer (not Full: 2 sublayers each)
+    ("block", 3, None, True, "auto", "sublayer"),  # sublayers [0-2] [3-5] [6-9]: block 2 opens at L1's FFN
+    ("block", 3, None, True, "reference", "sublayer"),
+    ("block", 3, None, False, "auto", "sublayer"),
+    ("block", 4, None, True, "auto", "sublayer"),  # [0-1] [2-3] [4-5] [6-9]: the remainder in the last block
 ]
-IDS = [f"{m}-N{n}-S{s}-{'2phase' if tp else 'direct'}-{i}" for m, n, s, tp, i in CASES]
+IDS = [
+    f"{m}-N{n}-S{s}-{'2phase' if tp else 'direct'}-{i}{'-sub' if p == 'sublayer' else ''}"
+    for m, n, s, tp, i, p in CASES
+]
 
 
-@pytest.mark.parametrize("mode,nb,bs,two_phase,impl", CASES, ids=IDS)
-def test_logits_match_the_paper_equations_with_stand_in_sublayers(mode, nb, bs, two_phase, impl):
-    model = random_model(make_cfg(mode, nb, bs, two_phase, impl, dense=True))
+@pytest.mark.parametrize("mode,nb,bs,two_phase,impl,partition", CASES, ids=IDS)
+def test_logits_match_the_paper_equations_with_stand_in_sublayers(mode, nb, bs, two_phase, impl, partition):
+    model = random_model(make_cfg(mode, nb, bs, two_phase, impl, dense=True, partition=partition))
     subs = stand_ins()
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = Sublayer(*subs[2 * i])
@@ -182,7 +198,7 @@ def test_logits_match_the_paper_equations_with_stand_in_sublayers(mode, nb, bs, 
     with torch.no_grad():
         got = model(tokens)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    blocks = block_of_sublayer(mode, LAYERS, nb, bs)
+    blocks = block_of_sublayer(mode, LAYERS, nb, bs, partition)
     want, weights = reference_logits(sd, tokens, blocks, subs, EPS)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     # The check has teeth: the depth weights are far from uniform, and another partition gives other logits.
@@ -192,11 +208,18 @@ def test_logits_match_the_paper_equations_with_stand_in_sublayers(mode, nb, bs, 
 
 
 @pytest.mark.parametrize(
-    "mode,nb,bs", [("full", None, None), ("block", 2, None), ("block", None, 2)], ids=["full", "block-N2", "block-S2"]
+    "mode,nb,bs,partition",
+    [
+        ("full", None, None, "decoder_layer"),
+        ("block", 2, None, "decoder_layer"),
+        ("block", None, 2, "decoder_layer"),
+        ("block", 2, None, "sublayer"),  # sublayers [0-4] [5-9]: block 2 opens at L2's (MoE) FFN
+    ],
+    ids=["full", "block-N2", "block-S2", "block-N2-sub"],
 )
-def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mode, nb, bs):
+def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mode, nb, bs, partition):
     """Real KDA / MLA / dense / MoE sublayers, observed: each recorded input is recomputed from recorded outputs."""
-    model = random_model(make_cfg(mode, nb, bs), seed=7)
+    model = random_model(make_cfg(mode, nb, bs, partition=partition), seed=7)
     inputs, outputs, hooks = {}, {}, []
 
     def keep_input(sub):
@@ -226,7 +249,7 @@ def test_every_sublayer_input_of_the_real_network_matches_the_paper_equations(mo
         h.remove()
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     emb = sd["model.embed_tokens.weight"][tokens]
-    blocks = block_of_sublayer(mode, LAYERS, nb, bs)
+    blocks = block_of_sublayer(mode, LAYERS, nb, bs, partition)
     recorded = [outputs[sub] for sub in range(2 * LAYERS)]
     for sub in range(2 * LAYERS + 1):
         want, _ = read_of(sd, sub, LAYERS, sources_before(sub, recorded, blocks, emb), EPS)
