@@ -27,6 +27,8 @@ JSONL_EXTS = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_EXTS = (".parquet",)
 ARROW_EXTS = (".arrow",)
 RAW_KINDS = ("text", "jsonl", "parquet", "arrow", "hf", "stdlib")
+# A text_unit: file document is read in pieces: the lines that start in each 4 MiB of the file (docs/data.md).
+FILE_PIECE_BYTES = 4 << 20
 
 
 @dataclass
@@ -42,6 +44,13 @@ class ResolvedSource:
 
     def fingerprint(self) -> dict:
         """What identifies the *content* for the shard cache key (paths, sizes, mtimes; hub coordinates)."""
+        fp = self.fingerprint_spec()
+        if self.kind != "hf":
+            fp["files"] = [(os.path.abspath(f), *_stat(f)) for f in self.files]
+        return fp
+
+    def fingerprint_spec(self) -> dict:
+        """The part of the fingerprint that needs no file system access."""
         c = self.cfg
         fp = {"kind": self.kind, "text_field": c.text_field, "text_unit": c.text_unit}
         if self.kind == "hf":
@@ -50,9 +59,20 @@ class ResolvedSource:
             )
         elif self.kind == "stdlib":
             fp.update(python=sys.version, root=_stdlib_root())
-        if self.kind != "hf":
-            fp["files"] = [(os.path.abspath(f), *_stat(f)) for f in self.files]
+        if self.kind == "text" and c.text_unit == "file":
+            fp["piece_bytes"] = FILE_PIECE_BYTES
         return fp
+
+    def listing(self) -> dict:
+        """The fingerprint without file sizes and mtimes: what start-up knows without one stat per file."""
+        fp = self.fingerprint_spec()
+        fp["files"] = [os.path.abspath(f) for f in self.files]
+        return fp
+
+    def directories(self) -> List[str]:
+        """The directories that hold this source's files (their mtimes change when a file in them is added,
+        removed or replaced by a rename)."""
+        return sorted({os.path.dirname(os.path.abspath(f)) for f in self.files})
 
 
 def _stat(path: str):
@@ -76,10 +96,24 @@ def _list_dir(path: str) -> List[str]:
     return sorted(out)
 
 
+def _files_only(paths: List[str]) -> List[str]:
+    """The regular files (or links to them) among ``paths``, sorted: one directory listing per parent
+    directory instead of one stat per path (docs/data.md "Cache")."""
+    by_dir: dict = {}
+    for p in paths:
+        by_dir.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+    out = []
+    for d, names in by_dir.items():
+        with os.scandir(d or ".") as entries:
+            out.extend(os.path.join(d, e.name) for e in entries if e.name in names and e.is_file())
+    return sorted(out)
+
+
 def _is_shard_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        f.endswith(".json") and os.path.exists(os.path.join(path, f[:-5] + ".bin")) for f in os.listdir(path)
-    )
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))  # one listing, no stat per file
+    return any(f.endswith(".json") and f[:-5] + ".bin" in names for f in names)
 
 
 def _is_megatron_prefix(path: str) -> Optional[str]:
@@ -123,7 +157,7 @@ def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
 
     explicit = False
     if any(ch in path for ch in "*?["):
-        files = sorted(f for f in globlib.glob(path, recursive=True) if os.path.isfile(f))
+        files = _files_only(globlib.glob(path, recursive=True))
         if not files:
             raise UserInputError(f"{where}.path: glob {path!r} matched no files")
     elif os.path.isdir(path):
