@@ -68,8 +68,13 @@ class DataConfig:
     tokenizer: str = "byte"
     # Tokens per training sample; each sample holds seq_len + 1 tokens (inputs and shifted targets).
     seq_len: int = 256
-    # Fraction of *documents* of every source held out for validation (0 disables validation).
-    val_fraction: float = 0.01
+    # Fraction of *documents* of every source held out for validation (0 = none). null (default): 0.01, or 0
+    # when val_sources is set (a value > 0 together with val_sources is an error).
+    val_fraction: Optional[float] = None
+    # Held-out evaluation sources, same schema as ``sources`` (``weight`` unused): when set, validation reads
+    # every document of each (logged as val/<name>/loss and, over all, val_loss) instead of a val_fraction
+    # slice of ``sources``. docs/data.md, "Validation".
+    val_sources: List[DataSourceConfig] = field(default_factory=list)
     # Seeds the validation split and the per-epoch shuffles. Changing it changes the data order.
     seed: int = 1234
     # Where tokenized shards of raw-text sources are cached, keyed by (source, tokenizer, limits).
@@ -83,6 +88,17 @@ class DataConfig:
     # Document masking: MLA attends only within a document and KDA restarts its state at every document start
     # (boundaries from the tokens: a document ends at its EOS), so each document trains as if alone. docs/data.md.
     document_masking: bool = False
+
+
+DEFAULT_VAL_FRACTION = 0.01
+
+
+def held_out_fraction(cfg: DataConfig) -> float:
+    """The share of documents of ``sources`` held out for validation: ``val_fraction``, or when it is null
+    0.01 (0 with ``val_sources``, which replace the held-out slice)."""
+    if cfg.val_fraction is not None:
+        return float(cfg.val_fraction)
+    return 0.0 if cfg.val_sources else DEFAULT_VAL_FRACTION
 
 
 def _is_int(v: Any) -> bool:
@@ -155,8 +171,28 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data") -> DataConfig:
     if not _is_int(cfg.seq_len) or cfg.seq_len <= 0:
         raise ConfigError(f"{p}.seq_len", f"must be a positive integer, got {cfg.seq_len!r}")
     vf = cfg.val_fraction
-    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
-        raise ConfigError(f"{p}.val_fraction", f"must be in [0, 1), got {vf!r}")
+    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0):
+        raise ConfigError(f"{p}.val_fraction", f"must be in [0, 1) or null, got {vf!r}")
+    val_sources = list(cfg.val_sources) if cfg.val_sources is not None else []
+    checked_val = [validate_source(s, f"{p}.val_sources[{i}]") for i, s in enumerate(val_sources)]
+    names = set()
+    for i, s in enumerate(checked_val):
+        if s.weight != 1.0:
+            raise ConfigError(
+                f"{p}.val_sources[{i}].weight",
+                f"validation sources are not blended (each is evaluated and logged on its own); remove weight={s.weight!r}",
+            )
+        if s.name is not None and s.name in names:
+            raise ConfigError(f"{p}.val_sources[{i}].name", f"{s.name!r} is already the name of another val source")
+        names.add(s.name)
+    if isinstance(cfg, DataConfig):
+        cfg.val_sources = checked_val
+    if checked_val and vf:
+        raise ConfigError(
+            f"{p}.val_fraction",
+            f"is {vf!r}, but validation reads data.val_sources instead of a held-out slice of data.sources; "
+            "set it to null or 0 (the training sources then keep every document)",
+        )
     if not _is_int(cfg.seed) or cfg.seed < 0:
         raise ConfigError(f"{p}.seed", f"must be an integer >= 0, got {cfg.seed!r}")
     if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir:

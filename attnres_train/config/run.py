@@ -25,9 +25,10 @@ class TrainerConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 8
     log_every: int = 10
-    # Validation every k steps (0 = off) on ``val_batches`` held-out batches.
+    # Validation every k steps (0 = off) on ``val_batches`` held-out batches: in all, or of each of
+    # data.val_sources when set (null = every held-out sample). docs/data.md, "Validation".
     val_every: int = 100
-    val_batches: int = 4
+    val_batches: Optional[int] = 4
     # A generated text sample in the logs every k steps (0 = off).
     sample_every: int = 100
     sample_prompt: str = "def "
@@ -90,10 +91,12 @@ def _nonneg(v, path):
 
 def validate_trainer_config(cfg: TrainerConfig, dp_world_size: int = 1) -> int:
     """Validate and return the gradient-accumulation factor."""
-    for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "val_batches"):
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
         _pos(getattr(cfg, name), f"trainer.{name}")
     if cfg.stop_at is not None:
         _pos(cfg.stop_at, "trainer.stop_at")
+    if cfg.val_batches is not None:
+        _pos(cfg.val_batches, "trainer.val_batches")
     for name in ("val_every", "sample_every", "sample_tokens", "depth_stats_every", "max_consecutive_skips"):
         _nonneg(getattr(cfg, name), f"trainer.{name}")
     per_step = cfg.micro_batch_size * dp_world_size

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attnres_train.config.data import DataConfig, as_data_config, validate_data_config
+from attnres_train.config.data import DataConfig, as_data_config, held_out_fraction, validate_data_config
 from attnres_train.config.errors import ConfigError, UserInputError
 
 from .megatron import MegatronStore
@@ -237,10 +237,14 @@ def open_source(
 
 
 class ValidationSet:
-    """Held-out documents of every source, cut into samples; iterated in a fixed order (no shuffle)."""
+    """Held-out documents of every source, cut into samples; iterated in a fixed order (no shuffle).
 
-    def __init__(self, streams: List[PackedStream], names: List[str], seq_len: int):
+    ``separate``: the streams are ``data.val_sources`` (each evaluated and logged on its own), not the held-out
+    slice of the training sources (evaluated as one pool)."""
+
+    def __init__(self, streams: List[PackedStream], names: List[str], seq_len: int, separate: bool = False):
         self.streams, self.names, self.seq_len = streams, list(names), int(seq_len)
+        self.separate = bool(separate)
         self.sizes = np.array([s.num_samples(seq_len) for s in streams], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
 
@@ -413,7 +417,45 @@ class DataBundle:
                 f"  {s.kind:8s} {s.name}: weight {s.weight:g}, {s.train.num_tokens:,} train tokens "
                 f"({n:,} samples), {s.val.num_tokens:,} val tokens"
             )
+        if self.val.separate:
+            for name, st, n in zip(self.val.names, self.val.streams, self.val.sizes):
+                lines.append(f"  val      {name}: {st.num_tokens:,} tokens ({n:,} samples)")
         return "\n".join(lines)
+
+
+def val_source_name(src) -> str:
+    """A val source's name in logs and metric keys (``val/<name>/loss``): its ``name``, else the last part of
+    its path or hub name (``valid.jsonl``, ``wikitext``)."""
+    if src.name:
+        return src.name
+    where = (src.hf_name or src.path).rstrip("/")
+    return os.path.basename(where) or where
+
+
+def open_val_sources(
+    cfg: DataConfig, tokenizer: Tokenizer, *, progress: bool = True, model_vocab_size: Optional[int] = None
+) -> ValidationSet:
+    """``data.val_sources``: every document of each source in its file order, back to back, one stream per
+    source (opened and cached like a training source; no split, no shuffle). docs/data.md, "Validation"."""
+    streams: List[PackedStream] = []
+    names: List[str] = []
+    for i, src in enumerate(cfg.val_sources):
+        where = f"data.val_sources[{i}]"
+        store, _, _ = open_source(src, where, cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size)
+        name = val_source_name(src)
+        if name in names:
+            if src.name:
+                raise ConfigError(f"{where}.name", f"{name!r} is already the name of another val source")
+            name = f"{name}#{i}"
+        stream = PackedStream(store, None)
+        if stream.num_samples(cfg.seq_len) == 0:
+            raise UserInputError(
+                f"{where}: {name!r} holds {stream.num_tokens} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1} "
+                "(one validation sample); add text to it or lower data.seq_len"
+            )
+        streams.append(stream)
+        names.append(name)
+    return ValidationSet(streams, names, cfg.seq_len, separate=True)
 
 
 def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: bool = True) -> DataBundle:
@@ -427,6 +469,7 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
             f"{tokenizer.name!r} ({tokenizer.vocab_size})",
         )
     sources: List[SourceData] = []
+    val_fraction = held_out_fraction(cfg)
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}]"
         store, kind, cache_path = open_source(
@@ -438,7 +481,7 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
                 raise ConfigError(f"{where}.name", f"{src.name!r} is already the name of another source")
             name = f"{name}#{i}"
         salt = stable_salt(src.name) if src.name else content_salt(store)  # never the path (issue 14)
-        train_s, val_s = split_streams(store, cfg.val_fraction, cfg.seed, salt, min_val_tokens=cfg.seq_len + 1)
+        train_s, val_s = split_streams(store, val_fraction, cfg.seed, salt, min_val_tokens=cfg.seq_len + 1)
         sources.append(SourceData(name, kind, float(src.weight), store, train_s, val_s, cache_path, salt))
     names = [s.name for s in sources]
     train = BlendedDataset(
@@ -449,16 +492,19 @@ def build_datasets(cfg, *, model_vocab_size: Optional[int] = None, progress: boo
         names,
         salts=[s.salt for s in sources],
     )
+    if cfg.val_sources:
+        val = open_val_sources(cfg, tokenizer, progress=progress, model_vocab_size=model_vocab_size)
+        return DataBundle(cfg, tokenizer, sources, train, val)
     val = ValidationSet([s.val for s in sources], names, cfg.seq_len)
-    if cfg.val_fraction > 0 and val.num_samples == 0:
+    if val_fraction > 0 and val.num_samples == 0:
         if all(s.store.num_docs < 2 for s in sources):  # the split is per document: nothing can be held out
             raise UserInputError(
-                f"data.val_fraction={cfg.val_fraction}: validation holds out whole documents, and every source has "
+                f"data.val_fraction={val_fraction}: validation holds out whole documents, and every source has "
                 f"a single document (e.g. one file with text_unit: file); split the text into several documents "
                 f"(text_unit: paragraph, or several files) or set data.val_fraction=0"
             )
         raise UserInputError(
-            f"data.val_fraction={cfg.val_fraction}: the held-out documents hold fewer than seq_len + 1 = "
+            f"data.val_fraction={val_fraction}: the held-out documents hold fewer than seq_len + 1 = "
             f"{cfg.seq_len + 1} tokens in every source; raise data.val_fraction or set it to 0"
         )
     return DataBundle(cfg, tokenizer, sources, train, val)

@@ -37,6 +37,7 @@ from .metrics import MetricsLogger, describe_peak, process_start_time, resolve_p
 from .run_dir import check_run_dir
 from .threads import apply_num_threads
 from .train_module import build_train_module, document_masking_eos
+from .validation import validation_metrics
 
 # Config sections that must not change when resuming (the checkpoint's tensors depend on them).
 RESUME_LOCKED = ("model",)
@@ -319,10 +320,14 @@ class Trainer:
     def validate(self) -> dict:
         tc = self.cfg.trainer
         local = max(1, tc.global_batch_size // self.ctx.dp_size)
-        batches = self.data.val.batches(
-            min(local, tc.micro_batch_size), self.ctx.dp_rank, self.ctx.dp_size, max_batches=tc.val_batches
+        val = validation_metrics(
+            self.module,
+            self.data.val,
+            min(local, tc.micro_batch_size),
+            self.ctx.dp_rank,
+            self.ctx.dp_size,
+            tc.val_batches,
         )
-        val = self.module.eval_loss(batches)
         if val:
             self.logger.log("val", self.step, **val)
             for cb in self.callbacks:
