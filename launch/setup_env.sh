@@ -51,4 +51,8 @@ grep -v '^#' launch/transformers-tested.txt | while read -r v; do
   alt="$VENV/transformers-alt/$v"
   [ -f "$alt/transformers/__init__.py" ] || "$VENV/bin/pip" install -q --no-deps --target "$alt" "transformers==$v"
 done
+# The tensorboard extra is not installed (grpcio, tensorboard-data-server); its event-file writer and reader are
+# pure Python, so tests/train/test_tensorboard.py runs the sink with these two wheels put on its child's path.
+tb="$VENV/tensorboard-alt"
+[ -f "$tb/tensorboard/__init__.py" ] || "$VENV/bin/pip" install -q --no-deps --target "$tb" tensorboard==2.21.0 absl-py==2.5.1
 "$VENV/bin/python" -c "import torch, transformers, attnres_train; print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -7,6 +7,7 @@ naming the field (``trainer.global_batch_size``...), before any data is read or 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -60,6 +61,10 @@ class TrainerConfig:
     # A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer step, no router-bias update);
     # more than this many skipped steps in a row stop the run without saving (0 = stop at the first).
     max_consecutive_skips: int = 3
+    # Start even when the per-rank memory estimate exceeds the rank's total memory (GPU memory, or host RAM
+    # shared by the node's ranks), which is otherwise refused before anything is written (docs/training.md,
+    # "Memory check").
+    skip_memory_check: bool = False
 
 
 @dataclass
@@ -77,6 +82,9 @@ class LoggingConfig:
     console: bool = True
     jsonl: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # TensorBoard event files in RUN_DIR/tensorboard/ (the logged metrics as scalars); needs the tensorboard
+    # package: pip install 'attnres-train[tensorboard]'. docs/training.md, "Logging".
+    tensorboard: bool = False
 
 
 def _pos(v, path):
@@ -138,3 +146,9 @@ def _available_cores() -> int:
 def validate_logging_config(cfg: LoggingConfig) -> None:
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise ConfigError("logging.wandb.mode", f"must be online|offline|disabled, got {cfg.wandb.mode!r}")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:  # no silent no-op
+        raise ConfigError(
+            "logging.tensorboard",
+            "needs the tensorboard package, which is not installed: pip install 'attnres-train[tensorboard]' "
+            "(or pip install tensorboard), or set logging.tensorboard=false",
+        )

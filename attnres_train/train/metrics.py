@@ -1,4 +1,5 @@
-"""Metrics: throughput/MFU bookkeeping, AttnRes depth statistics, and the console / train.log / jsonl / W&B sinks.
+"""Metrics: throughput/MFU bookkeeping, AttnRes depth statistics, and the sinks (console, train.log, jsonl, W&B,
+TensorBoard).
 
 MFU needs a peak that does not move with the machine's load: configured, a known-GPU table, or a CPU probe
 measured once per machine and cached (:func:`resolve_peak`; docs/training.md, "Metrics").
@@ -337,23 +338,67 @@ class WandbSink:
         )
 
     def write(self, rec: dict, line: Optional[str]) -> None:
-        kind = rec["kind"]
-        values = {k: v for k, v in rec.items() if k not in ("kind", "step", "time")}
-        flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if kind == "depth":
-            for j, e in enumerate(values.get("depth_entropy", [])):
-                flat[f"depth/entropy_sub{j}"] = e
-        if kind == "sample":
-            flat["sample/text"] = values.get("text", "")
+        flat: Dict[str, object] = dict(scalars(rec))
+        if rec["kind"] == "sample":
+            flat["sample/text"] = rec.get("text", "")
         self._run.log(flat, step=rec["step"])
 
     def close(self) -> None:
         self._run.finish()
 
 
+def scalars(rec: dict) -> Dict[str, float]:
+    """A record's finite numbers as ``kind/name`` (depth entropies as ``depth/entropy_sub<j>``): what W&B and
+    TensorBoard plot."""
+    kind = rec["kind"]
+    values = {k: v for k, v in rec.items() if k not in ("kind", "step", "time")}
+    flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if kind == "depth":
+        for j, e in enumerate(values.get("depth_entropy", [])):
+            flat[f"depth/entropy_sub{j}"] = e
+    return flat
+
+
+class TensorBoardSink:
+    """TensorBoard event files in RUN_DIR/tensorboard/ (``logging.tensorboard``): :func:`scalars` of every record
+    at its step, sample text as text.
+
+    A resumed run purges the steps after its checkpoint from the earlier event files (``purge_step``), so steps
+    that ran before a crash and run again after the resume are shown once. The writer opens at the first value.
+    """
+
+    def __init__(self, run_dir: Path):
+        self._dir = str(run_dir / "tensorboard")
+        self._writer = None
+        self._purge_step: Optional[int] = None
+
+    def write(self, rec: dict, line: Optional[str]) -> None:
+        if rec["kind"] == "event" and rec.get("event") == "resumed" and self._writer is None:
+            self._purge_step = rec["step"] + 1
+        values = scalars(rec)
+        text = rec.get("text") if rec["kind"] == "sample" else None
+        if not values and text is None:
+            return
+        if self._writer is None:
+            # optional dependency (the tensorboard package): checked by the config (logging.tensorboard)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._dir, purge_step=self._purge_step)
+        for tag, v in values.items():
+            self._writer.add_scalar(tag, v, global_step=rec["step"], walltime=rec["time"])
+        if text is not None:
+            self._writer.add_text("sample/text", text, global_step=rec["step"], walltime=rec["time"])
+        self._writer.flush()  # a killed run keeps what it logged
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 class MetricsLogger:
     """Fan-out of records to the sinks (rank 0 only): :class:`TextSink` (console, train.log), :class:`JsonlSink`
-    (``logging.jsonl``) and :class:`WandbSink` (``logging.wandb``).
+    (``logging.jsonl``), :class:`WandbSink` (``logging.wandb``) and :class:`TensorBoardSink`
+    (``logging.tensorboard``).
 
     ``total_steps``: the N of ``step k/N`` (the trainer sets it to the step the run stops at).
     """
@@ -374,6 +419,8 @@ class MetricsLogger:
             wb = WandbSink(run_dir, logging_cfg.wandb, config_dict)
             self.wandb_run_id = wb.run_id
             self.sinks.append(wb)
+        if logging_cfg.tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir))
 
     def info(self, message: str) -> None:
         """A trainer message (header, resume, stop): console and train.log, whatever ``logging.console`` says."""
