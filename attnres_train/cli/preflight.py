@@ -3,8 +3,9 @@
 Why: Hydra creates ``run_dir`` before the task runs and reports its own failures in several lines with exit
 code 1, while the CLI promises one ``error:`` line, exit code 2 and nothing written. :class:`PreflightCallback`
 (``hydra.callbacks`` in configs/config.yaml) validates the config and ``run_dir`` after composition, before
-``run_dir`` exists and before torch is imported; :func:`hydra_error_message` turns Hydra's / OmegaConf's
-exceptions into one line. docs/training.md, "Bad input", lists the messages.
+``run_dir`` exists and before torch is imported, then checks that the run fits in memory (:func:`check_fits`);
+:func:`hydra_error_message` turns Hydra's / OmegaConf's exceptions into one line. docs/training.md, "Bad input",
+lists the messages.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Optional
 
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
@@ -68,9 +70,26 @@ def preflight(config, run_dir) -> None:
         job = OmegaConf.create(OmegaConf.to_container(job, resolve=True))
     except InterpolationResolutionError:  # e.g. ${hydra:runtime.output_dir}: only set once the job starts
         job = None
+    cfg = None
     if job is not None:  # (otherwise the task validates it, as before)
-        validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
-    check_run_dir(run_dir)
+        cfg = validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if cfg is not None:
+        check_fits(cfg)
+    check_run_dir(run_dir)  # (last: it creates run_dir when that is missing)
+
+
+def check_fits(cfg) -> None:
+    """The run's per-rank memory estimate fits this rank (parallel/memory_fit.py), or a ConfigError naming the
+    size fields; above 90 % of the rank's memory one warning line (rank 0)."""
+    if cfg.trainer.skip_memory_check:
+        return
+    # torch loads here, once every other check passed (those answer without it); the run imports it next anyway
+    from ..parallel.memory_fit import check_memory_fit, local_ranks
+
+    world, local_rank, local_world = local_ranks()
+    warning = check_memory_fit(cfg, world, local_rank, local_world)
+    if warning and os.environ.get("RANK", "0") in ("", "0"):
+        print(warning, file=sys.stderr, flush=True)
 
 
 def hydra_error_message(exc: BaseException) -> Optional[str]:
