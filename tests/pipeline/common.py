@@ -18,7 +18,9 @@ from tests.pipeline.controls import DropDepositsRuntime
 VOCAB, HIDDEN, BATCH, SEQ = 64, 16, 2, 8
 
 
-def small_cfg(mode="block", num_layers=8, block_size=None, num_blocks=None, tie=False, aux=0.01):
+def small_cfg(
+    mode="block", num_layers=8, block_size=None, num_blocks=None, tie=False, aux=0.01, partition="decoder_layer"
+):
     """Tiny widths, many layers: mostly MLA (cheap on CPU), some KDA, MoE after layer 0 with the seq aux loss."""
     cfg = tiny_cfg(
         mode,
@@ -35,6 +37,7 @@ def small_cfg(mode="block", num_layers=8, block_size=None, num_blocks=None, tie=
     cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.intermediate_size = 4, 2, 8
     cfg.moe.dense_intermediate_size, cfg.moe.first_k_dense = 16, 1
     cfg.moe.seq_aux_loss_coef = aux
+    cfg.residual.partition = partition  # model.residual.partition: sublayer blocks may open at an FFN
     return cfg
 
 
@@ -94,6 +97,7 @@ class Case:
     L: int = 8
     block_size: Optional[int] = None
     num_blocks: Optional[int] = None
+    partition: str = "decoder_layer"
     schedule: str = "interleaved_1f1b"
     cache: bool = True
     dtype: torch.dtype = torch.float64
@@ -107,7 +111,7 @@ class Case:
     extra: dict = field(default_factory=dict)
 
     def cfg(self):
-        return small_cfg(self.mode, self.L, self.block_size, self.num_blocks, tie=self.tie)
+        return small_cfg(self.mode, self.L, self.block_size, self.num_blocks, tie=self.tie, partition=self.partition)
 
     def layout(self):
         return PipelineLayout.from_model_config(
@@ -120,7 +124,7 @@ class Case:
         )
 
     def ref_key(self):
-        return (self.mode, self.L, self.block_size, self.num_blocks, self.tie, self.dtype, self.M)
+        return (self.mode, self.L, self.block_size, self.num_blocks, self.partition, self.tie, self.dtype, self.M)
 
 
 def run_case(case: Case, rank: int, group=None) -> dict:

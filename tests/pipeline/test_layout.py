@@ -175,6 +175,9 @@ def test_materialize_only_this_ranks_stages_from_meta():
         Case("p1-v3-straddle-naive", 1, 3, 3, L=6, block_size=4, cache=False),
         Case("p1-v2-iw", 1, 2, 2, L=4, block_size=1, split_iw=True),
         Case("p1-v2-full-tied", 1, 2, 2, L=4, mode="full", tie=True),
+        # sublayer partition, blocks [0-2] [3-5] [6-9] of the 10 sublayers: block 2 opens at L1's FFN inside
+        # stage 1 (sublayers 2-5), block 1 straddles the first stage boundary, block 3 opens at the second
+        Case("p1-v3-sublayer", 1, 3, 2, L=5, num_blocks=3, partition="sublayer", layers=[1, 2, 2]),
     ],
     ids=lambda c: c.name,
 )

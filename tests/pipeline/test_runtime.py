@@ -125,6 +125,11 @@ P2_CASES = [
     Case("p2-v2-fp32", 2, 2, 4, L=8, block_size=2, dtype=torch.float32),
     Case("p2-v2-tied-gpipe", 2, 2, 2, L=4, block_size=1, tie=True, schedule="gpipe"),
     Case("p2-v2-iw-split", 2, 2, 2, L=4, block_size=3, split_iw=True, w_delay=1),
+    # the paper's sublayer partition, 6 layers, N=4: blocks of 3 sublayers [0-2] [3-5] [6-8] [9-11], so blocks
+    # 2 and 4 open at an FFN (L1, L4). Stages [1,1,2,2]: block 2, opened mid-layer, straddles the hop after
+    # layer 1 and blocks 1, 3 straddle the others; stages [3,3] (1F1B): the hop sits on block 3's start.
+    Case("p2-v2-sublayer-straddle", 2, 2, 2, L=6, num_blocks=4, partition="sublayer", layers=[1, 1, 2, 2]),
+    Case("p2-v1-sublayer-at-boundary", 2, 1, 2, L=6, num_blocks=4, partition="sublayer"),
     # negative control (checked separately): forget the deposits of cached blocks
     Case("p2-v2-drop-deposits", 2, 2, 2, L=8, block_size=2, drop_deposits=True),
 ]

@@ -136,9 +136,13 @@ def _rank(stage: int, P: int, placement: str) -> int:
 
 
 def _block_of_sublayer(mode: str, block_size: int, L: int):
-    """Block id (1-based; 0 = embedding) of each of the 2L sublayers."""
+    """Block id (1-based; 0 = embedding) of each of the 2L sublayers. ``mode="sublayer"``: the paper's rule with
+    ``block_size`` read as N blocks (2L // N sublayers each, the last taking the remainder; may open at an FFN)."""
     if mode == "full":
         return [1 + j for j in range(2 * L)]
+    if mode == "sublayer":
+        size = (2 * L) // block_size
+        return [1 + min(j // size, block_size - 1) for j in range(2 * L)]
     return [1 + (j // 2) // block_size for j in range(2 * L)]
 
 
@@ -175,6 +179,9 @@ CASES = [
     (8, "block", 2, [1, 3, 2, 2]),
     (16, "block", 3, [3, 1, 2, 2, 1, 3, 2, 2]),
     (8, "full", 1, [3, 1, 1, 3]),
+    (8, "sublayer", 3, None),  # blocks of 5, 5, 6 sublayers: two open at an FFN
+    (12, "sublayer", 8, None),  # the issue's example: S = 3
+    (10, "sublayer", 4, [3, 1, 2, 1, 1, 1, 0, 1]),  # blocks of 5: every other one opens at an FFN
 ]
 
 
@@ -187,7 +194,11 @@ def test_hop_volumes_are_the_brute_force_minimum(P, L, mode, bs, split, placemen
         split = [L // (P * V)] * (P * V) if L % (P * V) == 0 else None
         if split is None:
             pytest.skip("partition not for this P")
-    cfg = tiny_cfg(mode, None, bs if mode == "block" else None, num_layers=L)
+    if mode == "sublayer":
+        cfg = tiny_cfg("block", bs, None, num_layers=L)
+        cfg.residual.partition = "sublayer"
+    else:
+        cfg = tiny_cfg(mode, None, bs if mode == "block" else None, num_layers=L)
     lay = PipelineLayout.from_model_config(cfg, P, V, layers_per_stage=split, placement=placement)
     naive = lay.with_cache(False)
     split = list(lay.layers_per_stage)
