@@ -36,6 +36,7 @@ REMOTE_FIELDS = (
     "attnres_mode",
     "attnres_num_blocks",
     "attnres_block_size",
+    "attnres_partition",
     "kda_chunk_size",
     "moe_bias_in_weights",
     "auto_map",
@@ -63,6 +64,7 @@ def remote_config_dict(model_cfg: ModelConfig, dtype: Optional[torch.dtype] = No
         attnres_mode=r.mode,
         attnres_num_blocks=r.num_blocks if r.mode == "block" else None,
         attnres_block_size=r.block_size if r.mode == "block" else None,
+        attnres_partition=r.partition if r.mode == "block" else None,
         kda_chunk_size=cfg.kda.chunk_size,
         moe_bias_in_weights=cfg.moe.bias_in_weights,
     )
@@ -82,6 +84,7 @@ def config_from_remote(raw: Mapping[str, Any], name: str = "hf") -> ModelConfig:
     base = config_from_hf(native, name=name)
     mode = raw.get("attnres_mode", "block")
     residual = {"mode": mode, "num_blocks": raw.get("attnres_num_blocks"), "block_size": raw.get("attnres_block_size")}
+    residual["partition"] = raw.get("attnres_partition") or "decoder_layer"  # absent: exports before the field
     try:
         return apply_overrides(
             base,

@@ -9,6 +9,8 @@ MODES = {
     "block2": {"mode": "block", "num_blocks": 2},
     "block_size3": {"mode": "block", "block_size": 3},  # 4 layers: blocks of 3 + 1
     "full": {"mode": "full"},
+    # the paper's sublayer rule, 4 layers, N=5: blocks of 1 sublayer, the last of 4; blocks open at L0's, L1's MLP
+    "block5_sublayer": {"mode": "block", "num_blocks": 5, "partition": "sublayer"},
 }
 
 

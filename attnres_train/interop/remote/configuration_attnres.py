@@ -7,6 +7,9 @@ transformers). The fields are the released Kimi-Linear config.json names (``line
 * ``attnres_mode``: ``"prenorm"`` (plain residual), ``"full"`` (a source per sublayer) or ``"block"``;
 * ``attnres_num_blocks`` / ``attnres_block_size``: block mode, exactly one of them (decoder layers per block
   for ``block_size``; ``num_layers // num_blocks`` layers per block, the last one taking the rest, otherwise);
+* ``attnres_partition``: how ``attnres_num_blocks`` cuts the 2 x num_layers sublayers: ``"decoder_layer"``
+  (the rule above; also when absent) or ``"sublayer"`` (the paper's: ``2 * num_layers // num_blocks`` sublayers
+  per block, the last one taking the rest, so a block may open at a layer's MLP);
 * ``kda_chunk_size``: chunk length of the pure-torch chunked KDA core used for prompts;
 * ``moe_bias_in_weights``: whether the router's correction bias also enters the expert weights.
 """
@@ -45,6 +48,7 @@ class KimiLinearAttnResConfig(PretrainedConfig):
         attnres_mode="block",
         attnres_num_blocks=None,
         attnres_block_size=None,
+        attnres_partition=None,
         kda_chunk_size=64,
         use_cache=True,
         **kwargs,
@@ -84,12 +88,17 @@ class KimiLinearAttnResConfig(PretrainedConfig):
         self.attnres_mode = attnres_mode
         self.attnres_num_blocks = attnres_num_blocks
         self.attnres_block_size = attnres_block_size
+        self.attnres_partition = attnres_partition
         self.kda_chunk_size = kda_chunk_size
         self.use_cache = use_cache
         if attnres_mode not in ("prenorm", "full", "block"):
             raise ValueError(f"attnres_mode must be prenorm|full|block, got {attnres_mode!r}")
         if attnres_mode == "block" and (attnres_num_blocks is None) == (attnres_block_size is None):
             raise ValueError("attnres_mode='block' needs exactly one of attnres_num_blocks / attnres_block_size")
+        if attnres_partition not in (None, "decoder_layer", "sublayer"):
+            raise ValueError(f"attnres_partition must be decoder_layer|sublayer, got {attnres_partition!r}")
+        if attnres_partition == "sublayer" and attnres_num_blocks is None:
+            raise ValueError("attnres_partition='sublayer' needs attnres_num_blocks")
         if len(self.layer_types) != n or len(self.mlp_layer_types) != n:
             raise ValueError(f"layer_types and mlp_layer_types must have num_hidden_layers={n} entries")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -103,5 +112,7 @@ class KimiLinearAttnResConfig(PretrainedConfig):
             return list(range(2 * n))
         if self.attnres_block_size is not None:
             return [2 * i for i in range(0, n, self.attnres_block_size)]
+        if self.attnres_partition == "sublayer":
+            return [(2 * n // self.attnres_num_blocks) * b for b in range(self.attnres_num_blocks)]
         size = n // self.attnres_num_blocks
         return [2 * size * b for b in range(self.attnres_num_blocks)]
