@@ -158,18 +158,22 @@ def no_grad_sync(model: nn.Module) -> Iterator[None]:
         with model.no_sync():
             yield
         return
-    # FSDP2's public switches act on whole units; a layer unit can hold both a sharded group and a
-    # replicated one (EP experts on their own mesh), so set the two flags per parameter group.
-    groups = _param_groups(model)
-    for g in groups:
-        g.reduce_grads = _is_sharded(g)
-        g.all_reduce_grads = False
+    set_grad_sync(model, False)
     try:
         yield
     finally:
-        for g in groups:
-            g.reduce_grads = True
-            g.all_reduce_grads = True
+        set_grad_sync(model, True)
+
+
+def set_grad_sync(module: nn.Module, enabled: bool) -> None:
+    """Every FSDP2 parameter group under ``module``: all gradient reductions (``enabled``), or the accumulation
+    policy of :func:`no_grad_sync` (sharded groups still reduce-scatter, the HSDP replica all-reduce and
+    replicated groups wait). The pipeline sets it per stage."""
+    # FSDP2's public switches act on whole units; a layer unit can hold both a sharded group and a
+    # replicated one (EP experts on their own mesh), so set the two flags per parameter group.
+    for g in _param_groups(module):
+        g.reduce_grads = enabled or _is_sharded(g)
+        g.all_reduce_grads = enabled
 
 
 def grad_sync(model: nn.Module, enabled: bool):

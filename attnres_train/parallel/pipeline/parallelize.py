@@ -11,15 +11,15 @@ model records ``parallel_plan`` (``pipeline_parallel`` first). Construction step
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ...config.pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
 from ...model.moe import moe_layers
+from ..data_parallel import set_grad_sync
 from ..init import materialize_and_init
 from ..parallelize import ParallelPlan, parallelize_model, record_plan
 from .layout import PipelineLayout
@@ -78,7 +78,6 @@ class PipelinedModel:
     ):
         self.model, self.layout, self.stages, self.runtime, self.pp_rank = model, layout, stages, runtime, pp_rank
         self.chunks = PipelineChunks(stages)
-        self._units: Dict[int, list] = {st.stage: _fsdp_units(st) for st in stages}
         runtime.before_last_backward = self._enable_grad_sync
 
     @property
@@ -93,26 +92,23 @@ class PipelinedModel:
         )
 
     def _set_grad_sync(self, stages, enabled: bool) -> None:
+        by_stage = {st.stage: st for st in self.stages}
         for s in stages:
-            for u in self._units[s]:
-                u.set_requires_gradient_sync(enabled, recurse=False)
+            set_grad_sync(by_stage[s], enabled)
 
     def _enable_grad_sync(self, stage: int) -> None:
         self._set_grad_sync([stage], True)
 
     def step(self, microbatches, eval_mode: bool = False) -> StepResult:
-        """One pipeline step: gradients accumulate locally; each stage's FSDP reduction runs once, in its last
-        backward (``before_last_backward``)."""
+        """One pipeline step: sharded FSDP groups reduce-scatter every microbatch (gradients stay sharded);
+        the HSDP replica all-reduce and replicated groups wait for each stage's last backward
+        (``before_last_backward``), as ``data_parallel.no_grad_sync``."""
         if not eval_mode:
-            self._set_grad_sync(self._units, False)
+            self._set_grad_sync([st.stage for st in self.stages], False)
         try:
             return self.runtime.step(microbatches, eval_mode=eval_mode)
         finally:
-            self._set_grad_sync(self._units, True)
-
-
-def _fsdp_units(module: nn.Module) -> list:
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+            self._set_grad_sync([st.stage for st in self.stages], True)
 
 
 def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
