@@ -25,9 +25,16 @@ def _loss_and_grads(model, ids):
     return loss.detach(), grads(model)
 
 
-@pytest.mark.parametrize("mode,kw", [("block", {"num_blocks": 2}), ("full", {})], ids=["block2", "full"])
+@pytest.mark.parametrize(
+    "mode,kw",
+    [("block", {"num_blocks": 2}), ("full", {}), ("block", {"num_blocks": 3, "partition": "sublayer"})],
+    ids=["block2", "full", "block3-sublayer"],  # sublayer: blocks of 1 sublayer, the 2nd opens at L0's FFN
+)
 def test_triton_impl_matches_torch_loss_and_grads(kops, monkeypatch, mode, kw):
+    kw = dict(kw)
+    partition = kw.pop("partition", "decoder_layer")
     cfg = tiny_cfg(mode, num_layers=2, **kw)
+    cfg.residual.partition = partition
     cfg.residual.impl = "torch"
     torch.manual_seed(0)
     ref = build_model(copy.deepcopy(cfg)).to(DEVICE)
