@@ -133,6 +133,12 @@ def run(args) -> str:
     staging = _staging(args.out)
     try:
         units = pp.plan_units(resolved, args.max_docs, args.max_bytes)
+        for path, size in pp.unshared_gzip(resolved) if args.workers > 1 else []:
+            print(
+                f"warning: {path} ({size / 1e6:.0f} MB) is read by one worker: a gzip file cannot be cut into "
+                "byte ranges; decompress it, or split it into several files, to share it among --workers",
+                file=sys.stderr,
+            )
         settings = {
             "tokenizer": args.tokenizer or "byte",
             "train_bpe": args.train_bpe,

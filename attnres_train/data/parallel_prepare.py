@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from attnres_train.config.errors import UserInputError
 
+from . import sources
 from .packing import tokenize_to_shards
 from .shards import ShardSet, write_json_atomic, write_set_index
 from .sources import ResolvedSource, effective_limits, file_documents, iter_documents, splittable
@@ -55,7 +56,11 @@ def _prefix(rs: ResolvedSource, pieces: List[list], max_docs, max_bytes) -> Tupl
 
 
 def _pieces(rs: ResolvedSource, sizes: Dict[str, int], target: int) -> List[list]:
-    """The files of ``rs``, big splittable ones cut into byte ranges of ``target`` bytes."""
+    """The files of ``rs``, big splittable ones cut into byte ranges of ``target`` bytes (a multiple of the
+    piece size for ``text_unit: file``, so no range is without a document)."""
+    if rs.kind == "text" and rs.cfg.text_unit == "file":
+        piece = sources.FILE_PIECE_BYTES
+        target = max(piece, target - target % piece)
     out = []
     for f in rs.files:
         if sizes[f] > target and splittable(rs, f):
@@ -66,10 +71,31 @@ def _pieces(rs: ResolvedSource, sizes: Dict[str, int], target: int) -> List[list
     return out
 
 
+def _sizes(resolved: List[ResolvedSource]) -> Dict[str, int]:
+    return {f: os.path.getsize(f) for rs in resolved if rs.kind in FILE_KINDS for f in rs.files}
+
+
+def _target(sizes: Dict[str, int]) -> int:
+    return min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, sum(sizes.values()) // TARGET_UNITS))
+
+
+def unshared_gzip(resolved: List[ResolvedSource]) -> List[Tuple[str, int]]:
+    """(path, size) of the gzip files that would have been cut into several units were they not compressed."""
+    sizes = _sizes(resolved)
+    target = _target(sizes)
+    return [
+        (f, sizes[f])
+        for rs in resolved
+        if rs.kind in ("jsonl", "text")
+        for f in rs.files
+        if f.endswith(".gz") and sizes[f] > target
+    ]
+
+
 def plan_units(resolved: List[ResolvedSource], max_docs=None, max_bytes=None) -> List[Unit]:
     """Cut the inputs into units (see module docstring). Raises if a limited input has no documents."""
-    sizes = {f: os.path.getsize(f) for rs in resolved if rs.kind in FILE_KINDS for f in rs.files}
-    target = min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, sum(sizes.values()) // TARGET_UNITS))
+    sizes = _sizes(resolved)
+    target = _target(sizes)
     units: List[Unit] = []
     for i, rs in enumerate(resolved):
         if rs.kind not in FILE_KINDS:

@@ -266,16 +266,41 @@ def _line_before_is_blank(path: str, pos: int) -> bool:
         return not (line.removeprefix("\ufeff") if lo == 0 else line).strip()
 
 
+def _file_pieces(path: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
+    """``text_unit: file``: the file as documents of whole lines, piece ``g`` holding the lines that start in
+    bytes ``[g*P, (g+1)*P)`` (P = FILE_PIECE_BYTES; a file up to P bytes is one document). With a byte
+    range, the pieces whose ``g*P`` lies in ``[start, end)``; memory is one piece, never the whole file."""
+    step = FILE_PIECE_BYTES
+    g = -(-start // step)  # the first piece that starts in the range
+    buf: List[bytes] = []
+    base = g * step
+    for pos, raw in _lines(path, base):
+        if pos >= (g + 1) * step:
+            if buf:
+                yield _decode_piece(path, buf, base)
+            buf, g, base = [], pos // step, pos
+        if end is not None and g * step >= end:
+            return
+        buf.append(raw)
+    if buf:
+        yield _decode_piece(path, buf, base)
+
+
+def _decode_piece(path: str, lines: List[bytes], base: int) -> str:
+    data = b"".join(lines)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, data, e, base=base) from None
+    return text.removeprefix("\ufeff") if base == 0 else text
+
+
 def _text_docs(path: str, unit: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
-    """Documents of a text file; with a byte range (paragraph unit only), the paragraphs whose first line
-    starts in ``[start, end)``: the last one is read past ``end``, one begun before ``start`` is skipped."""
+    """Documents of a text file; with a byte range, those that start in it (``_file_pieces`` for the file
+    unit; for paragraphs, those whose first line starts in ``[start, end)``: the last one is read past
+    ``end``, one begun before ``start`` is skipped)."""
     if unit == "file":
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            yield data.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as e:
-            raise _utf8_error(path, data, e) from None
+        yield from _file_pieces(path, start, end)
         return
     buf: List[str] = []
     skipping = None
@@ -421,8 +446,9 @@ def clean_documents(texts: Iterator[str]) -> Iterator[tuple]:
 
 
 def splittable(rs: ResolvedSource, path: str) -> bool:
-    """Whether :func:`file_documents` can read ``path`` by byte ranges (jsonl, paragraph text; not gzip)."""
-    return not path.endswith(".gz") and (rs.kind == "jsonl" or (rs.kind == "text" and rs.cfg.text_unit == "paragraph"))
+    """Whether :func:`file_documents` can read ``path`` by byte ranges (jsonl, text; not gzip: a range of
+    a gzip file can only be reached by decompressing everything before it)."""
+    return not path.endswith(".gz") and rs.kind in ("jsonl", "text")
 
 
 def file_documents(rs: ResolvedSource, path: str, start: int = 0, end: Optional[int] = None) -> Iterator[tuple]:
@@ -434,7 +460,7 @@ def file_documents(rs: ResolvedSource, path: str, start: int = 0, end: Optional[
         raise ValueError(f"{path}: cannot be read by byte ranges")
     if rs.kind == "jsonl":
         return clean_documents(_jsonl_docs(path, rs.cfg.text_field, rs.where, start, end))
-    return clean_documents(_text_docs(path, "paragraph", start, end))
+    return clean_documents(_text_docs(path, rs.cfg.text_unit, start, end))
 
 
 def iter_documents(
