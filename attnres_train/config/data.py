@@ -31,7 +31,9 @@ class DataSourceConfig:
     ``kind: auto`` infers the reader from the path (see docs/data.md, "Kinds").
     """
 
+    # Local file, dir or glob, Megatron .bin/.idx prefix, attnres-prepare shards, "stdlib" or a hub dataset.
     path: str = "stdlib"
+    # The reader: auto (inferred from the path) | hf | text | jsonl | parquet | arrow | memmap | megatron | stdlib.
     kind: str = "auto"
     # Optional stable name: shown in logs and seeds this source's split and shuffle. Unset, they are seeded
     # by the source's content, so the same corpus gives the same order wherever its files are.
@@ -55,6 +57,7 @@ class DataSourceConfig:
     text_unit: str = "file"
     # Per-source overrides of DataConfig.max_docs / max_bytes (null = use the global value).
     max_docs: Optional[int] = None
+    # Per-source override of DataConfig.max_bytes (null = use the global value).
     max_bytes: Optional[int] = None
 
 
@@ -82,6 +85,7 @@ class DataConfig:
     # Per-source limits on raw documents read (null = no limit). The stdlib source caps itself at
     # STDLIB_DEFAULT_MAX_BYTES when max_bytes is null.
     max_docs: Optional[int] = None
+    # Per-source limit on raw bytes read (null = no limit; the stdlib source then caps itself).
     max_bytes: Optional[int] = None
     # Background threads that assemble upcoming batches (0 = assemble synchronously in next_batch()).
     num_workers: int = 1

@@ -26,8 +26,11 @@ KDA_IMPLS = ("auto", "torch", "fla")  # model.kda.impl (model/kda.py resolves it
 class ResidualConfig:
     """How sublayer inputs are formed: plain PreNorm residual, Full AttnRes, or Block AttnRes."""
 
+    # prenorm (standard residual), full (attention over all earlier sublayer outputs) or block (over blocks).
     mode: str = "prenorm"
+    # Block mode: number of blocks the sublayers are cut into (see partition); set this or block_size.
     num_blocks: Optional[int] = None
+    # Block mode: decoder layers per block (Kimi-K3's setting); set this or num_blocks.
     block_size: Optional[int] = None
     # How num_blocks=N cuts the 2*num_layers sublayers into blocks (docs/model.md "Block partition"):
     # "decoder_layer" (blocks of num_layers // N whole decoder layers, the last taking the remainder; also the
@@ -50,10 +53,13 @@ class ResidualConfig:
 class KDAConfig:
     """Kimi Delta Attention token mixer (linear attention with a per-channel forget gate)."""
 
+    # KDA heads per layer.
     num_heads: int = 2
     # null: hidden_size // num_heads (must divide exactly); Kimi Linear uses an explicit 128.
     head_dim: Optional[int] = 32
+    # Kernel width of the short causal depthwise convolutions on q, k and v.
     conv_size: int = 4
+    # Tokens per chunk of the chunked KDA recurrence (fla supports 32 and 64 only).
     chunk_size: int = 16
     # "auto": flash-linear-attention's chunk_kda on CUDA when installed, pure torch otherwise.
     impl: str = "auto"
@@ -63,11 +69,17 @@ class KDAConfig:
 class MLAConfig:
     """Multi-head latent attention with NoPE (the "rope" dims exist but are never rotated)."""
 
+    # MLA heads per layer.
     num_heads: int = 2
+    # Rank of a low-rank q projection; only null (full-rank q, as in Kimi Linear) is supported.
     q_lora_rank: Optional[int] = None
+    # Width of the compressed key/value latent each token stores.
     kv_lora_rank: int = 64
+    # Per-head query/key dims without position information.
     qk_nope_head_dim: int = 32
+    # Per-head query/key dims kept separate from the latent, as DeepSeek's RoPE dims (never rotated here).
     qk_rope_head_dim: int = 16
+    # Per-head value dims.
     v_head_dim: int = 32
 
 
@@ -75,14 +87,21 @@ class MLAConfig:
 class MoEConfig:
     """DeepSeek-V3 style sigmoid-routed MoE with shared experts and aux-loss-free bias balancing."""
 
+    # Routed experts per MoE layer.
     num_experts: int = 8
+    # Routed experts each token is sent to.
     top_k: int = 2
+    # Hidden width of each routed and each shared expert's SwiGLU.
     intermediate_size: int = 64
+    # Experts every token goes through besides the routed ones (0 = none).
     num_shared_experts: int = 1
     # The first ``first_k_dense`` decoder layers use a dense SwiGLU FFN of ``dense_intermediate_size``.
     first_k_dense: int = 1
+    # Hidden width of the dense SwiGLU FFN of the first ``first_k_dense`` layers.
     dense_intermediate_size: int = 512
+    # Multiplier on the routed experts' combine weights (DeepSeek-V3's routed_scaling_factor).
     routed_scaling_factor: float = 2.446
+    # Normalise each token's top_k routing weights to sum to 1 (before the scaling factor).
     renormalize: bool = True
     # False (default): weights from the unbiased sigmoid scores (DeepSeek-V3, vLLM, transformers native).
     # True: reproduce Moonshot's remote-code quirk where the correction bias leaks into the weights.
@@ -99,13 +118,21 @@ class MoEConfig:
 class ModelConfig:
     """The whole model. Defaults are the ``tiny`` test model."""
 
+    # A label for logs, plans and exported model cards (the preset's name); no effect on the model.
     name: str = "tiny"
+    # Rows of the embedding and the LM head; at least the tokenizer's vocabulary.
     vocab_size: int = 1024
+    # Width of the residual stream (d).
     hidden_size: int = 128
+    # Decoder layers (each a token mixer + an FFN or MoE).
     num_layers: int = 4
+    # 0-based decoder layers whose token mixer is MLA; every other layer uses KDA.
     mla_layers: List[int] = field(default_factory=lambda: [3])
+    # Epsilon of every RMSNorm.
     rms_norm_eps: float = 1.0e-5
+    # Share the embedding matrix with the LM head.
     tie_word_embeddings: bool = False
+    # Standard deviation of the normal initialisation of linear, embedding and expert weights (model/init.py).
     init_std: float = 0.02
     # Training loss: fused LM head + cross entropy over chunks of this many tokens (never the whole
     # [tokens, vocab] logits; docs/performance.md); 0 = unfused (F.linear then F.cross_entropy, logits returned).

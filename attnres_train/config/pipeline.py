@@ -33,6 +33,7 @@ class PipelineConfig:
     # Cost of the embedding (stage 0) and of the output aggregation + head + loss (last stage), in decoder
     # layers, charged by the automatic split. 0 keeps an even split even.
     embed_cost: float = 0.0
+    # Cost of the output aggregation + head + loss (last stage), in decoder layers, for the automatic split.
     head_cost: float = 0.0
     # Cross-stage block cache: each hop carries only the blocks the receiving rank does not hold yet
     # (false: every hop resends all accumulated blocks; for comparison).
@@ -40,6 +41,7 @@ class PipelineConfig:
     # Zero-bubble hook: backward as I (input grads) + W (weight grads); W runs w_delay compute slots later
     # (null: at the end of the step). A correctness reference, not a faster schedule yet.
     split_backward: bool = False
+    # With split_backward: W runs this many compute slots after its I (null: at the end of the step).
     w_delay: Optional[int] = None
     # dtype of the packed stage-to-stage messages; null = the parameters' dtype.
     comm_dtype: Optional[str] = None

@@ -17,6 +17,9 @@ from .errors import ConfigError
 
 @dataclass
 class TrainerConfig:
+    """The training loop: run length, batch geometry, cadence of logs / validation / samples, device, precision."""
+
+    # Optimizer steps of the whole run; the LR schedule is laid out over them.
     max_steps: int = 300
     # Stop (with a checkpoint) once this step is reached, without changing the LR schedule, which is
     # always laid out over max_steps (null = run to max_steps). Useful for staged jobs and resume tests.
@@ -24,15 +27,20 @@ class TrainerConfig:
     # Sequences per optimizer step over all data-parallel ranks; must equal
     # micro_batch_size * grad_accum * dp_world_size for an integer grad_accum >= 1.
     global_batch_size: int = 8
+    # Sequences per forward/backward on each data-parallel rank (gradient accumulation makes up the rest).
     micro_batch_size: int = 8
+    # The metrics record (console, train.log, metrics.jsonl and the other sinks) every k steps.
     log_every: int = 10
     # Validation every k steps (0 = off) on ``val_batches`` held-out batches: in all, or of each of
     # data.val_sources when set (null = every held-out sample). docs/data.md, "Validation".
     val_every: int = 100
+    # Held-out batches per validation, in all or per data.val_sources entry (null = every held-out sample).
     val_batches: Optional[int] = 4
     # A generated text sample in the logs every k steps (0 = off).
     sample_every: int = 100
+    # The text each logged sample continues.
     sample_prompt: str = "def "
+    # Tokens generated per logged sample.
     sample_tokens: int = 48
     # 0 = greedy (tiny models often repeat one token), > 0 = temperature sampling.
     sample_temperature: float = 0.7
@@ -40,8 +48,11 @@ class TrainerConfig:
     depth_stats_every: int = 50
     # auto: bf16 autocast where the device supports it well (CUDA with bf16), fp32 otherwise.
     precision: str = "auto"
+    # auto (CUDA when available, else CPU) | cuda | cpu; under torchrun each rank takes cuda:<LOCAL_RANK>.
     device: str = "auto"
+    # Recompute each decoder layer's activations in the backward instead of keeping them (less memory, more compute).
     activation_checkpointing: bool = False
+    # torch.compile each decoder layer (backend: compile_backend).
     compile: bool = False
     # CPU only: keep freed host memory in the process (glibc mallopt) instead of returning it to the OS, so a
     # step does not page-fault its working set in again every step (f2 preset: 4.6 s -> 3.0 s per step).
@@ -61,25 +72,35 @@ class TrainerConfig:
     # A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer step, no router-bias update);
     # more than this many skipped steps in a row stop the run without saving (0 = stop at the first).
     max_consecutive_skips: int = 3
-    # Start even when the per-rank memory estimate exceeds the rank's total memory (GPU memory, or host RAM
-    # shared by the node's ranks), which is otherwise refused before anything is written (docs/training.md,
-    # "Memory check").
+    # Start even when the memory estimate exceeds a rank's total memory (else refused before anything is
+    # written). The estimate is per rank against its GPU, or host RAM shared by the node's ranks; docs/training.md,
+    # "Memory check".
     skip_memory_check: bool = False
 
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging (one W&B run per run_dir, resumed with it)."""
+
     # online | offline | disabled
     mode: str = "disabled"
+    # W&B project the run is logged to.
     project: str = "attnres-train"
+    # W&B team or user (null = your default entity).
     entity: Optional[str] = None
+    # Display name of the W&B run (null = W&B picks one).
     name: Optional[str] = None
+    # Tags attached to the W&B run.
     tags: List[str] = field(default_factory=list)
 
 
 @dataclass
 class LoggingConfig:
+    """Where the metrics records go (docs/training.md, "Metrics"); RUN_DIR/train.log always gets them."""
+
+    # Print the metrics lines on the console (false: only the trainer's messages).
     console: bool = True
+    # Write RUN_DIR/metrics.jsonl (one JSON object per record; what the analysis tools read).
     jsonl: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # TensorBoard event files in RUN_DIR/tensorboard/ (the logged metrics as scalars); needs the tensorboard

@@ -36,6 +36,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Where checkpoints, metrics.jsonl and config.yaml go; null = Hydra's output directory.
     run_dir: Optional[str] = None
+    # Seeds torch's RNG and the weight initialisation (the same weights for every parallel layout).
     seed: int = 0
 
 

@@ -35,19 +35,27 @@ class OptimConfig:
     lr: float = 3.0e-4
     # Decoupled weight decay for the decayed groups (see train/optim.py for which parameters get it).
     weight_decay: float = 0.1
+    # AdamW's decay rates [beta1, beta2] of the first and second moment estimates.
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    # AdamW's epsilon, added to the denominator of the update.
     eps: float = 1.0e-8
     # Global gradient-norm clipping threshold; 0 disables clipping (the norm is still measured).
     grad_clip: float = 1.0
     # Muon only. null = use ``lr`` (right with adjust_lr "match_rms_adamw", which matches AdamW's update RMS).
     muon_lr: Optional[float] = None
+    # Muon only: momentum of the update's moving average.
     muon_momentum: float = 0.95
+    # Muon only: Nesterov momentum.
     muon_nesterov: bool = True
+    # Muon only: Newton-Schulz iterations that orthogonalise each update.
     muon_ns_steps: int = 5
+    # Muon only: torch.optim.Muon's adjust_lr_fn, "match_rms_adamw" (Moonlight: reuses AdamW's lr and weight
+    # decay) or "original" (Keller Jordan's).
     muon_adjust_lr: str = "match_rms_adamw"
     # "cosine": warmup, cosine to min. "wsd": warmup, constant, linear decay over the last decay_fraction.
     # "constant": warmup, then constant.
     schedule: str = "cosine"
+    # Linear warmup to the peak lr over this many first steps (every schedule); 0 = none.
     warmup_steps: int = 100
     # Final lr as a fraction of the peak (cosine and wsd).
     min_lr_ratio: float = 0.1
