@@ -69,7 +69,8 @@ class RunSummary:
 
 
 def variant_label(model_cfg: dict) -> str:
-    """``baseline`` (PreNorm), ``block N=4`` / ``block S=2`` (Block AttnRes), or ``full``."""
+    """``baseline`` (PreNorm), ``block N=4`` / ``block N=4 (sublayer)`` (the paper's partition) / ``block S=2``
+    (Block AttnRes), or ``full``."""
     r = model_cfg.get("residual") or {}
     mode = r.get("mode", "prenorm")
     if mode == "prenorm":
@@ -77,7 +78,8 @@ def variant_label(model_cfg: dict) -> str:
     if mode == "full":
         return "full"
     if r.get("num_blocks") is not None:
-        return f"block N={r['num_blocks']}"
+        rule = " (sublayer)" if r.get("partition") == "sublayer" else ""
+        return f"block N={r['num_blocks']}{rule}"
     if r.get("block_size") is not None:
         return f"block S={r['block_size']}"
     return "block"
@@ -88,7 +90,8 @@ def variant_order(label: str) -> tuple:
     if label == "baseline":
         return (0, 0)
     if label.startswith("block N="):
-        return (1, int(label.split("=")[1]))
+        n, _, rule = label[len("block N=") :].partition(" ")
+        return (1, int(n), rule)
     if label.startswith("block"):
         return (2, label)
     return (3, label)

@@ -71,7 +71,7 @@ def test_scaling_grid_budgets_grow_with_size():
     assert len(sizes) == 3
     rows = []
     for name, runs in sizes.items():
-        assert sorted(v for v, _, _ in runs) == ["baseline", "block N=8", "full"]
+        assert sorted(v for v, _, _ in runs) == ["baseline", "block N=8 (sublayer)", "full"]  # the paper's rule
         assert len({t for _, t, _ in runs}) == 1 and all(r[2] == runs[0][2] for r in runs)
         params = count_params(next(j["model"] for j in jobs if j["model"]["name"] == name)).active_non_embedding
         rows.append((params, runs[0][1]))
