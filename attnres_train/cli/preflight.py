@@ -18,6 +18,7 @@ from typing import Optional
 
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -45,6 +46,20 @@ class PreflightCallback(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         try:
             preflight(config, config.hydra.run.dir)
+        except (ConfigError, UserInputError) as exc:
+            raise Refused(str(exc)) from None
+
+    def on_job_start(self, config, **kwargs) -> None:
+        # A -m sweep job: its swept values (a model size, a batch) were not in the config the multirun check saw,
+        # so the memory check runs here, before the task allocates anything (Hydra has made the job's dir).
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+        with open_dict(job):
+            job.pop("hydra", None)
+        try:
+            cfg = validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+            check_fits(cfg)
         except (ConfigError, UserInputError) as exc:
             raise Refused(str(exc)) from None
 

@@ -149,3 +149,16 @@ def test_estimate_matches_a_built_model_its_grads_adamw_state_and_saved_activati
     assert est["fsdp_buffers"] == 0 and est["block_cache"] == 0  # one process: no FSDP, no pipeline
     ratio = sum(saved.values()) / est["activations"]
     assert 0.7 < ratio < 1.35, ratio
+
+
+def test_sweep_job_that_cannot_fit_is_one_error_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
+    # The multirun check sees only the sweep dir; each job's swept size is checked when the job starts.
+    sweep = tmp_path / "sweep"
+    argv = ["-m", "model=tiny", "trainer.device=cpu", "model.vocab_size=1000000000000", f"run_dir={sweep}"]
+    code, out, err = _invoke(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: model.vocab_size: the run does not fit"), err
+    assert "Traceback" not in err + out
+    # Hydra wrote the sweep's multirun.yaml and made the job's dir; the job wrote nothing (no config.yaml, logs)
+    assert [str(p.relative_to(sweep)) for p in sweep.rglob("*") if p.is_file()] == ["multirun.yaml"]
