@@ -271,6 +271,10 @@ def _file_pieces(path: str, start: int = 0, end: Optional[int] = None) -> Iterat
     bytes ``[g*P, (g+1)*P)`` (P = FILE_PIECE_BYTES; a file up to P bytes is one document). With a byte
     range, the pieces whose ``g*P`` lies in ``[start, end)``; memory is one piece, never the whole file."""
     step = FILE_PIECE_BYTES
+    if start == 0 and not path.endswith(".gz") and os.path.getsize(path) <= step:
+        with open(path, "rb") as f:  # one piece: the whole file (the usual case, in one read)
+            yield _decode_piece(path, [f.read()], 0)
+        return
     g = -(-start // step)  # the first piece that starts in the range
     buf: List[bytes] = []
     base = g * step
