@@ -8,54 +8,19 @@ run goes wrong first. The paper does not define the Fig. 5 metrics; our definiti
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointManager
 from ..config.errors import ConfigError, UserInputError
 from ..config.model import as_model_config, block_starts, is_moe_layer
 from ..data.loader import build_datasets
-from ..model import build_model
 from ..model.moe import MoE
 from .runs import Run
 
 
 # -- model and data ------------------------------------------------------------------------------------
-def resolve_checkpoint(run: Run, checkpoint: Optional[str] = None) -> Path:
-    """The checkpoint to analyse: ``checkpoint`` (a step dir or a dir of them) or the run's newest complete one."""
-    mgr = CheckpointManager(run.checkpoint_root, keep_last=0)
-    path = mgr.resolve(checkpoint) if checkpoint else mgr.latest()
-    if path is None:
-        raise UserInputError(
-            f"{run.path}: no complete checkpoint under {run.checkpoint_root} (train with "
-            "checkpoint.interval or let the run finish; --metrics-only plots the logs alone)"
-        )
-    return path
-
-
-def load_model(run: Run, checkpoint: Optional[str] = None):
-    """Build the run's model (fp32, CPU, torch kernels) and load its weights: ``(model, checkpoint_path, meta)``."""
-    try:
-        cfg = as_model_config(run.config["model"])
-        # Reference (pure torch) kernels: same math as fla / triton, and they run on a login node's CPU. The
-        # residual impl only where the run's config reads it (PreNorm, or the direct read, has no kernel to pick).
-        cfg.kda.impl = "torch"
-        if cfg.residual.mode != "prenorm" and cfg.residual.two_phase:
-            cfg.residual.impl = "torch"
-        model = build_model(cfg)
-    except ConfigError as exc:
-        raise UserInputError(f"{run.path / 'config.yaml'}: {exc}") from None
-    path = resolve_checkpoint(run, checkpoint)
-    state = {"model": model.state_dict()}
-    meta = CheckpointManager(run.checkpoint_root, keep_last=0).load(path, state, restore_rng_state=False)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, path, meta
-
-
 def heldout_batch(run: Run, batch_size: int) -> tuple:
     """``([B, T+1] LongTensor, where)`` from the run's validation split (the training data if it has none)."""
     data_cfg = dict(run.config.get("data") or {})

@@ -19,6 +19,7 @@ from typing import List, Optional
 
 from ..analysis import depth as D
 from ..analysis.depth import reader_labels
+from ..analysis.loading import load_run_model
 from ..analysis.runs import find_runs, load_run, summarize
 from ..config.errors import ConfigError, UserInputError
 
@@ -66,7 +67,7 @@ def analyze_run(
     out = Path(out) if out is not None else run.path / "analysis"
     result, ckpt, what = {}, None, ""
     if not metrics_only:  # everything that can fail on input is done before the first file is written
-        model, ckpt, meta = D.load_model(run, checkpoint)
+        model, ckpt, meta = load_run_model(run, checkpoint)
         batch, where = D.heldout_batch(run, batch_size)
         result = D.analyze_checkpoint(model, run.config["model"], batch)
         what = f"step {meta.get('step')} on {batch.shape[0]}x{batch.shape[1] - 1} tokens of the {where}"

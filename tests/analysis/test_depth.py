@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from attnres_train.analysis import depth as D
+from attnres_train.analysis.loading import load_run_model
 from attnres_train.analysis.runs import load_run
 from attnres_train.checkpoint import CheckpointManager
 from attnres_train.config.model import ModelConfig
@@ -117,7 +118,7 @@ def test_analysis_loads_a_trainer_format_checkpoint(tmp_path):
         config_text=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
         meta={"tokens_seen": 320},
     )
-    loaded, path, meta = D.load_model(load_run(run_dir))
+    loaded, path, meta = load_run_model(load_run(run_dir))
     assert path.name == "step_00000005" and meta["step"] == 5
     for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n == m
