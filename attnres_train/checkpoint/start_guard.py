@@ -23,8 +23,9 @@ def check_fresh_start(root, resume, overwrite: bool) -> None:
       would delete them.
     * ``resume=none`` on a directory with committed checkpoints or such uncommitted ones: its saves would
       replace (same step) and prune (``keep_last``) them.
+    * a step dir with its marker but no ``meta.json`` (damaged after it was committed), in every mode.
 
-    ``overwrite`` (``checkpoint.overwrite``) allows both. ``.tmp-*`` directories without a ``meta.json`` are
+    ``overwrite`` (``checkpoint.overwrite``) allows all three. ``.tmp-*`` directories without a ``meta.json`` are
     unfinished writes no tool can load: they never block a start. Nothing is written or deleted here.
     """
     if overwrite:
@@ -32,6 +33,13 @@ def check_fresh_start(root, resume, overwrite: bool) -> None:
     root = Path(root)
     complete, stale = _scan(root)
     written = [p for p in stale if (p / META).is_file()]
+    damaged = [p for p in stale if (p / MARKER).is_file() and not (p / META).is_file()]
+    if damaged:  # committed (the marker is written last), then its meta.json was lost: not loadable, not garbage
+        raise UserInputError(
+            f"checkpoint {damaged[-1]} has its {MARKER} marker but no {META}: it was damaged after it was saved, "
+            "cannot be loaded, and a run here could replace or prune it. Restore the file, move the directory out "
+            "of the way, or pass checkpoint.overwrite=true"
+        )
     mode = str(resume).strip().lower() if resume is not None else "none"
     if mode == "auto" and not complete and written:
         names = ", ".join(p.name for p in written)

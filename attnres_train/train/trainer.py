@@ -86,6 +86,8 @@ class Trainer:
         check_run_dir(self.run_dir)
         # before anything is written: never start over checkpoints that might be the only copy (checkpoint.overwrite)
         check_fresh_start(self.run_dir / "checkpoints", cfg.checkpoint.resume, cfg.checkpoint.overwrite)
+        # the checkpoint to resume: found, verified and its config compared now, before anything is written
+        self._resume_from = self._check_resume()
         self.config_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
         t_data = time.perf_counter()
@@ -156,20 +158,13 @@ class Trainer:
             cb.on_checkpoint(self, self.step, path)
         return path
 
-    def maybe_resume(self) -> Optional[Path]:
-        path = self.ckpt.resolve(self.cfg.checkpoint.resume, report=False)
-        stale = self.ckpt.stale()
-        if stale and self.ctx.is_main:
-            names = ", ".join(p.name for p in stale)
-            self.logger.info(
-                f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
-                "(never loaded; removed by the next save)"
-            )
-            self.logger.log("event", self.step, event="ignored_incomplete_checkpoints", dirs=[p.name for p in stale])
+    def _check_resume(self):
+        """(checkpoint dir, its verified meta) to resume from, or None; bad input raises before any write."""
+        path = CheckpointManager(self.run_dir / "checkpoints", 1).resolve(self.cfg.checkpoint.resume, report=False)
         if path is None:
             return None
         meta = verify_checkpoint(path)  # every file against the manifest before anything is read from it
-        old = OmegaConf.to_container(OmegaConf.create(self.ckpt.read_config_text(path)))
+        old = OmegaConf.to_container(OmegaConf.create(CheckpointManager.read_config_text(path)))
         new = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         for section in RESUME_LOCKED:
             diffs = _diff(old.get(section, {}), new.get(section, {}), section)
@@ -180,6 +175,20 @@ class Trainer:
                     + "; ".join(diffs[:3])
                     + " (start a new run_dir or restore the setting)",
                 )
+        return path, meta
+
+    def maybe_resume(self) -> Optional[Path]:
+        stale = self.ckpt.stale()
+        if stale and self.ctx.is_main:
+            names = ", ".join(p.name for p in stale)
+            self.logger.info(
+                f"ignoring {len(stale)} incomplete checkpoint dir(s) left by interrupted saves: {names} "
+                "(never loaded; removed by the next save)"
+            )
+            self.logger.log("event", self.step, event="ignored_incomplete_checkpoints", dirs=[p.name for p in stale])
+        if self._resume_from is None:
+            return None
+        path, meta = self._resume_from
         base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in self.module.optimizers]
         state = self._state()
         meta = self.ckpt.load(path, state, meta=meta)
