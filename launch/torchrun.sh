@@ -70,4 +70,7 @@ if [ -n "${TORCHELASTIC_SIGNALS_TO_HANDLE:-}" ]; then
   export TORCHELASTIC_SIGNALS_TO_HANDLE
 fi
 trap '' USR1
+# Bad input (config, run_dir) is refused here, once, before torchrun starts workers: the one `error:` line and
+# exit 2, instead of every rank's line followed by torchrun's ChildFailedError report (docs/training.md).
+WORLD_SIZE=$((NNODES * NPROC)) LOCAL_WORLD_SIZE="$NPROC" "$PY" -m attnres_train --check-only "$@" || exit $?
 exec "${CMD[@]}"

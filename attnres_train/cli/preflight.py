@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
@@ -40,6 +41,16 @@ class Refused(BaseException):
     """Raised by the callback. A BaseException: Hydra turns a callback's Exception into a warning and goes on."""
 
 
+class Checked(BaseException):
+    """Raised by the callback when the checks passed under ``attnres-train --check-only``: nothing runs."""
+
+
+# ``attnres-train --check-only`` (set by cli/train.py): check, remove what the check created, run nothing.
+# launch/torchrun.sh runs it once before torchrun starts workers, so bad input ends in one line, not a
+# ChildFailedError report from torchrun (docs/training.md, "Bad input").
+CHECK_ONLY = False
+
+
 class PreflightCallback(Callback):
     """Hydra callback: refuse a bad config or an unusable run_dir before Hydra creates the directory."""
 
@@ -48,6 +59,7 @@ class PreflightCallback(Callback):
             preflight(config, config.hydra.run.dir)
         except (ConfigError, UserInputError) as exc:
             raise Refused(str(exc)) from None
+        _stop_if_check_only()
 
     def on_job_start(self, config, **kwargs) -> None:
         # A -m sweep job: its swept values (a model size, a batch) were not in the config the multirun check saw,
@@ -66,10 +78,19 @@ class PreflightCallback(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         # The swept values are not in this config (Hydra applies them per job), so only the sweep directory is
         # checked here; each job's config is validated in the task, after Hydra made its sub-directory.
+        missing = _missing_dirs(config.hydra.sweep.dir)
         try:
             check_run_dir(config.hydra.sweep.dir)
         except (ConfigError, UserInputError) as exc:
             raise Refused(str(exc)) from None
+        CREATED_RUN_DIRS[:] = missing
+        _stop_if_check_only()
+
+
+def _stop_if_check_only() -> None:
+    if CHECK_ONLY:
+        remove_created_run_dir()
+        raise Checked()
 
 
 def preflight(config, run_dir) -> None:
@@ -90,7 +111,32 @@ def preflight(config, run_dir) -> None:
         cfg = validate_config(as_config(job), dp_world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if cfg is not None:
         check_fits(cfg)
+    missing = _missing_dirs(run_dir)
     check_run_dir(run_dir)  # (last: it creates run_dir when that is missing)
+    CREATED_RUN_DIRS[:] = missing
+
+
+# The directories the pre-flight created for run_dir, deepest first: bad input found later, in the task (a data
+# file, a checkpoint), removes them again (remove_created_run_dir), so a refused run leaves no empty run_dir.
+CREATED_RUN_DIRS: list = []
+
+
+def _missing_dirs(run_dir) -> list:
+    path, missing = Path(str(run_dir)).expanduser().absolute(), []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_created_run_dir() -> None:
+    """Remove the directories the pre-flight created for run_dir while they are still empty (deepest first)."""
+    for d in CREATED_RUN_DIRS:
+        try:
+            d.rmdir()
+        except OSError:  # something was written there (or another rank's run uses it): keep it and above
+            break
+    CREATED_RUN_DIRS.clear()
 
 
 def check_fits(cfg) -> None:
@@ -123,9 +169,10 @@ def hydra_error_message(exc: BaseException) -> Optional[str]:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         owner = getattr(cause, "object_type", None)
         if dataclasses.is_dataclass(owner):
-            return _one_line(f"{cause.full_key}: {unknown_key_message(owner, cause.full_key)}")
+            key = _full_key(exc, cause.full_key)
+            return _one_line(f"{key}: {unknown_key_message(owner, key)}")
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return _one_line(f"{cause.full_key}: {_first(str(cause))}; {_expected(cause)}")
+        return _one_line(f"{_full_key(exc, cause.full_key)}: {_first(str(cause))}; {_expected(cause)}")
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
         return _one_line(f"{key + ': ' if key else ''}{_first(str(cause))}")
@@ -135,6 +182,16 @@ def hydra_error_message(exc: BaseException) -> Optional[str]:
             text += f" ({_first(str(cause))})"
         return _one_line(text)
     return None
+
+
+def _full_key(exc, key: str) -> str:
+    """A key inside a list override (``data.sources=[{...}]``) comes without the list's path: prefix it."""
+    m = (
+        re.match(r"(?:Could not override '|Error merging override )([^'=]+)", str(exc))
+        if isinstance(exc, ConfigCompositionException)
+        else None
+    )
+    return f"{m.group(1)}[*].{key}" if m and not str(key).startswith(m.group(1)) else key
 
 
 def _missing_option(exc) -> str:

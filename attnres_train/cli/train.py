@@ -23,8 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config.errors import ConfigError, UserInputError
 from ..config.paths import CONFIG_DIR
 from ..config.schema import as_config, register_configs, validate_config
+from . import preflight as preflight_checks
 from .help import print_help, wants_help
-from .preflight import Refused, hydra_error_message
+from .preflight import Checked, Refused, hydra_error_message, remove_created_run_dir
 from .sweep_dirs import register_resolver
 
 # torch and everything built on it are imported inside the functions that train: a bad config or run_dir is
@@ -54,10 +55,12 @@ def _task(dcfg):
         finally:
             shutdown_process_group()
     except (ConfigError, UserInputError) as exc:
+        remove_created_run_dir()  # bad input found after the pre-flight: leave no empty run_dir behind
         _fail(str(exc))
     except TrainingAborted as exc:  # NaN/Inf limit, a dead or hung peer: one line, its own exit code
         _fail(str(exc), exc.exit_code)
     except OmegaConfBaseException as exc:
+        remove_created_run_dir()
         _fail(hydra_error_message(exc) or str(exc).splitlines()[0])
     except KeyboardInterrupt:  # Ctrl-C before the loop, or a second Ctrl-C inside it
         _fail(
@@ -105,6 +108,26 @@ def run(overrides, ctx=None) -> dict:
     return Trainer(cfg, Path(cfg.run_dir), ctx).fit()
 
 
+def resolvable_cfg_request(argv):
+    """``--cfg hydra --resolve`` as ``--cfg all --package hydra --resolve``: the same node, resolved.
+
+    Hydra prints ``--cfg hydra`` from a copy without the job's keys, so ``hydra.run.dir: ${run_dir}`` cannot
+    resolve there; selecting the ``hydra`` package of the whole config resolves it against the root."""
+    flags = {"--cfg": None, "-c": None}
+    for i, a in enumerate(argv):
+        if a in flags and i + 1 < len(argv):
+            flags[a] = i + 1
+        elif a.startswith("--cfg="):
+            argv = [*argv[:i], "--cfg", a.split("=", 1)[1], *argv[i + 1 :]]
+            flags["--cfg"] = i + 1
+    at = flags["--cfg"] if flags["--cfg"] is not None else flags["-c"]
+    wants_resolve = "--resolve" in argv  # (Hydra's -r is --run)
+    has_package = any(a in ("--package", "-p") or a.startswith("--package=") for a in argv)
+    if at is None or argv[at] != "hydra" or not wants_resolve or has_package:
+        return argv
+    return [*argv[:at], "all", "--package", "hydra", *argv[at + 1 :]]
+
+
 def main() -> None:
     if not CONFIG_DIR.is_dir():
         _fail(f"config directory {CONFIG_DIR} not found (reinstall attnres-train: pip install . or pip install -e .)")
@@ -116,6 +139,9 @@ def main() -> None:
             if message is None:
                 raise
             _fail(message)
+    # --check-only: the pre-flight alone (config, run_dir), exit 0 or one error line; launch/torchrun.sh runs it
+    preflight_checks.CHECK_ONLY = "--check-only" in sys.argv[1:]
+    sys.argv = [sys.argv[0], *resolvable_cfg_request([a for a in sys.argv[1:] if a != "--check-only"])]
     register_configs()
     register_resolver()  # ${sweep_dirname:...} in hydra.sweep.subdir (cli/sweep_dirs.py)
     # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which case it
@@ -126,6 +152,8 @@ def main() -> None:
         hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(_task)()
     except Refused as exc:  # the config or run_dir, checked before Hydra creates run_dir (cli/preflight.py)
         _fail(str(exc))
+    except Checked:  # --check-only, and the checks passed
+        sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - reworded when it is a config/Hydra error, re-raised otherwise
         message = None if user_wants_trace else hydra_error_message(exc)
         if message is None:
