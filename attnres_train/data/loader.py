@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from tqdm.auto import tqdm
 from attnres_train.config.data import DataConfig, as_data_config, held_out_fraction, validate_data_config
 from attnres_train.config.errors import ConfigError, UserInputError
 
+from .cache_listing import dir_mtimes, entry_from_listing, listing_path, uses_listing, write_listing
 from .megatron import MegatronStore
 from .packing import BlendedDataset, PackedStream, content_salt, split_streams, stable_salt, tokenize_to_shards
-from .shards import ShardSet, TokenStore, make_staging_dir, write_json_atomic
+from .shards import ShardSet, TokenStore, make_staging_dir
 from .sources import ResolvedSource, effective_limits, iter_documents, resolve_source
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -65,52 +65,6 @@ def cache_key(rs: ResolvedSource, tokenizer: Tokenizer, max_docs: Optional[int],
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Sources with more files than this skip the per-file stat on a warm start: a listing file next to the cache
-# entries maps (source spec, file names, tokenizer, limits) to the entry and records the mtimes of the
-# directories that hold the files; while those match, the entry is reused (docs/data.md "Cache").
-LISTING_MIN_FILES = 256
-LISTING_SETTLE_NS = 5_000_000_000  # a directory modified this recently is not trusted (coarse mtime clocks)
-
-
-def _listing_path(root: str, slug: str, rs: ResolvedSource, tokenizer: Tokenizer, max_docs, max_bytes) -> str:
-    material = {"v": CACHE_VERSION, "source": rs.listing(), "tokenizer": tokenizer.fingerprint}
-    material.update(eos=tokenizer.eos_id, max_docs=max_docs, max_bytes=max_bytes)
-    key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(root, "listings", f"{slug}-{key}.json")
-
-
-def _dir_mtimes(rs: ResolvedSource) -> Optional[List[list]]:
-    """[directory, mtime_ns] of the source's directories, one stat each; None if one has gone."""
-    try:
-        return [[d, os.stat(d).st_mtime_ns] for d in rs.directories()]
-    except OSError:
-        return None
-
-
-def _entry_from_listing(path: str, rs: ResolvedSource, root: str) -> Optional[str]:
-    """The cache entry a listing file points to, if its directories are unchanged (O(directories) stats)."""
-    try:
-        with open(path) as f:
-            listing = json.load(f)
-    except (OSError, ValueError):
-        return None
-    entry = os.path.join(root, str(listing.get("entry")))
-    if listing.get("dirs") != _dir_mtimes(rs) or not os.path.isdir(entry):
-        return None
-    return entry
-
-
-def _write_listing(path: str, entry: str, dirs: Optional[List[list]]) -> None:
-    """Record the listing, unless a directory changed too recently for its mtime to be trusted."""
-    if dirs is None or any(m > time.time_ns() - LISTING_SETTLE_NS for _, m in dirs):
-        return
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json_atomic(path, {"entry": os.path.basename(entry), "dirs": dirs})
-    except OSError:
-        pass  # a read-only cache: every start then checks every file, as without a listing
-
-
 @contextlib.contextmanager
 def _file_lock(path: str):
     try:
@@ -134,12 +88,13 @@ def tokenize_cached(
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(rs.name.rstrip("/")) or rs.kind)[:40]
     root = os.path.join(cache_dir, "tokenized")
     listing = dirs = None
-    if len(rs.files) > LISTING_MIN_FILES and not rs.explicit_files:
-        listing = _listing_path(root, slug, rs, tokenizer, max_docs, max_bytes)
-        entry = _entry_from_listing(listing, rs, root)
+    if uses_listing(rs):  # a warm start without a stat per file (docs/data.md "Cache")
+        key = {"v": CACHE_VERSION, "tokenizer": tokenizer.fingerprint, "eos": tokenizer.eos_id}
+        listing = listing_path(root, slug, rs, {**key, "max_docs": max_docs, "max_bytes": max_bytes})
+        entry = entry_from_listing(listing, rs, root)
         if entry is not None:
             return ShardSet(entry)
-        dirs = _dir_mtimes(rs)  # before the files are stat'ed: a change in between is seen next time
+        dirs = dir_mtimes(rs)  # before the files are stat'ed: a change in between is seen next time
     final = os.path.join(root, f"{slug}-{cache_key(rs, tokenizer, max_docs, max_bytes)}")
     made, lock_existed = _missing_dirs(root), os.path.exists(final + ".lock")
     try:
@@ -148,7 +103,7 @@ def tokenize_cached(
         _remove_quietly(([] if lock_existed else [final + ".lock"]) + made)
         raise
     if listing is not None:
-        _write_listing(listing, final, dirs)
+        write_listing(listing, final, dirs)
     return store
 
 
