@@ -63,12 +63,15 @@ def source_labels(model_cfg) -> List[str]:
     return ["emb"] + [f"b{j}" for j in range(1, len(block_starts(cfg)) + 1)]
 
 
-def layer_block_boundaries(model_cfg) -> List[int]:
-    """Decoder-layer indices at which a Block AttnRes block starts (for marking plots); [] otherwise."""
+def layer_block_boundaries(model_cfg) -> List[float]:
+    """Where Block AttnRes blocks start, in decoder layers (for marking plots); [] otherwise.
+
+    ``i`` for a block opening at layer i's token mixer, ``i + 0.5`` for one opening at its FFN (the sublayer
+    partition, docs/model.md "Block partition")."""
     cfg = as_model_config(model_cfg)
     if cfg.residual.mode != "block":
         return []
-    return [s // 2 for s in block_starts(cfg)]
+    return [s // 2 if s % 2 == 0 else s / 2 for s in block_starts(cfg)]
 
 
 # -- depth attention -----------------------------------------------------------------------------------

@@ -54,9 +54,10 @@ def plot_depth_weights(matrix, readers: Sequence[str], sources: Sequence[str], p
 
 
 def plot_layer_profile(
-    output_rms: Sequence[float], grad_norm: Sequence[float], block_starts: Sequence[int], path: Path, title: str
+    output_rms: Sequence[float], grad_norm: Sequence[float], block_starts: Sequence[float], path: Path, title: str
 ) -> Path:
-    """Fig. 5b/c analogue: per decoder layer, output magnitude and gradient norm; dashed lines = block starts."""
+    """Fig. 5b/c analogue: per decoder layer, output magnitude and gradient norm; dashed lines = block starts
+    (through layer i's point when a block opens at its FFN: ``block_starts`` holds i + 0.5 then)."""
     x = np.arange(len(output_rms))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, y, label in (

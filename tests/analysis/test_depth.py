@@ -97,6 +97,12 @@ def test_labels_and_block_boundaries():
     ]
     assert D.source_labels(cfg) == ["emb", "b1", "b2"]
     assert D.layer_block_boundaries(cfg) == [0, 2]
+    cfg.residual.partition = "sublayer"  # 4 layers, N=2 -> sublayer blocks of 4: the same boundaries
+    assert D.layer_block_boundaries(cfg) == [0, 2]
+    cfg.residual.num_blocks = 3  # 8 // 3 = 2 sublayers per block: [0-1] [2-3] [4-7]
+    assert D.layer_block_boundaries(cfg) == [0, 1, 2] and D.source_labels(cfg) == ["emb", "b1", "b2", "b3"]
+    cfg.residual.num_blocks = 5  # blocks of 1 sublayer, the last of 4: blocks open at L0's and L1's FFN
+    assert D.layer_block_boundaries(cfg) == [0, 0.5, 1, 1.5, 2]
     _, full = _model("full", None, 4)
     assert D.source_labels(full) == ["emb"] + D.reader_labels(full)[:-1]
 
