@@ -43,7 +43,8 @@ class PipelineConfig:
     split_backward: bool = False
     # With split_backward: W runs this many compute slots after its I (null: at the end of the step).
     w_delay: Optional[int] = None
-    # dtype of the packed stage-to-stage messages; null = the parameters' dtype.
+    # dtype of the packed stage-to-stage messages; null = the compute dtype (bfloat16 under bf16 training, else
+    # the parameters' dtype). Needs parallel.pp > 1.
     comm_dtype: Optional[str] = None
 
 
@@ -92,6 +93,10 @@ def validate_pipeline_config(
         raise ConfigError(f"{p}.w_delay", f"must be null or an integer >= 0, got {cfg.w_delay!r}")
     if cfg.comm_dtype is not None and cfg.comm_dtype not in COMM_DTYPES:
         raise ConfigError(f"{p}.comm_dtype", f"must be null or one of {'|'.join(COMM_DTYPES)}, got {cfg.comm_dtype!r}")
+    if cfg.comm_dtype is not None and pp == 1:
+        raise ConfigError(
+            f"{p}.comm_dtype", f"{cfg.comm_dtype!r} has no effect with parallel.pp=1 (no stage hops); unset it"
+        )
     C = pp * vpp
     if cfg.layers_per_stage is not None:
         split = list(cfg.layers_per_stage)

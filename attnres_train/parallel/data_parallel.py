@@ -117,6 +117,10 @@ def apply_data_parallel(
         root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     if reshard_after_forward is None and dims.dp_shard == 1:
         reshard_after_forward = False  # replication: nothing to free, no second all-gather in backward
+    if reshard_after_forward is None and dims.pp > 1:
+        # A pipeline stage runs every microbatch's F and B interleaved: resharding after each F would re-gather
+        # its parameters for every B. Keep them gathered from F to B (docs/performance.md, memory cost).
+        reshard_after_forward = False
     # 2-D (replicate, shard) only when there are replicas: a size-1 replicate dim would add no-op all-reduces.
     mesh = pctx.fsdp_mesh if dims.dp_replicate > 1 else pctx.dp_shard_mesh
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)

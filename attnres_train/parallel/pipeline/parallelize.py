@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ...config.pipeline import PipelineConfig, check_pipeline_dp, validate_pipeline_config
 from ...model.moe import moe_layers
-from ..data_parallel import set_grad_sync
+from ..data_parallel import fsdp_param_dtype, set_grad_sync
 from ..init import materialize_and_init
 from ..parallelize import ParallelPlan, parallelize_model, record_plan
 from .layout import PipelineLayout
@@ -111,6 +111,14 @@ class PipelinedModel:
             self._set_grad_sync([st.stage for st in self.stages], True)
 
 
+def pipeline_comm_dtype(pcfg: PipelineConfig, train_cfg, device: torch.device):
+    """The dtype of stage-to-stage messages: ``pipeline.comm_dtype``, else the run's compute dtype (bf16 under
+    bf16 autocast); None (fp32 / fp64 training): the stages' parameter dtype, so fp64 runs stay exact."""
+    if pcfg.comm_dtype:
+        return getattr(torch, pcfg.comm_dtype)
+    return fsdp_param_dtype(train_cfg, device)
+
+
 def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=None, seed=None) -> PipelinedModel:
     """Cut ``model`` (meta, or materialised identically on every rank) into this rank's stages, parallelise
     them and materialise them from ``seed`` (None: drawn from torch's global RNG) — module docstring."""
@@ -146,7 +154,7 @@ def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=No
         for layer in model.model.layers:
             if id(layer) not in owned:
                 layer.to_empty(device="meta")
-    comm_dtype = getattr(torch, pcfg.comm_dtype) if pcfg.comm_dtype else None
+    comm_dtype = pipeline_comm_dtype(pcfg, train_cfg, pctx.device)
     runtime = PipelineRuntime(
         stages,
         layout,
