@@ -147,3 +147,12 @@ def test_small_sources_stat_every_file_every_start(tmp_path, stat_counter):
         f.write("changed")
     assert _load(root, cache)[1] == _expected(root)
     assert not (cache / "tokenized" / "listings").exists()
+
+
+def test_no_listing_while_a_directory_was_modified_seconds_ago(tmp_path):
+    root, cache = _corpus(tmp_path), tmp_path / "cache"  # just written: mtimes within the settle time
+    _load(root, cache)
+    assert not list((cache / "tokenized").glob("listings/*.json"))
+    _age_dirs(root)
+    _load(root, cache)
+    assert len(list((cache / "tokenized").glob("listings/*.json"))) == 1
