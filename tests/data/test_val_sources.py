@@ -14,6 +14,8 @@ import pytest
 from attnres_train.config.errors import ConfigError, UserInputError
 from attnres_train.config.run import TrainerConfig, validate_trainer_config
 from attnres_train.data.loader import build_datasets
+from attnres_train.data.packing import tokenize_to_shards
+from attnres_train.data.tokenizer import ByteTokenizer
 from tests.train.conftest import write_corpus
 
 SEQ = 32
@@ -66,6 +68,16 @@ def test_every_document_in_full_and_the_first_k_batches(corpora):
     # the training sources keep every document: val_fraction defaults to 0 with val_sources
     assert data.sources[0].train.num_tokens == stream_of(sorted(train.glob("*.txt"))).size
     assert data.sources[0].val.num_tokens == 0
+
+
+def test_a_prepared_shard_set_as_val_source(corpora):
+    _, valid, root = corpora
+    files = sorted(valid.glob("*.txt"))
+    shards = root / "shards"
+    tokenize_to_shards((f.read_text() for f in files), ByteTokenizer(), str(shards), shard_tokens=500)  # 2+ shards
+    val = build_datasets(data_cfg(corpora, val_sources=[{"path": str(shards), "name": "prepared"}]), progress=False).val
+    got = np.concatenate([b.numpy() for b in val.batches(5, source="prepared")])
+    assert np.array_equal(got, expected_samples(files))
 
 
 def test_val_fraction_default_and_explicit(corpora):
