@@ -6,9 +6,8 @@ layers. Everything a stage needs is the explicit :class:`DepthState` returned by
 ``forward(x)``. The model holds no parallel code; ``parallel/`` applies TP/EP/FSDP/PP from outside.
 
 Two-phase scheduling lives in :meth:`forward_layers`: before the first layer of every block (and of a segment
-that starts mid-block) the phase-1 statistics of the block's sublayers inside the segment are computed in one
-batched call and handed to the layers through ``DepthState.phase1``. A block opened at an FFN sublayer (the
-paper's sublayer partition) cannot be batched before its layer runs: docs/model.md "Block partition".
+that starts mid-block) the phase-1 statistics of the block's sublayers in the segment are computed in one batched
+call and handed to the layers through ``DepthState.phase1`` (FFN-opened blocks: docs/model.md "Block partition").
 """
 
 from __future__ import annotations
