@@ -7,7 +7,8 @@ What is proven here, on a tiny run trained 3 steps with two ``data.val_sources``
   fp64, bytes counted from the files), in full and for the first K batches;
 * bits per byte of a byte-level BPE counts exactly the UTF-8 bytes of the text; other tokenizers get none;
 * bad input: one ``error:`` line, exit 2;
-* (slow) a checkpoint saved by FSDP2 x EP2 on 2 ranks loads into one process with the ranks' parameters.
+* (slow) a checkpoint saved by FSDP2 x EP2 on 2 ranks loads into one process with the ranks' parameters, and
+  that run's 2-rank validation loss is attnres-eval's on the same samples.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def _train_and_gather(overrides):
 
 
 @pytest.mark.slow
-def test_a_two_rank_fsdp_ep_checkpoint_loads_into_one_process(trained, tmp_path):
+def test_a_two_rank_fsdp_ep_checkpoint_loads_into_one_process(trained, tmp_path, capsys):
     root, _ = trained
     run_dir = tmp_path / "run"
     overrides = val_overrides(root, run_dir, steps=2) + ["parallel.dp_shard=2", "parallel.ep=2"]
@@ -193,3 +194,14 @@ def test_a_two_rank_fsdp_ep_checkpoint_loads_into_one_process(trained, tmp_path)
     assert set(ranks[0]) <= set(loaded)
     for name, value in ranks[0].items():
         assert torch.equal(loaded[name], value), name
+    # validation on 2 data-parallel ranks: each source's samples but at most dp - 1 = 1 (the last global batch
+    # is split evenly), i.e. its first 2K samples, which attnres-eval reads as K batches of 2
+    (rec,) = read_metrics(run_dir, "val")
+    full = samples_of(sorted((root / "valid").glob("*.txt"))).shape[0]
+    n = rec["val/valid/tokens"] // SEQ
+    assert n % 2 == 0 and full - 1 <= n <= full
+    rc, _, err = run_cli([run_dir, "--source", root / "valid", "--batch-size", 2, "--batches", n // 2], capsys)
+    assert rc == 0, err
+    (got,) = json.loads((run_dir / "eval" / "step_00000002.json").read_text())["sources"]
+    assert got["tokens"] == rec["val/valid/tokens"]
+    assert got["loss"] == pytest.approx(rec["val/valid/loss"], abs=2e-5)
