@@ -93,8 +93,13 @@ class TrainShape:
     microbatches: int = 1  # per optimizer step on each dp rank (gradient accumulation = pipeline microbatches)
     activation_checkpointing: bool = False
     optimizer: str = "adamw"
-    act_bytes: int = 2  # bf16 autocast
-    comm_bytes: int = 4  # pipeline messages (the parameters' dtype by default)
+    act_bytes: int = 2  # bf16 autocast (4: fp32 training)
+    comm_bytes: Optional[int] = None  # pipeline messages (None: pipeline.comm_dtype null = the compute dtype)
+    param_bytes: Optional[int] = None  # FSDP2 layer-unit all-gathers (None: the compute dtype; the root stays fp32)
+
+    def __post_init__(self):
+        self.comm_bytes = self.act_bytes if self.comm_bytes is None else self.comm_bytes
+        self.param_bytes = self.act_bytes if self.param_bytes is None else self.param_bytes
 
 
 # ----------------------------------------------------------------------------------------- activations
@@ -254,7 +259,11 @@ def estimate_ranks(
         root = _unit(
             (embed_params(cfg) if 0 in stages else Params()) + (head_params(cfg) if C - 1 in stages else Params()), dims
         )
-        fsdp = FP32 * (root + 3 * max(units)) if dims.dp_shard > 1 else 0.0
+        fsdp = 0.0
+        if dims.dp_shard > 1:  # root gathered in fp32; layer units in the compute dtype; one fp32 unsharded grad
+            # pipeline stages keep all their layer units gathered from F to B; else the current and next unit
+            gathered = sum(units) if P > 1 else 2 * max(units)
+            fsdp = FP32 * root + shape.param_bytes * gathered + FP32 * max(units)
         if P > 1:
             acts, est.inflight = _peak_inflight(schedule, stage_bytes, r)
             est.blocks_cached = _cached_blocks(layout, r)
@@ -303,17 +312,31 @@ def estimate_comm(
     M, rows = shape.microbatches, []
     ring = lambda n: (n - 1) / n  # noqa: E731
     dense_shard = rank.local_dense * FP32  # this rank's fp32 shard of the dense parameters
+    pb = shape.param_bytes
+    # Layer units are gathered for every microbatch's forward and again for its backward, except in pipeline
+    # stages (kept gathered from F to B); the root unit (embedding, head, final norm) once per microbatch, in fp32.
+    # Gradients are reduce-scattered in fp32 every microbatch (sharded accumulation, docs/performance.md).
+    gathers = M if dims.pp > 1 else 2 * M
+    root = (embed_params(cfg) if 0 in _stages(rank, layout) else Params()) + (
+        head_params(cfg) if _last(rank, layout) else Params()
+    )
+    root_full = root.tp / dims.tp + root.rep  # elements of a gathered unit (still tp sharded)
+    layers_full = rank.local_dense * dims.dp_shard - root_full
     if dims.dp_shard > 1:
-        full = dense_shard * dims.dp_shard
+        rs = ring(dims.dp_shard)
         rows.append(
             CommRow(
                 "dp_shard",
-                "all-gather (fwd+bwd)",
-                2 * M * ring(dims.dp_shard) * full,
-                f"{2 * M} per step: each microbatch's forward and backward",
+                "all-gather params",
+                rs * (gathers * layers_full * pb + M * root_full * FP32),
+                f"layers {gathers} per step ({pb}-byte), root {M} (fp32)",
             )
         )
-        rows.append(CommRow("dp_shard", "reduce-scatter grads", ring(dims.dp_shard) * full, "once per step"))
+        rows.append(
+            CommRow(
+                "dp_shard", "reduce-scatter grads", M * rs * (layers_full + root_full) * FP32, f"fp32, {M} per step"
+            )
+        )
     if dims.dp_replicate > 1:
         rows.append(
             CommRow(
@@ -326,9 +349,10 @@ def estimate_comm(
     exp_shard = rank.local_experts * FP32
     if rank.params.experts:
         if dims.edp_shard > 1:
-            full = exp_shard * dims.edp_shard
-            rows.append(CommRow("edp_shard", "expert all-gather (fwd+bwd)", 2 * M * ring(dims.edp_shard) * full))
-            rows.append(CommRow("edp_shard", "expert reduce-scatter", ring(dims.edp_shard) * full))
+            full = rank.local_experts * dims.edp_shard  # elements
+            rs = ring(dims.edp_shard)
+            rows.append(CommRow("edp_shard", "expert all-gather", gathers * rs * full * pb, f"{gathers} per step"))
+            rows.append(CommRow("edp_shard", "expert reduce-scatter", M * rs * full * FP32, f"fp32, {M} per step"))
         if dims.edp_replicate > 1:
             rows.append(CommRow("edp_replicate", "expert all-reduce", 2 * ring(dims.edp_replicate) * exp_shard))
     tokens = shape.micro_batch_size * shape.seq_len
