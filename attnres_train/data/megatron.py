@@ -71,8 +71,12 @@ class MegatronStore(TokenStore):
             if not os.path.isfile(p):
                 raise UserInputError(f"{p}: Megatron dataset file not found (need both {prefix}.bin and {prefix}.idx)")
         IndexedDataset = import_indexed_dataset()
+        # megatron-core's __del__ deletes bin_reader and index: after a failed __init__ it would raise and print
+        # "Exception ignored ... Traceback" under our one error line, so both exist (None) before __init__ runs
+        self.ds = IndexedDataset.__new__(IndexedDataset)
+        self.ds.bin_reader = self.ds.index = None
         try:
-            self.ds = IndexedDataset(prefix, mmap=True)
+            self.ds.__init__(prefix, mmap=True)
         except Exception as e:  # megatron-core signals a bad index with assert / struct / value errors
             raise UserInputError(f"{idx_path}: not a readable Megatron index ({type(e).__name__}: {e})") from None
         index = self.ds.index
