@@ -162,3 +162,27 @@ def test_sweep_job_that_cannot_fit_is_one_error_before_anything_is_allocated(tmp
     assert "Traceback" not in err + out
     # Hydra wrote the sweep's multirun.yaml and made the job's dir; the job wrote nothing (no config.yaml, logs)
     assert [str(p.relative_to(sweep)) for p in sweep.rglob("*") if p.is_file()] == ["multirun.yaml"]
+
+
+def test_gpu_capacity_is_the_local_devices_total_and_cpu_runs_never_ask_cuda(monkeypatch):
+    asked = []
+
+    def props(i):
+        asked.append(i)
+        return type("Props", (), {"total_memory": 80 * 2**30, "name": "FakeGPU"})()
+
+    def no_cuda():
+        raise AssertionError("a CPU run must not touch torch.cuda")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    assert memory_fit.device_type("cpu") == "cpu"
+    assert memory_fit.capacity("cpu", 0, 1).source.startswith(("host RAM", "cgroup"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory_fit.device_type("auto") == "cuda"
+    cap = memory_fit.capacity("cuda", 3, 8)  # one GPU per rank: not divided by the node's ranks
+    assert cap.nbytes == 80 * 2**30 and asked == [3] and "cuda:3" in cap.source and "FakeGPU" in cap.source
+    cfg = _config("trainer.precision=auto")
+    dims = memory_fit.resolve_parallel_dims(cfg.parallel, 1, model_cfg=cfg.model, seq_len=cfg.data.seq_len)
+    assert memory_fit.train_shape(cfg, dims, "cuda").act_bytes == 2  # bf16 autocast on CUDA
+    assert memory_fit.train_shape(cfg, dims, "cpu").act_bytes == 4
