@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -128,6 +129,20 @@ def resolvable_cfg_request(argv):
     return [*argv[:at], "all", "--package", "hydra", *argv[at + 1 :]]
 
 
+def check_flags(argv) -> None:
+    """Hydra's own flags misused: one error line (exit 2) instead of argparse's usage block or Hydra's ValueError."""
+    parser = get_args_parser()
+    parser.error = lambda message: _fail(f"{message} (see attnres-train --help; Hydra's flags: --hydra-help)")
+    args = parser.parse_args(argv)
+    modes = [("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg is not None)]
+    modes += [("--info", args.info is not None), ("--shell-completion", args.shell_completion)]
+    given = [name for name, on in modes if on]
+    if len(given) > 1:
+        _fail(f"{' and '.join(given)} cannot be combined: give one of {', '.join(name for name, _ in modes)}")
+    if args.resolve and args.cfg is None:
+        _fail("--resolve works only with --cfg (e.g. attnres-train --cfg job --resolve)")
+
+
 def main() -> None:
     if not CONFIG_DIR.is_dir():
         _fail(f"config directory {CONFIG_DIR} not found (reinstall attnres-train: pip install . or pip install -e .)")
@@ -142,6 +157,7 @@ def main() -> None:
     # --check-only: the pre-flight alone (config, run_dir), exit 0 or one error line; launch/torchrun.sh runs it
     preflight_checks.CHECK_ONLY = "--check-only" in sys.argv[1:]
     sys.argv = [sys.argv[0], *resolvable_cfg_request([a for a in sys.argv[1:] if a != "--check-only"])]
+    check_flags(sys.argv[1:])
     register_configs()
     register_resolver()  # ${sweep_dirname:...} in hydra.sweep.subdir (cli/sweep_dirs.py)
     # Hydra prints its own errors in several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which case it

@@ -195,6 +195,10 @@ CASES = {
     "experiment_option_unknown": (T, ["experiment=nope"], ["experiment=nope"], None),
     "override_syntax": (T, ["trainer.max_steps=[1,"], ["trainer.max_steps=[1,"], None),
     "sweep_without_multirun": (T, ["seed=1,2"], ["seed=1,2", "--multirun"], None),
+    "flag_unknown": (T, ["--frobnicate"], ["--frobnicate"], None),
+    "flag_cfg_bad_choice": (T, ["--cfg", "nope"], ["--cfg", "nope"], None),
+    "flags_run_and_cfg": (T, ["--cfg", "job", "--run"], ["--run", "--cfg"], None),
+    "flag_resolve_without_cfg": (T, ["--resolve"], ["--resolve", "--cfg"], None),
     # run directories
     "run_dir_empty": (T, ["run_dir="], ["run_dir"], None),
     "run_dir_below_a_file": (T, ["run_dir=@case/file/run"], ["run_dir", "file"], "a_file"),

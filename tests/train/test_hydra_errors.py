@@ -47,7 +47,10 @@ def _snapshot(root: Path) -> dict:
 
 def _invoke(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # main() sets it; monkeypatch restores the original
+    # main() sets it: setenv first records the original, so teardown restores it (a bare delenv of an unset
+    # variable records nothing, and HYDRA_FULL_ERROR=1 leaked into later tests and their subprocesses)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(sys, "argv", ["attnres-train", *argv])
     with pytest.raises(SystemExit) as info:
