@@ -13,7 +13,8 @@
 #   --nnodes N [NNODES, 1]           --nproc N [NPROC_PER_NODE, 1]      --node-rank R [NODE_RANK]: static mode
 #   --rdzv HOST:PORT [MASTER_ADDR:MASTER_PORT]   --job-id ID [SLURM_JOB_ID, attnres]   --max-restarts N [0]
 #   --dry-run: print the command instead of running it.
-# Everything after `--` is passed to attnres-train as Hydra overrides. Bad options: one `error:` line, exit 2.
+# Everything after `--` is passed to attnres-train as Hydra overrides. Bad options: one `error:` line, exit 2;
+# so are bad overrides: `attnres-train --check-only` runs here once before torchrun starts any worker.
 # Paths: the run starts in the caller's directory (a relative run_dir or data path means what the caller meant);
 # the repository is found from this script's location and put on PYTHONPATH.
 set -euo pipefail
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --max-restarts) need "$@"; MAX_RESTARTS="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown option $1 (put Hydra overrides after --)" ;;
   esac
 done
