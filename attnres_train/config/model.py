@@ -44,8 +44,8 @@ class ResidualConfig:
     # Depth-mixing implementation: "torch" (hand-differentiated torch ops, the CPU path), "triton"
     # (attnres_kernels: fused phase 1/2 with a recomputing backward; CUDA, or CPU under TRITON_INTERPRET=1 for
     # tests), "reference" (plain autograd through the defining formulas, for debugging) or "auto" (triton for
-    # CUDA tensors when triton imports, torch otherwise). fp64 never uses triton; tensor parallelism and
-    # two_phase=false always use the reference.
+    # CUDA tensors when triton imports, torch otherwise). fp64 never uses triton; two_phase=false always uses
+    # the reference (tensor parallelism runs the chosen path on each rank's local shard).
     impl: str = "auto"
 
 
@@ -59,8 +59,9 @@ class KDAConfig:
     head_dim: Optional[int] = 32
     # Kernel width of the short causal depthwise convolutions on q, k and v.
     conv_size: int = 4
-    # Tokens per chunk of the chunked KDA recurrence (fla supports 32 and 64 only).
-    chunk_size: int = 16
+    # Tokens per chunk of the chunked KDA recurrence; null = the core's own: 64 in fla's kernel (CUDA), 16 in the
+    # torch chunked form (CPU). fla supports 32 and 64 only.
+    chunk_size: Optional[int] = None
     # "auto": flash-linear-attention's chunk_kda on CUDA when installed, pure torch otherwise.
     impl: str = "auto"
 
@@ -178,7 +179,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
             )
         k.head_dim = cfg.hidden_size // k.num_heads
     for name in ("head_dim", "conv_size", "chunk_size"):
-        _positive(getattr(k, name), f"{p}.kda.{name}")
+        if getattr(k, name) is not None or name != "chunk_size":
+            _positive(getattr(k, name), f"{p}.kda.{name}")
     if k.impl not in KDA_IMPLS:
         raise ConfigError(f"{p}.kda.impl", f"must be one of {'|'.join(KDA_IMPLS)}, got {k.impl!r}")
 

@@ -75,7 +75,7 @@ def count_params(model_cfg) -> ParamCounts:
 
 def _kda_flops(cfg: ModelConfig) -> float:
     k = cfg.kda
-    c = min(k.chunk_size, 64)
+    c = min(k.chunk_size or 64, 64)  # null: fla's 64 (the GPU path, where MFU matters)
     core = k.num_heads * (6 * k.head_dim**2 + 3 * c * k.head_dim + c * c)
     return 2 * (_kda_params(cfg) - k.num_heads - k.num_heads * k.head_dim - k.head_dim) + core
 

@@ -28,6 +28,8 @@ CORES = ("chunk", "recurrent", "fla")
 #: Chunk sizes fla's Triton ``chunk_kda`` supports.
 FLA_CHUNK_SIZES = (32, 64)
 FLA_DEFAULT_CHUNK = 64
+#: The torch chunked form's chunk when ``model.kda.chunk_size`` is null (fastest on CPU at the small presets).
+TORCH_DEFAULT_CHUNK = 16
 _warned_fallback = False
 
 
@@ -61,8 +63,8 @@ def fla_chunk_kwargs(chunk_kda, chunk_size: int) -> dict:
         raise ConfigError(
             "model.kda.chunk_size",
             f"fla's chunk_kda (the CUDA KDA kernel) supports "
-            f"{' or '.join(map(str, FLA_CHUNK_SIZES))}, got {chunk_size}; set one of them, or "
-            "model.kda.impl=torch for the (much slower) torch chunked form",
+            f"{' or '.join(map(str, FLA_CHUNK_SIZES))}, got {chunk_size}; set one of them (or null: each core's "
+            "own), or model.kda.impl=torch for the (much slower) torch chunked form",
         )
     try:
         params = inspect.signature(chunk_kda).parameters
@@ -119,14 +121,14 @@ def _resolve_core(impl: str, device_type: str, chunk_size: int) -> str:
                 f"'fla' was requested but fla's chunk_kda is unavailable ({err}); "
                 "install fla-core with a working triton, or set impl=auto|torch",
             )
-        fla_chunk_kwargs(_fla_chunk_kda(), chunk_size)  # model.kda.chunk_size must take effect
+        fla_chunk_kwargs(_fla_chunk_kda(), chunk_size or FLA_DEFAULT_CHUNK)  # model.kda.chunk_size must take effect
         return "fla"
     if impl == "auto":
         if device.type != "cuda":
             return "chunk"
         err = _fla_import_error()
         if err is None:
-            fla_chunk_kwargs(_fla_chunk_kda(), chunk_size)
+            fla_chunk_kwargs(_fla_chunk_kda(), chunk_size or FLA_DEFAULT_CHUNK)
             return "fla"
         global _warned_fallback
         if not _warned_fallback:  # once per process, whatever the chunk size
@@ -231,7 +233,7 @@ class KimiDeltaAttention(nn.Module):
             if x_btd.device.type != "cuda":
                 raise RuntimeError("KDA core 'fla' needs CUDA tensors")
             o_bthv, _ = _run_fla(
-                self.chunk_size,
+                self.chunk_size or FLA_DEFAULT_CHUNK,
                 q=q_bthk.contiguous(),
                 k=k_bthk.contiguous(),
                 v=v_bthv.contiguous(),
@@ -248,7 +250,14 @@ class KimiDeltaAttention(nn.Module):
                 o_bthv, _ = kda_recurrent(q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, doc_ids=doc_ids)
             else:
                 o_bthv, _ = kda_chunked(
-                    q_bthk, k_bthk, v_bthv, g_bthk, beta_bth, scale=K**-0.5, chunk_size=self.chunk_size, doc_ids=doc_ids
+                    q_bthk,
+                    k_bthk,
+                    v_bthv,
+                    g_bthk,
+                    beta_bth,
+                    scale=K**-0.5,
+                    chunk_size=self.chunk_size or TORCH_DEFAULT_CHUNK,
+                    doc_ids=doc_ids,
                 )
 
         gate_bthv = torch.sigmoid(self.g_b_proj(self.g_a_proj(x_btd))).view(B, T, -1, V)
@@ -258,5 +267,5 @@ class KimiDeltaAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_k_dim}, conv={self.conv_size}, "
-            f"chunk={self.chunk_size}, impl={self.impl}"
+            f"chunk={self.chunk_size or 'auto'}, impl={self.impl}"
         )

@@ -149,7 +149,8 @@ class KimiDeltaAttention(nn.Module):
         super().__init__()
         lac = config.linear_attn_config
         d, H, K, W = config.hidden_size, lac["num_heads"], lac["head_dim"], lac["short_conv_kernel_size"]
-        self.layer_idx, self.H, self.K, self.chunk = layer_idx, H, K, config.kda_chunk_size
+        self.layer_idx, self.H, self.K = layer_idx, H, K
+        self.chunk = config.kda_chunk_size or 16  # null: the torch chunked form's default
         HK = H * K
         self.q_proj = nn.Linear(d, HK, bias=False)
         self.k_proj = nn.Linear(d, HK, bias=False)
