@@ -237,7 +237,10 @@ class CheckpointManager:
             if complete:
                 return complete[-1][1]
         why = "does not exist" if not path.exists() else "is not a complete checkpoint (no COMMITTED marker)"
-        raise UserInputError(f"checkpoint.resume={resume}: {path} {why} and holds no complete checkpoint")
+        raise UserInputError(
+            f"checkpoint.resume={resume}: {path} {why} and holds no complete checkpoint (checkpoint.resume takes "
+            "auto, none, or a checkpoint, checkpoints/ or run directory)"
+        )
 
     @staticmethod
     def read_config_text(path) -> str:

@@ -98,6 +98,8 @@ def run(args) -> str:
     ):
         if v is not None and v <= 0:
             raise UserInputError(f"{flag} must be a positive integer, got {v}")
+    if args.train_bpe is not None and args.train_bpe < 258:  # data/tokenizer.py's rule, before reading any input
+        raise UserInputError(f"--train-bpe must be at least 258 (256 byte ids + 2 specials), got {args.train_bpe}")
     if args.train_bpe is not None and not args.tokenizer_out:
         raise UserInputError("--train-bpe needs --tokenizer-out DIR (where the trained tokenizer is saved)")
     if args.tokenizer_out and args.train_bpe is None:

@@ -164,9 +164,9 @@ CASES = {
         None,
     ),
     "top_k_above_experts": (T, ["model.moe.top_k=99"], ["model.moe.top_k"], None),
-    "tp_without_ranks": (T, ["parallel.tp=3"], ["parallel"], None),
-    "pp_without_ranks": (T, ["parallel.pp=2"], ["parallel"], None),
-    "resume_mode_unknown": (T, ["checkpoint.resume=sometimes"], ["checkpoint.resume"], None),
+    "tp_without_ranks": (T, ["parallel.tp=3"], ["parallel.dp_shard", "1*3*1"], None),
+    "pp_without_ranks": (T, ["parallel.pp=2"], ["parallel.dp_shard", "1*1*2"], None),
+    "resume_mode_unknown": (T, ["checkpoint.resume=sometimes"], ["checkpoint.resume=sometimes", "auto, none"], None),
     "checkpoint_interval_negative": (T, ["checkpoint.interval=-1"], ["checkpoint.interval"], None),
     "device_unknown": (T, ["trainer.device=tpu"], ["trainer.device"], None),
     "precision_unknown": (T, ["trainer.precision=fp8"], ["trainer.precision"], None),
@@ -266,7 +266,18 @@ CASES = {
         None,
     ),
     "prepare_kind_unknown": ("prepare", ["@corpus", "--out", "@case/o", "--kind", "megatron"], ["--kind"], None),
-    "prepare_bpe_too_small": ("prepare", ["@corpus", "--out", "@case/o", "--train-bpe", "10"], ["--train-bpe"], None),
+    "prepare_bpe_without_tokenizer_out": (
+        "prepare",
+        ["@corpus", "--out", "@case/o", "--train-bpe", "300"],
+        ["--train-bpe", "--tokenizer-out"],
+        None,
+    ),
+    "prepare_bpe_too_small": (
+        "prepare",
+        ["@corpus", "--out", "@case/o", "--train-bpe", "10", "--tokenizer-out", "@case/t"],
+        ["--train-bpe", "258"],
+        None,
+    ),
     "prepare_shard_tokens_zero": (
         "prepare",
         ["@corpus", "--out", "@case/o", "--shard-tokens", "0"],
@@ -283,7 +294,12 @@ CASES = {
     "convert_init_run_missing": ("convert", ["init-run", "/nonexistent/hf", "@case/r"], ["/nonexistent/hf"], None),
     # attnres-plan
     "plan_model_unknown": ("plan", ["--model", "nope"], ["nope"], None),
-    "plan_world_not_divisible": ("plan", ["--world-size", "3", "--tp", "2"], ["tp"], None),
+    "plan_world_not_divisible": (
+        "plan",
+        ["--world-size", "3", "--tp", "2"],
+        ["parallel.dp_shard", "world size 3"],
+        None,
+    ),
     "plan_bad_option": ("plan", ["--frobnicate"], ["--frobnicate"], None),
     # attnres-analyze / attnres-compare
     "analyze_missing_run": ("analyze", ["/nonexistent/run"], ["/nonexistent/run"], None),
