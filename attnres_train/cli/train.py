@@ -6,7 +6,8 @@ a dead or hung peer, a failed checkpoint save) ends the same way with exit code 
 current step with a checkpoint and exit code 130 (a second Ctrl-C: at once, no save, also 130); SIGTERM /
 SIGUSR1 stop the same way with exit code 0 (preemption: the requeued job resumes). Works under torchrun (one
 process per rank) and with ``-m`` multirun sweeps (each job gets ``run_dir/<its swept overrides>``, cli/sweep_dirs.py).
-``--help`` prints the config fields from the schema (cli/help.py).
+``--help`` prints the config fields from the schema (cli/help.py); ``--check-only`` runs only the pre-flight
+(launch/torchrun.sh, before any worker starts). docs/training.md, "Bad input".
 """
 
 from __future__ import annotations
