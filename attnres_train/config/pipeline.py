@@ -12,8 +12,9 @@ from .errors import ConfigError
 
 # The one list of schedule names: the generators' registry (parallel/pipeline/generators.py GENERATORS) asserts
 # it covers exactly these names.
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
-ZERO_BUBBLE = {"zb_h1": 1, "zb_v": 2}  # zero-bubble schedules and the parallel.vpp they need
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", "dualpipev")
+# schedules with their own I/W split (zero bubble; DualPipeV splits part of its backwards) and the parallel.vpp they need
+ZERO_BUBBLE = {"zb_h1": 1, "zb_v": 2, "dualpipev": 2}
 SCHEDULE_CHUNKS = {"1f1b": 1, **ZERO_BUBBLE}  # schedules that fix V (parallel.vpp)
 COMM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -22,7 +23,8 @@ COMM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 class PipelineConfig:
     # gpipe | 1f1b (vpp = 1) | interleaved_1f1b (Megatron order; with vpp = 1 it is plain 1F1B) |
     # zb_h1 (zero bubble, vpp = 1) | zb_v (zero bubble, vpp = 2, V-shape placement: rank r holds stages r and
-    # 2*pp-1-r). The zero-bubble ones split every backward into I + W themselves (docs/pipeline.md).
+    # 2*pp-1-r) | dualpipev (DeepSeek's DualPipeV, vpp = 2, V placement, microbatches >= 2*pp). The zero-bubble
+    # ones split every backward into I + W themselves, DualPipeV some of them (docs/pipeline.md).
     schedule: str = "interleaved_1f1b"
     # Megatron's microbatch_group_size_per_vp_stage G (null = pp). Interleaving needs pp <= G <= microbatches
     # and microbatches % G == 0 or >= pp; with the default that is "microbatches is a multiple of pp".
@@ -70,6 +72,11 @@ def validate_pipeline_config(
                 "parallel.vpp",
                 f"pipeline.schedule={cfg.schedule} runs {ZERO_BUBBLE[cfg.schedule]} "
                 f"chunk(s) per rank, got parallel.vpp={vpp}",
+            )
+        if cfg.schedule == "dualpipev" and microbatches is not None and microbatches < 2 * pp:
+            raise ConfigError(
+                "trainer.global_batch_size",
+                f"dualpipev needs at least 2 x parallel.pp = {2 * pp} microbatches per step, got {microbatches}",
             )
         for name in ("split_backward", "w_delay", "microbatch_group_size"):
             if getattr(cfg, name) not in (None, False):

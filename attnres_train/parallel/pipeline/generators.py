@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ...config.pipeline import PIPELINE_SCHEDULES, SCHEDULE_CHUNKS, ZERO_BUBBLE, interleaved_rule_broken
 from .actions import Action, B, F, Kind, Schedule, ScheduleError, check_counts
+from .dualpipe import dualpipev
 from .layout import placement_rank
 from .zero_bubble import zb_h1, zb_v
 
@@ -159,6 +160,7 @@ GENERATORS: Dict[str, Callable[[int, int, int, Optional[int]], Schedule]] = {
     "interleaved_1f1b": interleaved_1f1b,
     "zb_h1": _zero_bubble(zb_h1),
     "zb_v": _zero_bubble(zb_v),
+    "dualpipev": _zero_bubble(dualpipev),
 }
 if tuple(GENERATORS) != PIPELINE_SCHEDULES:
     raise AssertionError(
@@ -166,7 +168,7 @@ if tuple(GENERATORS) != PIPELINE_SCHEDULES:
         f"{PIPELINE_SCHEDULES}: register a generator for every configurable schedule"
     )
 SCHEDULES = PIPELINE_SCHEDULES
-SCHEDULE_PLACEMENT = {"zb_v": "v"}  # everything else: loop
+SCHEDULE_PLACEMENT = {"zb_v": "v", "dualpipev": "v"}  # everything else: loop
 
 
 def schedule_placement(name) -> str:
@@ -184,7 +186,8 @@ def make_schedule(
     w_delay: Optional[int] = None,
 ) -> Schedule:
     """Compute-only schedule by name (``gpipe``, ``1f1b`` (V = 1), ``interleaved_1f1b``, ``zb_h1`` (V = 1),
-    ``zb_v`` (V = 2, V placement)); the zero-bubble ones are split into I/W already (``split_iw`` is refused)."""
+    ``zb_v`` and ``dualpipev`` (V = 2, V placement)); the zero-bubble ones are split into I/W already
+    (``split_iw`` is refused)."""
     if name in ZERO_BUBBLE and V != SCHEDULE_CHUNKS[name]:
         raise ScheduleError(f"{name} runs {SCHEDULE_CHUNKS[name]} chunk(s) per rank (virtual_stages), got V={V}")
     if name in ZERO_BUBBLE and split_iw:

@@ -90,7 +90,6 @@ class PipelineRuntime:
             raise PipelineError(f"rank {self.rank} must hold stages {expected}, got {sorted(self.stages)}")
         self.C = layout.num_stages
         self._last_stage = expected[-1]  # this rank's last chunk: after its forward, nothing here reads the cache
-        self._split = False
         self.schedule_name = schedule
         self.group_size = group_size
         self.split_iw = split_iw
@@ -192,11 +191,9 @@ class PipelineRuntime:
         self._verify_agreement(M, B, T)
         sched = self.schedule_for(M, eval_mode)
         self._M, self._B, self._T, self._mbs = M, B, T // self.seq_shards, microbatches
-        self._split = any(a.kind == Kind.W for acts in sched.ranks for a in acts)  # split_iw or a zero-bubble order
-        grad_kind = Kind.W if self._split else Kind.B
         self._grad_left = defaultdict(int)
         for a in sched.ranks[self.rank]:
-            if a.kind == grad_kind:
+            if a.kind in (Kind.B, Kind.W):  # the passes that finish weight gradients (DualPipeV has both)
                 self._grad_left[a.stage] += 1
         self._stats = CommStats()
         # accumulated on the device: no host sync per microbatch (the caller syncs once per step)
@@ -302,7 +299,7 @@ class PipelineRuntime:
         else:
             self._tx.flush_batch()  # the CUDA path posts the queued SEND/RECV actions before compute
             t0, w0 = time.perf_counter(), self._stats.wait_s
-            if k == (Kind.W if self._split else Kind.B):
+            if k in (Kind.B, Kind.W):
                 self._grad_left[a.stage] -= 1
                 if self._grad_left[a.stage] == 0 and self.before_last_backward is not None:
                     self.before_last_backward(a.stage)

@@ -17,12 +17,10 @@ from .layout import PipelineLayout
 
 def inflight_depth(sched: Schedule, rank: int) -> int:
     """The most (stage, microbatch) forwards ``rank`` holds at once: forwards run minus last backward passes
-    (B, or W when the backward is split)."""
-    acts = sched.ranks[rank]
-    done_kind = Kind.W if any(a.kind == Kind.W for a in acts) else Kind.B
+    (B, or W when the backward is split; DualPipeV has both)."""
     depth = peak = 0
-    for a in acts:
-        depth += (a.kind == Kind.F) - (a.kind == done_kind)
+    for a in sched.ranks[rank]:
+        depth += (a.kind == Kind.F) - (a.kind in (Kind.B, Kind.W))
         peak = max(peak, depth)
     return peak
 
