@@ -18,6 +18,7 @@ import torch
 
 from ..config.errors import ConfigError
 from ..config.parallel import ParallelDims, resolve_parallel_dims
+from ..config.schema import Config
 from .pipeline.layout import PipelineLayout
 from .pipeline.schedules import make_schedule, schedule_placement
 from .plan_estimates import RankEstimate, TrainShape, estimate_ranks
@@ -25,8 +26,8 @@ from .plan_estimates import RankEstimate, TrainShape, estimate_ranks
 REFUSE_FRACTION = 1.0  # refuse when the estimate exceeds the rank's total memory
 WARN_FRACTION = 0.9  # one warning line above this fraction of it
 SKIP_FIELD = "trainer.skip_memory_check"
-# Fields the error may name: the one whose halving shrinks the estimate most (and any within 10 % of it).
-# In this order on a tie (hidden_size last: it scales nearly every term, so when it is the cause it wins outright).
+# Fields the error may name (culprits): those above their schema default whose reset to it removes most of the
+# estimate.
 SIZE_FIELDS = (
     "model.vocab_size",
     "model.moe.num_experts",
@@ -34,6 +35,7 @@ SIZE_FIELDS = (
     "model.moe.dense_intermediate_size",
     "trainer.micro_batch_size",
     "data.seq_len",
+    "model.num_layers",
     "model.hidden_size",
 )
 
@@ -131,17 +133,22 @@ def capacity(dev: str, local_rank: int = 0, local_world_size: int = 1) -> Option
 
 
 def culprits(cfg, dims: ParallelDims, dev: str, need: float) -> List[str]:
-    """``SIZE_FIELDS`` whose halving shrinks the estimate most (ties within 10 % of the best), with their values."""
-    saved = {}
+    """``SIZE_FIELDS`` above their schema default whose reset to it shrinks the estimate most (and any within 10 %
+    of that; the one furthest above its default first), as ``key=value``."""
+    default, saved = Config(), {}
     for key in SIZE_FIELDS:
-        half = copy.deepcopy(cfg)
-        owner, name = _owner(half, key)
-        if getattr(owner, name) < 2:
+        if _get(cfg, key) <= _get(default, key):
             continue
-        setattr(owner, name, getattr(owner, name) // 2)
-        saved[key] = need - peak_bytes(half, dims, dev)
+        smaller = copy.deepcopy(cfg)
+        owner, name = _owner(smaller, key)
+        setattr(owner, name, _get(default, key))
+        try:
+            saved[key] = need - peak_bytes(smaller, dims, dev)
+        except (ValueError, ConfigError):  # e.g. fewer layers than pipeline stages or AttnRes blocks
+            continue
     best = max(saved.values(), default=0.0)
     keys = [k for k, v in saved.items() if best > 0 and v >= 0.9 * best]
+    keys.sort(key=lambda k: -_get(cfg, k) / max(_get(default, k), 1))
     return [f"{k}={_get(cfg, k)}" for k in keys]
 
 
@@ -166,12 +173,12 @@ def check_memory_fit(cfg, world_size: int = 1, local_rank: int = 0, local_world_
             f"warning: the run may not fit in memory: {figures}; {SKIP_FIELD}=true silences this check "
             "(docs/training.md, 'Memory check')"
         )
-    names = culprits(cfg, dims, dev, need) or ["model.hidden_size=" + str(cfg.model.hidden_size)]
+    names = culprits(cfg, dims, dev, need)
+    cause = f"most of it comes from {' and '.join(names)}: make it smaller" if names else "use a smaller model or batch"
     raise ConfigError(
-        names[0].split("=")[0],
-        f"the run does not fit in memory: {figures}; the estimate shrinks most with {' and '.join(names)}: "
-        f"make it smaller, shard over more ranks (parallel.*; attnres-plan prints the per-rank figures), or set "
-        f"{SKIP_FIELD}=true to start anyway (docs/training.md, 'Memory check')",
+        names[0].split("=")[0] if names else "model",
+        f"the run does not fit in memory: {figures}; {cause}, shard over more ranks (parallel.*; attnres-plan "
+        f"prints the per-rank figures), or set {SKIP_FIELD}=true to start anyway (docs/training.md, 'Memory check')",
     )
 
 
