@@ -23,6 +23,7 @@ from tests.distributed import run_distributed
 
 from .common import Case, rank_body, run_case
 from .test_runtime import _check_case
+from .test_train_layouts import STEPS, TOL, _body
 
 
 def _torch_order(P: int, M: int):
@@ -126,3 +127,19 @@ def test_dualpipev_p2_matches_single_process():
 @pytest.mark.slow
 def test_dualpipev_p4_matches_single_process():
     _run(P4, 4)
+
+
+@pytest.mark.slow
+def test_dualpipev_training_path_matches_single_process():
+    """``parallel.pp=2 parallel.vpp=2 pipeline.schedule=dualpipev`` through ``build_train_module``, 4 microbatches
+    (DualPipeV needs 2P), 2 optimizer steps, fp64: the harness and tolerance of ``test_train_layouts.py``."""
+    results = run_distributed(_body, 2, dict(pp=2, vpp=2, dp_shard=1), dict(schedule="dualpipev"), "block", 3, 4)
+    for rank, r in enumerate(results):
+        for step in range(STEPS):
+            for key in ("loss", "aux", "norm"):
+                assert r[key][step] <= TOL, f"rank {rank} step {step}: {key} rel err {r[key][step]:.2e}"
+            err, name = r["grads"][step]
+            assert err <= TOL, f"rank {rank} step {step}: grad {name} rel err {err:.2e}"
+            assert r["counts"][step] == 0 and r["bias"][step] == 0
+        assert r["params"][0] <= TOL, r["params"]
+    assert sorted(n for r in results for n in r["owned"][-1]) == results[0]["all_names"]

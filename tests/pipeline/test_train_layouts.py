@@ -41,7 +41,7 @@ def _cfg(mode, nb):
     return cfg
 
 
-def _body(parallel_kw, pipeline_kw, mode, nb):
+def _body(parallel_kw, pipeline_kw, mode, nb, microbatches=2):
     from attnres_train.config.parallel import ParallelConfig
     from attnres_train.config.pipeline import PipelineConfig
     from attnres_train.config.run import TrainerConfig
@@ -60,7 +60,7 @@ def _body(parallel_kw, pipeline_kw, mode, nb):
     cfg.pipeline = PipelineConfig(**pipeline_kw)
     cfg.optim = optim_cfg()
     pctx = build_parallel_context(cfg.parallel, cfg.model, seq_len=T, world_size=ws)
-    micro = max(1, B // pctx.dp_size // 2)  # 2 microbatches per pipeline step
+    micro = max(1, B // pctx.dp_size // microbatches)  # microbatches per pipeline step (default 2)
     cfg.trainer = TrainerConfig(micro_batch_size=micro, global_batch_size=B, precision="fp32")
     par = copy.deepcopy(ref)
     ref_opts = build_optimizers(ref, cfg.optim)
