@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnres_train.parallel.pipeline.fixed_cost import FixedCosts, measure_rank  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402  (the repo's gloo spawn helper)
 
-SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2)]
+SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2), ("dualpipev", 2)]
 TOLERANCE = 0.10  # relative: |measured - simulated| <= 0.10 * simulated
 
 

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="microbatches per step per dp rank M (gradient accumulation; default 2*pp, 1 without pp)",
     )
-    p.add_argument("--schedule", default="interleaved_1f1b", help="gpipe | 1f1b | interleaved_1f1b | zb_h1 | zb_v")
+    p.add_argument(
+        "--schedule", default="interleaved_1f1b", help="gpipe | 1f1b | interleaved_1f1b | zb_h1 | zb_v | dualpipev"
+    )
     p.add_argument("--group-size", type=int, default=None, help="Megatron microbatch group size G (default pp)")
     p.add_argument("--layers-per-stage", default=None, help="comma-separated decoder layers per stage")
     p.add_argument("--embed-cost", type=float, default=0.0, help="automatic split: embedding cost in layers")
