@@ -40,8 +40,9 @@ class PipelineRuntime:
     Args:
         stages: this rank's :class:`PipelineStageModule` s (any order; must be ``layout.stages_of(rank)``).
         layout: the shared :class:`PipelineLayout` (``layout.block_cache`` selects cached vs naive hops).
-        schedule: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``zb_v`` (needs ``layout.placement ==
-            "v"``), or a callable ``(P, V, M) -> Schedule`` (its ``placement`` must equal the layout's).
+        schedule: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``zb_v`` or ``dualpipev`` (these two
+            need ``layout.placement == "v"``), or a callable ``(P, V, M) -> Schedule`` (its ``placement`` must
+            equal the layout's).
         group: the pipeline process group, a 1-D ``DeviceMesh``, or ``None`` for the default group.
         comm_dtype: dtype of the packed messages (default: the stages' parameter dtype).
         split_iw / w_delay: run backward as I + W (zero-bubble hook, see ``generators.split_backward``).
