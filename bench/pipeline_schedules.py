@@ -23,7 +23,7 @@ from attnres_train.parallel.pipeline.layout import PipelineLayout
 from attnres_train.parallel.pipeline.schedules import Kind, lower, make_schedule, schedule_placement
 from attnres_train.parallel.pipeline.timing import timeline
 
-SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2)]
+SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2), ("dualpipev", 2)]
 
 
 def _peaks(sched, V: int):
