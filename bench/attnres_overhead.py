@@ -8,15 +8,16 @@ the default: fused AdamW where this torch has it, as the trainer uses).
 
 MFU: useful model FLOPs (``attnres_train.model.flops.train_flops_per_token``: active experts only, causal MLA,
 KDA's chunked formula, AttnRes reads) per second of median step time, divided by the throughput of a plain
-``n x n`` fp32/bf16 matmul (``--probe-n``) measured in every round of the same run, i.e. against what this
-machine's BLAS actually delivers right now, not a datasheet peak. CPU time (``process_time``) medians are
-printed too: on a shared machine they are less disturbed by other processes than wall time.
+``n x n`` fp32/bf16 matmul (``--probe-n``) measured at the start of every round, i.e. against what this
+machine's BLAS delivers right now, not a datasheet peak: MFU per round, median over rounds. The whole measurement
+runs ``--repeats`` times (default 3); each ``RESULT`` is the median over repeats with its min..max. CPU time
+(``process_time``) medians are printed too: on a shared machine they are less disturbed than wall time.
 
 ``--stub-sublayers`` replaces every token mixer and FFN by a scalar multiply, so the step-time differences are
 the depth-mixing cost alone (full training steps differ by 1-2%, below the noise of a shared CPU).
 
 Usage: python bench/attnres_overhead.py [--preset f2] [--vocab 4096] [--batch 2] [--seq 256] [--rounds 8]
-       [--optimizer adamw|none] [--threads N] [--device cuda --dtype bf16] [--stub-sublayers]
+       [--repeats 3] [--optimizer adamw|none] [--threads N] [--device cuda --dtype bf16] [--stub-sublayers]
 Ends with one ``RESULT`` line per headline figure.
 """
 
@@ -140,7 +141,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured rounds before the first repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="headline figures = median over this many repeats")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--optimizer", choices=("none", "adamw"), default="adamw")
     ap.add_argument("--device", default="cpu")
@@ -193,42 +195,64 @@ def main(argv=None):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
 
-    wall = {k: [] for k in variants}
-    cpu = {k: [] for k in variants}
+    tokens = args.batch * args.seq
+    step_flops = {k: train_flops_per_token(variants[k][1], args.seq) * tokens for k in names}
+    opt_desc = "none" if args.optimizer == "none" else (f"adamw(fused={opts['prenorm'].defaults.get('fused')})")
+    print(
+        f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} vocab={args.vocab} "
+        f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} rounds={args.rounds} "
+        f"repeats={args.repeats} optimizer={opt_desc} device={device} dtype={args.dtype} torch={torch.__version__}"
+    )
+    if args.stub_sublayers:
+        print("  sublayers stubbed out (--stub-sublayers): differences below are the depth-mixing cost")
+    reps = []
+    for rep in range(args.repeats):
+        print(f"repeat {rep + 1}/{args.repeats}")
+        wall, cpu, probe = run_rounds(args, names, variants, opts, x, y, device, dtype, rep == 0)
+        reps.append(summarise(args, names, step_flops, wall, cpu, probe))
+    headline(args, names, reps)
+
+
+def run_rounds(args, names, variants, opts, x, y, device, dtype, warm_up):
+    """Round-robin steps; the matmul probe runs at the start of every round. Lists aligned by round."""
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
     probe = []
-    for r in range(args.warmup + args.rounds):
+    warmup = args.warmup if warm_up else 0
+    for r in range(warmup + args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
         flops = matmul_probe(args.probe_n, device, dtype)
         for k in order:
             m, _ = variants[k]
             w, c = step_time(m, opts[k], x, y)
-            if r >= args.warmup:
+            if r >= warmup:
                 wall[k].append(w)
                 cpu[k].append(c)
-        if r >= args.warmup:
+        if r >= warmup:
             probe.append(flops)
+    return wall, cpu, probe
 
+
+def summarise(args, names, step_flops, wall, cpu, probe):
+    """Print one repeat's table; return its headline figures.
+
+    MFU per round = the variant's FLOPs / its step time / the probe of the same round (a slow phase of a shared
+    machine slows both); the repeat's MFU is the median over rounds."""
     med = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    peak = statistics.median(probe)
     tokens = args.batch * args.seq
-    opt_desc = "none" if args.optimizer == "none" else (f"adamw(fused={opts['prenorm'].defaults.get('fused')})")
+    mfu = {k: statistics.median(step_flops[k] / w / p for w, p in zip(wall[k], probe)) for k in names}
     print(
-        f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} vocab={args.vocab} "
-        f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} rounds={args.rounds} "
-        f"optimizer={opt_desc} device={device} dtype={args.dtype} torch={torch.__version__}"
+        f"  matmul probe {args.probe_n}^3: median {statistics.median(probe) / 1e9:.1f} GFLOP/s "
+        f"(min {min(probe) / 1e9:.1f}, max {max(probe) / 1e9:.1f})"
     )
-    if args.stub_sublayers:
-        print("  sublayers stubbed out (--stub-sublayers): differences below are the depth-mixing cost")
-    print(
-        f"  matmul probe {args.probe_n}^3: median {peak / 1e9:.1f} GFLOP/s (min {min(probe) / 1e9:.1f}, "
-        f"max {max(probe) / 1e9:.1f})"
-    )
-    mfu = {}
     for k in names:
-        f = train_flops_per_token(variants[k][1], args.seq) * tokens
-        mfu[k] = f / med[k] / peak
-        rate = "" if args.stub_sublayers else f"  {f / med[k] / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[k]:5.1f} %"
+        per_round = ", ".join(f"{100 * step_flops[k] / w / p:.0f}" for w, p in zip(wall[k], probe))
+        rate = (
+            ""
+            if args.stub_sublayers
+            else f"  {step_flops[k] / med[k] / 1e9:6.1f} GFLOP/s  MFU {100 * mfu[k]:5.1f} % (rounds: {per_round})"
+        )
         print(
             f"  {k:8s} median step {med[k] * 1e3:8.1f} ms  (min {min(wall[k]) * 1e3:.1f} ms)  "
             f"cpu {med_cpu[k] * 1e3:8.1f} ms  {tokens / med[k]:8.1f} tokens/s{rate}"
@@ -244,17 +268,40 @@ def main(argv=None):
             f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
             f"{min(wall[k]) / min(wall['prenorm']):.3f} x"
         )
-    if args.stub_sublayers:
-        for k in [n for n in names if n != "prenorm"]:
-            print(f"RESULT {k}_depth_mixing_cost {(med[k] - med['prenorm']) * 1e3:.1f} ms")
-        return
-    if "block8" in med:
-        print(f"RESULT block_over_prenorm_step_time {med['block8'] / med['prenorm']:.3f} x")
-    if "full" in med:
-        print(f"RESULT full_over_prenorm_step_time {med['full'] / med['prenorm']:.3f} x")
-    print(f"RESULT matmul_probe_gflops {peak / 1e9:.1f} GFLOP/s")
+    out = {"probe": statistics.median(probe)}
     for k in names:
-        print(f"RESULT mfu_{k} {100 * mfu[k]:.1f} %")
+        out[f"mfu_{k}"] = 100 * mfu[k]
+        if k != "prenorm":
+            out[f"{k}_cost"] = (med[k] - med["prenorm"]) * 1e3
+            out[f"{k}_ratio"] = med[k] / med["prenorm"]
+            out[f"{k}_cpu_ratio"] = med_cpu[k] / med_cpu["prenorm"]
+    return out
+
+
+def _spread(reps, key, fmt=".3f"):
+    vals = [r[key] for r in reps]
+    return f"{statistics.median(vals):{fmt}}", f"(min {min(vals):{fmt}} .. max {max(vals):{fmt}}, n={len(vals)})"
+
+
+def headline(args, names, reps):
+    """RESULT lines: the median over repeats of each repeat's figure, with the spread over repeats."""
+    others = [n for n in names if n != "prenorm"]
+    if args.stub_sublayers:
+        for k in others:
+            med, spread = _spread(reps, f"{k}_cost", ".1f")
+            print(f"RESULT {k}_depth_mixing_cost {med} ms {spread}")
+        return
+    label = {"block8": "block", "full": "full"}
+    for k in others:
+        med, spread = _spread(reps, f"{k}_ratio")
+        cmed, cspread = _spread(reps, f"{k}_cpu_ratio")
+        print(f"RESULT {label.get(k, k)}_over_prenorm_step_time {med} x {spread}")
+        print(f"RESULT {label.get(k, k)}_over_prenorm_cpu_time {cmed} x {cspread}")
+    med, spread = _spread(reps, "probe", ".3g")
+    print(f"RESULT matmul_probe_gflops {float(med) / 1e9:.1f} GFLOP/s")
+    for k in names:
+        med, spread = _spread(reps, f"mfu_{k}", ".1f")
+        print(f"RESULT mfu_{k} {med} % {spread}")
 
 
 if __name__ == "__main__":
