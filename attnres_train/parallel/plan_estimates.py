@@ -142,12 +142,27 @@ def _attnres_bytes_per_token(cfg: ModelConfig, i: int) -> float:
     if cfg.residual.mode == "prenorm":
         return 0.0
     d, f = cfg.hidden_size, FP32
-    sources = attnres_sources(cfg)[2 * i : 2 * i + 2]
+    all_sources, starts = _depth_layout(cfg)
+    sources = all_sources[2 * i : 2 * i + 2]
     if cfg.residual.mode == "full":
         return sum(2 * n * d * f + d * f for n in sources)
-    starts = set(block_starts(cfg))
     opens = sum(1 for j in (2 * i, 2 * i + 1) if j in starts)
     return opens * 2 * max(sources) * d * f + 2 * 4 * d * f  # phase 1 once per block, phase 2 per read
+
+
+_DEPTH_LAYOUTS: Dict[tuple, Tuple[List[int], frozenset]] = {}
+
+
+def _depth_layout(cfg: ModelConfig) -> Tuple[List[int], frozenset]:
+    """(sources per AttnRes read, block starts), computed once per residual layout rather than once per layer:
+    per layer it made an estimate O(num_layers^2), minutes for a 20,000-layer config in the pre-flight."""
+    r = cfg.residual
+    key = (r.mode, cfg.num_layers, r.num_blocks, r.block_size, r.partition)
+    if key not in _DEPTH_LAYOUTS:
+        if len(_DEPTH_LAYOUTS) > 64:
+            _DEPTH_LAYOUTS.clear()
+        _DEPTH_LAYOUTS[key] = (attnres_sources(cfg), frozenset(block_starts(cfg)))
+    return _DEPTH_LAYOUTS[key]
 
 
 def stage_activation_bytes(

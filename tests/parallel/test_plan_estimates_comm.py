@@ -80,3 +80,28 @@ def test_fsdp_traffic_estimate_matches_the_collectives():
             # FSDP2 pads each parameter's dim 0 to a multiple of the shard degree: a few percent on this tiny model
             assert abs(r["est"][kind] - r["sent"][kind]) <= 0.03 * r["sent"][kind], (kind, r)
         print(r)
+
+
+def test_estimate_reads_the_depth_layout_once_not_per_layer(monkeypatch):
+    """A pre-flight estimate of a deep Block config must not redo the O(num_layers) depth layout per layer (that
+    made a 20,000-layer config take minutes before its memory error): count the calls."""
+    import attnres_train.parallel.plan_estimates as pe
+    from attnres_train.config.model import ModelConfig, ResidualConfig
+    from attnres_train.config.parallel import ParallelDims
+
+    calls = {"sources": 0}
+    real = pe.attnres_sources
+
+    def counting(cfg):
+        calls["sources"] += 1
+        return real(cfg)
+
+    monkeypatch.setattr(pe, "attnres_sources", counting)
+    pe._DEPTH_LAYOUTS.clear()
+    cfg = ModelConfig(num_layers=300, residual=ResidualConfig(mode="block", num_blocks=4))
+    shape = pe.TrainShape(micro_batch_size=1, seq_len=8, microbatches=1)
+    dims = ParallelDims(world_size=1, pp=1, dp_replicate=1, dp_shard=1, tp=1, sp=False, ep=1)
+    first = pe.estimate_ranks(cfg, dims, shape)[0].total_memory
+    again = pe.estimate_ranks(cfg, dims, shape)[0].total_memory
+    assert calls["sources"] == 1
+    assert first == again > 0
