@@ -1,12 +1,13 @@
-"""Pipeline schedules side by side: simulated bubble, bytes per step, peak held activations and pending W work,
-and (``--measure``) the idle fraction measured with synthetic, calibrated busy-wait stage costs.
+"""Pipeline schedules side by side: simulated bubble, bytes per step, peak held activations and pending W work.
+The measured idle fraction is bench/pipeline_measured_idle.py (the real runtime with fixed sleeping costs; the
+busy-wait replay that was here measured the neighbours on a shared box and is gone).
 
 Why: issue 13 asks whether the zero-bubble schedules keep what the simulator promises while the block cache keeps
-the hop volume minimal on their placement. Costs, units and what ``--measure`` does: docs/pipeline.md, "Bench
+the hop volume minimal on their placement. Costs and units: docs/pipeline.md, "Bench
 (``bench/pipeline_schedules.py``)".
 
 Usage: python bench/pipeline_schedules.py [--P 4] [--M 8] [--layers 16] [--block-size 2] [--hidden 4096]
-       [--seq 4096] [--measure --unit-ms 20]
+       [--seq 4096]
 Ends with one ``RESULT`` line per schedule.
 """
 
@@ -14,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
 from attnres_train.config.model import ModelConfig
 from attnres_train.parallel.pipeline.layout import PipelineLayout
-from attnres_train.parallel.pipeline.schedules import Kind, lower, make_schedule, schedule_placement
+from attnres_train.parallel.pipeline.schedules import Kind, make_schedule, schedule_placement
 from attnres_train.parallel.pipeline.timing import timeline
 
 SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_v", 2), ("dualpipev", 2)]
@@ -38,45 +36,6 @@ def _peaks(sched, V: int):
     return held_pk, w_pk
 
 
-def _measure_body(sched, unit_s: float, V: int):
-    import torch
-    import torch.distributed as dist
-
-    r = dist.get_rank()
-    cost = {Kind.F: 1.0, Kind.I: 1.0, Kind.W: 1.0, Kind.B: 2.0}
-    buf = torch.zeros(16)
-    pending = []
-    dist.barrier()
-    t0 = time.perf_counter()
-    busy = 0.0
-    for a in sched.ranks[r]:
-        if a.kind in cost:
-            dt = cost[a.kind] / V * unit_s
-            end = time.perf_counter() + dt
-            while time.perf_counter() < end:
-                pass
-            busy += dt
-        elif a.kind in (Kind.SEND_F, Kind.SEND_B):
-            peer = sched.rank_of(a.stage + 1 if a.kind == Kind.SEND_F else a.stage - 1)
-            if peer != r:
-                pending.append(dist.isend(buf.clone(), peer, tag=_tag(a)))
-        else:
-            peer = sched.rank_of(a.stage - 1 if a.kind == Kind.RECV_F else a.stage + 1)
-            if peer != r:
-                dist.recv(torch.empty(16), peer, tag=_tag(a))
-    for p in pending:
-        p.wait()
-    wall = time.perf_counter() - t0
-    return 1.0 - busy / wall
-
-
-def _tag(a) -> int:
-    """Unique per (hop, microbatch, direction): SEND_F s / RECV_F s+1 and SEND_B s+1 / RECV_B s share hop s."""
-    fwd = a.kind in (Kind.SEND_F, Kind.RECV_F)
-    hop = a.stage if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
-    return (hop * 100000 + a.mb) * 2 + (0 if fwd else 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--P", type=int, default=4)
@@ -86,9 +45,6 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--bytes-per-elem", type=int, default=2)
-    ap.add_argument("--measure", action="store_true")
-    ap.add_argument("--unit-ms", type=float, default=20.0)
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     P, M = args.P, args.M
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden)
@@ -109,22 +65,10 @@ def main() -> None:
         cached = lay.bytes_per_step(M, 1, args.seq, args.bytes_per_elem)
         naive = lay.with_cache(False).bytes_per_step(M, 1, args.seq, args.bytes_per_elem)
         held, wpend = _peaks(sched, V)
-        measured = ""
-        if args.measure:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from tests.distributed import run_distributed  # the repo's spawn helper (gloo)
-
-            lowered = lower(sched)
-            vals = []
-            for _ in range(args.repeats):
-                per_rank = run_distributed(_measure_body, P, lowered, args.unit_ms / 1000, V, timeout=600)
-                vals.append(sum(per_rank) / P)
-            vals.sort()
-            measured = f" measured_idle={vals[len(vals) // 2]:.4f}"
         print(
             f"RESULT schedule={name} V={V} placement={lay.placement} sim_bubble={tl.bubble_fraction:.4f} "
             f"makespan={tl.makespan:.3f} bytes_per_step={cached} naive_bytes={naive} "
-            f"peak_held_stage_acts={held:.2f} peak_pending_W={wpend:.2f}{measured}"
+            f"peak_held_stage_acts={held:.2f} peak_pending_W={wpend:.2f}"
         )
 
 
