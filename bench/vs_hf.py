@@ -17,9 +17,13 @@ go back to the OS) and resetting the high-water mark (``/proc/self/clear_refs``)
 training step adds on top of what is already live (weights and optimizer state, identical for both):
 activations saved for backward, gradients and temporaries. Without ``/proc`` (not Linux) it is not reported.
 
-The headline ratio is the median over rounds of (transformers step time / our step time) within a round.
+The headline ratio is the median over rounds of (transformers step time / our step time) within a round. MFU:
+our training FLOPs per step over our step time and the 1024^3 matmul probe timed at the start of the same round,
+median over rounds. The rounds run ``--repeats`` times (default 3); each ``RESULT`` is the median over repeats
+with its min..max.
 
-Usage: python bench/vs_hf.py [--preset f1] [--vocab N] [--batch 1] [--seq 512] [--rounds 5] [--threads 0]
+Usage: python bench/vs_hf.py [--preset f1] [--vocab N] [--batch 1] [--seq 512] [--rounds 5] [--repeats 3]
+       [--threads 0]
 Ends with ``RESULT`` lines; the headline is ``RESULT ours_over_hf_tokens_per_s <x> x``.
 """
 
@@ -151,7 +155,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds before the first repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="RESULT = median over this many repeats of the rounds")
     ap.add_argument("--threads", type=int, default=0)
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)
@@ -181,32 +186,7 @@ def main(argv=None):
     kda_idx = [i for i in range(cfg.num_layers) if i not in set(cfg.mla_layers)]
     kda_layers = {"ours": ours.model.layers[kda_idx[0]].self_attn, "hf": hf.model.layers[kda_idx[0]].self_attn}
     h = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=g)
-    times = {k: [] for k in models}
-    cpu = {k: [] for k in models}
-    kda_times = {k: [] for k in models}
-    mem = {k: [] for k in models}
-    peak = PeakRSS()
-    probe = []
-    for r in range(args.warmup + args.rounds):
-        probe.append(matmul_probe(1024, torch.device("cpu"), torch.float32))
-        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            with peak:
-                t0, c0 = time.perf_counter(), time.process_time()
-                steps[k](models[k], opts[k], x, y)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if r >= args.warmup:  # the first step also allocates the optimizer state: not a step cost
-                times[k].append(dt)
-                cpu[k].append(dc)
-                mem[k].append(peak.delta_kb)
-        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            t = kda_layer_time(kda_layers[k], h)
-            if r >= args.warmup:
-                kda_times[k].append(t)
-
     tokens = args.batch * args.seq
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: tokens / v for k, v in med.items()}
-    pair_ratios = [h / o for o, h in zip(times["ours"], times["hf"])]
     n_params = sum(p.numel() for p in ours.parameters())
     print(
         f"device: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} | "
@@ -215,13 +195,59 @@ def main(argv=None):
     print(
         f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} experts={cfg.moe.num_experts} "
         f"top{cfg.moe.top_k} vocab={cfg.vocab_size} params={n_params / 1e6:.1f}M batch={args.batch} "
-        f"seq={args.seq} rounds={args.rounds} fp32 AdamW(fused={opts['ours'].defaults.get('fused')})"
+        f"seq={args.seq} rounds={args.rounds} repeats={args.repeats} fp32 "
+        f"AdamW(fused={opts['ours'].defaults.get('fused')})"
     )
     print(
         f"transformers: attn={hf.config._attn_implementation} experts={hf.config._experts_implementation} "
         f"KDA=torch fallback (chunk 64); ours: KDA torch chunked (chunk {cfg.kda.chunk_size})"
     )
     print(f"weights check: max |logits ours - transformers| = {diff:.2e}")
+    flops = train_flops_per_token(cfg, args.seq) * tokens
+    reps = []
+    for rep in range(args.repeats):
+        data = run_rounds(args, models, opts, steps, kda_layers, x, y, h, args.warmup if rep == 0 else 0)
+        print(f"repeat {rep + 1}/{args.repeats}")
+        reps.append(report(data, tokens, flops, len(kda_idx)))
+    headline(reps)
+
+
+def run_rounds(args, models, opts, steps, kda_layers, x, y, h, warmup):
+    """Alternating steps (order flips every round), the matmul probe at the start of each round; the
+    measured rounds' lists are aligned by round."""
+    times = {k: [] for k in models}
+    cpu = {k: [] for k in models}
+    kda_times = {k: [] for k in models}
+    mem = {k: [] for k in models}
+    peak = PeakRSS()
+    probe = []
+    for r in range(warmup + args.rounds):
+        flops = matmul_probe(1024, torch.device("cpu"), torch.float32)
+        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            with peak:
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps[k](models[k], opts[k], x, y)
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if r >= warmup:  # the first step also allocates the optimizer state: not a step cost
+                times[k].append(dt)
+                cpu[k].append(dc)
+                mem[k].append(peak.delta_kb)
+        for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            t = kda_layer_time(kda_layers[k], h)
+            if r >= warmup:
+                kda_times[k].append(t)
+        if r >= warmup:
+            probe.append(flops)
+    return {"times": times, "cpu": cpu, "kda": kda_times, "mem": mem, "probe": probe}
+
+
+def report(data, tokens, flops, n_kda):
+    """Print one repeat's figures; return its headline numbers."""
+    times, cpu, kda_times, mem, probe = (data[k] for k in ("times", "cpu", "kda", "mem", "probe"))
+    models = list(times)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: tokens / v for k, v in med.items()}
+    pair_ratios = [h / o for o, h in zip(times["ours"], times["hf"])]
     for k in models:
         m = [v for v in mem[k] if v is not None]
         mem_s = f"peak step memory {max(m) / 1024:8.1f} MiB" if m else "peak step memory n/a"
@@ -237,38 +263,63 @@ def main(argv=None):
     # Amdahl: both models run the same kind of code outside KDA (grouped_mm experts, SDPA MLA, LM head, AdamW),
     # so the step time left after the KDA mixers bounds the ratio any KDA speed-up can reach.
     kda_med = {k: statistics.median(v) for k, v in kda_times.items()}
-    rest = {k: med[k] - len(kda_idx) * kda_med[k] for k in models}
-    share = {k: len(kda_idx) * kda_med[k] / med[k] for k in models}
+    rest = {k: med[k] - n_kda * kda_med[k] for k in models}
+    share = {k: n_kda * kda_med[k] / med[k] for k in models}
     print(
         f"  KDA mixer fwd+bwd per layer: ours {kda_med['ours'] * 1e3:.0f} ms, hf {kda_med['hf'] * 1e3:.0f} ms "
-        f"({kda_med['hf'] / kda_med['ours']:.1f} x); x{len(kda_idx)} layers = {share['ours']:.0%} of our step, "
+        f"({kda_med['hf'] / kda_med['ours']:.1f} x); x{n_kda} layers = {share['ours']:.0%} of our step, "
         f"{share['hf']:.0%} of hf's"
     )
     print(
         f"  step time outside the KDA mixers: ours {rest['ours']:.2f} s, hf {rest['hf']:.2f} s -> ratio ceiling "
         f"with a zero-cost KDA: {med['hf'] / max(rest['ours'], 1e-9):.1f} x"
     )
-    # Roofline: our model's training FLOPs per step at 100% of the matmul throughput measured in this run. No
-    # implementation of this configuration can step faster, so hf's step over this bounds any ratio.
-    flops = train_flops_per_token(cfg, args.seq) * tokens
+    # Roofline: our model's training FLOPs per step at 100% of the matmul throughput measured in this round. No
+    # implementation of this configuration can step faster, so hf's step over this bounds any ratio. MFU per
+    # round (the round's probe: a slow phase of the shared machine slows both), median over rounds.
+    mfu_rounds = [flops / p / t for t, p in zip(times["ours"], probe)]
+    ceil_rounds = [t * p / flops for t, p in zip(times["hf"], probe)]
     probe_med = statistics.median(probe)
-    floor_s = flops / probe_med
     print(
         f"  roofline: {flops / 1e9:.1f} GFLOP per training step, matmul probe 1024^3 median "
-        f"{probe_med / 1e9:.1f} GFLOP/s -> no step below {floor_s:.3f} s; ours at MFU "
-        f"{floor_s / med['ours']:.0%}; ratio ceiling at 100% MFU: {med['hf'] / floor_s:.1f} x"
+        f"{probe_med / 1e9:.1f} GFLOP/s (min {min(probe) / 1e9:.1f}, max {max(probe) / 1e9:.1f}) -> no step below "
+        f"{flops / probe_med:.3f} s; ours MFU per round {', '.join(f'{100 * m:.0f}' for m in mfu_rounds)} % -> "
+        f"median {100 * statistics.median(mfu_rounds):.1f} %; ratio ceiling at 100% MFU: "
+        f"{statistics.median(ceil_rounds):.1f} x"
     )
-    print(f"RESULT ours_mfu {100 * floor_s / med['ours']:.1f} %")
-    print(f"RESULT ratio_ceiling_at_full_mfu {med['hf'] / floor_s:.1f} x")
-    print(f"RESULT ours_tokens_per_s {tps['ours']:.1f} tokens/s")
-    print(f"RESULT hf_tokens_per_s {tps['hf']:.1f} tokens/s")
-    # Headline: the median of the per-round ratios (each round times both models back to back, so a slow phase
-    # of the shared machine hits both); the ratio of the medians is printed above for comparison.
-    print(f"RESULT ours_over_hf_tokens_per_s {statistics.median(pair_ratios):.2f} x")
-    print(f"RESULT ours_over_hf_kda_layer {kda_med['hf'] / kda_med['ours']:.2f} x")
+    out = {
+        "ours_mfu": 100 * statistics.median(mfu_rounds),
+        "ratio_ceiling_at_full_mfu": statistics.median(ceil_rounds),
+        "ours_tokens_per_s": tps["ours"],
+        "hf_tokens_per_s": tps["hf"],
+        "ours_over_hf_tokens_per_s": statistics.median(pair_ratios),
+        "ours_over_hf_cpu_time": statistics.median(cpu["hf"]) / statistics.median(cpu["ours"]),
+        "ours_over_hf_kda_layer": kda_med["hf"] / kda_med["ours"],
+    }
     if all(v is not None for k in mem for v in mem[k]):
         for k in models:
-            print(f"RESULT {k}_peak_step_memory {max(mem[k]) / 1024:.1f} MiB")
+            out[f"{k}_peak_step_memory"] = max(mem[k]) / 1024
+    return out
+
+
+UNITS = {"ours_mfu": "%", "ours_tokens_per_s": "tokens/s", "hf_tokens_per_s": "tokens/s"}
+
+
+def headline(reps):
+    """RESULT lines: the median over repeats with the spread (peak memory: the largest over repeats).
+
+    The headline ratio is the median of per-round ratios (each round times both models back to back, so a slow
+    phase of the shared machine hits both); the ratio of the medians is printed above for comparison."""
+    for key in reps[0]:
+        vals = [r[key] for r in reps]
+        if key.endswith("peak_step_memory"):
+            print(f"RESULT {key} {max(vals):.1f} MiB (min {min(vals):.1f} .. max {max(vals):.1f}, n={len(vals)})")
+            continue
+        unit = UNITS.get(key, "x")
+        print(
+            f"RESULT {key} {statistics.median(vals):.2f} {unit} "
+            f"(min {min(vals):.2f} .. max {max(vals):.2f}, n={len(vals)})"
+        )
 
 
 if __name__ == "__main__":
