@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) bench/attnres_overhead.py
+	$(PYTHON) bench/vs_deepspeed.py  # SKIP line without the bench-deepspeed extra
 
 # Moving the pinned versions forward (docs/hf_interop.md "Pinned versions"): install the newest versions that
 # pyproject.toml allows into a scratch venv and run the interop and model tests there; `make lock` then writes
