@@ -15,6 +15,8 @@
 #   --dry-run: print the command instead of running it.
 # Everything after `--` is passed to attnres-train as Hydra overrides. Bad options: one `error:` line, exit 2;
 # so are bad overrides: `attnres-train --check-only` runs here once before torchrun starts any worker.
+# A failed worker: one line and its exit code (2 bad input, 3 aborted, 128+N signal N), not torchrun's report
+# (torchrun runs through attnres_train/cli/torchrun_main.py).
 # Paths: the run starts in the caller's directory (a relative run_dir or data path means what the caller meant);
 # the repository is found from this script's location and put on PYTHONPATH.
 set -euo pipefail
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
     --max-restarts) need "$@"; MAX_RESTARTS="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) die "unknown option $1 (put Hydra overrides after --)" ;;
   esac
 done
@@ -44,16 +46,16 @@ for v in NNODES NPROC MAX_RESTARTS; do is_int "${!v}" || die "--$(echo "$v" | tr
 [ "$NNODES" -ge 1 ] && [ "$NPROC" -ge 1 ] || die "--nnodes and --nproc must be >= 1"
 
 if [ "$NNODES" = "1" ] && [ -z "$RDZV" ]; then
-  CMD=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC")
+  CMD=("$PY" -m attnres_train.cli.torchrun_main --standalone --nnodes 1 --nproc-per-node "$NPROC")
 else
   [ -n "$RDZV" ] || die "--rdzv HOST:PORT (or MASTER_ADDR) is required with --nnodes $NNODES"
   case "$RDZV" in *:*) ;; *) RDZV="$RDZV:29500" ;; esac
   if [ -n "$NODE_RANK_ARG" ]; then  # static: fixed node ranks, node 0 hosts the store
     is_int "$NODE_RANK_ARG" && [ "$NODE_RANK_ARG" -lt "$NNODES" ] || die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK_ARG'"
-    CMD=("$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK_ARG" --nproc-per-node "$NPROC"
+    CMD=("$PY" -m attnres_train.cli.torchrun_main --nnodes "$NNODES" --node-rank "$NODE_RANK_ARG" --nproc-per-node "$NPROC"
          --master-addr "${RDZV%:*}" --master-port "${RDZV##*:}")
   else  # c10d: ranks assigned at rendezvous, restarts allowed
-    CMD=("$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC"
+    CMD=("$PY" -m attnres_train.cli.torchrun_main --nnodes "$NNODES" --nproc-per-node "$NPROC"
          --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "$JOB_ID")
   fi
 fi

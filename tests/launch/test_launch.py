@@ -47,7 +47,7 @@ def test_scripts_parse(script):
 
 def test_torchrun_commands():
     out = sh(TORCHRUN, "--dry-run", "--nproc", "2", "--", "model=tiny").stdout
-    assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 -m attnres_train model=tiny" in out
+    assert "torchrun_main --standalone --nnodes 1 --nproc-per-node 2 -m attnres_train model=tiny" in out
     out = sh(
         TORCHRUN,
         "--dry-run",
@@ -119,7 +119,7 @@ def test_sbatch_dry_run_builds_srun_and_torchrun(tmp_path):
         "torchrun.sh --nnodes 3 --nproc 4 --rdzv gpu03:29742 --job-id 4242 -- model=f3 run_dir=/shared/x "
     )
     assert (
-        "torch.distributed.run --nnodes 3 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu03:29742 "
+        "attnres_train.cli.torchrun_main --nnodes 3 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu03:29742 "
         "--rdzv-id 4242 -m attnres_train model=f3 run_dir=/shared/x"
     ) in lines[2]
     # with scontrol on PATH its expansion wins (the real cluster path)
