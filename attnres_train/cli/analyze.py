@@ -63,6 +63,10 @@ def analyze_run(
     from ..analysis import plots as P  # matplotlib is optional (the dev extra): needed only to draw
 
     run = load_run(run_dir)
+    if metrics_only and not run.records:  # nothing to plot: an empty page would look like a result
+        metrics = run.path / "metrics.jsonl"
+        state = "has no JSON record" if metrics.is_file() else "does not exist"
+        raise UserInputError(f"{metrics}: {state}; --metrics-only has nothing to plot (train the run first)")
     summary = summarize(run, name=str(run_dir))
     out = Path(out) if out is not None else run.path / "analysis"
     result, ckpt, what = {}, None, ""

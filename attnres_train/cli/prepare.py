@@ -127,7 +127,7 @@ def run(args) -> str:
             validate_source(src, f"inputs[{i}]")
         except ConfigError as e:
             raise UserInputError(f"input {inp!r}: {e.message}") from None
-        rs = resolve_source(src, where=f"input {inp!r}")
+        rs = resolve_source(src, where=f"input {inp!r}", path_field="input")
         if rs.kind in ("memmap", "megatron"):
             raise UserInputError(f"input {inp!r} is already tokenized ({rs.kind}); train on it directly")
         resolved.append(rs)

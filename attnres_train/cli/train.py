@@ -132,6 +132,13 @@ def resolvable_cfg_request(argv):
 
 def check_flags(argv) -> None:
     """Hydra's own flags misused: one error line (exit 2) instead of argparse's usage block or Hydra's ValueError."""
+    query = [a for a in argv if a.startswith("query=")]
+    completing = any(a in ("-sc", "--shell-completion") for a in argv)
+    if completing and query and "COMP_LINE" not in os.environ:  # Hydra: a KeyError traceback
+        _fail(
+            f"--shell-completion {query[0]} is run by the shell's completion function, which sets COMP_LINE (unset "
+            'here); to install completion: eval "$(attnres-train --shell-completion install=bash)"'
+        )
     parser = get_args_parser()
     parser.error = lambda message: _fail(f"{message} (see attnres-train --help; Hydra's flags: --hydra-help)")
     args = parser.parse_args(argv)

@@ -127,9 +127,14 @@ def _looks_like_hub_name(path: str) -> bool:
     return kind_of_file(path) is None and not path.endswith((".bin", ".idx"))
 
 
-def resolve_source(src: DataSourceConfig, where: str = "data.sources[0]") -> ResolvedSource:
-    """Work out the concrete kind and file list of ``src``; raise UserInputError if nothing is there."""
-    rs = _resolve(src, where)
+def resolve_source(
+    src: DataSourceConfig, where: str = "data.sources[0]", path_field: Optional[str] = None
+) -> ResolvedSource:
+    """Work out the concrete kind and file list of ``src``; raise UserInputError if nothing is there.
+
+    Errors about the path name it ``{where}.path``, or ``path_field`` when given (a CLI's word for it: ``input``
+    in attnres-prepare; each message names the path itself)."""
+    rs = _resolve(src, where, path_field or f"{where}.path")
     if src.hf_revision is not None and rs.kind != "hf":
         raise ConfigError(
             f"{where}.hf_revision", f"only used with hub datasets, but {rs.name!r} is a local {rs.kind} source"
@@ -137,7 +142,7 @@ def resolve_source(src: DataSourceConfig, where: str = "data.sources[0]") -> Res
     return rs
 
 
-def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
+def _resolve(src: DataSourceConfig, where: str, at: str) -> ResolvedSource:
     kind, path = src.kind, os.path.expanduser(src.path or "")
     if src.hf_name or kind == "hf":
         return ResolvedSource("hf", src.hf_name or src.path, src, where)
@@ -146,30 +151,28 @@ def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
     if kind == "megatron" or (kind == "auto" and _is_megatron_prefix(path)):
         prefix = _is_megatron_prefix(path)
         if prefix is None:
-            raise UserInputError(
-                f"{where}.path: Megatron dataset {path!r} not found (need both {path}.bin and {path}.idx)"
-            )
+            raise UserInputError(f"{at}: Megatron dataset {path!r} not found (need both {path}.bin and {path}.idx)")
         return ResolvedSource("megatron", prefix, src, where, files=[prefix])
     if kind == "memmap" or (kind == "auto" and _is_shard_dir(path)):
         if not os.path.exists(path):
-            raise UserInputError(f"{where}.path: token shard directory {path!r} does not exist")
+            raise UserInputError(f"{at}: token shard directory {path!r} does not exist")
         return ResolvedSource("memmap", path, src, where, files=[path])
 
     explicit = False
     if any(ch in path for ch in "*?["):
         files = _files_only(globlib.glob(path, recursive=True))
         if not files:
-            raise UserInputError(f"{where}.path: glob {path!r} matched no files")
+            raise UserInputError(f"{at}: glob {path!r} matched no files")
     elif os.path.isdir(path):
         files = _list_dir(path)
         if not files:
-            raise UserInputError(f"{where}.path: directory {path!r} contains no files")
+            raise UserInputError(f"{at}: directory {path!r} contains no files")
     elif os.path.isfile(path):
         files, explicit = [path], True
     elif kind == "auto" and _looks_like_hub_name(src.path):
         return ResolvedSource("hf", src.path, src, where)
     else:
-        raise UserInputError(f"{where}.path: data file {path!r} does not exist")
+        raise UserInputError(f"{at}: data file {path!r} does not exist")
 
     if kind == "auto":
         kinds = {kind_of_file(f) for f in files}
@@ -179,11 +182,11 @@ def _resolve(src: DataSourceConfig, where: str) -> ResolvedSource:
         kinds.discard(None)
         if not kinds:
             raise UserInputError(
-                f"{where}.path: no files with a known extension in {path!r} "
+                f"{at}: no files with a known extension in {path!r} "
                 f"(text: {', '.join(TEXT_EXTS)}; jsonl: {', '.join(JSONL_EXTS)}; .parquet; .arrow); set {where}.kind"
             )
         if len(kinds) > 1:
-            raise UserInputError(f"{where}.path: {path!r} mixes file kinds {sorted(kinds)}; use one source per kind")
+            raise UserInputError(f"{at}: {path!r} mixes file kinds {sorted(kinds)}; use one source per kind")
         kind, files = kinds.pop(), files_known
     elif kind not in RAW_KINDS:
         raise UserInputError(f"{where}.kind: {kind!r} cannot read {path!r}")

@@ -109,6 +109,10 @@ SETUPS = {
     "ckpt_uncommitted": _uncommit,
     "nonempty_dir": lambda w, c: _write(c / "out" / "keep.txt", "keep"),
     "run_no_metrics": lambda w, c: (c / "r").mkdir(),
+    "run_garbage_metrics": lambda w, c: (
+        _write(c / "r" / "config.yaml", (w["run"] / "config.yaml").read_bytes()),
+        _write(c / "r" / "metrics.jsonl", "not json\n[1, 2]\n"),
+    ),
 }
 
 
@@ -199,6 +203,7 @@ CASES = {
     "flag_cfg_bad_choice": (T, ["--cfg", "nope"], ["--cfg", "nope"], None),
     "flags_run_and_cfg": (T, ["--cfg", "job", "--run"], ["--run", "--cfg"], None),
     "flag_resolve_without_cfg": (T, ["--resolve"], ["--resolve", "--cfg"], None),
+    "flag_completion_query_without_comp_line": (T, ["-sc", "query=bash"], ["query=bash", "COMP_LINE"], None),
     # run directories
     "run_dir_empty": (T, ["run_dir="], ["run_dir"], None),
     "run_dir_below_a_file": (T, ["run_dir=@case/file/run"], ["run_dir", "file"], "a_file"),
@@ -257,7 +262,13 @@ CASES = {
     "prepare_no_arguments": ("prepare", [], ["INPUT"], None),
     "prepare_without_out": ("prepare", ["@corpus"], ["--out"], None),
     "prepare_out_not_empty": ("prepare", ["@corpus", "--out", "@case/out"], ["@case/out"], "nonempty_dir"),
-    "prepare_input_missing": ("prepare", ["/nonexistent/in", "--out", "@case/o"], ["/nonexistent/in"], None),
+    "prepare_input_missing": (
+        "prepare",
+        ["/nonexistent/in", "--out", "@case/o"],
+        ["error: input: data file '/nonexistent/in' does not exist"],
+        None,
+    ),
+    "prepare_glob_matches_nothing": ("prepare", ["@case/none*.txt", "--out", "@case/o"], ["input: glob"], None),
     "prepare_workers_zero": ("prepare", ["@corpus", "--out", "@case/o", "--workers", "0"], ["--workers"], None),
     "prepare_tokenizer_missing": (
         "prepare",
@@ -304,6 +315,12 @@ CASES = {
     # attnres-analyze / attnres-compare
     "analyze_missing_run": ("analyze", ["/nonexistent/run"], ["/nonexistent/run"], None),
     "analyze_dir_without_metrics": ("analyze", ["@case/r"], ["@case/r"], "run_no_metrics"),
+    "analyze_metrics_only_no_records": (
+        "analyze",
+        ["@case/r", "--metrics-only"],
+        ["@case/r/metrics.jsonl", "--metrics-only"],
+        "run_garbage_metrics",
+    ),
     "analyze_checkpoint_missing": ("analyze", ["@run", "--checkpoint", "/nonexistent/ck"], ["/nonexistent/ck"], None),
     "compare_missing_run": ("compare", ["/nonexistent/run"], ["/nonexistent/run"], None),
     "compare_bad_loss": ("compare", ["@run", "--loss", "test"], ["--loss"], None),
