@@ -156,6 +156,10 @@ class ExpertParallelExperts(GroupedExperts):
             # gradient is a zero tensor on every rank (not None), as for an unused expert without EP.
             keep = (w1_EFD.sum() + w3_EFD.sum() + w2_EDF.sum()).to(x_ND.dtype) * 0
             return x_ND * 0 + keep  # [0, D]: the experts map D -> D
+        if expert_offset == 0 and n_local == w1_EFD.shape[0]:
+            # All local experts (the forward's case): the shards themselves, not a full-range slice, whose
+            # backward zero-fills and copies every [E/ep, ff, d] weight gradient once more (as GroupedExperts).
+            return self.compute(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
         return self.compute(x_ND, counts, w1_EFD[sl], w3_EFD[sl], w2_EDF[sl])
 
     @torch.no_grad()
