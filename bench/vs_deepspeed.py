@@ -38,6 +38,7 @@ from attnres_train.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 ENGINES = ("ours", "zero2", "zero3")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # float64: exact checks of the setup (tests)
 WORLD = 2
 
 
@@ -194,7 +195,7 @@ def worker(args) -> None:
     base_kb = reset_peak_rss()
     work = Path(args.workdir)
     cfg = model_config(args)
-    model = build_model(cfg, seed=1)  # overwritten below: the same weights for every engine
+    model = build_model(cfg, seed=1, dtype=DTYPES[args.dtype])  # overwritten below: the same weights everywhere
     model.load_state_dict(torch.load(work / "init.pt", weights_only=True))
     batches = torch.load(work / "batches.pt", weights_only=True)
     b = batches.shape[1] // WORLD
@@ -286,7 +287,7 @@ def report(s: dict, args, cfg, n_params: int) -> None:
     print(
         f"preset={args.preset} d={cfg.hidden_size} layers={cfg.num_layers} experts={cfg.moe.num_experts} "
         f"vocab={cfg.vocab_size} params={n_params / 1e6:.2f}M | global batch {args.batch} x seq {args.seq}, dp={WORLD} "
-        f"gloo, {args.threads} thread(s)/rank, fp32, {args.steps} steps ({args.warmup} warmup), {args.rounds} rounds"
+        f"gloo, {args.threads} thread(s)/rank, {args.dtype}, {args.steps} steps ({args.warmup} warmup), {args.rounds} rounds"
     )
     print(f"torch {torch.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for eng, v in s.items():
@@ -302,6 +303,7 @@ def report(s: dict, args, cfg, n_params: int) -> None:
         )
     for eng, v in s.items():
         print(f"RESULT {eng}_step_time {statistics.median(v['step_ms']):.1f} ms")
+        print(f"RESULT {eng}_step_cpu_time {statistics.median(v['cpu_ms']):.1f} ms")
         print(f"RESULT {eng}_peak_rss_added_per_rank {statistics.median(v['peak_added_mib']):.1f} MiB")
         print(f"RESULT {eng}_maxrss_per_rank {statistics.median(v['maxrss_mib']):.1f} MiB")
     if "ours" in s:
@@ -310,7 +312,9 @@ def report(s: dict, args, cfg, n_params: int) -> None:
                 continue
             ratios = [o / u for o, u in zip(s[eng]["step_ms"], s["ours"]["step_ms"])]
             diff = max(abs(a - b) for a, b in zip(s[eng]["loss"], s["ours"]["loss"]))
+            cpu = [o / u for o, u in zip(s[eng]["cpu_ms"], s["ours"]["cpu_ms"])]
             print(f"RESULT {eng}_over_ours_step_time {statistics.median(ratios):.2f} x")
+            print(f"RESULT {eng}_over_ours_step_cpu_time {statistics.median(cpu):.2f} x")
             print(f"RESULT {eng}_vs_ours_loss_max_abs_diff {diff:.2e}")
         print(f"RESULT ours_loss_last_step {s['ours']['loss'][-1]:.6f}")
 
@@ -328,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="float64: --engines ours only")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
     ap.add_argument("--workdir", default=None, help="keep inputs, logs and per-rank JSON here (default: temp)")
     ap.add_argument("--json", default=None, help="write the summary here")
@@ -339,6 +344,8 @@ def main(argv=None):
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if bad := [e for e in engines if e not in ENGINES]:
         ap.error(f"--engines: unknown {bad}; choose from {', '.join(ENGINES)}")
+    if args.dtype != "float32" and engines != ["ours"]:
+        ap.error("--dtype float64 is for checking our half's setup exactly: use it with --engines ours")
     if any(e != "ours" for e in engines) and importlib.util.find_spec("deepspeed") is None:
         print("SKIP vs_deepspeed: deepspeed is not installed (pip install '.[bench-deepspeed]', docs/performance.md)")
         return 0
@@ -356,7 +363,7 @@ def main(argv=None):
     torch.save(make_batches(cfg.vocab_size, args.steps, args.batch, args.seq), work / "batches.pt")
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    keep = ("preset", "vocab", "batch", "seq", "lr", "weight_decay", "threads", "workdir")
+    keep = ("preset", "vocab", "batch", "seq", "lr", "weight_decay", "threads", "dtype", "workdir")
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keep]
     results = {e: [] for e in engines}
     for rnd in range(args.rounds):
