@@ -1,10 +1,12 @@
 """Checkpointing: atomic, verified ``torch.distributed.checkpoint`` saves with config, meta, RNG and retention.
 
-See :mod:`attnres_train.checkpoint.manager` for the layout and guarantees, and docs/training.md
+See :mod:`attnres_train.checkpoint.manager` (saving, loading, retention) and
+:mod:`attnres_train.checkpoint.layout` (the on-disk format, listing, verification), and docs/training.md
 ("Checkpoints").
 """
 
-from .manager import CheckpointManager, is_complete, read_config_text, step_dir_name, verify_checkpoint
+from .layout import is_complete, read_config_text, step_dir_name, verify_checkpoint
+from .manager import CheckpointManager
 from .rng import capture_rng, restore_rng
 from .space import CheckpointSaveError
 from .start_guard import check_fresh_start

@@ -3,171 +3,52 @@
 Why this shape: a crash at any point must leave either a complete checkpoint or an ignored leftover (written
 under ``step_N.tmp-<nonce>/``, renamed, then ``COMMITTED`` last); a truncated or altered file must fail with
 an error naming it before DCP reads a byte (manifest of sha256 + sizes); retention never deletes the
-checkpoint just committed; async saves copy to CPU and write from a thread. The directory layout and each
-rule: docs/training.md "Checkpoints".
+checkpoint just committed; async saves copy to CPU and write from a thread. The format one directory has
+(names, manifest, verification) is layout.py; each rule: docs/training.md "Checkpoints".
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config.errors import UserInputError
+from .layout import (
+    CONFIG,
+    FORMAT_VERSION,
+    MARKER,
+    META,
+    RNG_DIR,
+    build_manifest,
+    fsync_dir,
+    is_complete,
+    read_config_text,
+    scan,
+    sha256_file,
+    sha256_text,
+    step_dir_name,
+    step_of,
+    verify_checkpoint,
+)
+from .layout import write_durable as _write_durable  # by this name: tests/train/test_kill_resume.py kills a save
 from .rng import capture_rng, restore_rng
 from .safe_dcp import dcp_async_save, dcp_load, dcp_save, distributed
 from .space import CheckpointSaveError, checkpoint_bytes, mib, root_error, state_bytes
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MARKER = "COMMITTED"
-META = "meta.json"
-CONFIG = "config.yaml"
-RNG_DIR = "rng"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
 _RESERVED_META = ("format_version", "step", "world_size", "time", "manifest", "config_sha256")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def build_manifest(directory: Path) -> Dict[str, Dict[str, object]]:
-    """``{relative posix path: {"sha256", "size"}}`` for every file under ``directory`` but meta / marker."""
-    manifest = {}
-    for p in sorted(directory.rglob("*")):
-        rel = p.relative_to(directory).as_posix()
-        if p.is_file() and rel not in (META, MARKER):
-            manifest[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
-    return manifest
-
-
-def is_complete(path: Path) -> bool:
-    """A checkpoint dir is complete iff its ``COMMITTED`` marker (written last) and meta.json exist."""
-    return (path / MARKER).is_file() and (path / META).is_file()
-
-
-def read_config_text(path) -> str:
-    """The resolved config text saved with checkpoint ``path`` (for comparing against a resumed run's)."""
-    f = Path(path) / CONFIG
-    try:
-        return f.read_text(encoding="utf-8")
-    except OSError:
-        raise UserInputError(f"checkpoint {path} has no readable {CONFIG}") from None
-
-
-def _step_of(path: Path) -> int:
-    m = _STEP_RE.match(path.name)
-    return int(m.group(1)) if m else -1
-
-
-def _scan(root: Path) -> Tuple[List[Tuple[int, Path]], List[Path]]:
-    """(complete checkpoints sorted by step, stale dirs: ``*.tmp*`` and step dirs without a marker)."""
-    complete, stale = [], []
-    if not root.is_dir():
-        return complete, stale
-    for p in root.iterdir():
-        if not p.is_dir():
-            continue
-        m = _STEP_RE.match(p.name)
-        if m and is_complete(p):
-            complete.append((int(m.group(1)), p))
-        elif m or (p.name.startswith("step_") and ".tmp" in p.name):
-            stale.append(p)
-    complete.sort()
-    return complete, sorted(stale)
-
-
-def _previous_hint(path: Path) -> str:
-    """Sentence naming the newest complete checkpoint older than ``path`` (in the same directory), if any."""
-    m = _STEP_RE.match(path.name)
-    complete, _ = _scan(path.parent)
-    older = [p for s, p in complete if m is None or s < int(m.group(1))]
-    if older:
-        return (
-            f" The previous checkpoint {older[-1]} is still usable: resume from it with checkpoint.resume={older[-1]}."
-        )
-    return f" There is no older complete checkpoint in {path.parent}."
-
-
-def verify_checkpoint(path) -> dict:
-    """Check the marker, meta.json and every manifest entry; return meta. Raises UserInputError naming the file."""
-    path = Path(path)
-    if not is_complete(path):
-        raise UserInputError(f"{path} is not a complete checkpoint (no {MARKER} marker or {META})")
-
-    def bad(file: Path, problem: str) -> UserInputError:
-        return UserInputError(
-            f"checkpoint file {file} {problem}; checkpoint {path} cannot be loaded." + _previous_hint(path)
-        )
-
-    meta_file = path / META
-    try:
-        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-        expected_meta_sha = marker["meta_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise bad(path / MARKER, "is unreadable or malformed") from None
-    if _sha256(meta_file) != expected_meta_sha:
-        raise bad(meta_file, "was altered or truncated (sha256 differs from the one recorded in COMMITTED)")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    root = path.resolve()
-    for rel, info in meta["manifest"].items():
-        f = path / rel
-        if root not in f.resolve().parents:
-            raise bad(f, "lies outside the checkpoint directory")
-        if not f.is_file():
-            raise bad(f, "is missing")
-        size = f.stat().st_size
-        if size != info["size"]:
-            raise bad(f, f"is truncated or altered ({size} bytes, expected {info['size']})")
-        if _sha256(f) != info["sha256"]:
-            raise bad(f, "was altered (sha256 differs from the manifest)")
-    return meta
 
 
 class CheckpointManager:
@@ -206,15 +87,15 @@ class CheckpointManager:
     # -- discovery ----------------------------------------------------------------------------------------
     def complete(self) -> List[Path]:
         """Complete checkpoints, oldest first."""
-        return [p for _, p in _scan(self.root)[0]]
+        return [p for _, p in scan(self.root)[0]]
 
     def stale(self) -> List[Path]:
         """Leftovers of interrupted saves (``*.tmp-*`` dirs, step dirs without a marker): never loaded."""
-        return _scan(self.root)[1]
+        return scan(self.root)[1]
 
     def latest(self, report: bool = True) -> Optional[Path]:
         """Newest complete checkpoint, or None. Stale leftovers are ignored (and, with ``report``, logged)."""
-        complete, stale = _scan(self.root)
+        complete, stale = scan(self.root)
         if stale and report:
             log.warning(
                 "ignoring %d incomplete checkpoint dir(s) from interrupted saves: %s (removed on the next save)",
@@ -233,7 +114,7 @@ class CheckpointManager:
         if is_complete(path):
             return path
         if path.is_dir():
-            complete, _ = _scan(path)
+            complete, _ = scan(path)
             if complete:
                 return complete[-1][1]
         why = "does not exist" if not path.exists() else "is not a complete checkpoint (no COMMITTED marker)"
@@ -386,7 +267,7 @@ class CheckpointManager:
         _write_durable(tmp / CONFIG, config_text)
         full_meta = {**meta, "time": time.time(), "manifest": build_manifest(tmp)}
         _write_durable(tmp / META, json.dumps(full_meta, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         aside = None
         if final.exists():  # same step from an earlier run (e.g. resumed from an older checkpoint): this run wins
             log.warning("replacing the existing checkpoint %s with this run's state at the same step", final)
@@ -394,9 +275,9 @@ class CheckpointManager:
             (final / MARKER).unlink(missing_ok=True)
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _write_durable(final / MARKER, json.dumps({"meta_sha256": _sha256(final / META)}))
-        _fsync_dir(final)
+        fsync_dir(self.root)
+        _write_durable(final / MARKER, json.dumps({"meta_sha256": sha256_file(final / META)}))
+        fsync_dir(final)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         self._prune(keep=final)
@@ -440,7 +321,7 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         others = [p for p in self.complete() if p != keep]
-        if keep is not None and others and _step_of(others[-1]) > _step_of(keep):
+        if keep is not None and others and step_of(others[-1]) > step_of(keep):
             log.warning(
                 "%s holds checkpoints with higher steps than the one just saved (%s) from a run that went "
                 "further; checkpoint.resume=auto picks the highest step",

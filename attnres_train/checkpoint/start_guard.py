@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.errors import UserInputError
-from .manager import MARKER, META, _scan
+from .layout import MARKER, META, scan
 
 
 def check_fresh_start(root, resume, overwrite: bool) -> None:
@@ -31,7 +31,7 @@ def check_fresh_start(root, resume, overwrite: bool) -> None:
     if overwrite:
         return
     root = Path(root)
-    complete, stale = _scan(root)
+    complete, stale = scan(root)
     written = [p for p in stale if (p / META).is_file()]
     damaged = [p for p in stale if (p / MARKER).is_file() and not (p / META).is_file()]
     if damaged:  # committed (the marker is written last), then its meta.json was lost: not loadable, not garbage
