@@ -107,8 +107,15 @@ class DecoderLayer(nn.Module):
         self, state: DepthState, k: int, q_d: torch.Tensor, doc_ids: Optional[torch.Tensor] = None
     ) -> DepthState:
         """Run sublayer ``k`` (0: token mixer, 1: FFN) in AttnRes mode and return the updated state."""
-        state = self.prepare(state, k)
-        h = depth_read(state, 2 * self.layer_idx + k, q_d, self.eps, self.two_phase, self.residual_impl)
+        sub = 2 * self.layer_idx + k
+        if self.mode == "full" and sub in state.phase1:
+            # Full AttnRes with phase 1 precomputed over the completed blocks (``forward_layers``' segment
+            # logits): phase 2 merges the open partial (the previous sublayer's output), which then closes.
+            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl)
+            state = self.prepare(state, k)
+        else:
+            state = self.prepare(state, k)
+            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl)
         if k == 0:
             y, aux = self.mix(self.input_layernorm(h), doc_ids), None
         else:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config.model import ModelConfig, as_model_config, block_starts, validate_model_config
 from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
+from .depth_shards import is_dtensor
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
 from .lm_loss import LMLoss
@@ -95,10 +96,18 @@ class AttnResForCausalLM(nn.Module):
         end = len(self.model.layers) if end is None else end
         batch_phase1 = self.mode == "block" and self.two_phase
         cache = None
+        if self.mode == "full" and self.two_phase and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
+            queries = self._segment_queries(start, end)
+            # Not while the queries are still sharded outside their layers' forward (an FSDP2 unit per whole
+            # layer; the framework keeps them in the root unit, data_parallel.layer_unit): each sublayer reads alone
+            if not (is_dtensor(queries) and any(p.is_shard() for p in queries.placements)):
+                cache = SegmentLogits(queries, 0, self.eps)
         for i in range(start, end):
             layer = self.model.layers[i]
             opened_mid_layer = i > start and self.model.layers[i - 1].opens_block[1]
-            if batch_phase1 and (i == start or layer.opens_block[0] or opened_mid_layer):
+            if cache is not None and self.mode == "full":
+                state = replace(state, phase1=self._full_phase1(state, layer, cache))
+            elif batch_phase1 and (i == start or layer.opens_block[0] or opened_mid_layer):
                 if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
                     cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
@@ -136,6 +145,20 @@ class AttnResForCausalLM(nn.Module):
         if subs[-1] % 2 == 0:  # the block ends after a token mixer: drop that layer's FFN query
             queries = queries[:-1]
         return dict(zip(subs, phase1(blocks, queries, self.eps, self.residual_impl)))
+
+    def _full_phase1(self, state: DepthState, layer: DecoderLayer, cache: SegmentLogits) -> dict:
+        """Full AttnRes: phase-1 stats of ``layer``'s two sublayers over the sources completed before each,
+        without the open partial, which the layer merges by phase 2 (``DecoderLayer.sublayer``). Both exist
+        before the layer runs: its token mixer reads the blocks + the previous output, its FFN also the mixer's
+        output (the partial then). Each source's logits are computed once for all later queries (the cache)
+        instead of once per reading sublayer (O(L) key passes per step instead of O(L²))."""
+        mixer, ffn = 2 * layer.layer_idx, 2 * layer.layer_idx + 1
+        if state.partial is None:  # only the embedding so far: the mixer reads it alone (no stats needed)
+            return {ffn: cache.phase1(state.blocks, [ffn])[0]}
+        return {
+            mixer: cache.phase1(state.blocks, [mixer])[0],
+            ffn: cache.phase1(state.blocks + [state.partial], [ffn])[0],
+        }
 
     def output_query(self) -> torch.Tensor:
         return fold_query(self.model.output_attn_res_norm, self.model.output_attn_res_proj)
