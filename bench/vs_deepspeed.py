@@ -203,6 +203,8 @@ def worker(args) -> None:
         step = setup_ours(model, cfg, optim_config(args), b)
     else:
         step = setup_deepspeed(model, cfg, optim_config(args), b, stage=int(args.worker[-1]))
+    setup_kb = _status_kb("VmHWM")  # construction (a full model on every rank, for both) and wrapping
+    reset_peak_rss()  # the steps' peak from here: what is live after setup plus each step's transients
     out = {"wall": [], "cpu": [], "loss": [], "grad_norm": []}
     for i in range(batches.shape[0]):
         mine = batches[i, rank * b : (rank + 1) * b]
@@ -213,8 +215,10 @@ def worker(args) -> None:
         out["cpu"].append(time.process_time() - c0)
         out["loss"].append(loss)
         out["grad_norm"].append(norm)
-    hwm_kb = _status_kb("VmHWM")
-    out["peak_added_mib"] = (hwm_kb - base_kb) / 1024 if base_kb is not None and hwm_kb is not None else None
+    steps_kb = _status_kb("VmHWM")
+    known = base_kb is not None and steps_kb is not None
+    out["peak_steps_mib"] = (steps_kb - base_kb) / 1024 if known else None
+    out["peak_setup_mib"] = (setup_kb - base_kb) / 1024 if known else None
     out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (work / f"{args.worker}-r{args.round}-rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
@@ -257,18 +261,20 @@ def summarize(results: dict, args) -> dict:
     """Per engine: per-round median step time (max over ranks per step, warmup steps dropped), peak memory."""
     s = {}
     for eng, rounds in results.items():
-        step_ms, cpu_ms, peak, maxrss = [], [], [], []
+        step_ms, cpu_ms, peak, setup, maxrss = [], [], [], [], []
         for ranks in rounds:
             wall = [max(r["wall"][i] for r in ranks) for i in range(args.warmup, args.steps)]
             cpu = [max(r["cpu"][i] for r in ranks) for i in range(args.warmup, args.steps)]
             step_ms.append(1e3 * statistics.median(wall))
             cpu_ms.append(1e3 * statistics.median(cpu))
-            peak.append(max(r["peak_added_mib"] or 0.0 for r in ranks))
+            peak.append(max(r["peak_steps_mib"] or 0.0 for r in ranks))
+            setup.append(max(r["peak_setup_mib"] or 0.0 for r in ranks))
             maxrss.append(max(r["maxrss_mib"] for r in ranks))
         s[eng] = {
             "step_ms": step_ms,
             "cpu_ms": cpu_ms,
-            "peak_added_mib": peak,
+            "peak_steps_mib": peak,
+            "peak_setup_mib": setup,
             "maxrss_mib": maxrss,
             "loss": rounds[0][0]["loss"],
             "grad_norm": rounds[0][0]["grad_norm"],
@@ -292,7 +298,8 @@ def report(s: dict, args, cfg, n_params: int) -> None:
     print(f"torch {torch.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for eng, v in s.items():
         print(f"  {eng:5s} step ms   {_spread(v['step_ms'])}   cpu ms {statistics.median(v['cpu_ms']):.1f}")
-        print(f"  {eng:5s} peak MiB  {_spread(v['peak_added_mib'])}   process maxrss {max(v['maxrss_mib']):.1f}")
+        print(f"  {eng:5s} steps peak MiB {_spread(v['peak_steps_mib'])}   setup peak {max(v['peak_setup_mib']):.1f}")
+        print(f"  {eng:5s} process maxrss MiB {_spread(v['maxrss_mib'])}")
     print("  step  " + "  ".join(f"{e:>10s} loss" for e in s) + "  " + "  ".join(f"{e:>6s} norm" for e in s))
     for i in range(args.steps):
         print(
@@ -304,7 +311,8 @@ def report(s: dict, args, cfg, n_params: int) -> None:
     for eng, v in s.items():
         print(f"RESULT {eng}_step_time {statistics.median(v['step_ms']):.1f} ms")
         print(f"RESULT {eng}_step_cpu_time {statistics.median(v['cpu_ms']):.1f} ms")
-        print(f"RESULT {eng}_peak_rss_added_per_rank {statistics.median(v['peak_added_mib']):.1f} MiB")
+        print(f"RESULT {eng}_peak_rss_steps_per_rank {statistics.median(v['peak_steps_mib']):.1f} MiB")
+        print(f"RESULT {eng}_peak_rss_setup_per_rank {statistics.median(v['peak_setup_mib']):.1f} MiB")
         print(f"RESULT {eng}_maxrss_per_rank {statistics.median(v['maxrss_mib']):.1f} MiB")
     if "ours" in s:
         for eng in s:
