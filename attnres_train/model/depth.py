@@ -137,7 +137,8 @@ class SegmentLogits:
     Phase 1 at a block start needs ``r_j⟨v_j, q_s⟩`` of every completed block j for the block's queries; without
     this cache every block start recomputes them for all earlier blocks (O(N²) passes over ``[B,T,d]`` per
     step). With it, a source is read once for the logits of all the segment's sublayers, and its backward is one
-    matmul per source. ``forward_layers`` keeps one per call; nothing of it crosses a pipeline stage.
+    matmul per source. ``forward_layers`` keeps one per call (Block and Full AttnRes); nothing of it crosses a
+    pipeline stage.
     """
 
     def __init__(self, q_qd: torch.Tensor, first_sublayer: int, eps: float):

@@ -3,10 +3,10 @@
 Why: autograd through the reference in :mod:`depth` records ~10 ops per (source, query) pair, each backward
 re-reading full ``[B,T,d]`` tensors, and on CPU depth mixing is memory-bound. These ``autograd.Function`` s do
 the same math in the fewest passes and save only what the Triton kernels save (source references, outputs,
-fp32 queries, per-token fp32 scalars). :func:`phase1` is one fused read (Full AttnRes, the output head); block
-starts use :func:`source_logits` once per source plus :func:`combine` (``depth.SegmentLogits``), so key passes
-are O(N) per step. The forward/backward formulas: docs/kernels.md "What is computed" (same math); checked by
-``tests/model/test_depth_ops.py`` against the reference (fp64 and fp32).
+fp32 queries, per-token fp32 scalars). :func:`phase1` is one fused read (the output head); reads inside
+``forward_layers`` (Block and Full) use :func:`source_logits` once per source plus :func:`combine`
+(``depth.SegmentLogits``): O(N) key passes per step. Formulas: docs/kernels.md "What is computed" (same math);
+checked by ``tests/model/test_depth_ops.py`` against the reference (fp64 and fp32).
 """
 
 from __future__ import annotations
@@ -264,8 +264,8 @@ def combine(s_nts: Tensor, blocks: Sequence[Tensor]) -> List[Tuple[Tensor, Tenso
 def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """Same contract as :func:`attnres_train.model.depth.phase1` (per query: unnormalised o, max m, sum-exp l).
 
-    One fused function (logits and combine): fewer autograd nodes for single reads (Full AttnRes, the output
-    head). Block starts inside ``forward_layers`` use :func:`source_logits` once per source + :func:`combine`.
+    One fused function (logits and combine): fewer autograd nodes for single reads (the output head). Reads
+    inside ``forward_layers`` (Block, Full) use :func:`source_logits` once per source + :func:`combine`.
     """
     flat = _Phase1.apply(eps, q_sd, *blocks)
     return [tuple(flat[3 * s : 3 * s + 3]) for s in range(q_sd.shape[0])]
