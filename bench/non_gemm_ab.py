@@ -6,7 +6,8 @@ pairs per repeat, ``--repeats`` times (default 3); RESULT = median over repeats 
 medians, with min..max. The "before" code is the previous formulation, inlined here (bitwise-equal or fp64-exact
 to the new one: tests/parallel/test_ep_local_experts.py, tests/model/test_full_segment_cache.py, test_moe.py).
 
-Cases: ``ep_slice`` (EP local experts, f1 sizes, all local experts: sliced vs whole shards), ``moe_combine`` (f1:
+Cases: ``ep_slice`` (EP local experts, f1 sizes, all local experts: sliced vs whole shards), ``kda_conv`` (one
+f1 KDA mixer: the short convs' output as a transposed view vs [B,T,C] order), ``moe_combine`` (f1:
 mul + sum vs bmm), ``full_cache`` (Full AttnRes f2 with stubbed sublayers, forward + backward: a fused phase 1
 per sublayer vs the segment logits cache), ``full_step`` (the same on the real f2 model, one training step
 without the optimizer). Usage: OMP_NUM_THREADS=1 python bench/non_gemm_ab.py [--cases a,b] [--rounds 8]
@@ -25,6 +26,7 @@ from attnres_overhead import make, stub_sublayers  # bench/ sibling
 from omegaconf import OmegaConf
 
 from attnres_train.config.model import as_model_config
+from attnres_train.model import build_model
 from attnres_train.model.moe import GroupedExperts, MoE
 from attnres_train.parallel.expert import ExpertParallelExperts
 from attnres_train.train.host_memory import keep_freed_host_memory
@@ -80,6 +82,35 @@ def case_moe_combine():
     return before, after
 
 
+def case_kda_conv():
+    """f1: one KDA token mixer (4 per f1 step), 512 tokens, forward + backward; the short convolutions' output
+    as the transposed view of the conv (before) or copied to [B,T,C] order (after)."""
+    from attnres_train.model import kda as kda_module
+    from attnres_train.model.kda_ops import short_conv
+
+    def transposed_view(x_btc, weight_c1w, silu=False, doc_ids=None):  # the previous short_conv
+        C, W = weight_c1w.shape[0], weight_c1w.shape[-1]
+        y_btc = F.conv1d(F.pad(x_btc.transpose(1, 2), (W - 1, 0)), weight_c1w, groups=C).transpose(1, 2)
+        return F.silu(y_btc) if silu else y_btc
+
+    cfg = _cfg("f1")
+    cfg.vocab_size = 512
+    torch.manual_seed(0)
+    layer = build_model(cfg).model.layers[0].self_attn
+    h = torch.randn(1, 512, cfg.hidden_size)
+
+    def run(conv):
+        kda_module.short_conv = conv  # the layer module's name for it, swapped for this bench only
+        try:
+            y = layer(h.clone().requires_grad_())
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
+        finally:
+            kda_module.short_conv = short_conv
+        layer.zero_grad(set_to_none=True)
+
+    return (lambda: run(transposed_view)), (lambda: run(short_conv))
+
+
 def _full_models(stub):
     cfg = _cfg("f2")
     cfg.vocab_size = 512 if stub else 4096
@@ -106,6 +137,7 @@ def _full_models(stub):
 
 CASES = {
     "ep_slice": case_ep_slice,
+    "kda_conv": case_kda_conv,
     "moe_combine": case_moe_combine,
     "full_cache": lambda: _full_models(stub=True),
     "full_step": lambda: _full_models(stub=False),

@@ -57,7 +57,9 @@ def short_conv(x_btc: Tensor, weight_c1w: Tensor, silu: bool = False, doc_ids: O
     if doc_ids is not None:
         return _doc_short_conv(x_btc, weight_c1w, silu, doc_ids)
     x_bct = F.pad(x_btc.transpose(1, 2), (W - 1, 0))
-    y_btc = F.conv1d(x_bct, weight_c1w.to(x_btc.dtype), groups=C).transpose(1, 2)
+    # [B,T,C] in memory: the transposed view made SiLU's backward and every later op on q/k/v run on mixed
+    # strides (KDA layer fwd + bwd at f1 sizes: 0.92x CPU time with this copy, bench/non_gemm_ab.py)
+    y_btc = F.conv1d(x_bct, weight_c1w.to(x_btc.dtype), groups=C).transpose(1, 2).contiguous()
     return F.silu(y_btc) if silu else y_btc
 
 
