@@ -15,13 +15,37 @@ from typing import Dict, List, Optional, Tuple
 
 import attnres_kernels  # import-light (no triton): the kernels themselves load on first use
 import torch
+from torch import nn
 
 from ..config.errors import ConfigError
 from ..config.model import RESIDUAL_IMPLS
 from . import depth_ops
-from .depth_shards import is_dtensor, like, local, local_query
 
 Phase1Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (o_btd unnormalised, m_bt max, l_bt sum-exp)
+
+
+class DepthViews(nn.Module):
+    """How the depth mixing sees its sources: as plain tensors (this class; no parameters).
+
+    A seam like ``LMLoss``: tensor parallelism substitutes a subclass (parallel/tensor_depth.py) whose sources
+    are shards of distributed tensors, so the fused paths run on each rank's local shard and the results are
+    placed like the sources again. The model itself knows nothing distributed.
+    """
+
+    def sharded(self, x: torch.Tensor) -> bool:
+        return False
+
+    def local(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return x
+
+    def local_query(self, q: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def like(self, y: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+_PLAIN_VIEWS = DepthViews()  # stateless: the default where no seam is passed
 
 
 @dataclass
@@ -75,11 +99,12 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
     auto: triton for CUDA tensors when triton imports, torch otherwise. triton: CUDA, or CPU only when the
     kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests); anything else is a ConfigError naming
-    ``model.residual.impl``. fp64 uses torch instead of the kernels (they accumulate in fp32). DTensors (tensor
-    parallelism) follow the same rule: torch/triton run on each rank's local shard (:mod:`.depth_shards`), the
-    reference on the DTensors themselves.
+    ``model.residual.impl``. fp64 uses torch instead of the kernels (they accumulate in fp32). Distributed
+    tensors reach this only when no :class:`DepthViews` seam took their local shards (tensor parallelism's does:
+    parallel/tensor_depth.py): they use the reference, whose ops are plain tensor ops (checked by type name, so
+    the model package imports nothing distributed).
     """
-    if impl == "reference":
+    if impl == "reference" or type(x).__name__ == "DTensor":
         return "reference"
     if impl == "torch" or x.dtype == torch.float64:
         return "torch"
@@ -100,16 +125,22 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     )
 
 
-def phase1(blocks: List[torch.Tensor], q_sd: torch.Tensor, eps: float, impl: str = "reference") -> List[Phase1Stats]:
+def phase1(
+    blocks: List[torch.Tensor],
+    q_sd: torch.Tensor,
+    eps: float,
+    impl: str = "reference",
+    views: Optional[DepthViews] = None,
+) -> List[Phase1Stats]:
     """All S queries of a block against the n completed blocks in one batched call.
 
     Returns, per query, the *unnormalised* output ``o = Σ_j e^{s_j - m} v_j`` with its max ``m`` and
     sum-exp ``l`` (fp32), so phase 2 can merge the partial sum exactly.
     """
+    if impl != "reference" and views is not None and views.sharded(blocks[0]):  # the fused path on local shards
+        stats = phase1([views.local(b) for b in blocks], views.local_query(q_sd, blocks[0]), eps, impl)
+        return [tuple(views.like(t, blocks[0]) for t in st) for st in stats]
     which = resolve_impl(impl, blocks[0])
-    if which != "reference" and is_dtensor(blocks[0]):  # tensor parallelism: the fused path on local shards
-        stats = phase1([local(b) for b in blocks], local_query(q_sd, blocks[0]), eps, which)
-        return [tuple(like(t, blocks[0]) for t in st) for st in stats]
     if which == "triton":
         return attnres_kernels.phase1(blocks, q_sd, eps)
     if which == "torch":
@@ -141,8 +172,9 @@ class SegmentLogits:
     pipeline stage.
     """
 
-    def __init__(self, q_qd: torch.Tensor, first_sublayer: int, eps: float):
+    def __init__(self, q_qd: torch.Tensor, first_sublayer: int, eps: float, views: Optional[DepthViews] = None):
         self.q_qd, self.first, self.eps = q_qd, first_sublayer, eps
+        self.views = views if views is not None else _PLAIN_VIEWS
         self.sources: List[torch.Tensor] = []
         self.logits: List[torch.Tensor] = []  # [B·T, Q] per source
 
@@ -152,17 +184,16 @@ class SegmentLogits:
         while known < min(len(blocks), len(self.sources)) and blocks[known] is self.sources[known]:
             known += 1
         del self.sources[known:], self.logits[known:]  # DepthState.blocks only grows; anything else is recomputed
-        sharded = is_dtensor(blocks[0])  # tensor parallelism: logits and combine on this rank's shards
-        q = local_query(self.q_qd, blocks[0]) if sharded else self.q_qd
-        q = q.to(compute_dtype(blocks[0].dtype))
+        views = self.views  # tensor parallelism: logits and combine on this rank's shards
+        q = views.local_query(self.q_qd, blocks[0]).to(compute_dtype(blocks[0].dtype))
         for v in blocks[known:]:
             self.sources.append(v)
-            self.logits.append(depth_ops.source_logits(local(v), q, self.eps))
+            self.logits.append(depth_ops.source_logits(views.local(v), q, self.eps))
         cols = slice(sublayers[0] - self.first, sublayers[-1] - self.first + 1)
         if sublayers != list(range(sublayers[0], sublayers[-1] + 1)):
             raise ValueError(f"a block's sublayers are consecutive, got {sublayers}")
-        stats = depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), [local(b) for b in blocks])
-        return [tuple(like(t, blocks[0]) for t in st) for st in stats] if sharded else stats
+        stats = depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), [views.local(b) for b in blocks])
+        return [tuple(views.like(t, blocks[0]) for t in st) for st in stats]
 
 
 def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,13 +208,15 @@ def phase2(
     eps: float,
     dtype: torch.dtype,
     impl: str = "reference",
+    views: Optional[DepthViews] = None,
 ) -> torch.Tensor:
     """Online-softmax merge of the phase-1 result with the open block's partial sum (if any)."""
     ref = stats[0] if partial is None else partial
+    if impl != "reference" and views is not None and views.sharded(ref):  # the fused path on local shards
+        local_stats = tuple(views.local(t) for t in stats)
+        q = views.local_query(q_d, ref)
+        return views.like(phase2(local_stats, views.local(partial), q, eps, dtype, impl), ref)
     which = resolve_impl(impl, ref)
-    if which != "reference" and is_dtensor(ref):  # tensor parallelism: the fused path on local shards
-        local_stats = tuple(local(t) for t in stats)
-        return like(phase2(local_stats, local(partial), local_query(q_d, ref), eps, dtype, which), ref)
     if which == "triton":
         return attnres_kernels.phase2(stats, partial, q_d, eps, dtype)
     if which == "torch":
@@ -202,7 +235,13 @@ def phase2(
 
 
 def depth_read(
-    state: DepthState, sublayer: int, q_d: torch.Tensor, eps: float, two_phase: bool, impl: str = "reference"
+    state: DepthState,
+    sublayer: int,
+    q_d: torch.Tensor,
+    eps: float,
+    two_phase: bool,
+    impl: str = "reference",
+    views: Optional[DepthViews] = None,
 ) -> torch.Tensor:
     """The input of ``sublayer`` (or of the output head): the AttnRes mix over the state's sources."""
     if not state.blocks:
@@ -213,8 +252,8 @@ def depth_read(
         return mix_direct(state.sources(), q_d, eps)
     stats = state.phase1.get(sublayer)
     if stats is None:
-        stats = phase1(state.blocks, q_d.unsqueeze(0), eps, impl)[0]
-    return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype, impl)
+        stats = phase1(state.blocks, q_d.unsqueeze(0), eps, impl, views)[0]
+    return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype, impl, views)
 
 
 def depth_weights(state: DepthState, q_d: torch.Tensor, eps: float) -> torch.Tensor:

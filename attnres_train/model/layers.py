@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config.model import ModelConfig, block_starts, is_moe_layer
-from .depth import DepthState, depth_read
+from .depth import DepthState, DepthViews, depth_read
 from .kda import KimiDeltaAttention
 from .mla import MultiLatentAttention
 from .mlp import SwiGLU
@@ -63,6 +63,7 @@ class DecoderLayer(nn.Module):
         if self.mode != "prenorm":
             self.self_attention_res_norm, self.self_attention_res_proj = make_depth_query(d, eps)
             self.mlp_res_norm, self.mlp_res_proj = make_depth_query(d, eps)
+            self.depth_views = DepthViews()  # a seam (how depth mixing sees its sources), no parameters
 
     # -- AttnRes helpers -------------------------------------------------------------------------
     def queries(self) -> Sequence[torch.Tensor]:
@@ -111,11 +112,11 @@ class DecoderLayer(nn.Module):
         if self.mode == "full" and sub in state.phase1:
             # Full AttnRes with phase 1 precomputed over the completed blocks (``forward_layers``' segment
             # logits): phase 2 merges the open partial (the previous sublayer's output), which then closes.
-            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl)
+            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl, self.depth_views)
             state = self.prepare(state, k)
         else:
             state = self.prepare(state, k)
-            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl)
+            h = depth_read(state, sub, q_d, self.eps, self.two_phase, self.residual_impl, self.depth_views)
         if k == 0:
             y, aux = self.mix(self.input_layernorm(h), doc_ids), None
         else:

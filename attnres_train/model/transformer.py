@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from ..config.model import ModelConfig, as_model_config, block_starts, validate_model_config
-from .depth import DepthState, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
-from .depth_shards import is_dtensor
+from .depth import DepthState, DepthViews, SegmentLogits, depth_read, depth_weights, phase1, resolve_impl
 from .init import init_model_weights
 from .layers import DecoderLayer, fold_query, make_depth_query
 from .lm_loss import LMLoss
@@ -62,6 +61,7 @@ class AttnResForCausalLM(nn.Module):
         self.model = AttnResModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_loss = LMLoss()  # a module seam (mean CE over labels != IGNORE_INDEX), no parameters
+        self.depth_views = DepthViews()  # a module seam (how depth mixing sees its sources), no parameters
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not self.lm_head.weight.is_meta:
@@ -96,20 +96,22 @@ class AttnResForCausalLM(nn.Module):
         end = len(self.model.layers) if end is None else end
         batch_phase1 = self.mode == "block" and self.two_phase
         cache = None
-        if self.mode == "full" and self.two_phase and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
+        views = self.depth_views
+        fused = resolve_impl(self.residual_impl, views.local(state.sources()[0])) == "torch"
+        if self.mode == "full" and self.two_phase and fused:
             queries = self._segment_queries(start, end)
             # Not while the queries are still sharded outside their layers' forward (an FSDP2 unit per whole
             # layer; the framework keeps them in the root unit, data_parallel.layer_unit): each sublayer reads alone
-            if not (is_dtensor(queries) and any(p.is_shard() for p in queries.placements)):
-                cache = SegmentLogits(queries, 0, self.eps)
+            if not any(p.is_shard() for p in getattr(queries, "placements", ())):
+                cache = SegmentLogits(queries, 0, self.eps, views)
         for i in range(start, end):
             layer = self.model.layers[i]
             opened_mid_layer = i > start and self.model.layers[i - 1].opens_block[1]
             if cache is not None and self.mode == "full":
                 state = replace(state, phase1=self._full_phase1(state, layer, cache))
             elif batch_phase1 and (i == start or layer.opens_block[0] or opened_mid_layer):
-                if cache is None and resolve_impl(self.residual_impl, state.sources()[0]) == "torch":
-                    cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps)
+                if cache is None and fused:
+                    cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps, views)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
             state = layer(state) if doc_ids is None else layer(state, doc_ids=doc_ids)
         return replace(state, phase1={})
@@ -144,7 +146,7 @@ class AttnResForCausalLM(nn.Module):
         queries = torch.stack([q for j in range(subs[0] // 2, subs[-1] // 2 + 1) for q in layers[j].queries()])
         if subs[-1] % 2 == 0:  # the block ends after a token mixer: drop that layer's FFN query
             queries = queries[:-1]
-        return dict(zip(subs, phase1(blocks, queries, self.eps, self.residual_impl)))
+        return dict(zip(subs, phase1(blocks, queries, self.eps, self.residual_impl, self.depth_views)))
 
     def _full_phase1(self, state: DepthState, layer: DecoderLayer, cache: SegmentLogits) -> dict:
         """Full AttnRes: phase-1 stats of ``layer``'s two sublayers over the sources completed before each,
@@ -168,7 +170,13 @@ class AttnResForCausalLM(nn.Module):
         if self.mode == "prenorm":
             return self.model.norm(state.partial)
         h = depth_read(
-            state, 2 * len(self.model.layers), self.output_query(), self.eps, self.two_phase, self.residual_impl
+            state,
+            2 * len(self.model.layers),
+            self.output_query(),
+            self.eps,
+            self.two_phase,
+            self.residual_impl,
+            self.depth_views,
         )
         return self.model.norm(h)
 

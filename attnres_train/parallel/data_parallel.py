@@ -47,9 +47,10 @@ def layer_unit(layer: nn.Module) -> List[nn.Module]:
     those layers' forward hooks, so per-layer units would hand it still-sharded queries. The queries
     (2 x hidden_size values per layer) therefore belong to the root unit, which is unsharded for the whole
     forward and backward; the layer's unit is the group of its other children (FSDP2's grouped
-    ``fully_shard([...])``: one all-gather / reduce-scatter for all of them, hooks on each).
+    ``fully_shard([...])``: one all-gather / reduce-scatter for all of them, hooks on each). The parameter-free
+    ``depth_views`` seam is never called as a module, so it is left out too.
     """
-    return [m for name, m in layer.named_children() if not _depth_query_module(name)]
+    return [m for name, m in layer.named_children() if not _depth_query_module(name) and name != "depth_views"]
 
 
 def _needs_sum_reduction(mesh) -> bool:

@@ -20,6 +20,7 @@ from ..config.parallel import check_tp_divisible
 from ..model.kda import KimiDeltaAttention
 from ..model.mla import MultiLatentAttention
 from .parts import embedding, lm_head, named_decoder_layers
+from .tensor_depth import substitute_depth_views
 from .tensor_loss import VocabParallelLMLoss
 from .tensor_regions import (
     SEQ_DIM,
@@ -164,6 +165,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     if head is not None:  # module substitution of the loss seam (on the full model when ``model`` is a stage)
         getattr(model, "full_model", model).lm_loss = VocabParallelLMLoss(tp_mesh, act)
+    # The depth-mixing seams (the full model's and its layers'): AttnRes mixes the local shards
+    substitute_depth_views(getattr(model, "full_model", model))
     if sequence_parallel and embed is not None:
         embed.register_forward_pre_hook(functools.partial(_check_seq_len, tp_mesh.size()))
 

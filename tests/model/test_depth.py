@@ -80,7 +80,7 @@ def test_impl_resolution_on_cpu():
     assert resolve_impl("auto", x) == "torch"  # auto picks the kernels only for CUDA tensors
     assert resolve_impl("triton", x.double()) == "torch"  # the kernels accumulate in fp32: fp64 stays torch
     assert resolve_impl("reference", x) == "reference"
-    # DTensors (tensor parallelism) follow the same rule, on their local shards: tests/parallel/test_tp_depth_memory.py
+    # Tensor parallelism mixes local shards through its DepthViews seam: tests/parallel/test_tp_depth_memory.py
 
 
 def test_triton_on_cpu_outside_the_interpreter_is_a_config_error(monkeypatch):

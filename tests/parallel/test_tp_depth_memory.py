@@ -36,10 +36,13 @@ def _inputs(dtype, placement_name):
 
 
 def _reads(blocks, partial, q, dtype, impl):
+    """Through the seam tensor parallelism substitutes into the model (``apply_tensor_parallel``)."""
     from attnres_train.model import depth
+    from attnres_train.parallel.tensor_depth import ShardedDepthViews
 
-    stats = depth.phase1(blocks, q, EPS, impl)
-    return [depth.phase2(stats[s], partial, q[s], EPS, dtype, impl) for s in range(S)]
+    views = ShardedDepthViews()
+    stats = depth.phase1(blocks, q, EPS, impl, views)
+    return [depth.phase2(stats[s], partial, q[s], EPS, dtype, impl, views) for s in range(S)]
 
 
 def _truth(full, q_full, w_full):
@@ -118,3 +121,42 @@ def test_tp_depth_mixing_on_shards_is_exact(placement):
         assert all(p == want for p in r["placements"]), f"rank {rank}: output placements {r['placements']}"
         assert r["loss_err"] <= 1e-12, f"rank {rank}: loss rel err {r['loss_err']:.2e}"
         assert r["grad_err"] <= 1e-10, f"rank {rank}: worst gradient rel err {r['grad_err']:.2e}"
+
+
+def _model_uses_the_seam(placement_name):
+    """apply_tensor_parallel must put the sharded seam into the model and its layers, and the model's reads
+    must go through it (counted), with a loss equal to the plain fp64 model's."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from attnres_train.model.depth import DepthViews
+    from attnres_train.parallel.tensor import apply_tensor_parallel
+    from attnres_train.parallel.tensor_depth import ShardedDepthViews
+    from tests.parallel.test_equivalence import build_reference
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    want = float(build_reference("block", 2)(ids, labels=ids).loss)
+    model = build_reference("block", 2)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    apply_tensor_parallel(model, mesh, sequence_parallel=placement_name == "shard")
+    seams = [type(m).__name__ for m in model.modules() if isinstance(m, DepthViews)]
+    calls = {"local": 0}
+    real = ShardedDepthViews.local
+
+    def counting(self, x):
+        calls["local"] += 1
+        return real(self, x)
+
+    ShardedDepthViews.local = counting
+    try:
+        loss = float(model(ids, labels=ids).loss)
+    finally:
+        ShardedDepthViews.local = real
+    return {"seams": seams, "layers": len(model.model.layers), "calls": calls["local"], "err": abs(loss - want)}
+
+
+@pytest.mark.parametrize("placement", ["shard", "replicate"], ids=["tp2_sp", "tp2"])
+def test_tensor_parallel_model_mixes_through_the_sharded_seam(placement):
+    for rank, r in enumerate(run_distributed(_model_uses_the_seam, 2, placement, timeout=120, preload=PRELOAD)):
+        assert r["seams"] == ["ShardedDepthViews"] * (r["layers"] + 1), f"rank {rank}: seams {r['seams']}"
+        assert r["calls"] > 0, f"rank {rank}: no depth read went through the sharded seam"
+        assert r["err"] <= 1e-12, f"rank {rank}: loss differs from the plain model by {r['err']:.2e}"
