@@ -22,15 +22,13 @@ from ..analysis.depth import reader_labels
 from ..analysis.loading import load_run_model
 from ..analysis.runs import find_runs, load_run, summarize
 from ..config.errors import ConfigError, UserInputError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from .arg_parser import ErrorLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-analyze", description="Plot AttnRes diagnostics, loss curves and expert load of runs.")
+    p = ErrorLineParser(
+        prog="attnres-analyze", description="Plot AttnRes diagnostics, loss curves and expert load of runs."
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep directories of runs")
     p.add_argument("--out", default=None, help="output directory (one run only; default RUN_DIR/analysis)")
     p.add_argument("--checkpoint", default=None, help="checkpoint dir to analyse (default: the newest complete one)")

@@ -24,6 +24,7 @@ from ..analysis.fit import compute_advantage, fit_power_law, pflops_days
 from ..analysis.matching import aggregate, loss_curve, match, pair_deltas, size_key, size_name
 from ..analysis.runs import find_runs, load_run, summarize, variant_order
 from ..config.errors import ConfigError, UserInputError
+from .arg_parser import ErrorLineParser
 
 RUN_COLUMNS = (
     "run",
@@ -71,13 +72,8 @@ FIT_COLUMNS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-compare", description="Compare runs at matched tokens: loss table, seeds, fits.")
+    p = ErrorLineParser(prog="attnres-compare", description="Compare runs at matched tokens: loss table, seeds, fits.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep directories of runs")
     p.add_argument(
         "--out", default=None, help="output directory (default: SWEEP_DIR/compare, or the runs' common parent/compare)"

@@ -20,15 +20,13 @@ from ..analysis.evaluate import eval_data, evaluate, total
 from ..analysis.loading import load_run_model
 from ..analysis.runs import load_run
 from ..config.errors import ConfigError, UserInputError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from .arg_parser import ErrorLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-eval", description="Evaluate a checkpoint on held-out sources (loss, ppl, bits/byte).")
+    p = ErrorLineParser(
+        prog="attnres-eval", description="Evaluate a checkpoint on held-out sources (loss, ppl, bits/byte)."
+    )
     p.add_argument("run", metavar="RUN_DIR", help="the run directory (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", default=None, help="step_N, a step dir or a dir of them (default: the newest)")
     p.add_argument(

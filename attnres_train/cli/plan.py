@@ -27,17 +27,15 @@ from ..parallel.pipeline.schedules import ScheduleError, check, lower, make_sche
 from ..parallel.pipeline.send_plan import held_bytes_bound
 from ..parallel.pipeline.timing import ideal_bubble, timeline
 from ..parallel.plan_estimates import TrainShape, estimate_comm, estimate_ranks, summary
+from .arg_parser import ErrorLineParser
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-plan", description="Print the mesh, pipeline layout, per-rank memory and traffic.")
+    p = ErrorLineParser(
+        prog="attnres-plan", description="Print the mesh, pipeline layout, per-rank memory and traffic."
+    )
     p.add_argument("--model", default="tiny", help="model preset in configs/model/ or a YAML path (default tiny)")
     p.add_argument("--num-layers", type=int, default=None, help="override model.num_layers")
     p.add_argument("--hidden-size", type=int, default=None, help="override model.hidden_size")

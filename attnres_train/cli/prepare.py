@@ -28,17 +28,11 @@ from ..data import parallel_prepare as pp
 from ..data.shards import DEFAULT_SHARD_TOKENS
 from ..data.sources import iter_documents, resolve_source
 from ..data.tokenizer import load_tokenizer, train_bpe_tokenizer
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one ``error: ...`` line (exit 2) like every other user error."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from .arg_parser import ErrorLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attnres-prepare", description=__doc__.split("\n\n")[0])
+    p = ErrorLineParser(prog="attnres-prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, hub dataset name, or 'stdlib'")
     p.add_argument("--out", required=True, help="output directory for the token shards (must be new or empty)")
     tok = p.add_mutually_exclusive_group()

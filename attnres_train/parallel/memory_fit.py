@@ -78,16 +78,7 @@ def estimate(cfg, dims: ParallelDims, dev: str) -> List[RankEstimate]:
     layout = sched = None
     if dims.pp > 1:
         pc = cfg.pipeline
-        layout = PipelineLayout.from_model_config(
-            cfg.model,
-            dims.pp,
-            dims.vpp,
-            layers_per_stage=pc.layers_per_stage,
-            block_cache=pc.block_cache,
-            embed_cost=pc.embed_cost,
-            head_cost=pc.head_cost,
-            placement=schedule_placement(pc.schedule),
-        )
+        layout = PipelineLayout.from_pipeline_config(cfg.model, pc, dims.pp, dims.vpp, schedule_placement(pc.schedule))
         sched = make_schedule(
             pc.schedule, dims.pp, dims.vpp, shape.microbatches, pc.microbatch_group_size, pc.split_backward, pc.w_delay
         )

@@ -80,6 +80,23 @@ class PipelineLayout:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def from_pipeline_config(
+        cls, cfg: ModelConfig, pcfg, num_ranks: int, virtual_stages: int, placement: str
+    ) -> "PipelineLayout":
+        """The trainer's layout: ``pcfg``'s (``pipeline.*``) split, cache and costs; ``placement`` from the
+        schedule (``schedules.schedule_placement(pcfg.schedule)``)."""
+        return cls.from_model_config(
+            cfg,
+            num_ranks,
+            virtual_stages,
+            layers_per_stage=pcfg.layers_per_stage,
+            block_cache=pcfg.block_cache,
+            embed_cost=pcfg.embed_cost,
+            head_cost=pcfg.head_cost,
+            placement=placement,
+        )
+
+    @classmethod
     def from_model_config(
         cls,
         cfg: ModelConfig,

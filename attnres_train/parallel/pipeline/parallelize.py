@@ -128,15 +128,8 @@ def parallelize_pipeline(model: nn.Module, pctx, train_cfg=None, pipeline_cfg=No
     check_pipeline_dp(pcfg, dims.dp)
     record_plan(model, ParallelPlan(), "parallelize_pipeline")  # claimed first: a failure midway is not retried
     on_meta = all(p.is_meta for p in model.parameters())
-    layout = PipelineLayout.from_model_config(
-        model.config,
-        dims.pp,
-        dims.vpp,
-        layers_per_stage=pcfg.layers_per_stage,
-        block_cache=pcfg.block_cache,
-        embed_cost=pcfg.embed_cost,
-        head_cost=pcfg.head_cost,
-        placement=schedule_placement(pcfg.schedule),
+    layout = PipelineLayout.from_pipeline_config(
+        model.config, pcfg, dims.pp, dims.vpp, schedule_placement(pcfg.schedule)
     )
     pp_mesh = pctx.mesh("pp")
     pp_rank = pp_mesh.get_local_rank()
