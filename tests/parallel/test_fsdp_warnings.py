@@ -94,3 +94,53 @@ def test_fsdp2_step_returns_no_view_tensor():
             assert case["units"] == 4 and case["moe"] == 2, f"{where}: not the FSDP2 layout expected: {case}"
             assert torch.isfinite(torch.tensor(case["loss"])), where
             assert case["views"] == [], f"{where}: {case['views']}"
+
+
+def _pipeline_body(par_kw: dict, schedule: str):
+    """One pipeline step under FSDP2; the view warnings it raised, and how many stage outputs passed a received
+    block through (the case that used to hand FSDP2's own input views back to it)."""
+    import copy
+
+    from attnres_train.config.parallel import ParallelConfig
+    from attnres_train.config.pipeline import PipelineConfig
+    from attnres_train.parallel.mesh import build_parallel_context
+    from attnres_train.parallel.pipeline.parallelize import parallelize_pipeline
+    from attnres_train.parallel.pipeline.stage import PipelineStageModule
+
+    def cfg_fn(mode, nb):
+        cfg = model_cfg(mode, nb)
+        cfg.num_layers, cfg.mla_layers = 6, [1, 4]
+        return cfg
+
+    cfg = cfg_fn("block", 2)
+    pctx = build_parallel_context(ParallelConfig(**par_kw), cfg, seq_len=T, world_size=dist.get_world_size())
+    model = copy.deepcopy(build_reference("block", 2, cfg_fn)).float()
+    pipe = parallelize_pipeline(model, pctx, pipeline_cfg=PipelineConfig(schedule=schedule))
+    passed = {"n": 0}
+    forward = PipelineStageModule.forward
+
+    def counting(self, state=None, **kw):
+        out = forward(self, state, **kw)
+        if state is not None and out.state is not None:
+            ins = {t.untyped_storage().data_ptr() for t in state.sources()}
+            passed["n"] += sum(t.untyped_storage().data_ptr() in ins for t in out.state.sources())
+        return out
+
+    g = torch.Generator().manual_seed(5)
+    mbs = [(ids[:, :-1], ids[:, 1:]) for ids in (torch.randint(0, 64, (1, T + 1), generator=g) for _ in range(4))]
+    PipelineStageModule.forward = counting
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            pipe.step(mbs)
+    finally:
+        PipelineStageModule.forward = forward
+    return {"views": _view_messages(record), "passed": passed["n"]}
+
+
+def test_fsdp2_pipeline_stages_return_no_view_tensor():
+    """Interleaved pp2 x vpp2 x dp_shard 2: chunks pass received blocks through to the next hop."""
+    results = run_distributed(_pipeline_body, 4, dict(pp=2, vpp=2, dp_shard=2), "interleaved_1f1b", timeout=240)
+    assert sum(r["passed"] for r in results) > 0, f"no stage passed a block through: {results}"
+    for rank, r in enumerate(results):
+        assert r["views"] == [], f"rank {rank}: {r['views']}"

@@ -346,7 +346,7 @@ class PipelineRuntime:
             root = out.loss / self._M
             rec.roots, rec.grads = [root if aux_root is None else root + aux_root], [None]
         else:
-            state = out.state
+            state = st.wire_state(out.state)  # outside the stage's forward: its outputs stay the model's tensors
             for b in L.commits(s):
                 cache.put(m, b, state.blocks[b])  # produced here: this stage is the entry
                 if grad and cache.is_read(b):  # rule P needs it only if a later chunk here reads it

@@ -83,6 +83,7 @@ class PipelineStageModule(nn.Module):
             raise ValueError(f"stage {self.stage} needs the depth state received from stage {self.stage - 1}")
         elif ad is not None:
             state = _map_state(state, ad.to_model)
+        received = set() if self.is_first else {id(t) for t in state.sources()}
         doc_ids = None
         if self.doc_eos_id is not None:
             if input_ids is None:
@@ -92,7 +93,16 @@ class PipelineStageModule(nn.Module):
         if self.is_last:
             return StageOutput(None, self._loss(state, labels), state.aux_loss)
         state = close_completed_block(state, self.partial_out)
-        return StageOutput(_map_state(state, ad.to_wire) if ad is not None else state, None, state.aux_loss)
+        # Blocks passed through unchanged leave as aliases, not as the inputs themselves: FSDP2 hands a unit its
+        # inputs as views and warns when a unit returns a view (an in-place op on it would drop FSDP's hook).
+        state = _map_state(state, lambda t: _PassThrough.apply(t) if id(t) in received else t)
+        return StageOutput(state, None, state.aux_loss)
+
+    def wire_state(self, state: DepthState) -> DepthState:
+        """An output state as the wire carries it (plain local tensors). Called by the runtime after ``forward``:
+        the stage's outputs (an FSDP2 unit's) stay the model's own tensors, not ``to_local()`` views."""
+        ad = self.activation_adapter
+        return _map_state(state, ad.to_wire) if ad is not None else state
 
     def _loss(self, state: DepthState, labels: torch.Tensor) -> torch.Tensor:
         """The model's LM loss through its ``lm_loss`` seam (fused and chunked when
@@ -114,6 +124,18 @@ class PipelineStageModule(nn.Module):
         if self.is_last:
             parts.append("head")
         return ", ".join(parts)
+
+
+class _PassThrough(torch.autograd.Function):
+    """Identity whose output aliases the input's storage without being a view of it (no copy)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.detach()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g
 
 
 def _map_state(state: DepthState, fn) -> DepthState:
