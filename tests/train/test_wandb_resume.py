@@ -1,5 +1,7 @@
 """W&B: the run id lives in the run dir, so a resumed run logs into the same W&B run (offline mode, no network)."""
 
+import re
+
 import pytest
 
 from attnres_train.cli.train import run
@@ -25,6 +27,9 @@ def test_resume_reuses_the_wandb_run_id(corpus, tmp_path, monkeypatch):
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs
-    for d in runs:  # each launch's offline record is of the same W&B run (wandb names the file by run id)
-        assert d.name.endswith(f"-{run_id}") and [f.name for f in d.glob("run-*.wandb")] == [f"run-{run_id}.wandb"]
+    # Each launch's offline record is of the same W&B run (wandb names the file by run id). The directory is
+    # offline-run-<time>-<id>, with "-1" appended when both launches fall in the same second.
+    for d in runs:
+        assert re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", d.name), d.name
+        assert [f.name for f in d.glob("run-*.wandb")] == [f"run-{run_id}.wandb"], d
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
