@@ -79,7 +79,9 @@ def chunked_linear_cross_entropy(
     scale = 1.0 / n_valid.clamp_min(1).to(acc)
     loss_sum = torch.zeros((), dtype=acc, device=h_ND.device)
     grad_h_ND = torch.empty_like(h_ND) if need_grad else None
-    grad_w_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if need_grad else None
+    # Written by the first chunk's GEMM (no zero fill, no read of zeros), accumulated by the others.
+    alloc = torch.empty if N > 0 else torch.zeros
+    grad_w_VD = alloc(w_VD.shape, dtype=acc, device=w_VD.device) if need_grad else None
     for s in range(0, N, chunk_tokens):
         e = min(s + chunk_tokens, N)
         h_cD, t_c, v_c = h_ND[s:e], target_N[s:e], valid_N[s:e]
@@ -100,15 +102,22 @@ def chunked_linear_cross_entropy(
         loss_sum += torch.where(v_c, sum_exp_c.log() - tgt_c, torch.zeros_like(tgt_c)).sum()
         if not need_grad:
             continue
+        # d loss / d logits = (softmax - onehot) * scale on valid rows. The row scale goes onto the two small
+        # GEMM operands instead of the [chunk, vocab] buffer (one pass fewer over it).
         g_cV = z_cV.div_(sum_exp_c.unsqueeze(-1))  # softmax, in place
-        g_cV.scatter_add_(-1, idx_c1, -mine_c.to(acc).unsqueeze(-1))
-        g_cV.mul_((v_c.to(acc) * scale).unsqueeze(-1))
-        g_cV = g_cV.to(h_ND.dtype)
+        g_cV = g_cV.scatter_add_(-1, idx_c1, -mine_c.to(acc).unsqueeze(-1)).to(h_ND.dtype)
+        row_c1 = (v_c.to(acc) * scale).unsqueeze(-1).to(h_ND.dtype)
         torch.mm(g_cV, w_VD, out=grad_h_ND[s:e])
-        if grad_w_VD.dtype == h_ND.dtype:
-            grad_w_VD.addmm_(g_cV.t(), h_cD)
+        grad_h_ND[s:e].mul_(row_c1)
+        h_scaled_cD = h_cD * row_c1
+        if s == 0 and grad_w_VD.dtype == h_ND.dtype:
+            torch.mm(g_cV.t(), h_scaled_cD, out=grad_w_VD)
+        elif s == 0:
+            grad_w_VD.copy_(torch.mm(g_cV.t(), h_scaled_cD))
+        elif grad_w_VD.dtype == h_ND.dtype:
+            grad_w_VD.addmm_(g_cV.t(), h_scaled_cD)
         else:  # low-precision matmul, fp32 accumulation across chunks
-            grad_w_VD += torch.mm(g_cV.t(), h_cD)
+            grad_w_VD += torch.mm(g_cV.t(), h_scaled_cD)
     return loss_sum / n_valid, grad_h_ND, grad_w_VD
 
 
