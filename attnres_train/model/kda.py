@@ -28,8 +28,19 @@ CORES = ("chunk", "recurrent", "fla")
 #: Chunk sizes fla's Triton ``chunk_kda`` supports.
 FLA_CHUNK_SIZES = (32, 64)
 FLA_DEFAULT_CHUNK = 64
-#: The torch chunked form's chunk when ``model.kda.chunk_size`` is null (fastest on CPU at the small presets).
+#: The torch chunked form's chunk when ``model.kda.chunk_size`` is null (fastest on CPU at the small presets,
+#: head_dim 32) ...
 TORCH_DEFAULT_CHUNK = 16
+#: ... and for head_dim >= 128 (f1-f5): CPU fwd + bwd of the core at f1 sizes, chunk 16 / 32 / 64, T=512:
+#: ~93 / 80 / 96-103 ms, T=2048: ~396 / 375 / 447 ms (bench/kda_layer.py --chunks). fla keeps its own 64.
+TORCH_WIDE_HEAD_CHUNK = 32
+
+
+def torch_default_chunk(head_dim: int) -> int:
+    """The torch chunked core's chunk for ``model.kda.chunk_size: null`` (the CPU optimum depends on head_dim)."""
+    return TORCH_WIDE_HEAD_CHUNK if head_dim >= 128 else TORCH_DEFAULT_CHUNK
+
+
 _warned_fallback = False
 
 
@@ -256,7 +267,7 @@ class KimiDeltaAttention(nn.Module):
                     g_bthk,
                     beta_bth,
                     scale=K**-0.5,
-                    chunk_size=self.chunk_size or TORCH_DEFAULT_CHUNK,
+                    chunk_size=self.chunk_size or torch_default_chunk(K),
                     doc_ids=doc_ids,
                 )
 

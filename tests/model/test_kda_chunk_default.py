@@ -69,3 +69,22 @@ def test_null_chunk_validates_and_counts_fla_flops():
     pinned = ModelConfig()
     pinned.kda.chunk_size = 64
     assert forward_flops_per_token(cfg, 128) == forward_flops_per_token(pinned, 128)  # MFU: the GPU path's chunk
+
+
+def test_null_chunk_is_32_on_the_cpu_path_for_wide_heads(monkeypatch):
+    """head_dim >= 128 (f1-f5, f1/f2 use null): the torch core runs chunk 32 (its CPU optimum), fla keeps 64."""
+    seen = []
+    chunked = kda_mod.kda_chunked
+    monkeypatch.setattr(kda_mod, "kda_chunked", lambda *a, **kw: seen.append(kw["chunk_size"]) or chunked(*a, **kw))
+    cfg = ModelConfig(hidden_size=32)
+    cfg.kda = KDAConfig(num_heads=1, head_dim=128, chunk_size=None)
+    auto = KimiDeltaAttention(cfg)
+    cfg.kda = KDAConfig(num_heads=1, head_dim=128, chunk_size=32)
+    pinned = KimiDeltaAttention(cfg)
+    pinned.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 40, 32)
+    assert torch.equal(auto(x), pinned(x))
+    assert seen == [32, 32]
+    for name in ("f1", "f2"):
+        preset = validate_model_config(as_model_config(OmegaConf.load(PRESETS / f"{name}.yaml")))
+        assert preset.kda.chunk_size is None and preset.kda.head_dim == 128
