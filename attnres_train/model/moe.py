@@ -156,6 +156,63 @@ def _grouped_mm_usable(x: torch.Tensor, ffn_dim: int) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+class _PerExpertSwiGLU(torch.autograd.Function):
+    """SwiGLU of each expert over its rows (sorted by expert; ``bounds[j]:bounds[j+1]``), one ``mm`` per weight.
+
+    Why a Function: plain autograd over per-expert slices (``x[s:e]``, ``w1[j]``) gives each slice's backward a
+    zero-filled gradient of the WHOLE ``[N, D]`` rows / ``[E, ff, d]`` weight to copy into, per expert: an f1
+    layer's fallback took ~6x the grouped-GEMM time. Here the GEMMs write into one gradient per input, the
+    elementwise SwiGLU runs once over all rows, and only ``x``, ``a = x w1^T``, ``b = x w3^T`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, bounds, w1_EFD, w3_EFD, w2_EDF):
+        n, ff = x_ND.shape[0], w1_EFD.shape[1]
+        a_NF, b_NF = x_ND.new_empty(n, ff), x_ND.new_empty(n, ff)
+        y_ND = x_ND.new_empty(n, w2_EDF.shape[1])
+        spans = [(j, s, e) for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if e > s]
+        for j, s, e in spans:
+            torch.mm(x_ND[s:e], w1_EFD[j].t(), out=a_NF[s:e])
+            torch.mm(x_ND[s:e], w3_EFD[j].t(), out=b_NF[s:e])
+        h_NF = F.silu(a_NF) * b_NF
+        for j, s, e in spans:
+            torch.mm(h_NF[s:e], w2_EDF[j].t(), out=y_ND[s:e])
+        ctx.save_for_backward(x_ND, a_NF, b_NF, w1_EFD, w3_EFD, w2_EDF)
+        ctx.spans = spans
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        x_ND, a_NF, b_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+        saved_w = (w1_EFD, w3_EFD, w2_EDF)
+        spans, (need_x, _, need_w1, need_w3, need_w2) = ctx.spans, ctx.needs_input_grad
+        dh_NF = torch.empty_like(a_NF)
+        for j, s, e in spans:
+            torch.mm(grad_ND[s:e], w2_EDF[j], out=dh_NF[s:e])
+        sig_NF = torch.sigmoid(a_NF)
+        silu_NF = a_NF * sig_NF
+        db_NF = dh_NF * silu_NF
+        # d silu(a) / da = sig * (1 + a * (1 - sig)), as ATen's silu_backward
+        da_NF = dh_NF.mul_(b_NF).mul_(sig_NF * (1 + a_NF * (1 - sig_NF)))
+        h_NF = silu_NF.mul_(b_NF) if need_w2 else None
+        gw1, gw3, gw2 = (torch.empty_like(w) if n else None for w, n in zip(saved_w, (need_w1, need_w3, need_w2)))
+        idle = sorted(set(range(w1_EFD.shape[0])) - {j for j, _, _ in spans})
+        for g in (gw1, gw3, gw2):
+            if g is not None and idle:  # an expert without rows: a zero gradient, as a slice's backward gives it
+                g[idle] = 0
+        gx = torch.empty_like(x_ND) if need_x else None
+        for j, s, e in spans:
+            if need_x:
+                torch.mm(da_NF[s:e], w1_EFD[j], out=gx[s:e]).addmm_(db_NF[s:e], w3_EFD[j])
+            if need_w1:
+                torch.mm(da_NF[s:e].t(), x_ND[s:e], out=gw1[j])
+            if need_w3:
+                torch.mm(db_NF[s:e].t(), x_ND[s:e], out=gw3[j])
+            if need_w2:
+                torch.mm(grad_ND[s:e].t(), h_NF[s:e], out=gw2[j])
+        return gx, None, gw1, gw3, gw2
+
+
 @torch.compiler.disable  # host-side counts: traced, every step's counts would be new constants (recompiles)
 def _experts_loop(
     x_ND: torch.Tensor,
@@ -168,17 +225,12 @@ def _experts_loop(
     counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     if sum(counts) != x_ND.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but x has {x_ND.shape[0]} rows")
-    outs, start = [], 0
-    for j, c in enumerate(counts):
-        if c == 0:
-            continue
-        x = x_ND[start : start + c]
-        h = F.silu(x @ w1_EFD[j].t()) * (x @ w3_EFD[j].t())
-        outs.append(h @ w2_EDF[j].t())
-        start += c
-    if not outs:
+    if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w2_EDF.shape[1])
-    return torch.cat(outs, dim=0)
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + int(c))
+    return _PerExpertSwiGLU.apply(x_ND, bounds, w1_EFD, w3_EFD, w2_EDF)
 
 
 class GroupedExperts(nn.Module):
@@ -266,6 +318,38 @@ class SequenceStats(nn.Module):
         return hits_BE, share_BE, tokens
 
 
+class _CombineRows(torch.autograd.Function):
+    """``y[t] = sum_k w[t, k] * y_sorted[inverse[t*K + k]]`` as one ``[1, K] x [K, D]`` bmm per token.
+
+    Why a Function: autograd's backward of the permutation (``index_select``) zero-fills an ``[N, D]`` gradient
+    and scatters into it, after a ``[T, K, D]`` outer-product bmm. Here the rows' gradient is one gather of the
+    (small, ``[T, D]``) output gradient and one multiply by the weights, in sorted order; the weights' gradient
+    is the same bmm autograd would run. Both are bitwise the values autograd gives (each element is one product,
+    or the same bmm). The output is allocated in its final shape: a tensor of its own, not a view (FSDP2 hook).
+    """
+
+    @staticmethod
+    def forward(ctx, y_sorted_ND, weight_TK, inverse_N, order_N, lead):
+        T, K = weight_TK.shape
+        y_TKD = y_sorted_ND.index_select(0, inverse_N).view(T, K, -1)
+        out = y_sorted_ND.new_empty(*lead, y_TKD.shape[-1])
+        torch.bmm(weight_TK.view(T, 1, K), y_TKD, out=out.view(T, 1, -1))
+        ctx.save_for_backward(y_TKD, weight_TK, order_N)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_TKD, weight_TK, order_N = ctx.saved_tensors
+        T, K = weight_TK.shape
+        grad_TD = grad_out.reshape(T, -1)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:  # sorted row r came from slot order_N[r] = t*K + k
+            grad_y = grad_TD.index_select(0, order_N // K).mul_(weight_TK.reshape(-1, 1).index_select(0, order_N))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(grad_TD.view(T, 1, -1), y_TKD.transpose(1, 2)).view(T, K)
+        return grad_y, grad_w, None, None, None
+
+
 @dataclass
 class DispatchPlan:
     """What ``combine`` needs to undo ``dispatch``: sorted row r came from flat slot ``order_N[r]`` = t*K + k."""
@@ -344,15 +428,12 @@ class MoE(_KeepFP32Buffers):
         inverse_N = torch.empty_like(plan.order_N)
         inverse_N[plan.order_N] = torch.arange(plan.order_N.numel(), device=plan.order_N.device)
         lead = tuple(token_shape) if token_shape is not None else (plan.num_tokens,)
-        y_TKD = y_sorted_ND.index_select(0, inverse_N).view(-1, plan.top_k, y_sorted_ND.shape[-1])
-        acc = torch.promote_types(y_TKD.dtype, torch.float32)
-        if torch.is_autocast_enabled(y_TKD.device.type):  # bmm would run in bf16 there (and in a compiled backward)
-            y_TKD = y_TKD.view(*lead, plan.top_k, -1)
+        acc = torch.promote_types(y_sorted_ND.dtype, torch.float32)
+        if torch.is_autocast_enabled(y_sorted_ND.device.type):  # bmm would run in bf16 there (and in a compiled bwd)
+            y_TKD = y_sorted_ND.index_select(0, inverse_N).view(*lead, plan.top_k, -1)
             return (y_TKD.to(acc) * topk_weight_TK.to(acc).view(*lead, plan.top_k, 1)).sum(dim=-2).to(out_dtype)
-        # the weighted sum over k as a batched [1, K] x [K, D] product: no [T, K, D] product tensor in forward,
-        # two bmm instead of mul + sum passes in backward (half the CPU time of mul + sum at f1's sizes)
-        y_TD = torch.bmm(topk_weight_TK.to(acc).reshape(-1, 1, plan.top_k), y_TKD.to(acc)).view(*lead, -1)
-        return y_TD.to(out_dtype, copy=True)  # a tensor of its own, not a view of the bmm output
+        y_TD = _CombineRows.apply(y_sorted_ND.to(acc), topk_weight_TK.to(acc), inverse_N, plan.order_N, lead)
+        return y_TD if y_TD.dtype == out_dtype else y_TD.to(out_dtype)  # either way a tensor of its own
 
     # ---------------------------------------------------------------- forward
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
