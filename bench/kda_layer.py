@@ -2,13 +2,15 @@
 
 Why: the f1 KDA mixer spent ~half its CPU time outside its useful GEMM FLOPs (elementwise passes, layouts, small
 ops). This bench times ``KimiDeltaAttention`` fwd + bwd (1 thread, CPU time, median of steps) against a frozen
-copy of the previous forward (six separate input GEMMs, three ``F.conv1d`` short convs with transposes,
-chunk 64), interleaved round by round on the same module and input, checks both give the same output and
-gradients, and prints where the time goes (torch.profiler, top ops by self time, one step of each).
-``--chunks`` also times the current layer at several chunk sizes for T = 512 and 2048 (interleaved).
+copy of the previous forward (three ``F.conv1d`` short convs with transposes in and out, chunk 64), interleaved
+round by round on the same module and input, checks both give the same output and gradients (fp64), and prints
+where the time goes: CPU ms of the current layer's parts (its GEMMs, the chunked core, the short convs, the
+rest) and the useful-FLOPs time at a 1024^3 matmul probe of the same run. ``--profile-rows N`` adds
+torch.profiler tables (wall time: on a shared box only the proportions mean something). ``--chunks`` times the
+current layer at several chunk sizes for T = 512 and 2048 (interleaved).
 
-Usage: OMP_NUM_THREADS=1 python bench/kda_layer.py [--rounds 3] [--steps 5] [--chunk 0] [--chunks 16,32,64]
-(``--chunk 0``: the chunk of configs/model/f1.yaml, null = the torch core's default).
+Usage: OMP_NUM_THREADS=1 python bench/kda_layer.py [--rounds 3] [--steps 5] [--T 512] [--chunk -1]
+[--chunks 16,32,64] [--profile-rows 0]  (``--chunk``: -1 = f1.yaml's, 0 = null = the torch core's default)
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from attnres_train.config.model import as_model_config
+from attnres_train.model.flops import _kda_flops
 from attnres_train.model.kda import KimiDeltaAttention, torch_default_chunk
 from attnres_train.model.kda_intra import intra_chunk_products, sub_sizes
+from attnres_train.model.kda_ops import kda_chunked, short_conv
 from attnres_train.train.host_memory import keep_freed_host_memory
 
 F1 = Path(__file__).resolve().parents[1] / "configs" / "model" / "f1.yaml"
@@ -103,6 +107,13 @@ def old_forward(m: KimiDeltaAttention, x_btd: torch.Tensor, chunk: int = BASELIN
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def m_cfg(m: KimiDeltaAttention):
+    """The f1 config with the layer's chunk (the FLOPs count follows ``model.kda.chunk_size``)."""
+    cfg = as_model_config(OmegaConf.load(F1))
+    cfg.kda.chunk_size = m.chunk_size
+    return cfg
+
+
 def make_layer(chunk: Optional[int], T: int, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     cfg = as_model_config(OmegaConf.load(F1))
@@ -143,6 +154,51 @@ def check_same(chunk) -> float:
     return max((a - b).abs().max().item() for a, b in zip(*outs))
 
 
+def pieces_ms(m, x, gy, rounds: int, steps: int) -> dict:
+    """CPU ms of the layer's parts, fwd + bwd, interleaved: its GEMMs, the chunked core, the short convs;
+    ``rest`` = layer - those (gates, norms, l2norm, sigmoids, gradient sums)."""
+    B, T, _ = x.shape
+    H, K = m.num_heads, m.head_k_dim
+    chunk = m.chunk_size or torch_default_chunk(K)
+    torch.manual_seed(1)
+    q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, K, requires_grad=True)
+    g = (-0.1 * torch.rand(B, T, H, K)).requires_grad_()
+    beta = torch.rand(B, T, H, requires_grad=True)
+    hk = torch.randn(B, T, H * K, requires_grad=True)
+    convs = (m.q_conv1d, m.k_conv1d, m.v_conv1d)
+
+    def gemms():
+        ys = [lin(x) for lin in (m.q_proj, m.k_proj, m.v_proj, m.b_proj)]
+        ys += [m.f_b_proj(m.f_a_proj(x)), m.g_b_proj(m.g_a_proj(x)), m.o_proj(hk)]
+        sum(y.sum() for y in ys).backward()
+
+    parts = {
+        "layer": lambda: fwd_bwd(m, x, gy, lambda mm, xx: mm(xx, core="chunk")),
+        "gemms": gemms,
+        "core": lambda: kda_chunked(q, k, v, g, beta, chunk_size=chunk)[0].sum().backward(),
+        "convs": lambda: sum(short_conv(hk, c.weight, True).sum() for c in convs).backward(),
+    }
+    for f in parts.values():
+        f()
+    res = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, f in parts.items():
+            res[name].append(cpu_ms(f, steps))
+    out = {name: statistics.median(v) for name, v in res.items()}
+    out["rest"] = out["layer"] - out["gemms"] - out["core"] - out["convs"]
+    return out
+
+
+def probe_gflops() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0 = time.process_time()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 1024**3 / (time.process_time() - t0) / 1e9
+
+
 def profile_top(m, x, gy, fn, rows: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -154,11 +210,11 @@ def profile_top(m, x, gy, fn, rows: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="timed fwd+bwd steps per variant per round (median)")
+    ap.add_argument("--steps", type=int, default=7, help="timed fwd+bwd steps per variant per round (median)")
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=-1, help="new layer's chunk; -1: f1.yaml's, 0: null")
     ap.add_argument("--chunks", default="", help="also time the new layer at these chunks (T=512, 2048)")
-    ap.add_argument("--profile-rows", type=int, default=15, help="0: no profiler tables")
+    ap.add_argument("--profile-rows", type=int, default=0, help="torch.profiler tables (wall time) of N rows")
     a = ap.parse_args()
     keep_freed_host_memory()
     torch.set_num_threads(1)
@@ -174,10 +230,14 @@ def main() -> None:
         for _ in range(2):
             fwd_bwd(m, x, gy, fn)
     per = {k: [] for k in variants}
-    for r in range(a.rounds):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-        for k in order:
-            per[k].append(cpu_ms(lambda fn=variants[k]: fwd_bwd(m, x, gy, fn), a.steps))
+    for r in range(a.rounds):  # steps alternate before/after inside a round: load changes hit both alike
+        times = {k: [] for k in variants}
+        for s in range(a.steps):
+            order = list(variants) if (r + s) % 2 == 0 else list(variants)[::-1]
+            for k in order:
+                times[k].append(cpu_ms(lambda fn=variants[k]: fwd_bwd(m, x, gy, fn), 1))
+        for k in variants:
+            per[k].append(statistics.median(times[k]))
         print(f"round {r}: " + "  ".join(f"{k} {per[k][-1]:.1f} ms" for k in variants))
     ratios = [b / n for b, n in zip(per["before"], per["after"])]
     before, after, speedup = (statistics.median(v) for v in (per["before"], per["after"], ratios))
@@ -186,7 +246,19 @@ def main() -> None:
         f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
     )
 
-    if a.profile_rows:
+    gflops = probe_gflops()
+    useful = 3 * _kda_flops(m_cfg(m)) * a.T / (gflops * 1e9) * 1e3
+    parts = pieces_ms(m, x, gy, a.rounds, a.steps)
+    print(
+        f"\nafter, by part (CPU ms fwd+bwd, median of {a.rounds} interleaved rounds): "
+        + "  ".join(f"{k} {v:.1f}" for k, v in parts.items())
+    )
+    print(
+        f"useful FLOPs (flops._kda_flops x 3 x T) at this run's 1024^3 matmul rate ({gflops:.0f} GFLOP/s): "
+        f"{useful:.1f} ms"
+    )
+
+    if a.profile_rows:  # wall time per op: on a loaded box only the proportions mean something
         for k, fn in variants.items():
             print(f"\n== {k}: top ops by self CPU time, one fwd+bwd ==")
             print(profile_top(m, x, gy, fn, a.profile_rows))
