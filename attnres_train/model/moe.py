@@ -189,11 +189,10 @@ class _PerExpertSwiGLU(torch.autograd.Function):
         dh_NF = torch.empty_like(a_NF)
         for j, s, e in spans:
             torch.mm(grad_ND[s:e], w2_EDF[j], out=dh_NF[s:e])
-        sig_NF = torch.sigmoid(a_NF)
-        silu_NF = a_NF * sig_NF
+        silu_NF = F.silu(a_NF)
         db_NF = dh_NF * silu_NF
-        # d silu(a) / da = sig * (1 + a * (1 - sig)), as ATen's silu_backward
-        da_NF = dh_NF.mul_(b_NF).mul_(sig_NF * (1 + a_NF * (1 - sig_NF)))
+        # the ops autograd runs for silu(a) * b (ATen's silu_backward: fp32 math inside for bf16)
+        da_NF = torch.ops.aten.silu_backward(dh_NF.mul_(b_NF), a_NF)
         h_NF = silu_NF.mul_(b_NF) if need_w2 else None
         gw1, gw3, gw2 = (torch.empty_like(w) if n else None for w, n in zip(saved_w, (need_w1, need_w3, need_w2)))
         idle = sorted(set(range(w1_EFD.shape[0])) - {j for j, _, _ in spans})
