@@ -9,7 +9,8 @@ thread), same weights and batch, and prints:
   repeats; outputs and gradients are first checked bitwise equal. ``combine``: the combine alone, same way.
 * ``loop``: the layer with ``experts.impl='loop'``, the per-expert fallback that fp64 and CPU under
   ``torch.compile`` run (grouped_mm is not used there): the previous plain-autograd loop vs
-  ``_PerExpertSwiGLU`` (checked close: the backward writes the SwiGLU derivative out, rounding differs).
+  ``_PerExpertSwiGLU`` (checked close: its GEMMs write into slices of one buffer and accumulate dx with
+  addmm, so the rounding differs).
 * phases: route, dispatch, routed experts, combine and shared expert, each forward + backward on its own;
   floors: the same GEMMs with no autograd (per-expert ``mm`` on the layer's own row counts), and the layer's
   model FLOPs at the rate of a 1024^3 matmul probe timed in the same run.
@@ -124,7 +125,7 @@ def check_equal(before, after, x_BTD, g_BTD) -> bool:
 
 
 def loop_close(before, after, x_BTD, g_BTD) -> bool:
-    """The two per-expert loops differ only in rounding (the backward's SwiGLU derivative is written out)."""
+    """The two per-expert loops differ only in rounding (GEMMs into buffer slices, dx accumulated by addmm)."""
     yb, gb = step(before, x_BTD, g_BTD)
     ya, ga = step(after, x_BTD, g_BTD)
     close = [torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip([ya, *ga], [yb, *gb])]
