@@ -17,7 +17,7 @@ thread), same weights and batch, and prints:
 
 Then a torch.profiler table of a few steps (self time per op; thread time, so on a loaded box it reads high).
 RESULT: median over repeats of the per-repeat medians (speed-ups as before/after). Usage:
-``OMP_NUM_THREADS=1 python bench/moe_layer.py [--rounds 6] [--repeats 3]``.
+``OMP_NUM_THREADS=1 python bench/moe_layer.py [--rounds 12] [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def summary(name: str, meds: list) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6, help="interleaved before/after pairs per repeat")
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved before/after pairs per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loop-rounds", type=int, default=2, help="pairs per repeat of the (slow) impl=loop case")
     ap.add_argument("--profile-steps", type=int, default=3)
