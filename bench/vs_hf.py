@@ -47,6 +47,7 @@ from omegaconf import OmegaConf
 from attnres_train.config.model import as_model_config
 from attnres_train.model import build_model
 from attnres_train.model.flops import train_flops_per_token
+from attnres_train.model.kda import torch_default_chunk
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -198,9 +199,10 @@ def main(argv=None):
         f"seq={args.seq} rounds={args.rounds} repeats={args.repeats} fp32 "
         f"AdamW(fused={opts['ours'].defaults.get('fused')})"
     )
+    ours_chunk = cfg.kda.chunk_size or torch_default_chunk(cfg.kda.head_dim)  # null: the torch core's own
     print(
         f"transformers: attn={hf.config._attn_implementation} experts={hf.config._experts_implementation} "
-        f"KDA=torch fallback (chunk 64); ours: KDA torch chunked (chunk {cfg.kda.chunk_size})"
+        f"KDA=torch fallback (chunk 64); ours: KDA torch chunked (chunk {ours_chunk})"
     )
     print(f"weights check: max |logits ours - transformers| = {diff:.2e}")
     flops = train_flops_per_token(cfg, args.seq) * tokens

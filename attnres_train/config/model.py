@@ -59,8 +59,8 @@ class KDAConfig:
     head_dim: Optional[int] = 32
     # Kernel width of the short causal depthwise convolutions on q, k and v.
     conv_size: int = 4
-    # Tokens per chunk of the chunked KDA recurrence; null = the core's own: 64 in fla's kernel (CUDA), 16 in the
-    # torch chunked form (CPU). fla supports 32 and 64 only.
+    # Tokens per chunk of the chunked KDA recurrence; null = the core's own: 64 in fla's kernel (CUDA); in the
+    # torch chunked form (CPU) 32 for head_dim >= 128, else 16 (kda.torch_default_chunk). fla supports 32 and 64.
     chunk_size: Optional[int] = None
     # "auto": flash-linear-attention's chunk_kda on CUDA when installed, pure torch otherwise.
     impl: str = "auto"
