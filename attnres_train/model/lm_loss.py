@@ -102,19 +102,24 @@ def chunked_linear_cross_entropy(
         loss_sum += torch.where(v_c, sum_exp_c.log() - tgt_c, torch.zeros_like(tgt_c)).sum()
         if not need_grad:
             continue
-        # d loss / d logits = (softmax - onehot) * scale on valid rows. The row scale goes onto the two small
-        # GEMM operands instead of the [chunk, vocab] buffer (one pass fewer over it).
+        # d loss / d logits = (softmax - onehot) * scale on valid rows. In fp32/fp64 the row scale goes onto the
+        # two small GEMM operands instead of the [chunk, vocab] buffer (one pass fewer over it); in low precision
+        # it is applied in fp32 before the cast (a bf16 scale would bias every gradient by its rounding).
         g_cV = z_cV.div_(sum_exp_c.unsqueeze(-1))  # softmax, in place
-        g_cV = g_cV.scatter_add_(-1, idx_c1, -mine_c.to(acc).unsqueeze(-1)).to(h_ND.dtype)
-        row_c1 = (v_c.to(acc) * scale).unsqueeze(-1).to(h_ND.dtype)
+        g_cV.scatter_add_(-1, idx_c1, -mine_c.to(acc).unsqueeze(-1))
+        row_c1 = (v_c.to(acc) * scale).unsqueeze(-1)
+        full = h_ND.dtype == acc
+        if not full:
+            g_cV = g_cV.mul_(row_c1).to(h_ND.dtype)
         torch.mm(g_cV, w_VD, out=grad_h_ND[s:e])
-        grad_h_ND[s:e].mul_(row_c1)
-        h_scaled_cD = h_cD * row_c1
-        if s == 0 and grad_w_VD.dtype == h_ND.dtype:
+        if full:
+            grad_h_ND[s:e].mul_(row_c1)
+        h_scaled_cD = h_cD * row_c1 if full else h_cD
+        if s == 0 and full:
             torch.mm(g_cV.t(), h_scaled_cD, out=grad_w_VD)
         elif s == 0:
             grad_w_VD.copy_(torch.mm(g_cV.t(), h_scaled_cD))
-        elif grad_w_VD.dtype == h_ND.dtype:
+        elif full:
             grad_w_VD.addmm_(g_cV.t(), h_scaled_cD)
         else:  # low-precision matmul, fp32 accumulation across chunks
             grad_w_VD += torch.mm(g_cV.t(), h_scaled_cD)
