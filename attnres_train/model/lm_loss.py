@@ -112,17 +112,15 @@ def chunked_linear_cross_entropy(
         if not full:
             g_cV = g_cV.mul_(row_c1).to(h_ND.dtype)
         torch.mm(g_cV, w_VD, out=grad_h_ND[s:e])
-        if full:
+        if full:  # addmm_ with beta=0 on the first chunk: the empty buffer is overwritten, never read
             grad_h_ND[s:e].mul_(row_c1)
-        h_scaled_cD = h_cD * row_c1 if full else h_cD
-        if s == 0 and full:
-            torch.mm(g_cV.t(), h_scaled_cD, out=grad_w_VD)
-        elif s == 0:
-            grad_w_VD.copy_(torch.mm(g_cV.t(), h_scaled_cD))
-        elif full:
-            grad_w_VD.addmm_(g_cV.t(), h_scaled_cD)
+            grad_w_VD.addmm_(g_cV.t(), h_cD * row_c1, beta=float(s > 0))
         else:  # low-precision matmul, fp32 accumulation across chunks
-            grad_w_VD += torch.mm(g_cV.t(), h_scaled_cD)
+            gw_VD = torch.mm(g_cV.t(), h_cD)
+            if s > 0:
+                grad_w_VD.add_(gw_VD)
+            else:
+                grad_w_VD.copy_(gw_VD)
     return loss_sum / n_valid, grad_h_ND, grad_w_VD
 
 
