@@ -9,7 +9,6 @@ tokenizer and limits, a lock file serialising ranks that race to build it (docs/
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from attnres_train.config.data import DataConfig, as_data_config, held_out_fract
 from attnres_train.config.errors import ConfigError, UserInputError
 
 from .cache_listing import dir_mtimes, entry_from_listing, listing_path, uses_listing, write_listing
+from .cache_lock import cache_build_lock, remove_quietly
 from .megatron import MegatronStore
 from .packing import BlendedDataset, PackedStream, content_salt, split_streams, stable_salt, tokenize_to_shards
 from .shards import ShardSet, TokenStore, make_staging_dir
@@ -65,21 +65,6 @@ def cache_key(rs: ResolvedSource, tokenizer: Tokenizer, max_docs: Optional[int],
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _file_lock(path: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, atomic rename still protects readers
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def tokenize_cached(
     rs: ResolvedSource, tokenizer: Tokenizer, cache_dir: str, max_docs=None, max_bytes=None, progress: bool = True
 ) -> ShardSet:
@@ -96,70 +81,51 @@ def tokenize_cached(
             return ShardSet(entry)
         dirs = dir_mtimes(rs)  # before the files are stat'ed: a change in between is seen next time
     final = os.path.join(root, f"{slug}-{cache_key(rs, tokenizer, max_docs, max_bytes)}")
-    made, lock_existed = _missing_dirs(root), os.path.exists(final + ".lock")
-    try:
-        store = _open_or_build(rs, tokenizer, root, final, max_docs, max_bytes, progress)
-    except UserInputError:  # bad input (an empty or undecodable file): leave the cache as it was
-        _remove_quietly(([] if lock_existed else [final + ".lock"]) + made)
-        raise
+    store = _open_or_build(rs, tokenizer, root, final, max_docs, max_bytes, progress)
     if listing is not None:
         write_listing(listing, final, dirs)
     return store
 
 
-def _missing_dirs(path: str) -> List[str]:
-    """``path`` and its missing parents, deepest first (what ``os.makedirs(path)`` would create)."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def _remove_quietly(paths: List[str]) -> None:
-    """Remove these files and (empty) directories in order; stop at the first that is in use."""
-    for path in paths:
-        try:
-            os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
-        except OSError:
-            return
-
-
 def _open_or_build(rs, tokenizer, root: str, final: str, max_docs, max_bytes, progress: bool) -> ShardSet:
     if os.path.isdir(final):
         return ShardSet(final)
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise UserInputError(f"data.cache_dir: cannot create {root!r} ({e.strerror})") from None
-    with _file_lock(final + ".lock"):
+    with cache_build_lock(final + ".lock") as created:
         if os.path.isdir(final):  # another rank built it while we waited
             return ShardSet(final)
-        tmp = make_staging_dir(root, ".tmp-")
         try:
-            with tqdm(desc=f"tokenizing {rs.name}", unit=" doc", disable=not progress, leave=False) as bar:
-                w = tokenize_to_shards(
-                    iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar
-                )
-            with open(os.path.join(tmp, "cache_key.json"), "w") as f:
-                json.dump(
-                    {
-                        "source": rs.name,
-                        "kind": rs.kind,
-                        "tokenizer": tokenizer.name,
-                        "max_docs": max_docs,
-                        "max_bytes": max_bytes,
-                        "docs": w.num_docs,
-                        "tokens": w.num_tokens,
-                    },
-                    f,
-                )
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _build(rs, tokenizer, root, final, max_docs, max_bytes, progress)
+        except UserInputError:  # bad input (an empty or undecodable file): leave the cache as it was, and do it
+            remove_quietly(created)  # while holding the lock (docs/data.md "Cache", data/cache_lock.py)
             raise
     return ShardSet(final)
+
+
+def _build(rs, tokenizer, root: str, final: str, max_docs, max_bytes, progress: bool) -> None:
+    """Tokenize into a staging directory next to ``final``, then rename it into place (the caller holds the lock)."""
+    tmp = make_staging_dir(root, ".tmp-")
+    try:
+        with tqdm(desc=f"tokenizing {rs.name}", unit=" doc", disable=not progress, leave=False) as bar:
+            w = tokenize_to_shards(
+                iter_documents(rs, max_docs, max_bytes), tokenizer, tmp, source=rs.name, progress=bar
+            )
+        with open(os.path.join(tmp, "cache_key.json"), "w") as f:
+            json.dump(
+                {
+                    "source": rs.name,
+                    "kind": rs.kind,
+                    "tokenizer": tokenizer.name,
+                    "max_docs": max_docs,
+                    "max_bytes": max_bytes,
+                    "docs": w.num_docs,
+                    "tokens": w.num_tokens,
+                },
+                f,
+            )
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def open_source(

@@ -53,6 +53,8 @@ def test_bad_data_found_by_the_workers_ends_in_one_line_and_exit_2(tmp_path):
     both = proc.stdout + proc.stderr
     assert proc.returncode == 2, subproc.failure(proc)
     assert "Traceback" not in both and "ChildFailedError" not in both, subproc.failure(proc)
+    # a rank that waited on the failed build reports the bad line too, never the cache it saw removed
+    assert "cannot create" not in both and "No such file" not in both, subproc.failure(proc)
     lines = proc.stderr.splitlines()  # tqdm's \r-separated progress ends a line too
     errors = [ln for ln in lines if ln.startswith("error:")]
     worker = [ln for ln in lines if "error:" in ln and f"{data}:2" in ln]
