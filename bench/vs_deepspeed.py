@@ -221,6 +221,9 @@ def worker(args) -> None:
     out["peak_setup_mib"] = (setup_kb - base_kb) / 1024 if known else None
     out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (work / f"{args.worker}-r{args.round}-rank{rank}.json").write_text(json.dumps(out))
+    # Every rank past its last collective before any closes its sockets: a gloo peer that is still in one when
+    # the other tears down can abort (CI once saw rank 1 end with SIGABRT after rank 0 had exited 0).
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -251,9 +254,13 @@ def run_engine(engine: str, rnd: int, args, passthrough) -> list:
                 q.kill()
             codes.append("timeout")
         log.close()
-    if any(c != 0 for c in codes):
-        tail = (Path(args.workdir) / f"{engine}-r{rnd}-rank0.log").read_text()[-3000:]
-        raise SystemExit(f"{engine} round {rnd} failed (exit {codes}); rank 0 log tail:\n{tail}")
+    if any(c != 0 for c in codes):  # each failed rank's own log (a rank that exited 0 says nothing useful)
+        tails = [
+            f"rank {r} log tail:\n" + (Path(args.workdir) / f"{engine}-r{rnd}-rank{r}.log").read_text()[-3000:]
+            for r, c in enumerate(codes)
+            if c != 0
+        ]
+        raise SystemExit(f"{engine} round {rnd} failed (exit {codes}); " + "\n".join(tails))
     return [json.loads((Path(args.workdir) / f"{engine}-r{rnd}-rank{r}.json").read_text()) for r in range(WORLD)]
 
 
