@@ -307,6 +307,7 @@ def report(s: dict, args, cfg, n_params: int) -> None:
         print(f"  {eng:5s} step ms   {_spread(v['step_ms'])}   cpu ms {statistics.median(v['cpu_ms']):.1f}")
         print(f"  {eng:5s} steps peak MiB {_spread(v['peak_steps_mib'])}   setup peak {max(v['peak_setup_mib']):.1f}")
         print(f"  {eng:5s} process maxrss MiB {_spread(v['maxrss_mib'])}")
+        print(f"  {eng:5s} loss max |round k - round 0| {v['loss_spread_over_rounds']:.2e} (same inputs every round)")
     print("  step  " + "  ".join(f"{e:>10s} loss" for e in s) + "  " + "  ".join(f"{e:>6s} norm" for e in s))
     for i in range(args.steps):
         print(
