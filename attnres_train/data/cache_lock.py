@@ -28,12 +28,12 @@ _ATTEMPTS = 1000  # each retry means a holder removed the lock; this many in a r
 def cache_build_lock(lock_path: str) -> Iterator[List[str]]:
     """Hold the exclusive lock ``lock_path``, creating its directory. Yields what this attempt created (the lock
     file and missing directories, deepest first): the holder may remove exactly these before it releases."""
+    parent = os.path.dirname(os.path.abspath(lock_path))
     try:
         import fcntl
     except ImportError:  # not POSIX: no cross-process lock, atomic rename still protects readers
-        yield []
+        yield missing_dirs(parent)  # the build's staging directory creates them
         return
-    parent = os.path.dirname(os.path.abspath(lock_path))
     for _ in range(_ATTEMPTS):
         created = missing_dirs(parent)
         try:
