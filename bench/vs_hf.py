@@ -12,10 +12,13 @@ step, zero_grad (ours also runs its aux-loss-free router-bias update, part of it
 models alternate step by step (the order flips every round) and we report medians of wall time (process CPU
 time is printed too: on a shared machine it is less disturbed by other jobs).
 
-Peak memory: per step, ``VmHWM - VmRSS`` from ``/proc/self/status`` after ``malloc_trim(0)`` (freed heap pages
-go back to the OS) and resetting the high-water mark (``/proc/self/clear_refs``). That is the resident memory a
-training step adds on top of what is already live (weights and optimizer state, identical for both):
-activations saved for backward, gradients and temporaries. Without ``/proc`` (not Linux) it is not reported.
+Peak memory: ``VmHWM - VmRSS`` from ``/proc/self/status`` around one step after ``malloc_trim(0)`` (freed heap
+pages go back to the OS) and resetting the high-water mark (``/proc/self/clear_refs``). That is the resident
+memory a training step adds on top of what is already live (weights and optimizer state, identical for both):
+activations saved for backward, gradients and temporaries. It is measured in an untimed step per model after
+each repeat's timed rounds: the timed steps keep freed host memory as the trainer does, and a trim before them
+would charge every step the page faults of its working set (``run_rounds``). Without ``/proc`` (not Linux) it
+is not reported.
 
 The headline ratio is the median over rounds of (transformers step time / our step time) within a round. MFU:
 our training FLOPs per step over our step time and the 1024^3 matmul probe timed at the start of the same round,
@@ -216,7 +219,14 @@ def main(argv=None):
 
 def run_rounds(args, models, opts, steps, kda_layers, x, y, h, warmup):
     """Alternating steps (order flips every round), the matmul probe at the start of each round; the
-    measured rounds' lists are aligned by round."""
+    measured rounds' lists are aligned by round.
+
+    The timed steps run as the trainer's do: freed host memory stays in the process (``keep_freed_host_memory``),
+    so a step reuses the heap of the step before. Peak memory needs the opposite (``malloc_trim`` before the
+    step, or the kept heap hides what the step adds), so it is measured in steps of its own, untimed, after the
+    timed rounds, followed by one untimed step per model that grows the heap back before the next timed round.
+    Trimming before every timed step charged each step the page faults of its whole working set again (f1:
+    ~1 s of a ~2.5 s step on this box), a cost the trainer does not pay."""
     times = {k: [] for k in models}
     cpu = {k: [] for k in models}
     kda_times = {k: [] for k in models}
@@ -226,20 +236,24 @@ def run_rounds(args, models, opts, steps, kda_layers, x, y, h, warmup):
     for r in range(warmup + args.rounds):
         flops = matmul_probe(1024, torch.device("cpu"), torch.float32)
         for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
-            with peak:
-                t0, c0 = time.perf_counter(), time.process_time()
-                steps[k](models[k], opts[k], x, y)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[k](models[k], opts[k], x, y)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r >= warmup:  # the first step also allocates the optimizer state: not a step cost
                 times[k].append(dt)
                 cpu[k].append(dc)
-                mem[k].append(peak.delta_kb)
         for k in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
             t = kda_layer_time(kda_layers[k], h)
             if r >= warmup:
                 kda_times[k].append(t)
         if r >= warmup:
             probe.append(flops)
+    for k in models:  # peak step memory: a trimmed heap, so the step's own allocations show in VmHWM
+        with peak:
+            steps[k](models[k], opts[k], x, y)
+        mem[k].append(peak.delta_kb)
+    for k in models:  # untimed: the heap grows back to what the timed steps of the next repeat reuse
+        steps[k](models[k], opts[k], x, y)
     return {"times": times, "cpu": cpu, "kda": kda_times, "mem": mem, "probe": probe}
 
 
