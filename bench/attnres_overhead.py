@@ -13,8 +13,16 @@ machine's BLAS delivers right now, not a datasheet peak: MFU per round, median o
 runs ``--repeats`` times (default 3); each ``RESULT`` is the median over repeats with its min..max. CPU time
 (``process_time``) medians are printed too: on a shared machine they are less disturbed than wall time.
 
+Resolution: ``prenorm_copy`` (in the default variants) is a second PreNorm model with the same weights, built and
+stepped like the others. Its ratio to ``prenorm`` is what the bench reports for two identical models: on a
+shared CPU it strays by several percent, which bounds what the full-step ratios can settle. The in-step figure
+(``depth_timers.py``) times the depth-mixing functions inside every AttnRes step of the real model and states
+them as ``1 + their time / PreNorm median step``: the same question, asked within each step. It is a lower
+bound: autograd's sums of each block's gradients and the Python bookkeeping around the functions are not in
+it (in ``--stub-sublayers`` runs, where the step difference is the whole cost, the functions are ~80 % of it).
+
 ``--stub-sublayers`` replaces every token mixer and FFN by a scalar multiply, so the step-time differences are
-the depth-mixing cost alone (full training steps differ by 1-2%, below the noise of a shared CPU).
+the depth-mixing cost alone, without the sublayers' cache pressure.
 
 Usage: python bench/attnres_overhead.py [--preset f2] [--vocab 4096] [--batch 2] [--seq 256] [--rounds 8]
        [--repeats 3] [--optimizer adamw|none] [--threads N] [--device cuda --dtype bf16] [--stub-sublayers]
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from depth_timers import DepthTimers  # bench/ sibling
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -150,9 +159,10 @@ def main(argv=None):
     ap.add_argument("--probe-n", type=int, default=1024, help="matmul size of the throughput probe")
     ap.add_argument(
         "--variants",
-        default="prenorm,block8,full",
-        help="comma list among prenorm, block8, full, block8_ref, full_ref (the *_ref variants run "
-        "the autograd reference of the depth mixing, model.residual.impl=reference)",
+        default="prenorm,prenorm_copy,block8,full",
+        help="comma list among prenorm, prenorm_copy, block8, full, block8_ref, full_ref (prenorm_copy: a second "
+        "identical PreNorm model, the run's control; the *_ref variants run the autograd reference of the depth "
+        "mixing, model.residual.impl=reference)",
     )
     ap.add_argument(
         "--stub-sublayers",
@@ -171,6 +181,7 @@ def main(argv=None):
     base, base_cfg = make(cfg, "prenorm")
     builders = {
         "prenorm": lambda: (base, base_cfg),
+        "prenorm_copy": lambda: make(cfg, "prenorm", base.state_dict()),  # the control: same model, built again
         "block8": lambda: make(cfg, "block", base.state_dict(), num_blocks=min(8, cfg.num_layers)),
         "full": lambda: make(cfg, "full", base.state_dict()),
         # the autograd reference of the depth mixing (model.residual.impl=reference), for before/after
@@ -208,32 +219,38 @@ def main(argv=None):
     reps = []
     for rep in range(args.repeats):
         print(f"repeat {rep + 1}/{args.repeats}")
-        wall, cpu, probe = run_rounds(args, names, variants, opts, x, y, device, dtype, rep == 0)
-        reps.append(summarise(args, names, step_flops, wall, cpu, probe))
+        wall, cpu, probe, mixing = run_rounds(args, names, variants, opts, x, y, device, dtype, rep == 0)
+        reps.append(summarise(args, names, step_flops, wall, cpu, probe, mixing))
     headline(args, names, reps)
 
 
 def run_rounds(args, names, variants, opts, x, y, device, dtype, warm_up):
-    """Round-robin steps; the matmul probe runs at the start of every round. Lists aligned by round."""
+    """Round-robin steps; the matmul probe runs at the start of every round. Lists aligned by round.
+
+    ``mixing``: per step, the wall seconds spent inside the depth-mixing functions (``DepthTimers``)."""
     wall = {k: [] for k in names}
     cpu = {k: [] for k in names}
+    mixing = {k: [] for k in names}
     probe = []
     warmup = args.warmup if warm_up else 0
-    for r in range(warmup + args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
-        flops = matmul_probe(args.probe_n, device, dtype)
-        for k in order:
-            m, _ = variants[k]
-            w, c = step_time(m, opts[k], x, y)
+    with DepthTimers(active=device.type == "cpu") as timers:  # host timers mean nothing for GPU work
+        for r in range(warmup + args.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
+            flops = matmul_probe(args.probe_n, device, dtype)
+            for k in order:
+                m, _ = variants[k]
+                before = timers.seconds
+                w, c = step_time(m, opts[k], x, y)
+                if r >= warmup:
+                    wall[k].append(w)
+                    cpu[k].append(c)
+                    mixing[k].append(timers.seconds - before)
             if r >= warmup:
-                wall[k].append(w)
-                cpu[k].append(c)
-        if r >= warmup:
-            probe.append(flops)
-    return wall, cpu, probe
+                probe.append(flops)
+    return wall, cpu, probe, mixing
 
 
-def summarise(args, names, step_flops, wall, cpu, probe):
+def summarise(args, names, step_flops, wall, cpu, probe, mixing):
     """Print one repeat's table; return its headline figures.
 
     MFU per round = the variant's FLOPs / its step time / the probe of the same round (a slow phase of a shared
@@ -268,6 +285,13 @@ def summarise(args, names, step_flops, wall, cpu, probe):
             f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
             f"{min(wall[k]) / min(wall['prenorm']):.3f} x"
         )
+        in_step = statistics.median(mixing[k])
+        if in_step > 0:
+            print(
+                f"  {k} depth-mixing functions in its steps: median {in_step * 1e3:.1f} ms per step "
+                f"(min {min(mixing[k]) * 1e3:.1f}, max {max(mixing[k]) * 1e3:.1f}), "
+                f"1 + that / prenorm median step = {1 + in_step / med['prenorm']:.4f} x"
+            )
     out = {"probe": statistics.median(probe)}
     for k in names:
         out[f"mfu_{k}"] = 100 * mfu[k]
@@ -275,6 +299,9 @@ def summarise(args, names, step_flops, wall, cpu, probe):
             out[f"{k}_cost"] = (med[k] - med["prenorm"]) * 1e3
             out[f"{k}_ratio"] = med[k] / med["prenorm"]
             out[f"{k}_cpu_ratio"] = med_cpu[k] / med_cpu["prenorm"]
+            if statistics.median(mixing[k]) > 0:
+                out[f"{k}_in_step_ms"] = statistics.median(mixing[k]) * 1e3
+                out[f"{k}_in_step_ratio"] = 1 + statistics.median(mixing[k]) / med["prenorm"]
     return out
 
 
@@ -290,13 +317,21 @@ def headline(args, names, reps):
         for k in others:
             med, spread = _spread(reps, f"{k}_cost", ".1f")
             print(f"RESULT {k}_depth_mixing_cost {med} ms {spread}")
+            if f"{k}_in_step_ms" in reps[0]:
+                ms, ms_spread = _spread(reps, f"{k}_in_step_ms", ".1f")
+                print(f"RESULT {k}_depth_functions_in_step {ms} ms {ms_spread}")
         return
-    label = {"block8": "block", "full": "full"}
+    label = {"block8": "block", "full": "full", "prenorm_copy": "control"}
     for k in others:
         med, spread = _spread(reps, f"{k}_ratio")
         cmed, cspread = _spread(reps, f"{k}_cpu_ratio")
         print(f"RESULT {label.get(k, k)}_over_prenorm_step_time {med} x {spread}")
         print(f"RESULT {label.get(k, k)}_over_prenorm_cpu_time {cmed} x {cspread}")
+        if f"{k}_in_step_ms" in reps[0]:
+            med, spread = _spread(reps, f"{k}_in_step_ratio", ".4f")
+            ms, ms_spread = _spread(reps, f"{k}_in_step_ms", ".1f")
+            print(f"RESULT {label.get(k, k)}_depth_functions_over_prenorm {med} x {spread}")
+            print(f"RESULT {label.get(k, k)}_depth_functions_in_step {ms} ms {ms_spread}")
     med, spread = _spread(reps, "probe", ".3g")
     print(f"RESULT matmul_probe_gflops {float(med) / 1e9:.1f} GFLOP/s")
     for k in names:
