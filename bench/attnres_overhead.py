@@ -256,6 +256,7 @@ def summarise(args, names, step_flops, wall, cpu, probe, mixing):
     MFU per round = the variant's FLOPs / its step time / the probe of the same round (a slow phase of a shared
     machine slows both); the repeat's MFU is the median over rounds."""
     med = {k: statistics.median(v) for k, v in wall.items()}
+    in_step = {k: statistics.median(v) for k, v in mixing.items()}  # 0 where nothing was timed (PreNorm, *_ref)
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     tokens = args.batch * args.seq
     mfu = {k: statistics.median(step_flops[k] / w / p for w, p in zip(wall[k], probe)) for k in names}
@@ -285,12 +286,11 @@ def summarise(args, names, step_flops, wall, cpu, probe, mixing):
             f"{pairs:.3f} x, cpu-time medians {med_cpu[k] / med_cpu['prenorm']:.3f} x, mins "
             f"{min(wall[k]) / min(wall['prenorm']):.3f} x"
         )
-        in_step = statistics.median(mixing[k])
-        if in_step > 0:
+        if in_step[k] > 0:
             print(
-                f"  {k} depth-mixing functions in its steps: median {in_step * 1e3:.1f} ms per step "
+                f"  {k} depth-mixing functions in its steps: median {in_step[k] * 1e3:.1f} ms per step "
                 f"(min {min(mixing[k]) * 1e3:.1f}, max {max(mixing[k]) * 1e3:.1f}), "
-                f"1 + that / prenorm median step = {1 + in_step / med['prenorm']:.4f} x"
+                f"1 + that / prenorm median step = {1 + in_step[k] / med['prenorm']:.4f} x"
             )
     out = {"probe": statistics.median(probe)}
     for k in names:
@@ -299,9 +299,9 @@ def summarise(args, names, step_flops, wall, cpu, probe, mixing):
             out[f"{k}_cost"] = (med[k] - med["prenorm"]) * 1e3
             out[f"{k}_ratio"] = med[k] / med["prenorm"]
             out[f"{k}_cpu_ratio"] = med_cpu[k] / med_cpu["prenorm"]
-            if statistics.median(mixing[k]) > 0:
-                out[f"{k}_in_step_ms"] = statistics.median(mixing[k]) * 1e3
-                out[f"{k}_in_step_ratio"] = 1 + statistics.median(mixing[k]) / med["prenorm"]
+            if in_step[k] > 0:
+                out[f"{k}_in_step_ms"] = in_step[k] * 1e3
+                out[f"{k}_in_step_ratio"] = 1 + in_step[k] / med["prenorm"]
     return out
 
 
