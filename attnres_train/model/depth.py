@@ -11,7 +11,7 @@ docs/model.md "Residual modes", docs/kernels.md "Selecting the implementation".
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import attnres_kernels  # import-light (no triton): the kernels themselves load on first use
 import torch
@@ -56,14 +56,15 @@ class DepthState:
     partial:  the open block's partial sum (AttnRes) or the hidden state (PreNorm); None right after a block
               was closed (e.g. the first sublayer of the network sees only the embedding).
     aux_loss: running sum of MoE auxiliary losses of the layers run so far (None if none were produced).
-    phase1:   per-sublayer phase-1 statistics precomputed for the current block; a local cache that is never
+    phase1:   per-sublayer phase-1 statistics precomputed for the current block, or, for a sublayer that reads
+              with no partial sum (it opens a block), its finished read ``[B,T,d]``; a local cache that is never
               sent between stages (it is recomputed from ``blocks`` when missing).
     """
 
     blocks: List[torch.Tensor]
     partial: Optional[torch.Tensor]
     aux_loss: Optional[torch.Tensor] = None
-    phase1: Dict[int, Phase1Stats] = field(default_factory=dict)
+    phase1: Dict[int, Union[Phase1Stats, torch.Tensor]] = field(default_factory=dict)
 
     def sources(self) -> List[torch.Tensor]:
         return self.blocks + ([self.partial] if self.partial is not None else [])
@@ -178,8 +179,14 @@ class SegmentLogits:
         self.sources: List[torch.Tensor] = []
         self.logits: List[torch.Tensor] = []  # [B·T, Q] per source
 
-    def phase1(self, blocks: List[torch.Tensor], sublayers: List[int]) -> List[Phase1Stats]:
-        """Phase-1 stats of ``sublayers`` (consecutive, inside the segment) over ``blocks``."""
+    def phase1(
+        self, blocks: List[torch.Tensor], sublayers: List[int], first_reads_alone: bool = False
+    ) -> List[Union[Phase1Stats, torch.Tensor]]:
+        """Phase-1 stats of ``sublayers`` (consecutive, inside the segment) over ``blocks``.
+
+        ``first_reads_alone``: the first sublayer reads with no partial sum (it opens a block), so its entry is
+        its finished read (in the blocks' dtype), normalised inside the combine instead of by a phase 2 pass.
+        """
         known = 0
         while known < min(len(blocks), len(self.sources)) and blocks[known] is self.sources[known]:
             known += 1
@@ -192,8 +199,13 @@ class SegmentLogits:
         cols = slice(sublayers[0] - self.first, sublayers[-1] - self.first + 1)
         if sublayers != list(range(sublayers[0], sublayers[-1] + 1)):
             raise ValueError(f"a block's sublayers are consecutive, got {sublayers}")
-        stats = depth_ops.combine(torch.stack([s[:, cols] for s in self.logits]), [views.local(b) for b in blocks])
-        return [tuple(views.like(t, blocks[0]) for t in st) for st in stats]
+        first = blocks[0].dtype if first_reads_alone else None
+        s_nts = torch.stack(self.logits)[:, :, cols]  # one stack and one slice (and their backward) per call
+        stats = depth_ops.combine(s_nts, [views.local(b) for b in blocks], first)
+        return [
+            views.like(st, blocks[0]) if isinstance(st, torch.Tensor) else tuple(views.like(t, blocks[0]) for t in st)
+            for st in stats
+        ]
 
 
 def _scaled_logits(v: torch.Tensor, q_sd: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,6 +263,10 @@ def depth_read(
     if not two_phase:
         return mix_direct(state.sources(), q_d, eps)
     stats = state.phase1.get(sublayer)
+    if isinstance(stats, torch.Tensor):  # the finished read of a block's first sublayer (SegmentLogits.phase1)
+        if state.partial is not None:
+            raise RuntimeError(f"sublayer {sublayer}: a finished read was precomputed, but it merges a partial sum")
+        return stats
     if stats is None:
         stats = phase1(state.blocks, q_d.unsqueeze(0), eps, impl, views)[0]
     return phase2(stats, state.partial, q_d, eps, state.blocks[0].dtype, impl, views)

@@ -31,6 +31,8 @@ def _autocast_off(fn):
     @functools.wraps(fn)
     def wrapper(ctx, *args):
         dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if not torch.is_autocast_enabled(dev):  # the usual case: no context to enter (µs per call on CPU)
+            return fn(ctx, *args)
         with torch.autocast(dev, enabled=False):
             return fn(ctx, *args)
 
@@ -42,36 +44,57 @@ def _rsqrt_ms(v_td: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(torch.linalg.vector_norm(v_td, dim=-1).square_().div_(v_td.shape[-1]).add_(eps))
 
 
-def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape) -> Tuple[list, Tensor]:
-    """Phase-1 forward on logits ``[n,N,S]``: the flat outputs (o_s, m_s, l_s per query) and the weights p."""
+def _columns(p_nts: Tensor) -> List[Tuple[Tensor, ...]]:
+    """``cols[s][j]``: source j's weights for query s as ``[N, 1]`` views of ``p [n,N,S]`` (two unbinds instead
+    of three view ops per use: on CPU the per-op dispatch is a third of the depth mixing's cost at f1 size)."""
+    return [c.unbind(0) for c in p_nts.permute(2, 0, 1).unsqueeze(-1).unbind(0)]
+
+
+def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape, first_dtype=None) -> Tuple[list, Tensor, list]:
+    """Phase-1 forward on logits ``[n,N,S]``: the flat outputs (o_s, m_s, l_s per query), the weights p and
+    the columns used. ``first_dtype``: query 0's output is its finished read ``o_0 / l_0`` in that dtype,
+    from the normalised weights (no separate pass to normalise it)."""
     m_ts = s_nts.amax(0)
-    p_nts = torch.exp(s_nts - m_ts)
+    p_nts = (s_nts - m_ts).exp_()
     l_ts = p_nts.sum(0)
+    tshape = (s_nts.shape[-1],) + tuple(shape[:-1])
+    m_s = m_ts.t().reshape(tshape).unbind(0)
+    l_s = l_ts.t().reshape(tshape).unbind(0)
+    cols = _columns(p_nts)
+    if first_dtype is not None:
+        cols[0] = (p_nts[..., 0] / l_ts[:, 0]).unsqueeze(-1).unbind(0)
     outs = []
-    for s, p_nt in enumerate(p_nts.unbind(-1)):
-        o = v2[0] * p_nt[0, :, None]
+    for s, c in enumerate(cols):
+        o = v2[0] * c[0]
         for j in range(1, len(v2)):
-            o.addcmul_(v2[j], p_nt[j, :, None])
-        outs += [o.view(shape), m_ts[:, s].reshape(shape[:-1]), l_ts[:, s].reshape(shape[:-1])]
-    return outs, p_nts
+            o.addcmul_(v2[j], c[j])
+        outs += [o.view(shape) if s or first_dtype is None else o.view(shape).to(first_dtype), m_s[s], l_s[s]]
+    return outs, p_nts, cols
 
 
-def _logit_grads(grads, p_nts: Tensor, v2: List[Tensor]) -> Tuple[list, Tensor]:
-    """From the (o, m, l) gradients: the non-None ``(s, do_s)`` and ds = p(⟨do_s, v_j⟩ + dl_s) ``[n,N,S]``."""
+def _logit_grads(grads, p_nts: Tensor, v2: List[Tensor], first=None) -> Tuple[list, Tensor]:
+    """From the (o, m, l) gradients (None where unused): the non-None ``(s, do_s)`` and
+    ds = p(⟨do_s, v_j⟩ + dl_s) ``[n,N,S]``. ``first = (w [n,N], l_0 [N])``: query 0's output is normalised
+    (h = Σ w_j v_j, w = p / l_0), so its column is p(⟨dh, v_j⟩ - ⟨dh, h⟩) / l_0 + p dl_0, with
+    ⟨dh, h⟩ = Σ_j w_j ⟨dh, v_j⟩ from the dots already taken."""
     d, cdt = v2[0].shape[-1], p_nts.dtype
-    do = [(s, g.reshape(-1, d).to(cdt)) for s, g in enumerate(grads[0::3]) if g is not None]
-    dl_ts = torch.stack([g.reshape(-1) if g is not None else p_nts.new_zeros(p_nts.shape[1]) for g in grads[2::3]], -1)
-    dots = torch.zeros_like(p_nts)  # ⟨do_s, v_j⟩ for every (source, query)
-    for s, g in do:
-        for j, v in enumerate(v2):
-            dots[j, :, s] = torch.linalg.vecdot(g, v)
-    return do, dots.add_(dl_ts).mul_(p_nts)
+    zero = p_nts.new_zeros(p_nts.shape[1])
+    gs = [g.reshape(-1, d).to(cdt) if g is not None else None for g in grads[0::3]]
+    # ⟨do_s, v_j⟩ for every (source, query): [n, N, S]
+    ds = torch.stack([torch.stack([zero if g is None else torch.linalg.vecdot(g, v) for g in gs], -1) for v in v2])
+    if first is not None and gs[0] is not None:
+        w_n, l_0 = first
+        d0 = ds[..., 0]
+        d0.sub_((w_n * d0).sum(0)).div_(l_0)
+    if any(g is not None for g in grads[2::3]):
+        ds.add_(torch.stack([zero if g is None else g.reshape(-1).to(cdt) for g in grads[2::3]], -1))
+    return [(s, g) for s, g in enumerate(gs) if g is not None], ds.mul_(p_nts)
 
 
-def _value_grad(do: list, p_nts_j: Tensor, dv: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``dv + Σ_s p_js do_s`` for one source, accumulated in place (None if nothing to add and no dv)."""
+def _value_grad(do: list, cols: list, j: int, dv: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``dv + Σ_s p_js do_s`` for source j, accumulated in place (None if nothing to add and no dv)."""
     for s, g in do:
-        dv = g * p_nts_j[:, s, None] if dv is None else dv.addcmul_(g, p_nts_j[:, s, None])
+        dv = g * cols[s][j] if dv is None else dv.addcmul_(g, cols[s][j])
     return dv
 
 
@@ -87,10 +110,11 @@ class _Phase1(torch.autograd.Function):
         v2 = [v.reshape(-1, d).to(cdt) for v in vs]  # [N,d] views (fp32 inputs: no copy)
         r_nt = torch.stack([_rsqrt_ms(v, eps) for v in v2])
         s_nts = torch.stack([v @ q.t() for v in v2]).mul_(r_nt.unsqueeze(-1))
-        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape)
+        outs, p_nts, _ = _weighted_sums(s_nts, v2, vs[0].shape)
         ctx.q_dtype = q_sd.dtype
         ctx.save_for_backward(q, r_nt, s_nts, p_nts, *vs)
         ctx.mark_non_differentiable(*outs[1::3])
+        ctx.set_materialize_grads(False)  # unread outputs cost no passes in backward
         return tuple(outs)
 
     @staticmethod
@@ -100,14 +124,15 @@ class _Phase1(torch.autograd.Function):
         d = vs[0].shape[-1]
         v2 = [v.reshape(-1, d).to(q.dtype) for v in vs]
         do, ds_nts = _logit_grads(grads, p_nts, v2)
+        cols = _columns(p_nts)
         dsr_nts = ds_nts * r_nt.unsqueeze(-1)
         c_nt = (ds_nts * s_nts).sum(-1).mul_(r_nt.square()).div_(d)
         dq = torch.zeros_like(q)
         dvs = []
-        for j, v in enumerate(v2):
-            dq.addmm_(dsr_nts[j].t(), v)
-            dv = _value_grad(do, p_nts[j], torch.mm(dsr_nts[j], q))
-            dv.addcmul_(v, c_nt[j].unsqueeze(-1), value=-1.0)
+        for j, (v, dsr, c) in enumerate(zip(v2, dsr_nts.unbind(0), c_nt.unsqueeze(-1).unbind(0))):
+            dq.addmm_(dsr.t(), v)
+            dv = _value_grad(do, cols, j, torch.mm(dsr, q))
+            dv.addcmul_(v, c, value=-1.0)
             dvs.append(dv.view(vs[j].shape).to(vs[j].dtype))
         return (None, dq.to(ctx.q_dtype) if ctx.needs_input_grad[1] else None, *dvs)
 
@@ -147,30 +172,46 @@ class _SourceLogits(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """(s_nts, *sources) → (o_0, m_0, l_0, o_1, ...): phase 1 of S queries on their precomputed logits."""
+    """(s_nts, *sources) → (o_0, m_0, l_0, o_1, ...): phase 1 of S queries on their precomputed logits.
+
+    ``first_dtype`` (not None): query 0 reads with no partial sum (its sublayer opens a block), so o_0 is its
+    finished read ``o_0 / l_0`` in that dtype, made from the normalised weights: no ``_Normalise`` pass."""
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, s_nts: Tensor, *vs: Tensor):
+    def forward(ctx, s_nts: Tensor, first_dtype, *vs: Tensor):
         d = vs[0].shape[-1]
         v2 = [v.reshape(-1, d).to(s_nts.dtype) for v in vs]  # [N,d] views (fp32 inputs: no copy)
-        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape)
-        ctx.save_for_backward(p_nts, *vs)
+        outs, p_nts, cols = _weighted_sums(s_nts, v2, vs[0].shape, first_dtype)
+        if first_dtype is None:
+            ctx.save_for_backward(p_nts, *vs)
+        else:
+            ctx.save_for_backward(p_nts, outs[2].reshape(-1), *vs)
+        ctx.normalised_first = first_dtype is not None
         ctx.mark_non_differentiable(*outs[1::3])
+        # Unread outputs (e.g. the stats of a sublayer that reads the embedding alone) get None, not zeros:
+        # no passes for them in backward, and sources no query of theirs reaches get no gradient at all.
+        ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, *grads):
         p_nts, *vs = ctx.saved_tensors
+        first = None
+        cols = _columns(p_nts)
+        if ctx.normalised_first:
+            l_0, *vs = vs
+            w_n = p_nts[..., 0] / l_0
+            cols[0], first = w_n.unsqueeze(-1).unbind(0), (w_n, l_0)
         d = vs[0].shape[-1]
         v2 = [v.reshape(-1, d).to(p_nts.dtype) for v in vs]
-        do, ds_nts = _logit_grads(grads, p_nts, v2)
+        do, ds_nts = _logit_grads(grads, p_nts, v2, first)
         dvs = []
         for j, v in enumerate(vs):
-            dv = _value_grad(do, p_nts[j])
-            dvs.append(torch.zeros_like(v) if dv is None else dv.view(v.shape).to(v.dtype))
-        return (ds_nts, *dvs)
+            dv = _value_grad(do, cols, j)
+            dvs.append(None if dv is None else dv.view(v.shape).to(v.dtype))
+        return (ds_nts, None, *dvs)
 
 
 class _Phase2(torch.autograd.Function):
@@ -188,11 +229,12 @@ class _Phase2(torch.autograd.Function):
         q = q_d.to(cdt)
         r = _rsqrt_ms(p, eps)
         s2 = torch.mv(p, q).mul_(r)
-        m, sum_exp = m_t.reshape(-1), l_t.reshape(-1)
-        m_new = torch.maximum(m, s2)
-        a1, a2 = torch.exp(m - m_new), torch.exp(s2 - m_new)
-        inv = 1.0 / (a1 * sum_exp + a2)
-        c1, c2 = a1 * inv, a2 * inv
+        sum_exp = l_t.reshape(-1)
+        # c2 = e^s2 / (l e^m + e^s2) = sigmoid(z) and c1 = e^m / (l e^m + e^s2) = sigmoid(-z) / l, with
+        # z = s2 - m - log l: stable for any gap between s2 and m, in 7 per-token ops instead of 10.
+        z = s2 - m_t.reshape(-1) - sum_exp.log()
+        c2 = torch.sigmoid(z)
+        c1 = torch.sigmoid(z.neg_()).div_(sum_exp)
         h = o * c1.unsqueeze(-1)
         h.addcmul_(p, c2.unsqueeze(-1))
         ctx.q_dtype = q_d.dtype
@@ -255,10 +297,15 @@ def source_logits(v: Tensor, q_qd: Tensor, eps: float) -> Tensor:
     return _SourceLogits.apply(eps, q_qd, v)
 
 
-def combine(s_nts: Tensor, blocks: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor, Tensor]]:
-    """Phase 1 from logits ``[n, B·T, S]`` (a stack of :func:`source_logits` columns) and the n sources."""
-    flat = _Combine.apply(s_nts, *blocks)
-    return [tuple(flat[3 * s : 3 * s + 3]) for s in range(s_nts.shape[-1])]
+def combine(s_nts: Tensor, blocks: Sequence[Tensor], first_read: Optional[torch.dtype] = None) -> list:
+    """Phase 1 from logits ``[n, B·T, S]`` (a stack of :func:`source_logits` columns) and the n sources: per
+    query ``(o, m, l)``. ``first_read`` (a dtype): query 0 reads with no partial sum, so its entry is its finished
+    read ``[B,T,d]`` in that dtype (what :func:`phase2` would return for it), not stats."""
+    flat = _Combine.apply(s_nts, first_read, *blocks)
+    out = [tuple(flat[3 * s : 3 * s + 3]) for s in range(s_nts.shape[-1])]
+    if first_read is not None:
+        out[0] = out[0][0]
+    return out
 
 
 def phase1(blocks: Sequence[Tensor], q_sd: Tensor, eps: float) -> List[Tuple[Tensor, Tensor, Tensor]]:

@@ -136,12 +136,16 @@ class AttnResForCausalLM(nn.Module):
         that layer's mixer ran. That FFN reads on its own (``depth_read`` computes its phase 1 inside the
         layer), and the block's later sublayers get theirs at the next layer (``forward_layers``).
         """
-        blocks = first.prepare(state, 0).blocks  # after closing the block the first layer opens
+        prepared = first.prepare(state, 0)  # after closing the block the first layer opens
+        blocks = prepared.blocks
         subs = [2 * first.layer_idx]
         while subs[-1] + 1 < 2 * end and subs[-1] + 1 not in self._starts:
             subs.append(subs[-1] + 1)
         if cache is not None:  # the cache holds the segment's queries already
-            return dict(zip(subs, cache.phase1(blocks, subs)))
+            if len(blocks) == 1 and prepared.partial is None:  # the first sublayer reads the embedding as is
+                subs = subs[1:]
+                return dict(zip(subs, cache.phase1(blocks, subs))) if subs else {}
+            return dict(zip(subs, cache.phase1(blocks, subs, first_reads_alone=prepared.partial is None)))
         layers = self.model.layers
         queries = torch.stack([q for j in range(subs[0] // 2, subs[-1] // 2 + 1) for q in layers[j].queries()])
         if subs[-1] % 2 == 0:  # the block ends after a token mixer: drop that layer's FFN query

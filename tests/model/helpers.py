@@ -3,6 +3,7 @@
 import copy
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres_train.config.model import ModelConfig
 from attnres_train.model import build_model
@@ -111,3 +112,25 @@ def check_against_truth(impl, n, s, shape, has_p, dtype, tol, device="cpu"):
     for name, a, b, x in zip([f"src{j}" for j in range(len(sources))] + ["q"], g_i, g_r, g_x):
         assert a.dtype == x.dtype and a.shape == x.shape
         assert rel_err(a, x) <= max(tol["grad"], 3 * rel_err(b, x)), name
+
+
+class CountFullSizeOps(TorchDispatchMode):
+    """Counts dispatched ops whose output has at least ``numel`` elements (passes over ``[B,T,d]``)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        views = (
+            torch.ops.aten.view.default,
+            torch.ops.aten.t.default,
+            torch.ops.aten.detach.default,
+            torch.ops.aten._unsafe_view.default,
+            torch.ops.aten.reshape.default,
+        )
+        if func not in views and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
+            self.count += 1
+        return out

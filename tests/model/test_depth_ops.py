@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres_train.model import depth as R
 
 from .helpers import DEPTH_EPS as EPS
-from .helpers import check_against_truth, depth_inputs, saved_tensors, two_phase
+from .helpers import CountFullSizeOps, check_against_truth, depth_inputs, saved_tensors, two_phase
 
 SHAPES = [  # (completed blocks n, queries S, [B, T, d], with a partial sum)
     (1, 1, (2, 5, 48), True),
@@ -72,34 +71,12 @@ def test_backward_keeps_only_sources_and_per_token_scalars(has_p):
     assert len(big_fp32(saved_ref, inputs)) >= n
 
 
-class _CountFullSizeOps(TorchDispatchMode):
-    """Counts dispatched ops whose output has at least ``numel`` elements (passes over ``[B,T,d]``)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.count = numel, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        views = (
-            torch.ops.aten.view.default,
-            torch.ops.aten.t.default,
-            torch.ops.aten.detach.default,
-            torch.ops.aten._unsafe_view.default,
-            torch.ops.aten.reshape.default,
-        )
-        if func not in views and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
-            self.count += 1
-        return out
-
-
 def test_fast_path_makes_far_fewer_full_size_passes():
     """The point of depth_ops on CPU (memory-bound): count full-size ops of one block's reads, fwd + bwd."""
     counts = {}
     for impl in ("reference", "torch"):
         blocks, partial, q = depth_inputs(5, 2, (2, 16, 64), True, torch.float32)
-        with _CountFullSizeOps(2 * 16 * 64) as mode:
+        with CountFullSizeOps(2 * 16 * 64) as mode:
             out = two_phase(blocks, partial, q, torch.float32, impl)
             torch.autograd.grad(out.square().sum(), blocks + [partial, q])
         counts[impl] = mode.count
