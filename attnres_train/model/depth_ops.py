@@ -5,8 +5,12 @@ re-reading full ``[B,T,d]`` tensors, and on CPU depth mixing is memory-bound. Th
 the same math in the fewest passes and save only what the Triton kernels save (source references, outputs,
 fp32 queries, per-token fp32 scalars). :func:`phase1` is one fused read (the output head); reads inside
 ``forward_layers`` (Block and Full) use :func:`source_logits` once per source plus :func:`combine`
-(``depth.SegmentLogits``): O(N) key passes per step. Formulas: docs/kernels.md "What is computed" (same math);
-checked by ``tests/model/test_depth_ops.py`` against the reference (fp64 and fp32).
+(``depth.SegmentLogits``): O(N) key passes per step; a block's first read (no partial sum) comes out of the
+combine already normalised. At f1 size about a third of this code's CPU time is per-op dispatch, so the
+functions also keep their op count down (columns by ``unbind``, no no-op ``.to``, no zero gradients for
+unread outputs). Formulas: docs/kernels.md "What is computed" (same math; phase 2 writes its merge weights
+as sigmoid(±z)); checked by ``tests/model/test_depth_ops.py`` and ``test_depth_first_read.py`` against plain
+references (fp64, fp32, bf16).
 """
 
 from __future__ import annotations

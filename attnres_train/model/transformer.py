@@ -114,17 +114,25 @@ class AttnResForCausalLM(nn.Module):
                     cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps, views)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
             state = layer(state) if doc_ids is None else layer(state, doc_ids=doc_ids)
-        return replace(state, phase1={})
+        head = {}
+        if cache is not None and end == len(self.model.layers):
+            # The output head reads the same sources: its phase 1 from the cached logits (row 2·num_layers of
+            # the segment's queries), not a fused phase 1 that recomputes every source's norm and logit.
+            head = {2 * end: cache.phase1(state.blocks, [2 * end])[0]}
+        return replace(state, phase1=head)
 
     def _segment_queries(self, start: int, end: int) -> torch.Tensor:
-        """``[2·num_layers, d]``: the queries of layers ``[start, end)`` at their sublayer rows, zeros elsewhere.
+        """``[2·num_layers + 1, d]``: the queries of layers ``[start, end)`` at their sublayer rows and, when the
+        segment ends the model, the output head's at row 2·num_layers; zeros elsewhere.
 
         Always the full model's width, so the logits matmul has the same shape however the model is cut
         (pipeline stages): same summation order, same fp32 rounding as one process.
         """
         own = [q for j in range(start, end) for q in self.model.layers[j].queries()]
         zero = own[0].new_zeros(own[0].shape)
-        return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (len(self.model.layers) - end)))
+        num_layers = len(self.model.layers)
+        last = [self.output_query() if end == num_layers else zero]
+        return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (num_layers - end)) + last)
 
     def _block_phase1(
         self, state: DepthState, first: DecoderLayer, end: int, cache: Optional[SegmentLogits] = None
