@@ -13,7 +13,7 @@ call and handed to the layers through ``DepthState.phase1`` (FFN-opened blocks: 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -95,11 +95,11 @@ class AttnResForCausalLM(nn.Module):
         """
         end = len(self.model.layers) if end is None else end
         batch_phase1 = self.mode == "block" and self.two_phase
-        cache = None
+        cache, head_row = None, False
         views = self.depth_views
         fused = resolve_impl(self.residual_impl, views.local(state.sources()[0])) == "torch"
         if self.mode == "full" and self.two_phase and fused:
-            queries = self._segment_queries(start, end)
+            queries, head_row = self._segment_queries(start, end)
             # Not while the queries are still sharded outside their layers' forward (an FSDP2 unit per whole
             # layer; the framework keeps them in the root unit, data_parallel.layer_unit): each sublayer reads alone
             if not any(p.is_shard() for p in getattr(queries, "placements", ())):
@@ -111,19 +111,22 @@ class AttnResForCausalLM(nn.Module):
                 state = replace(state, phase1=self._full_phase1(state, layer, cache))
             elif batch_phase1 and (i == start or layer.opens_block[0] or opened_mid_layer):
                 if cache is None and fused:
-                    cache = SegmentLogits(self._segment_queries(start, end), 0, self.eps, views)
+                    queries, head_row = self._segment_queries(start, end)
+                    cache = SegmentLogits(queries, 0, self.eps, views)
                 state = replace(state, phase1=self._block_phase1(state, layer, end, cache))
             state = layer(state) if doc_ids is None else layer(state, doc_ids=doc_ids)
         head = {}
-        if cache is not None and end == len(self.model.layers):
+        if cache is not None and head_row:
             # The output head reads the same sources: its phase 1 from the cached logits (row 2·num_layers of
             # the segment's queries), not a fused phase 1 that recomputes every source's norm and logit.
             head = {2 * end: cache.phase1(state.blocks, [2 * end])[0]}
         return replace(state, phase1=head)
 
-    def _segment_queries(self, start: int, end: int) -> torch.Tensor:
+    def _segment_queries(self, start: int, end: int) -> Tuple[torch.Tensor, bool]:
         """``[2·num_layers + 1, d]``: the queries of layers ``[start, end)`` at their sublayer rows and, when the
-        segment ends the model, the output head's at row 2·num_layers; zeros elsewhere.
+        segment ends the model, the output head's at row 2·num_layers; zeros elsewhere. The flag says whether
+        the head's row is there: not when its query is held unlike the layers' (e.g. one plain, the other
+        still a sharded distributed tensor: one FSDP2 unit per layer); the head then reads on its own.
 
         Always the full model's width, so the logits matmul has the same shape however the model is cut
         (pipeline stages): same summation order, same fp32 rounding as one process.
@@ -131,8 +134,15 @@ class AttnResForCausalLM(nn.Module):
         own = [q for j in range(start, end) for q in self.model.layers[j].queries()]
         zero = own[0].new_zeros(own[0].shape)
         num_layers = len(self.model.layers)
-        last = [self.output_query() if end == num_layers else zero]
-        return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (num_layers - end)) + last)
+        last, head_row = zero, False
+        if end == num_layers:
+            q_out = self.output_query()
+            head_row = type(q_out) is type(own[0]) and all(
+                getattr(q_out, a, None) == getattr(own[0], a, None) for a in ("placements", "device_mesh")
+            )
+            last = q_out if head_row else zero
+        return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (num_layers - end)) + [last]), head_row
+
 
     def _block_phase1(
         self, state: DepthState, first: DecoderLayer, end: int, cache: Optional[SegmentLogits] = None
