@@ -143,7 +143,6 @@ class AttnResForCausalLM(nn.Module):
             last = q_out if head_row else zero
         return torch.stack([zero] * (2 * start) + own + [zero] * (2 * (num_layers - end)) + [last]), head_row
 
-
     def _block_phase1(
         self, state: DepthState, first: DecoderLayer, end: int, cache: Optional[SegmentLogits] = None
     ) -> dict:
