@@ -59,9 +59,9 @@ def _columns(p_nts: Tensor) -> List[Tuple[Tensor, ...]]:
     return [c.unbind(0) for c in p_nts.permute(2, 0, 1).unsqueeze(-1).unbind(0)]
 
 
-def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape, first_dtype=None) -> Tuple[list, Tensor, list]:
-    """Phase-1 forward on logits ``[n,N,S]``: the flat outputs (o_s, m_s, l_s per query), the weights p and
-    the columns used. ``first_dtype``: query 0's output is its finished read ``o_0 / l_0`` in that dtype,
+def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape, first_dtype=None) -> Tuple[list, Tensor]:
+    """Phase-1 forward on logits ``[n,N,S]``: the flat outputs (o_s, m_s, l_s per query) and the weights p.
+    ``first_dtype``: query 0's output is its finished read ``o_0 / l_0`` in that dtype,
     from the normalised weights (no separate pass to normalise it)."""
     m_ts = s_nts.amax(0)
     p_nts = (s_nts - m_ts).exp_()
@@ -78,7 +78,7 @@ def _weighted_sums(s_nts: Tensor, v2: List[Tensor], shape, first_dtype=None) -> 
         for j in range(1, len(v2)):
             o.addcmul_(v2[j], c[j])
         outs += [o.view(shape) if s or first_dtype is None else _as(o.view(shape), first_dtype), m_s[s], l_s[s]]
-    return outs, p_nts, cols
+    return outs, p_nts
 
 
 def _logit_grads(grads, p_nts: Tensor, v2: List[Tensor], first=None) -> Tuple[list, Tensor]:
@@ -119,7 +119,7 @@ class _Phase1(torch.autograd.Function):
         v2 = [_as(v.reshape(-1, d), cdt) for v in vs]  # [N,d] views (fp32 inputs: no copy)
         r_nt = torch.stack([_rsqrt_ms(v, eps) for v in v2])
         s_nts = torch.stack([v @ q.t() for v in v2]).mul_(r_nt.unsqueeze(-1))
-        outs, p_nts, _ = _weighted_sums(s_nts, v2, vs[0].shape)
+        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape)
         ctx.q_dtype = q_sd.dtype
         ctx.save_for_backward(q, r_nt, s_nts, p_nts, *vs)
         ctx.mark_non_differentiable(*outs[1::3])
@@ -192,7 +192,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, s_nts: Tensor, first_dtype, *vs: Tensor):
         d = vs[0].shape[-1]
         v2 = [_as(v.reshape(-1, d), s_nts.dtype) for v in vs]  # [N,d] views (fp32 inputs: no copy)
-        outs, p_nts, cols = _weighted_sums(s_nts, v2, vs[0].shape, first_dtype)
+        outs, p_nts = _weighted_sums(s_nts, v2, vs[0].shape, first_dtype)
         if first_dtype is None:
             ctx.save_for_backward(p_nts, *vs)
         else:
