@@ -2,8 +2,8 @@
 
 ``SegmentLogits.phase1(..., first_reads_alone=True)`` normalises a block's first read inside the combine (no
 phase-2 pass); the combine gives no gradient passes to outputs nobody read; phase 2 merges with a sigmoid of
-the logit gap. Expected values come from a plain softmax written here (own loops, own norms), not from
-``attnres_train.model.depth``'s own reference.
+the logit gap. Expected values come from the paper-equation reference of ``test_attnres_reference.py``
+(own loops, own norms) and stats written here, not from ``attnres_train.model.depth``'s own reference.
 """
 
 from __future__ import annotations
@@ -15,26 +15,17 @@ from attnres_train.model.depth import SegmentLogits, phase1, phase2
 
 from .helpers import DEPTH_EPS as EPS
 from .helpers import CountFullSizeOps, rel_err
+from .test_attnres_reference import attnres_read, rms_norm
 
 
 def _logits(sources, q):
-    """Per source ``[B,T]``: rsqrt(mean(v²) + eps) · ⟨v, q⟩, in fp64, one source at a time."""
-    out = []
-    for v in sources:
-        v = v.double()
-        out.append((v * q.double()).sum(-1) / torch.sqrt((v * v).mean(-1) + EPS))
-    return out
+    """Per source ``[B,T]``: ⟨q, RMSNorm(v)⟩ in fp64 (the paper-equation reference's norm, gain 1)."""
+    return [(q.double() * rms_norm(v.double(), 1.0, EPS)).sum(-1) for v in sources]
 
 
 def _softmax_read(sources, q):
-    """The AttnRes read: Σ_j softmax_j(logits) v_j, by hand."""
-    s = _logits(sources, q)
-    m = s[0]
-    for x in s[1:]:
-        m = torch.maximum(m, x)
-    e = [torch.exp(x - m) for x in s]
-    total = sum(e)
-    return sum(w.unsqueeze(-1) * v.double() for w, v in zip(e, sources)) / total.unsqueeze(-1)
+    """The AttnRes read by the paper-equation reference (gain 1: the gain is folded into q), in fp64."""
+    return attnres_read([v.double() for v in sources], q.double(), 1.0, EPS)[0]
 
 
 def _stats(sources, q):
